@@ -1,0 +1,262 @@
+"""The command line: serve, simulate, demo, submit, tasks, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from relay import __version__
+from relay.config import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Settings from --config/$RELAY_CONFIG/defaults; command-line overrides go in as RELAY_* variables."""
+    environ = dict(os.environ)
+    for key, value in overrides.items():
+        if value is not None:
+            environ[f"RELAY_{key.upper()}"] = str(value)
+    try:
+        return load_settings(getattr(args, "config", None), environ)
+    except ConfigError as exc:
+        print(f"relay: configuration problems:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---- serve ---------------------------------------------------------------------------------------
+async def _serve(settings: Settings, log_level: str) -> None:
+    import uvicorn
+
+    from relay.runtime import api_key_file, open_runtime
+    from relay.web.app import create_app
+
+    async with open_runtime(settings) as runtime:
+        if not settings.auth.api_keys:
+            print(f"relay: no api_keys configured; using the generated key in {api_key_file(settings)}",
+                  file=sys.stderr)
+        app = create_app(runtime, run_worker=settings.server.role in ("all", "worker"))
+        config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=log_level,
+                                ssl_certfile=settings.server.ssl_certfile, ssl_keyfile=settings.server.ssl_keyfile,
+                                lifespan="on", access_log=False,
+                                # Jobs are leased, so a short grace loses nothing; idle keep-alive peers do not hold us.
+                                timeout_graceful_shutdown=3)
+        await uvicorn.Server(config).serve()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args, server_host=args.host, server_port=args.port, server_role=args.role)
+    _logging(args.log_level)
+    run_async(_serve(settings, args.log_level))
+    return 0
+
+
+def run_async(main: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed (as uvicorn itself would), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+# ---- simulate ------------------------------------------------------------------------------------
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from relay.simulator import SimulatorConfig, create_simulator_app
+
+    public = f"http://{args.host}:{args.port}"
+    app = create_simulator_app(SimulatorConfig(public_url=public, duration=args.duration, link_ttl=args.link_ttl))
+    print(f"relay simulator on {public} (dialects: /gmicloud /apimart /evolink /pixazo /openai)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+# ---- client commands ----------------------------------------------------------------------------
+def _client_key(args: argparse.Namespace, settings: Settings) -> str:
+    from relay.runtime import api_key_file
+
+    if args.api_key:
+        return str(args.api_key)
+    if os.environ.get("RELAY_API_KEY"):
+        return os.environ["RELAY_API_KEY"]
+    if settings.auth.api_keys:
+        return settings.auth.api_keys[0]
+    path = api_key_file(settings)
+    if path.exists():
+        return path.read_text().strip()
+    print("relay: no API key: pass --api-key, set RELAY_API_KEY, or start `relay serve` once", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    settings = _settings(args)
+    url = args.url or f"http://{settings.server.host}:{settings.server.port}"
+    return httpx.Client(base_url=url, headers={"authorization": f"Bearer {_client_key(args, settings)}"},
+                        timeout=30, verify=False)
+
+
+def _die_on_error(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"message": response.text[:300]}}
+    if response.status_code >= 400:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        field = f" (field {err['field']})" if err.get("field") else ""
+        print(f"relay: {response.status_code} {err.get('code', '')}: {err.get('message', '')}{field}", file=sys.stderr)
+        raise SystemExit(1)
+    return body
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from relay.progress import wait_for_tasks
+
+    body: dict[str, Any] = {"provider": args.provider, "prompt": args.prompt}
+    for name in ("size", "quality", "output_format", "background"):
+        if getattr(args, name):
+            body[name] = getattr(args, name)
+    if args.n:
+        body["n"] = args.n
+    with _client(args) as client:
+        try:
+            task = _die_on_error(client.post("/v1/tasks", json=body))
+        except httpx.TransportError as exc:
+            print(f"relay: cannot reach relay at {client.base_url}: {exc}", file=sys.stderr)
+            return 1
+        if args.wait:
+            final = wait_for_tasks(client, [task["id"]], timeout=args.timeout)
+            task = final[task["id"]]
+    print(json.dumps(task, indent=2))
+    return 0 if (not args.wait or task["status"] == "succeeded") else 1
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.status:
+        params["status"] = args.status
+    with _client(args) as client:
+        page = _die_on_error(client.get("/v1/tasks", params=params))
+    table = Table(title="relay tasks (newest first)")
+    for column in ("id", "provider", "status", "progress", "images", "created_at", "error"):
+        table.add_column(column, no_wrap=column == "id")
+    for t in page["data"]:
+        error = (t.get("error") or {}).get("code", "")
+        table.add_row(t["id"], t["provider"], t["status"], str(t.get("progress") or ""),
+                      str(len(t.get("images") or [])), t["created_at"], error)
+    Console().print(table)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(json.dumps(settings.redacted(), indent=2))
+    print(f"relay: configuration OK ({settings.source or 'embedded defaults'})", file=sys.stderr)
+    return 0
+
+
+def cmd_dev_cert(args: argparse.Namespace) -> int:
+    from relay.devcert import make_dev_cert
+
+    cert, key = make_dev_cert(Path(args.out), args.host or ["localhost", "127.0.0.1", "::1"])
+    print(f"wrote {cert} and {key} (self-signed, for local use only). To serve HTTPS:\n"
+          f"  RELAY_SERVER_SSL_CERTFILE={cert} RELAY_SERVER_SSL_KEYFILE={key} "
+          f"RELAY_SERVER_PUBLIC_URL=https://localhost:8080 relay serve")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relay.demo import run_demo
+
+    return asyncio.run(run_demo(per_provider=args.per_provider, keep_running=args.keep_running,
+                                data_dir=Path(args.data_dir), port=args.port, timeout=args.timeout))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="relay: one API for gpt-image-1.5 resellers")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help="TOML config file (default: $RELAY_CONFIG, else embedded defaults)")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="run the API and the workers"))
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--role", choices=("all", "api", "worker"))
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("simulate", help="run the provider simulator (all five dialects)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--duration", type=float, default=1.0, help="seconds a task takes")
+    p.add_argument("--link-ttl", type=float, default=86400.0, help="seconds image links stay valid")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="relay + simulator in one command: submit to every dialect, archive, show")
+    p.add_argument("--per-provider", type=int, default=2)
+    p.add_argument("--keep-running", action="store_true", help="leave relay up afterwards to explore")
+    p.add_argument("--data-dir", default="./relay-demo-data")
+    p.add_argument("--port", type=int, default=8080, help="relay's port (0: any free port)")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_demo)
+
+    def client_opts(p: argparse.ArgumentParser) -> None:
+        with_config(p)
+        p.add_argument("--url", help="relay's base URL (default from config: http://host:port)")
+        p.add_argument("--api-key", help="API key (default: $RELAY_API_KEY, config, or the generated key)")
+
+    p = sub.add_parser("submit", help="submit one task")
+    client_opts(p)
+    p.add_argument("prompt")
+    p.add_argument("--provider", required=True)
+    p.add_argument("--size")
+    p.add_argument("--quality")
+    p.add_argument("--output-format", dest="output_format")
+    p.add_argument("--background")
+    p.add_argument("-n", type=int)
+    p.add_argument("--wait", action="store_true", help="show progress and wait for the end")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("tasks", help="list recent tasks")
+    client_opts(p)
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("dev-cert", help="make a self-signed TLS certificate to serve HTTPS locally")
+    p.add_argument("--out", default="./relay-data/tls", help="folder for cert.pem and key.pem")
+    p.add_argument("--host", action="append", help="name or IP the certificate is for (repeatable)")
+    p.set_defaults(func=cmd_dev_cert)
+
+    p = with_config(sub.add_parser("check-config", help="validate the configuration and print it (secrets hidden)"))
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130

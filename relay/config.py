@@ -1,0 +1,635 @@
+"""Settings: built-in defaults ← TOML file (optional) ← `RELAY_*` environment, validated once.
+
+Any string value may be written `env:NAME` to read it (typically a secret) from the
+environment. The environment is read in `load_settings` only, through the mapping it
+is given; everything else here is plain frozen data. Every problem found is collected
+into one `ConfigError`, one `key.path: what is wrong (got X)` line each. Secrets are
+never echoed: not in problems, not in `repr`, and `Settings.redacted()` shows "***".
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from relay.errors import RelayError
+
+PROVIDER_KINDS = ("gmicloud", "apimart", "evolink", "pixazo", "openai")
+ROLES = ("all", "api", "worker")
+SIMULATOR_URL = "http://127.0.0.1:8700"   # where `relay simulate` listens by default
+SECTIONS = ("server", "auth", "storage", "worker", "polling", "archive", "network", "callbacks", "deliveries")
+SECRET_KEYS = frozenset({"api_keys", "signing_secret", "api_key", "encryption_key", "previous_encryption_keys",
+                         "task_webhook_secret"})
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+class ConfigError(RelayError):
+    """The configuration is invalid; `problems` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""            # "" → http://{host}:{port}; resolved in load_settings
+    role: str = "all"               # all | api | worker
+    allow_http_callbacks: bool = False
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    signing_secret: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: str = "./relay-data"
+    database: str = field(default="", repr=False)   # may hold a password; "" → sqlite:///{data_dir}/relay.db
+    images_dir: str = ""                             # "" → {data_dir}/images
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    concurrency: int = 32
+    lease_seconds: float = 60.0
+    idle_poll_seconds: float = 1.0
+    max_attempts: int = 12
+    retry_base: float = 2.0
+    retry_cap: float = 300.0
+    claim_batch: int = 32
+
+
+@dataclass(frozen=True)
+class PollingSettings:
+    initial_delay: float = 2.0
+    max_delay: float = 30.0
+    backoff: float = 1.6
+    jitter: float = 0.2
+    task_timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    max_bytes: int = 50 * 1024 * 1024
+    timeout: float = 120.0
+    link_ttl: float = 7 * 86400.0
+    input_max_bytes: int = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    allow: tuple[str, ...] = ()      # CIDRs or hostnames exempt from the SSRF guard
+
+
+@dataclass(frozen=True)
+class CallbackSettings:
+    trust_body: bool = False
+    safety_net_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Outbound webhooks to subscribers (relay.deliveries)."""
+
+    # Delay before each attempt of a round (the first: at once); a delivery fails when it is used up.
+    schedule: tuple[float, ...] = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    jitter: float = 0.2
+    timeout: float = 15.0
+    concurrency_per_subscription: int = 8
+    auto_disable_after: float = 5 * 86400.0
+    rotation_overlap: float = 86400.0
+    encryption_key: str = field(default="", repr=False)        # "" → derived from the signing secret
+    previous_encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+    task_webhook_secret: str = field(default="", repr=False)   # whsec_…; "" → derived from the signing secret
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    name: str
+    kind: str
+    base_url: str
+    api_key: str = field(repr=False)
+    model: str | None = None
+    timeout: float = 60.0
+    rate_limit: float = 10.0         # requests/second to this provider
+    max_in_flight: int = 256
+    poll_initial_delay: float | None = None   # None → polling.initial_delay
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    polling: PollingSettings = field(default_factory=PollingSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
+    deliveries: DeliverySettings = field(default_factory=DeliverySettings)
+    providers: dict[str, ProviderSettings] = field(default_factory=dict)
+    source: str | None = None        # the file loaded, or None for the embedded simulator profile
+
+    def provider(self, name: str) -> ProviderSettings:
+        """The provider called `name`; ValueError naming the known ones otherwise."""
+        try:
+            return self.providers[name]
+        except KeyError:
+            known = ", ".join(self.providers) or "none"
+            raise ValueError(f"unknown provider {name!r}; configured providers: {known}") from None
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting as JSON-able data, secrets replaced by "***" (for `relay check-config`)."""
+        out: dict[str, Any] = {s: _public(getattr(self, s)) for s in SECTIONS}
+        out["providers"] = {name: _public(p) for name, p in self.providers.items()}
+        out["source"] = self.source
+        return out
+
+
+_SECTION_CLASSES: dict[str, type] = {
+    "server": ServerSettings, "auth": AuthSettings, "storage": StorageSettings, "worker": WorkerSettings,
+    "polling": PollingSettings, "archive": ArchiveSettings, "network": NetworkSettings,
+    "callbacks": CallbackSettings, "deliveries": DeliverySettings,
+}
+_KIND_OF_TYPE: dict[Any, str] = {
+    int: "int", float: "float", bool: "bool", str: "str", str | None: "optstr",
+    float | None: "optfloat", tuple[str, ...]: "strs", tuple[float, ...]: "floats",
+}
+_KIND_TEXT = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+    "optstr": "a string", "optfloat": "a number", "strs": "a list of strings", "floats": "a list of numbers",
+}
+
+
+def _kinds(cls: type) -> dict[str, str]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _KIND_OF_TYPE[hints[f.name]] for f in fields(cls) if f.name != "name"}
+
+
+_FIELD_KINDS = {name: _kinds(cls) for name, cls in _SECTION_CLASSES.items()}
+_PROVIDER_KINDS_OF = _kinds(ProviderSettings)
+_POSITIVE = {
+    "server": ("max_body_bytes",),
+    "worker": ("concurrency", "lease_seconds", "idle_poll_seconds", "max_attempts", "retry_base", "retry_cap",
+               "claim_batch"),
+    "polling": ("initial_delay", "max_delay", "task_timeout"),
+    "archive": ("max_bytes", "timeout", "link_ttl", "input_max_bytes"),
+    "callbacks": ("safety_net_seconds",),
+    "deliveries": ("timeout", "concurrency_per_subscription", "auto_disable_after", "rotation_overlap"),
+}
+_BAD: Any = object()   # a value that failed to convert (its problem is already recorded)
+
+
+def _mask_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.partition("://")[0] + "://***"
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _public(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in SECRET_KEYS:
+            value = ["***"] * len(value) if isinstance(value, tuple) else ("***" if value else "")
+        elif f.name == "database":
+            value = _mask_url(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _show(value: Any, secret: bool) -> str:
+    return "***" if secret else repr(value)
+
+
+class _Text(str):
+    """Shown as is in a problem's (got …), e.g. a secret's length."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _suggest(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _env_name(provider: str) -> str:
+    return provider.upper().replace("-", "_")
+
+
+def _embedded_profile() -> dict[str, Any]:
+    """The built-in profile used when no file is given: every dialect against the local simulator."""
+    return {
+        "server": {"allow_http_callbacks": True},
+        "network": {"allow": ["127.0.0.0/8", "::1/128", "localhost"]},
+        "providers": {k: {"kind": k, "base_url": f"{SIMULATOR_URL}/{k}", "api_key": "sim"} for k in PROVIDER_KINDS},
+    }
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "file not found"
+        raise ConfigError([f"config: {what} (got {str(path)!r})"])
+    try:
+        with path.open("rb") as fp:
+            return tomllib.load(fp)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"config: {path} is not valid TOML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"config: cannot read {path}: {exc.strerror}"]) from None
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load, merge and validate settings; raise ConfigError listing every problem.
+
+    With no `path`, `RELAY_CONFIG` names the file; with neither, the embedded simulator profile is used.
+    `environ` defaults to `os.environ` and is the only place the environment is read.
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    if path is None and env.get("RELAY_CONFIG"):
+        path = env["RELAY_CONFIG"]
+    if path is None:
+        data, source = _embedded_profile(), None
+    else:
+        data, source = _read_toml(Path(path).expanduser()), str(path)
+    return _Loader(env).load(data, source)
+
+
+_Raw = dict[str, tuple[Any, str | None]]   # key → (value, env variable it came from or None for the file)
+
+
+class _Loader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+        self.raw: dict[str, _Raw] = {s: {} for s in SECTIONS}
+        self.prov: dict[str, _Raw] = {}
+
+    def problem(self, path: str, what: str, got: Any = _BAD, secret: bool = False) -> None:
+        self.problems.append(f"{path}: {what}" + ("" if got is _BAD else f" (got {_show(got, secret)})"))
+
+    def load(self, data: dict[str, Any], source: str | None) -> Settings:
+        self.read_tables(data)
+        self.read_environ()
+        sections = {s: self.build(s, _SECTION_CLASSES[s]) for s in SECTIONS}
+        sections["server"] = self.check_server(sections["server"])
+        self.check_auth(sections["auth"])
+        sections["storage"] = self.check_storage(sections["storage"])
+        self.check_numbers(sections)
+        self.check_allow(sections["network"])
+        self.check_deliveries(sections["deliveries"])
+        providers = self.build_providers()
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Settings(**sections, providers=providers, source=source)
+
+    # -- merging ---------------------------------------------------------------------------------
+    def read_tables(self, data: dict[str, Any]) -> None:
+        for top, table in data.items():
+            if top not in SECTIONS and top != "providers":
+                self.problem(top, f"unknown key{_suggest(top, (*SECTIONS, 'providers'))}")
+            elif not isinstance(table, dict):
+                self.problem(top, "must be a table", table)
+            elif top == "providers":
+                for name, entry in table.items():
+                    path = f"providers.{name}"
+                    if not isinstance(entry, dict):
+                        self.problem(path, "must be a table", entry)
+                        continue
+                    self.prov[name] = self.keys_of(path, entry, _PROVIDER_KINDS_OF)
+            else:
+                self.raw[top] = self.keys_of(top, table, _FIELD_KINDS[top])
+
+    def keys_of(self, path: str, table: dict[str, Any], known: dict[str, str]) -> _Raw:
+        out: _Raw = {}
+        for key, value in table.items():
+            if key in known:
+                out[key] = (value, None)
+            else:
+                self.problem(f"{path}.{key}", f"unknown key{_suggest(key, known)}")
+        return out
+
+    def read_environ(self) -> None:
+        for var, text in sorted(self.env.items()):
+            if not var.startswith("RELAY_") or var == "RELAY_CONFIG":
+                continue
+            rest = var[len("RELAY_"):].upper()
+            if rest.startswith("PROVIDERS_"):
+                self.provider_override(var, rest[len("PROVIDERS_"):], text)
+                continue
+            for section in SECTIONS:
+                if rest.startswith(section.upper() + "_"):
+                    key = rest[len(section) + 1:].lower()
+                    if key in _FIELD_KINDS[section]:
+                        self.raw[section][key] = (text, var)
+                    else:
+                        self.problem(f"{section}.{key}", f"unknown key (from {var})"
+                                     f"{_suggest(key, _FIELD_KINDS[section])}")
+                    break
+            # other RELAY_* variables (e.g. ones named by env:NAME references) are not ours to judge
+
+    def provider_override(self, var: str, rest: str, text: str) -> None:
+        guesses = [(k, rest[: -len(k) - 1]) for k in _PROVIDER_KINDS_OF if rest.endswith("_" + k.upper())]
+        for key, env_name in guesses:
+            for name in self.prov:
+                if _env_name(name) == env_name:
+                    self.prov[name][key] = (text, var)
+                    return
+        known = ", ".join(self.prov) or "none"
+        if guesses:
+            self.problem(f"providers.{guesses[0][1].lower()}", f"{var} overrides a provider that is not "
+                         f"configured (configured: {known})")
+        else:
+            keys = ", ".join(k.upper() for k in _PROVIDER_KINDS_OF)
+            self.problem("providers", f"{var} must be RELAY_PROVIDERS_<NAME>_<KEY> with KEY one of {keys}")
+
+    # -- conversion ------------------------------------------------------------------------------
+    def deref(self, path: str, text: str) -> Any:
+        """Resolve an `env:NAME` reference; other strings pass through."""
+        if not text.startswith("env:"):
+            return text
+        name = text[len("env:"):]
+        if not _ENV_VAR_RE.match(name):
+            self.problem(path, "env: must be followed by an environment variable name", text)
+        elif name not in self.env:
+            self.problem(path, f"environment variable {name} is not set", text)
+        elif not self.env[name]:
+            self.problem(path, f"environment variable {name} is empty", text)
+        else:
+            return self.env[name]
+        return _BAD
+
+    def convert(self, path: str, kind: str, value: Any, origin: str | None, secret: bool) -> Any:
+        via = f" (from {origin})" if origin else ""
+        if isinstance(value, str):
+            textual = origin is not None or value.startswith("env:")
+            if kind == "floats" and textual:   # a comma list: RELAY_DELIVERIES_SCHEDULE=0,5,300
+                text = self.deref(path, value)
+                if text is _BAD:
+                    return _BAD
+                numbers = []
+                for item in (i.strip() for i in text.split(",") if i.strip()):
+                    number = self.parse(path, "float", item, via, secret)
+                    if number is _BAD:
+                        return _BAD
+                    numbers.append(number)
+                return tuple(numbers)
+            if kind == "strs" and textual:   # a comma list: RELAY_AUTH_API_KEYS=a,b or "env:KEYS"
+                text = self.deref(path, value)
+                if text is _BAD:
+                    return _BAD
+                return self.convert(path, kind, [i.strip() for i in text.split(",") if i.strip()], None, secret)
+            value = self.deref(path, value)
+            if value is _BAD:
+                return _BAD
+            if textual and kind not in ("str", "optstr"):
+                return self.parse(path, kind, value, via, secret)
+            if kind == "str":
+                return value
+            if kind == "optstr":
+                return value or None
+        elif isinstance(value, list) and kind == "strs":
+            out = []
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    self.problem(f"{path}[{i}]", f"must be a string{via}", item, secret)
+                    return _BAD
+                item = self.deref(f"{path}[{i}]", item)
+                if item is _BAD:
+                    return _BAD
+                out.append(item)
+            return tuple(out)
+        elif isinstance(value, list) and kind == "floats":
+            numbers = []
+            for i, item in enumerate(value):
+                if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+                    self.problem(f"{path}[{i}]", f"must be a finite number{via}", item, secret)
+                    return _BAD
+                numbers.append(float(item))
+            return tuple(numbers)
+        elif (kind == "bool" and isinstance(value, bool)) or (kind == "int" and type(value) is int):
+            return value
+        elif kind in ("float", "optfloat") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+            self.problem(path, f"must be a finite number{via}", value, secret)
+            return _BAD
+        self.problem(path, f"must be {_KIND_TEXT[kind]}{via}", value, secret)
+        return _BAD
+
+    def parse(self, path: str, kind: str, text: str, via: str, secret: bool) -> Any:
+        word = text.strip().lower()
+        try:
+            if kind == "bool" and word in _TRUE + _FALSE:
+                return word in _TRUE
+            if kind == "int":
+                return int(word)
+            if kind == "optfloat" and not word:
+                return None
+            if kind in ("float", "optfloat") and math.isfinite(float(word)):
+                return float(word)
+        except ValueError:
+            pass
+        self.problem(path, f"must be {_KIND_TEXT[kind]}{via}", text, secret)
+        return _BAD
+
+    def values(self, path: str, raw: _Raw, kinds: dict[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, (value, origin) in raw.items():
+            converted = self.convert(f"{path}.{key}", kinds[key], value, origin, key in SECRET_KEYS)
+            if converted is not _BAD:
+                out[key] = converted
+        return out
+
+    def build(self, section: str, cls: type) -> Any:
+        return cls(**self.values(section, self.raw[section], _FIELD_KINDS[section]))
+
+    # -- validation ------------------------------------------------------------------------------
+    def http_url(self, path: str, url: str) -> str:
+        """Check an http(s) URL with a host; return it without a trailing slash."""
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        except ValueError:   # .port raises on a port that is not a number below 65536
+            ok = False
+        if not ok:
+            self.problem(path, "must be an http:// or https:// URL with a host", url)
+        elif parts.query or parts.fragment:
+            self.problem(path, "must not have a query or fragment", url)
+        return url.rstrip("/")
+
+    def check_server(self, s: ServerSettings) -> ServerSettings:
+        if not s.host:
+            self.problem("server.host", "must not be empty", s.host)
+        if not 1 <= s.port <= 65535:
+            self.problem("server.port", "must be between 1 and 65535", s.port)
+        if s.role not in ROLES:
+            self.problem("server.role", f"must be one of {', '.join(ROLES)}", s.role)
+        if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
+            self.problem("server.ssl_keyfile", "ssl_certfile and ssl_keyfile must be set together",
+                         (s.ssl_certfile, s.ssl_keyfile))
+        if s.public_url:
+            public_url = self.http_url("server.public_url", s.public_url)
+        else:
+            host = f"[{s.host}]" if ":" in s.host else s.host
+            public_url = f"http://{host}:{s.port}"
+        return replace(s, public_url=public_url)
+
+    def check_auth(self, a: AuthSettings) -> None:
+        for i, key in enumerate(a.api_keys):
+            if len(key) < 16 or any(c.isspace() for c in key):
+                self.problem(f"auth.api_keys[{i}]", "must be at least 16 characters without spaces",
+                             _Text(f"{len(key)} characters"))
+        if a.signing_secret and len(a.signing_secret) < 32:
+            self.problem("auth.signing_secret", "must be at least 32 characters",
+                         _Text(f"{len(a.signing_secret)} characters"))
+
+    def check_storage(self, s: StorageSettings) -> StorageSettings:
+        if not s.data_dir:
+            self.problem("storage.data_dir", "must not be empty", s.data_dir)
+        base = s.data_dir if s.data_dir.endswith("/") else s.data_dir + "/"
+        database = s.database or f"sqlite:///{base}relay.db"
+        scheme, sep, rest = database.partition("://")
+        ok = bool(sep and rest) and (
+            (scheme == "sqlite" and rest.startswith("/") and rest.strip("/") != "")
+            or scheme in ("postgresql", "postgres"))
+        if not ok:
+            self.problem("storage.database", "must be sqlite:///path or a postgresql:// URL", _mask_url(database))
+        return replace(s, database=database, images_dir=s.images_dir or f"{base}images")
+
+    def check_numbers(self, sections: dict[str, Any]) -> None:
+        for section, keys in _POSITIVE.items():
+            for key in keys:
+                value = getattr(sections[section], key)
+                if value <= 0:
+                    self.problem(f"{section}.{key}", "must be greater than 0", value)
+        w, p = sections["worker"], sections["polling"]
+        if 0 < w.retry_cap < w.retry_base:
+            self.problem("worker.retry_cap", f"must be at least worker.retry_base ({w.retry_base})", w.retry_cap)
+        if 0 < p.max_delay < p.initial_delay:
+            self.problem("polling.max_delay", f"must be at least polling.initial_delay ({p.initial_delay})",
+                         p.max_delay)
+        if p.backoff < 1:
+            self.problem("polling.backoff", "must be at least 1", p.backoff)
+        if not 0 <= p.jitter < 1:
+            self.problem("polling.jitter", "must be at least 0 and below 1", p.jitter)
+
+    def check_deliveries(self, d: DeliverySettings) -> None:
+        if not 1 <= len(d.schedule) <= 50:
+            self.problem("deliveries.schedule", "must list 1 to 50 delays (seconds before each attempt)",
+                         list(d.schedule))
+        elif any(delay < 0 for delay in d.schedule):
+            self.problem("deliveries.schedule", "delays must not be negative", list(d.schedule))
+        if not 0 <= d.jitter < 1:
+            self.problem("deliveries.jitter", "must be at least 0 and below 1", d.jitter)
+        if d.encryption_key and len(d.encryption_key) < 32:
+            self.problem("deliveries.encryption_key", "must be at least 32 characters",
+                         _Text(f"{len(d.encryption_key)} characters"))
+        for i, key in enumerate(d.previous_encryption_keys):
+            if not key:
+                self.problem(f"deliveries.previous_encryption_keys[{i}]", "must not be empty")
+        if d.task_webhook_secret:
+            from relay.signing import SignatureError, secret_bytes
+            try:
+                secret_bytes(d.task_webhook_secret)
+            except SignatureError as exc:
+                self.problem("deliveries.task_webhook_secret", f"{exc} (whsec_ followed by base64)",
+                             _Text(f"{len(d.task_webhook_secret)} characters"))
+
+    def check_allow(self, n: NetworkSettings) -> None:
+        for i, entry in enumerate(n.allow):
+            if not (_is_network(entry) or _is_hostname(entry)):
+                self.problem(f"network.allow[{i}]", "must be a CIDR (10.0.0.0/8), an IP address or a hostname",
+                             entry)
+
+    def build_providers(self) -> dict[str, ProviderSettings]:
+        out: dict[str, ProviderSettings] = {}
+        if not self.prov:
+            self.problem("providers", "at least one [providers.NAME] table is required")
+        for name, raw in self.prov.items():
+            path = f"providers.{name}"
+            before = len(self.problems)
+            if not _NAME_RE.match(name):
+                self.problem(path, "name must be 1-32 of a-z 0-9 _ - starting with a letter or digit", name)
+            values = self.values(path, raw, _PROVIDER_KINDS_OF)
+            kinds = ", ".join(PROVIDER_KINDS)
+            if "kind" not in raw:
+                if name in PROVIDER_KINDS:
+                    values["kind"] = name
+                else:
+                    self.problem(f"{path}.kind", f"is required unless the name is a kind (one of {kinds})")
+            elif "kind" in values and values["kind"] not in PROVIDER_KINDS:
+                self.problem(f"{path}.kind", f"must be one of {kinds}", values["kind"])
+            if "base_url" in values:
+                values["base_url"] = self.http_url(f"{path}.base_url", values["base_url"])
+            elif "base_url" not in raw:
+                self.problem(f"{path}.base_url", "is required (an http:// or https:// URL)")
+            if "api_key" not in raw:
+                self.problem(f"{path}.api_key", "is required (write env:NAME to read it from the environment)")
+            elif values.get("api_key") == "":
+                self.problem(f"{path}.api_key", "must not be empty")
+            for key in ("timeout", "rate_limit", "max_in_flight", "poll_initial_delay"):
+                value = values.get(key)
+                if value is not None and value <= 0:
+                    self.problem(f"{path}.{key}", "must be greater than 0", value)
+            if len(self.problems) == before:
+                out[name] = ProviderSettings(name=name, **values)
+        return out
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_hostname(entry: str) -> bool:
+    labels = entry.removesuffix(".").split(".")
+    return (len(entry) <= 253 and all(_LABEL_RE.match(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
+def database_path(settings: Settings | str) -> Path | None:
+    """The file of a sqlite database URL (`sqlite:///rel/x.db` → rel/x.db, `sqlite:////abs/x.db` → /abs/x.db).
+
+    None for non-sqlite URLs and for `sqlite:///:memory:`. Relative paths are relative to the working directory.
+    """
+    url = settings if isinstance(settings, str) else settings.storage.database
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):].partition("?")[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest)

@@ -1,0 +1,16 @@
+"""Outbound delivery of task events to subscribers (Standard Webhooks), the outbox's far end.
+
+    models.py    Subscription, Delivery, Attempt; event filters (`task.*`, `*`, exact types)
+    schedule.py  retry schedule with jitter, Retry-After, what an answer means (pure)
+    secrets.py   subscription secrets encrypted at rest (AES-GCM); the task-webhook secret
+    store.py     the SQLite side: fan-out inside the event's transaction, subscriptions, deliveries, attempts
+    handler.py   the `deliver` job: sign, POST through the SSRF guard, record, reschedule or settle
+    service.py   use cases behind /v1/subscriptions, /v1/deliveries and /v1/webhook-secret
+
+One delivery row per (event, subscriber) is written in the same transaction as
+the event, with one `deliver` job (dedupe key `deliver:{delivery id}`). The
+delivery row is the truth (status, attempts, next attempt); the job is only
+its wake-up call, so a job that runs early, twice, or after a crash does the
+right thing. `webhook-id` is the event id: the same on every retry and for
+every subscriber.
+"""

@@ -1,0 +1,130 @@
+"""The deliver job: one attempt of one delivery, then the next one planned or the delivery settled.
+
+The delivery row decides, not the job: a job that wakes before the delivery's
+next attempt (after a crash, a lease that ran out) goes back to sleep; one
+whose delivery is settled just ends. The delivery's own schedule drives its
+retries (returned as `Again`, which does not count against the worker's
+generic attempts); only an unexpected error reaches the worker's backoff, and
+its `give_up` settles the delivery as failed.
+
+Per-subscription cap: before sending, the job takes one of the subscription's
+lanes in this process (`concurrency_per_subscription`, or 1 while the
+subscription is failing; see lanes.py). With none free it waits briefly if
+the subscriber answers quickly, else it is parked, not blocked: it returns
+`Again` (frees its worker slot) and is woken when a lane of its subscriber
+frees up, or by its own growing timer. So a slow subscriber holds at most its
+cap of the worker's slots and everyone else keeps flowing. The cap is per
+process: N replicas allow up to N x cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from relay.deliveries import schedule
+from relay.deliveries.clients import origin
+from relay.deliveries.models import Delivery
+from relay.deliveries.service import DeliveryService, Sent
+from relay.models import Job
+from relay.queue import Again
+
+log = logging.getLogger("relay.deliveries")
+
+HAND_OFF_CANDIDATES = 4
+PARK_BASE = 0.05
+PARK_MAX = 30.0
+
+
+def park_delay(parked: int) -> float:
+    """When a parked delivery looks again by itself: 50 ms, doubling, up to 30 s (it is normally woken sooner)."""
+    return min(PARK_MAX, PARK_BASE * 2 ** min(parked, 10)) * random.uniform(0.5, 1.5)
+
+
+class DeliverHandler:
+    def __init__(self, service: DeliveryService) -> None:
+        self.service = service
+
+    async def run(self, job: Job) -> Again | None:
+        svc = self.service
+        delivery_id = str(job.payload.get("delivery_id"))
+        target = await svc.store.load_send_target(delivery_id)
+        if target is None or target.delivery.status != "pending":
+            return None
+        delivery = target.delivery
+        now = svc.clock.now()
+        if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+            return Again(delivery.next_attempt_at - now, payload={"delivery_id": delivery_id})
+        sub = target.subscription
+        cap = svc.options.concurrency_per_subscription
+        if delivery.subscription_id is not None:
+            if sub is None or not sub.enabled:
+                why = "deleted" if sub is None else "disabled"
+                await svc.store.settle_delivery(delivery_id, "canceled", f"the subscription was {why}", now)
+                return None
+            url, lane = sub.url, sub.id
+            keys = svc.signing_keys(sub, now)
+            if sub.failing_since is not None:
+                cap = 1      # a failing subscriber gets one attempt at a time: it cannot hog the workers
+        else:
+            url, lane = delivery.url, "url:" + origin(delivery.url)
+            keys = [svc.task_secret]
+        while not await svc.lanes.acquire(lane, cap, may_wait=cap > 1, delivery_id=delivery_id):
+            if svc.lanes.park(lane, delivery_id):
+                parked = int(job.payload.get("parked", 0))
+                return Again(park_delay(parked), payload={"delivery_id": delivery_id, "parked": parked + 1})
+        latency = None
+        wake = None
+        try:
+            sent = await svc.send(url, delivery.event_id, svc.body(target, now), keys, now)
+            latency = sent.latency_ms
+        finally:
+            wake = await svc.lanes.release(lane, latency)
+        await self._hand_off(lane, wake)
+        return await self._record(delivery_id, target.delivery, url, now, sent)
+
+    async def _hand_off(self, lane: str, delivery_id: str | None) -> None:
+        """Wake the oldest parked delivery of this subscriber for the slot just freed (its timer is the safety net).
+
+        Its job may be between parking and being written back (leased for a moment more): try again
+        shortly; if it is gone (settled, or already running), try the next one.
+        """
+        svc = self.service
+        for _ in range(HAND_OFF_CANDIDATES):
+            if delivery_id is None:
+                return
+            for _ in range(3):
+                if await svc.store.wake_delivery(delivery_id, svc.clock.now()):
+                    return
+                await asyncio.sleep(0.02)
+            delivery_id = svc.lanes.next_parked(lane)
+
+    async def _record(self, delivery_id: str, delivery: Delivery, url: str, at: float, sent: Sent) -> Again | None:
+        svc = self.service
+        outcome = schedule.classify(sent.status_code)
+        now = svc.clock.now()
+        next_at = None
+        if outcome == schedule.RETRY:
+            delay = schedule.next_delay(delivery.round_attempts + 1, svc.options.schedule, svc.options.jitter,
+                                        sent.retry_after)
+            next_at = None if delay is None else now + delay
+        recorded = await svc.store.record_attempt(svc.attempt(delivery, url, at, sent), outcome=outcome,
+                                                  next_attempt_at=next_at,
+                                                  auto_disable_after=svc.options.auto_disable_after, now=now)
+        if recorded is None:
+            return None      # another run moved this delivery on; its job carries it
+        if recorded.disabled:
+            log.warning("subscription %s disabled (%s) after delivery %s", delivery.subscription_id,
+                        recorded.disabled, delivery_id)
+        if recorded.delivery.status == "pending" and next_at is not None:
+            return Again(max(0.0, next_at - svc.clock.now()), payload={"delivery_id": delivery_id})
+        if recorded.delivery.status == "failed":
+            log.info("delivery %s failed for good after %d attempts: %s", delivery_id, recorded.delivery.attempts,
+                     recorded.delivery.last_error)
+        return None
+
+    async def give_up(self, job: Job, reason: str) -> None:
+        delivery_id = str(job.payload.get("delivery_id"))
+        await self.service.store.settle_delivery(delivery_id, "failed", f"internal error: {reason}",
+                                                 self.service.clock.now())

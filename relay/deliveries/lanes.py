@@ -1,0 +1,117 @@
+"""Per-subscriber concurrency caps in this process: how many attempts may be in flight to one key.
+
+A key is a subscription id (or the origin of a task's webhook_url). When a
+key is at its cap, a delivery either waits briefly for a slot or is parked:
+the caller reschedules its job (freeing the worker slot) and the lane
+remembers it. When a slot frees up, the lane hands it to the oldest parked
+delivery (`release` returns its id and the caller makes its job due now), so
+a backlog drains as fast as the subscriber answers without parked jobs
+polling for a slot; their own timer is only the safety net.
+
+A delivery may wait (instead of parking) only when the key answers quickly
+(its recent latency is low) and few others wait already: then a wait is
+short, and cheaper than a round trip through the job queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+MAX_LANES = 10_000       # beyond this many keys, idle lanes are forgotten even if slow
+FAST_MS = 250.0          # below this recent latency a key counts as quick: worth a short wait for its slot
+WAIT_SECONDS = 1.0       # the longest a delivery waits for a slot before it is parked
+
+
+@dataclass
+class _Lane:
+    in_flight: int = 0
+    cap: int = 1                                         # as last asked for
+    waiting: int = 0
+    latency_ms: float | None = None                      # moving average of recent attempts
+    parked: OrderedDict[str, None] = field(default_factory=OrderedDict)   # delivery ids, oldest first
+    freed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+class Lanes:
+    def __init__(self, *, fast_ms: float = FAST_MS, wait_seconds: float = WAIT_SECONDS) -> None:
+        self._lanes: dict[str, _Lane] = {}
+        self.fast_ms = fast_ms
+        self.wait_seconds = wait_seconds
+
+    def in_flight(self, key: str) -> int:
+        lane = self._lanes.get(key)
+        return 0 if lane is None else lane.in_flight
+
+    def parked(self, key: str) -> int:
+        lane = self._lanes.get(key)
+        return 0 if lane is None else len(lane.parked)
+
+    async def acquire(self, key: str, cap: int, *, may_wait: bool = True, delivery_id: str | None = None) -> bool:
+        """Take a slot of `key`; False if none came free. A delivery that gets a slot is no longer parked."""
+        lane = self._lanes.setdefault(key, _Lane())
+        lane.cap = cap
+        if lane.in_flight < cap:
+            return self._take(lane, delivery_id)
+        quick = lane.latency_ms is None or lane.latency_ms < self.fast_ms
+        if not (may_wait and quick and lane.waiting < cap):
+            return False
+        lane.waiting += 1
+        try:
+            async with lane.freed:
+                await asyncio.wait_for(lane.freed.wait_for(lambda: lane.in_flight < cap), self.wait_seconds)
+                return self._take(lane, delivery_id)
+        except TimeoutError:
+            return False
+        finally:
+            lane.waiting -= 1
+            self._forget_if_idle(key, lane)
+
+    def _take(self, lane: _Lane, delivery_id: str | None) -> bool:
+        lane.in_flight += 1
+        if delivery_id is not None:
+            lane.parked.pop(delivery_id, None)
+        return True
+
+    def park(self, key: str, delivery_id: str) -> bool:
+        """Remember a delivery that found no slot, to hand it the next one that frees up.
+
+        False if a slot is free by now (it freed while the delivery was deciding): try again instead.
+        """
+        lane = self._lanes.setdefault(key, _Lane())
+        if lane.in_flight < lane.cap:
+            return False
+        lane.parked[delivery_id] = None
+        return True
+
+    def next_parked(self, key: str) -> str | None:
+        """The oldest parked delivery, if the lane has a free slot for it (the last hand-off found nobody)."""
+        lane = self._lanes.get(key)
+        if lane is None or not lane.parked or lane.in_flight >= lane.cap:
+            return None
+        delivery_id, _ = lane.parked.popitem(last=False)
+        return delivery_id
+
+    async def release(self, key: str, latency_ms: float | None = None) -> str | None:
+        """Free a slot. Returns the parked delivery that should be woken for it, if any (nobody is waiting)."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            return None
+        lane.in_flight -= 1
+        if latency_ms is not None:
+            lane.latency_ms = latency_ms if lane.latency_ms is None else 0.7 * lane.latency_ms + 0.3 * latency_ms
+        wake = None
+        if lane.waiting:
+            async with lane.freed:
+                lane.freed.notify(1)
+        elif lane.parked:
+            wake, _ = lane.parked.popitem(last=False)
+        self._forget_if_idle(key, lane)
+        return wake
+
+    def _forget_if_idle(self, key: str, lane: _Lane) -> None:
+        # Keys come and go (task webhook origins): keep only lanes in use, and remember a slow key's latency.
+        if lane.in_flight <= 0 and lane.waiting <= 0 and not lane.parked and (
+                lane.latency_ms is None or lane.latency_ms < self.fast_ms or len(self._lanes) > MAX_LANES):
+            self._lanes.pop(key, None)

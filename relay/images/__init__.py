@@ -1,0 +1,1 @@
+"""Archived images: download (download.py), verification (verify.py) and storage (store.py)."""

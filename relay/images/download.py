@@ -1,0 +1,215 @@
+"""Getting image bytes from a provider: stream a URL to a temp file, or decode inline base64.
+
+Bodies are streamed in chunks and hashed on the way to disk, never held whole
+in memory; a size cap and one overall deadline bound every download. Failures
+are sorted at this boundary into the error tree, so archive jobs only decide
+"retry" or "fail":
+
+    ArchiveError(code=timeout | truncated | connection_failed | source_unavailable | unexpected_status)
+        retryable: the deadline passed, the body stopped short, the
+        connection failed, or the source said 5xx / 408 / 425 / 429
+    SourceGone(code=source_gone | image_too_large | too_many_redirects | invalid_url)
+        permanent: 4xx (404/410/403 …), over the size cap, a redirect loop, a non-http(s) URL
+    InvalidImage(code=invalid_image)
+        permanent: base64 that does not decode
+    BlockedAddress
+        permanent: the SSRF guard refused an address (raised by the guarded client's transport)
+
+Redirects are followed by hand, at most MAX_REDIRECTS hops; each hop opens
+its own connection, which the guarded transport checks. Temp files are
+removed on every failure path, cancellation included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from relay.errors import ArchiveError, InvalidImage, SourceGone
+from relay.images.verify import sniff_image
+
+MAX_REDIRECTS = 3
+CHUNK_SIZE = 64 * 1024
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A finished temp file: the caller verifies it and moves it into the image store."""
+
+    path: Path
+    sha256: str
+    bytes: int
+    content_type_header: str | None
+
+
+async def download_to_file(http: httpx.AsyncClient, url: str, dest_dir: Path, *,
+                           max_bytes: int, timeout: float) -> Downloaded:
+    """Stream `url` into a new temp file in `dest_dir`, hashing as it goes.
+
+    `http` should be a guarded client (relay.netguard). Raises as the module
+    docstring says; on any failure no temp file is left behind.
+    """
+    fd, name = tempfile.mkstemp(dir=dest_dir, prefix="dl-", suffix=".part")
+    path = Path(name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            def sink(chunk: bytes) -> None:
+                nonlocal size
+                digest.update(chunk)
+                # A blocking write, on purpose: 64 KiB into the page cache costs
+                # microseconds; the fsync that can block is done in a thread by
+                # the store when the file is moved in.
+                f.write(chunk)
+                size += len(chunk)
+
+            content_type = await _fetch(http, url, max_bytes=max_bytes, timeout=timeout, sink=sink)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Downloaded(path=path, sha256=digest.hexdigest(), bytes=size, content_type_header=content_type)
+
+
+async def fetch_bytes(http: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: float) -> tuple[bytes, str]:
+    """Fetch a small body (a reference image) into memory with the same guards as `download_to_file`.
+
+    Returns the bytes and their content type: the sniffed image type when the
+    magic bytes say so, else the Content-Type header, else application/octet-stream.
+    """
+    buf = bytearray()
+    header = await _fetch(http, url, max_bytes=max_bytes, timeout=timeout, sink=buf.extend)
+    content_type = sniff_image(bytes(buf[:16])) or (header or "").split(";", 1)[0].strip()
+    return bytes(buf), content_type or "application/octet-stream"
+
+
+async def decode_b64_to_file(data: str, dest_dir: Path, *, max_bytes: int) -> Downloaded:
+    """Decode inline base64 (bare or a `data:` URL) into a new temp file in `dest_dir`.
+
+    Raises InvalidImage for undecodable base64 and SourceGone(code="image_too_large")
+    over `max_bytes`. The decode runs in a thread: a few MB of base64 is milliseconds
+    of CPU that should not stall the loop.
+    """
+    return await asyncio.to_thread(_decode_b64_sync, data, dest_dir, max_bytes)
+
+
+def _decode_b64_sync(data: str, dest_dir: Path, max_bytes: int) -> Downloaded:
+    content_type: str | None = None
+    if data.startswith("data:"):
+        header, comma, data = data.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise InvalidImage("not a base64 data: URL")
+        content_type = header[len("data:"):].split(";", 1)[0] or None
+    data = "".join(data.split())  # line-wrapped base64 is still base64
+    # Refuse by length before allocating the decoded bytes.
+    if len(data) // 4 * 3 - 2 > max_bytes:
+        raise SourceGone(f"inline image is larger than {max_bytes} bytes", code="image_too_large")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"inline image is not valid base64: {exc}") from None
+    if len(raw) > max_bytes:
+        raise SourceGone(f"inline image is larger than {max_bytes} bytes", code="image_too_large")
+    fd, name = tempfile.mkstemp(dir=dest_dir, prefix="b64-", suffix=".part")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Downloaded(path=path, sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw),
+                      content_type_header=content_type)
+
+
+async def _fetch(http: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: float,
+                 sink: Callable[[bytes], object]) -> str | None:
+    """GET `url` following up to MAX_REDIRECTS redirects, feed the body to `sink`, return Content-Type."""
+    try:
+        async with asyncio.timeout(timeout):
+            current = url
+            for _hop in range(MAX_REDIRECTS + 1):
+                with _map_transport_errors():
+                    async with http.stream("GET", current, follow_redirects=False) as response:
+                        location = response.headers.get("location")
+                        if response.status_code in _REDIRECT_STATUSES and location:
+                            current = str(response.url.join(location))
+                            continue
+                        _check_status(response)
+                        _check_declared_length(response, max_bytes)
+                        await _read_body(response, max_bytes, sink)
+                        content_type: str | None = response.headers.get("content-type")
+                        return content_type
+            raise SourceGone(f"more than {MAX_REDIRECTS} redirects", code="too_many_redirects")
+    except TimeoutError:
+        raise ArchiveError(f"download did not finish within {timeout:g} s", code="timeout") from None
+
+
+@contextlib.contextmanager
+def _map_transport_errors() -> Iterator[None]:
+    """httpx's transport errors, turned into retryable or permanent archive errors."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ArchiveError(f"source timed out: {type(exc).__name__}", code="timeout") from exc
+    except httpx.UnsupportedProtocol as exc:
+        raise SourceGone(f"not an http(s) URL: {exc}", code="invalid_url") from exc
+    except httpx.TransportError as exc:
+        raise ArchiveError(f"cannot reach source: {type(exc).__name__}: {exc}", code="connection_failed") from exc
+    except httpx.InvalidURL as exc:
+        raise SourceGone(f"invalid URL: {exc}", code="invalid_url") from exc
+
+
+def _check_status(response: httpx.Response) -> None:
+    status = response.status_code
+    if status == 200:
+        return
+    if status >= 500 or status in _RETRYABLE_4XX:
+        raise ArchiveError(f"source answered HTTP {status}; will retry", code="source_unavailable")
+    if 400 <= status < 500:
+        # Expired signed links answer 403 (S3, GCS) as often as 404/410; none come back.
+        raise SourceGone(f"source link is gone (HTTP {status})", code="source_gone")
+    raise ArchiveError(f"unexpected HTTP {status} from source", code="unexpected_status")
+
+
+def _declared_length(response: httpx.Response) -> int | None:
+    try:
+        return int(response.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _check_declared_length(response: httpx.Response, max_bytes: int) -> None:
+    declared = _declared_length(response)
+    if declared is not None and declared > max_bytes:
+        raise SourceGone(f"image is {declared} bytes, over the {max_bytes} byte limit", code="image_too_large")
+
+
+async def _read_body(response: httpx.Response, max_bytes: int, sink: Callable[[bytes], object]) -> None:
+    received = 0
+    try:
+        async for chunk in response.aiter_bytes(CHUNK_SIZE):
+            received += len(chunk)
+            if received > max_bytes:
+                raise SourceGone(f"image is over the {max_bytes} byte limit", code="image_too_large")
+            sink(chunk)
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        raise ArchiveError(f"body ended early after {received} bytes: {exc}", code="truncated") from exc
+    # h11 already refuses a short body; this covers transports that do not.
+    # num_bytes_downloaded counts bytes on the wire, as Content-Length does.
+    declared = _declared_length(response)
+    if declared is not None and response.num_bytes_downloaded < declared:
+        raise ArchiveError(f"body ended after {response.num_bytes_downloaded} of {declared} bytes",
+                           code="truncated")

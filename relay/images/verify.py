@@ -1,0 +1,118 @@
+"""Image verification: is this file really a PNG/JPEG/WebP/GIF, and how big is it?
+
+Two checks, cheap then thorough: `sniff_image` reads magic bytes (enough to
+pick a file extension or refuse obvious garbage), `inspect_image` has Pillow
+parse and fully decode the file, so truncated or corrupt data, a type that
+differs from the claimed one, and decompression bombs are refused with
+`InvalidImage` (a permanent `SourceGone`: retrying cannot fix the bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from relay.errors import InvalidImage
+
+# gpt-image-1.5 outputs are at most 1536x1024 (1.6 Mpx); 64 Mpx leaves room for
+# any future size while keeping a decode's memory bounded (~256 MB RGBA).
+MAX_PIXELS = 64_000_000
+
+# Content type -> (Pillow format name, file extension used by the image store).
+TYPES: dict[str, tuple[str, str]] = {
+    "image/png": ("PNG", "png"),
+    "image/jpeg": ("JPEG", "jpg"),
+    "image/webp": ("WEBP", "webp"),
+    "image/gif": ("GIF", "gif"),
+}
+_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "png": "image/png", "jpeg": "image/jpeg",
+            "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+_PIL_FORMATS = [fmt for fmt, _ in TYPES.values()]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    content_type: str
+    width: int
+    height: int
+
+    @property
+    def ext(self) -> str:
+        """The file extension the store uses for this type ("png", "jpg", "webp", "gif")."""
+        return TYPES[self.content_type][1]
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The content type the magic bytes at the start of a file announce, or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def normalize_content_type(value: str | None) -> str | None:
+    """'image/JPG; charset=x' -> 'image/jpeg'; also accepts bare format names ('png'). None if empty."""
+    if not value:
+        return None
+    base = value.split(";", 1)[0].strip().lower()
+    return _ALIASES.get(base, base) or None
+
+
+def inspect_image(path: str | Path, *, expected: str | None = None, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Decode the file at `path` and return its real type and size.
+
+    Blocking (a full decode): call it through `asyncio.to_thread` or `ainspect_image`.
+    Raises InvalidImage if the file is not a supported image, is corrupt or
+    truncated, has more than `max_pixels` pixels, or is not of the `expected`
+    content type (when one is given; "image/jpg" and "jpeg" count as image/jpeg).
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        sniffed = sniff_image(f.read(16))
+    if sniffed is None:
+        raise InvalidImage("not a PNG, JPEG, WebP or GIF image")
+    claimed = normalize_content_type(expected)
+    if claimed is not None and claimed != sniffed:
+        raise InvalidImage(f"expected {claimed} but the bytes are {sniffed}")
+    fmt = TYPES[sniffed][0]
+    try:
+        # Two opens, as Pillow requires: verify() leaves the image unusable.
+        with Image.open(path, formats=[fmt]) as im:
+            _check_pixels(im.size, max_pixels)
+            im.verify()
+        with Image.open(path, formats=[fmt]) as im:
+            width, height = im.size
+            # verify() checks PNG chunk CRCs but reads no JPEG/WebP pixels;
+            # load() decodes them, which is what catches a truncated body.
+            im.load()
+    except InvalidImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires inside open() for images far above MAX_PIXELS.
+        raise InvalidImage(f"image too large to decode safely: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports corrupt data through all of these, depending on the plugin.
+        raise InvalidImage(f"corrupt or truncated {sniffed}: {exc}") from None
+    return ImageInfo(content_type=sniffed, width=width, height=height)
+
+
+async def ainspect_image(path: str | Path, *, expected: str | None = None,
+                         max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """`inspect_image` off the event loop."""
+    return await asyncio.to_thread(inspect_image, path, expected=expected, max_pixels=max_pixels)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InvalidImage(f"image is {width}x{height}, over the {max_pixels:,} pixel limit")

@@ -1,0 +1,80 @@
+"""The callback job: turn a recorded provider callback into at most one state change.
+
+Callbacks are unsigned, so by default the reported state is confirmed with the
+provider's status endpoint first: a body whose status the provider does not
+confirm changes nothing (it is recorded as `ignored`), and what is applied is
+the provider's own answer. With `callbacks.trust_body` the body is applied as
+is. Duplicates and out-of-order callbacks are harmless: the state machine turns
+a repeated or stale update into a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from relay.errors import ProviderProtocolError, ProviderRejected
+from relay.jobs.context import JobContext
+from relay.models import Job, ProviderStatus, TaskStatus
+from relay.states import on_update
+
+log = logging.getLogger("relay.jobs.callback")
+
+
+class CallbackHandler:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, job: Job) -> None:
+        ctx = self.ctx
+        inbox_id = str(job.payload.get("inbox_id"))
+        row = await ctx.store.get_callback(inbox_id)
+        if row is None or row["status"] != "received":
+            return None
+        task = await ctx.store.get_task(row["task_id"])
+        if task is None:
+            await ctx.store.settle_callback(inbox_id, "rejected", "unknown task", ctx.clock.now())
+            return None
+        provider = ctx.provider(row["provider"])
+        try:
+            reported = provider.parse_callback(row["body"].encode())
+        except ProviderProtocolError as exc:
+            await ctx.store.settle_callback(inbox_id, "rejected", f"unreadable body: {exc}", ctx.clock.now())
+            return None
+        if reported.provider_task_id and task.provider_task_id and reported.provider_task_id != task.provider_task_id:
+            await ctx.store.settle_callback(inbox_id, "rejected", "the body names another provider task",
+                                            ctx.clock.now())
+            return None
+        if task.status.terminal or task.status == TaskStatus.ARCHIVING:
+            await ctx.store.settle_callback(inbox_id, "ignored", f"task already {task.status.value}", ctx.clock.now())
+            return None
+        update = reported
+        if not ctx.settings.callbacks.trust_body:
+            ticket = task.provider_task_id or reported.provider_task_id
+            if not ticket:
+                await ctx.store.settle_callback(inbox_id, "rejected", "no provider task id to confirm",
+                                                ctx.clock.now())
+                return None
+            await ctx.throttle(task.provider)
+            try:
+                update = await provider.fetch(ticket)    # ProviderUnavailable → the worker retries
+            except ProviderRejected as exc:
+                await ctx.store.settle_callback(inbox_id, "ignored", f"provider refused the confirmation: {exc}",
+                                                ctx.clock.now())
+                return None
+            if update.status != reported.status:
+                await ctx.store.settle_callback(
+                    inbox_id, "ignored", f"provider reports {update.status.value}, callback said "
+                    f"{reported.status.value}", ctx.clock.now())
+                return None
+        applied = await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
+                                        default_expiry=provider.caps.default_expiry)
+        note = f"applied {applied.transition.event}" if applied else "no change (repeated or stale)"
+        await ctx.store.settle_callback(inbox_id, "applied" if applied else "ignored", note, ctx.clock.now())
+        if applied is None and update.status in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED):
+            log.debug("callback %s for %s changed nothing", inbox_id, task.id)
+        return None
+
+    async def give_up(self, job: Job, reason: str) -> None:
+        # The safety-net poll still watches the task; only this callback's confirmation is abandoned.
+        await self.ctx.store.settle_callback(str(job.payload.get("inbox_id")), "rejected",
+                                             f"could not be confirmed: {reason}", self.ctx.clock.now())

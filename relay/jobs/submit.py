@@ -1,0 +1,81 @@
+"""The submit job: send a task to its provider exactly once, or fail it with a clear reason.
+
+Double billing is the failure to avoid. Before sending, the task is marked
+`submit_started_at` (committed). If a submit job finds that mark already set
+with no provider id, an earlier attempt may have reached the provider (a
+crash or a timeout after sending): it is not resent, unless the provider
+dedupes submits by our Idempotency-Key (the task id), and the task fails as
+`submit_outcome_unknown`. A submit the provider certainly did not accept
+(connection refused, 429, 5xx) clears the mark and is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from relay.errors import ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
+from relay.jobs.context import JobContext
+from relay.models import GenerationRequest, Job, ProviderStatus
+from relay.queue import Again
+from relay.states import on_failure, on_submitted
+
+log = logging.getLogger("relay.jobs.submit")
+
+UNKNOWN_MESSAGE = ("the submit request reached the provider but no answer came back (timeout or crash); "
+                   "it was not resent, to avoid a second charge")
+
+
+class SubmitHandler:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, job: Job) -> Again | None:
+        ctx = self.ctx
+        task = await ctx.store.get_task(job.task_id or "")
+        if task is None or task.status.terminal or task.provider_task_id:
+            return None
+        provider = ctx.provider(task.provider)
+        if task.submit_started_at is not None and not provider.caps.idempotent_submit:
+            await self._fail(task.id, "submit_outcome_unknown", UNKNOWN_MESSAGE)
+            return None
+        await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
+        await ctx.store.mark_submit_started(task.id, ctx.clock.now())
+        callback_url = (ctx.callback_url(task.provider, task.id)
+                        if provider.caps.callbacks and ctx.callbacks_enabled else None)
+        try:
+            update = await provider.submit(GenerationRequest.from_dict(task.request),
+                                           callback_url=callback_url, idempotency_key=task.id)
+        except SubmitOutcomeUnknown as exc:
+            if provider.caps.idempotent_submit:
+                raise ProviderUnavailable(str(exc)) from exc   # resending with the same key is safe
+            await self._fail(task.id, "submit_outcome_unknown", UNKNOWN_MESSAGE)
+            return None
+        except ProviderRejected as exc:
+            await self._fail(task.id, exc.code, exc.message)
+            return None
+        except ProviderUnavailable:
+            await ctx.store.clear_submit_started(task.id)    # certainly not accepted: a retry is safe
+            raise
+        now = ctx.clock.now()
+        jobs = []
+        if update.status not in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
+            if provider.caps.callbacks and callback_url:
+                # The callback should come; the poll is the safety net if it never does.
+                delay = ctx.safety_net_delay(update.estimated_seconds)
+            else:
+                delay = ctx.first_poll_delay(task.provider, update.estimated_seconds)
+            jobs.append(ctx.poll_job(task.id, delay))
+        applied = await ctx.store.apply(task.id, lambda t: on_submitted(t, update), now,
+                                        default_expiry=provider.caps.default_expiry, jobs=jobs)
+        if applied is None and jobs:
+            # Nothing changed (the task moved on meanwhile): still make sure it is watched.
+            await ctx.store.enqueue(jobs)
+        return None
+
+    async def _fail(self, task_id: str, code: str, message: str) -> None:
+        await self.ctx.store.apply(task_id, lambda t: on_failure(t, code, message), self.ctx.clock.now())
+
+    async def give_up(self, job: Job, reason: str) -> None:
+        task = await self.ctx.store.get_task(job.task_id or "")
+        if task is not None and task.provider_task_id is None:
+            await self._fail(task.id, "provider_unavailable", f"could not submit to the provider: {reason}")

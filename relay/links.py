@@ -1,0 +1,38 @@
+"""HMAC tokens relay hands out: signed image links and provider callback tokens. Pure; takes `now`."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import urlencode
+
+
+class Signer:
+    def __init__(self, secret: str | bytes) -> None:
+        self._key = secret.encode() if isinstance(secret, str) else secret
+
+    def _mac(self, purpose: str, message: str) -> str:
+        return hmac.new(self._key, f"{purpose}:{message}".encode(), hashlib.sha256).hexdigest()
+
+    # ---- image links ------------------------------------------------------------------------------
+    def image_query(self, image_id: str, expires: int) -> str:
+        return urlencode({"exp": expires, "sig": self._mac("image", f"{image_id}.{expires}")})
+
+    def image_url(self, public_url: str, image_id: str, *, now: float, ttl: float) -> str:
+        expires = int(now + ttl)
+        return f"{public_url}/v1/images/{image_id}?{self.image_query(image_id, expires)}"
+
+    def verify_image(self, image_id: str, exp: str | None, sig: str | None, *, now: float) -> bool:
+        """True when (exp, sig) is a valid, unexpired link for this image."""
+        if not exp or not sig or not exp.isdigit():
+            return False
+        if int(exp) < now:
+            return False
+        return hmac.compare_digest(sig, self._mac("image", f"{image_id}.{exp}"))
+
+    # ---- provider callbacks ------------------------------------------------------------------------
+    def callback_token(self, provider: str, task_id: str) -> str:
+        return self._mac("callback", f"{provider}.{task_id}")[:40]
+
+    def verify_callback_token(self, provider: str, task_id: str, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.callback_token(provider, task_id).encode())

@@ -1,0 +1,238 @@
+"""The worker: claims due jobs under a lease, runs their handlers, retries with backoff, never loses a job.
+
+A handler's `run(job)` returns None (done), `Again(after, payload)` (planned
+re-run, e.g. the next poll; attempts reset), or raises:
+  Retry(after)                    run again later, counting an attempt
+  ProviderUnavailable/ArchiveError  transient: retry with backoff (or the provider's Retry-After)
+  anything else                   a bug or junk input: logged, retried with backoff
+When attempts run out, the handler's `give_up(job, reason)` settles the task
+(fails it with the reason) and the job is kept as `dead` for inspection.
+
+Jobs are leased, not locked: a worker killed mid-job leaves a row whose lease
+runs out, and any worker (this process after restart, or another replica)
+claims it again. Handlers must therefore be safe to run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay.clock import Clock
+from relay.errors import ArchiveError, ProviderUnavailable
+from relay.models import Job
+from relay.store.base import Store
+
+log = logging.getLogger("relay.worker")
+
+
+class Retry(Exception):
+    """Raised by a handler: run this job again after `after` seconds (counts as an attempt)."""
+
+    def __init__(self, after: float, reason: str = "retry") -> None:
+        super().__init__(reason)
+        self.after = after
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Again:
+    """Returned by a handler: the job succeeded for now and must run again (e.g. the next poll)."""
+
+    after: float
+    payload: dict[str, Any] | None = None
+
+
+class Handler(Protocol):
+    async def run(self, job: Job) -> Again | None: ...
+
+    async def give_up(self, job: Job, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    concurrency: int = 32
+    lease_seconds: float = 60.0
+    idle_poll_seconds: float = 1.0
+    max_attempts: int = 12
+    retry_base: float = 2.0
+    retry_cap: float = 300.0
+    claim_batch: int = 32
+    retry_after_cap: float = 3600.0     # a provider's Retry-After is honoured up to this
+    max_job_seconds: float = 1800.0     # a job running longer than this is stopped and retried
+
+
+def backoff(attempt: int, base: float, cap: float, jitter: float = 0.2) -> float:
+    """Exponential backoff with ±jitter: base, 2·base, 4·base … up to cap."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return delay * random.uniform(1 - jitter, 1 + jitter)
+
+
+class Worker:
+    def __init__(self, store: Store, handlers: Mapping[str, Handler], clock: Clock,
+                 options: WorkerOptions | None = None) -> None:
+        self.store = store
+        self.handlers = dict(handlers)
+        self.clock = clock
+        self.options = options or WorkerOptions()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._running: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.options.concurrency)
+        store.on_enqueue(self.wake)
+
+    def wake(self) -> None:
+        """Called on local enqueue: look for work now instead of at the next idle poll."""
+        self._wakeup.set()
+
+    # ---- running --------------------------------------------------------------------------------
+    async def run_forever(self) -> None:
+        """Claim and run jobs until stop(); survives any error of the store (logged, retried)."""
+        while not self._stopping:
+            try:
+                claimed = await self._claim_and_start()
+            except Exception:
+                log.exception("claiming jobs failed; retrying")
+                claimed = 0
+            if claimed == 0 and not self._stopping:
+                await self._idle()
+
+    async def _idle(self) -> None:
+        timeout = self.options.idle_poll_seconds
+        try:
+            due = await self.store.next_run_at()
+        except Exception:
+            due = None
+        if due is not None:
+            timeout = max(0.0, min(timeout, due - self.clock.now()))
+        self._wakeup.clear()
+        if timeout > 0:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _claim_and_start(self) -> int:
+        free = self._free_slots()
+        if free == 0:
+            # Wait for a slot rather than claiming work we cannot start (its lease would tick away).
+            await self._slots.acquire()
+            self._slots.release()
+            return 1
+        jobs = await self.store.claim(self.clock.now(), limit=min(free, self.options.claim_batch),
+                                      lease_seconds=self.options.lease_seconds, kinds=list(self.handlers))
+        for job in jobs:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._execute_in_slot(job), name=f"job:{job.kind}:{job.id}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        return len(jobs)
+
+    def _free_slots(self) -> int:
+        return self.options.concurrency - len(self._running)
+
+    async def _execute_in_slot(self, job: Job) -> None:
+        try:
+            await self.execute(job)
+        finally:
+            self._slots.release()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; wait up to `grace` for running jobs (the rest are recovered by their lease)."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def drain(self, *, max_rounds: int = 10_000) -> int:
+        """Run due jobs until none is due now (tests). Returns how many jobs ran."""
+        ran = 0
+        for _ in range(max_rounds):
+            jobs = await self.store.claim(self.clock.now(), limit=self.options.claim_batch,
+                                          lease_seconds=self.options.lease_seconds, kinds=list(self.handlers))
+            if not jobs:
+                return ran
+            await asyncio.gather(*(self.execute(job) for job in jobs))
+            ran += len(jobs)
+        return ran
+
+    # ---- one job ----------------------------------------------------------------------------------
+    async def execute(self, job: Job) -> None:
+        """Run one claimed job and record its outcome. Never raises (except cancellation)."""
+        handler = self.handlers.get(job.kind)
+        if handler is None:
+            await self.store.bury_job(job, f"no handler for job kind {job.kind!r}")
+            return
+        try:
+            outcome = await self._run_with_heartbeat(handler, job)
+        except Retry as exc:
+            await self._retry(job, handler, exc.after, exc.reason)
+        except ProviderUnavailable as exc:
+            after = exc.retry_after
+            if after is not None:
+                after = min(after, self.options.retry_after_cap)
+            await self._retry(job, handler, after, f"{exc.code}: {exc}")
+        except ArchiveError as exc:
+            await self._retry(job, handler, None, f"{exc.code}: {exc}")
+        except TimeoutError:
+            await self._retry(job, handler, None, f"job ran longer than {self.options.max_job_seconds:.0f}s")
+        except asyncio.CancelledError:
+            raise   # shutdown: the lease brings the job back
+        except Exception as exc:
+            log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
+            await self._retry(job, handler, None, f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            if isinstance(outcome, Again):
+                await self.store.retry_job(job, self.clock.now() + outcome.after, None,
+                                           payload=outcome.payload, reset_attempts=True)
+            else:
+                await self.store.finish_job(job)
+
+    async def _run_with_heartbeat(self, handler: Handler, job: Job) -> Again | None:
+        heartbeat = asyncio.create_task(self._heartbeat(job))
+        try:
+            async with asyncio.timeout(self.options.max_job_seconds):
+                return await handler.run(job)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _heartbeat(self, job: Job) -> None:
+        """Extend the lease while the job runs, so a long job (a slow download) is not claimed twice.
+
+        If this process dies, the heartbeats stop and the lease runs out: that is how crashed work comes back.
+        """
+        interval = self.options.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.store.extend_lease(job, self.clock.now() + self.options.lease_seconds):
+                    log.warning("job %s lost its lease while running", job.id)
+                    return
+            except Exception:
+                log.exception("could not extend the lease of job %s", job.id)
+
+    async def _retry(self, job: Job, handler: Handler, after: float | None, reason: str) -> None:
+        limit = min(job.max_attempts, self.options.max_attempts)
+        if job.attempts >= limit:
+            log.warning("job %s (%s) gave up after %d attempts: %s", job.id, job.kind, job.attempts, reason)
+            try:
+                await handler.give_up(job, reason)
+            except Exception:
+                log.exception("give_up of job %s failed; it stays queued", job.id)
+                await self.store.retry_job(job, self.clock.now() + self.options.retry_cap, reason)
+                return
+            await self.store.bury_job(job, reason)
+            return
+        if after is None:
+            after = backoff(job.attempts, self.options.retry_base, self.options.retry_cap)
+        log.info("job %s (%s) retries in %.1fs: %s", job.id, job.kind, after, reason)
+        await self.store.retry_job(job, self.clock.now() + after, reason[:1000])

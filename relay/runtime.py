@@ -1,0 +1,150 @@
+"""Assembles a running relay from Settings: store, providers, image store, HTTP clients, worker.
+
+The web app and the CLI both take a Runtime; tests build one with their own
+clock and transports. Secrets that the embedded defaults leave empty (API key,
+signing secret) are generated once into the data directory with mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from relay.clock import Clock, SystemClock
+from relay.config import Settings
+from relay.deliveries.handler import DeliverHandler
+from relay.deliveries.service import DeliveryService, build_delivery_service
+from relay.images.store import LocalImageStore
+from relay.jobs.archive import ArchiveHandler
+from relay.jobs.callback import CallbackHandler
+from relay.jobs.context import JobContext
+from relay.jobs.poll import PollHandler
+from relay.jobs.submit import SubmitHandler
+from relay.links import Signer
+from relay.netguard import NetGuard
+from relay.providers import PROVIDER_KINDS, build_provider
+from relay.providers.base import Provider
+from relay.queue import Handler, Worker, WorkerOptions
+from relay.ratelimit import TokenBucket
+from relay.service import TaskService
+from relay.store.base import Store
+from relay.store.sqlite import SQLiteStore, sqlite_path_from_url
+
+log = logging.getLogger("relay")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    ctx: JobContext
+    worker: Worker
+    tasks: TaskService
+    api_keys: tuple[str, ...]
+    guard: NetGuard
+    deliveries: DeliveryService | None = None
+
+
+def read_or_create_secret(path: Path, prefix: str, nbytes: int = 24) -> str:
+    """A secret kept in a 0600 file of the data directory, created on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = prefix + secrets.token_urlsafe(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def api_key_file(settings: Settings) -> Path:
+    return Path(settings.storage.data_dir) / "api-key"
+
+
+def resolve_api_keys(settings: Settings) -> tuple[str, ...]:
+    if settings.auth.api_keys:
+        return settings.auth.api_keys
+    return (read_or_create_secret(api_key_file(settings), "rk_"),)
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.storage.database
+    if url.startswith("sqlite:"):
+        return SQLiteStore(sqlite_path_from_url(url))
+    raise ValueError(f"database {url!r} is not supported yet (SQLite only in this version)")
+
+
+def build_handlers(ctx: JobContext) -> dict[str, Handler]:
+    return {"submit": SubmitHandler(ctx), "poll": PollHandler(ctx), "archive": ArchiveHandler(ctx),
+            "callback": CallbackHandler(ctx)}
+
+
+class StartupError(Exception):
+    """relay cannot start with these settings (a clear message for the operator)."""
+
+
+def check_callback_url(settings: Settings) -> None:
+    """Providers that call back need an HTTPS public_url (they refuse http), unless allowed for local use."""
+    users = [name for name, conf in settings.providers.items() if PROVIDER_KINDS[conf.kind].caps.callbacks]
+    public = settings.server.public_url
+    if users and not public.startswith("https://") and not settings.server.allow_http_callbacks:
+        raise StartupError(
+            f"providers {', '.join(users)} send callbacks, which need an HTTPS server.public_url (got {public}); "
+            "serve HTTPS (server.ssl_certfile/ssl_keyfile, see `relay dev-cert`) or put relay behind a TLS proxy "
+            "and set public_url, or set server.allow_http_callbacks = true for local use")
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, *, clock: Clock | None = None,
+                       transport: httpx.AsyncBaseTransport | None = None) -> AsyncIterator[Runtime]:
+    """Open everything; close it all on exit. `transport` replaces the guarded network (tests)."""
+    check_callback_url(settings)
+    clock = clock or SystemClock()
+    data_dir = Path(settings.storage.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
+    api_keys = resolve_api_keys(settings)
+    guard = NetGuard(settings.network.allow)
+    http = httpx.AsyncClient(transport=transport or guard.transport(), follow_redirects=False,
+                             timeout=httpx.Timeout(60.0, connect=10.0),
+                             headers={"user-agent": "relay/0.1"})
+    store = open_store(settings)
+    await store.open()
+    image_store = LocalImageStore(Path(settings.storage.images_dir))
+    providers: dict[str, Provider] = {}
+    limiters: dict[str, TokenBucket] = {}
+    ctx = JobContext(settings=settings, store=store, clock=clock, providers=providers, image_store=image_store,
+                     http=http, signer=Signer(signing_secret), limiters=limiters)
+
+    async def fetch_input(url: str) -> tuple[bytes, str]:
+        from relay.images.download import fetch_bytes
+        return await fetch_bytes(http, url, max_bytes=settings.archive.input_max_bytes,
+                                 timeout=settings.archive.timeout)
+
+    for name, conf in settings.providers.items():
+        providers[name] = build_provider(conf.kind, http, base_url=conf.base_url, api_key=conf.api_key,
+                                         name=name, model=conf.model, fetch_input=fetch_input, timeout=conf.timeout)
+        limiters[name] = TokenBucket(conf.rate_limit)
+    ctx.callbacks_enabled = True
+    deliveries = build_delivery_service(settings, store, clock, guard=guard, signer=ctx.signer,
+                                        signing_secret=signing_secret)
+    await deliveries.start()
+    w = settings.worker
+    worker = Worker(store, {**build_handlers(ctx), "deliver": DeliverHandler(deliveries)}, clock, WorkerOptions(
+        concurrency=w.concurrency, lease_seconds=w.lease_seconds, idle_poll_seconds=w.idle_poll_seconds,
+        max_attempts=w.max_attempts, retry_base=w.retry_base, retry_cap=w.retry_cap, claim_batch=w.claim_batch))
+    runtime = Runtime(settings=settings, store=store, ctx=ctx, worker=worker, tasks=TaskService(ctx),
+                      api_keys=api_keys, guard=guard, deliveries=deliveries)
+    try:
+        yield runtime
+    finally:
+        await deliveries.close()
+        await store.close()
+        await http.aclose()

@@ -1,0 +1,122 @@
+"""The task state machine: pure functions, no I/O.
+
+Given a task and a signal (a provider update, an archive completion, a failure
+or a cancel), decide the next state and the events it emits. This is where
+idempotency lives: a repeated or stale signal yields None, and the caller
+writes nothing. States only move forward (pending < queued < running <
+archiving < terminal); terminal states never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relay.models import ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
+
+# A progress report emits task.progress only when it moves at least this many points (throttling).
+PROGRESS_STEP = 10
+
+_PROVIDER_TO_TASK = {
+    ProviderStatus.QUEUED: TaskStatus.QUEUED,
+    ProviderStatus.RUNNING: TaskStatus.RUNNING,
+    ProviderStatus.SUCCEEDED: TaskStatus.ARCHIVING,
+    ProviderStatus.FAILED: TaskStatus.FAILED,
+    ProviderStatus.CANCELED: TaskStatus.CANCELED,
+}
+
+EVENT_FOR_STATUS = {
+    TaskStatus.QUEUED: "task.queued",
+    TaskStatus.RUNNING: "task.running",
+    TaskStatus.ARCHIVING: "task.generated",
+    TaskStatus.SUCCEEDED: "task.succeeded",
+    TaskStatus.FAILED: "task.failed",
+    TaskStatus.CANCELED: "task.canceled",
+}
+
+EVENT_TYPES = ("task.queued", "task.running", "task.progress", "task.generated",
+               "task.succeeded", "task.failed", "task.canceled")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A decided change: the caller applies it, bumps `sequence`, and writes `event` in one transaction."""
+
+    status: TaskStatus
+    event: str
+    progress: int | None = None
+    provider_task_id: str | None = None
+    error: dict[str, str] | None = None
+    images: tuple[ProviderImage, ...] = field(default=())   # set when entering ARCHIVING
+    estimated_seconds: float | None = None
+
+    @property
+    def status_changed(self) -> bool:
+        return self.event != "task.progress"
+
+
+def on_update(task: Task, update: TaskUpdate) -> Transition | None:
+    """Apply a provider's update. None when it is stale, repeated, or the task is already terminal."""
+    if task.status.terminal:
+        return None
+    target = _PROVIDER_TO_TASK[update.status]
+    provider_task_id = task.provider_task_id or update.provider_task_id
+    if target == TaskStatus.ARCHIVING and not update.images:
+        # "Done" with nothing to save is a failure, not a success with zero images.
+        return Transition(TaskStatus.FAILED, "task.failed", provider_task_id=provider_task_id,
+                          error={"code": "no_images", "message": "the provider reported success but returned no images"})
+    if target.rank > task.status.rank:
+        error = None
+        if target == TaskStatus.FAILED:
+            error = {"code": update.error_code or "provider_failed",
+                     "message": update.error_message or "the provider reported the task as failed"}
+        progress = 100 if target == TaskStatus.ARCHIVING else _max_progress(task.progress, update.progress)
+        return Transition(target, EVENT_FOR_STATUS[target], progress=progress,
+                          provider_task_id=provider_task_id, error=error,
+                          images=update.images if target == TaskStatus.ARCHIVING else (),
+                          estimated_seconds=update.estimated_seconds)
+    if target == task.status and target in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+        progress = update.progress
+        if progress is not None and progress - (task.progress or 0) >= PROGRESS_STEP:
+            return Transition(task.status, "task.progress", progress=progress, provider_task_id=provider_task_id,
+                              estimated_seconds=update.estimated_seconds)
+    return None
+
+
+def on_submitted(task: Task, update: TaskUpdate) -> Transition | None:
+    """The provider accepted the submit. Records the provider id even if the status did not move."""
+    transition = on_update(task, update)
+    if transition is None and task.provider_task_id is None and update.provider_task_id and not task.status.terminal:
+        # A submit whose answer is "pending" on a task already queued (cannot normally happen) still records the id.
+        return Transition(TaskStatus.QUEUED if task.status == TaskStatus.PENDING else task.status,
+                          "task.queued", provider_task_id=update.provider_task_id)
+    return transition
+
+
+def on_archived(task: Task, all_images_archived: bool) -> Transition | None:
+    """An image was saved; the task succeeds when every image is."""
+    if task.status != TaskStatus.ARCHIVING or not all_images_archived:
+        return None
+    return Transition(TaskStatus.SUCCEEDED, "task.succeeded", progress=100)
+
+
+def on_failure(task: Task, code: str, message: str) -> Transition | None:
+    """relay itself fails the task (timeout, dead link, submit outcome unknown, …)."""
+    if task.status.terminal:
+        return None
+    return Transition(TaskStatus.FAILED, "task.failed", error={"code": code, "message": message})
+
+
+def on_cancel(task: Task) -> Transition | None:
+    """The client canceled. None when already terminal (the API answers 409)."""
+    if task.status.terminal:
+        return None
+    return Transition(TaskStatus.CANCELED, "task.canceled",
+                      error=None)
+
+
+def _max_progress(current: int | None, reported: int | None) -> int | None:
+    if reported is None:
+        return current
+    if current is None:
+        return reported
+    return max(current, reported)

@@ -1,0 +1,481 @@
+"""SQLite backend of the store (aiosqlite, WAL): the embedded default.
+
+Two connections: one writer, serialized by an asyncio lock around each
+transaction (BEGIN IMMEDIATE, so other processes on the same file wait on
+busy_timeout rather than fail), and one reader that never sees another
+coroutine's uncommitted writes. Migrations are the numbered files in sql/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from relay import ids
+from relay.deliveries.store import SQLiteDeliveries
+from relay.errors import Conflict
+from relay.models import Event, ImageRecord, Job, Task, TaskStatus
+from relay.present import task_object
+from relay.states import Transition, on_archived, on_failure
+from relay.store.base import Applied, ArchiveResult, Decide, Store
+from relay.store.batching import GroupCommit
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+# Archive jobs are ordered by how soon their source dies: run_at is moved back by the time a link
+# has less than this horizon, so a backlog saves the soonest-dying images first.
+ARCHIVE_HORIZON = 24 * 3600.0
+
+
+def archive_job(image: ImageRecord, now: float) -> Job:
+    urgency = 0.0
+    if image.source_expires_at is not None:
+        urgency = max(0.0, ARCHIVE_HORIZON - max(0.0, image.source_expires_at - now))
+    return Job(id=ids.new_id("job", now), kind="archive", task_id=image.task_id,
+               payload={"image_id": image.id}, run_at=now - urgency, dedupe_key=f"archive:{image.id}")
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _loads(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, sql) for every file in sql/, in order."""
+    folder = resources.files("relay.store") / "sql"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            found.append((int(name[:3]), entry.read_text()))
+    return sorted(found)
+
+
+class SQLiteStore(SQLiteDeliveries, Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._callbacks: GroupCommit[tuple[tuple[Any, ...], Job]] = GroupCommit(self._write_callbacks)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        try:
+            await self._migrate()
+            self._reader = await self._connect()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL: durable across process crashes
+        await conn.execute("PRAGMA busy_timeout=10000")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    async def _migrate(self) -> None:
+        async with self._tx() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+            rows = await (await db.execute("SELECT version FROM schema_migrations")).fetchall()
+            done = {row[0] for row in rows}
+            for version, sql in migrations():
+                if version in done:
+                    continue
+                for statement in _split_sql(sql):
+                    await db.execute(statement)
+                await db.execute("INSERT INTO schema_migrations VALUES (?, strftime('%s','now'))", (version,))
+
+    async def close(self) -> None:
+        await self._callbacks.drain()
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def ping(self) -> None:
+        await (await self._r.execute("SELECT 1")).fetchone()
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        assert self._reader is not None, "store is not open"
+        return self._reader
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        assert self._writer is not None, "store is not open"
+        async with self._lock:
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    # ---- tasks -----------------------------------------------------------------------------------
+    async def create_task(self, task: Task, jobs: Sequence[Job], *,
+                          idempotency: tuple[str, str, str] | None = None) -> tuple[Task, bool]:
+        async with self._tx() as db:
+            if idempotency is not None:
+                scope, key, body_hash = idempotency
+                row = await (await db.execute(
+                    "SELECT body_hash, task_id, created_at FROM idempotency_keys WHERE scope = ? AND key = ?",
+                    (scope, key))).fetchone()
+                if row is not None and row["created_at"] > task.created_at - IDEMPOTENCY_WINDOW:
+                    if row["body_hash"] != body_hash:
+                        raise Conflict("this Idempotency-Key was used with a different request body",
+                                       field="Idempotency-Key")
+                    existing = await self._load_task(db, row["task_id"])
+                    if existing is not None:
+                        return existing, False
+                await db.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys (scope, key, body_hash, task_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)", (scope, key, body_hash, task.id, task.created_at))
+            await db.execute(
+                "INSERT INTO tasks (id, provider, provider_task_id, status, progress, request, error, metadata, "
+                "webhook_url, webhook_events, sequence, created_at, updated_at, completed_at, deadline_at, "
+                "submit_started_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (task.id, task.provider, task.provider_task_id, task.status.value, task.progress,
+                 _dumps(task.request), _dumps(task.error), _dumps(task.metadata), task.webhook_url,
+                 _dumps(task.webhook_events), task.sequence, task.created_at, task.updated_at,
+                 task.completed_at, task.deadline_at, task.submit_started_at))
+            await self._insert_jobs(db, jobs)
+        self._wake()
+        return task, True
+
+    async def get_task(self, task_id: str) -> Task | None:
+        return await self._load_task(self._r, task_id)
+
+    async def list_tasks(self, *, status: str | None, provider: str | None, limit: int,
+                         cursor: str | None) -> tuple[list[Task], str | None]:
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if provider:
+            where.append("provider = ?")
+            args.append(provider)
+        if cursor:
+            where.append("id < ?")
+            args.append(cursor)
+        sql = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC LIMIT ?"
+        rows = await (await self._r.execute(sql, (*args, limit + 1))).fetchall()
+        tasks = [_task_from_row(row) for row in rows[:limit]]
+        await self._attach_images(self._r, tasks)
+        next_cursor = tasks[-1].id if len(rows) > limit else None
+        return tasks, next_cursor
+
+    async def apply(self, task_id: str, decide: Decide, now: float, *,
+                    default_expiry: float = 86400.0, jobs: Sequence[Job] = ()) -> Applied | None:
+        async with self._tx() as db:
+            task = await self._load_task(db, task_id)
+            if task is None:
+                return None
+            transition = decide(task)
+            if transition is None:
+                return None
+            applied = await self._write_transition(db, task, transition, now, default_expiry)
+            await self._insert_jobs(db, jobs)
+        self._wake()
+        return applied
+
+    async def mark_submit_started(self, task_id: str, now: float) -> Task | None:
+        async with self._tx() as db:
+            await db.execute("UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ?",
+                             (now, task_id))
+            return await self._load_task(db, task_id)
+
+    async def clear_submit_started(self, task_id: str) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL",
+                             (task_id,))
+
+    async def _write_transition(self, db: aiosqlite.Connection, task: Task, t: Transition, now: float,
+                                default_expiry: float) -> Applied:
+        """Apply `t` to `task` in the open transaction: the row, its event, and new images with archive jobs."""
+        task.status = t.status
+        task.sequence += 1
+        task.updated_at = now
+        if t.progress is not None:
+            task.progress = t.progress
+        if t.provider_task_id and not task.provider_task_id:
+            task.provider_task_id = t.provider_task_id
+        if t.error is not None:
+            task.error = t.error
+        if t.status.terminal:
+            task.completed_at = now
+        await db.execute(
+            "UPDATE tasks SET status = ?, sequence = ?, updated_at = ?, progress = ?, provider_task_id = ?, "
+            "error = ?, completed_at = ? WHERE id = ?",
+            (task.status.value, task.sequence, now, task.progress, task.provider_task_id, _dumps(task.error),
+             task.completed_at, task.id))
+        if t.images:
+            new_images = []
+            for index, source in enumerate(t.images):
+                expires = source.expires_at
+                if expires is None:
+                    expires = now + default_expiry
+                image = ImageRecord(id=ids.new_id("img", now), task_id=task.id, index=index,
+                                    source_url=source.url, source_expires_at=expires)
+                await db.execute(
+                    "INSERT INTO images (id, task_id, idx, source_url, source_data, source_expires_at, status) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (task_id, idx) DO NOTHING",
+                    (image.id, task.id, index, source.url, source.b64, expires))
+                new_images.append(image)
+            task.images = await self._images_of(db, task.id)
+            await self._insert_jobs(db, [archive_job(img, now) for img in task.images if img.status == "pending"])
+        if t.status.terminal:
+            # Nothing left to poll or confirm for a finished task.
+            await db.execute("DELETE FROM jobs WHERE task_id = ? AND kind IN ('poll', 'confirm') AND state = 'queued'",
+                             (task.id,))
+        event = Event(id=ids.new_id("evt", now), type=t.event, task_id=task.id, sequence=task.sequence,
+                      created_at=now, data=task_object(task))
+        await db.execute("INSERT INTO events (id, type, task_id, sequence, data, created_at) VALUES (?,?,?,?,?,?)",
+                         (event.id, event.type, event.task_id, event.sequence, _dumps(event.data), now))
+        await self._fan_out(db, event, task, now)
+        return Applied(task=task, transition=t, event=event)
+
+    async def _fan_out(self, db: aiosqlite.Connection, event: Event, task: Task, now: float) -> None:
+        """Hook: turn a new event into deliveries in the same transaction (the outbox). See deliveries."""
+        await self._fan_out_deliveries(db, event, task, now)
+
+    # ---- provider callbacks ------------------------------------------------------------------------
+    async def receive_callback(self, inbox_id: str, provider: str, task_id: str, body: str, now: float,
+                               job: Job) -> None:
+        # Callbacks arrive in bursts; group commit shares one transaction among concurrent ones.
+        await self._callbacks.submit(((inbox_id, provider, task_id, body, now), job))
+        self._wake()
+
+    async def _write_callbacks(self, batch: list[tuple[tuple[Any, ...], Job]]) -> None:
+        async with self._tx() as db:
+            await db.executemany("INSERT INTO inbox (id, provider, task_id, body, received_at, status) "
+                                 "VALUES (?, ?, ?, ?, ?, 'received')", [row for row, _ in batch])
+            await self._insert_jobs(db, [job for _, job in batch])
+
+    async def get_callback(self, inbox_id: str) -> dict[str, Any] | None:
+        row = await (await self._r.execute("SELECT * FROM inbox WHERE id = ?", (inbox_id,))).fetchone()
+        return None if row is None else dict(row)
+
+    async def settle_callback(self, inbox_id: str, status: str, note: str | None, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE inbox SET status = ?, note = ?, processed_at = ? WHERE id = ?",
+                             (status, note, now, inbox_id))
+
+    # ---- images ----------------------------------------------------------------------------------
+    async def get_image(self, image_id: str) -> ImageRecord | None:
+        row = await (await self._r.execute("SELECT * FROM images WHERE id = ?", (image_id,))).fetchone()
+        return None if row is None else _image_from_row(row)
+
+    async def get_image_source(self, image_id: str) -> tuple[ImageRecord, str | None] | None:
+        row = await (await self._r.execute("SELECT * FROM images WHERE id = ?", (image_id,))).fetchone()
+        return None if row is None else (_image_from_row(row), row["source_data"])
+
+    async def image_archived(self, image_id: str, result: ArchiveResult, now: float) -> Applied | None:
+        async with self._tx() as db:
+            row = await (await db.execute("SELECT task_id, status FROM images WHERE id = ?", (image_id,))).fetchone()
+            if row is None or row["status"] != "pending":
+                return None
+            await db.execute(
+                "UPDATE images SET status = 'archived', sha256 = ?, content_type = ?, width = ?, height = ?, "
+                "bytes = ?, path = ?, archived_at = ?, source_data = NULL WHERE id = ?",
+                (result.sha256, result.content_type, result.width, result.height, result.bytes, result.path,
+                 now, image_id))
+            task = await self._load_task(db, row["task_id"])
+            if task is None:
+                return None
+            all_done = all(img.status == "archived" for img in task.images)
+            transition = on_archived(task, all_done)
+            if transition is None:
+                return None
+            applied = await self._write_transition(db, task, transition, now, 0.0)
+        self._wake()
+        return applied
+
+    async def image_failed(self, image_id: str, code: str, message: str, now: float) -> Applied | None:
+        async with self._tx() as db:
+            row = await (await db.execute("SELECT task_id, status FROM images WHERE id = ?", (image_id,))).fetchone()
+            if row is None or row["status"] != "pending":
+                return None
+            await db.execute("UPDATE images SET status = 'failed', error = ?, source_data = NULL WHERE id = ?",
+                             (f"{code}: {message}", image_id))
+            task = await self._load_task(db, row["task_id"])
+            if task is None:
+                return None
+            transition = on_failure(task, code, message)
+            if transition is None:
+                return None
+            applied = await self._write_transition(db, task, transition, now, 0.0)
+        self._wake()
+        return applied
+
+    # ---- events ----------------------------------------------------------------------------------
+    async def list_events(self, *, after: str | None, type: str | None, task_id: str | None,
+                          limit: int) -> list[Event]:
+        where, args = [], []
+        if after:
+            where.append("seq > COALESCE((SELECT seq FROM events WHERE id = ?), 0)")
+            args.append(after)
+        if type:
+            where.append("type = ?")
+            args.append(type)
+        if task_id:
+            where.append("task_id = ?")
+            args.append(task_id)
+        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq LIMIT ?"
+        rows = await (await self._r.execute(sql, (*args, limit))).fetchall()
+        return [Event(id=r["id"], type=r["type"], task_id=r["task_id"], sequence=r["sequence"],
+                      created_at=r["created_at"], data=_loads(r["data"])) for r in rows]
+
+    # ---- jobs ------------------------------------------------------------------------------------
+    async def enqueue(self, jobs: Sequence[Job]) -> int:
+        if not jobs:
+            return 0
+        async with self._tx() as db:
+            added = await self._insert_jobs(db, jobs)
+        self._wake()
+        return added
+
+    async def _insert_jobs(self, db: aiosqlite.Connection, jobs: Sequence[Job]) -> int:
+        if not jobs:
+            return 0
+        before = db.total_changes
+        await db.executemany(
+            "INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, max_attempts, "
+            "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING",
+            [(job.id, job.kind, job.task_id, _dumps(job.payload), job.run_at, job.dedupe_key, job.attempts,
+              job.max_attempts, job.run_at) for job in jobs])
+        return db.total_changes - before
+
+    async def claim(self, now: float, *, limit: int, lease_seconds: float,
+                    kinds: Sequence[str] | None = None) -> list[Job]:
+        token = ids.ulid(now)
+        kind_filter = ""
+        args: list[Any] = [now + lease_seconds, token, now]
+        if kinds:
+            kind_filter = f" AND kind IN ({','.join('?' * len(kinds))})"
+            args.extend(kinds)
+        args.append(limit)
+        async with self._tx() as db:
+            # run_at doubles as the lease: a claimed job is due again when its lease runs out.
+            rows = await (await db.execute(
+                "UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE id IN ("
+                f" SELECT id FROM jobs WHERE state = 'queued' AND run_at <= ?{kind_filter} ORDER BY run_at LIMIT ?)"
+                " RETURNING *", args)).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    async def extend_lease(self, job: Job, until: float) -> bool:
+        async with self._tx() as db:
+            cursor = await db.execute("UPDATE jobs SET run_at = ? WHERE id = ? AND lease_token IS ? AND state = 'queued'",
+                                      (until, job.id, job.lease_token))
+            return cursor.rowcount == 1
+
+    async def finish_job(self, job: Job) -> None:
+        async with self._tx() as db:
+            await db.execute("DELETE FROM jobs WHERE id = ? AND lease_token IS ?", (job.id, job.lease_token))
+
+    async def retry_job(self, job: Job, run_at: float, error: str | None, *,
+                        payload: dict[str, Any] | None = None, reset_attempts: bool = False) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE jobs SET run_at = ?, last_error = ?, lease_token = NULL, payload = COALESCE(?, payload), "
+                "attempts = CASE WHEN ? THEN 0 ELSE attempts END WHERE id = ? AND lease_token IS ?",
+                (run_at, error, _dumps(payload), reset_attempts, job.id, job.lease_token))
+        self._wake()
+
+    async def bury_job(self, job: Job, error: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE jobs SET state = 'dead', dedupe_key = NULL, last_error = ?, lease_token = NULL "
+                "WHERE id = ? AND lease_token IS ?", (error, job.id, job.lease_token))
+
+    async def job_counts(self) -> dict[str, int]:
+        rows = await (await self._r.execute("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")).fetchall()
+        return {f"{r['kind']}:{r['state']}": r["n"] for r in rows}
+
+    async def next_run_at(self) -> float | None:
+        row = await (await self._r.execute("SELECT MIN(run_at) FROM jobs WHERE state = 'queued'")).fetchone()
+        return None if row is None else row[0]
+
+    # ---- loading ---------------------------------------------------------------------------------
+    async def _load_task(self, db: aiosqlite.Connection, task_id: str) -> Task | None:
+        row = await (await db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,))).fetchone()
+        if row is None:
+            return None
+        task = _task_from_row(row)
+        task.images = await self._images_of(db, task_id)
+        return task
+
+    async def _images_of(self, db: aiosqlite.Connection, task_id: str) -> list[ImageRecord]:
+        rows = await (await db.execute("SELECT * FROM images WHERE task_id = ? ORDER BY idx", (task_id,))).fetchall()
+        return [_image_from_row(r) for r in rows]
+
+    async def _attach_images(self, db: aiosqlite.Connection, tasks: list[Task]) -> None:
+        if not tasks:
+            return
+        by_id = {t.id: t for t in tasks}
+        marks = ",".join("?" * len(by_id))
+        rows = await (await db.execute(f"SELECT * FROM images WHERE task_id IN ({marks}) ORDER BY idx",
+                                       tuple(by_id))).fetchall()
+        for row in rows:
+            by_id[row["task_id"]].images.append(_image_from_row(row))
+
+
+def _split_sql(sql: str) -> list[str]:
+    """Statements of a migration file. Our files keep `--` and `;` out of string literals."""
+    lines = [line.split("--", 1)[0] for line in sql.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _task_from_row(row: aiosqlite.Row) -> Task:
+    return Task(
+        id=row["id"], provider=row["provider"], request=_loads(row["request"]),
+        status=TaskStatus(row["status"]), provider_task_id=row["provider_task_id"], progress=row["progress"],
+        error=_loads(row["error"]), metadata=_loads(row["metadata"]), webhook_url=row["webhook_url"],
+        webhook_events=_loads(row["webhook_events"]), sequence=row["sequence"], created_at=row["created_at"],
+        updated_at=row["updated_at"], completed_at=row["completed_at"], deadline_at=row["deadline_at"],
+        submit_started_at=row["submit_started_at"])
+
+
+def _image_from_row(row: aiosqlite.Row) -> ImageRecord:
+    return ImageRecord(
+        id=row["id"], task_id=row["task_id"], index=row["idx"], source_url=row["source_url"],
+        source_expires_at=row["source_expires_at"], status=row["status"], sha256=row["sha256"],
+        content_type=row["content_type"], width=row["width"], height=row["height"], bytes=row["bytes"],
+        path=row["path"], archived_at=row["archived_at"], error=row["error"])
+
+
+def _job_from_row(row: aiosqlite.Row) -> Job:
+    return Job(id=row["id"], kind=row["kind"], task_id=row["task_id"], payload=_loads(row["payload"]) or {},
+               run_at=row["run_at"], dedupe_key=row["dedupe_key"], attempts=row["attempts"],
+               max_attempts=row["max_attempts"], lease_token=row["lease_token"], last_error=row["last_error"])
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def sqlite_path_from_url(url: str) -> str:
+    """sqlite:///rel/x.db → rel/x.db ; sqlite:////abs/x.db → /abs/x.db ; sqlite:///:memory: → :memory:"""
+    rest = url.split("sqlite://", 1)[1]
+    path = rest[1:] if rest.startswith("/") else rest
+    return os.path.expanduser(path)

@@ -1,0 +1,242 @@
+"""Validation of POST /v1/tasks bodies: JSON in, a normalized request out, or InvalidRequest naming the field."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from relay.errors import InvalidRequest
+from relay.models import (BACKGROUNDS, FORMATS, MODERATIONS, QUALITIES, RATIO_TO_PIXELS, SIZES_PIXELS,
+                          GenerationRequest)
+from relay.states import EVENT_TYPES
+
+MAX_PROMPT_CHARS = 32_000
+MAX_METADATA_BYTES = 16 * 1024
+MAX_INPUT_IMAGES = 16
+MAX_URL_CHARS = 2048
+ALLOWED_FIELDS = {"provider", "prompt", "size", "quality", "n", "background", "output_format", "output_compression",
+                  "moderation", "images", "mask", "webhook_url", "webhook_events", "metadata"}
+SIZE_CHOICES = (*SIZES_PIXELS, *RATIO_TO_PIXELS, "auto")
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    provider: str
+    request: GenerationRequest
+    webhook_url: str | None
+    webhook_events: list[str] | None
+    metadata: dict[str, Any] | None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):        # 1e999: Python reads it as inf, which no JSON answer can echo
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")     # Python's parser accepts NaN, Infinity and -Infinity
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body, parse_float=_finite, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack ("[[[[…", a few KiB) is no request either.
+        raise InvalidRequest("the body must be a JSON object (strict JSON: no NaN or Infinity)") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        # json.loads accepts "\ud800" escapes, which no UTF-8 text can hold: stored, such a string would break
+        # every later answer that shows it (and every request relay makes with it).
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest("the body must be valid Unicode: a string holds a lone surrogate (\\ud800-\\udfff)") \
+            from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
+    return data
+
+
+def _choice(data: dict[str, Any], name: str, choices: tuple[str, ...]) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidRequest(f"{name} must be one of {', '.join(choices)}", field=name)
+    return value
+
+
+def _url(value: Any, name: str, *, https_only: bool = False) -> str:
+    if not isinstance(value, str) or len(value) > MAX_URL_CHARS:
+        raise InvalidRequest(f"{name} must be a URL of at most {MAX_URL_CHARS} characters", field=name)
+    parts = urlsplit(value)
+    schemes = ("https",) if https_only else ("http", "https")
+    if parts.scheme not in schemes or not parts.hostname:
+        raise InvalidRequest(f"{name} must be an absolute {' or '.join(schemes)} URL", field=name)
+    return value
+
+
+def parse_task_input(data: dict[str, Any], *, known_providers: list[str]) -> TaskInput:
+    """Check every field of API.md's task request; unknown fields are refused (they are usually typos)."""
+    unknown = sorted(set(data) - ALLOWED_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    provider = data.get("provider")
+    if not isinstance(provider, str) or not provider:
+        raise InvalidRequest("provider is required", field="provider")
+    if provider not in known_providers:
+        raise InvalidRequest(f"unknown provider {provider!r}; configured providers: {', '.join(known_providers)}",
+                             field="provider")
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("prompt is required and must be a non-empty string", field="prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"prompt must be at most {MAX_PROMPT_CHARS} characters", field="prompt")
+    size = _choice(data, "size", SIZE_CHOICES)
+    if size is not None:
+        size = RATIO_TO_PIXELS.get(size, size)
+    n = data.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10:
+        raise InvalidRequest("n must be an integer from 1 to 10", field="n")
+    compression = data.get("output_compression")
+    if compression is not None and (isinstance(compression, bool) or not isinstance(compression, int)
+                                    or not 0 <= compression <= 100):
+        raise InvalidRequest("output_compression must be an integer from 0 to 100", field="output_compression")
+    images = data.get("images")
+    if images is None:
+        images = []
+    if not isinstance(images, list) or len(images) > MAX_INPUT_IMAGES:
+        raise InvalidRequest(f"images must be a list of at most {MAX_INPUT_IMAGES} URLs", field="images")
+    images = [_url(url, "images") for url in images]
+    mask = data.get("mask")
+    if mask is not None:
+        mask = _url(mask, "mask")
+    webhook_url = data.get("webhook_url")
+    if webhook_url is not None:
+        webhook_url = _url(webhook_url, "webhook_url")
+    events = data.get("webhook_events")
+    if events is not None:
+        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+            raise InvalidRequest("webhook_events must be a list of event types", field="webhook_events")
+        for event in events:
+            if event not in EVENT_TYPES and event not in ("task.*", "*"):
+                raise InvalidRequest(f"unknown event type {event!r}; known: {', '.join(EVENT_TYPES)}, task.*",
+                                     field="webhook_events")
+        if webhook_url is None:
+            raise InvalidRequest("webhook_events needs a webhook_url", field="webhook_events")
+    metadata = data.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidRequest("metadata must be a JSON object", field="metadata")
+        if len(json.dumps(metadata, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
+            raise InvalidRequest("metadata must be at most 16 KiB of JSON", field="metadata")
+    request = GenerationRequest(
+        prompt=prompt, size=size, quality=_choice(data, "quality", QUALITIES), n=n,
+        background=_choice(data, "background", BACKGROUNDS), output_format=_choice(data, "output_format", FORMATS),
+        output_compression=compression, moderation=_choice(data, "moderation", MODERATIONS),
+        images=tuple(images), mask=mask)
+    return TaskInput(provider=provider, request=request, webhook_url=webhook_url, webhook_events=events,
+                     metadata=metadata)
+
+
+# ---- subscriptions (relay.deliveries) ------------------------------------------------------------
+SUBSCRIPTION_FIELDS = {"url", "events", "description", "enabled", "signing"}
+SIGNING_CHOICES = ("hmac", "ed25519")
+MAX_DESCRIPTION_CHARS = 1024
+MAX_EVENT_FILTERS = 32
+REPLAY_STATUSES = ("failed", "canceled", "succeeded", "all")
+
+
+@dataclass(frozen=True)
+class SubscriptionInput:
+    """Fields given in a create or update; None means "not given" (create fills defaults)."""
+
+    url: str | None = None
+    events: list[str] | None = None
+    description: str | None = None
+    enabled: bool | None = None
+    signing: str | None = None
+    given: frozenset[str] = frozenset()
+
+
+def parse_subscription_input(data: dict[str, Any], *, partial: bool) -> SubscriptionInput:
+    """POST (partial=False: url required, defaults filled) or PATCH (partial=True: only what is given)."""
+    unknown = sorted(set(data) - SUBSCRIPTION_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    if not partial and "url" not in data:
+        raise InvalidRequest("url is required", field="url")
+    url = _url(data["url"], "url") if "url" in data else None
+    events = None
+    if "events" in data or not partial:
+        events = data.get("events", ["*"])
+        if (not isinstance(events, list) or not events or len(events) > MAX_EVENT_FILTERS
+                or not all(isinstance(e, str) for e in events)):
+            raise InvalidRequest(f"events must be a non-empty list of at most {MAX_EVENT_FILTERS} event types",
+                                 field="events")
+        for event in events:
+            if event not in EVENT_TYPES and event not in ("task.*", "*"):
+                raise InvalidRequest(f"unknown event type {event!r}; known: {', '.join(EVENT_TYPES)}, task.*, *",
+                                     field="events")
+        events = list(dict.fromkeys(events))
+    description = data.get("description")
+    if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS):
+        raise InvalidRequest(f"description must be a string of at most {MAX_DESCRIPTION_CHARS} characters",
+                             field="description")
+    enabled = data.get("enabled")
+    if "enabled" in data and not isinstance(enabled, bool):
+        raise InvalidRequest("enabled must be true or false", field="enabled")
+    signing = data.get("signing")
+    if "signing" in data:
+        if partial:
+            raise InvalidRequest("signing cannot be changed; create a new subscription", field="signing")
+        if signing not in SIGNING_CHOICES:
+            raise InvalidRequest(f"signing must be one of {', '.join(SIGNING_CHOICES)}", field="signing")
+    if not partial:
+        enabled = True if enabled is None else enabled
+        signing = signing or "hmac"
+    return SubscriptionInput(url=url, events=events, description=description, enabled=enabled, signing=signing,
+                             given=frozenset(data))
+
+
+@dataclass(frozen=True)
+class ReplayInput:
+    since: float
+    until: float | None
+    statuses: tuple[str, ...]
+
+
+def parse_replay_input(data: dict[str, Any]) -> ReplayInput:
+    """`{"since": RFC 3339, "until": RFC 3339 (optional), "status": failed|canceled|succeeded|all}`."""
+    from relay.clock import parse_rfc3339
+
+    unknown = sorted(set(data) - {"since", "until", "status"})
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    times: dict[str, float | None] = {"since": None, "until": None}
+    for name in times:
+        value = data.get(name)
+        if value is None:
+            if name == "since":
+                raise InvalidRequest("since is required (an RFC 3339 time)", field="since")
+            continue
+        try:
+            times[name] = parse_rfc3339(value) if isinstance(value, str) else None
+        except ValueError:
+            times[name] = None
+        if times[name] is None:
+            raise InvalidRequest(f"{name} must be an RFC 3339 time like 2026-11-22T10:00:00Z", field=name)
+    status = data.get("status", "failed")
+    if status not in REPLAY_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(REPLAY_STATUSES)}", field="status")
+    since, until = times["since"], times["until"]
+    assert since is not None
+    if until is not None and until <= since:
+        raise InvalidRequest("until must be after since", field="until")
+    statuses = ("failed", "canceled", "succeeded") if status == "all" else (status,)
+    return ReplayInput(since=since, until=until, statuses=statuses)

@@ -1,0 +1,111 @@
+"""The Starlette app factory: routes, the one error handler, health, and the worker's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from relay import __version__
+from relay.errors import ApiError
+from relay.runtime import Runtime
+from relay.web import callbacks, subscriptions, tasks
+from relay.web.common import json_response, runtime_of
+from relay.web.openapi import openapi_document
+
+log = logging.getLogger("relay.web")
+
+_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "invalid_request",
+               409: "conflict", 413: "payload_too_large", 429: "rate_limited"}
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal")
+    message = {404: "no such endpoint", 405: f"method {request.method} is not allowed here"}.get(
+        exc.status_code, str(exc.detail))
+    return json_response({"error": {"code": code, "message": message}}, status=exc.status_code,
+                         headers=dict(exc.headers or {}))
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return json_response({"error": {"code": "internal", "message": "internal error"}}, status=500)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"ok": True, "version": __version__})
+
+
+async def readyz(request: Request) -> Response:
+    runtime = runtime_of(request)
+    problems = {}
+    try:
+        await runtime.store.ping()
+    except Exception as exc:
+        problems["database"] = type(exc).__name__
+    try:
+        await runtime.ctx.image_store.check()
+    except Exception as exc:
+        problems["image_store"] = type(exc).__name__
+    if problems:
+        return json_response({"ok": False, "problems": problems}, status=503)
+    return json_response({"ok": True})
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(openapi_document(runtime_of(request)))
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text: job queue depth by kind and state."""
+    counts = await runtime_of(request).store.job_counts()
+    lines = ["# HELP relay_jobs Jobs in the queue by kind and state.", "# TYPE relay_jobs gauge"]
+    for key, value in sorted(counts.items()):
+        kind, state = key.split(":", 1)
+        lines.append(f'relay_jobs{{kind="{kind}",state="{state}"}} {value}')
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def create_app(runtime: Runtime, *, run_worker: bool = True) -> Starlette:
+    """The relay app over an open Runtime. With `run_worker`, the worker runs for the app's lifetime."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        worker_task = None
+        if run_worker:
+            worker_task = asyncio.create_task(runtime.worker.run_forever(), name="relay-worker")
+        try:
+            yield
+        finally:
+            if worker_task is not None:
+                await runtime.worker.stop()
+                worker_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker_task
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *tasks.routes,
+        *callbacks.routes,
+        *subscriptions.routes,
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        ApiError: api_error, HTTPException: http_error, Exception: internal_error})
+    app.state.runtime = runtime
+    return app

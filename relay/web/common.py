@@ -1,0 +1,79 @@
+"""Shared web helpers: JSON responses, API-key auth, bounded body reading, query parsing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.errors import InvalidRequest, PayloadTooLarge, Unauthorized
+from relay.runtime import Runtime
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    try:
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (from a provider's "\ud800" escape) has no UTF-8 form: send it escaped, as it came.
+        body = json.dumps(data, separators=(",", ":")).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def require_api_key(request: Request) -> str:
+    """Check `Authorization: Bearer <key>` in constant time; returns a scope id (hash of the key)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+    matched = False
+    for key in runtime_of(request).api_keys:
+        matched |= hmac.compare_digest(token.encode(), key.encode())
+    if not matched:
+        raise Unauthorized("invalid API key")
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    size = small_int(declared)
+    if size is not None and size > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def query_limit(request: Request, default: int = 50, maximum: int = 200) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    value = small_int(raw)
+    if value is None or not 1 <= value <= maximum:
+        raise InvalidRequest(f"limit must be an integer from 1 to {maximum}", field="limit")
+    return value
+
+
+def small_int(text: str | None, max_digits: int = 18) -> int | None:
+    """A non-negative integer written in ASCII digits, or None.
+
+    `str.isdigit()` alone is true for "²" (which int() refuses) and for thousands of digits
+    (which int() refuses past 4300): either would be a 500 instead of a 4xx.
+    """
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > max_digits:
+        return None
+    return int(text)

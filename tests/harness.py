@@ -1,0 +1,112 @@
+"""In-process relay + simulator for tests: real app objects joined by ASGI transports (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from relay.clock import Clock
+from relay.config import PROVIDER_KINDS, load_settings
+from relay.runtime import Runtime, open_runtime
+from relay.simulator import SimulatorConfig, create_simulator_app
+from relay.web.app import create_app
+
+API_KEY = "rk_test_0123456789abcdefghij"
+SIM = "http://sim.test"
+
+
+@dataclass
+class Harness:
+    runtime: Runtime
+    api: httpx.AsyncClient       # relay's HTTP API, authenticated
+    sim: httpx.AsyncClient       # the simulator (control endpoints)
+
+    async def create(self, **body: Any) -> dict[str, Any]:
+        response = await self.api.post("/v1/tasks", json=body)
+        assert response.status_code == 202, response.text
+        return dict(response.json())
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        response = await self.api.get(f"/v1/tasks/{task_id}")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    async def wait_status(self, task_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "canceled"),
+                          timeout: float = 15.0) -> dict[str, Any]:
+        """Wait until the task reaches one of `statuses` (the worker runs in the background)."""
+        last: dict[str, Any] = {}
+
+        async def reached() -> bool:
+            nonlocal last
+            last = await self.task(task_id)
+            return last["status"] in statuses
+        await wait_for(reached, timeout, f"task {task_id} to reach {statuses} (last: {last.get('status')})")
+        return last
+
+    async def faults(self, **knobs: Any) -> None:
+        response = await self.sim.post("/_sim/faults", json=knobs)
+        assert response.status_code == 200, response.text
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll `predicate` until true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def settings_for(data_dir: Path, **env: str) -> Any:
+    environ = {"RELAY_STORAGE_DATA_DIR": str(data_dir), "RELAY_AUTH_API_KEYS": API_KEY,
+               "RELAY_POLLING_INITIAL_DELAY": "0.05", "RELAY_POLLING_MAX_DELAY": "0.2",
+               "RELAY_WORKER_IDLE_POLL_SECONDS": "0.05", "RELAY_WORKER_RETRY_BASE": "0.05",
+               "RELAY_WORKER_RETRY_CAP": "0.2", "RELAY_SERVER_PUBLIC_URL": "http://relay.test"}
+    for kind in PROVIDER_KINDS:
+        environ[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"{SIM}/{kind}"
+        environ[f"RELAY_PROVIDERS_{kind.upper()}_RATE_LIMIT"] = "1000"
+    environ.update(env)
+    return load_settings(None, environ)
+
+
+class _LateTransport(httpx.AsyncBaseTransport):
+    """Forwards to a transport set after construction (the simulator is built before relay)."""
+
+    inner: httpx.AsyncBaseTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.inner is None:
+            raise httpx.ConnectError("relay is not up yet", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+@contextlib.asynccontextmanager
+async def harness(data_dir: Path, *, run_worker: bool = True, clock: Clock | None = None,
+                  sim_duration: float = 0.05,
+                  callback_path: Callable[[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport] | None = None,
+                  **env: str) -> AsyncIterator[Harness]:
+    """relay + simulator in one process; `callback_path` can wrap the simulator → relay callback route."""
+    relay_transport = _LateTransport()      # the relay app exists only later; callbacks go to it in process
+    sim_app = create_simulator_app(SimulatorConfig(public_url=SIM, duration=sim_duration,
+                                                   callback_retry_delays=(0.05, 0.1, 0.2),
+                                                   callback_transport=relay_transport))
+    settings = settings_for(data_dir, **env)
+    async with sim_app.router.lifespan_context(sim_app):
+        transport = httpx.ASGITransport(app=sim_app)
+        async with open_runtime(settings, clock=clock, transport=transport) as runtime:
+            app = create_app(runtime, run_worker=run_worker)
+            relay_transport.inner = httpx.ASGITransport(app=app)
+            if callback_path is not None:
+                relay_transport.inner = callback_path(relay_transport.inner)
+            async with app.router.lifespan_context(app), \
+                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relay.test",
+                                      headers={"authorization": f"Bearer {API_KEY}"}) as api, \
+                    httpx.AsyncClient(transport=transport, base_url=SIM) as sim:
+                yield Harness(runtime=runtime, api=api, sim=sim)

@@ -1,0 +1,199 @@
+"""Provider callbacks: durable receipt, confirmation, idempotency, ordering, and the safety-net poll."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from relay.runtime import open_runtime
+from tests.harness import Harness, harness, settings_for, wait_for
+
+NO_SAFETY_NET = {"RELAY_CALLBACKS_SAFETY_NET_SECONDS": "3600"}
+
+
+async def events_of(h: Harness, task_id: str) -> list[str]:
+    data = (await h.api.get("/v1/events", params={"task_id": task_id})).json()["data"]
+    return [e["type"] for e in data]
+
+
+async def sim_callbacks(h: Harness, provider_task_id: str) -> list[dict[str, Any]]:
+    return list((await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()["callbacks"])
+
+
+async def submitted(h: Harness, task_id: str) -> dict[str, Any]:
+    async def has_id() -> bool:
+        return (await h.task(task_id))["provider_task_id"] is not None
+    await wait_for(has_id, 10, "the submit")
+    return await h.task(task_id)
+
+
+def callback_url(h: Harness, task_id: str) -> str:
+    return h.runtime.ctx.callback_url("evolink", task_id).replace(h.runtime.settings.server.public_url, "")
+
+
+async def test_task_completes_by_callback_alone(tmp_path: Path) -> None:
+    """With the safety-net poll an hour away, the EvoLink callback alone brings the task to succeeded."""
+    async with harness(tmp_path, **NO_SAFETY_NET) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        final = await h.wait_status(task["id"])
+        assert final["status"] == "succeeded"
+        calls = await sim_callbacks(h, final["provider_task_id"])
+        assert [c["status_code"] for c in calls] == [200]
+        stats = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]
+        assert stats["polls"] == 1      # the one confirmation of the callback, no polling
+
+
+async def test_task_completes_by_safety_net_when_callbacks_are_lost(tmp_path: Path) -> None:
+    """Callbacks dropped: the safety-net poll still finishes the task."""
+    async with harness(tmp_path, RELAY_CALLBACKS_SAFETY_NET_SECONDS="0.3") as h:
+        await h.faults(callbacks={"drop": True})
+        task = await h.create(provider="evolink", prompt="p")
+        final = await h.wait_status(task["id"])
+        assert final["status"] == "succeeded"
+        assert await sim_callbacks(h, final["provider_task_id"]) == []
+
+
+async def test_duplicated_callbacks_cause_one_transition(tmp_path: Path) -> None:
+    """Three copies of the completion callback: one task.generated, one task.succeeded."""
+    async with harness(tmp_path, **NO_SAFETY_NET) as h:
+        await h.faults(callbacks={"duplicate": 3})
+        task = await h.create(provider="evolink", prompt="p")
+        final = await h.wait_status(task["id"])
+
+        async def all_acked() -> bool:
+            return len(await sim_callbacks(h, final["provider_task_id"])) == 3
+        await wait_for(all_acked, 10, "three callbacks")
+        await wait_for(lambda: _inbox_settled(h), 10, "the inbox to be processed")
+        types = await events_of(h, task["id"])
+        assert types.count("task.generated") == 1 and types.count("task.succeeded") == 1
+
+
+async def _inbox_settled(h: Harness) -> bool:
+    counts = await h.runtime.store.job_counts()
+    return not any(k.startswith("callback:") for k in counts)
+
+
+async def test_completed_before_processing_leaves_task_succeeded(tmp_path: Path) -> None:
+    """A stale 'processing' callback after 'completed' changes nothing."""
+    async with harness(tmp_path, **NO_SAFETY_NET) as h:
+        await h.faults(callbacks={"reorder": True})
+        task = await h.create(provider="evolink", prompt="p")
+        final = await h.wait_status(task["id"])
+
+        async def both_sent() -> bool:
+            return len(await sim_callbacks(h, final["provider_task_id"])) == 2
+        await wait_for(both_sent, 10, "the stale callback")
+        await wait_for(lambda: _inbox_settled(h), 10, "the inbox to be processed")
+        assert (await h.task(task["id"]))["status"] == "succeeded"
+        assert "task.running" not in (await events_of(h, task["id"]))[-2:]
+
+
+async def test_relay_failing_twice_gets_the_third_callback(tmp_path: Path) -> None:
+    """relay answering 500 to the first two tries: EvoLink's retry (1/2/4 s) lands the third; one transition."""
+    answered: list[int] = []
+
+    class FailTwice(httpx.AsyncBaseTransport):
+        def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+            self.inner = inner
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path.startswith("/callbacks/") and len(answered) < 2:
+                answered.append(500)
+                return httpx.Response(500, json={"error": {"code": "internal", "message": "down"}})
+            response = await self.inner.handle_async_request(request)
+            answered.append(response.status_code)
+            return response
+
+    async with harness(tmp_path, callback_path=FailTwice, **NO_SAFETY_NET) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        final = await h.wait_status(task["id"])
+        assert final["status"] == "succeeded" and answered == [500, 500, 200]
+        types = await events_of(h, task["id"])
+        assert types.count("task.succeeded") == 1
+
+
+async def test_wrong_token_is_404_and_changes_nothing(tmp_path: Path) -> None:
+    """A callback to a wrong token (or unknown/non-callback provider) is 404 with no hint; nothing recorded."""
+    async with harness(tmp_path, run_worker=False) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        url = callback_url(h, task["id"])
+        body = {"id": "x", "status": "completed", "results": ["http://sim.test/files/x.png"]}
+        for bad in (url[:-1] + ("0" if url[-1] != "0" else "1"), url.replace("/evolink/", "/gmicloud/"),
+                    url.replace("/evolink/", "/nope/"), url.replace(task["id"], "tsk_other")):
+            response = await h.api.post(bad, json=body, headers={"authorization": ""})
+            assert response.status_code == 404 and response.json() == {
+                "error": {"code": "not_found", "message": "not found"}}
+        assert await h.runtime.store.job_counts() == {"submit:queued": 1}
+
+
+async def test_callback_body_limits(tmp_path: Path) -> None:
+    """Over 1 MiB is 413; non-JSON is 400; a good body is acknowledged with {"ok": true}."""
+    async with harness(tmp_path, run_worker=False) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        url = callback_url(h, task["id"])
+        big = await h.api.post(url, content=b'{"a":"' + b"x" * (1024 * 1024) + b'"}')
+        assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+        junk = await h.api.post(url, content=b"<xml/>")
+        assert junk.status_code == 400 and junk.json()["error"]["code"] == "invalid_request"
+        ok = await h.api.post(url, json={"id": "x", "status": "processing"})
+        assert ok.status_code == 200 and ok.json() == {"ok": True}
+
+
+async def test_forged_body_not_confirmed_changes_nothing(tmp_path: Path) -> None:
+    """A body claiming 'completed' while the provider says it is still running is recorded and ignored."""
+    async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
+        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
+        before = await h.task(task["id"])
+        forged = {"id": task["provider_task_id"], "status": "completed", "results": ["https://evil.example/x.png"]}
+        response = await h.api.post(callback_url(h, task["id"]), json=forged)
+        assert response.status_code == 200
+        await wait_for(lambda: _inbox_settled(h), 10, "the forged callback to be processed")
+        after = await h.task(task["id"])
+        assert after["status"] == before["status"] and after["sequence"] == before["sequence"]
+        assert after["images"] == []
+
+
+async def test_malformed_callbacks_never_crash_or_change_state(tmp_path: Path) -> None:
+    """JSON that is not a task (lists, nulls, wrong types, another task's id) is rejected; the task is untouched."""
+    async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
+        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
+        before = await h.task(task["id"])
+        url = callback_url(h, task["id"])
+        for body in ([], None, 5, "x", {"status": 5}, {"id": None}, {"id": "task-other", "status": "completed",
+                                                                     "results": ["https://x/y.png"]},
+                     {"id": task["provider_task_id"], "status": "exploded"}):
+            assert (await h.api.post(url, content=json.dumps(body).encode())).status_code == 200
+        await wait_for(lambda: _inbox_settled(h), 10, "the callbacks to be processed")
+        after = await h.task(task["id"])
+        assert after["sequence"] == before["sequence"] and after["status"] == before["status"]
+        assert (await h.api.get("/healthz")).status_code == 200
+
+
+async def test_acknowledged_callback_survives_a_restart(tmp_path: Path) -> None:
+    """A callback acknowledged by a relay whose worker never ran is processed by the next relay on the same data."""
+    async with harness(tmp_path, run_worker=False, **NO_SAFETY_NET) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        await h.runtime.worker.drain()     # the submit only
+        await wait_for(lambda: _sim_done(h, task["id"]), 10, "the provider to finish")
+        provider_task_id = (await h.task(task["id"]))["provider_task_id"]
+        served = (await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()
+        body = {"id": provider_task_id, "status": "completed", "results": [i["url"] for i in served["images"]]}
+        assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        assert (await h.task(task["id"]))["status"] == "queued"
+        # This relay "dies" now without processing anything; a new one opens the same data directory.
+        async with open_runtime(settings_for(tmp_path, **NO_SAFETY_NET), transport=h.sim._transport) as second:
+            assert (await second.store.job_counts()).get("callback:queued", 0) >= 1   # ours (and the simulator's own)
+            await second.worker.drain()
+            await second.worker.drain()     # the archive jobs the callback caused
+            final = await second.store.get_task(task["id"])
+            assert final is not None and final.status.value == "succeeded"
+
+
+async def _sim_done(h: Harness, task_id: str) -> bool:
+    provider_task_id = (await h.task(task_id))["provider_task_id"]
+    if provider_task_id is None:
+        return False
+    return bool((await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()["status"] == "succeeded")

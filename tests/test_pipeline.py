@@ -1,0 +1,163 @@
+"""The pipeline in process: submit → poll → archive for every dialect, and each guarantee tried on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from relay.models import Job
+from tests.harness import Harness, harness, wait_for
+
+
+async def sim_task(h: Harness, kind: str, provider_task_id: str) -> dict:  # type: ignore[type-arg]
+    response = await h.sim.get(f"/_sim/tasks/{kind}/{provider_task_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def assert_archived_matches_simulator(h: Harness, task: dict) -> None:  # type: ignore[type-arg]
+    """Every archived image's bytes hash to what the simulator served."""
+    assert task["status"] == "succeeded", task
+    served = await sim_task(h, task["provider"], task["provider_task_id"])
+    assert len(task["images"]) == len(served["images"]) == task["request"]["n"]
+    for image, original in zip(task["images"], served["images"]):
+        response = await h.api.get(image["url"])
+        assert response.status_code == 200
+        assert hashlib.sha256(response.content).hexdigest() == image["sha256"] == original["sha256"]
+        assert response.headers["content-type"] == image["content_type"]
+
+
+@pytest.mark.parametrize("provider,extra", [
+    ("gmicloud", {"size": "1536x1024", "output_format": "webp"}),
+    ("apimart", {"size": "2:3", "n": 2, "output_format": "jpeg"}),
+    ("evolink", {"size": "1:1"}),
+    ("pixazo", {"size": "1024x1536", "n": 2}),
+    ("openai", {"size": "1024x1024"}),
+])
+async def test_each_dialect_reaches_succeeded_with_verified_bytes(tmp_path: Path, provider: str,
+                                                                  extra: dict) -> None:  # type: ignore[type-arg]
+    """A task on each dialect ends succeeded; archived sha256 equals the simulator's; size as requested."""
+    async with harness(tmp_path) as h:
+        task = await h.create(provider=provider, prompt="a lighthouse", **extra)
+        final = await h.wait_status(task["id"])
+        await assert_archived_matches_simulator(h, final)
+        size = final["request"].get("size", "1024x1024")
+        assert all(f"{i['width']}x{i['height']}" == size for i in final["images"])
+        events = (await h.api.get("/v1/events", params={"task_id": task["id"]})).json()["data"]
+        types = [e["type"] for e in events]
+        assert types[-2:] == ["task.generated", "task.succeeded"] and types.count("task.succeeded") == 1
+        assert [e["sequence"] for e in events] == sorted({e["sequence"] for e in events})
+
+
+@pytest.mark.parametrize("variant", [{"gmicloud_sync": True}, {"pixazo_sync": True},
+                                     {"apimart_url_as_string": True}, {"apimart_url_as_string": False}])
+async def test_documented_variants(tmp_path: Path, variant: dict) -> None:  # type: ignore[type-arg]
+    """GMI final-at-POST, Pixazo final-at-submit, APIMart url as string and as list all archive."""
+    provider = next(iter(variant)).split("_")[0]
+    async with harness(tmp_path) as h:
+        await h.faults(variants=variant)
+        task = await h.create(provider=provider, prompt="p")
+        final = await h.wait_status(task["id"])
+        assert final["status"] == "succeeded", final
+
+
+async def test_provider_failure_is_reported(tmp_path: Path) -> None:
+    """A task the provider fails ends failed with the provider's code."""
+    async with harness(tmp_path) as h:
+        task = await h.create(provider="evolink", prompt="[sim:fail] p")
+        final = await h.wait_status(task["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "content_policy_violation"
+
+
+async def test_faults_end_in_success(tmp_path: Path) -> None:
+    """429s on submit, 500s and junk on poll, a truncated download: retried to success."""
+    async with harness(tmp_path) as h:
+        await h.faults(next=[
+            {"dialect": "apimart", "op": "submit", "fault": "429", "count": 2, "retry_after": 0},
+            {"dialect": "apimart", "op": "poll", "fault": "500", "count": 2},
+            {"dialect": "apimart", "op": "poll", "fault": "malformed", "count": 2},
+            {"dialect": "apimart", "op": "download", "fault": "truncate", "count": 1}])
+        task = await h.create(provider="apimart", prompt="p")
+        final = await h.wait_status(task["id"], timeout=30)
+        await assert_archived_matches_simulator(h, final)
+        faults = (await h.sim.get("/_sim/stats")).json()["dialects"]["apimart"]["faults"]
+        assert faults["429"] == 2 and faults["500"] == 2 and faults["malformed"] == 2 and faults["truncate"] == 1
+
+
+async def test_submit_with_unknown_outcome_is_not_resent(tmp_path: Path) -> None:
+    """A submit marked as sent with no answer (crash after sending) fails the task; nothing is resent."""
+    async with harness(tmp_path, run_worker=False) as h:
+        task = await h.create(provider="gmicloud", prompt="p")
+        store, clock = h.runtime.store, h.runtime.ctx.clock
+        await store.mark_submit_started(task["id"], clock.now())    # as if the previous worker died mid-submit
+        await h.runtime.worker.drain()
+        final = await h.task(task["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "submit_outcome_unknown"
+        stats = (await h.sim.get("/_sim/stats")).json()
+        assert stats["dialects"]["gmicloud"]["submits"] == 0 and stats["tasks"] == 0
+
+
+async def test_idempotent_provider_resubmits_safely(tmp_path: Path) -> None:
+    """APIMart dedupes by Idempotency-Key, so a submit with unknown outcome is resent and succeeds once."""
+    async with harness(tmp_path) as h:
+        task = await h.create(provider="apimart", prompt="p")
+        await h.runtime.store.mark_submit_started(task["id"], h.runtime.ctx.clock.now())
+        final = await h.wait_status(task["id"])
+        assert final["status"] == "succeeded"
+        assert (await h.sim.get("/_sim/stats")).json()["tasks"] == 1
+
+
+async def test_deadline_fails_task_as_timeout(tmp_path: Path) -> None:
+    """A task the provider never finishes fails as timeout at its deadline."""
+    async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="0.5") as h:
+        task = await h.create(provider="pixazo", prompt="[sim:duration=60] p")
+        final = await h.wait_status(task["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "timeout"
+
+
+async def test_expired_source_link_fails_with_clear_reason(tmp_path: Path) -> None:
+    """A link that dies before it is archived fails the task, saying the link expired."""
+    async with harness(tmp_path, run_worker=False) as h:
+        task = await h.create(provider="pixazo", prompt="[sim:ttl=0.01] p")
+        worker = h.runtime.worker
+        await worker.drain()       # submit
+
+        async def generated() -> bool:
+            # Poll only (no archive yet): run poll jobs until the task reaches archiving.
+            jobs = await h.runtime.store.claim(h.runtime.ctx.clock.now(), limit=10, lease_seconds=30,
+                                               kinds=["poll"])
+            for job in jobs:
+                await worker.execute(job)
+            return (await h.task(task["id"]))["status"] == "archiving"
+        await wait_for(generated, 10, "the provider to finish")
+        served = await h.sim.get(f"/_sim/tasks/pixazo/{(await h.task(task['id']))['provider_task_id']}")
+        link = served.json()["images"][0]["url"]
+
+        async def dead() -> bool:
+            return (await h.sim.get(link)).status_code in (404, 410)
+        await wait_for(dead, 5, "the source link to expire")
+        await worker.drain()
+        final = await h.task(task["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "source_gone"
+        assert "410" in final["error"]["message"] or "gone" in final["error"]["message"]
+
+
+async def test_stale_and_repeated_poll_results_change_nothing(tmp_path: Path) -> None:
+    """Re-running a finished task's poll and archive jobs adds no event and keeps the state."""
+    async with harness(tmp_path) as h:
+        task = await h.create(provider="gmicloud", prompt="p")
+        final = await h.wait_status(task["id"])
+        before = (await h.api.get("/v1/events", params={"task_id": task["id"]})).json()["data"]
+        now = h.runtime.ctx.clock.now()
+        image_id = final["images"][0]["id"]
+        for handler, job in ((h.runtime.worker.handlers["poll"], Job(id="job_x", kind="poll", task_id=task["id"])),
+                             (h.runtime.worker.handlers["archive"],
+                              Job(id="job_y", kind="archive", task_id=task["id"], payload={"image_id": image_id})),
+                             (h.runtime.worker.handlers["submit"], Job(id="job_z", kind="submit", task_id=task["id"]))):
+            for _ in range(2):
+                await handler.run(job)
+        after = (await h.api.get("/v1/events", params={"task_id": task["id"]})).json()["data"]
+        assert after == before and (await h.task(task["id"]))["sequence"] == final["sequence"]
+        assert now <= h.runtime.ctx.clock.now()

@@ -1,0 +1,188 @@
+"""The worker: retries with backoff, give-up settles and keeps the job, planned re-runs, wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay import ids
+from relay.clock import ManualClock
+from relay.errors import ArchiveError, RateLimited
+from relay.models import Job
+from relay.queue import Again, Retry, Worker, WorkerOptions, backoff
+from relay.store.base import Store
+
+
+class Scripted:
+    """A handler that plays a script of outcomes, one per run, and records what happened."""
+
+    def __init__(self, *script: object) -> None:
+        self.script = list(script)
+        self.runs: list[Job] = []
+        self.gave_up: list[str] = []
+
+    async def run(self, job: Job) -> Again | None:
+        self.runs.append(job)
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, BaseException):
+            raise step
+        return step  # type: ignore[return-value]
+
+    async def give_up(self, job: Job, reason: str) -> None:
+        self.gave_up.append(reason)
+
+
+def make_job(clock: ManualClock, kind: str = "k", max_attempts: int = 10) -> Job:
+    return Job(id=ids.new_id("job", clock.now()), kind=kind, run_at=clock.now(), max_attempts=max_attempts)
+
+
+OPTS = WorkerOptions(retry_base=1.0, retry_cap=10.0, lease_seconds=30.0, max_attempts=5)
+
+
+async def test_done_job_is_removed(store: Store, clock: ManualClock) -> None:
+    """A handler returning None finishes the job: it is gone from the table."""
+    handler = Scripted(None)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([make_job(clock)])
+    assert await worker.drain() == 1
+    assert await store.job_counts() == {}
+
+
+async def test_retry_waits_then_runs_again(store: Store, clock: ManualClock) -> None:
+    """Retry(after) puts the job back, not due until `after` has passed."""
+    handler = Scripted(Retry(5.0), None)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([make_job(clock)])
+    await worker.drain()
+    assert len(handler.runs) == 1
+    clock.advance(4.9)
+    await worker.drain()
+    assert len(handler.runs) == 1
+    clock.advance(0.2)
+    await worker.drain()
+    assert len(handler.runs) == 2 and await store.job_counts() == {}
+
+
+async def test_rate_limited_honours_retry_after(store: Store, clock: ManualClock) -> None:
+    """A provider 429 with Retry-After reschedules the job exactly that far out."""
+    handler = Scripted(RateLimited(retry_after=42.0), None)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([make_job(clock)])
+    await worker.drain()
+    assert await store.next_run_at() == clock.now() + 42.0
+
+
+async def test_unexpected_exception_never_crashes_and_is_retried(store: Store, clock: ManualClock) -> None:
+    """A bug in a handler (KeyError) is logged and retried with backoff, not lost."""
+    handler = Scripted(KeyError("boom"), None)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([make_job(clock)])
+    await worker.drain()
+    clock.advance(60)
+    await worker.drain()
+    assert len(handler.runs) == 2 and await store.job_counts() == {}
+
+
+async def test_exhausted_job_gives_up_and_stays_dead(store: Store, clock: ManualClock) -> None:
+    """After max attempts the handler's give_up runs once and the job is kept as dead."""
+    handler = Scripted(*[ArchiveError("flaky")] * 10)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([make_job(clock, max_attempts=3)])
+    for _ in range(10):
+        await worker.drain()
+        clock.advance(100)
+    assert len(handler.runs) == 3
+    assert len(handler.gave_up) == 1 and "flaky" in handler.gave_up[0]
+    assert await store.job_counts() == {"k:dead": 1}
+
+
+async def test_again_reschedules_and_resets_attempts(store: Store, clock: ManualClock) -> None:
+    """Again(after, payload) is a planned re-run: new payload, attempts back to zero."""
+    handler = Scripted(Again(3.0, {"polls": 1}), None)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([make_job(clock)])
+    await worker.drain()
+    clock.advance(3)
+    await worker.drain()
+    assert handler.runs[1].payload == {"polls": 1} and handler.runs[1].attempts == 1
+
+
+async def test_unknown_kind_is_buried_not_dropped(store: Store, clock: ManualClock) -> None:
+    """A job no handler knows is kept as dead for inspection."""
+    worker = Worker(store, {"other": Scripted(), "k": Scripted()}, clock, OPTS)
+    worker.handlers.pop("k")
+    await store.enqueue([make_job(clock, kind="k")])
+    await store.claim(clock.now(), limit=10, lease_seconds=30)
+    # claimed by a worker that then died: after the lease, a worker without the handler buries it
+    clock.advance(31)
+    [job] = await store.claim(clock.now(), limit=10, lease_seconds=30)
+    await worker.execute(job)
+    assert await store.job_counts() == {"k:dead": 1}
+
+
+async def test_job_of_a_killed_worker_is_recovered_after_its_lease(store: Store, clock: ManualClock) -> None:
+    """A job claimed by a worker that died (never finished) runs again once its lease runs out."""
+    await store.enqueue([make_job(clock)])
+    await store.claim(clock.now(), limit=10, lease_seconds=30)      # the dead worker's claim
+    handler = Scripted(None)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await worker.drain()
+    assert handler.runs == []
+    clock.advance(30.1)
+    await worker.drain()
+    assert len(handler.runs) == 1 and handler.runs[0].attempts == 2 and await store.job_counts() == {}
+
+
+async def test_run_forever_wakes_on_enqueue(store: Store) -> None:
+    """A running worker starts a newly enqueued job at once, not after its idle poll."""
+    from relay.clock import SystemClock
+    clock = SystemClock()
+    done = asyncio.Event()
+
+    class Signal:
+        async def run(self, job: Job) -> None:
+            done.set()
+
+        async def give_up(self, job: Job, reason: str) -> None: ...
+
+    worker = Worker(store, {"k": Signal()}, clock, WorkerOptions(idle_poll_seconds=30.0))
+    runner = asyncio.create_task(worker.run_forever())
+    try:
+        await asyncio.sleep(0)
+        await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
+        await asyncio.wait_for(done.wait(), timeout=5)
+    finally:
+        await worker.stop()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+def test_backoff_grows_to_cap_with_jitter() -> None:
+    """Backoff doubles per attempt, stays within ±20 %, and never passes the cap (+jitter)."""
+    for attempt, expected in [(1, 2.0), (2, 4.0), (3, 8.0), (10, 60.0)]:
+        value = backoff(attempt, 2.0, 60.0)
+        assert expected * 0.8 <= value <= expected * 1.2
+
+
+async def test_a_long_job_keeps_its_lease_by_heartbeat(store: Store) -> None:
+    """A job running longer than its lease extends it, so no other worker claims it meanwhile."""
+    from relay.clock import SystemClock
+    clock = SystemClock()
+    release = asyncio.Event()
+
+    class Slow:
+        async def run(self, job: Job) -> None:
+            await release.wait()
+
+        async def give_up(self, job: Job, reason: str) -> None: ...
+
+    worker = Worker(store, {"k": Slow()}, clock, WorkerOptions(lease_seconds=0.3))
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
+    [job] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    running = asyncio.create_task(worker.execute(job))
+    deadline = clock.now() + 1.0
+    while clock.now() < deadline:          # three leases' worth of time: nobody else may claim it
+        assert await store.claim(clock.now(), limit=1, lease_seconds=0.3) == []
+        await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(running, 5)
+    assert await store.job_counts() == {}

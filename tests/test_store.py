@@ -1,0 +1,196 @@
+"""Store contract: every backend must pass these (transactions, idempotency, leases, the event log)."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import ids
+from relay.clock import ManualClock
+from relay.errors import Conflict
+from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
+from relay.states import on_update
+from relay.store.base import ArchiveResult, Store
+
+
+def new_task(clock: ManualClock, provider: str = "gmicloud") -> Task:
+    now = clock.now()
+    return Task(id=ids.new_id("tsk", now), provider=provider, request={"prompt": "p", "n": 1}, created_at=now,
+                updated_at=now)
+
+
+def job(kind: str, task_id: str | None, run_at: float, key: str | None = None) -> Job:
+    return Job(id=ids.new_id("job", run_at), kind=kind, task_id=task_id, run_at=run_at, dedupe_key=key)
+
+
+async def test_create_and_get_task(store: Store, clock: ManualClock) -> None:
+    """A created task reads back identically, with its first job queued."""
+    task = new_task(clock)
+    created, fresh = await store.create_task(task, [job("submit", task.id, clock.now(), f"submit:{task.id}")])
+    assert fresh and created.id == task.id
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.status == TaskStatus.PENDING and loaded.request == {"prompt": "p", "n": 1}
+    assert (await store.job_counts()) == {"submit:queued": 1}
+
+
+async def test_idempotency_key_same_body_returns_original(store: Store, clock: ManualClock) -> None:
+    """The same key and body give back the first task; a different body is a conflict."""
+    first, created = await store.create_task(new_task(clock), [], idempotency=("s", "k1", "h1"))
+    again, created_again = await store.create_task(new_task(clock), [], idempotency=("s", "k1", "h1"))
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(Conflict):
+        await store.create_task(new_task(clock), [], idempotency=("s", "k1", "h2"))
+    other, created_other = await store.create_task(new_task(clock), [], idempotency=("other-scope", "k1", "h2"))
+    assert created_other and other.id != first.id
+
+
+async def test_idempotency_key_expires_after_24h(store: Store, clock: ManualClock) -> None:
+    """After 24 h the same key creates a new task."""
+    first, _ = await store.create_task(new_task(clock), [], idempotency=("s", "k", "h"))
+    clock.advance(24 * 3600 + 1)
+    second, created = await store.create_task(new_task(clock), [], idempotency=("s", "k", "h"))
+    assert created and second.id != first.id
+
+
+async def test_apply_writes_one_event_per_transition(store: Store, clock: ManualClock) -> None:
+    """Repeated updates write one transition and one event; sequence bumps once per change."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    update = TaskUpdate(status=ProviderStatus.RUNNING, provider_task_id="p1")
+    results = [await store.apply(task.id, lambda t: on_update(t, update), clock.now()) for _ in range(3)]
+    assert results[0] is not None and results[1] is None and results[2] is None
+    events = await store.list_events(after=None, type=None, task_id=task.id, limit=50)
+    assert [e.type for e in events] == ["task.running"]
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.sequence == 2 and loaded.provider_task_id == "p1"
+    assert events[0].sequence == 2 and events[0].data is not None and events[0].data["status"] == "running"
+
+
+async def test_success_creates_images_and_archive_jobs_ordered_by_expiry(store: Store, clock: ManualClock) -> None:
+    """Entering archiving writes image rows and one archive job each; the soonest-dying is claimed first."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    now = clock.now()
+    update = TaskUpdate(status=ProviderStatus.SUCCEEDED, images=(
+        ProviderImage(url="https://x/late.png", expires_at=now + 20 * 3600),
+        ProviderImage(url="https://x/soon.png", expires_at=now + 600)))
+    applied = await store.apply(task.id, lambda t: on_update(t, update), now)
+    assert applied is not None and applied.task.status == TaskStatus.ARCHIVING and len(applied.task.images) == 2
+    claimed = await store.claim(now, limit=1, lease_seconds=30)
+    assert claimed[0].payload["image_id"] == applied.task.images[1].id   # soon.png first
+
+
+async def test_task_succeeds_when_last_image_archived(store: Store, clock: ManualClock) -> None:
+    """image_archived succeeds the task only after every image is saved, writing task.succeeded once."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    update = TaskUpdate(status=ProviderStatus.SUCCEEDED, images=(ProviderImage(url="https://x/1.png"),
+                                                                 ProviderImage(url="https://x/2.png")))
+    applied = await store.apply(task.id, lambda t: on_update(t, update), clock.now())
+    assert applied is not None
+    result = ArchiveResult(sha256="a" * 64, content_type="image/png", width=1, height=1, bytes=10, path="aa/a.png")
+    first, second = applied.task.images
+    assert await store.image_archived(first.id, result, clock.now()) is None
+    done = await store.image_archived(second.id, result, clock.now())
+    assert done is not None and done.task.status == TaskStatus.SUCCEEDED
+    assert await store.image_archived(second.id, result, clock.now()) is None   # a rerun changes nothing
+    types = [e.type for e in await store.list_events(after=None, type=None, task_id=task.id, limit=50)]
+    assert types == ["task.generated", "task.succeeded"]
+
+
+async def test_image_failure_fails_task(store: Store, clock: ManualClock) -> None:
+    """A permanently failed image fails the task with its reason."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    update = TaskUpdate(status=ProviderStatus.SUCCEEDED, images=(ProviderImage(url="https://x/1.png"),))
+    applied = await store.apply(task.id, lambda t: on_update(t, update), clock.now())
+    assert applied is not None
+    failed = await store.image_failed(applied.task.images[0].id, "source_gone", "HTTP 410", clock.now())
+    assert failed is not None and failed.task.status == TaskStatus.FAILED
+    assert failed.task.error == {"code": "source_gone", "message": "HTTP 410"}
+
+
+async def test_dedupe_key_allows_one_live_job(store: Store, clock: ManualClock) -> None:
+    """A second job with a live dedupe key is skipped; after the first finishes, the key is free."""
+    assert await store.enqueue([job("poll", None, clock.now(), "poll:t1")]) == 1
+    assert await store.enqueue([job("poll", None, clock.now(), "poll:t1")]) == 0
+    [claimed] = await store.claim(clock.now(), limit=10, lease_seconds=30)
+    await store.finish_job(claimed)
+    assert await store.enqueue([job("poll", None, clock.now(), "poll:t1")]) == 1
+
+
+async def test_claim_leases_and_expired_lease_is_reclaimed(store: Store, clock: ManualClock) -> None:
+    """A claimed job is invisible until its lease runs out; then another worker gets it, one attempt more."""
+    await store.enqueue([job("poll", None, clock.now())])
+    [first] = await store.claim(clock.now(), limit=10, lease_seconds=30)
+    assert first.attempts == 1
+    assert await store.claim(clock.now(), limit=10, lease_seconds=30) == []
+    clock.advance(31)
+    [again] = await store.claim(clock.now(), limit=10, lease_seconds=30)
+    assert again.id == first.id and again.attempts == 2
+    await store.finish_job(first)     # the stale holder cannot finish it
+    assert (await store.job_counts()) == {"poll:queued": 1}
+    await store.finish_job(again)
+    assert (await store.job_counts()) == {}
+
+
+async def test_claim_respects_run_at_and_limit(store: Store, clock: ManualClock) -> None:
+    """Only due jobs are claimed, oldest first, at most `limit`."""
+    now = clock.now()
+    await store.enqueue([job("a", None, now + 60), job("b", None, now - 5), job("c", None, now - 10)])
+    claimed = await store.claim(now, limit=1, lease_seconds=30)
+    assert [j.kind for j in claimed] == ["c"]
+    claimed = await store.claim(now, limit=10, lease_seconds=30)
+    assert [j.kind for j in claimed] == ["b"]
+
+
+async def test_retry_and_bury(store: Store, clock: ManualClock) -> None:
+    """retry_job reschedules with the error recorded; bury_job keeps it dead and frees its key."""
+    await store.enqueue([job("a", None, clock.now(), "k")])
+    [claimed] = await store.claim(clock.now(), limit=1, lease_seconds=30)
+    await store.retry_job(claimed, clock.now() + 5, "boom")
+    assert await store.claim(clock.now(), limit=1, lease_seconds=30) == []
+    clock.advance(5)
+    [again] = await store.claim(clock.now(), limit=1, lease_seconds=30)
+    assert again.last_error == "boom" and again.attempts == 2
+    await store.bury_job(again, "gave up")
+    assert (await store.job_counts()) == {"a:dead": 1}
+    assert await store.enqueue([job("a", None, clock.now(), "k")]) == 1
+
+
+async def test_list_tasks_paginates_newest_first(store: Store, clock: ManualClock) -> None:
+    """Cursor pagination walks every task once, newest first, and filters by status."""
+    made = []
+    for _ in range(5):
+        clock.advance(1)
+        task = new_task(clock)
+        await store.create_task(task, [])
+        made.append(task.id)
+    page1, cursor = await store.list_tasks(status=None, provider=None, limit=2, cursor=None)
+    page2, cursor2 = await store.list_tasks(status=None, provider=None, limit=2, cursor=cursor)
+    page3, cursor3 = await store.list_tasks(status=None, provider=None, limit=2, cursor=cursor2)
+    assert [t.id for t in page1 + page2 + page3] == list(reversed(made)) and cursor3 is None
+    none, _ = await store.list_tasks(status="succeeded", provider=None, limit=10, cursor=None)
+    assert none == []
+
+
+async def test_events_log_is_ordered_with_cursor(store: Store, clock: ManualClock) -> None:
+    """GET /v1/events semantics: oldest first after the cursor event."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    for status in (ProviderStatus.QUEUED, ProviderStatus.RUNNING, ProviderStatus.FAILED):
+        await store.apply(task.id, lambda t, s=status: on_update(t, TaskUpdate(status=s)), clock.now())
+    events = await store.list_events(after=None, type=None, task_id=None, limit=10)
+    assert [e.type for e in events] == ["task.queued", "task.running", "task.failed"]
+    after = await store.list_events(after=events[0].id, type=None, task_id=None, limit=10)
+    assert [e.id for e in after] == [e.id for e in events[1:]]
+
+
+async def test_submit_mark_survives_and_clears(store: Store, clock: ManualClock) -> None:
+    """mark_submit_started is kept; clear_submit_started removes it only before a provider id is known."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    marked = await store.mark_submit_started(task.id, clock.now())
+    assert marked is not None and marked.submit_started_at == clock.now()
+    await store.clear_submit_started(task.id)
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.submit_started_at is None
