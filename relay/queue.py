@@ -83,6 +83,7 @@ class Worker:
         self._stopping = False
         self._running: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.options.concurrency)
+        self._active = 0
         store.on_enqueue(self.wake)
 
     def wake(self) -> None:
@@ -117,28 +118,36 @@ class Worker:
                 pass
 
     async def _claim_and_start(self) -> int:
-        free = self._free_slots()
-        if free == 0:
+        if self._free_slots() == 0:
             # Wait for a slot rather than claiming work we cannot start (its lease would tick away).
+            # With no free slot the semaphore is at zero, so this really suspends until a job ends.
             await self._slots.acquire()
             self._slots.release()
             return 1
-        jobs = await self.store.claim(self.clock.now(), limit=min(free, self.options.claim_batch),
+        jobs = await self.store.claim(self.clock.now(), limit=min(self._free_slots(), self.options.claim_batch),
                                       lease_seconds=self.options.lease_seconds, kinds=list(self.handlers))
         for job in jobs:
             await self._slots.acquire()
+            self._active += 1
             task = asyncio.create_task(self._execute_in_slot(job), name=f"job:{job.kind}:{job.id}")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return len(jobs)
 
     def _free_slots(self) -> int:
-        return self.options.concurrency - len(self._running)
+        # Counted with the semaphore (released in the job's own finally), not from `_running`, whose
+        # done-callbacks run a loop iteration later: counting those made the claim loop spin forever.
+        return self.options.concurrency - self._active
 
     async def _execute_in_slot(self, job: Job) -> None:
         try:
             await self.execute(job)
+        except Exception:
+            # The store failed while recording the outcome: the lease brings the job back later.
+            log.exception("recording the outcome of job %s (%s) failed; its lease will bring it back",
+                          job.id, job.kind)
         finally:
+            self._active -= 1
             self._slots.release()
 
     async def stop(self, grace: float = 10.0) -> None:

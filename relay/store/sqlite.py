@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -123,13 +124,28 @@ class SQLiteStore(SQLiteDeliveries, Store):
         assert self._writer is not None, "store is not open"
         async with self._lock:
             db = self._writer
-            await db.execute("BEGIN IMMEDIATE")
+            # Cancellation may land on any await here (a job stopped at shutdown, a client gone).
+            # BEGIN sits inside the try and ROLLBACK/COMMIT are shielded, so the shared writer
+            # connection is never left inside an open transaction ("cannot start a transaction
+            # within a transaction" for every later caller).
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
             except BaseException:
-                await db.execute("ROLLBACK")
+                await asyncio.shield(self._rollback(db))
                 raise
-            await db.execute("COMMIT")
+            await asyncio.shield(self._commit(db))
+
+    @staticmethod
+    async def _commit(db: aiosqlite.Connection) -> None:
+        await db.execute("COMMIT")
+
+    @staticmethod
+    async def _rollback(db: aiosqlite.Connection) -> None:
+        try:
+            await db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass   # BEGIN itself failed or was cancelled before it ran: nothing to roll back
 
     # ---- tasks -----------------------------------------------------------------------------------
     async def create_task(self, task: Task, jobs: Sequence[Job], *,
