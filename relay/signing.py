@@ -139,7 +139,9 @@ def verify(body: bytes, received: Mapping[str, str], keys: Sequence[str], *, now
     signatures = lowered.get("webhook-signature", "")
     if not (msg_id and stamp and signatures):
         raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature")
-    if not stamp.isdigit():
+    # ASCII digits of a sane length: str.isdigit() is also true for "²" (int() refuses it) and for
+    # other scripts' digits, and int() refuses more than 4300 digits; each would be a ValueError.
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 18):
         raise SignatureError("webhook-timestamp must be unix seconds")
     timestamp = int(stamp)
     if timestamp < now - tolerance:

@@ -161,3 +161,27 @@ async def test_stale_and_repeated_poll_results_change_nothing(tmp_path: Path) ->
         after = (await h.api.get("/v1/events", params={"task_id": task["id"]})).json()["data"]
         assert after == before and (await h.task(task["id"]))["sequence"] == final["sequence"]
         assert now <= h.runtime.ctx.clock.now()
+
+
+async def test_max_in_flight_holds_the_backlog_until_the_provider_has_room(tmp_path: Path) -> None:
+    """With max_in_flight = 2, the provider never holds more than two unfinished tasks; the rest wait, then run."""
+    async with harness(tmp_path, RELAY_PROVIDERS_GMICLOUD_MAX_IN_FLIGHT="2") as h:
+        slow = [await h.create(provider="gmicloud", prompt="[sim:duration=1.5] slow") for _ in range(2)]
+        for task in slow:
+            await h.wait_status(task["id"], ("queued", "running"))
+        held = await h.create(provider="gmicloud", prompt="waits its turn")
+        await wait_for(lambda: _submit_job_ran_again(h, held["id"]), 10, "the held submit to be re-checked")
+        assert (await h.task(held["id"]))["status"] == "pending"
+        assert (await h.sim.get("/_sim/stats")).json()["tasks"] == 2
+        for task in (*slow, held):
+            assert (await h.wait_status(task["id"]))["status"] == "succeeded"
+        assert (await h.sim.get("/_sim/stats")).json()["tasks"] == 3
+
+
+async def _submit_job_ran_again(h: Harness, task_id: str) -> bool:
+    """The held task's submit job was run and put back for a later re-check (not leased, due later)."""
+    db = h.runtime.store._r   # white-box: the job row itself is the evidence that the cap was applied
+    row = await (await db.execute(
+        "SELECT created_at, run_at, lease_token FROM jobs WHERE task_id = ? AND kind = 'submit'",
+        (task_id,))).fetchone()
+    return row is not None and row[2] is None and row[1] > row[0] + 0.5

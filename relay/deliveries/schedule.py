@@ -56,12 +56,16 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
+    # ASCII digits only: str.isdigit() is also true for "²" (which float() refuses) and "١٢" (not HTTP).
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, when.timestamp() - now)
+    try:
+        return max(0.0, when.timestamp() - now)
+    except (OverflowError, ValueError):
+        return None

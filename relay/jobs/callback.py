@@ -20,6 +20,14 @@ from relay.states import on_update
 log = logging.getLogger("relay.jobs.callback")
 
 
+_RANK = {ProviderStatus.QUEUED: 0, ProviderStatus.RUNNING: 1}
+
+
+def _progress_rank(status: ProviderStatus) -> int:
+    """How far a provider status is along the task's life; every terminal status ranks last."""
+    return _RANK.get(status, 2)
+
+
 class CallbackHandler:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -61,11 +69,15 @@ class CallbackHandler:
                 await ctx.store.settle_callback(inbox_id, "ignored", f"provider refused the confirmation: {exc}",
                                                 ctx.clock.now())
                 return None
-            if update.status != reported.status:
+            if _progress_rank(update.status) < _progress_rank(reported.status):
+                # The provider does not (yet) confirm what the body claims: a forged or premature body.
+                # Nothing is applied; the safety-net poll still watches the task.
                 await ctx.store.settle_callback(
                     inbox_id, "ignored", f"provider reports {update.status.value}, callback said "
                     f"{reported.status.value}", ctx.clock.now())
                 return None
+            # The provider is as far as the callback says or further (a late "processing" for a task
+            # that already finished): its own answer is the truth and is applied now.
         applied = await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
                                         default_expiry=provider.caps.default_expiry)
         note = f"applied {applied.transition.event}" if applied else "no change (repeated or stale)"

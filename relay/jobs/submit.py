@@ -21,6 +21,7 @@ from relay.states import on_failure, on_submitted
 
 log = logging.getLogger("relay.jobs.submit")
 
+IN_FLIGHT_RECHECK_SECONDS = 1.0
 UNKNOWN_MESSAGE = ("the submit request reached the provider but no answer came back (timeout or crash); "
                    "it was not resent, to avoid a second charge")
 
@@ -39,7 +40,11 @@ class SubmitHandler:
             await self._fail(task.id, "submit_outcome_unknown", UNKNOWN_MESSAGE)
             return None
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
-        await ctx.store.mark_submit_started(task.id, ctx.clock.now())
+        limit = ctx.settings.providers[task.provider].max_in_flight
+        if not await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now()):
+            # The provider already holds all the work we allow it: keep the backlog here, in order,
+            # instead of a wall of 429s there, and look again shortly.
+            return Again(IN_FLIGHT_RECHECK_SECONDS)
         callback_url = (ctx.callback_url(task.provider, task.id)
                         if provider.caps.callbacks and ctx.callbacks_enabled else None)
         try:

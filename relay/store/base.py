@@ -95,6 +95,12 @@ class Store(abc.ABC):
     async def clear_submit_started(self, task_id: str) -> None:
         """The provider certainly did not accept the submit (refused, 429, 5xx): a resend is safe."""
 
+    @abc.abstractmethod
+    async def reserve_submit(self, task_id: str, provider: str, max_in_flight: int, now: float) -> bool:
+        """Atomically: if `provider` has fewer than `max_in_flight` tasks in flight (being submitted, queued
+        or running there), mark this task's submit as started (as `mark_submit_started`) and return True;
+        otherwise change nothing and return False."""
+
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
     @abc.abstractmethod
     async def receive_callback(self, inbox_id: str, provider: str, task_id: str, body: str, now: float,

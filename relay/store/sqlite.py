@@ -226,6 +226,19 @@ class SQLiteStore(SQLiteDeliveries, Store):
             await db.execute("UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL",
                              (task_id,))
 
+    async def reserve_submit(self, task_id: str, provider: str, max_in_flight: int, now: float) -> bool:
+        # One write transaction: the count and the mark cannot interleave with another submit's.
+        async with self._tx() as db:
+            row = await (await db.execute(
+                "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'running') AND provider = ?)"
+                " + (SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND submit_started_at IS NOT NULL"
+                "    AND provider = ? AND id != ?)", (provider, provider, task_id))).fetchone()
+            if int(row[0]) >= max_in_flight:
+                return False
+            await db.execute("UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ?",
+                             (now, task_id))
+            return True
+
     async def _write_transition(self, db: aiosqlite.Connection, task: Task, t: Transition, now: float,
                                 default_expiry: float) -> Applied:
         """Apply `t` to `task` in the open transaction: the row, its event, and new images with archive jobs."""

@@ -19,7 +19,6 @@ from relay.errors import BadRequestBody, NotFound
 from relay.models import Job
 from relay.web.common import read_body, runtime_of
 
-MAX_CALLBACK_BODY = 1024 * 1024
 _OK = b'{"ok":true}'
 
 
@@ -33,7 +32,7 @@ async def receive_callback(request: Request) -> Response:
     if provider is None or not provider.caps.callbacks or \
             not ctx.signer.verify_callback_token(provider_name, task_id, token):
         raise NotFound("not found")
-    body = await read_body(request, MAX_CALLBACK_BODY)
+    body = await read_body(request, runtime.settings.server.max_body_bytes)
     try:
         text = body.decode()
         json.loads(text)

@@ -14,8 +14,6 @@ from relay.present import task_object, with_image_urls
 from relay.states import EVENT_TYPES
 from relay.web.common import json_response, query_limit, read_body, require_api_key, runtime_of, small_int
 
-MAX_TASK_BODY = 1024 * 1024
-
 
 def present(request: Request, task: Task) -> dict[str, object]:
     return task_object(task, image_url_maker(request))
@@ -36,7 +34,7 @@ async def create_task(request: Request) -> Response:
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-    body = await read_body(request, MAX_TASK_BODY)
+    body = await read_body(request, runtime_of(request).settings.server.max_body_bytes)
     task, created = await runtime_of(request).tasks.create(body, scope=scope, idempotency_key=key)
     return json_response(present(request, task), status=202 if created else 200)
 
