@@ -140,7 +140,7 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     worker = Worker(store, {**build_handlers(ctx), "deliver": DeliverHandler(deliveries)}, clock, WorkerOptions(
         concurrency=w.concurrency, lease_seconds=w.lease_seconds, idle_poll_seconds=w.idle_poll_seconds,
         max_attempts=w.max_attempts, retry_base=w.retry_base, retry_cap=w.retry_cap, claim_batch=w.claim_batch))
-    runtime = Runtime(settings=settings, store=store, ctx=ctx, worker=worker, tasks=TaskService(ctx),
+    runtime = Runtime(settings=settings, store=store, ctx=ctx, worker=worker, tasks=TaskService(ctx, guard),
                       api_keys=api_keys, guard=guard, deliveries=deliveries)
     try:
         yield runtime

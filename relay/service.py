@@ -9,9 +9,10 @@ import json
 import logging
 
 from relay import ids
-from relay.errors import Conflict, NotFound
+from relay.errors import Conflict, InvalidRequest, NotFound
 from relay.jobs.context import JobContext
 from relay.models import Job, Task
+from relay.netguard import BlockedAddress, NetGuard
 from relay.providers.base import check_supported
 from relay.states import on_cancel
 from relay.validation import parse_json_object, parse_task_input
@@ -20,8 +21,9 @@ log = logging.getLogger("relay.service")
 
 
 class TaskService:
-    def __init__(self, ctx: JobContext) -> None:
+    def __init__(self, ctx: JobContext, guard: NetGuard) -> None:
         self.ctx = ctx
+        self.guard = guard
 
     async def create(self, body: bytes, *, scope: str, idempotency_key: str | None) -> tuple[Task, bool]:
         """Validate and store a task with its submit job (one transaction). Returns (task, created)."""
@@ -30,6 +32,13 @@ class TaskService:
         parsed = parse_task_input(data, known_providers=list(ctx.providers))
         provider = ctx.providers[parsed.provider]
         check_supported(provider.caps, parsed.request, parsed.provider)
+        if parsed.webhook_url is not None:
+            # Refused now, with a reason, rather than as a dead letter later; the delivery itself
+            # is checked again on the address it connects to (DNS may change in between).
+            try:
+                await self.guard.check_url(parsed.webhook_url)
+            except BlockedAddress as exc:
+                raise InvalidRequest(f"webhook_url is refused: {exc}", field="webhook_url") from None
         now = ctx.clock.now()
         task = Task(id=ids.new_id("tsk", now), provider=parsed.provider, request=parsed.request.to_dict(),
                     metadata=parsed.metadata, webhook_url=parsed.webhook_url, webhook_events=parsed.webhook_events,

@@ -185,3 +185,17 @@ async def test_events_type_filter_is_validated(h: Harness) -> None:
     """GET /v1/events?type= accepts only known event types."""
     assert_error(await h.api.get("/v1/events", params={"type": "task.nope"}), 422, "invalid_request", "type")
     assert (await h.api.get("/v1/events")).json() == {"data": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest",
+                                 "http://[::1]/hook", "http://[::ffff:127.0.0.1]/hook", "http://localhost/hook"])
+async def test_task_webhook_url_on_a_private_address_is_refused(tmp_path: Path, url: str) -> None:
+    """The SSRF guard checks a task's webhook_url when the task is created: 422 naming the field, no task stored.
+
+    network.allow is emptied here: the embedded profile allows loopback for its local simulator.
+    """
+    async with harness(tmp_path, run_worker=False, RELAY_NETWORK_ALLOW="") as h:
+        response = await h.api.post("/v1/tasks", json={"provider": "gmicloud", "prompt": "p", "webhook_url": url})
+        error = assert_error(response, 422, "invalid_request", "webhook_url")
+        assert "refused" in error["message"]
+        assert (await h.api.get("/v1/tasks")).json()["data"] == []

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from .respond import wait_until
+
 if TYPE_CHECKING:
     from .sim import Simulator
     from .tasks import SimTask
@@ -80,14 +82,16 @@ class CallbackSender:
     async def _run(self, task: SimTask, body: BodyFn) -> None:
         knobs = task.callback_knobs
         stats = self._sim.stats
-        await asyncio.sleep(task.remaining(self._sim.now()) + float(knobs.get("delay", 0)))
+        # Not before done_at by the simulator's clock (asyncio timers may fire a little early): a callback
+        # saying "completed" while a confirmation poll still says "processing" would contradict itself.
+        await wait_until(task.done_at + float(knobs.get("delay", 0)), self._sim.now)
         if knobs.get("drop") or task.directives.callback == "drop":
             stats.bump(task.dialect, "callbacks_dropped")
             return
         url = task.callback_url or ""
         if knobs.get("wrong_token"):
             url = wrong_token(url)
-        final = body(task, self._sim.now())
+        final = body(task, max(self._sim.now(), task.done_at))
         for copy in range(int(knobs.get("duplicate", 1))):
             await self._deliver(task, url, final, "final", copy)
         if knobs.get("reorder"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -73,6 +74,36 @@ async def hold(request: Request, seconds: float) -> bool:
         except (asyncio.CancelledError, Exception):  # the watcher's own end is of no interest
             pass
     return not done
+
+
+# Bounds on topping up a wait that ended before the simulator's clock got there (see `wait_until`).
+_TOPUPS = 100
+_MIN_TOPUP = 0.001
+
+
+async def wait_until(when: float, now: Callable[[], float],
+                     wait: Callable[[float], Awaitable[bool | None]] | None = None) -> bool:
+    """Wait until the simulator's clock `now()` reaches `when`; False if `wait` reports the client gone.
+
+    asyncio's timers run on the monotonic clock and may fire a little early, while a task's phase is
+    computed from the wall clock: a single sleep of `when - now()` can end just before `when`, and an
+    answer built then would still say "running". So wait again for what is left (a bounded number of
+    times, each at least a millisecond); callers also build the answer at `max(now(), when)`.
+    """
+    for _ in range(_TOPUPS):
+        left = when - now()
+        if left <= 0:
+            return True
+        if wait is None:
+            await asyncio.sleep(max(left, _MIN_TOPUP))
+        elif await wait(max(left, _MIN_TOPUP)) is False:
+            return False
+    return True
+
+
+async def hold_until(request: Request, when: float, now: Callable[[], float]) -> bool:
+    """`hold` the request until the simulator's clock reaches `when`. True if the client is still there."""
+    return await wait_until(when, now, lambda seconds: hold(request, seconds))
 
 
 class SimulatedTruncation(httpx.RemoteProtocolError):

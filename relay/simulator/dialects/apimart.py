@@ -71,7 +71,8 @@ def body(sim: Simulator, task: SimTask, now: float) -> dict[str, Any]:
         as_string = url_as_string(sim, task)
         data["result"] = {"images": [
             {"url": sim.file_url(task, i) if as_string else [sim.file_url(task, i)],
-             "expires_at": int(task.expires_at)}
+             # Rounded up: a whole-second expiry must not claim the link dies before it does.
+             "expires_at": math.ceil(task.expires_at)}
             for i in range(task.n)
         ]}
     if phase in ("succeeded", "failed", "cancelled"):

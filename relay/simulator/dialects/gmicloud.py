@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..respond import hold, json_response, read_json
+from ..respond import hold_until, json_response, read_json
 from ..sim import Simulator
 from ..tasks import SimTask, parse_directives
 from ..validate import PIXEL_SIZES, Invalid, as_object, choice, integer, pixels, string
@@ -90,8 +90,10 @@ def routes(sim: Simulator) -> list[Route]:
                                 background=fields["background"], directives=directives, model=MODEL)
             sync = directives.sync if directives.sync is not None else sim.knobs.variants["gmicloud_sync"]
             if sync:
-                # GMI's queue endpoint waits for the model, then answers with the final state.
-                await hold(request, task.remaining(sim.now()))
+                # GMI's queue endpoint waits for the model, then answers with the final state: built at
+                # done_at at the earliest, so a timer that fires early cannot make it say "processing".
+                await hold_until(request, task.done_at, sim.now)
+                return json_response(body(sim, task, max(sim.now(), task.done_at)))
             return json_response(body(sim, task, sim.now()))
 
         return await sim.serve(request, dialect=NAME, op="submit", error=error, handler=handle)

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import multipart
-from ..respond import BodyError, hold, json_response, read_body, read_json
+from ..respond import BodyError, hold_until, json_response, read_body, read_json
 from ..sim import Simulator
 from ..validate import PIXEL_SIZES, Invalid, as_object, choice, integer, pixels, string
 from ..tasks import parse_directives
@@ -127,7 +127,9 @@ def routes(sim: Simulator) -> list[Route]:
                             width=width, height=height, fmt=fields["fmt"], prompt=prompt, duration=delay,
                             background=fields["background"], directives=directives, model=fields["model"])
         headers = {"x-request-id": task.id}
-        await hold(request, task.remaining(sim.now()))
+        # Answer no earlier than done_at by the simulator's clock, so /_sim shows the task as done
+        # (with its images) once the answer is out, even when a timer fires a little early.
+        await hold_until(request, task.done_at, sim.now)
         if task.outcome != "succeeded":
             response = error(400, "Your request was rejected by the safety system.", code="moderation_blocked")
             response.headers.update(headers)

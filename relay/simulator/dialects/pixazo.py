@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..respond import hold, json_response, read_json
+from ..respond import hold_until, json_response, read_json
 from ..sim import Simulator
 from ..tasks import SimTask, parse_directives
 from ..validate import PIXEL_SIZES, RATIO_TO_PIXELS, as_object, choice, integer, pixels, string
@@ -91,8 +91,9 @@ def routes(sim: Simulator) -> list[Route]:
                                 background=fields["background"], directives=directives)
             sync = directives.sync if directives.sync is not None else sim.knobs.variants["pixazo_sync"]
             if sync:
-                await hold(request, task.remaining(sim.now()))
-                return json_response(await body(sim, task, sim.now()))
+                # The final answer, built at done_at at the earliest (a timer may fire a little early).
+                await hold_until(request, task.done_at, sim.now)
+                return json_response(await body(sim, task, max(sim.now(), task.done_at)))
             return json_response({"status": "IN_QUEUE", "request_id": task.id, "response_url": RESPONSE_URL})
 
         return await sim.serve(request, dialect=NAME, op="submit", error=error, handler=handle, auth="apim")
