@@ -83,13 +83,14 @@ def on_update(task: Task, update: TaskUpdate) -> Transition | None:
 
 
 def on_submitted(task: Task, update: TaskUpdate) -> Transition | None:
-    """The provider accepted the submit. Records the provider id even if the status did not move."""
-    transition = on_update(task, update)
-    if transition is None and task.provider_task_id is None and update.provider_task_id and not task.status.terminal:
-        # A submit whose answer is "pending" on a task already queued (cannot normally happen) still records the id.
-        return Transition(TaskStatus.QUEUED if task.status == TaskStatus.PENDING else task.status,
-                          "task.queued", provider_task_id=update.provider_task_id)
-    return transition
+    """The provider accepted the submit: the same rules as any update, the provider id riding along.
+
+    On a pending task every accepted answer moves it (queued or further), so the id is recorded
+    with that transition. A late answer for a task that already moved on (a callback overtook
+    the submit answer) is stale like any other: None, no event. Such a task got its provider id
+    from the update that moved it (every update that moves a task names it), so nothing is lost.
+    """
+    return on_update(task, update)
 
 
 def on_archived(task: Task, all_images_archived: bool) -> Transition | None:

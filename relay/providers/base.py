@@ -13,7 +13,6 @@ import abc
 import base64
 import contextlib
 import email.utils
-import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -311,8 +310,10 @@ def raise_for_status(response: httpx.Response, *, default_retry_after: Mapping[i
     if status < 400:
         return
     try:
-        body: Any = json.loads(response.content) if response.content else None
-    except (ValueError, UnicodeDecodeError):
+        # parse_json, not json.loads: junk nested too deep is a RecursionError there, and a lone
+        # surrogate in the message would reach the stored task error.
+        body: Any = parse_json(response.content) if response.content else None
+    except ProviderProtocolError:
         body = None
     message = error_message(body, f"HTTP {status}")
     retry_after = _retry_after(response.headers)

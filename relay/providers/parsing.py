@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,12 +23,55 @@ POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked", "con
 
 
 def parse_json(content: bytes, *, status: int | None = None) -> Any:
-    """Parse a provider body; junk is a ProviderProtocolError (retried, never a crash)."""
+    """Parse a provider body; junk is a ProviderProtocolError (retried, never a crash).
+
+    Nesting deeper than the parser's stack (RecursionError) is junk too. Lone surrogates
+    (`"\\ud800"`, which json.loads accepts) are replaced by U+FFFD in every string and key:
+    they have no UTF-8 form, so SQLite could not store a task id, URL or message holding one.
+    """
     try:
-        return json.loads(content)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return without_lone_surrogates(json.loads(content))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProviderProtocolError(f"provider sent a body that is not JSON: {content[:100]!r}",
                                     status=status) from exc
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """`value` (parsed JSON) with every lone surrogate in a string or key replaced by U+FFFD.
+
+    json.loads joins an escaped pair into one character, so any surrogate left is a lone one.
+    Containers are fixed in place, iteratively (no recursion, whatever the nesting).
+    """
+    if isinstance(value, str):
+        return _clean(value)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            for index, element in enumerate(item):
+                if isinstance(element, str):
+                    item[index] = _clean(element)
+                elif isinstance(element, (list, dict)):
+                    stack.append(element)
+        elif isinstance(item, dict):
+            if any(isinstance(key, str) and _SURROGATE.search(key) for key in item):
+                pairs = list(item.items())
+                item.clear()
+                for key, element in pairs:
+                    item[_clean(key)] = element     # a clash of cleaned keys keeps the last, as JSON does
+            for key, element in item.items():
+                if isinstance(element, str):
+                    item[key] = _clean(element)
+                elif isinstance(element, (list, dict)):
+                    stack.append(element)
+    return value
 
 
 def as_dict(value: Any, what: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from relay.errors import ProviderRejected, SubmitOutcomeUnknown
+from relay.errors import ProviderProtocolError, ProviderRejected, SubmitOutcomeUnknown
 from relay.models import GenerationRequest, ProviderImage, ProviderStatus, TaskUpdate
 from relay.providers.base import (
     Capabilities,
@@ -87,7 +87,12 @@ class PixazoProvider(Provider):
                                        else "provider_rejected")
             if ticket is None and not _final(data):
                 raise SubmitOutcomeUnknown("pixazo accepted the submit without a request_id")
-            return self._parse(data, at_submit=ticket is not None)
+            update = self._parse(data, at_submit=ticket is not None)
+            if ticket is None and update.status in (ProviderStatus.QUEUED, ProviderStatus.RUNNING):
+                # Images but a status saying "not done" and no id: there is nothing to poll. A protocol
+                # error here, which reading_submit_answer reports as SubmitOutcomeUnknown (not resent).
+                raise ProviderProtocolError("pixazo answered the submit as unfinished without a request_id")
+            return update
 
     async def fetch(self, provider_task_id: str) -> TaskUpdate:
         """POST `{"request_id"}` to the result endpoint (not the ticket's `response_url`)."""

@@ -97,12 +97,12 @@ def create_app(runtime: Runtime, *, run_worker: bool = True) -> Starlette:
                     await worker_task
 
     routes = [
+        *callbacks.routes,    # first: the hottest route, matched before the others' patterns are tried
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *tasks.routes,
-        *callbacks.routes,
         *subscriptions.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
