@@ -6,6 +6,8 @@ import random
 from email.utils import formatdate
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.deliveries import schedule
 from relay.deliveries.handler import PARK_MAX, park_delay
@@ -55,6 +57,23 @@ def test_retry_after_parses_seconds_and_http_dates() -> None:
     assert schedule.parse_retry_after(formatdate(now + 60, usegmt=True), now) == pytest.approx(60, abs=1)
     assert schedule.parse_retry_after(formatdate(now - 60, usegmt=True), now) == 0
     assert schedule.parse_retry_after("soon", now) is None and schedule.parse_retry_after(None, now) is None
+
+
+@pytest.mark.parametrize("value", ["²", "1²", "١٢", "٣", "①", "12 ", "\u00a0", "Fri, 31 Dec 99999 23:59:59 GMT",
+                                   "Mon, 32 Jan 2026 00:00:00 GMT", "Thu, 01 Jan 1970 00:00:00 +9999"])
+def test_retry_after_junk_is_ignored_never_raised(value: str) -> None:
+    """Only ASCII digits are delta-seconds ("²" and other scripts' digits pass str.isdigit()); junk is None."""
+    result = schedule.parse_retry_after(value, 1_790_000_000.0)
+    assert result is None or (value.strip().isascii() and result >= 0), (value, result)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.one_of(st.text(max_size=40), st.from_regex(r"\A\s*\d{1,6}\s*\Z"),
+                 st.sampled_from(["9" * 5000, "1e400", "-5", "0x10", "inf", "nan"])))
+def test_retry_after_never_raises(value: str) -> None:
+    """Any header text ends in a non-negative delay or None."""
+    result = schedule.parse_retry_after(value, 1_790_000_000.0)
+    assert result is None or result >= 0
 
 
 @pytest.mark.parametrize("status,outcome", [(200, "succeeded"), (204, "succeeded"), (410, "gone"), (301, "retry"),

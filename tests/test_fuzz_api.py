@@ -285,11 +285,6 @@ def test_any_body_is_answered_in_shape(fuzzed: Fuzzed) -> None:
     assert not failures, "\n".join(failures)
 
 
-# Documented elsewhere (relay/web/subscriptions.py, not this suite's to change): these answer 413 to an
-# oversized body but their documents do not list 413 yet. Remove an entry once its document does.
-UNDOCUMENTED_413 = {"PATCH /v1/subscriptions/{subscription_id}", "POST /v1/subscriptions/{subscription_id}/replay"}
-
-
 def test_oversized_bodies_are_413_where_documented(fuzzed: Fuzzed) -> None:
     """A body over every limit (2 MiB) is refused with a documented status in the error shape, never read whole."""
     big = b'{"prompt":"' + b"x" * (2 * 1024 * 1024) + b'"}'
@@ -302,7 +297,7 @@ def test_oversized_bodies_are_413_where_documented(fuzzed: Fuzzed) -> None:
             p.name: fuzzed.known.get(p.name, "x") for p in op.path_parameters}
         response = fuzzed.env.run(fuzzed.client.request(op.method.upper(), op.path.format(**path), content=big,
                                                         headers={**AUTH, "content-type": "application/json"}))
-        documented = str(response.status_code) in op.definition.raw["responses"] or label in UNDOCUMENTED_413
+        documented = str(response.status_code) in op.definition.raw["responses"]
         if response.status_code != 413 or error_shape_problem(response) or not documented:
             wrong.append(f"{label}: {response.status_code} {response.text[:200]}")
     assert not wrong, wrong

@@ -22,10 +22,11 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from relay.errors import RelayError
+from relay.errors import ProviderProtocolError, RelayError, SubmitOutcomeUnknown
 from relay.models import GenerationRequest, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.providers import PROVIDER_KINDS, build_provider
 from relay.providers.base import Provider
+from relay.providers.parsing import parse_json
 from relay.states import EVENT_FOR_STATUS, Transition, on_archived, on_cancel, on_failure, on_submitted, on_update
 from tests.fuzzing import FUZZ, JSON, as_bytes, near
 
@@ -173,8 +174,8 @@ async def test_submit_survives_any_answer(kind: str, status: int, body: st.DataO
         await provider.http.aclose()
     event(f"update: {update.status.value}")
     assert_well_formed(update)
-    if update.status in (ProviderStatus.QUEUED, ProviderStatus.RUNNING) and kind != "pixazo":
-        # Accepted but unfinished: without an id relay could never poll it. (pixazo: see the xfail below.)
+    if update.status in (ProviderStatus.QUEUED, ProviderStatus.RUNNING):
+        # Accepted but unfinished: without an id relay could never poll it.
         assert update.provider_task_id, update
 
 
@@ -213,48 +214,117 @@ def test_parse_callback_survives_any_body(kind: str, body: st.DataObject) -> Non
     assert update.provider_task_id, "a callback without the task id cannot be matched"
 
 
-@pytest.mark.xfail(reason="known bug (reported): pixazo accepts a submit answer that is queued, has images and no "
-                          "request_id, so the task is queued with nothing to poll", strict=False)
-async def test_pixazo_queued_submit_without_request_id() -> None:
-    """A pixazo submit answer 'IN_QUEUE' with images but no request_id must not be a pollable-less QUEUED update."""
-    body = as_bytes({"status": "IN_QUEUE", "images": [{"url": "https://storage.test/a1.png"}]})
+@pytest.mark.parametrize("status", ["IN_QUEUE", "IN_PROGRESS"])
+async def test_pixazo_unfinished_submit_without_request_id(status: str) -> None:
+    """A pixazo submit answer not done, with images but no request_id, has nothing to poll: an error, not QUEUED.
+
+    The provider may have taken (and billed) it, so the error is SubmitOutcomeUnknown (never resent blindly).
+    """
+    body = as_bytes({"status": status, "images": [{"url": "https://storage.test/a1.png"}]})
     provider = provider_answering("pixazo", 200, body, {})
     try:
-        update = await provider.submit(REQUESTS[0], callback_url=None, idempotency_key="k")
-    except RelayError:
-        return
+        with pytest.raises(SubmitOutcomeUnknown, match="request_id"):
+            await provider.submit(REQUESTS[0], callback_url=None, idempotency_key="k")
     finally:
         await provider.http.aclose()
-    assert update.status not in (ProviderStatus.QUEUED, ProviderStatus.RUNNING) or update.provider_task_id
+    # Still accepted: the same answer with its id, and a final one without (fal's raw output).
+    for good in ({"status": status, "request_id": "r-1", "images": [{"url": "https://storage.test/a1.png"}]},
+                 {"images": [{"url": "https://storage.test/a1.png"}]}):
+        provider = provider_answering("pixazo", 200, as_bytes(good), {})
+        try:
+            update = await provider.submit(REQUESTS[0], callback_url=None, idempotency_key="k")
+        finally:
+            await provider.http.aclose()
+        assert update.provider_task_id or update.status is ProviderStatus.SUCCEEDED, update
 
 
-@pytest.mark.xfail(reason="known bug (reported): relay.providers.parsing.parse_json catches ValueError but not "
-                          "RecursionError, which json.loads raises for deeply nested input", strict=False)
+NESTED = [b"[" * 5000, b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 5000 + b"1" + b"}" * 5000]
+
+
 @pytest.mark.parametrize("kind", KINDS)
-async def test_deeply_nested_answer_is_a_relay_error(kind: str) -> None:
-    """A 2xx answer of 5000 nested '[' (a few KiB) is a RelayError like any other junk, not a RecursionError."""
-    provider = provider_answering(kind, 200, b"[" * 5000, {})
+@pytest.mark.parametrize("status", [200, 400, 503])
+@pytest.mark.parametrize("body", NESTED, ids=["open", "closed", "objects"])
+async def test_deeply_nested_answer_is_a_relay_error(kind: str, status: int, body: bytes) -> None:
+    """Deeply nested JSON (a few KiB) is a RelayError like any other junk, never a RecursionError.
+
+    On any status: an error answer's body is read for its message too.
+    """
+    provider = provider_answering(kind, status, body, {})
     try:
-        await provider.submit(REQUESTS[0], callback_url=None, idempotency_key="k")
+        for call in (lambda: provider.submit(REQUESTS[0], callback_url=None, idempotency_key="k"),
+                     lambda: provider.fetch("ticket-1")):
+            try:
+                await call()
+            except RelayError:
+                pass
+    finally:
+        await provider.http.aclose()
+    with pytest.raises(ProviderProtocolError):
+        parse_json(body)
+    try:
+        provider.parse_callback(body)
     except RelayError:
         pass
-    finally:
-        await provider.http.aclose()
 
 
-@pytest.mark.xfail(reason="known bug (reported): a lone surrogate escape from a provider ('\\ud800') reaches "
-                          "TaskUpdate strings; as provider_task_id or an image URL SQLite cannot store it "
-                          "(UnicodeEncodeError on every poll until the job gives up)", strict=False)
+def _utf8_everywhere(value: Any) -> None:
+    """Every string in `value` (and in its keys, to any depth) has a UTF-8 form."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            item.encode("utf-8")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 async def test_lone_surrogate_in_a_provider_answer_does_not_reach_the_update() -> None:
-    """Every string of a TaskUpdate is valid Unicode (encodable as UTF-8), whatever escapes the provider sent."""
-    body = b'{"id": "task-\\ud800", "status": "failed", "error": {"code": "x\\udfff", "message": "\\ud800"}}'
+    """Every string of a TaskUpdate is valid Unicode (encodable as UTF-8), whatever escapes the provider sent.
+
+    A lone surrogate becomes U+FFFD; the rest of the body still counts (the task moves on), and a
+    well-formed escaped pair stays the one character it encodes.
+    """
+    body = (b'{"id": "task-\\ud800", "status": "failed", "error": {"code": "x\\udfff", '
+            b'"message": "\\ud800 \\ud83d\\ude00 \\udc00\\ud800"}, "\\udbff": ["\\udfff", {"k": "\\ud800"}]}')
     provider = provider_answering("evolink", 200, body, {})
     try:
         update = await provider.fetch("ticket-1")
     finally:
         await provider.http.aclose()
+    assert update.status is ProviderStatus.FAILED
+    assert update.provider_task_id == "task-\ufffd" and update.error_code == "x\ufffd"
+    assert update.error_message == "\ufffd \U0001f600 \ufffd\ufffd"
     for text in (update.provider_task_id, update.error_code, update.error_message):
         assert text is None or text.encode("utf-8")
+    _utf8_everywhere(update.raw)
+    assert parse_json(b'"\\ud800"') == "\ufffd" and parse_json(b'"\xed\xa0\x80"') == "\ufffd"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("status", [200, 400, 500])
+async def test_lone_surrogates_never_reach_what_relay_stores(kind: str, status: int) -> None:
+    """Any dialect, any status: an update's strings and an error's message have a UTF-8 form."""
+    for doc in DOCUMENTED[kind]:
+        plain = json.dumps(doc)
+        for body in (plain.replace("https://", "https://\\ud800").replace('"status"', '"st\\udc00"'),
+                     plain.replace('": "', '": "\\ud800')):
+            provider = provider_answering(kind, status, body.encode(), {})
+            try:
+                for call in (lambda: provider.submit(REQUESTS[0], callback_url=None, idempotency_key="k"),
+                             lambda: provider.fetch("ticket-1")):
+                    try:
+                        update = await call()
+                    except RelayError as exc:
+                        str(exc).encode("utf-8")
+                        continue
+                    assert_well_formed(update)
+                    _utf8_everywhere([update.provider_task_id, update.error_code, update.error_message,
+                                      [(i.url, i.b64, i.content_type) for i in update.images], update.raw])
+            finally:
+                await provider.http.aclose()
 
 
 # ---- the state machine ------------------------------------------------------------------------------
@@ -327,10 +397,12 @@ def test_state_machine_only_moves_forward(first: TaskUpdate | None, signals: lis
         assert all(decide(task, signal) is None for signal in script), "a terminal task accepted a signal"
 
 
-@pytest.mark.xfail(reason="known bug (reported): on_submitted on a running task without a provider id emits "
-                          "task.queued without a status change", strict=False)
-def test_late_submit_answer_on_running_task_emits_nothing() -> None:
-    """A submit answer arriving after the task is already running (no id yet) records the id without a status event."""
-    task = Task(id="tsk_1", provider="evolink", request={"prompt": "p", "n": 1}, status=TaskStatus.RUNNING)
-    transition = on_submitted(task, TaskUpdate(status=ProviderStatus.QUEUED, provider_task_id="p-1"))
-    assert transition is None or not transition.status_changed or transition.status.rank > task.status.rank
+@pytest.mark.parametrize("status", [TaskStatus.QUEUED, TaskStatus.RUNNING])
+def test_late_submit_answer_on_a_task_that_moved_on_emits_nothing(status: TaskStatus) -> None:
+    """A stale submit answer (the task is already queued or running, no id yet) is a no-op: no event at all."""
+    task = Task(id="tsk_1", provider="evolink", request={"prompt": "p", "n": 1}, status=status)
+    assert on_submitted(task, TaskUpdate(status=ProviderStatus.QUEUED, provider_task_id="p-1")) is None
+    # A submit answer that does move it forward still does, and carries the id.
+    moved = on_submitted(task, TaskUpdate(status=ProviderStatus.FAILED, provider_task_id="p-1", error_code="x",
+                                          error_message="y"))
+    assert moved is not None and moved.status == TaskStatus.FAILED and moved.provider_task_id == "p-1"

@@ -7,6 +7,8 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from relay import signing
@@ -71,6 +73,37 @@ def test_verify_refuses_tampering_and_stale_or_future_timestamps() -> None:
         signing.verify(BODY, headers, [secret], now=now - 301)
     with pytest.raises(SignatureError, match="missing"):
         signing.verify(BODY, {"webhook-id": MSG}, [secret], now=now)
+
+
+@pytest.mark.parametrize("stamp", ["²", "1790000000²", "١٧٩٠٠٠٠٠٠٠", "9" * 5000, "1790000000.5", "-1",
+                                   " 1790000000", "0x6AB0F880", "", "abc"])
+def test_verify_refuses_a_bad_timestamp_with_its_own_error(stamp: str) -> None:
+    """A timestamp that is not ASCII unix seconds is a SignatureError (never a ValueError), as in the library.
+
+    "²" and "١٧٩٠٠٠٠٠٠٠" pass str.isdigit() (int() refuses the first and reads the second as
+    1790000000); 5000 digits are past int()'s limit.
+    """
+    secret = signing.generate_secret()
+    now = 1_790_000_000.0
+    headers = {**signing.headers(MSG, BODY, [secret], now=now), "webhook-timestamp": stamp}
+    with pytest.raises(SignatureError):
+        signing.verify(BODY, headers, [secret], now=now)
+    # The reference library refuses them too (its own verification error).
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(BODY, headers)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(msg_id=st.text(max_size=20), stamp=st.text(max_size=20), signature=st.text(max_size=60))
+def test_verify_raises_only_signature_errors(msg_id: str, stamp: str, signature: str) -> None:
+    """Any header values: verified or SignatureError, nothing else."""
+    secret = signing.generate_secret()
+    received = {"webhook-id": msg_id, "webhook-timestamp": stamp, "webhook-signature": signature}
+    try:
+        signing.verify(BODY, received, [secret, signing.public_key_of(signing.generate_signing_key())],
+                       now=1_790_000_000.0)
+    except SignatureError:
+        pass
 
 
 @pytest.mark.parametrize("bad", ["secret", "whsec_", "whsec_!!!", "whsec_" + base64.b64encode(b"short").decode()])

@@ -9,7 +9,9 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,6 +21,7 @@ from PIL import Image
 
 from relay.simulator import SimulatorConfig, create_simulator_app
 from relay.simulator import multipart
+from relay.simulator import tasks as sim_tasks
 from relay.simulator.imaging import render
 
 BASE = "http://sim.test"
@@ -407,6 +410,93 @@ async def test_unknown_paths_and_tasks(client: httpx.AsyncClient) -> None:
     assert (await client.get("/pixazo/elsewhere", headers=APIM)).json() == {"error": "Endpoint not found"}
     assert (await client.get("/files/0123.png")).status_code == 404
     assert (await client.get("/_sim/tasks/evolink/nope")).status_code == 404
+
+
+# --- held answers and the clock ----------------------------------------------------
+
+@pytest.fixture
+def slow_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[], float]:
+    """The simulator's wall clock at half the pace of asyncio's timers, from a start with a fraction.
+
+    Every sleep then ends early by the simulator's clock, as a timer firing a little ahead of the
+    wall clock does: a held answer built right after one sleep would still describe a running task.
+    """
+    started = time.monotonic()
+
+    def now() -> float:
+        return 1_790_000_000.25 + (time.monotonic() - started) / 2
+
+    monkeypatch.setattr(sim_tasks, "now", now)
+    return now
+
+
+async def _status_now(client: httpx.AsyncClient, dialect: str, task_id: str) -> dict[str, Any]:
+    return (await client.get(f"/_sim/tasks/{dialect}/{task_id}")).json()
+
+
+async def test_held_gmicloud_and_pixazo_answers_are_final_when_sent(client: httpx.AsyncClient,
+                                                                     slow_clock: Callable[[], float]) -> None:
+    """A sync answer says success, and at that moment the task is done: its links download, /_sim agrees."""
+    gmi = (await client.post(GMI, json={"model": "gpt-image-1.5", "payload": {"prompt": "s [sim:sync]"}},
+                             headers=AUTH)).json()
+    assert gmi["status"] == "success", gmi
+    detail = await _status_now(client, "gmicloud", gmi["request_id"])
+    assert detail["status"] == "succeeded" and slow_clock() >= detail["done_at"]
+    assert gmi["updated_at"] == int(detail["done_at"])
+    assert (await client.get(gmi["outcome"]["media_urls"][0]["url"])).status_code == 200
+    pix = (await client.post(PIXAZO, json={"prompt": "s [sim:sync]"}, headers=APIM)).json()
+    assert pix["status"] == "COMPLETED", pix
+    assert (await _status_now(client, "pixazo", pix["request_id"]))["status"] == "succeeded"
+    assert (await client.get(pix["images"][0]["url"])).status_code == 200
+
+
+async def test_held_openai_answer_is_sent_once_the_task_is_done(client: httpx.AsyncClient,
+                                                                slow_clock: Callable[[], float]) -> None:
+    """Right after the answer, /_sim shows the task done with its images (not still running, image-less)."""
+    # Long enough that drawing the image after the hold does not by itself carry the clock past done_at.
+    response = await client.post(OPENAI, json={"model": "gpt-image-1.5", "prompt": "o [sim:duration=0.4]"},
+                                 headers=AUTH)
+    assert response.status_code == 200
+    detail = await _status_now(client, "openai", response.headers["x-request-id"])
+    assert detail["status"] == "succeeded" and len(detail["images"]) == 1
+
+
+async def test_callback_is_sent_once_the_task_is_done(slow_clock: Callable[[], float]) -> None:
+    """The final callback says completed and arrives at done_at or later by the simulator's clock."""
+    received: list[tuple[dict[str, Any], float]] = []
+
+    async def receiver(request: httpx.Request) -> httpx.Response:
+        received.append((json.loads(request.content), slow_clock()))
+        return httpx.Response(200)
+
+    app = create_simulator_app(SimulatorConfig(public_url=BASE, duration=0.1, seed=7,
+                                               callback_transport=httpx.MockTransport(receiver)))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+            created = await c.post(EVOLINK, json={"model": "gpt-image-1.5", "prompt": "cb",
+                                                  "callback_url": "http://relay.test/callbacks/evolink/t"},
+                                   headers=AUTH)
+            task_id = created.json()["id"]
+
+            async def arrived() -> bool:
+                return bool(received)
+
+            await until(arrived)
+            done_at = (await _status_now(c, "evolink", task_id))["done_at"]
+            body, at = received[0]
+            assert body["status"] == "completed" and body["progress"] == 100, body
+            assert at >= done_at
+            # A confirmation poll right then agrees with the callback.
+            assert (await c.get(f"/evolink/v1/tasks/{task_id}", headers=AUTH)).json()["status"] == "completed"
+
+
+async def test_apimart_expiry_is_rounded_up(client: httpx.AsyncClient, slow_clock: Callable[[], float]) -> None:
+    """A whole-second expires_at never claims the link dies before it does (the clock starts at .25 s)."""
+    task_id = await _apimart_submit(client, "exp [sim:ttl=100]")
+    data = await _apimart_final(client, task_id, [])
+    real = (await _status_now(client, "apimart", task_id))["expires_at"]
+    claimed = data["result"]["images"][0]["expires_at"]
+    assert isinstance(claimed, int) and real <= claimed < real + 1
 
 
 # --- building blocks -----------------------------------------------------------

@@ -40,6 +40,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _clean(text: str) -> str:
+    if text.isascii():          # the common case, and fast for a multi-MB base64 image
+        return text
     return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
@@ -61,7 +63,7 @@ def without_lone_surrogates(value: Any) -> Any:
                 elif isinstance(element, (list, dict)):
                     stack.append(element)
         elif isinstance(item, dict):
-            if any(isinstance(key, str) and _SURROGATE.search(key) for key in item):
+            if any(isinstance(key, str) and _clean(key) is not key for key in item):
                 pairs = list(item.items())
                 item.clear()
                 for key, element in pairs:
