@@ -29,7 +29,7 @@ from typing import Any
 import uvicorn
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -119,7 +119,10 @@ class Sink:
 
     # ---- serving ------------------------------------------------------------------------------------
     async def _handle(self, request: Request) -> Response:
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:      # the sender died mid-request (relay SIGKILLed): nothing arrived
+            return Response(status_code=400)
         path = request.url.path
         with self._lock:
             queue = self._paths.scripts[path]

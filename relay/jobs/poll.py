@@ -7,11 +7,24 @@ fails the task as `timeout`. Also the safety net for callback providers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from relay.errors import ProviderRejected
 from relay.jobs.context import JobContext
-from relay.models import Job, ProviderStatus, TaskStatus
+from relay.models import Job, ProviderStatus, Task, TaskStatus
 from relay.queue import Again
-from relay.states import on_failure, on_update
+from relay.states import Transition, on_failure, on_update
+
+
+def _fail_while_watching(code: str, message: str) -> Callable[[Task], Transition | None]:
+    """A failure found by polling, decided inside the write transaction on the task as it is then:
+    if a callback (or another poll) has meanwhile learned the provider finished, the task is being
+    archived and polling has nothing left to fail."""
+    def decide(task: Task) -> Transition | None:
+        if task.status == TaskStatus.ARCHIVING:
+            return None
+        return on_failure(task, code, message)
+    return decide
 
 
 class PollHandler:
@@ -27,15 +40,15 @@ class PollHandler:
             return None     # not submitted yet: the submit job schedules the first poll
         now = ctx.clock.now()
         if task.deadline_at is not None and now >= task.deadline_at:
-            await ctx.store.apply(task.id, lambda t: on_failure(
-                t, "timeout", "the provider did not finish the task before the deadline"), now)
+            await ctx.store.apply(task.id, _fail_while_watching(
+                "timeout", "the provider did not finish the task before the deadline"), now)
             return None
         provider = ctx.provider(task.provider)
         await ctx.throttle(task.provider)
         try:
             update = await provider.fetch(task.provider_task_id)
         except ProviderRejected as exc:
-            await ctx.store.apply(task.id, lambda t: on_failure(t, exc.code, exc.message), ctx.clock.now())
+            await ctx.store.apply(task.id, _fail_while_watching(exc.code, exc.message), ctx.clock.now())
             return None
         await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
                               default_expiry=provider.caps.default_expiry)
@@ -50,5 +63,5 @@ class PollHandler:
         return Again(after=delay, payload={"polls": polls})
 
     async def give_up(self, job: Job, reason: str) -> None:
-        await self.ctx.store.apply(job.task_id or "", lambda t: on_failure(
-            t, "provider_unavailable", f"the provider could not be polled: {reason}"), self.ctx.clock.now())
+        await self.ctx.store.apply(job.task_id or "", _fail_while_watching(
+            "provider_unavailable", f"the provider could not be polled: {reason}"), self.ctx.clock.now())

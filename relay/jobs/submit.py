@@ -15,9 +15,9 @@ import logging
 
 from relay.errors import ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
 from relay.jobs.context import JobContext
-from relay.models import GenerationRequest, Job, ProviderStatus
+from relay.models import GenerationRequest, Job, ProviderStatus, Task
 from relay.queue import Again
-from relay.states import on_failure, on_submitted
+from relay.states import Transition, on_failure, on_submitted
 
 log = logging.getLogger("relay.jobs.submit")
 
@@ -78,7 +78,20 @@ class SubmitHandler:
         return None
 
     async def _fail(self, task_id: str, code: str, message: str) -> None:
-        await self.ctx.store.apply(task_id, lambda t: on_failure(t, code, message), self.ctx.clock.now())
+        """Fail the task for its submit, unless the provider's task is known by now.
+
+        Decided inside the write transaction, not on the row read earlier: meanwhile a callback (or
+        the answer of an earlier attempt) may have recorded the provider's task, e.g. the submit was
+        sent, relay was killed before the answer, and the provider's callback came in first after the
+        restart. Failing it then as `submit_outcome_unknown` would drop a task the provider made, and
+        a task being archived (found by tests/chaos).
+        """
+        def decide(task: Task) -> Transition | None:
+            if task.provider_task_id:
+                return None
+            return on_failure(task, code, message)
+
+        await self.ctx.store.apply(task_id, decide, self.ctx.clock.now())
 
     async def give_up(self, job: Job, reason: str) -> None:
         task = await self.ctx.store.get_task(job.task_id or "")

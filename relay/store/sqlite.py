@@ -85,6 +85,41 @@ def _job_row(job: Job) -> tuple[Any, ...]:
             job.max_attempts, job.run_at)
 
 
+class _Rows:
+    """A read's result, fetched in full (see _Reader); the cursor methods callers use."""
+
+    def __init__(self, rows: Sequence[sqlite3.Row]) -> None:
+        self._rows = list(rows)
+        self._next = 0
+
+    async def fetchone(self) -> sqlite3.Row | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    async def fetchall(self) -> list[sqlite3.Row]:
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+
+class _Reader:
+    """The read connection, shared by every coroutine: each statement runs to its end in one hop to the
+    connection's thread (execute and fetch together).
+
+    With execute and fetch as two hops, another coroutine's statement could run between them, inside
+    the first one's still-open read transaction, and see a snapshot older than writes its caller had
+    already committed: a submit job claimed right after its task was created found no task and ended,
+    leaving the task pending forever (found by tests/chaos).
+    """
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Rows:
+        return _Rows(list(await self.conn.execute_fetchall(sql, parameters)))
+
+
 class SQLiteStore(SQLiteDeliveries, Store):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -141,7 +176,9 @@ class SQLiteStore(SQLiteDeliveries, Store):
     @property
     def _r(self) -> aiosqlite.Connection:
         assert self._reader is not None, "store is not open"
-        return self._reader
+        # A _Reader, typed as the connection its callers (and _load_task & co.) take: it has the one
+        # method they use on it, execute(), whose result has fetchone() and fetchall().
+        return _Reader(self._reader)  # type: ignore[return-value]
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:

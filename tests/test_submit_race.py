@@ -1,0 +1,72 @@
+"""A submit job that decided on an old read never fails a task whose provider task is known by now.
+
+Found by tests/chaos: an EvoLink submit was sent, relay was SIGKILLed before the answer, and after
+the restart the provider's callback (confirmed with the provider) moved the task to archiving just
+as the submit job, which had read the task before, failed it as `submit_outcome_unknown`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from relay.jobs.poll import PollHandler
+from relay.jobs.submit import SubmitHandler
+from relay.models import Job, ProviderImage, ProviderStatus, TaskUpdate
+from relay.states import on_update
+from tests.harness import harness
+
+
+async def test_the_callback_that_came_first_wins_over_a_stale_submit_job(tmp_path: Path) -> None:
+    async with harness(tmp_path, run_worker=False) as h:
+        store = h.runtime.store
+        created = await h.create(provider="evolink", prompt="sent, then relay died")
+        task_id = created["id"]
+        await store.mark_submit_started(task_id, time.time())          # the submit was sent; no answer recorded
+        before = await store.get_task(task_id)                           # what the restarted submit job reads …
+        done = TaskUpdate(status=ProviderStatus.SUCCEEDED, provider_task_id="task-unified-1",
+                          images=(ProviderImage(url="http://sim.test/files/x.png"),))
+        assert await store.apply(task_id, lambda t: on_update(t, done), time.time())   # … then the callback lands
+
+        handler = SubmitHandler(h.runtime.ctx)
+        real_get_task = store.get_task
+
+        async def stale_get_task(wanted: str):  # type: ignore[no-untyped-def]
+            return before if wanted == task_id else await real_get_task(wanted)
+
+        store.get_task = stale_get_task  # type: ignore[method-assign]
+        try:
+            await handler.run(Job(id="job_1", kind="submit", task_id=task_id, run_at=time.time()))
+        finally:
+            store.get_task = real_get_task  # type: ignore[method-assign]
+        task = await h.task(task_id)
+        assert task["status"] == "archiving" and task["error"] is None, task
+        assert task["provider_task_id"] == "task-unified-1"
+
+
+async def test_a_poll_past_the_deadline_never_fails_a_task_already_being_archived(tmp_path: Path) -> None:
+    """The poll job read the task (still running) and found the deadline passed; meanwhile a callback moved
+    it to archiving. The timeout must not be applied: the provider finished and its images are being saved."""
+    async with harness(tmp_path, run_worker=False, RELAY_POLLING_TASK_TIMEOUT="0.01") as h:
+        store = h.runtime.store
+        created = await h.create(provider="evolink", prompt="finished as the deadline passed")
+        task_id = created["id"]
+        running = TaskUpdate(status=ProviderStatus.RUNNING, provider_task_id="task-unified-2")
+        assert await store.apply(task_id, lambda t: on_update(t, running), time.time())
+        before = await store.get_task(task_id)                           # what the poll job reads …
+        done = TaskUpdate(status=ProviderStatus.SUCCEEDED, provider_task_id="task-unified-2",
+                          images=(ProviderImage(url="http://sim.test/files/y.png"),))
+        assert await store.apply(task_id, lambda t: on_update(t, done), time.time())   # … then the callback lands
+
+        real_get_task = store.get_task
+
+        async def stale_get_task(wanted: str):  # type: ignore[no-untyped-def]
+            return before if wanted == task_id else await real_get_task(wanted)
+
+        store.get_task = stale_get_task  # type: ignore[method-assign]
+        try:
+            await PollHandler(h.runtime.ctx).run(Job(id="job_2", kind="poll", task_id=task_id, run_at=time.time()))
+        finally:
+            store.get_task = real_get_task  # type: ignore[method-assign]
+        task = await h.task(task_id)
+        assert task["status"] == "archiving" and task["error"] is None, task
