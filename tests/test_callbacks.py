@@ -197,3 +197,4 @@ async def _sim_done(h: Harness, task_id: str) -> bool:
     if provider_task_id is None:
         return False
     return bool((await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()["status"] == "succeeded")
+

@@ -16,6 +16,7 @@ import logging
 from relay.errors import ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
 from relay.jobs.context import JobContext
 from relay.models import GenerationRequest, Job, ProviderStatus, Task
+from relay.providers.base import Provider
 from relay.queue import Again
 from relay.states import Transition, on_failure, on_submitted
 
@@ -37,8 +38,7 @@ class SubmitHandler:
             return None
         provider = ctx.provider(task.provider)
         if task.submit_started_at is not None and not provider.caps.idempotent_submit:
-            await self._fail(task.id, "submit_outcome_unknown", UNKNOWN_MESSAGE)
-            return None
+            return await self._outcome_unknown(task, provider, task.submit_started_at)
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
         limit = ctx.settings.providers[task.provider].max_in_flight
         if not await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now()):
@@ -53,8 +53,8 @@ class SubmitHandler:
         except SubmitOutcomeUnknown as exc:
             if provider.caps.idempotent_submit:
                 raise ProviderUnavailable(str(exc)) from exc   # resending with the same key is safe
-            await self._fail(task.id, "submit_outcome_unknown", UNKNOWN_MESSAGE)
-            return None
+            started = task.submit_started_at if task.submit_started_at is not None else ctx.clock.now()
+            return await self._outcome_unknown(task, provider, started)
         except ProviderRejected as exc:
             await self._fail(task.id, exc.code, exc.message)
             return None
@@ -75,6 +75,21 @@ class SubmitHandler:
         if applied is None and jobs:
             # Nothing changed (the task moved on meanwhile): still make sure it is watched.
             await ctx.store.enqueue(jobs)
+        return None
+
+    async def _outcome_unknown(self, task: Task, provider: Provider, sent_at: float) -> Again | None:
+        """The submit may have reached the provider, and resending could bill twice.
+
+        With callbacks, the request carried this task's own callback URL: if the provider did create
+        the task, its callback will say so (naming the provider task, confirmed with the provider as
+        any callback). So wait as long as the safety net would before failing the task as unknown.
+        """
+        ctx = self.ctx
+        if provider.caps.callbacks and ctx.callbacks_enabled:
+            remaining = ctx.safety_net_delay(None) - (ctx.clock.now() - sent_at)
+            if remaining > 0:
+                return Again(remaining)
+        await self._fail(task.id, "submit_outcome_unknown", UNKNOWN_MESSAGE)
         return None
 
     async def _fail(self, task_id: str, code: str, message: str) -> None:

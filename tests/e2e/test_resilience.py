@@ -254,3 +254,28 @@ def test_callback_behind_the_provider_still_advances_the_task(sim: Simulator, re
     # now, not ignored until the safety-net poll (at least 10 s after submit).
     task = relay.wait_succeeded(created["id"], timeout=4)
     _assert_matches_provider(sim, task)
+
+
+def test_lost_submit_answer_is_recovered_from_the_providers_callback(sim: Simulator,
+                                                                      relay_factory: RelayFactory) -> None:
+    """An EvoLink submit that times out after reaching the provider (outcome unknown) is not resent and not
+    failed at once: the submit carried the task's callback URL, and the callback (sent after relay's 1 s
+    timeout: the task takes 2.5 s) completes it."""
+    relay = relay_factory(RELAY_PROVIDERS_EVOLINK_TIMEOUT="1", RELAY_CALLBACKS_SAFETY_NET_SECONDS="30")
+    sim.faults(timeout_seconds=3, next=[{"dialect": "evolink", "op": "submit", "fault": "timeout"}])
+    created = relay.create({"provider": "evolink", "prompt": "answer lost, callback comes [sim:duration=2.5]"})
+    task = relay.wait_succeeded(created["id"], timeout=20)
+    _assert_matches_provider(sim, task)
+    assert sim.stats("evolink")["submits"] == 1 and len(sim.tasks("evolink")) == 1, "resent: double billing"
+
+
+def test_lost_submit_answer_without_callback_fails_after_the_window(sim: Simulator,
+                                                                     relay_factory: RelayFactory) -> None:
+    """Outcome unknown and the callback never comes: submit_outcome_unknown once the safety-net window is over,
+    still with one submit at the provider."""
+    relay = relay_factory(RELAY_PROVIDERS_EVOLINK_TIMEOUT="1", RELAY_CALLBACKS_SAFETY_NET_SECONDS="2")
+    sim.faults(timeout_seconds=3, next=[{"dialect": "evolink", "op": "submit", "fault": "timeout"}])
+    created = relay.create({"provider": "evolink", "prompt": "answer lost, no callback [sim:callback=drop]"})
+    failed = relay.wait_terminal(created["id"], timeout=20)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "submit_outcome_unknown", failed
+    assert sim.stats("evolink")["submits"] == 1, "resent: double billing"
