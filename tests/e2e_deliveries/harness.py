@@ -1,92 +1,25 @@
 """Processes for the delivery end-to-end tests: `relay simulate` and `relay serve`, killable and restartable.
 
-The same shape as tests/e2e (kept separate on purpose): every wait is on a
-condition with a deadline, and every process is reaped.
+Built on tests/e2e's process primitives (every wait is on a condition with a
+deadline, every process is reaped), with the settings delivery tests want:
+fast delivery retries, short leases.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
 from relay.config import PROVIDER_KINDS
+from tests.e2e.harness import Process, free_port, wait_for
+from tests.e2e.harness import clean_environ as _env
+
+__all__ = ["API_KEY", "Relay", "Simulator", "free_port", "wait_for"]
 
 API_KEY = "rk_e2e_deliveries_0123456789abcdef"
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Call `predicate` until it returns something truthy (returned); AssertionError naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Process:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name, self.argv, self.env, self.log_dir = name, argv, env, log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-
-    def start(self) -> None:
-        log = self.log_dir / f"{self.name}.{len(self.logs) + 1}.log"
-        self.logs.append(log)
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.proc.returncode}\n{self.output()}")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            self.proc = None
-
-    def output(self) -> str:
-        return "\n".join(f"----- {log.name} -----\n{log.read_text(errors='replace')[-20000:]}"
-                         for log in self.logs if log.exists())
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 def _up(url: str) -> bool:
@@ -117,8 +50,6 @@ class Relay:
         env = {"RELAY_STORAGE_DATA_DIR": str(data_dir), "RELAY_SERVER_PORT": str(self.port),
                "RELAY_AUTH_API_KEYS": API_KEY, "RELAY_POLLING_INITIAL_DELAY": "0.1", "RELAY_POLLING_MAX_DELAY": "0.3",
                "RELAY_WORKER_IDLE_POLL_SECONDS": "0.1", "RELAY_WORKER_LEASE_SECONDS": "2",
-               # Kept above any burst in these tests: a saturated Worker spins (see the report on relay/queue.py).
-               "RELAY_WORKER_CONCURRENCY": "128",
                "RELAY_DELIVERIES_SCHEDULE": "0,0.3,0.3,0.3,0.3", "RELAY_DELIVERIES_JITTER": "0",
                "RELAY_DELIVERIES_TIMEOUT": "5"}
         for kind in PROVIDER_KINDS:
