@@ -90,9 +90,12 @@ def test_garbage_is_refused(tmp_path: Path) -> None:
     assert info.value.code == "invalid_image" and isinstance(info.value, SourceGone)
 
 
-@pytest.mark.parametrize("data", [PNG[: len(PNG) // 2], JPEG[: len(JPEG) // 2], b"\x89PNG\r\n\x1a\nnot really"])
+@pytest.mark.parametrize("data", [PNG[: len(PNG) // 2], PNG[:-12], JPEG[: len(JPEG) // 2],
+                                  JPEG[: len(JPEG) * 9 // 10], WEBP[: len(WEBP) // 2], WEBP[:-1],
+                                  b"\x89PNG\r\n\x1a\nnot really"])
 def test_truncated_or_corrupt_image_is_refused(tmp_path: Path, data: bytes) -> None:
-    """Right magic bytes but cut-off or corrupt data are refused."""
+    """Right magic bytes but cut-off or corrupt data are refused (PNG by its chunk CRCs and IEND, JPEG and
+    WebP by decoding; a PNG that lost its IEND chunk too)."""
     with pytest.raises(InvalidImage):
         inspect_image(write(tmp_path, "img", data))
 
@@ -151,3 +154,12 @@ async def test_store_sweeps_old_temp_files_only(tmp_path: Path) -> None:
     os.utime(old, (past, past))
     assert await store.sweep_tmp(3600) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_a_flipped_byte_inside_png_pixel_data_is_refused(tmp_path: Path) -> None:
+    """A PNG is not decoded, so its chunk CRCs are what must catch corrupt pixel data."""
+    data = bytearray(PNG)
+    idat = data.index(b"IDAT")
+    data[idat + 4 + 10] ^= 0xFF     # a byte inside the IDAT payload; its CRC no longer matches
+    with pytest.raises(InvalidImage):
+        inspect_image(write(tmp_path, "img", bytes(data)))
