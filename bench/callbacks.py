@@ -1,6 +1,6 @@
 """Callback acknowledgement: relay's POST /callbacks vs a bare Starlette 200 endpoint, same stack, same run.
 
-    python -m bench.callbacks [--seconds 10] [--connections 32]
+    python -m bench.callbacks [--seconds 10] [--connections 32] [--quick]
 
 Starts a bare Starlette app, the simulator and relay as processes, drives each with wrk (POST of an
 EvoLink-shaped body, keep-alive, N connections) and prints requests/s and latency percentiles. relay
@@ -17,19 +17,11 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import PYTHON, free_port, machine, spawn, stop, wait_http, wrk
+from bench.common import (KEY, PYTHON, Figure, Section, free_port, ratio, spawn, start_relay, start_simulator,
+                          stop, timed, wait_http, wrk)
 from relay.links import Signer
 
-KEY = "rk_bench_0123456789abcdefghij"
-
-
-def relay_env(data: Path, port: int, sim: int, role: str) -> dict[str, str]:
-    env = {"RELAY_STORAGE_DATA_DIR": str(data), "RELAY_SERVER_PORT": str(port), "RELAY_AUTH_API_KEYS": KEY,
-           "RELAY_SERVER_ROLE": role, "RELAY_CALLBACKS_SAFETY_NET_SECONDS": "3600"}
-    for kind in ("gmicloud", "apimart", "evolink", "pixazo", "openai"):
-        env[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"http://127.0.0.1:{sim}/{kind}"
-        env[f"RELAY_PROVIDERS_{kind.upper()}_RATE_LIMIT"] = "100000"
-    return env
+CONNECTIONS = 32
 
 
 def callback_path(base: str, data: Path) -> tuple[str, str]:
@@ -42,51 +34,89 @@ def callback_path(base: str, data: Path) -> tuple[str, str]:
     return f"/callbacks/evolink/{task['id']}/{token}", body
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
-    args = parser.parse_args()
+def measure(seconds: int, connections: int, warmup: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bare_port, sim_port = free_port(), free_port()
+        bare_port = free_port()
         bare = spawn([PYTHON, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level",
                       "warning", "--no-access-log"], log=root / "bare.log")
-        sim = spawn([PYTHON, "-m", "relay", "simulate", "--port", str(sim_port), "--duration", "3600"],
-                    log=root / "sim.log")
+        sim, sim_url = start_simulator(root, 3600)
         try:
             wait_http(f"http://127.0.0.1:{bare_port}/")
-            wait_http(f"http://127.0.0.1:{sim_port}/_sim/stats")
             body = json.dumps({"status": "processing"})
-            wrk(f"http://127.0.0.1:{bare_port}/x", body=body, connections=args.connections, seconds=2)  # warm-up
+            wrk(f"http://127.0.0.1:{bare_port}/x", body=body, connections=connections, seconds=warmup)
             results["bare Starlette 200"] = wrk(f"http://127.0.0.1:{bare_port}/x", body=body,
-                                                connections=args.connections, seconds=args.seconds)
+                                                connections=connections, seconds=seconds)
             for role in ("api", "all"):
-                data, port = root / f"data-{role}", free_port()
-                relay = spawn([PYTHON, "-m", "relay", "serve", "--log-level", "warning"],
-                              env=relay_env(data, port, sim_port, role), log=root / f"relay-{role}.log")
+                relay, base, data = start_relay(root, sim_url, name=f"relay-{role}", role=role,
+                                                callbacks_safety_net_seconds="3600")
                 try:
-                    base = f"http://127.0.0.1:{port}"
-                    wait_http(f"{base}/healthz")
                     path, cb_body = callback_path(base, data)
-                    wrk(base + path, body=cb_body, connections=args.connections, seconds=2)
+                    wrk(base + path, body=cb_body, connections=connections, seconds=warmup)
                     label = "relay callback ack (API only)" if role == "api" else "relay callback ack (+ workers)"
-                    results[label] = wrk(base + path, body=cb_body, connections=args.connections,
-                                         seconds=args.seconds)
+                    results[label] = wrk(base + path, body=cb_body, connections=connections, seconds=seconds)
                 finally:
                     stop(relay)
         finally:
             stop(bare)
             stop(sim)
+    return results
+
+
+def table(results: dict[str, dict[str, float]]) -> list[str]:
     baseline = results["bare Starlette 200"]["rps"]
-    lines = [f"Machine: {machine()}. wrk, 1 thread, {args.connections} connections, {args.seconds} s per run.", "",
-             "| endpoint | requests/s | vs bare | p50 ms | p90 ms | p99 ms | non-2xx |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| endpoint | requests/s | vs bare | p50 ms | p90 ms | p99 ms | non-2xx |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.items():
         lines.append(f"| {label} | {r['rps']:.0f} | {r['rps'] / baseline:.0%} | {r.get('p50', 0):.2f} | "
                      f"{r.get('p90', 0):.2f} | {r.get('p99', 0):.2f} | {r['non2xx']:.0f} |")
-    print("\n".join(lines))
+    return lines
+
+
+@timed
+def run(quick: bool) -> Section:
+    seconds, warmup = (3, 1) if quick else (8, 2)
+    results = measure(seconds, CONNECTIONS, warmup)
+    bare, api, full = (results["bare Starlette 200"], results["relay callback ack (API only)"],
+                       results["relay callback ack (+ workers)"])
+    body = "\n".join([
+        f"wrk, 1 thread, {CONNECTIONS} keep-alive connections, {seconds} s per run after {warmup} s of warm-up, "
+        "POST of an EvoLink-shaped callback body. Baseline: a bare Starlette app answering 200 to any POST "
+        "(`bench/bare_app.py`, same uvicorn stack). relay runs as `relay serve`; \"API only\" is "
+        "`server.role = api` (acknowledging = verifying the token and durably recording the callback with "
+        "its job, group-committed), \"+ workers\" also processes every callback (confirms with the simulator, "
+        "applies) at the same time.", "", *table(results)])
+    notes = [
+        "Acknowledging a callback is a durable write: relay answers 200 only after the inbox row and its job "
+        "are committed. Concurrent callbacks share one transaction (group commit), so the cost per callback "
+        "falls as load rises; the gap to the bare endpoint is the token check plus that write.",
+        "\"+ workers\" shares the CPU with the callback jobs (one confirm poll to the simulator and one "
+        "transition each), which is where most of the drop comes from on 2 cores.",
+    ]
+    figures = {"bare_rps": bare["rps"], "api_rps": api["rps"], "api_p50_ms": api.get("p50", 0),
+               "api_p99_ms": api.get("p99", 0), "all_rps": full["rps"], "all_p99_ms": full.get("p99", 0)}
+    summary = [
+        Figure("callback ack, API only (32 conn.)",
+               f"{api['rps']:.0f} req/s, p50 {api.get('p50', 0):.1f} / p99 {api.get('p99', 0):.1f} ms",
+               f"bare Starlette 200: {bare['rps']:.0f} req/s", ratio(api["rps"], bare["rps"])),
+        Figure("callback ack, + workers (32 conn.)",
+               f"{full['rps']:.0f} req/s, p50 {full.get('p50', 0):.1f} / p99 {full.get('p99', 0):.1f} ms",
+               f"bare Starlette 200: {bare['rps']:.0f} req/s", ratio(full["rps"], bare["rps"])),
+    ]
+    return Section("callbacks", "Callback acknowledgement", body, notes, figures, summary)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    parser.add_argument("--quick", action="store_true", help="the short run of `python -m bench --quick`")
+    args = parser.parse_args()
+    if args.quick:
+        print(run(True).markdown())
+        return
+    print("\n".join(table(measure(args.seconds, args.connections, 2))))
 
 
 if __name__ == "__main__":

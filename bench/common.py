@@ -1,7 +1,9 @@
-"""Shared bench helpers: free ports, child processes, wrk runs, machine description."""
+"""Shared bench helpers: free ports, child processes, wrk runs, machine description, report sections."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import platform
 import re
@@ -10,11 +12,92 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
+PYTHON = sys.executable
+PROVIDERS = ("gmicloud", "apimart", "evolink", "pixazo", "openai")
+KEY = "rk_bench_0123456789abcdefghij"
+T = TypeVar("T")
 
+
+# ---- report sections ---------------------------------------------------------------------------------
+@dataclass
+class Figure:
+    """One line of the summary table: relay's figure, the baseline measured in the same run, their ratio."""
+
+    name: str
+    value: str
+    baseline: str
+    ratio: float | None
+    meaning: str = "relay / baseline"
+
+
+@dataclass
+class Section:
+    """What each bench module's `run(quick)` returns: a part of docs/benchmarks.md and its key figures."""
+
+    key: str
+    title: str
+    body: str                                    # markdown: how it was measured, tables
+    notes: list[str] = field(default_factory=list)   # "reading the numbers" bullets
+    figures: dict[str, float] = field(default_factory=dict)
+    summary: list[Figure] = field(default_factory=list)
+    seconds: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)   # busy / steal shares of the machine meanwhile
+
+    def markdown(self) -> str:
+        lines = [f"## {self.title}", "", self.body.rstrip()]
+        if self.notes:
+            lines += ["", "Reading the numbers:", ""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, title: str, text: str) -> None:
+    """Replace the `## {title}` section of `path` (or add it), keeping everything else."""
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = doc.find(f"## {title}\n")
+    if start >= 0:
+        end = doc.find("\n## ", start + 1)
+        doc = doc[:start] + text.rstrip() + "\n" + (doc[end:] if end >= 0 else "")
+    else:
+        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
+
+
+def timed(run: Callable[..., Section]) -> Callable[..., Section]:
+    """Wrap a module's run(quick, ...) so its Section carries its own wall time."""
+
+    def wrapper(quick: bool, *args: Any, **kwargs: Any) -> Section:
+        started, stat, own = time.monotonic(), cpu_stat(), own_cpu()
+        section = run(quick, *args, **kwargs)
+        section.seconds = time.monotonic() - started
+        section.cpu = cpu_share(stat, cpu_stat(), own_cpu() - own)
+        return section
+
+    wrapper.__name__ = run.__name__
+    wrapper.__doc__ = run.__doc__
+    return wrapper
+
+
+# ---- numbers ------------------------------------------------------------------------------------------
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
+
+
+def ratio(value: float, baseline: float) -> float | None:
+    return None if not baseline or math.isnan(baseline) or math.isnan(value) else value / baseline
+
+
+# ---- processes ----------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,6 +132,188 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def start_simulator(root: Path, duration: float, name: str = "sim") -> tuple[subprocess.Popen[bytes], str]:
+    """`relay simulate` as a child process; returns it and its base URL."""
+    port = free_port()
+    proc = spawn([PYTHON, "-m", "relay", "simulate", "--port", str(port), "--duration", str(duration),
+                  "--log-level", "warning"], log=root / f"{name}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/_sim/stats")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def relay_env(data: Path, port: int, sim_url: str, role: str = "all", **extra: str) -> dict[str, str]:
+    """Environment for `relay serve`: every dialect against `sim_url`, rate limits out of the way."""
+    env = {"RELAY_STORAGE_DATA_DIR": str(data), "RELAY_SERVER_PORT": str(port), "RELAY_AUTH_API_KEYS": KEY,
+           "RELAY_SERVER_ROLE": role, "RELAY_NETWORK_ALLOW": "127.0.0.0/8,::1/128,localhost"}
+    for kind in PROVIDERS:
+        env[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"{sim_url}/{kind}"
+        env[f"RELAY_PROVIDERS_{kind.upper()}_RATE_LIMIT"] = "100000"
+    env.update({f"RELAY_{k.upper()}": v for k, v in extra.items()})
+    return env
+
+
+def start_relay(root: Path, sim_url: str, name: str = "relay", role: str = "all",
+                **extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`relay serve` as a child process; returns it, its base URL and its data dir."""
+    port, data = free_port(), root / f"data-{name}"
+    proc = spawn([PYTHON, "-m", "relay", "serve", "--log-level", "warning"],
+                 env=relay_env(data, port, sim_url, role, **extra), log=root / f"{name}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url, data
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in KiB, from /proc/PID/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(rest.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time used so far by a process (this one when `pid` is None)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_stat() -> list[int]:
+    """The machine's CPU time counters (ticks): user nice system idle iowait irq softirq steal."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def cpu_share(before: list[int], after: list[int], own: float = 0.0) -> dict[str, float]:
+    """Between two cpu_stat() readings: busy and stolen (by the hypervisor) shares of all cores, and
+    `others`, the cores used on average by processes that are not this bench (`own`: CPU seconds
+    the bench and its reaped children used meanwhile)."""
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta) or 1
+    busy = total - delta[3] - delta[4] - delta[7]
+    cores = os.cpu_count() or 1
+    seconds = total / cores / os.sysconf("SC_CLK_TCK")
+    others = max(0.0, busy / os.sysconf("SC_CLK_TCK") - own) / seconds if seconds >= 1 else 0.0
+    return {"busy": busy / total, "steal": delta[7] / total, "others": others}
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop (as relay and uvicorn do), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+async def closed_loop(one: Callable[[int], Awaitable[Any]], *, in_flight: int, warmup: float, measure: float,
+                      cycle_timeout: float = 30.0,
+                      cpu: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """Keep `in_flight` calls of `one(i)` running; count those ending inside the measuring window.
+
+    Returns completed (in the window), per_second, failures, and latency p50/p99 (ms) of calls that
+    both started and ended inside the window; with `cpu` ({name: pid, None for this process}) also
+    the CPU seconds each used during the window ("cpu").
+    """
+    start = time.monotonic()
+    window_start, window_end = start + warmup, start + warmup + measure
+    latencies: list[float] = []
+    counts = {"completed": 0, "failures": 0, "timeouts": 0}
+    errors: dict[str, int] = {}
+
+    async def lane(first: int) -> None:
+        i = first
+        while time.monotonic() < window_end:
+            began = time.monotonic()
+            try:
+                await asyncio.wait_for(one(i), cycle_timeout)
+            except TimeoutError:
+                counts["timeouts"] += 1
+            except Exception as exc:  # noqa: BLE001 - counted and shown, never hidden
+                counts["failures"] += 1
+                name = f"{type(exc).__name__}: {str(exc)[:120]}"
+                errors[name] = errors.get(name, 0) + 1
+            else:
+                ended = time.monotonic()
+                if window_start <= ended <= window_end:
+                    counts["completed"] += 1
+                    if began >= window_start:
+                        latencies.append((ended - began) * 1000)
+            i += in_flight
+
+    used: dict[str, float] = {}
+
+    async def probe() -> None:
+        await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+        before = {name: cpu_seconds(pid) for name, pid in (cpu or {}).items()}
+        await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+        used.update({name: cpu_seconds(pid) - before[name] for name, pid in (cpu or {}).items()})
+
+    await asyncio.gather(probe(), *(lane(k) for k in range(in_flight)))
+    return {**counts, "cpu": used, "per_second": counts["completed"] / measure, "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99), "errors": errors, "window": (window_start, window_end)}
+
+
+# ---- profiles -----------------------------------------------------------------------------------------
+PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("image verification (Pillow decode in inspect_image)", ("inspect_image",)),
+    ("fsync + rename into the image store", ("_put_sync", "_fsync_dir")),
+    ("SQLite statements (aiosqlite thread)", ("aiosqlite/core.py",)),
+    ("HTTP server (uvicorn, Starlette: API and callbacks)", ("uvicorn", "starlette")),
+    ("HTTP client (httpx/httpcore: providers, downloads, webhooks)", ("httpx", "httpcore")),
+    ("store and delivery code (Python side)", ("relay/store", "relay/deliveries")),
+]
+# Leaf frames of threads waiting for work (py-spy counts some blocking waits as active).
+IDLE_LEAVES = ("_connection_worker_thread (aiosqlite/core.py:59)", "_worker (concurrent/futures/thread.py:81)",
+               "Runner.run (asyncio/runners.py")
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy (from the venv) sampling `pid` for `seconds`, raw format; None when py-spy is missing."""
+    spy = Path(PYTHON).parent / "py-spy"
+    if not spy.exists():
+        return None
+    return subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100",
+                             "--nonblocking", "--format", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_breakdown(raw: Path) -> list[tuple[str, float]]:
+    """Shares of a py-spy raw profile's non-idle samples by PROFILE_CATEGORIES (first match wins)."""
+    counts: dict[str, int] = {}
+    busy = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames or frames[-1].startswith(IDLE_LEAVES):
+            continue
+        busy += int(n)
+        name = next((label for label, marks in PROFILE_CATEGORIES if any(m in f for f in frames for m in marks)),
+                    "other (event loop, job and task logic, JSON)")
+        counts[name] = counts.get(name, 0) + int(n)
+    return sorted(((name, n / busy) for name, n in counts.items()), key=lambda x: -x[1]) if busy else []
+
+
+# ---- machine ------------------------------------------------------------------------------------------
 def machine() -> str:
     cpu = "unknown cpu"
     try:
@@ -58,7 +323,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
 
 
 def wrk(url: str, *, body: str, connections: int, seconds: int, threads: int = 1) -> dict[str, float]:
@@ -81,6 +347,3 @@ def wrk(url: str, *, body: str, connections: int, seconds: int, threads: int = 1
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["non2xx"] = float(errors.group(1)) if errors else 0.0
     return result
-
-
-PYTHON = sys.executable

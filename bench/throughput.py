@@ -1,0 +1,339 @@
+"""Sustained task throughput end to end: submit → subscriber receipt of task.succeeded, vs the simulator alone.
+
+    python -m bench.throughput [--quick]
+
+relay: `relay serve` and `relay simulate --duration 0.2` as processes; a subscriber (a small Starlette
+app served by uvicorn inside this process) subscribed to the terminal events. A closed loop keeps
+IN_FLIGHT tasks outstanding: each lane POSTs /v1/tasks, waits until the subscriber receives that task's
+task.succeeded (relay submitted it, learned it finished by polling or callback, archived every image,
+and delivered the signed webhook), then starts the next. The mix rotates over gmicloud, apimart,
+pixazo (polled), openai (synchronous, inline base64) and evolink (calls back).
+
+Baseline: the same mix, the same IN_FLIGHT and the same simulator, driven by a plain httpx loop with
+nothing durable: submit, poll every POLL_EVERY s (evolink is polled too), download each image into
+memory (openai: decode the base64). Its rate is what the simulator can give on this machine, so
+relay / baseline says what relay's durability (SQLite writes, jobs, archive with fsync, webhooks)
+costs when it shares the CPU with the provider.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import (KEY, Figure, Section, closed_loop, free_port, percentile, profile_breakdown, ratio,
+                          run_loop, start_profile, start_relay, start_simulator, stop, timed)
+
+MIX = ("gmicloud", "apimart", "pixazo", "openai", "evolink")
+IN_FLIGHT = 64
+SIM_DURATION = 0.2
+POLL_EVERY = 0.25
+WORKER_CONCURRENCY = 128
+TERMINAL = ("task.succeeded", "task.failed", "task.canceled")
+
+
+# ---- baseline: a plain httpx client against the simulator --------------------------------------------
+def _state(status: str, done: str) -> str | bool:
+    """A poll answer's status → "failed", True (done) or False (not yet)."""
+    return "failed" if status in ("failed", "cancelled") else status == done
+
+
+class PlainClient:
+    """submit + poll + download per dialect, with nothing but httpx."""
+
+    def __init__(self, http: httpx.AsyncClient, sim: str) -> None:
+        self.http, self.sim = http, sim
+        self.auth = {"authorization": "Bearer sim"}
+
+    async def _json(self, method: str, url: str, **kw: Any) -> Any:
+        response = await self.http.request(method, url, headers=kw.pop("headers", self.auth), **kw)
+        response.raise_for_status()
+        return response.json()
+
+    async def _poll(self, method: str, url: str, done: Any, **kw: Any) -> Any:
+        while True:
+            await asyncio.sleep(POLL_EVERY)
+            body = await self._json(method, url, **kw)
+            state = done(body)
+            if state == "failed":
+                raise RuntimeError(f"simulated task failed: {str(body)[:200]}")
+            if state:
+                return body
+
+    async def _download(self, urls: list[str]) -> int:
+        size = 0
+        for url in urls:
+            response = await self.http.get(url)
+            response.raise_for_status()
+            size += len(response.content)
+        return size
+
+    async def cycle(self, provider: str, prompt: str) -> int:
+        return await getattr(self, provider)(prompt)
+
+    async def gmicloud(self, prompt: str) -> int:
+        base = f"{self.sim}/gmicloud/api/v1/ie/requestqueue/apikey/requests"
+        task = await self._json("POST", base, json={"model": "gpt-image-1.5",
+                                                     "payload": {"prompt": prompt, "size": "1024x1024"}})
+        body = await self._poll("GET", f"{base}/{task['request_id']}",
+                                lambda b: _state(b["status"], "success"))
+        return await self._download([m["url"] for m in body["outcome"]["media_urls"]])
+
+    async def apimart(self, prompt: str) -> int:
+        task = await self._json("POST", f"{self.sim}/apimart/v1/images/generations",
+                                json={"model": "gpt-image-1.5-official", "prompt": prompt, "size": "1:1"})
+        task_id = task["data"][0]["task_id"]
+        body = await self._poll("GET", f"{self.sim}/apimart/v1/tasks/{task_id}",
+                                lambda b: _state(b["data"]["status"], "completed"))
+        urls: list[str] = []
+        for image in body["data"]["result"]["images"]:
+            urls += image["url"] if isinstance(image["url"], list) else [image["url"]]
+        return await self._download(urls)
+
+    async def pixazo(self, prompt: str) -> int:
+        base = f"{self.sim}/pixazo/gpt-image-1-5-api-923/v1"
+        headers = {"ocp-apim-subscription-key": "sim"}
+        task = await self._json("POST", f"{base}/gpt-image-1-5-api-request", headers=headers,
+                                json={"prompt": prompt, "image_size": "1024x1024"})
+        body = await self._poll("POST", f"{base}/gpt-image-1-5-api-request-result",
+                                lambda b: "failed" if b["status"] == "FAILED" else b["status"] == "COMPLETED",
+                                headers=headers, json={"request_id": task["request_id"]})
+        return await self._download([image["url"] for image in body["images"]])
+
+    async def openai(self, prompt: str) -> int:
+        body = await self._json("POST", f"{self.sim}/openai/v1/images/generations",
+                                json={"model": "gpt-image-1.5", "prompt": prompt, "size": "1024x1024"})
+        return sum(len(base64.b64decode(item["b64_json"])) for item in body["data"])
+
+    async def evolink(self, prompt: str) -> int:
+        task = await self._json("POST", f"{self.sim}/evolink/v1/images/generations",
+                                json={"model": "gpt-image-1.5", "prompt": prompt, "size": "1024x1024"})
+        body = await self._poll("GET", f"{self.sim}/evolink/v1/tasks/{task['id']}",
+                                lambda b: _state(b["status"], "completed"))
+        return await self._download(body["results"])
+
+
+def lane_client(**kw: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=2, max_keepalive_connections=2), **kw)
+
+
+async def baseline(sim: str, sim_pid: int, warmup: float, seconds: float) -> dict[str, Any]:
+    # One small client per lane: a single httpx client with a big pool scans every pooled connection
+    # (a getpeername() syscall each) on every request, which would make the bench the bottleneck.
+    async with contextlib.AsyncExitStack() as stack:
+        lanes = [PlainClient(await stack.enter_async_context(lane_client()), sim) for _ in range(IN_FLIGHT)]
+        by_provider: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+        async def one(i: int) -> None:
+            provider = MIX[i % len(MIX)]
+            began = time.monotonic()
+            await lanes[i % IN_FLIGHT].cycle(provider, f"bench {i}")
+            by_provider[provider].append((began, time.monotonic()))
+
+        stats = await closed_loop(one, in_flight=IN_FLIGHT, warmup=warmup, measure=seconds,
+                                  cpu={"simulator": sim_pid, "driver": None})
+        stats["by_provider"] = _by_provider(by_provider, stats["window"])
+        stats["sim"] = (await lanes[0].http.get(f"{sim}/_sim/stats")).json()["totals"]
+        return stats
+
+
+def _by_provider(found: dict[str, list[tuple[float, float]]], window: tuple[float, float]) -> dict[str, Any]:
+    out = {}
+    for provider in MIX:
+        inside = [(end - began) * 1000 for began, end in found.get(provider, []) if began >= window[0]
+                  and end <= window[1]]
+        out[provider] = {"n": len(inside), "p50": percentile(inside, 50), "p99": percentile(inside, 99)}
+    return out
+
+
+# ---- relay: submit through the API, wait for the webhook ----------------------------------------------
+def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int]) -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def hook(request: Request) -> Response:
+        payload = json.loads(await request.body())
+        counts[payload["type"]] = counts.get(payload["type"], 0) + 1
+        future = waiters.setdefault(payload["data"]["id"], asyncio.get_running_loop().create_future())
+        if not future.done():
+            future.set_result(payload["type"])
+        return Response(b"ok")
+
+    return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+
+
+async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmup: float,
+                        seconds: float) -> dict[str, Any]:
+    import uvicorn
+
+    waiters: dict[str, asyncio.Future[str]] = {}
+    received: dict[str, int] = {}
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(sink_app(waiters, received), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False, lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(lane_client(base_url=base, headers={
+                "authorization": f"Bearer {KEY}"})) for _ in range(IN_FLIGHT)]
+            api = clients[0]
+            created = await api.post("/v1/subscriptions", json={"url": f"http://127.0.0.1:{port}/hook",
+                                                                "events": list(TERMINAL)})
+            created.raise_for_status()
+            by_provider: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+            async def one(i: int) -> None:
+                provider = MIX[i % len(MIX)]
+                began = time.monotonic()
+                response = await clients[i % IN_FLIGHT].post(
+                    "/v1/tasks", json={"provider": provider, "prompt": f"bench {i}", "size": "1024x1024"})
+                response.raise_for_status()
+                task_id = response.json()["id"]
+                future = waiters.setdefault(task_id, asyncio.get_running_loop().create_future())
+                try:
+                    outcome = await future
+                finally:
+                    waiters.pop(task_id, None)
+                if outcome != "task.succeeded":
+                    raise RuntimeError(f"{provider} task ended with {outcome}")
+                by_provider[provider].append((began, time.monotonic()))
+
+            stats = await closed_loop(one, in_flight=IN_FLIGHT, warmup=warmup, measure=seconds,
+                                      cpu={"relay": relay_pid, "simulator": sim_pid, "driver": None})
+            stats["by_provider"] = _by_provider(by_provider, stats["window"])
+            stats["received"] = received
+            stats["sim"] = (await api.get(f"{sim}/_sim/stats")).json()["totals"]
+    finally:
+        server.should_exit = True
+        await serving
+    return stats
+
+
+def measure(quick: bool, profile: bool = False) -> dict[str, Any]:
+    base_warm, base_secs = (2.0, 6.0) if quick else (3.0, 15.0)
+    relay_warm, relay_secs = (3.0, 10.0) if quick else (5.0, 25.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sim, sim_url = start_simulator(root, SIM_DURATION)
+        try:
+            plain = run_loop(baseline(sim_url, sim.pid, base_warm, base_secs))
+            httpx.post(f"{sim_url}/_sim/reset").raise_for_status()
+            relay, base, _ = start_relay(
+                root, sim_url, worker_concurrency=str(WORKER_CONCURRENCY), polling_initial_delay=str(POLL_EVERY),
+                polling_max_delay="0.5", callbacks_safety_net_seconds="5")
+            spy = start_profile(relay.pid, relay_warm + relay_secs, root / "relay.profile") if profile else None
+            try:
+                through = run_loop(through_relay(base, relay.pid, sim_url, sim.pid, relay_warm, relay_secs))
+            finally:
+                if spy is not None:
+                    spy.wait()
+                stop(relay)
+            breakdown = profile_breakdown(root / "relay.profile") if spy is not None else []
+        finally:
+            stop(sim)
+    return {"baseline": plain, "relay": through, "seconds": {"baseline": base_secs, "relay": relay_secs},
+            "profile": breakdown}
+
+
+def _per_task(stats: dict[str, Any], counter: str) -> float:
+    done = stats["sim"]["submits"] or 1
+    return stats["sim"][counter] / done
+
+
+@timed
+def run(quick: bool, profile: bool = False) -> Section:
+    found = measure(quick, profile)
+    plain, through, secs = found["baseline"], found["relay"], found["seconds"]
+    r = ratio(through["per_second"], plain["per_second"])
+    lines = [
+        f"A closed loop keeps {IN_FLIGHT} tasks in flight; the mix rotates over gmicloud, apimart, pixazo "
+        f"(polled), openai (synchronous, inline base64) and evolink (callbacks); simulated generation "
+        f"{SIM_DURATION} s (`relay simulate --duration {SIM_DURATION}`), one 1024x1024 PNG per task. relay: "
+        f"`relay serve` ({WORKER_CONCURRENCY} worker slots, polls from {POLL_EVERY} s up to 0.5 s), latency = "
+        "POST /v1/tasks → a subscriber (in the bench process) receives that task's signed `task.succeeded` "
+        "webhook, so every task was submitted, confirmed, archived (fsync) and delivered. Baseline: the same "
+        f"mix and concurrency against the same simulator with a plain httpx loop (submit, poll every "
+        f"{POLL_EVERY} s, evolink polled too, download into memory), nothing stored. Throughput counts tasks "
+        f"finishing in a {secs['relay']:.0f} s window (baseline {secs['baseline']:.0f} s) after warm-up.", "",
+        "| path | tasks/s | p50 ms | p99 ms | failed / timed out | CPU ms per task: relay | simulator | bench |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, s, relay_cpu in (("plain httpx → simulator (baseline)", plain, None),
+                                ("relay end to end", through, through["cpu"].get("relay"))):
+        # CPU used during the window / tasks finished in it.
+        per = lambda cpu: f"{cpu / s['completed'] * 1000:.1f}" if s["completed"] else "-"  # noqa: E731
+        lines.append(f"| {label} | {s['per_second']:.1f} | {s['p50']:.0f} | {s['p99']:.0f} | "
+                     f"{s['failures']} / {s['timeouts']} | {per(relay_cpu) if relay_cpu is not None else '-'} | "
+                     f"{per(s['cpu']['simulator'])} | {per(s['cpu']['driver'])} |")
+    lines += ["", f"Throughput ratio relay / baseline: **{r:.2f}**." if r is not None else "", "",
+              "Per dialect (tasks finishing inside the window):", "",
+              "| dialect | baseline n | baseline p50 ms | relay n | relay p50 ms | relay p99 ms |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for provider in MIX:
+        b, t = plain["by_provider"][provider], through["by_provider"][provider]
+        lines.append(f"| {provider} | {b['n']} | {b['p50']:.0f} | {t['n']} | {t['p50']:.0f} | {t['p99']:.0f} |")
+    lines += ["", f"Simulator requests per submitted task — baseline: {_per_task(plain, 'polls'):.2f} polls, "
+              f"{_per_task(plain, 'downloads'):.2f} downloads; relay: {_per_task(through, 'polls'):.2f} polls, "
+              f"{_per_task(through, 'downloads'):.2f} downloads, {through['sim']['callbacks']} callbacks sent."]
+    if found["profile"]:
+        lines += ["", "py-spy on the relay process during the run (100 Hz, all threads, waiting threads left out):",
+                  "", "| where | share of samples |", "|---|---:|"]
+        lines += [f"| {name} | {share:.0%} |" for name, share in found["profile"]]
+    errors = {**plain["errors"], **through["errors"]}
+    if errors:
+        lines += ["", "Errors seen: " + "; ".join(f"{k} ×{v}" for k, v in errors.items())]
+    notes = [
+        "Both paths are CPU-bound on 2 cores when the machine is quiet: the simulator draws every image with "
+        "Pillow (about 20-30 ms of CPU per 1024x1024 PNG, the simulator column), and relay, the simulator and "
+        "the bench share the cores. relay's CPU per task is what its durability costs; the ratio is about how "
+        "much of the simulator's rate is left once relay takes its share of the same cores.",
+        "Where relay's CPU goes (`python -m bench.throughput --profile`: py-spy on the relay process under this "
+        "load): the largest single item is image verification, about 40 % of relay's busy samples in the runs "
+        "made for this report: `inspect_image` fully decodes every archived image with Pillow (see the archive "
+        "section: ~5-9 ms per 1024x1024 PNG against ~0.1-0.2 ms for `verify()` alone). Then httpx (~20 %: "
+        "provider calls, downloads, webhooks), fsync + rename (~15 %, threads waiting on the disk) and SQLite "
+        "statements (~13 %).",
+        "The latency of the closed loop is mostly queueing: with 64 tasks in flight and the CPU saturated, "
+        "p50 ≈ 64 / (tasks/s). Compare per-dialect p50s for relative cost, not absolute delay.",
+        "The bench's own clients are one small httpx client per lane. One shared AsyncClient with a 128-connection "
+        "pool made the baseline driver the bottleneck (16.6 ms of CPU per task instead of 2.6 ms, half the "
+        "baseline rate): on every request and every response close httpcore walks all pooled connections and "
+        "asks each whether it has expired (`is_socket_readable`, a getpeername() and a poll per connection). "
+        "relay's own outbound client for providers and downloads is one pool of up to 100 connections (20 kept "
+        "alive); in relay's profile that pool bookkeeping was a few percent, not a hot spot.",
+    ]
+    figures = {"relay_tasks_per_s": through["per_second"], "relay_p50_ms": through["p50"],
+               "relay_p99_ms": through["p99"], "baseline_tasks_per_s": plain["per_second"],
+               "baseline_p50_ms": plain["p50"], "ratio": r or 0.0,
+               "relay_failures": through["failures"] + through["timeouts"]}
+    summary = [Figure(f"task throughput end to end ({IN_FLIGHT} in flight)",
+                      f"{through['per_second']:.1f} tasks/s, p50 {through['p50']:.0f} / p99 {through['p99']:.0f} ms",
+                      f"plain httpx → simulator: {plain['per_second']:.1f} tasks/s", r)]
+    return Section("throughput", "Task throughput end to end", "\n".join(lines), notes, figures, summary)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="sample the relay process with py-spy meanwhile")
+    args = parser.parse_args()
+    section = run(args.quick, args.profile)
+    print(section.markdown())
+    print(json.dumps(section.figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
