@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from urllib.parse import urlencode
 
@@ -12,7 +11,8 @@ class Signer:
         self._key = secret.encode() if isinstance(secret, str) else secret
 
     def _mac(self, purpose: str, message: str) -> str:
-        return hmac.new(self._key, f"{purpose}:{message}".encode(), hashlib.sha256).hexdigest()
+        # hmac.digest: the one-shot C implementation, several times faster than hmac.new() (callback hot path)
+        return hmac.digest(self._key, f"{purpose}:{message}".encode(), "sha256").hex()
 
     # ---- image links ------------------------------------------------------------------------------
     def image_query(self, image_id: str, expires: int) -> str:
