@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -52,6 +53,9 @@ async def _serve(settings: Settings, log_level: str) -> None:
                                 lifespan="on", access_log=False,
                                 # Jobs are leased, so a short grace loses nothing; idle keep-alive peers do not hold us.
                                 timeout_graceful_shutdown=3)
+        # Everything built so far (modules, settings, the app) lives as long as the process: move it out
+        # of the garbage collector's sight so its full collections only walk what requests allocate.
+        gc.freeze()
         await uvicorn.Server(config).serve()
 
 
