@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from relay import ids
@@ -10,6 +12,8 @@ from relay.errors import Conflict
 from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.states import on_update
 from relay.store.base import ArchiveResult, Store
+from relay.store.sqlite import WAL_SIZE_LIMIT, SQLiteStore
+from tests.harness import wait_for
 
 
 def new_task(clock: ManualClock, provider: str = "gmicloud") -> Task:
@@ -194,3 +198,29 @@ async def test_submit_mark_survives_and_clears(store: Store, clock: ManualClock)
     await store.clear_submit_started(task.id)
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.submit_started_at is None
+
+
+async def test_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> None:
+    """Automatic checkpoints are off on the writer (they stalled whole group commits); the store's own
+    background checkpoints keep the WAL from growing without bound: after a 12 MB burst the WAL restarts
+    and is cut back to WAL_SIZE_LIMIT. Without them it would stay over 12 MB."""
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    try:
+        row = await (await store._writer.execute("PRAGMA wal_autocheckpoint")).fetchone()   # type: ignore[union-attr]
+        assert row[0] == 0
+        await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
+        wal = tmp_path / "relay.db-wal"
+        for _ in range(60):
+            async with store._tx() as db:
+                await db.executemany("INSERT INTO filler VALUES (randomblob(4000))", [()] * 50)
+        assert wal.stat().st_size > 12_000_000
+
+        async def checkpointed() -> bool:
+            # After a complete checkpoint the next writer starts the WAL over from its beginning.
+            async with store._tx() as db:
+                await db.execute("INSERT INTO filler VALUES (x'00')")
+            return wal.stat().st_size <= WAL_SIZE_LIMIT
+        await wait_for(checkpointed, 10, "a background checkpoint to let the WAL restart")
+    finally:
+        await store.close()
