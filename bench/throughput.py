@@ -301,11 +301,10 @@ def run(quick: bool, profile: bool = False) -> Section:
         "the bench share the cores. relay's CPU per task is what its durability costs; the ratio is about how "
         "much of the simulator's rate is left once relay takes its share of the same cores.",
         "Where relay's CPU goes (`python -m bench.throughput --profile`: py-spy on the relay process under this "
-        "load): the largest single item is image verification, about 40 % of relay's busy samples in the runs "
-        "made for this report: `inspect_image` fully decodes every archived image with Pillow (see the archive "
-        "section: ~5-9 ms per 1024x1024 PNG against ~0.1-0.2 ms for `verify()` alone). Then httpx (~20 %: "
-        "provider calls, downloads, webhooks), fsync + rename (~15 %, threads waiting on the disk) and SQLite "
-        "statements (~13 %).",
+        "load; the table above when run with --profile). Before image verification stopped fully decoding "
+        "every image (see the archive section) it was about 40 % of relay's busy samples; after it, httpx "
+        "(provider calls, downloads, webhooks), fsync + rename (threads waiting on the disk) and SQLite "
+        "statements lead.",
         "The latency of the closed loop is mostly queueing: with 64 tasks in flight and the CPU saturated, "
         "p50 ≈ 64 / (tasks/s). Compare per-dialect p50s for relative cost, not absolute delay.",
         "The bench's own clients are one small httpx client per lane. One shared AsyncClient with a 128-connection "
