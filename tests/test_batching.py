@@ -45,3 +45,27 @@ async def test_a_failed_flush_fails_every_caller_in_it() -> None:
     assert all(isinstance(r, RuntimeError) for r in results)
     with pytest.raises(RuntimeError):
         await group.submit(9)
+
+
+async def test_a_caller_that_goes_away_does_not_cancel_the_others_commit() -> None:
+    """One caller cancelled while its batch is being committed: the batch still commits for the others."""
+    started, release = asyncio.Event(), asyncio.Event()
+    flushed: list[list[int]] = []
+
+    async def flush(batch: list[int]) -> None:
+        started.set()
+        await release.wait()
+        flushed.append(batch)
+
+    group: GroupCommit[int] = GroupCommit(flush)
+    first = asyncio.create_task(group.submit(0))
+    await asyncio.wait_for(started.wait(), timeout=1)             # batch [0] is being committed
+    others = [asyncio.create_task(group.submit(i)) for i in (1, 2)]
+    leaving = asyncio.create_task(group.submit(3))
+    await asyncio.sleep(0)
+    leaving.cancel()                                               # its client disconnected
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *others), timeout=1)
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert flushed[0] == [0] and {1, 2} <= set(flushed[1])

@@ -28,8 +28,9 @@ class GroupCommit(Generic[T]):
         self._pending.append((item, future))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run())
-        # shield: a caller that goes away (client disconnect) must not cancel the others' commit
-        await asyncio.shield(future)
+        # Each caller awaits its own future: a caller that goes away (client disconnect) cancels only
+        # that future; the batch it joined still commits for everyone else (see _run's done() checks).
+        await future
 
     async def _run(self) -> None:
         while self._pending:
