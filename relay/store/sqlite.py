@@ -133,7 +133,7 @@ class SQLiteStore(SQLiteDeliveries, Store):
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._callbacks: GroupCommit[tuple[tuple[Any, ...], Job]] = GroupCommit(self._write_callbacks)
-        self._job_outcomes: GroupCommit[tuple[str, tuple[Any, ...]]] = GroupCommit(self._write_statements)
+        self._small_writes: GroupCommit[tuple[str, tuple[Any, ...]]] = GroupCommit(self._write_statements)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -189,7 +189,7 @@ class SQLiteStore(SQLiteDeliveries, Store):
 
     async def close(self) -> None:
         await self._callbacks.drain()
-        await self._job_outcomes.drain()
+        await self._small_writes.drain()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
@@ -411,9 +411,8 @@ class SQLiteStore(SQLiteDeliveries, Store):
         return None if row is None else dict(row)
 
     async def settle_callback(self, inbox_id: str, status: str, note: str | None, now: float) -> None:
-        async with self._tx() as db:
-            await db.execute("UPDATE inbox SET status = ?, note = ?, processed_at = ? WHERE id = ?",
-                             (status, note, now, inbox_id))
+        await self._small_writes.submit(("UPDATE inbox SET status = ?, note = ?, processed_at = ? WHERE id = ?",
+                                         (status, note, now, inbox_id)))
 
     # ---- images ----------------------------------------------------------------------------------
     async def get_image(self, image_id: str) -> ImageRecord | None:
@@ -520,14 +519,15 @@ class SQLiteStore(SQLiteDeliveries, Store):
             return cursor.rowcount == 1
 
     # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a
-    # transaction (group commit), each caller still returning only once its own write is durable.
+    # transaction (group commit, with other small independent writes such as settling a callback),
+    # each caller still returning only once its own write is durable.
     async def finish_job(self, job: Job) -> None:
-        await self._job_outcomes.submit(("DELETE FROM jobs WHERE id = ? AND lease_token IS ?",
+        await self._small_writes.submit(("DELETE FROM jobs WHERE id = ? AND lease_token IS ?",
                                          (job.id, job.lease_token)))
 
     async def retry_job(self, job: Job, run_at: float, error: str | None, *,
                         payload: dict[str, Any] | None = None, reset_attempts: bool = False) -> None:
-        await self._job_outcomes.submit((
+        await self._small_writes.submit((
             "UPDATE jobs SET run_at = ?, last_error = ?, lease_token = NULL, payload = COALESCE(?, payload), "
             "attempts = CASE WHEN ? THEN 0 ELSE attempts END WHERE id = ? AND lease_token IS ?",
             (run_at, error, _dumps(payload), reset_attempts, job.id, job.lease_token)))
