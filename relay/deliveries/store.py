@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
@@ -29,6 +30,11 @@ TASK_TARGET = "task"
 REPLAY_MAX = 10_000
 
 
+_T = TypeVar("_T")
+_INSERT_ATTEMPT = ("INSERT INTO delivery_attempts (delivery_id, number, at, url, origin, status_code, latency_ms, "
+                   "response, error) VALUES (?,?,?,?,?,?,?,?,?)")
+
+
 def deliver_job(delivery_id: str, run_at: float, now: float) -> Job:
     """The wake-up job of a delivery: one live job per delivery."""
     return Job(id=ids.new_id("job", now), kind="deliver", payload={"delivery_id": delivery_id}, run_at=run_at,
@@ -36,7 +42,7 @@ def deliver_job(delivery_id: str, run_at: float, now: float) -> Job:
 
 
 class SQLiteDeliveries:
-    """Mixin for SQLiteStore (uses its `_tx`, `_r`, `_insert_jobs`, `_wake`)."""
+    """Mixin for SQLiteStore (uses its `_tx`, `_tx_in_thread`, `_r`, `_insert_jobs`, `_wake`)."""
 
     delivery_initial_delay: float = 0.0
 
@@ -45,6 +51,8 @@ class SQLiteDeliveries:
         def _r(self) -> aiosqlite.Connection: ...
 
         def _tx(self) -> contextlib.AbstractAsyncContextManager[aiosqlite.Connection]: ...
+
+        async def _tx_in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T: ...
 
         async def _insert_jobs(self, db: aiosqlite.Connection, jobs: Sequence[Job]) -> int: ...
 
@@ -203,28 +211,28 @@ class SQLiteDeliveries:
         `outcome` is succeeded | gone | retry; a retry with no `next_attempt_at` has exhausted its schedule.
         None when the delivery is no longer at this attempt (a duplicate run): the attempt is still kept.
         """
-        async with self._tx() as db:
-            await db.execute(
-                "INSERT INTO delivery_attempts (delivery_id, number, at, url, origin, status_code, latency_ms, "
-                "response, error) VALUES (?,?,?,?,?,?,?,?,?)",
-                (attempt.delivery_id, attempt.number, attempt.at, attempt.url, attempt.origin, attempt.status_code,
-                 attempt.latency_ms, attempt.response, attempt.error))
-            if outcome == "succeeded":
-                # The common case in as few statements as possible: the update checks it is still this attempt.
-                row = await (await db.execute(
+        attempt_row = (attempt.delivery_id, attempt.number, attempt.at, attempt.url, attempt.origin,
+                       attempt.status_code, attempt.latency_ms, attempt.response, attempt.error)
+        if outcome == "succeeded":
+            # The common case, as one transaction run on the writer's thread in one hop; the update checks
+            # that the delivery is still at this attempt.
+            def succeeded(conn: sqlite3.Connection) -> sqlite3.Row | None:
+                conn.execute(_INSERT_ATTEMPT, attempt_row)
+                row: sqlite3.Row | None = conn.execute(
                     "UPDATE deliveries SET status = 'succeeded', attempts = attempts + 1, "
                     "round_attempts = round_attempts + 1, next_attempt_at = NULL, last_attempt_at = ?, "
                     "last_status_code = ?, last_error = NULL, url = ?, updated_at = ?, completed_at = ? "
                     "WHERE id = ? AND status = 'pending' AND attempts = ? RETURNING *",
                     (attempt.at, attempt.status_code, attempt.url, now, now, attempt.delivery_id,
-                     attempt.number - 1))).fetchone()
-                if row is None:
-                    return None
-                delivery = _delivery_from_row(row)
-                if delivery.subscription_id:
-                    await db.execute("UPDATE subscriptions SET failing_since = NULL "
-                                     "WHERE id = ? AND failing_since IS NOT NULL", (delivery.subscription_id,))
-                return Recorded(delivery=delivery)
+                     attempt.number - 1)).fetchone()
+                if row is not None and row["subscription_id"]:
+                    conn.execute("UPDATE subscriptions SET failing_since = NULL "
+                                 "WHERE id = ? AND failing_since IS NOT NULL", (row["subscription_id"],))
+                return row
+            row = await self._tx_in_thread(succeeded)
+            return None if row is None else Recorded(delivery=_delivery_from_row(row))
+        async with self._tx() as db:
+            await db.execute(_INSERT_ATTEMPT, attempt_row)
             row = await (await db.execute("SELECT * FROM deliveries WHERE id = ?", (attempt.delivery_id,))).fetchone()
             if row is None:
                 return None
@@ -326,10 +334,11 @@ class SQLiteDeliveries:
 
     async def wake_delivery(self, delivery_id: str, now: float) -> bool:
         """Make a waiting (unleased) delivery job due now; False if there is none to wake."""
-        async with self._tx() as db:
-            cursor = await db.execute("UPDATE jobs SET run_at = ? WHERE dedupe_key = ? AND state = 'queued' "
-                                      "AND lease_token IS NULL AND run_at > ?", (now, f"deliver:{delivery_id}", now))
-            woken = cursor.rowcount > 0
+        def wake(conn: sqlite3.Connection) -> bool:
+            return conn.execute("UPDATE jobs SET run_at = ? WHERE dedupe_key = ? AND state = 'queued' "
+                                "AND lease_token IS NULL AND run_at > ?",
+                                (now, f"deliver:{delivery_id}", now)).rowcount > 0
+        woken = await self._tx_in_thread(wake)
         if woken:
             self._wake()
         return woken

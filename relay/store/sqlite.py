@@ -504,19 +504,21 @@ class SQLiteStore(SQLiteDeliveries, Store):
             kind_filter = f" AND kind IN ({','.join('?' * len(kinds))})"
             args.extend(kinds)
         args.append(limit)
-        async with self._tx() as db:
+
+        def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             # run_at doubles as the lease: a claimed job is due again when its lease runs out.
-            rows = await (await db.execute(
+            return conn.execute(
                 "UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE id IN ("
                 f" SELECT id FROM jobs WHERE state = 'queued' AND run_at <= ?{kind_filter} ORDER BY run_at LIMIT ?)"
-                " RETURNING *", args)).fetchall()
+                " RETURNING *", args).fetchall()
+        rows = await self._tx_in_thread(claim)     # one hop to the writer's thread, not four
         return [_job_from_row(row) for row in rows]
 
     async def extend_lease(self, job: Job, until: float) -> bool:
-        async with self._tx() as db:
-            cursor = await db.execute("UPDATE jobs SET run_at = ? WHERE id = ? AND lease_token IS ? AND state = 'queued'",
-                                      (until, job.id, job.lease_token))
-            return cursor.rowcount == 1
+        def extend(conn: sqlite3.Connection) -> bool:
+            return conn.execute("UPDATE jobs SET run_at = ? WHERE id = ? AND lease_token IS ? AND state = 'queued'",
+                                (until, job.id, job.lease_token)).rowcount == 1
+        return await self._tx_in_thread(extend)
 
     # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a
     # transaction (group commit, with other small independent writes such as settling a callback),
