@@ -224,3 +224,23 @@ async def test_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> None:
         await wait_for(checkpointed, 10, "a background checkpoint to let the WAL restart")
     finally:
         await store.close()
+
+
+async def test_a_transaction_body_that_suspends_is_refused_and_rolled_back(tmp_path: Path) -> None:
+    """Bodies run on the writer's thread (one hop per transaction) may await only the connection; one that
+    awaits anything else is refused with a clear error, and what it wrote is rolled back."""
+    import asyncio
+
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    try:
+        async def body(db) -> None:  # type: ignore[no-untyped-def]
+            await db.execute("INSERT INTO idempotency_keys (scope, key, body_hash, task_id, created_at) "
+                             "VALUES ('s', 'k', 'h', 't', 0)")
+            await asyncio.sleep(0)      # suspends: not allowed on the writer's thread
+        with pytest.raises(RuntimeError, match="suspends"):
+            await store._tx_body_in_thread(body)
+        row = await (await store._r.execute("SELECT COUNT(*) FROM idempotency_keys")).fetchone()
+        assert row[0] == 0
+    finally:
+        await store.close()

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -122,6 +122,53 @@ class _Reader:
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Rows:
         return _Rows(list(await self.conn.execute_fetchall(sql, parameters)))
+
+
+class _CursorInThread:
+    """A sqlite3 cursor with aiosqlite's awaitable reads (see _ConnectionInThread)."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    async def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    async def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+
+class _ConnectionInThread:
+    """The writer's sqlite3 connection, on its own thread, dressed as the aiosqlite connection the store's
+    transaction bodies are written against. Its awaitables never suspend, so such a body can be driven to
+    its end right there (_run_to_end): a whole transaction of many statements costs one hop to the
+    writer's thread instead of one per statement."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    @property
+    def total_changes(self) -> int:
+        return self._conn.total_changes
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _CursorInThread:
+        return _CursorInThread(self._conn.execute(sql, parameters))
+
+    async def executemany(self, sql: str, rows: Any) -> _CursorInThread:
+        return _CursorInThread(self._conn.executemany(sql, rows))
+
+
+def _run_to_end(body: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (it only awaits _ConnectionInThread) to its result."""
+    try:
+        body.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    body.close()
+    raise RuntimeError("a transaction body run on the writer's thread awaited something that suspends")
 
 
 class SQLiteStore(SQLiteDeliveries, Store):
@@ -240,6 +287,14 @@ class SQLiteStore(SQLiteDeliveries, Store):
             conn = self._writer._conn
             return await self._writer._execute(_in_transaction, conn, work)  # type: ignore[no-any-return]
 
+    async def _tx_body_in_thread(self, body: Callable[[aiosqlite.Connection], Coroutine[Any, Any, T]]) -> T:
+        """Run a transaction body written against the aiosqlite connection (`await db.execute(...)`) on the
+        writer's thread in one hop. The body must await nothing but `db`; it commits when it returns and
+        rolls back when it raises, as under `_tx`."""
+        def work(conn: sqlite3.Connection) -> T:
+            return _run_to_end(body(_ConnectionInThread(conn)))  # type: ignore[arg-type]
+        return await self._tx_in_thread(work)
+
     @staticmethod
     async def _commit(db: aiosqlite.Connection) -> None:
         await db.execute("COMMIT")
@@ -254,7 +309,7 @@ class SQLiteStore(SQLiteDeliveries, Store):
     # ---- tasks -----------------------------------------------------------------------------------
     async def create_task(self, task: Task, jobs: Sequence[Job], *,
                           idempotency: tuple[str, str, str] | None = None) -> tuple[Task, bool]:
-        async with self._tx() as db:
+        async def body(db: aiosqlite.Connection) -> tuple[Task, bool]:
             if idempotency is not None:
                 scope, key, body_hash = idempotency
                 row = await (await db.execute(
@@ -279,8 +334,11 @@ class SQLiteStore(SQLiteDeliveries, Store):
                  _dumps(task.webhook_events), task.sequence, task.created_at, task.updated_at,
                  task.completed_at, task.deadline_at, task.submit_started_at))
             await self._insert_jobs(db, jobs)
-        self._wake()
-        return task, True
+            return task, True
+        result = await self._tx_body_in_thread(body)     # one hop: the API's hottest write
+        if result[1]:
+            self._wake()
+        return result
 
     async def get_task(self, task_id: str) -> Task | None:
         return await self._load_task(self._r, task_id)
@@ -307,7 +365,7 @@ class SQLiteStore(SQLiteDeliveries, Store):
 
     async def apply(self, task_id: str, decide: Decide, now: float, *,
                     default_expiry: float = 86400.0, jobs: Sequence[Job] = ()) -> Applied | None:
-        async with self._tx() as db:
+        async def body(db: aiosqlite.Connection) -> Any:
             task = await self._load_task(db, task_id)
             if task is None:
                 return None
@@ -316,6 +374,8 @@ class SQLiteStore(SQLiteDeliveries, Store):
                 return None
             applied = await self._write_transition(db, task, transition, now, default_expiry)
             await self._insert_jobs(db, jobs)
+            return applied
+        applied = await self._tx_body_in_thread(body)
         self._wake()
         return applied
 
@@ -424,7 +484,7 @@ class SQLiteStore(SQLiteDeliveries, Store):
         return None if row is None else (_image_from_row(row), row["source_data"])
 
     async def image_archived(self, image_id: str, result: ArchiveResult, now: float) -> Applied | None:
-        async with self._tx() as db:
+        async def body(db: aiosqlite.Connection) -> Applied | None:
             row = await (await db.execute("SELECT task_id, status FROM images WHERE id = ?", (image_id,))).fetchone()
             if row is None or row["status"] != "pending":
                 return None
@@ -440,12 +500,13 @@ class SQLiteStore(SQLiteDeliveries, Store):
             transition = on_archived(task, all_done)
             if transition is None:
                 return None
-            applied = await self._write_transition(db, task, transition, now, 0.0)
+            return await self._write_transition(db, task, transition, now, 0.0)
+        applied = await self._tx_body_in_thread(body)
         self._wake()
         return applied
 
     async def image_failed(self, image_id: str, code: str, message: str, now: float) -> Applied | None:
-        async with self._tx() as db:
+        async def body(db: aiosqlite.Connection) -> Applied | None:
             row = await (await db.execute("SELECT task_id, status FROM images WHERE id = ?", (image_id,))).fetchone()
             if row is None or row["status"] != "pending":
                 return None
@@ -457,7 +518,8 @@ class SQLiteStore(SQLiteDeliveries, Store):
             transition = on_failure(task, code, message)
             if transition is None:
                 return None
-            applied = await self._write_transition(db, task, transition, now, 0.0)
+            return await self._write_transition(db, task, transition, now, 0.0)
+        applied = await self._tx_body_in_thread(body)
         self._wake()
         return applied
 
