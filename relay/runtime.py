@@ -112,9 +112,15 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
     api_keys = resolve_api_keys(settings)
     guard = NetGuard(settings.network.allow)
-    http = httpx.AsyncClient(transport=transport or guard.transport(), follow_redirects=False,
-                             timeout=httpx.Timeout(60.0, connect=10.0),
-                             headers={"user-agent": "relay/0.1"})
+    def new_client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=transport or guard.transport(), follow_redirects=False,
+                                 timeout=httpx.Timeout(60.0, connect=10.0), headers={"user-agent": "relay/0.1"})
+
+    # One client (connection pool) for image downloads and inputs, and one per provider: httpcore checks
+    # every connection of a pool (a readability syscall each) when a request starts and when one ends,
+    # so one big shared pool made each provider call pay for everyone's idle connections.
+    http = new_client()
+    provider_clients: list[httpx.AsyncClient] = []
     store = open_store(settings)
     await store.open()
     image_store = LocalImageStore(Path(settings.storage.images_dir))
@@ -129,7 +135,8 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
                                  timeout=settings.archive.timeout)
 
     for name, conf in settings.providers.items():
-        providers[name] = build_provider(conf.kind, http, base_url=conf.base_url, api_key=conf.api_key,
+        provider_clients.append(new_client())
+        providers[name] = build_provider(conf.kind, provider_clients[-1], base_url=conf.base_url, api_key=conf.api_key,
                                          name=name, model=conf.model, fetch_input=fetch_input, timeout=conf.timeout)
         limiters[name] = TokenBucket(conf.rate_limit)
     ctx.callbacks_enabled = True
@@ -147,4 +154,5 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     finally:
         await deliveries.close()
         await store.close()
-        await http.aclose()
+        for client in (http, *provider_clients):
+            await client.aclose()
