@@ -171,6 +171,19 @@ def _run_to_end(body: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a transaction body run on the writer's thread awaited something that suspends")
 
 
+def claim_sql(kinds: int) -> str:
+    """The claim: lease up to `limit` due jobs (of `kinds` kinds, if any), oldest due first.
+
+    run_at doubles as the lease: a claimed job is due again when its lease runs out. INDEXED BY: the claim
+    must walk the due jobs in run_at order and stop after `limit`; left to itself the planner may pick
+    jobs_by_state_kind and sort every queued job (0.5 s at a million rows, seen in bench.claims).
+    """
+    kind_filter = f" AND kind IN ({','.join('?' * kinds)})" if kinds else ""
+    return ("UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE id IN ("
+            f" SELECT id FROM jobs INDEXED BY jobs_due WHERE state = 'queued' AND run_at <= ?{kind_filter}"
+            " ORDER BY run_at LIMIT ?) RETURNING *")
+
+
 class SQLiteStore(SQLiteDeliveries, Store):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -561,19 +574,11 @@ class SQLiteStore(SQLiteDeliveries, Store):
     async def claim(self, now: float, *, limit: int, lease_seconds: float,
                     kinds: Sequence[str] | None = None) -> list[Job]:
         token = ids.ulid(now)
-        kind_filter = ""
-        args: list[Any] = [now + lease_seconds, token, now]
-        if kinds:
-            kind_filter = f" AND kind IN ({','.join('?' * len(kinds))})"
-            args.extend(kinds)
-        args.append(limit)
+        args: list[Any] = [now + lease_seconds, token, now, *(kinds or ()), limit]
+        sql = claim_sql(len(kinds or ()))
 
         def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-            # run_at doubles as the lease: a claimed job is due again when its lease runs out.
-            return conn.execute(
-                "UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE id IN ("
-                f" SELECT id FROM jobs WHERE state = 'queued' AND run_at <= ?{kind_filter} ORDER BY run_at LIMIT ?)"
-                " RETURNING *", args).fetchall()
+            return conn.execute(sql, args).fetchall()
         rows = await self._tx_in_thread(claim)     # one hop to the writer's thread, not four
         return [_job_from_row(row) for row in rows]
 
