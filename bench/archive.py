@@ -15,9 +15,7 @@ event), finish the job.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -26,8 +24,19 @@ from typing import Any
 
 import httpx
 
-from bench.common import (KEY, Figure, Section, cpu_seconds, percentile, ratio, run_loop, start_simulator, stop,
-                          timed)
+from bench.common import (
+    KEY,
+    Figure,
+    Section,
+    cpu_seconds,
+    percentile,
+    ratio,
+    run_loop,
+    run_standalone,
+    start_simulator,
+    stop,
+    timed,
+)
 
 CONCURRENCY = 32          # worker.concurrency's default
 PER_TASK = 10             # images per simulated GMI Cloud task
@@ -239,12 +248,7 @@ def run(quick: bool) -> Section:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    section = run(args.quick)
-    print(section.markdown())
-    print(json.dumps(section.figures, indent=2))
+    run_standalone(run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ each claimed batch is handed back with retry_job(run_at=now) so the due backlog 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sqlite3
@@ -21,7 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, Section, percentile, ratio, run_loop, timed
+from bench.common import (
+    Figure,
+    Section,
+    percentile,
+    ratio,
+    run_loop,
+    run_standalone,
+    timed,
+)
 
 KINDS = ["submit", "poll", "archive", "callback", "deliver"]    # what relay's worker claims
 # (kind, share) of the seeded rows; due / future / dead shares below.
@@ -177,12 +184,7 @@ def run(quick: bool) -> Section:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    section = run(args.quick)
-    print(section.markdown())
-    print(json.dumps(section.figures, indent=2))
+    run_standalone(run)
 
 
 if __name__ == "__main__":

@@ -347,3 +347,15 @@ def wrk(url: str, *, body: str, connections: int, seconds: int, threads: int = 1
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["non2xx"] = float(errors.group(1)) if errors else 0.0
     return result
+
+
+def run_standalone(run: Callable[[bool], Section]) -> None:
+    """`python -m bench.<section> [--quick]`: run one section, print its table and its figures as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    section = run(parser.parse_args().quick)
+    print(section.markdown())
+    print(json.dumps(section.figures, indent=2))

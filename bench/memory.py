@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sqlite3
@@ -24,7 +23,18 @@ from typing import Any
 
 import httpx
 
-from bench.common import KEY, Figure, Section, ratio, rss_kib, start_relay, start_simulator, stop, timed
+from bench.common import (
+    KEY,
+    Figure,
+    Section,
+    ratio,
+    rss_kib,
+    run_standalone,
+    start_relay,
+    start_simulator,
+    stop,
+    timed,
+)
 
 SETTLE = 3.0
 BATCH = 20_000
@@ -194,12 +204,7 @@ def run(quick: bool) -> Section:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    section = run(args.quick)
-    print(section.markdown())
-    print(json.dumps(section.figures, indent=2))
+    run_standalone(run)
 
 
 if __name__ == "__main__":
