@@ -46,4 +46,9 @@ def parse_rfc3339(value: str) -> float:
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    try:
+        # In UTC, not just as written: every later step (rfc3339 in answers, the store) works in UTC.
+        return dt.astimezone(timezone.utc).timestamp()
+    except (OverflowError, ValueError):
+        # 9999-12-31T23:59:59-23:59 is a valid string whose UTC instant is in year 10000.
+        raise ValueError(f"{value!r} is out of the supported range of years 1-9999") from None

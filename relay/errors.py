@@ -10,6 +10,7 @@
     ├── ArchiveError                  an image could not be saved
     │   ├── SourceGone                the source link is dead (404/410/expired): fail the task
     │   │   └── InvalidImage          the bytes are not a valid image of the claimed type
+    │   ├── ReferenceUnavailable      a reference image (images, mask) could not be fetched; `permanent` or not
     │   └── (ArchiveError itself)     retryable: timeout, truncated download
     ├── BlockedAddress                the SSRF guard refused an outbound URL
     └── ApiError                      mapped to API.md's error shape by the web layer
@@ -19,6 +20,7 @@
         ├── NotFound         404 not_found
         ├── Conflict         409 conflict
         ├── PayloadTooLarge  413 payload_too_large
+        ├── UnsupportedMediaType  415 unsupported_media_type
         └── RateLimitedApi   429 rate_limited
 
 Job handlers raise `Retry(after=…)` (from relay.queue) to run again later; any
@@ -100,6 +102,21 @@ class InvalidImage(SourceGone):
         super().__init__(message, code=code)
 
 
+class ReferenceUnavailable(ArchiveError):
+    """A reference image of a task could not be downloaded before its submit (nothing was sent yet).
+
+    Transient causes (timeout, 5xx, connection refused) are retried like any ArchiveError; permanent ones
+    (404, too large, an address the SSRF guard refuses) fail the task at once.
+    """
+
+    CODE = "reference_unavailable"
+
+    def __init__(self, url: str, reason: str, *, permanent: bool) -> None:
+        super().__init__(f"reference image {url} could not be fetched: {reason}", code=self.CODE)
+        self.url = url
+        self.permanent = permanent
+
+
 class BlockedAddress(RelayError):
     """The SSRF guard refused an outbound URL (private, loopback, metadata, … address)."""
 
@@ -145,6 +162,12 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    """A /v1 body sent with a Content-Type other than JSON (an addition to API.md's codes)."""
+
+    status, code = 415, "unsupported_media_type"
 
 
 class BadRequestBody(ApiError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -60,3 +61,12 @@ def ulid(now: float | None = None) -> str:
 def new_id(prefix: str, now: float | None = None) -> str:
     """An id like `tsk_01JD…`."""
     return f"{prefix}_{ulid(now)}"
+
+
+_ID = re.compile(r"([a-z]{3})_[0-9A-HJKMNP-TV-Z]{26}")
+
+
+def is_id(value: str, prefix: str) -> bool:
+    """True if `value` has the shape of an id this module makes with `prefix` (a cursor check)."""
+    match = _ID.fullmatch(value)
+    return match is not None and match.group(1) == prefix

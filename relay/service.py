@@ -7,15 +7,16 @@ import contextlib
 import hashlib
 import json
 import logging
+from typing import Any
 
 from relay import ids
-from relay.errors import Conflict, InvalidRequest, NotFound
+from relay.errors import BlockedAddress, Conflict, InvalidRequest, NotFound
 from relay.jobs.context import JobContext
 from relay.models import Job, Task
-from relay.netguard import BlockedAddress, NetGuard
+from relay.netguard import NetGuard
 from relay.providers.base import check_supported
 from relay.states import on_cancel
-from relay.validation import parse_json_object, parse_task_input
+from relay.validation import parse_task_input
 
 log = logging.getLogger("relay.service")
 
@@ -25,20 +26,19 @@ class TaskService:
         self.ctx = ctx
         self.guard = guard
 
-    async def create(self, body: bytes, *, scope: str, idempotency_key: str | None) -> tuple[Task, bool]:
+    async def create(self, data: dict[str, Any], *, scope: str, idempotency_key: str | None) -> tuple[Task, bool]:
         """Validate and store a task with its submit job (one transaction). Returns (task, created)."""
         ctx = self.ctx
-        data = parse_json_object(body)
         parsed = parse_task_input(data, known_providers=list(ctx.providers))
         provider = ctx.providers[parsed.provider]
         check_supported(provider.caps, parsed.request, parsed.provider)
-        if parsed.webhook_url is not None:
-            # Refused now, with a reason, rather than as a dead letter later; the delivery itself
-            # is checked again on the address it connects to (DNS may change in between).
-            try:
-                await self.guard.check_url(parsed.webhook_url)
-            except BlockedAddress as exc:
-                raise InvalidRequest(f"webhook_url is refused: {exc}", field="webhook_url") from None
+        # Refused now, with a reason, rather than as a failed task or a dead letter later; each connection is
+        # checked again on the address it really opens (DNS may change in between).
+        outbound: list[tuple[str, str | None]] = [("images", url) for url in parsed.request.images]
+        outbound += [("mask", parsed.request.mask), ("webhook_url", parsed.webhook_url)]
+        for field, url in outbound:
+            if url is not None:
+                await self._check_outbound(field, url)
         now = ctx.clock.now()
         task = Task(id=ids.new_id("tsk", now), provider=parsed.provider, request=parsed.request.to_dict(),
                     metadata=parsed.metadata, webhook_url=parsed.webhook_url, webhook_events=parsed.webhook_events,
@@ -51,6 +51,12 @@ class TaskService:
             canonical = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
             idempotency = (scope, idempotency_key, canonical)
         return await ctx.store.create_task(task, [submit], idempotency=idempotency)
+
+    async def _check_outbound(self, field: str, url: str) -> None:
+        try:
+            await self.guard.check_url(url)
+        except BlockedAddress as exc:
+            raise InvalidRequest(f"{field} is refused: {exc}", field=field) from None
 
     async def get(self, task_id: str) -> Task:
         task = await self.ctx.store.get_task(task_id)

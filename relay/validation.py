@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+
+import httpx
 
 from relay.errors import InvalidRequest
 from relay.models import (BACKGROUNDS, FORMATS, MODERATIONS, QUALITIES, RATIO_TO_PIXELS, SIZES_PIXELS,
@@ -17,6 +19,11 @@ MAX_PROMPT_CHARS = 32_000
 MAX_METADATA_BYTES = 16 * 1024
 MAX_INPUT_IMAGES = 16
 MAX_URL_CHARS = 2048
+# Limits on every JSON body, checked before any field: what relay accepts it must be able to store, read
+# back, list and deliver, and a value nested a thousand levels deep breaks Python's JSON codec on the way out.
+MAX_JSON_DEPTH = 32             # the body object itself is level 1
+MAX_JSON_ITEMS = 1024           # object members and array items, all levels together
+MAX_STRING_CHARS = 32_000       # any string, object keys included (the prompt's own limit)
 ALLOWED_FIELDS = {"provider", "prompt", "size", "quality", "n", "background", "output_format", "output_compression",
                   "moderation", "images", "mask", "webhook_url", "webhook_events", "metadata"}
 SIZE_CHOICES = (*SIZES_PIXELS, *RATIO_TO_PIXELS, "auto")
@@ -43,6 +50,7 @@ def _not_json(name: str) -> Any:
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object within the limits above, or InvalidRequest naming the field."""
     try:
         data = json.loads(body, parse_float=_finite, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -50,16 +58,50 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest("the body must be a JSON object (strict JSON: no NaN or Infinity)") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
+    check_json_limits(data)
+    return data
+
+
+def check_json_limits(data: dict[str, Any]) -> None:
+    """Depth, item count, string length and valid Unicode of a parsed body; the error names the top-level field.
+
+    Iterative, so that no depth the parser accepted can overflow the stack here.
+    """
+    items = 0
+    stack: list[tuple[Any, int, str | None]] = [(data, 1, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        if isinstance(value, str):
+            _check_string(value, field)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"{field or 'the body'} is nested deeper than {MAX_JSON_DEPTH} levels",
+                                 field=field)
+        items += len(value)
+        if items > MAX_JSON_ITEMS:
+            raise InvalidRequest(f"the body has more than {MAX_JSON_ITEMS} keys and list items", field=field)
+        if isinstance(value, dict):
+            for key, child in value.items():
+                here = field if field is not None else key
+                _check_string(key, here)
+                stack.append((child, depth + 1, here))
+        else:
+            stack.extend((child, depth + 1, field) for child in value)
+
+
+def _check_string(text: str, field: str | None) -> None:
+    if len(text) > MAX_STRING_CHARS:
+        raise InvalidRequest(f"{field or 'a key'} holds a string longer than {MAX_STRING_CHARS} characters",
+                             field=field)
     try:
         # json.loads accepts "\ud800" escapes, which no UTF-8 text can hold: stored, such a string would break
         # every later answer that shows it (and every request relay makes with it).
-        json.dumps(data, ensure_ascii=False).encode()
+        text.encode()
     except UnicodeEncodeError:
-        raise InvalidRequest("the body must be valid Unicode: a string holds a lone surrogate (\\ud800-\\udfff)") \
-            from None
-    except RecursionError:
-        raise InvalidRequest("the body is nested too deeply") from None
-    return data
+        raise InvalidRequest(f"{field or 'a key'} is not valid Unicode: a string holds a lone surrogate "
+                             "(\\ud800-\\udfff)", field=field) from None
 
 
 def _choice(data: dict[str, Any], name: str, choices: tuple[str, ...]) -> str | None:
@@ -71,14 +113,44 @@ def _choice(data: dict[str, Any], name: str, choices: tuple[str, ...]) -> str | 
     return value
 
 
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
 def _url(value: Any, name: str, *, https_only: bool = False) -> str:
-    if not isinstance(value, str) or len(value) > MAX_URL_CHARS:
-        raise InvalidRequest(f"{name} must be a URL of at most {MAX_URL_CHARS} characters", field=name)
-    parts = urlsplit(value)
+    """An absolute http(s) URL that every later step (storage, the SSRF guard, DNS, httpx) can handle."""
     schemes = ("https",) if https_only else ("http", "https")
-    if parts.scheme not in schemes or not parts.hostname:
+    if not isinstance(value, str) or not value or len(value) > MAX_URL_CHARS:
+        raise InvalidRequest(f"{name} must be a URL of at most {MAX_URL_CHARS} characters", field=name)
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidRequest(f"{name} must not contain spaces or control characters", field=name)
+    try:
+        # httpx's parser, not urllib's: it is the one that will send the request (and it checks IDNA).
+        parsed = httpx.URL(value)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise InvalidRequest(f"{name} is not a valid URL: {exc}", field=name) from None
+    if parsed.scheme not in schemes or not parsed.raw_host:
         raise InvalidRequest(f"{name} must be an absolute {' or '.join(schemes)} URL", field=name)
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise InvalidRequest(f"{name} has a port out of range (1-65535)", field=name)
+    problem = host_problem(parsed.raw_host.decode("ascii"))
+    if problem is not None:
+        raise InvalidRequest(f"{name} has an invalid host: {problem}", field=name)
     return value
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` (ASCII, IDNA-encoded, as httpx gives it) cannot be looked up or connected to; None if it can."""
+    if "%" in host:
+        return "zone ids and percent signs are not allowed in a host"
+    if ":" in host:        # a bracketed IPv6 literal: httpx has already checked its form
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return "a host name is 1 to 253 characters"
+    for label in name.split("."):
+        if not _LABEL.fullmatch(label):
+            return f"{label!r} is not a DNS label (1-63 letters, digits, hyphens; no leading or trailing hyphen)"
+    return None
 
 
 def parse_task_input(data: dict[str, Any], *, known_providers: list[str]) -> TaskInput:
@@ -133,7 +205,7 @@ def parse_task_input(data: dict[str, Any], *, known_providers: list[str]) -> Tas
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise InvalidRequest("metadata must be a JSON object", field="metadata")
-        if len(json.dumps(metadata, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
+        if len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
             raise InvalidRequest("metadata must be at most 16 KiB of JSON", field="metadata")
     request = GenerationRequest(
         prompt=prompt, size=size, quality=_choice(data, "quality", QUALITIES), n=n,

@@ -7,13 +7,18 @@ crash or a timeout after sending): it is not resent, unless the provider
 dedupes submits by our Idempotency-Key (the task id), and the task fails as
 `submit_outcome_unknown`. A submit the provider certainly did not accept
 (connection refused, 429, 5xx) clears the mark and is retried.
+
+Reference images that the dialect uploads itself (GMI, OpenAI) are downloaded
+before the mark: an unreachable image host is retried with backoff and then
+fails the task as `reference_unavailable` naming the URL, never as a submit
+whose outcome is unknown.
 """
 
 from __future__ import annotations
 
 import logging
 
-from relay.errors import ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
+from relay.errors import ProviderRejected, ProviderUnavailable, ReferenceUnavailable, SubmitOutcomeUnknown
 from relay.jobs.context import JobContext
 from relay.models import GenerationRequest, Job, ProviderStatus, Task
 from relay.providers.base import Provider
@@ -39,6 +44,16 @@ class SubmitHandler:
         provider = ctx.provider(task.provider)
         if task.submit_started_at is not None and not provider.caps.idempotent_submit:
             return await self._outcome_unknown(task, provider, task.submit_started_at)
+        request = GenerationRequest.from_dict(task.request)
+        try:
+            # Before the mark, like the throttle: a dead image host has then certainly sent nothing anywhere.
+            # A transient failure (ReferenceUnavailable, an ArchiveError) goes to the worker's backoff.
+            inputs = await provider.fetch_inputs(request)
+        except ReferenceUnavailable as exc:
+            if not exc.permanent:
+                raise
+            await self._fail(task.id, exc.code, exc.message)
+            return None
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
         limit = ctx.settings.providers[task.provider].max_in_flight
         if not await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now()):
@@ -48,8 +63,8 @@ class SubmitHandler:
         callback_url = (ctx.callback_url(task.provider, task.id)
                         if provider.caps.callbacks and ctx.callbacks_enabled else None)
         try:
-            update = await provider.submit(GenerationRequest.from_dict(task.request),
-                                           callback_url=callback_url, idempotency_key=task.id)
+            update = await provider.submit(request, callback_url=callback_url, idempotency_key=task.id,
+                                           inputs=inputs)
         except SubmitOutcomeUnknown as exc:
             if provider.caps.idempotent_submit:
                 raise ProviderUnavailable(str(exc)) from exc   # resending with the same key is safe
@@ -111,4 +126,10 @@ class SubmitHandler:
     async def give_up(self, job: Job, reason: str) -> None:
         task = await self.ctx.store.get_task(job.task_id or "")
         if task is not None and task.provider_task_id is None:
-            await self._fail(task.id, "provider_unavailable", f"could not submit to the provider: {reason}")
+            # The worker's reason starts with the error's code (see relay.queue): a reference image that
+            # stayed unreachable through every retry is the user's to fix, not the provider's.
+            prefix = ReferenceUnavailable.CODE + ": "
+            if reason.startswith(prefix):
+                await self._fail(task.id, ReferenceUnavailable.CODE, reason[len(prefix):])
+            else:
+                await self._fail(task.id, "provider_unavailable", f"could not submit to the provider: {reason}")

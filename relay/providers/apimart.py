@@ -20,6 +20,7 @@ from relay.errors import (
 from relay.models import PIXELS_TO_RATIO, GenerationRequest, ProviderImage, ProviderStatus, TaskUpdate
 from relay.providers.base import (
     Capabilities,
+    Inputs,
     Provider,
     accepted_status,
     as_dict,
@@ -79,7 +80,7 @@ class ApiMartProvider(Provider):
         return {"Authorization": f"Bearer {self.api_key}"}
 
     async def submit(self, req: GenerationRequest, *, callback_url: str | None = None,
-                     idempotency_key: str = "") -> TaskUpdate:
+                     idempotency_key: str = "", inputs: Inputs | None = None) -> TaskUpdate:
         """POST the generation; APIMart answers with a task id to poll."""
         body = drop_none({
             "model": self.model_name, "prompt": req.prompt,

@@ -22,10 +22,14 @@ from typing import Any, ClassVar
 import httpx
 
 from relay.errors import (
+    ArchiveError,
+    BlockedAddress,
     ProviderProtocolError,
     ProviderRejected,
     ProviderUnavailable,
     RateLimited,
+    ReferenceUnavailable,
+    SourceGone,
     SubmitOutcomeUnknown,
     Unsupported,
 )
@@ -51,7 +55,7 @@ from relay.providers.parsing import (  # re-exported: adapters import their help
 )
 
 __all__ = [
-    "Capabilities", "InputFetcher", "Provider", "accepted_status", "as_dict", "as_float", "as_int", "as_list", "as_str",
+    "Capabilities", "InputFetcher", "Inputs", "Provider", "accepted_status", "as_dict", "as_float", "as_int", "as_list", "as_str",
     "check_supported", "clamp_progress", "drop_none", "error_message", "error_parts", "failure_code",
     "image_from_url", "looks_like_policy", "make_update", "map_status", "map_transport_errors", "nested",
     "parse_json", "parse_retry_after", "raise_for_status", "reading_submit_answer", "task_id",
@@ -62,6 +66,8 @@ GATEWAY_TIMEOUTS = frozenset({504, 524})
 
 # Downloads a reference image URL (through the SSRF guard, with a size cap) → (bytes, content type).
 InputFetcher = Callable[[str], Awaitable[tuple[bytes, str]]]
+# Reference images fetched before a submit: URL → (bytes, content type).
+Inputs = Mapping[str, tuple[bytes, str]]
 
 
 @dataclass(frozen=True)
@@ -167,8 +173,9 @@ class Provider(abc.ABC):
         return self.model or self.default_model
 
     @abc.abstractmethod
-    async def submit(self, req: GenerationRequest, *, callback_url: str | None, idempotency_key: str) -> TaskUpdate:
-        """Start a task. Returns at least QUEUED with `provider_task_id`, or a final update.
+    async def submit(self, req: GenerationRequest, *, callback_url: str | None, idempotency_key: str,
+                     inputs: Inputs | None = None) -> TaskUpdate:
+        """Start a task (`inputs`: the reference images from `fetch_inputs`). Returns at least QUEUED with `provider_task_id`, or a final update.
 
         Raises ProviderRejected (fail), ProviderUnavailable/RateLimited (nothing was accepted: safe to
         retry), SubmitOutcomeUnknown (sent, no answer: must not be resent blindly).
@@ -213,13 +220,30 @@ class Provider(abc.ABC):
         response = await self.send(method, url, json_body=json_body, headers=headers, submit=submit, **kwargs)
         return parse_json(response.content, status=response.status_code)
 
-    async def fetch_base64(self, url: str) -> tuple[str, str]:
-        """Download a reference image through the injected fetcher → (base64 text, content type).
+    async def fetch_inputs(self, req: GenerationRequest) -> Inputs:
+        """Download the reference images (images, mask) this dialect uploads itself; {} for URL dialects.
 
-        Errors of the fetcher (BlockedAddress, ArchiveError, SourceGone) pass through unchanged.
+        Called by the submit job *before* the submit is reserved, so that a dead or slow image host can
+        never be mistaken for a submit whose outcome is unknown. Raises ReferenceUnavailable naming the URL:
+        `permanent` for a refused address, a 4xx or an oversized image; else worth retrying later.
         """
-        data, content_type = await self.fetch_bytes(url)
-        return base64.b64encode(data).decode("ascii"), content_type
+        if self.caps.input_images != "base64":
+            return {}
+        inputs: dict[str, tuple[bytes, str]] = {}
+        for url in dict.fromkeys((*req.images, *((req.mask,) if req.mask is not None else ()))):
+            try:
+                inputs[url] = await self.fetch_bytes(url)
+            except BlockedAddress as exc:
+                raise ReferenceUnavailable(url, str(exc), permanent=True) from None
+            except ArchiveError as exc:
+                raise ReferenceUnavailable(url, exc.message, permanent=isinstance(exc, SourceGone)) from None
+        return inputs
+
+    async def input_bytes(self, inputs: Inputs | None, url: str) -> tuple[bytes, str]:
+        """A reference image as fetched by `fetch_inputs` (downloaded now only when called without them)."""
+        if inputs is not None and url in inputs:
+            return inputs[url]
+        return await self.fetch_bytes(url)
 
     async def fetch_bytes(self, url: str) -> tuple[bytes, str]:
         """Download a reference image through the injected fetcher (SSRF guard and size cap live there)."""

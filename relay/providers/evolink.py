@@ -16,6 +16,7 @@ from relay.errors import ProviderProtocolError, SubmitOutcomeUnknown
 from relay.models import GenerationRequest, ProviderImage, ProviderStatus, TaskUpdate
 from relay.providers.base import (
     Capabilities,
+    Inputs,
     Provider,
     accepted_status,
     as_dict,
@@ -70,7 +71,7 @@ class EvoLinkProvider(Provider):
         return {"Authorization": f"Bearer {self.api_key}"}
 
     async def submit(self, req: GenerationRequest, *, callback_url: str | None = None,
-                     idempotency_key: str = "") -> TaskUpdate:
+                     idempotency_key: str = "", inputs: Inputs | None = None) -> TaskUpdate:
         """POST the generation; `callback_url` is sent only when given (EvoLink requires HTTPS)."""
         body = drop_none({
             "model": self.model_name, "prompt": req.prompt, "size": req.size, "quality": req.quality,

@@ -7,6 +7,7 @@ per GMI's docs) or must be polled with `GET …/requests/{request_id}`.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -15,6 +16,7 @@ from relay.errors import SubmitOutcomeUnknown
 from relay.models import GenerationRequest, ProviderImage, ProviderStatus, TaskUpdate
 from relay.providers.base import (
     Capabilities,
+    Inputs,
     Provider,
     accepted_status,
     as_dict,
@@ -72,13 +74,13 @@ class GmiCloudProvider(Provider):
         return {"Authorization": f"Bearer {self.api_key}"}
 
     async def submit(self, req: GenerationRequest, *, callback_url: str | None = None,
-                     idempotency_key: str = "") -> TaskUpdate:
+                     idempotency_key: str = "", inputs: Inputs | None = None) -> TaskUpdate:
         """POST the request; the answer is either a queue record to poll or already final."""
         image = mask = None
         if req.images:
-            image, _ = await self.fetch_base64(req.images[0])
+            image = _b64(await self.input_bytes(inputs, req.images[0]))
         if req.mask is not None:
-            mask, _ = await self.fetch_base64(req.mask)
+            mask = _b64(await self.input_bytes(inputs, req.mask))
         payload = drop_none({
             "prompt": req.prompt, "size": req.size, "quality": req.quality, "n": req.n,
             "output_format": req.output_format, "output_compression": req.output_compression,
@@ -131,3 +133,7 @@ def _images(outcome: dict[str, Any]) -> tuple[ProviderImage, ...]:
         if image is not None:
             found.append(image)
     return tuple(found)
+
+
+def _b64(fetched: tuple[bytes, str]) -> str:
+    return base64.b64encode(fetched[0]).decode("ascii")

@@ -13,6 +13,7 @@ from relay.errors import ProviderRejected
 from relay.models import GenerationRequest, ProviderImage, ProviderStatus, TaskUpdate
 from relay.providers.base import (
     Capabilities,
+    Inputs,
     Provider,
     as_dict,
     as_list,
@@ -54,7 +55,7 @@ class OpenAIProvider(Provider):
         return {"Authorization": f"Bearer {self.api_key}"}
 
     async def submit(self, req: GenerationRequest, *, callback_url: str | None = None,
-                     idempotency_key: str = "") -> TaskUpdate:
+                     idempotency_key: str = "", inputs: Inputs | None = None) -> TaskUpdate:
         """Generate (or edit, when reference images are given) and return the final update."""
         fields = drop_none({
             "model": self.model_name, "prompt": req.prompt, "n": req.n, "size": req.size,
@@ -64,10 +65,10 @@ class OpenAIProvider(Provider):
         if req.images:
             files: list[tuple[str, tuple[str, bytes, str]]] = []
             for index, url in enumerate(req.images):
-                data, content_type = await self.fetch_bytes(url)
+                data, content_type = await self.input_bytes(inputs, url)
                 files.append(("image[]", (f"image{index}{_suffix(content_type)}", data, content_type)))
             if req.mask is not None:
-                data, content_type = await self.fetch_bytes(req.mask)
+                data, content_type = await self.input_bytes(inputs, req.mask)
                 files.append(("mask", ("mask.png", data, content_type or "image/png")))
             # Multipart has no numbers: every field travels as text. `moderation` is not an
             # edits parameter, so it is left out rather than risk a 400.

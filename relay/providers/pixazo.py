@@ -15,6 +15,7 @@ from relay.errors import ProviderProtocolError, ProviderRejected, SubmitOutcomeU
 from relay.models import GenerationRequest, ProviderImage, ProviderStatus, TaskUpdate
 from relay.providers.base import (
     Capabilities,
+    Inputs,
     Provider,
     accepted_status,
     as_dict,
@@ -67,7 +68,7 @@ class PixazoProvider(Provider):
         return {"Ocp-Apim-Subscription-Key": self.api_key, "Cache-Control": "no-cache"}
 
     async def submit(self, req: GenerationRequest, *, callback_url: str | None = None,
-                     idempotency_key: str = "") -> TaskUpdate:
+                     idempotency_key: str = "", inputs: Inputs | None = None) -> TaskUpdate:
         """POST the request; the answer is a ticket to poll or, on some accounts, the final images."""
         body = drop_none({
             "prompt": req.prompt, "image_size": req.size, "background": req.background,

@@ -135,7 +135,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_events(self, *, after: str | None, type: str | None, task_id: str | None,
                           limit: int) -> list[Event]:
-        """The ordered event log, oldest first after the cursor event id."""
+        """The ordered event log, oldest first after the cursor event id (an unknown id: nothing after it)."""
+
+    @abc.abstractmethod
+    async def event_exists(self, event_id: str) -> bool:
+        """Whether the event log holds this id (tells an unknown cursor from the end of the log)."""
 
     # ---- subscriptions and deliveries (relay.deliveries) -----------------------------------------
     # New events fan out to deliveries inside `apply`'s transaction (SQLite: `_fan_out`).

@@ -542,7 +542,7 @@ class SQLiteStore(SQLiteDeliveries, Store):
                           limit: int) -> list[Event]:
         where, args = [], []
         if after:
-            where.append("seq > COALESCE((SELECT seq FROM events WHERE id = ?), 0)")
+            where.append("seq > (SELECT seq FROM events WHERE id = ?)")
             args.append(after)
         if type:
             where.append("type = ?")
@@ -554,6 +554,10 @@ class SQLiteStore(SQLiteDeliveries, Store):
         rows = await (await self._r.execute(sql, (*args, limit))).fetchall()
         return [Event(id=r["id"], type=r["type"], task_id=r["task_id"], sequence=r["sequence"],
                       created_at=r["created_at"], data=_loads(r["data"])) for r in rows]
+
+    async def event_exists(self, event_id: str) -> bool:
+        row = await (await self._r.execute("SELECT 1 FROM events WHERE id = ?", (event_id,))).fetchone()
+        return row is not None
 
     # ---- jobs ------------------------------------------------------------------------------------
     async def enqueue(self, jobs: Sequence[Job]) -> int:

@@ -10,8 +10,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.errors import InvalidRequest, PayloadTooLarge, Unauthorized
+from relay import ids
+from relay.errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from relay.runtime import Runtime
+from relay.validation import parse_json_object
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -56,6 +58,30 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    """A /v1 request body: JSON by Content-Type (415 otherwise), at most `limit` bytes, a bounded JSON object.
+
+    A missing Content-Type is taken as JSON; a form post or text/plain is refused rather than guessed at.
+    """
+    declared = request.headers.get("content-type")
+    if declared is not None:
+        media_type = declared.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise UnsupportedMediaType(f"the body must be JSON (Content-Type: application/json), not {media_type!r}",
+                                       field="Content-Type")
+    return parse_json_object(await read_body(request, limit))
+
+
+def query_cursor(request: Request, name: str, prefix: str) -> str | None:
+    """A paging cursor: an id relay gave out (`prefix`_…), or 422; never silently the start of the list."""
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    if not ids.is_id(value, prefix):
+        raise InvalidRequest(f"{name} must be a {prefix}_… id from a previous page", field=name)
+    return value
 
 
 def query_limit(request: Request, default: int = 50, maximum: int = 200) -> int:

@@ -16,8 +16,8 @@ from relay.clock import rfc3339
 from relay.deliveries.models import DELIVERY_STATUSES, Attempt, Delivery, Keys, Subscription
 from relay.deliveries.service import DeliveryService
 from relay.errors import InvalidRequest
-from relay.validation import parse_json_object, parse_replay_input, parse_subscription_input
-from relay.web.common import json_response, query_limit, read_body, require_api_key, runtime_of
+from relay.validation import parse_replay_input, parse_subscription_input
+from relay.web.common import json_response, query_cursor, query_limit, read_json_body, require_api_key, runtime_of
 
 MAX_BODY = 64 * 1024
 
@@ -58,7 +58,7 @@ def delivery_object(d: Delivery, attempts: list[Attempt] | None = None) -> dict[
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    return parse_json_object(await read_body(request, MAX_BODY))
+    return await read_json_body(request, MAX_BODY)
 
 
 # ---- subscriptions -------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ async def create_subscription(request: Request) -> Response:
 async def list_subscriptions(request: Request) -> Response:
     require_api_key(request)
     subs, cursor = await _service(request).store.list_subscriptions(limit=query_limit(request),
-                                                                   cursor=request.query_params.get("cursor"))
+                                                                   cursor=query_cursor(request, "cursor", "sub"))
     return json_response({"data": [subscription_object(s) for s in subs], "next_cursor": cursor})
 
 
@@ -119,7 +119,7 @@ async def list_deliveries(request: Request) -> Response:
         raise InvalidRequest(f"status must be one of {', '.join(DELIVERY_STATUSES)}", field="status")
     found, cursor = await _service(request).store.list_deliveries(
         subscription_id=params.get("subscription_id"), status=status, task_id=params.get("task_id"),
-        event_id=params.get("event_id"), limit=query_limit(request), cursor=params.get("cursor"))
+        event_id=params.get("event_id"), limit=query_limit(request), cursor=query_cursor(request, "cursor", "dlv"))
     return json_response({"data": [delivery_object(d) for d in found], "next_cursor": cursor})
 
 

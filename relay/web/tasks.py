@@ -12,7 +12,8 @@ from relay.errors import InvalidRequest, NotFound, Unauthorized
 from relay.models import Task, TaskStatus
 from relay.present import task_object, with_image_urls
 from relay.states import EVENT_TYPES
-from relay.web.common import json_response, query_limit, read_body, require_api_key, runtime_of, small_int
+from relay.web.common import (json_response, query_cursor, query_limit, read_json_body, require_api_key, runtime_of,
+                              small_int)
 
 
 def present(request: Request, task: Task) -> dict[str, object]:
@@ -34,8 +35,8 @@ async def create_task(request: Request) -> Response:
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-    body = await read_body(request, runtime_of(request).settings.server.max_body_bytes)
-    task, created = await runtime_of(request).tasks.create(body, scope=scope, idempotency_key=key)
+    data = await read_json_body(request, runtime_of(request).settings.server.max_body_bytes)
+    task, created = await runtime_of(request).tasks.create(data, scope=scope, idempotency_key=key)
     return json_response(present(request, task), status=202 if created else 200)
 
 
@@ -53,7 +54,7 @@ async def list_tasks(request: Request) -> Response:
     runtime = runtime_of(request)
     provider = request.query_params.get("provider")
     tasks, cursor = await runtime.store.list_tasks(status=status, provider=provider, limit=query_limit(request),
-                                                   cursor=request.query_params.get("cursor"))
+                                                   cursor=query_cursor(request, "cursor", "tsk"))
     return json_response({"data": [present(request, t) for t in tasks], "next_cursor": cursor})
 
 
@@ -94,9 +95,13 @@ async def list_events(request: Request) -> Response:
     type_ = request.query_params.get("type")
     if type_ is not None and type_ not in EVENT_TYPES:
         raise InvalidRequest(f"type must be one of {', '.join(EVENT_TYPES)}", field="type")
-    events = await runtime.store.list_events(after=request.query_params.get("after"), type=type_,
-                                             task_id=request.query_params.get("task_id"),
-                                             limit=query_limit(request))
+    after = query_cursor(request, "after", "evt")
+    limit = query_limit(request)
+    events = await runtime.store.list_events(after=after, type=type_, task_id=request.query_params.get("task_id"),
+                                             limit=limit)
+    if after is not None and not events and not await runtime.store.event_exists(after):
+        # An unknown cursor would otherwise read as "from the beginning" to the store: say so instead.
+        raise InvalidRequest(f"after: no event {after} in the log", field="after")
     make = image_url_maker(request)
     from relay.clock import rfc3339
     data = [{"id": e.id, "type": e.type, "timestamp": rfc3339(e.created_at), "sequence": e.sequence,
