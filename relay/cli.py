@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import gc
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -32,8 +31,10 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """One stderr handler whose lines carry no URL credentials, query strings or keys (relay.logs)."""
+    from relay.logs import configure_logging
+
+    configure_logging(level)
 
 
 # ---- serve ---------------------------------------------------------------------------------------
@@ -48,7 +49,9 @@ async def _serve(settings: Settings, log_level: str) -> None:
             print(f"relay: no api_keys configured; using the generated key in {api_key_file(settings)}",
                   file=sys.stderr)
         app = create_app(runtime, run_worker=settings.server.role in ("all", "worker"))
+        # log_config=None: uvicorn's lines go through the root handler of _logging (one format, redacted).
         config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=log_level,
+                                log_config=None,
                                 ssl_certfile=settings.server.ssl_certfile, ssl_keyfile=settings.server.ssl_keyfile,
                                 lifespan="on", access_log=False,
                                 # Jobs are leased, so a short grace loses nothing; idle keep-alive peers do not hold us.
@@ -82,10 +85,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from relay.simulator import SimulatorConfig, create_simulator_app
 
+    _logging(args.log_level)
     public = f"http://{args.host}:{args.port}"
     app = create_simulator_app(SimulatorConfig(public_url=public, duration=args.duration, link_ttl=args.link_ttl))
     print(f"relay simulator on {public} (dialects: /gmicloud /apimart /evolink /pixazo /openai)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None, access_log=False)
     return 0
 
 
@@ -188,6 +192,7 @@ def cmd_dev_cert(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
+    _logging(args.log_level)
     return asyncio.run(run_demo(per_provider=args.per_provider, keep_running=args.keep_running,
                                 data_dir=Path(args.data_dir), port=args.port, timeout=args.timeout))
 
@@ -222,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="./relay-demo-data")
     p.add_argument("--port", type=int, default=8080, help="relay's port (0: any free port)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_demo)
 
     def client_opts(p: argparse.ArgumentParser) -> None:

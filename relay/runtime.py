@@ -112,8 +112,10 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
     api_keys = resolve_api_keys(settings)
     guard = NetGuard(settings.network.allow)
-    def new_client() -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=transport or guard.transport(), follow_redirects=False,
+    def new_client(*, pooled: bool = True) -> httpx.AsyncClient:
+        """A guarded client; `pooled=False`: every request on a new connection, closed after its answer."""
+        limits = None if pooled else httpx.Limits(max_connections=100, max_keepalive_connections=0)
+        return httpx.AsyncClient(transport=transport or guard.transport(limits=limits), follow_redirects=False,
                                  timeout=httpx.Timeout(60.0, connect=10.0), headers={"user-agent": "relay/0.1"})
 
     # One client (connection pool) for image downloads and inputs, and one per provider: httpcore checks
@@ -135,9 +137,19 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
                                  timeout=settings.archive.timeout)
 
     for name, conf in settings.providers.items():
-        provider_clients.append(new_client())
-        providers[name] = build_provider(conf.kind, provider_clients[-1], base_url=conf.base_url, api_key=conf.api_key,
-                                         name=name, model=conf.model, fetch_input=fetch_input, timeout=conf.timeout)
+        client = new_client()
+        provider_clients.append(client)
+        # A pooled connection may have been closed by the provider just as a request goes out on it (its
+        # idle timeout, a load balancer's): the request fails after sending. A fetch is simply retried,
+        # and so is a submit that carries an idempotency key the provider honours; any other submit
+        # goes out on a connection of its own, never a reused one (one handshake per task).
+        submit_client = None
+        if not PROVIDER_KINDS[conf.kind].caps.idempotent_submit:
+            submit_client = new_client(pooled=False)
+            provider_clients.append(submit_client)
+        providers[name] = build_provider(conf.kind, client, base_url=conf.base_url, api_key=conf.api_key,
+                                         name=name, model=conf.model, fetch_input=fetch_input, timeout=conf.timeout,
+                                         submit_http=submit_client)
         limiters[name] = TokenBucket(conf.rate_limit)
     ctx.callbacks_enabled = True
     deliveries = build_delivery_service(settings, store, clock, guard=guard, signer=ctx.signer,

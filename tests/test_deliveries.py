@@ -501,3 +501,50 @@ async def test_a_failing_subscription_gets_one_attempt_at_a_time(tmp_path: Path)
         assert d.sink.in_flight("/sick") == 1 and d.sink.max_in_flight("/sick") == 1
         d.sink.release()
         await draining
+
+
+# ---- the SSRF guard at connect time ---------------------------------------------------------------
+async def test_an_address_refused_at_connect_fails_at_once_and_a_dns_failure_keeps_retrying(tmp_path: Path) -> None:
+    """Through the worker: a subscriber name that now resolves to cloud metadata (not allow-listed) fails its
+    delivery on the first attempt as blocked_address, recorded in the attempt history, with no retry left;
+    a name that no longer resolves at all is not a policy refusal and follows the retry schedule."""
+    import socket
+
+    async with delivery_harness(tmp_path) as d:
+        guard = d.h.runtime.guard
+        registered: set[str] = set()
+
+        async def resolver(host: str, port: int) -> list[str]:
+            if host not in registered:          # registration: both names are public
+                registered.add(host)
+                return ["93.184.216.34"]
+            if host == "metadata.example":
+                return ["169.254.169.254"]
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        guard.resolver = resolver
+        refused = await d.subscribe("/x", url="http://metadata.example/hook")
+        unresolved = await d.subscribe("/y", url="http://vanished.example/hook")
+        event_id = await d.emit(await d.task())
+        await d.drain()
+
+        [blocked] = await d.deliveries(subscription_id=refused["id"])
+        assert blocked["status"] == "failed" and blocked["attempts"] == 1 and blocked["next_attempt_at"] is None
+        assert blocked["last_error"].startswith("blocked_address:") and "169.254.169.254" in blocked["last_error"]
+        assert "link-local" in blocked["last_error"] and blocked["completed_at"] is not None
+        [attempt] = (await d.delivery(blocked["id"]))["attempt_history"]
+        assert attempt["status_code"] is None and attempt["error"] == blocked["last_error"]
+        assert attempt["url"] == "http://metadata.example/hook"
+
+        [waiting] = await d.deliveries(subscription_id=unresolved["id"])
+        assert waiting["status"] == "pending" and waiting["next_attempt_at"] is not None
+        assert waiting["last_error"].startswith("connection_error:") and "vanished.example" in waiting["last_error"]
+
+        await run_schedule(d, 2)
+        assert (await d.delivery(blocked["id"]))["attempts"] == 1          # never tried again
+        again = await d.delivery(waiting["id"])
+        assert again["status"] == "pending" and again["attempts"] == 3
+        assert all(a["error"].startswith("connection_error:") for a in again["attempt_history"])
+        assert d.sink.received == [] and event_id
+        # Only the unresolved subscriber's job is left; the refused one is done.
+        assert await d.h.runtime.store.job_counts() == {"deliver:queued": 1}

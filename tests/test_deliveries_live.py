@@ -51,7 +51,8 @@ async def test_a_slow_subscriber_does_not_delay_a_fast_one(tmp_path: Path) -> No
 
 
 async def test_connect_time_guard_refuses_a_name_that_turned_private(tmp_path: Path) -> None:
-    """DNS rebinding: a name public at registration and 10.x when sending is refused at connect (no request)."""
+    """DNS rebinding: a name public at registration and 10.x when sending is refused at connect (no request),
+    and the delivery fails at once: a refused address is policy, no retry would get through."""
     answers = iter([["93.184.216.34"]])
 
     async def resolver(host: str, port: int) -> list[str]:
@@ -75,12 +76,13 @@ async def test_connect_time_guard_refuses_a_name_that_turned_private(tmp_path: P
         jobs = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
         handler = DeliverHandler(service)
         for job in jobs:
-            assert await handler.run(job) is not None      # a failed attempt: retried later
+            assert await handler.run(job) is None          # settled: not scheduled again
         found, _ = await store.list_deliveries(subscription_id=None, status=None, task_id=None, event_id=None,
                                                limit=10, cursor=None)
         assert len(found) == 2
         for delivery in found:
-            assert delivery.status == "pending" and delivery.last_status_code is None
+            assert delivery.status == "failed" and delivery.last_status_code is None and delivery.attempts == 1
+            assert delivery.next_attempt_at is None
             assert delivery.last_error is not None and delivery.last_error.startswith("blocked_address"), delivery
         assert sub.id
     finally:

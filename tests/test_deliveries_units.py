@@ -81,6 +81,7 @@ def test_retry_after_never_raises(value: str) -> None:
 def test_classify(status: int | None, outcome: str) -> None:
     """2xx succeeds, 410 is gone, everything else (redirects included, no answer) is retried."""
     assert schedule.classify(status) == outcome
+    assert schedule.classify(status, blocked=True) == "refused"     # the SSRF guard: never retried
 
 
 def test_park_delay_grows_and_is_capped() -> None:

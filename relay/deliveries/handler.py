@@ -27,6 +27,7 @@ from relay.deliveries import schedule
 from relay.deliveries.clients import origin
 from relay.deliveries.models import Delivery
 from relay.deliveries.service import DeliveryService, Sent
+from relay.logs import redact_text
 from relay.models import Job
 from relay.queue import Again
 
@@ -102,7 +103,7 @@ class DeliverHandler:
 
     async def _record(self, delivery_id: str, delivery: Delivery, url: str, at: float, sent: Sent) -> Again | None:
         svc = self.service
-        outcome = schedule.classify(sent.status_code)
+        outcome = schedule.classify(sent.status_code, blocked=sent.blocked)
         now = svc.clock.now()
         next_at = None
         if outcome == schedule.RETRY:
@@ -121,7 +122,7 @@ class DeliverHandler:
             return Again(max(0.0, next_at - svc.clock.now()), payload={"delivery_id": delivery_id})
         if recorded.delivery.status == "failed":
             log.info("delivery %s failed for good after %d attempts: %s", delivery_id, recorded.delivery.attempts,
-                     recorded.delivery.last_error)
+                     redact_text(recorded.delivery.last_error or ""))
         return None
 
     async def give_up(self, job: Job, reason: str) -> None:

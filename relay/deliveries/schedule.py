@@ -19,6 +19,7 @@ DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 SUCCEEDED = "succeeded"
 GONE = "gone"
 RETRY = "retry"
+REFUSED = "refused"     # the SSRF guard refused the address: no later attempt can succeed, fail now
 
 
 def first_delay(schedule: Sequence[float], jitter: float, rng: random.Random | None = None) -> float:
@@ -42,8 +43,11 @@ def _jittered(base: float, jitter: float, rng: random.Random | None) -> float:
     return base * (rng or random).uniform(1 - jitter, 1 + jitter)
 
 
-def classify(status_code: int | None) -> str:
-    """2xx: succeeded; 410: gone (stop, disable the subscription); anything else or no answer: retry."""
+def classify(status_code: int | None, *, blocked: bool = False) -> str:
+    """2xx: succeeded; 410: gone (stop, disable the subscription); refused by the SSRF guard: refused
+    (fail at once); anything else or no answer (a DNS failure included): retry."""
+    if blocked:
+        return REFUSED
     if status_code is not None and 200 <= status_code < 300:
         return SUCCEEDED
     if status_code == 410:

@@ -63,6 +63,7 @@ class Sent:
     response: str | None = None
     error: str | None = None
     retry_after: float | None = None
+    blocked: bool = False          # the SSRF guard refused the address (policy, not a network failure)
 
 
 class DeliveryService:
@@ -233,6 +234,7 @@ class DeliveryService:
         snippet: bytes = b""
         retry_after: str | None = None
         location: str | None = None
+        blocked = False
         try:
             async with asyncio.timeout(timeout), self._client(url) as client:
                 async with client.stream("POST", url, content=body, headers=headers,
@@ -249,7 +251,10 @@ class DeliveryService:
             error = (f"timeout: no answer within {timeout:g} s" if status is None
                      else f"timeout: the response body did not finish within {timeout:g} s")
         except BlockedAddress as exc:
-            error = f"blocked_address: {exc}"
+            # Raised by the guarded transport at connect time (a DNS failure is a ConnectError instead,
+            # below, and is retried): policy, so no later attempt would get through.
+            error = f"blocked_address: {exc}; not retried"
+            blocked = True
         except httpx.HTTPError as exc:
             error = f"connection_error: {type(exc).__name__}: {exc}" if status is None else f"read_error: {exc}"
         latency = (time.perf_counter() - started) * 1000
@@ -260,7 +265,7 @@ class DeliveryService:
         text = snippet[:RESPONSE_LIMIT].decode("utf-8", errors="replace") if snippet else None
         return Sent(status_code=status, latency_ms=round(latency, 2), response=text,
                     error=error[:ERROR_LIMIT] if error else None,
-                    retry_after=parse_retry_after(retry_after, now))
+                    retry_after=parse_retry_after(retry_after, now), blocked=blocked)
 
     @contextlib.asynccontextmanager
     async def _client(self, url: str) -> AsyncIterator[httpx.AsyncClient]:

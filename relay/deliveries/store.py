@@ -208,7 +208,9 @@ class SQLiteDeliveries:
                              auto_disable_after: float, now: float) -> Recorded | None:
         """Keep the attempt; move the delivery on (and its subscription's failure clock) unless it moved already.
 
-        `outcome` is succeeded | gone | retry; a retry with no `next_attempt_at` has exhausted its schedule.
+        `outcome` is succeeded | gone | retry | refused; a retry with no `next_attempt_at` has exhausted its
+        schedule; refused (the SSRF guard would not connect) fails the delivery at once. Either counts as a
+        failure of the subscription (its failure clock, auto-disable).
         None when the delivery is no longer at this attempt (a duplicate run): the attempt is still kept.
         """
         attempt_row = (attempt.delivery_id, attempt.number, attempt.at, attempt.url, attempt.origin,
@@ -247,7 +249,8 @@ class SQLiteDeliveries:
                 if sub_id:
                     disabled = DISABLED_GONE
             else:
-                status, next_at = ("pending", next_attempt_at) if next_attempt_at is not None else ("failed", None)
+                retry = outcome == "retry" and next_attempt_at is not None
+                status, next_at = ("pending", next_attempt_at) if retry else ("failed", None)
                 if sub_id:
                     since = await (await db.execute(
                         "UPDATE subscriptions SET failing_since = COALESCE(failing_since, ?) WHERE id = ? "

@@ -10,7 +10,6 @@ sensible `TaskUpdate`, never an unhandled exception.
 from __future__ import annotations
 
 import abc
-import base64
 import contextlib
 import email.utils
 import math
@@ -158,8 +157,13 @@ class Provider(abc.ABC):
 
     def __init__(self, http: httpx.AsyncClient, *, base_url: str, api_key: str, name: str | None = None,
                  model: str | None = None, fetch_input: InputFetcher | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, submit_http: httpx.AsyncClient | None = None) -> None:
+        """`submit_http`: the client for submits (`send(submit=True)`), default `http`. The runtime gives
+        providers without `caps.idempotent_submit` one that never reuses a connection: a submit sent on a
+        pooled connection the provider closed meanwhile fails after sending, cannot be resent, and so
+        fails the task as submit_outcome_unknown."""
         self.http = http
+        self.submit_http = http if submit_http is None else submit_http
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.name = name or self.kind
@@ -203,9 +207,10 @@ class Provider(abc.ABC):
         `submit=True` marks a request whose repetition could create a second (billed) task: a
         timeout or dropped connection after the request was sent becomes SubmitOutcomeUnknown.
         """
+        client = self.submit_http if submit else self.http
         async with map_transport_errors(submit=submit):
-            response = await self.http.request(method, url, json=json_body, headers=headers,
-                                               timeout=self.timeout, **kwargs)
+            response = await client.request(method, url, json=json_body, headers=headers,
+                                            timeout=self.timeout, **kwargs)
         if submit and response.status_code in GATEWAY_TIMEOUTS:
             # A gateway gave up waiting for the provider, which may still have taken the task.
             raise SubmitOutcomeUnknown(f"submit answered {response.status_code} by a gateway; "

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from relay.logs import redact_url
+
 from .respond import wait_until
 
 if TYPE_CHECKING:
@@ -123,4 +125,4 @@ class CallbackSender:
             if ok:
                 return
             self._sim.stats.bump(task.dialect, "callback_failures")
-        log.info("callback for %s to %s gave up after %d attempts", task.id, url, len(delays))
+        log.info("callback for %s to %s gave up after %d attempts", task.id, redact_url(url), len(delays))
