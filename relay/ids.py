@@ -51,11 +51,39 @@ class _RandomPool:
 _random = _RandomPool()
 
 
+class _Monotonic:
+    """Ids minted in the same millisecond still sort in minting order: the random part of each one is the
+    previous one's plus a random step (the monotonic ULID), so "newest first" by id is never a coin toss."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = -1
+        self._rand = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._ms = -1
+
+    def next(self, ms: int) -> int:
+        with self._lock:
+            if ms == self._ms and self._rand < _RAND_MAX - _STEP_MAX:
+                self._rand += 1 + int.from_bytes(_random.take(4), "big")
+            else:
+                # A new millisecond (or the clock moved back, as injected test clocks do): a fresh random part.
+                self._ms = ms
+                self._rand = int.from_bytes(_random.take(10), "big")
+            return (ms << 80) | self._rand
+
+
+_RAND_MAX = (1 << 80) - 1
+_STEP_MAX = 1 << 32
+_monotonic = _Monotonic()
+
+
 def ulid(now: float | None = None) -> str:
-    """A 26-character ULID string; sorts by creation time (ms), random within a millisecond."""
+    """A 26-character ULID string; sorts by creation time (ms), then by minting order within this process."""
     ms = int((time.time() if now is None else now) * 1000)
-    rand = int.from_bytes(_random.take(10), "big")
-    return _encode((ms << 80) | rand, 26)
+    return _encode(_monotonic.next(ms), 26)
 
 
 def new_id(prefix: str, now: float | None = None) -> str:

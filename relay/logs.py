@@ -196,6 +196,9 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
     root.setLevel(numeric)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING)
+    # aiosqlite logs every statement with its parameters at DEBUG: request bodies and metadata, which
+    # no log level of relay's should print.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     for name in UVICORN_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
