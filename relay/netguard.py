@@ -199,7 +199,12 @@ class NetGuard:
         if literal is not None:
             ips = [str(literal)]
         else:
-            ips = list(await (resolver or self.resolver)(host, port))
+            try:
+                ips = list(await (resolver or self.resolver)(host, port))
+            except UnicodeError as exc:
+                # "a..b" or a 64-letter label: the IDNA codec refuses it before DNS is asked. Same meaning
+                # as a name that does not resolve, so every caller's resolution-failure path applies.
+                raise socket.gaierror(socket.EAI_NONAME, f"{host} is not a valid host name: {exc}") from None
             if not ips:
                 raise socket.gaierror(socket.EAI_NONAME, f"{host} resolved to no addresses")
         if self.host_allowed(host):

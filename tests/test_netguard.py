@@ -284,3 +284,16 @@ async def test_environment_proxies_are_ignored(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("ALL_PROXY", "http://10.9.9.9:3128")
     async with serve(hello_app) as port, guarded_client(NetGuard(["127.0.0.0/8"])) as http:
         assert (await http.get(f"http://127.0.0.1:{port}/")).text == "hello"
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", ".a"])
+async def test_an_invalid_host_name_is_a_resolution_failure_not_a_crash(host: str) -> None:
+    """Hosts the IDNA codec refuses (empty or over-long labels) fail like names that do not resolve."""
+    guard = NetGuard()
+    with pytest.raises(OSError):
+        await guard.resolve_checked(host, 80)
+    with pytest.raises(BlockedAddress, match="cannot resolve"):
+        await guard.check_url(f"http://{host}/x")
+    async with guarded_client(guard) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"http://{host}/x")
