@@ -8,6 +8,10 @@ re-run, e.g. the next poll; attempts reset), or raises:
 When attempts run out, the handler's `give_up(job, reason)` settles the task
 (fails it with the reason) and the job is kept as `dead` for inspection.
 
+When the store itself fails (a full disk: claims, outcomes, heartbeats raise), the worker backs off as
+a whole (`store_outage`: capped backoff, one log line per interval, reported by /readyz) and a job that met
+the failure is put back without using up an attempt: our outage must not fail the tasks it holds up.
+
 Jobs are leased, not locked: a worker killed mid-job leaves a row whose lease
 runs out, and any worker (this process after restart, or another replica)
 claims it again. Handlers must therefore be safe to run twice.
@@ -16,8 +20,8 @@ claims it again. Handlers must therefore be safe to run twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,7 +29,11 @@ from typing import Any, Protocol
 from relay.clock import Clock
 from relay.errors import ArchiveError, ProviderUnavailable
 from relay.models import Job
+from relay.outage import Outage, backoff, describe, is_unavailable
 from relay.store.base import Store
+
+# backoff lives in relay.outage now (the store's loops use it too) and is still importable from here.
+__all__ = ["Again", "Handler", "Retry", "Worker", "WorkerOptions", "backoff"]
 
 log = logging.getLogger("relay.worker")
 
@@ -64,12 +72,9 @@ class WorkerOptions:
     claim_batch: int = 32
     retry_after_cap: float = 3600.0     # a provider's Retry-After is honoured up to this
     max_job_seconds: float = 1800.0     # a job running longer than this is stopped and retried
-
-
-def backoff(attempt: int, base: float, cap: float, jitter: float = 0.2) -> float:
-    """Exponential backoff with ±jitter: base, 2·base, 4·base … up to cap."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
-    return delay * random.uniform(1 - jitter, 1 + jitter)
+    store_retry_base: float = 0.1       # a failing store is tried again after this, doubling …
+    store_retry_cap: float = 5.0        # … up to this
+    store_log_interval: float = 30.0    # while the store fails: at most one log line (one traceback) per this
 
 
 class Worker:
@@ -80,7 +85,11 @@ class Worker:
         self.clock = clock
         self.options = options or WorkerOptions()
         self._wakeup = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._stopping = False
+        o = self.options
+        self.store_outage = Outage("database", log, base=o.store_retry_base, cap=o.store_retry_cap,
+                                   log_interval=o.store_log_interval)
         self._running: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.options.concurrency)
         self._active = 0
@@ -92,22 +101,34 @@ class Worker:
 
     # ---- running --------------------------------------------------------------------------------
     async def run_forever(self) -> None:
-        """Claim and run jobs until stop(); survives any error of the store (logged, retried)."""
+        """Claim and run jobs until stop(); survives any error of the store (backs off, logs once per interval)."""
         while not self._stopping:
+            await self._pause(self.store_outage.remaining())
+            if self._stopping:
+                break
             try:
                 claimed = await self._claim_and_start()
-            except Exception:
-                log.exception("claiming jobs failed; retrying")
-                claimed = 0
+            except Exception as exc:
+                self.store_outage.failed(exc, "claiming jobs")
+                continue
+            self.store_outage.succeeded()
             if claimed == 0 and not self._stopping:
                 await self._idle()
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait out a failing store. Only stop() cuts it short: an enqueue must not, or a store that fails
+        for claims alone (a bad row) while other writes succeed would be retried on every callback."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), seconds)
 
     async def _idle(self) -> None:
         timeout = self.options.idle_poll_seconds
         try:
             due = await self.store.next_run_at()
-        except Exception:
-            due = None
+        except Exception as exc:
+            self.store_outage.failed(exc, "looking for the next due job")
+            return
         if due is not None:
             timeout = max(0.0, min(timeout, due - self.clock.now()))
         self._wakeup.clear()
@@ -142,10 +163,10 @@ class Worker:
     async def _execute_in_slot(self, job: Job) -> None:
         try:
             await self.execute(job)
-        except Exception:
+        except Exception as exc:
             # The store failed while recording the outcome: the lease brings the job back later.
-            log.exception("recording the outcome of job %s (%s) failed; its lease will bring it back",
-                          job.id, job.kind)
+            self.store_outage.failed(exc, f"recording the outcome of job {job.id} ({job.kind}); "
+                                          "its lease will bring it back")
         finally:
             self._active -= 1
             self._slots.release()
@@ -153,6 +174,7 @@ class Worker:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; wait up to `grace` for running jobs (the rest are recovered by their lease)."""
         self._stopping = True
+        self._stopped.set()
         self._wakeup.set()
         if self._running:
             _, pending = await asyncio.wait(set(self._running), timeout=grace)
@@ -196,6 +218,9 @@ class Worker:
         except asyncio.CancelledError:
             raise   # shutdown: the lease brings the job back
         except Exception as exc:
+            if is_unavailable(exc):
+                await self._wait_out_store(job, exc)
+                return
             log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
             await self._retry(job, handler, None, f"internal error: {type(exc).__name__}: {exc}")
         else:
@@ -204,6 +229,7 @@ class Worker:
                                            payload=outcome.payload, reset_attempts=True)
             else:
                 await self.store.finish_job(job)
+        self.store_outage.succeeded()
 
     async def _run_with_heartbeat(self, handler: Handler, job: Job) -> Again | None:
         heartbeat = asyncio.create_task(self._heartbeat(job))
@@ -223,11 +249,22 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                if not await self.store.extend_lease(job, self.clock.now() + self.options.lease_seconds):
-                    log.warning("job %s lost its lease while running", job.id)
-                    return
-            except Exception:
-                log.exception("could not extend the lease of job %s", job.id)
+                extended = await self.store.extend_lease(job, self.clock.now() + self.options.lease_seconds)
+            except Exception as exc:
+                # Not slowed down by the backoff: a heartbeat later than the lease would lose the job.
+                self.store_outage.failed(exc, f"extending the lease of job {job.id}")
+                continue
+            self.store_outage.succeeded()
+            if not extended:
+                log.warning("job %s lost its lease while running", job.id)
+                return
+
+    async def _wait_out_store(self, job: Job, exc: Exception) -> None:
+        """The store failed under a running job: logged as the store's outage (not once per job) and put
+        back for when the store may work again, without using up an attempt (a full disk must not fail tasks)."""
+        delay = self.store_outage.failed(exc, f"running job {job.id} ({job.kind})")
+        await self.store.retry_job(job, self.clock.now() + delay, f"store_unavailable: {describe(exc)}"[:1000],
+                                   reset_attempts=True)
 
     async def _retry(self, job: Job, handler: Handler, after: float | None, reason: str) -> None:
         limit = min(job.max_attempts, self.options.max_attempts)
@@ -235,8 +272,11 @@ class Worker:
             log.warning("job %s (%s) gave up after %d attempts: %s", job.id, job.kind, job.attempts, reason)
             try:
                 await handler.give_up(job, reason)
-            except Exception:
-                log.exception("give_up of job %s failed; it stays queued", job.id)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    self.store_outage.failed(exc, f"giving up job {job.id}; it stays queued")
+                else:
+                    log.exception("give_up of job %s failed; it stays queued", job.id)
                 await self.store.retry_job(job, self.clock.now() + self.options.retry_cap, reason)
                 return
             await self.store.bury_job(job, reason)

@@ -7,15 +7,22 @@ tasks with one image) is a no-op, and a key never changes meaning.
 `ImageStore` is the interface; `LocalImageStore` keeps files under one
 directory. Files arrive as temp files written in `tmp_dir()` (same filesystem,
 so the final move is an atomic rename: readers see a whole file or none).
+
+A write the filesystem refuses (ENOSPC, EDQUOT, EROFS, EIO …) is the store
+being unavailable, not the image being bad: `unavailable_on_oserror` turns it
+into a retryable ArchiveError(code="image_store_unavailable") with a message
+that says so ("the image store could not be written: No space left on device").
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from relay.errors import ArchiveError
@@ -23,6 +30,17 @@ from relay.errors import ArchiveError
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXT = re.compile(r"[a-z0-9]{1,8}")
 _KEY = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})\.([a-z0-9]{1,8})")
+IMAGE_STORE_UNAVAILABLE = "image_store_unavailable"
+
+
+@contextlib.contextmanager
+def unavailable_on_oserror() -> Iterator[None]:
+    """Raise a failed filesystem call of the image store as a retryable ArchiveError naming the cause."""
+    try:
+        yield
+    except OSError as exc:
+        raise ArchiveError(f"the image store could not be written: {exc.strerror or exc}",
+                           code=IMAGE_STORE_UNAVAILABLE) from exc
 
 
 def image_key(sha256: str, ext: str) -> str:
@@ -86,10 +104,8 @@ class LocalImageStore(ImageStore):
     async def put_file(self, tmp_path: Path, sha256: str, ext: str) -> str:
         key = image_key(sha256, ext)
         dest = self.root / key
-        try:
+        with unavailable_on_oserror():
             await asyncio.to_thread(self._put_sync, Path(tmp_path), dest)
-        except OSError as exc:
-            raise ArchiveError(f"cannot store image {key}: {exc}", code="store_failed") from exc
         return key
 
     @staticmethod

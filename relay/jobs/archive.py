@@ -4,30 +4,46 @@ Streams the source (or decodes inline base64) to a temp file with a size cap
 and a timeout, checks it is a real image of the type it claims, moves it into
 the image store under its sha256, and records it; the task succeeds when its
 last image is saved. A dead or invalid source fails the task with the reason.
+
+An image store that cannot be written (a full disk) is our outage, not the
+image's fault: the job comes back with backoff as a planned re-run (so it uses
+up no attempts) for as long as the source lives, logged once per interval, and
+the image is saved when space returns. If the source dies first, the task fails
+saying the store was why ("the image store could not be written: …").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 
 from relay.clock import rfc3339
-from relay.errors import BlockedAddress, SourceGone
-from relay.images.download import decode_b64_to_file, download_to_file
+from relay.errors import ArchiveError, BlockedAddress, SourceGone
+from relay.images.download import Downloaded, decode_b64_to_file, download_to_file
+from relay.images.store import IMAGE_STORE_UNAVAILABLE, unavailable_on_oserror
 from relay.images.verify import inspect_image
 from relay.jobs.context import JobContext
-from relay.models import Job
+from relay.models import ImageRecord, Job
+from relay.outage import Outage, backoff
+from relay.queue import Again
 from relay.store.base import ArchiveResult
 
+log = logging.getLogger("relay.archive")
+
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+LINK_DIED = frozenset({"source_expired", "source_gone"})
 
 
 class ArchiveHandler:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
+        # Logging and counting only: each job keeps its own backoff (see _wait_for_store), on these same terms.
+        worker = ctx.settings.worker
+        self.outage = Outage("image store", log, base=worker.retry_base, cap=worker.retry_cap)
 
-    async def run(self, job: Job) -> None:
+    async def run(self, job: Job) -> Again | None:
         ctx = self.ctx
         image_id = str(job.payload.get("image_id"))
         found = await ctx.store.get_image_source(image_id)
@@ -36,39 +52,66 @@ class ArchiveHandler:
         image, inline = found
         if image.status != "pending":
             return None
-        settings = ctx.settings.archive
-        tmp_dir = ctx.image_store.tmp_dir()
         try:
-            if inline:
-                downloaded = await decode_b64_to_file(inline, tmp_dir, max_bytes=settings.max_bytes)
-            elif image.source_url:
-                if image.source_expires_at is not None and ctx.clock.now() > image.source_expires_at:
-                    raise SourceGone(f"the source link expired at {rfc3339(image.source_expires_at)} "
-                                     "before it could be archived", code="source_expired")
-                downloaded = await download_to_file(ctx.http, image.source_url, tmp_dir,
-                                                    max_bytes=settings.max_bytes, timeout=settings.timeout)
-            else:
-                raise SourceGone("the provider gave neither a URL nor inline data for this image", code="no_source")
+            result = await self._save(image, inline)
         except SourceGone as exc:
-            await self._fail(image_id, exc.code, exc.message)
+            await self._fail(image_id, *self._reason(job, exc))
             return None
         except BlockedAddress as exc:
             await self._fail(image_id, "blocked_address", str(exc))
             return None
-        try:
-            info = await asyncio.to_thread(inspect_image, downloaded.path)
-            key = await ctx.image_store.put_file(downloaded.path, downloaded.sha256,
-                                                 EXTENSIONS.get(info.content_type, "bin"))
-        except SourceGone as exc:
-            await self._fail(image_id, exc.code, exc.message)
-            return None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(downloaded.path)
-        await ctx.store.image_archived(image_id, ArchiveResult(
-            sha256=downloaded.sha256, content_type=info.content_type, width=info.width, height=info.height,
-            bytes=downloaded.bytes, path=key), ctx.clock.now())
+        except ArchiveError as exc:
+            if exc.code != IMAGE_STORE_UNAVAILABLE:
+                raise
+            return self._wait_for_store(job, exc)
+        self.outage.succeeded()
+        await ctx.store.image_archived(image_id, result, ctx.clock.now())
         return None
+
+    async def _save(self, image: ImageRecord, inline: str | None) -> ArchiveResult:
+        """Fetch into the store's temp dir, verify, move in. The temp file never outlives this call."""
+        with unavailable_on_oserror():   # any OSError here is our disk's: httpx maps the network's
+            downloaded = await self._fetch(image, inline)
+            try:
+                info = await asyncio.to_thread(inspect_image, downloaded.path)
+                key = await self.ctx.image_store.put_file(downloaded.path, downloaded.sha256,
+                                                          EXTENSIONS.get(info.content_type, "bin"))
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(downloaded.path)
+        return ArchiveResult(sha256=downloaded.sha256, content_type=info.content_type, width=info.width,
+                             height=info.height, bytes=downloaded.bytes, path=key)
+
+    async def _fetch(self, image: ImageRecord, inline: str | None) -> Downloaded:
+        ctx = self.ctx
+        settings = ctx.settings.archive
+        tmp_dir = ctx.image_store.tmp_dir()
+        if inline:
+            return await decode_b64_to_file(inline, tmp_dir, max_bytes=settings.max_bytes)
+        if image.source_url:
+            if image.source_expires_at is not None and ctx.clock.now() > image.source_expires_at:
+                raise SourceGone(f"the source link expired at {rfc3339(image.source_expires_at)} "
+                                 "before it could be archived", code="source_expired")
+            return await download_to_file(ctx.http, image.source_url, tmp_dir,
+                                          max_bytes=settings.max_bytes, timeout=settings.timeout)
+        raise SourceGone("the provider gave neither a URL nor inline data for this image", code="no_source")
+
+    @staticmethod
+    def _reason(job: Job, exc: SourceGone) -> tuple[str, str]:
+        """Why the image is lost: its source, or, if the store kept it from being saved in time, the store."""
+        store_error = job.payload.get("store_error")
+        if store_error and exc.code in LINK_DIED:
+            return IMAGE_STORE_UNAVAILABLE, (f"{store_error}, and the source link died before the store came back "
+                                             f"({exc.message})")
+        return exc.code, exc.message
+
+    def _wait_for_store(self, job: Job, exc: ArchiveError) -> Again:
+        """Run again when the store may take the image: a planned re-run, with this job's own backoff."""
+        failures = int(job.payload.get("store_failures", 0)) + 1
+        self.outage.failed(exc, f"archiving image {job.payload.get('image_id')}")
+        worker = self.ctx.settings.worker
+        return Again(backoff(failures, worker.retry_base, worker.retry_cap),
+                     payload={**job.payload, "store_failures": failures, "store_error": exc.message})
 
     async def _fail(self, image_id: str, code: str, message: str) -> None:
         await self.ctx.store.image_failed(image_id, code, message, self.ctx.clock.now())

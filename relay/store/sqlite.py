@@ -26,6 +26,7 @@ from relay import ids
 from relay.deliveries.store import SQLiteDeliveries
 from relay.errors import Conflict
 from relay.models import Event, ImageRecord, Job, Task, TaskStatus
+from relay.outage import Outage
 from relay.present import task_object
 from relay.states import Transition, on_archived, on_failure
 from relay.store.base import Applied, ArchiveResult, Decide, Store
@@ -36,6 +37,7 @@ log = logging.getLogger("relay.store")
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 CHECKPOINT_INTERVAL = 1.0            # seconds between WAL checkpoints (see SQLiteStore.open)
+CHECKPOINT_RETRY_CAP = 30.0          # a failing checkpoint (a full disk) is tried again this rarely at most
 WAL_SIZE_LIMIT = 4 * 1024 * 1024     # bytes the WAL file is cut back to after a checkpoint
 # Archive jobs are ordered by how soon their source dies: run_at is moved back by the time a link
 # has less than this horizon, so a backlog saves the soonest-dying images first.
@@ -220,12 +222,17 @@ class SQLiteStore(SQLiteDeliveries, Store):
 
     async def _checkpoint_forever(self) -> None:
         assert self._background is not None
+        trouble = Outage("WAL checkpoint", log, base=CHECKPOINT_INTERVAL, cap=CHECKPOINT_RETRY_CAP)
+        delay = CHECKPOINT_INTERVAL
         while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            await asyncio.sleep(delay)
             try:
                 await self._background.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:    # busy or I/O trouble: the next round tries again
-                log.warning("WAL checkpoint failed: %s", exc)
+            except sqlite3.Error as exc:    # busy or I/O trouble: a later round tries again, logged once per interval
+                delay = max(CHECKPOINT_INTERVAL, trouble.failed(exc, "checkpointing the WAL"))
+            else:
+                trouble.succeeded()
+                delay = CHECKPOINT_INTERVAL
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)

@@ -56,6 +56,10 @@ async def readyz(request: Request) -> Response:
         await runtime.store.ping()
     except Exception as exc:
         problems["database"] = type(exc).__name__
+    # A full disk still answers the ping (a read) while every write fails: the worker's own calls tell.
+    outage = runtime.worker.store_outage.problem()
+    if outage is not None:
+        problems["database"] = outage
     try:
         await runtime.ctx.image_store.check()
     except Exception as exc:
