@@ -13,6 +13,7 @@ from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskStatus, T
 from relay.states import on_update
 from relay.store.base import ArchiveResult, Store
 from relay.store.sqlite import WAL_SIZE_LIMIT, SQLiteStore
+from relay.store.tx import Tx
 from tests.harness import wait_for
 
 
@@ -234,12 +235,12 @@ async def test_a_transaction_body_that_suspends_is_refused_and_rolled_back(tmp_p
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
     try:
-        async def body(db) -> None:  # type: ignore[no-untyped-def]
-            await db.execute("INSERT INTO idempotency_keys (scope, key, body_hash, task_id, created_at) "
-                             "VALUES ('s', 'k', 'h', 't', 0)")
+        async def body(tx: Tx) -> None:
+            await tx.run("INSERT INTO idempotency_keys (scope, key, body_hash, task_id, created_at) "
+                         "VALUES ('s', 'k', 'h', 't', 0)")
             await asyncio.sleep(0)      # suspends: not allowed on the writer's thread
         with pytest.raises(RuntimeError, match="suspends"):
-            await store._tx_body_in_thread(body)
+            await store.transact(body)
         row = await (await store._r.execute("SELECT COUNT(*) FROM idempotency_keys")).fetchone()
         assert row[0] == 0
     finally:

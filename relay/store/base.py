@@ -1,21 +1,39 @@
-"""The store's use-case interface: the only way the rest of relay touches the database.
+"""The store: relay's use cases over a database, written once for every backend.
 
-Each method is one use case and one transaction. Backends (SQLite now,
-PostgreSQL for several replicas) implement it and pass one contract suite.
-No correctness may rest on a single writer or on one process's memory: job
-claims are leases written in the table, and idempotency lives in rows.
+Each use case is one transaction and says what it is atomic with and which rows it locks. The
+decisions (the state machine's verdict, idempotency windows, the in-flight cap, image completion,
+fan-out matching, auto-disable) are made here, in Python, over rows read inside the transaction; a
+backend (relay.store.sqlite, relay.store.postgres) is only SQL plumbing:
+
+    transact(body)       run `body(tx)` in one write transaction (commit on return, roll back on raise)
+    _read / _read_all    a read outside any write transaction (committed data only)
+    _write(sql, args)    one small independent write (SQLite group-commits these)
+    claim(...)           lease due jobs (SQLite: its one writer; PostgreSQL: FOR UPDATE SKIP LOCKED)
+    lock_provider(tx, p) serialize in-flight counting per provider (PostgreSQL: an advisory lock)
+
+No correctness rests on a single writer: where two replicas could race, the use case reads the row it
+decides on with a row lock (`FOR_UPDATE` in relay.store.queries) or takes the provider's lock, and the
+concurrent contract tests run every such case against two store instances on one database.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from relay.deliveries.models import Attempt, Delivery, Recorded, SendTarget, Subscription
+from relay.errors import Conflict
 from relay.models import Event, ImageRecord, Job, Task
-from relay.states import Transition
+from relay.states import Transition, on_archived, on_failure
+from relay.store import queries as q
+from relay.store.deliveries import DeliveryCases
+from relay.store.outbox import images_of, insert_jobs, write_transition
+from relay.store.rows import dumps, image_from_row, job_from_row, loads, task_from_row, task_row
+from relay.store.tx import Row, Tx
+
+T = TypeVar("T")
+IDEMPOTENCY_WINDOW = 24 * 3600.0
 
 # A pure decision over the current task row (see relay.states).
 Decide = Callable[[Task], Transition | None]
@@ -40,11 +58,13 @@ class ArchiveResult:
     path: str
 
 
-class Store(abc.ABC):
-    # ---- lifecycle ------------------------------------------------------------------------------
+class Store(DeliveryCases, abc.ABC):
+    delivery_initial_delay: float = 0.0
+
+    # ---- plumbing: what a backend provides ------------------------------------------------------
     @abc.abstractmethod
     async def open(self) -> None:
-        """Connect and apply pending migrations."""
+        """Connect and apply pending migrations (safe when several replicas start at once)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -52,6 +72,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise if the database cannot answer (readiness)."""
+
+    @abc.abstractmethod
+    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run `body` in one write transaction: committed when it returns, rolled back when it raises."""
+
+    @abc.abstractmethod
+    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
+
+    @abc.abstractmethod
+    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def _write(self, sql: str, args: Sequence[Any]) -> None:
+        """One small write that needs no other statement with it (job outcomes, callback settles)."""
+
+    async def lock_provider(self, tx: Tx, provider: str) -> None:
+        """Serialize `reserve_submit` per provider across replicas (SQLite's one writer already does)."""
 
     def on_enqueue(self, callback: Callable[[], None]) -> None:
         """Register a wake-up called after a transaction that enqueued due jobs commits."""
@@ -61,192 +98,272 @@ class Store(abc.ABC):
         for callback in getattr(self, "_wakeups", []):
             callback()
 
+    def set_delivery_options(self, *, initial_delay: float) -> None:
+        """The delay of a new delivery's first attempt (the schedule's first entry)."""
+        self.delivery_initial_delay = initial_delay
+
     # ---- tasks -----------------------------------------------------------------------------------
-    @abc.abstractmethod
     async def create_task(self, task: Task, jobs: Sequence[Job], *,
                           idempotency: tuple[str, str, str] | None = None) -> tuple[Task, bool]:
         """Insert the task with its first jobs. `idempotency` = (scope, key, body_hash).
 
         Returns (task, created). A known key with the same body returns the original task and
         False; with another body raises Conflict. Keys older than 24 h are forgotten.
+        Locks the key's row: the same key sent to two replicas at once makes one task.
         """
+        async def body(tx: Tx) -> tuple[Task, bool]:
+            if idempotency is not None:
+                scope, key, body_hash = idempotency
+                await tx.run(q.CLAIM_IDEMPOTENCY_KEY, (scope, key, body_hash, task.id, task.created_at))
+                row = await tx.one(q.LOCK_IDEMPOTENCY_KEY, (scope, key))
+                assert row is not None
+                if row["task_id"] != task.id:       # the key was there before this request
+                    if row["created_at"] > task.created_at - IDEMPOTENCY_WINDOW:
+                        if row["body_hash"] != body_hash:
+                            raise Conflict("this Idempotency-Key was used with a different request body",
+                                           field="Idempotency-Key")
+                        existing = await self._load_task(tx, row["task_id"])
+                        if existing is not None:
+                            return existing, False
+                    await tx.run(q.REPLACE_IDEMPOTENCY_KEY, (body_hash, task.id, task.created_at, scope, key))
+            await tx.run(q.INSERT_TASK, task_row(task))
+            await insert_jobs(tx, list(jobs))
+            return task, True
+        result = await self.transact(body)
+        if result[1]:
+            self._wake()
+        return result
 
-    @abc.abstractmethod
-    async def get_task(self, task_id: str) -> Task | None: ...
+    async def get_task(self, task_id: str) -> Task | None:
+        row = await self._read(q.LOAD_TASK, (task_id,))
+        if row is None:
+            return None
+        task = task_from_row(row)
+        task.images = [image_from_row(r) for r in await self._read_all(q.IMAGES_OF_TASK, (task_id,))]
+        return task
 
-    @abc.abstractmethod
     async def list_tasks(self, *, status: str | None, provider: str | None, limit: int,
                          cursor: str | None) -> tuple[list[Task], str | None]:
         """Newest first; the cursor is the last id of the previous page."""
+        filters, args = [], []
+        for column, value in (("status", status), ("provider", provider)):
+            if value:
+                filters.append(f"{column} = ?")
+                args.append(value)
+        if cursor:
+            filters.append("id < ?")
+            args.append(cursor)
+        rows = await self._read_all(q.filtered("tasks", filters, order="id DESC"), (*args, limit + 1))
+        tasks = [task_from_row(row) for row in rows[:limit]]
+        if tasks:
+            by_id = {t.id: t for t in tasks}
+            for row in await self._read_all(q.images_of_tasks(len(by_id)), tuple(by_id)):
+                by_id[row["task_id"]].images.append(image_from_row(row))
+        return tasks, (tasks[-1].id if len(rows) > limit else None)
 
-    @abc.abstractmethod
     async def apply(self, task_id: str, decide: Decide, now: float, *,
                     default_expiry: float = 86400.0, jobs: Sequence[Job] = ()) -> Applied | None:
-        """One transaction: read the task, decide, write the change, its event, its archive jobs and `jobs`.
+        """One transaction: read the task (locked), decide, write the change, its event, its archive jobs and `jobs`.
 
         None (and nothing written) when the task is unknown or `decide` says the signal is stale.
         """
+        async def body(tx: Tx) -> Applied | None:
+            task = await self._load_task(tx, task_id, lock=True)
+            if task is None:
+                return None
+            transition = decide(task)
+            if transition is None:
+                return None
+            applied = await self._transition(tx, task, transition, now, default_expiry)
+            await insert_jobs(tx, list(jobs))
+            return applied
+        applied = await self.transact(body)
+        self._wake()
+        return applied
 
-    @abc.abstractmethod
     async def mark_submit_started(self, task_id: str, now: float) -> Task | None:
         """Record that a submit request is about to be sent (so a crash after it is never resent blindly)."""
+        async def body(tx: Tx) -> Task | None:
+            await tx.run(q.MARK_SUBMIT_STARTED, (now, task_id))
+            return await self._load_task(tx, task_id)
+        return await self.transact(body)
 
-    @abc.abstractmethod
     async def clear_submit_started(self, task_id: str) -> None:
         """The provider certainly did not accept the submit (refused, 429, 5xx): a resend is safe."""
+        await self._write(q.CLEAR_SUBMIT_STARTED, (task_id,))
 
-    @abc.abstractmethod
     async def reserve_submit(self, task_id: str, provider: str, max_in_flight: int, now: float) -> bool:
-        """Atomically: if `provider` has fewer than `max_in_flight` tasks in flight (being submitted, queued
-        or running there), mark this task's submit as started (as `mark_submit_started`) and return True;
-        otherwise change nothing and return False."""
+        """Atomically: if `provider` has fewer than `max_in_flight` tasks in flight (being submitted, queued or
+        running there), mark this task's submit as started and return True; else change nothing, False.
+
+        Holds the provider's lock for the count and the mark, so replicas sharing one provider account
+        never reserve past its cap together.
+        """
+        async def body(tx: Tx) -> bool:
+            await self.lock_provider(tx, provider)
+            row = await tx.one(q.COUNT_IN_FLIGHT, (provider, provider, task_id))
+            if row is None or int(row["n"]) >= max_in_flight:
+                return False
+            await tx.run(q.MARK_SUBMIT_STARTED, (now, task_id))
+            return True
+        return await self.transact(body)
+
+    async def _transition(self, tx: Tx, task: Task, t: Transition, now: float, default_expiry: float) -> Applied:
+        event = await write_transition(tx, task, t, now, default_expiry=default_expiry,
+                                       delivery_delay=self.delivery_initial_delay)
+        return Applied(task=task, transition=t, event=event)
+
+    async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
+        row = await tx.one(q.LOCK_TASK if lock else q.LOAD_TASK, (task_id,))
+        if row is None:
+            return None
+        task = task_from_row(row)
+        task.images = await images_of(tx, task_id)
+        return task
 
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
-    @abc.abstractmethod
     async def receive_callback(self, inbox_id: str, provider: str, task_id: str, body: str, now: float,
                                job: Job) -> None:
         """Durably record a raw callback with the job that will process it (one transaction)."""
+        async def write(tx: Tx) -> None:
+            await tx.run(q.INSERT_CALLBACK, (inbox_id, provider, task_id, body, now))
+            await insert_jobs(tx, [job])
+        await self.transact(write)
+        self._wake()
 
-    @abc.abstractmethod
     async def get_callback(self, inbox_id: str) -> dict[str, Any] | None:
         """The inbox row: id, provider, task_id, body, received_at, status, note."""
+        row = await self._read(q.LOAD_CALLBACK, (inbox_id,))
+        return None if row is None else dict(row)
 
-    @abc.abstractmethod
     async def settle_callback(self, inbox_id: str, status: str, note: str | None, now: float) -> None:
         """Record what processing made of a callback: applied | ignored | rejected."""
+        await self._write(q.SETTLE_CALLBACK, (status, note, now, inbox_id))
 
     # ---- images ----------------------------------------------------------------------------------
-    @abc.abstractmethod
-    async def get_image(self, image_id: str) -> ImageRecord | None: ...
+    async def get_image(self, image_id: str) -> ImageRecord | None:
+        row = await self._read(q.LOAD_IMAGE, (image_id,))
+        return None if row is None else image_from_row(row)
 
-    @abc.abstractmethod
     async def get_image_source(self, image_id: str) -> tuple[ImageRecord, str | None] | None:
         """The image and its inline base64 source, if any."""
+        row = await self._read(q.LOAD_IMAGE, (image_id,))
+        return None if row is None else (image_from_row(row), row["source_data"])
 
-    @abc.abstractmethod
     async def image_archived(self, image_id: str, result: ArchiveResult, now: float) -> Applied | None:
-        """Record the saved image; if it was the task's last, the task succeeds (same transaction)."""
+        """Record the saved image; if it was the task's last, the task succeeds (same transaction).
 
-    @abc.abstractmethod
+        Locks the task row before looking at its images, so two images finishing at once on two
+        replicas cannot both see the other still pending.
+        """
+        args = (result.sha256, result.content_type, result.width, result.height, result.bytes, result.path, now,
+                image_id)
+
+        async def settle(task: Task) -> Transition | None:
+            return on_archived(task, all(img.status == "archived" for img in task.images))
+        return await self._settle_image(image_id, q.IMAGE_ARCHIVED, args, settle, now)
+
     async def image_failed(self, image_id: str, code: str, message: str, now: float) -> Applied | None:
         """Record a permanently failed image; the task fails with that reason (same transaction)."""
+        async def settle(task: Task) -> Transition | None:
+            return on_failure(task, code, message)
+        return await self._settle_image(image_id, q.IMAGE_FAILED, (f"{code}: {message}", image_id), settle, now)
+
+    async def _settle_image(self, image_id: str, sql: str, args: Sequence[Any],
+                            decide: Callable[[Task], Awaitable[Transition | None]], now: float) -> Applied | None:
+        async def body(tx: Tx) -> Applied | None:
+            image = await tx.one(q.LOAD_IMAGE, (image_id,))
+            if image is None or image["status"] != "pending":
+                return None
+            task = await self._load_task(tx, image["task_id"], lock=True)
+            if task is None or not await tx.run(sql, args):   # settled meanwhile by another run
+                return None
+            task.images = await images_of(tx, task.id)
+            transition = await decide(task)
+            if transition is None:
+                return None
+            return await self._transition(tx, task, transition, now, 0.0)
+        applied = await self.transact(body)
+        self._wake()
+        return applied
 
     # ---- events ----------------------------------------------------------------------------------
-    @abc.abstractmethod
+    # Only events every reader can already see in full (PostgreSQL: see its backend's override).
+    _visible_events = ""
+
     async def list_events(self, *, after: str | None, type: str | None, task_id: str | None,
                           limit: int) -> list[Event]:
         """The ordered event log, oldest first after the cursor event id (an unknown id: nothing after it)."""
+        filters, args = [], []
+        if after:
+            filters.append("seq > (SELECT seq FROM events WHERE id = ?)")
+            args.append(after)
+        for column, value in (("type", type), ("task_id", task_id)):
+            if value:
+                filters.append(f"{column} = ?")
+                args.append(value)
+        if self._visible_events:
+            filters.append(self._visible_events)
+        rows = await self._read_all(q.filtered("events", filters, order="seq"), (*args, limit))
+        return [Event(id=r["id"], type=r["type"], task_id=r["task_id"], sequence=r["sequence"],
+                      created_at=r["created_at"], data=loads(r["data"])) for r in rows]
 
-    @abc.abstractmethod
     async def event_exists(self, event_id: str) -> bool:
         """Whether the event log holds this id (tells an unknown cursor from the end of the log)."""
-
-    # ---- subscriptions and deliveries (relay.deliveries) -----------------------------------------
-    # New events fan out to deliveries inside `apply`'s transaction (SQLite: `_fan_out`).
-    @abc.abstractmethod
-    def set_delivery_options(self, *, initial_delay: float) -> None:
-        """The delay of a new delivery's first attempt."""
-
-    @abc.abstractmethod
-    async def create_subscription(self, sub: Subscription) -> Subscription: ...
-
-    @abc.abstractmethod
-    async def get_subscription(self, subscription_id: str) -> Subscription | None: ...
-
-    @abc.abstractmethod
-    async def list_subscriptions(self, *, limit: int, cursor: str | None) -> tuple[list[Subscription], str | None]:
-        """Newest first; the cursor is the last id of the previous page."""
-
-    @abc.abstractmethod
-    async def update_subscription(self, subscription_id: str, change: Callable[[Subscription], Subscription],
-                                  now: float) -> Subscription | None:
-        """One transaction: read, `change`, write. Disabling cancels its pending deliveries. None if unknown."""
-
-    @abc.abstractmethod
-    async def delete_subscription(self, subscription_id: str, now: float) -> bool:
-        """Remove it and cancel its pending deliveries (their history stays). False if unknown."""
-
-    @abc.abstractmethod
-    async def get_delivery(self, delivery_id: str) -> Delivery | None: ...
-
-    @abc.abstractmethod
-    async def list_deliveries(self, *, subscription_id: str | None, status: str | None, task_id: str | None,
-                              event_id: str | None, limit: int,
-                              cursor: str | None) -> tuple[list[Delivery], str | None]:
-        """Newest first; the cursor is the last id of the previous page."""
-
-    @abc.abstractmethod
-    async def list_attempts(self, delivery_id: str, *, limit: int = 100) -> list[Attempt]:
-        """A delivery's latest attempts, newest first."""
-
-    @abc.abstractmethod
-    async def delivery_counts(self) -> dict[str, int]:
-        """Deliveries by status."""
-
-    @abc.abstractmethod
-    async def load_send_target(self, delivery_id: str) -> SendTarget | None:
-        """A delivery with its event and subscription, for the deliver job."""
-
-    @abc.abstractmethod
-    async def record_attempt(self, attempt: Attempt, *, outcome: str, next_attempt_at: float | None,
-                             auto_disable_after: float, now: float) -> Recorded | None:
-        """One transaction: the attempt, the delivery's next state, the subscription's failure clock (and disabling).
-
-        None (the attempt still kept) when the delivery already moved past this attempt.
-        """
-
-    @abc.abstractmethod
-    async def settle_delivery(self, delivery_id: str, status: str, reason: str, now: float) -> None:
-        """End a pending delivery without an attempt (canceled or failed)."""
-
-    @abc.abstractmethod
-    async def retry_delivery(self, delivery_id: str, now: float) -> Delivery | None:
-        """Attempt now: bring a pending delivery forward, or start a new round for a settled one."""
-
-    @abc.abstractmethod
-    async def replay_deliveries(self, subscription_id: str, *, since: float, until: float,
-                                statuses: Sequence[str], now: float) -> tuple[int, bool]:
-        """New rounds for the subscription's deliveries in [since, until) with these statuses. (count, more left)"""
-
-    @abc.abstractmethod
-    async def wake_delivery(self, delivery_id: str, now: float) -> bool:
-        """Make a waiting delivery job due now (a parked delivery whose subscriber has a free lane)."""
-
-    @abc.abstractmethod
-    async def requeue_orphaned_deliveries(self, now: float) -> int:
-        """Give a job to every pending delivery without one. Returns how many."""
+        return await self._read(q.EVENT_EXISTS, (event_id,)) is not None
 
     # ---- jobs ------------------------------------------------------------------------------------
-    @abc.abstractmethod
     async def enqueue(self, jobs: Sequence[Job]) -> int:
         """Insert jobs; a job whose dedupe_key is live already is skipped. Returns how many were added."""
+        if not jobs:
+            return 0
+
+        async def body(tx: Tx) -> int:
+            return await insert_jobs(tx, list(jobs))
+        added = await self.transact(body)
+        self._wake()
+        return added
 
     @abc.abstractmethod
     async def claim(self, now: float, *, limit: int, lease_seconds: float,
                     kinds: Sequence[str] | None = None) -> list[Job]:
-        """Lease up to `limit` due jobs (oldest run_at first), counting an attempt for each."""
+        """Lease up to `limit` due jobs (oldest run_at first), counting an attempt for each.
 
-    @abc.abstractmethod
+        A job leased here is leased nowhere else until its lease runs out.
+        """
+
     async def extend_lease(self, job: Job, until: float) -> bool:
         """Heartbeat: keep holding a running job until `until`. False if the lease was lost."""
+        async def body(tx: Tx) -> bool:
+            return await tx.run(q.EXTEND_LEASE, (until, job.id, job.lease_token)) == 1
+        return await self.transact(body)
 
-    @abc.abstractmethod
     async def finish_job(self, job: Job) -> None:
         """The job is done: remove it (only if this lease still holds it)."""
+        await self._write(q.FINISH_JOB, (job.id, job.lease_token))
 
-    @abc.abstractmethod
     async def retry_job(self, job: Job, run_at: float, error: str | None, *,
                         payload: dict[str, Any] | None = None, reset_attempts: bool = False) -> None:
         """Run the job again at `run_at` (a retry after an error, or a planned next poll)."""
+        await self._write(q.RETRY_JOB, (float(run_at), error, dumps(payload), int(reset_attempts), job.id,
+                                        job.lease_token))
+        self._wake()
 
-    @abc.abstractmethod
     async def bury_job(self, job: Job, error: str) -> None:
         """The job failed for good: keep it as `dead` for inspection, free its dedupe key."""
+        async def body(tx: Tx) -> None:
+            await tx.run(q.BURY_JOB, (error, job.id, job.lease_token))
+        await self.transact(body)
 
-    @abc.abstractmethod
     async def job_counts(self) -> dict[str, int]:
         """Jobs by kind and state, e.g. {"poll:queued": 3, "archive:dead": 1}."""
+        return {f"{r['kind']}:{r['state']}": int(r["n"]) for r in await self._read_all(q.JOB_COUNTS)}
 
-    @abc.abstractmethod
     async def next_run_at(self) -> float | None:
         """When the earliest queued job is due (for the worker's sleep)."""
+        row = await self._read(q.NEXT_RUN_AT)
+        return None if row is None or row["due"] is None else float(row["due"])
+
+    @staticmethod
+    def jobs_from_rows(rows: Sequence[Row]) -> list[Job]:
+        return [job_from_row(row) for row in rows]

@@ -1,0 +1,266 @@
+"""The delivery use cases of the store: subscriptions, deliveries, attempts, retries and replays.
+
+Backend-neutral like relay.store.base (which mixes this in): each method is one transaction over a Tx,
+its decisions made here. Attempts are recorded optimistically: an attempt whose delivery moved on
+meanwhile (a second run of the same job after a lease ran out, a manual retry) is kept in the history
+but changes nothing; the delivery's row is locked while that is decided.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from relay.deliveries.models import (DISABLED_FAILING, DISABLED_GONE, DISABLED_MANUAL, Attempt, Delivery, Recorded,
+                                     SendTarget, Subscription)
+from relay.store import queries as q
+from relay.store.outbox import deliver_job, insert_jobs
+from relay.store.rows import (SUBSCRIPTION_COLUMNS, attempt_from_row, attempt_row, delivery_from_row,
+                              subscription_from_row, subscription_row)
+from relay.store.tx import Row, Tx
+
+T = TypeVar("T")
+REPLAY_MAX = 10_000
+
+
+class DeliveryCases(abc.ABC):
+    """Mixed into Store, whose plumbing (transact, _read, _read_all, _wake) it uses."""
+
+    @abc.abstractmethod
+    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T: ...
+
+    @abc.abstractmethod
+    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
+
+    @abc.abstractmethod
+    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    @abc.abstractmethod
+    def _wake(self) -> None: ...
+
+    # ---- subscriptions ----------------------------------------------------------------------------
+    async def create_subscription(self, sub: Subscription) -> Subscription:
+        async def body(tx: Tx) -> None:
+            await tx.run(q.INSERT_SUBSCRIPTION, subscription_row(sub))
+        await self.transact(body)
+        return sub
+
+    async def get_subscription(self, subscription_id: str) -> Subscription | None:
+        row = await self._read(q.LOAD_SUBSCRIPTION, (subscription_id,))
+        return None if row is None else subscription_from_row(row)
+
+    async def list_subscriptions(self, *, limit: int, cursor: str | None) -> tuple[list[Subscription], str | None]:
+        """Newest first; the cursor is the last id of the previous page."""
+        filters, args = (["id < ?"], [cursor]) if cursor else ([], [])
+        rows = await self._read_all(q.filtered("subscriptions", filters, order="id DESC"), (*args, limit + 1))
+        subs = [subscription_from_row(r) for r in rows[:limit]]
+        return subs, (subs[-1].id if len(rows) > limit else None)
+
+    async def update_subscription(self, subscription_id: str, change: Callable[[Subscription], Subscription],
+                                  now: float) -> Subscription | None:
+        """One transaction: read (locked), `change` (a pure function of the row), write. None if unknown.
+
+        Disabling cancels the pending deliveries; enabling forgets the failures.
+        """
+        async def body(tx: Tx) -> Subscription | None:
+            row = await tx.one(q.LOCK_SUBSCRIPTION, (subscription_id,))
+            if row is None:
+                return None
+            before = subscription_from_row(row)
+            after = change(subscription_from_row(row))
+            if after.enabled and not before.enabled:
+                after.disabled_reason, after.failing_since = None, None
+            elif before.enabled and not after.enabled:
+                after.disabled_reason = after.disabled_reason or DISABLED_MANUAL
+                await _cancel_pending(tx, subscription_id, "the subscription was disabled", now)
+            after.updated_at = now
+            await tx.run(q.UPDATE_SUBSCRIPTION, (
+                after.url, json.dumps(after.events), after.description, int(after.enabled), after.disabled_reason,
+                after.keyring, after.public_key, after.previous_public_key, after.previous_expires_at,
+                after.failing_since, now, subscription_id))
+            return after
+        return await self.transact(body)
+
+    async def delete_subscription(self, subscription_id: str, now: float) -> bool:
+        """Remove it and cancel its pending deliveries (their history stays). False if unknown."""
+        async def body(tx: Tx) -> bool:
+            if not await tx.run(q.DELETE_SUBSCRIPTION, (subscription_id,)):
+                return False
+            await _cancel_pending(tx, subscription_id, "the subscription was deleted", now)
+            return True
+        return await self.transact(body)
+
+    # ---- deliveries -------------------------------------------------------------------------------
+    async def get_delivery(self, delivery_id: str) -> Delivery | None:
+        row = await self._read(q.LOAD_DELIVERY, (delivery_id,))
+        return None if row is None else delivery_from_row(row)
+
+    async def list_deliveries(self, *, subscription_id: str | None, status: str | None, task_id: str | None,
+                              event_id: str | None, limit: int,
+                              cursor: str | None) -> tuple[list[Delivery], str | None]:
+        """Newest first; the cursor is the last id of the previous page."""
+        filters, args = [], []
+        for column, value in (("subscription_id", subscription_id), ("status", status), ("task_id", task_id),
+                              ("event_id", event_id), ("id <", cursor)):
+            if value is not None:
+                filters.append(f"{column} ?" if column.endswith("<") else f"{column} = ?")
+                args.append(value)
+        rows = await self._read_all(q.filtered("deliveries", filters, order="id DESC"), (*args, limit + 1))
+        found = [delivery_from_row(r) for r in rows[:limit]]
+        return found, (found[-1].id if len(rows) > limit else None)
+
+    async def list_attempts(self, delivery_id: str, *, limit: int = 100) -> list[Attempt]:
+        """A delivery's latest attempts, newest first."""
+        return [attempt_from_row(r) for r in await self._read_all(q.LIST_ATTEMPTS, (delivery_id, limit))]
+
+    async def delivery_counts(self) -> dict[str, int]:
+        """Deliveries by status."""
+        return {r["status"]: int(r["n"]) for r in await self._read_all(q.DELIVERY_COUNTS)}
+
+    async def load_send_target(self, delivery_id: str) -> SendTarget | None:
+        """A delivery with its event and subscription, for the deliver job (None if either is unknown)."""
+        row = await self._read(q.LOAD_SEND_TARGET, (delivery_id,))
+        if row is None:
+            return None
+        sub = None
+        if row["sub_id"] is not None:
+            sub = subscription_from_row({key: row[f"sub_{key}"] for key in SUBSCRIPTION_COLUMNS})
+        return SendTarget(delivery=delivery_from_row(row), event_data=json.loads(row["event_data"]),
+                          event_created_at=row["event_created_at"], subscription=sub)
+
+    async def record_attempt(self, attempt: Attempt, *, outcome: str, next_attempt_at: float | None,
+                             auto_disable_after: float, now: float) -> Recorded | None:
+        """One transaction: the attempt, the delivery's next state, the subscription's failure clock (and disabling).
+
+        `outcome` is succeeded | gone | retry | refused; a retry with no `next_attempt_at` has exhausted its
+        schedule; refused (the SSRF guard would not connect) fails it at once. Either counts as a failure of
+        the subscription (its failure clock, auto-disable). None when the delivery is no longer at this
+        attempt (a duplicate run): the attempt is still kept.
+        """
+        async def body(tx: Tx) -> Recorded | None:
+            await tx.run(q.INSERT_ATTEMPT, attempt_row(attempt))
+            row = await tx.one(q.LOCK_DELIVERY, (attempt.delivery_id,))
+            if row is None:
+                return None
+            delivery = delivery_from_row(row)
+            if delivery.status != "pending" or delivery.attempts != attempt.number - 1:
+                return None
+            sub_id = delivery.subscription_id
+            status, next_at, error, disabled = await _next_state(tx, attempt, outcome, next_attempt_at,
+                                                                 auto_disable_after, sub_id, now)
+            if disabled is not None and sub_id is not None:
+                await tx.run(q.DISABLE_SUBSCRIPTION, (disabled, now, sub_id))
+                why = ("the subscriber answered 410 Gone" if disabled == DISABLED_GONE
+                       else "the subscription failed continuously for too long")
+                await _cancel_pending(tx, sub_id, f"{why}: subscription disabled", now)
+                if outcome != "gone":
+                    error = f"{error}; {why}: subscription disabled"
+            await tx.run(q.RECORD_DELIVERY_ATTEMPT, (
+                status, next_at, attempt.at, attempt.status_code, error, attempt.url, now,
+                None if status == "pending" else now, delivery.id))
+            delivery.status, delivery.next_attempt_at = status, next_at
+            delivery.attempts += 1
+            delivery.round_attempts += 1
+            delivery.last_attempt_at, delivery.last_status_code = attempt.at, attempt.status_code
+            delivery.last_error, delivery.url, delivery.updated_at = error, attempt.url, now
+            if status != "pending":
+                delivery.completed_at = now
+            return Recorded(delivery=delivery, disabled=disabled)
+        return await self.transact(body)
+
+    async def settle_delivery(self, delivery_id: str, status: str, reason: str, now: float) -> None:
+        """End a pending delivery without an attempt (canceled: nobody to send to; failed: gave up)."""
+        async def body(tx: Tx) -> None:
+            await tx.run(q.SETTLE_DELIVERY, (status, reason, now, now, delivery_id))
+        await self.transact(body)
+
+    async def retry_delivery(self, delivery_id: str, now: float) -> Delivery | None:
+        """Attempt now: a pending delivery's next attempt is brought forward; a settled one starts a new round."""
+        async def body(tx: Tx) -> Delivery | None:
+            row = await tx.one(q.LOCK_DELIVERY, (delivery_id,))
+            if row is None:
+                return None
+            if row["status"] == "pending":
+                await tx.run(q.DELIVERY_DUE_NOW, (now, now, delivery_id))
+            else:
+                await tx.run(q.RESTART_DELIVERY, ("retry", now, now, delivery_id))
+            await _due_now(tx, delivery_id, now)
+            found = await tx.one(q.LOAD_DELIVERY, (delivery_id,))
+            return None if found is None else delivery_from_row(found)
+        delivery = await self.transact(body)
+        self._wake()
+        return delivery
+
+    async def replay_deliveries(self, subscription_id: str, *, since: float, until: float,
+                                statuses: Sequence[str], now: float) -> tuple[int, bool]:
+        """New rounds for the subscription's deliveries in [since, until) with these statuses. (count, more left)"""
+        async def body(tx: Tx) -> tuple[int, bool]:
+            rows = await tx.all(q.replay_candidates(len(statuses)),
+                                (subscription_id, *statuses, since, until, REPLAY_MAX + 1))
+            chosen = [r["id"] for r in rows[:REPLAY_MAX]]
+            for delivery_id in chosen:
+                await tx.run(q.RESTART_DELIVERY, ("replay", now, now, delivery_id))
+                await _due_now(tx, delivery_id, now)
+            return len(chosen), len(rows) > REPLAY_MAX
+        result = await self.transact(body)
+        self._wake()
+        return result
+
+    async def wake_delivery(self, delivery_id: str, now: float) -> bool:
+        """Make a waiting (unleased) delivery job due now (a parked delivery whose subscriber has a free lane)."""
+        async def body(tx: Tx) -> bool:
+            return await tx.run(q.WAKE_JOB, (now, f"deliver:{delivery_id}", now)) > 0
+        woken = await self.transact(body)
+        if woken:
+            self._wake()
+        return woken
+
+    async def requeue_orphaned_deliveries(self, now: float) -> int:
+        """Give a job to every pending delivery that has none (a safety net run at start). Returns how many."""
+        rows = await self._read_all(q.ORPHANED_DELIVERIES)
+        if not rows:
+            return 0
+
+        async def body(tx: Tx) -> int:
+            return await insert_jobs(tx, [deliver_job(r["id"], r["next_attempt_at"] or now, now) for r in rows])
+        added = await self.transact(body)
+        self._wake()
+        return added
+
+
+async def _next_state(tx: Tx, attempt: Attempt, outcome: str, next_attempt_at: float | None,
+                      auto_disable_after: float, sub_id: str | None,
+                      now: float) -> tuple[str, float | None, str | None, str | None]:
+    """(status, next attempt, error, disabled reason) of a delivery after this attempt; moves the failure clock."""
+    if outcome == "succeeded":
+        if sub_id:
+            await tx.run(q.SUBSCRIPTION_HEALTHY, (sub_id,))
+        return "succeeded", None, None, None
+    if outcome == "gone":
+        return "failed", None, attempt.error, DISABLED_GONE if sub_id else None
+    # refused (the SSRF guard would not connect) fails at once; a retry with no next attempt has run out.
+    retry = outcome == "retry" and next_attempt_at is not None
+    status, next_at = ("pending", next_attempt_at) if retry else ("failed", None)
+    if sub_id:
+        since = await tx.one(q.SUBSCRIPTION_FAILING, (attempt.at, sub_id))
+        if since is not None and now - since["failing_since"] >= auto_disable_after:
+            return "failed", None, attempt.error, DISABLED_FAILING
+    return status, next_at, attempt.error, None
+
+
+async def _cancel_pending(tx: Tx, subscription_id: str, reason: str, now: float) -> None:
+    # Their jobs find the delivery settled and finish without sending.
+    await tx.run(q.CANCEL_PENDING_DELIVERIES, (reason, now, now, subscription_id))
+
+
+async def _due_now(tx: Tx, delivery_id: str, now: float) -> None:
+    """Make the delivery's job due now: a new job, or the live one brought forward (and its lease voided).
+
+    A job leased by a running worker loses its lease: whatever that run does next cannot finish the job,
+    so the new round is never dropped by a run that read the old state (at worst the subscriber gets one
+    more copy, with the same webhook-id).
+    """
+    if not await insert_jobs(tx, [deliver_job(delivery_id, now, now)]):
+        await tx.run(q.JOB_DUE_NOW, (now, now, f"deliver:{delivery_id}"))

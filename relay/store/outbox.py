@@ -1,0 +1,102 @@
+"""What one state change writes, inside the transaction that makes it: the outbox of relay.
+
+A transition (relay.states decided it) becomes the task row's new state, one event, the images the
+provider reported with their archive jobs (ordered by how soon their links die), and one delivery with
+its job for every subscriber whose filter takes the event. All of it commits together or not at all.
+Backend-neutral: it speaks only through a Tx and the named statements of relay.store.queries.
+"""
+
+from __future__ import annotations
+
+import json
+
+from relay import ids
+from relay.deliveries.models import matches
+from relay.models import Event, ImageRecord, Job, Task
+from relay.present import task_object
+from relay.states import Transition
+from relay.store import queries as q
+from relay.store.rows import dumps, image_from_row, job_row
+from relay.store.tx import Tx
+
+# Archive jobs are ordered by how soon their source dies: run_at is moved back by the time a link
+# has less than this horizon, so a backlog saves the soonest-dying images first.
+ARCHIVE_HORIZON = 24 * 3600.0
+TASK_TARGET = "task"       # the delivery target of a task's own webhook_url
+
+
+def archive_job(image: ImageRecord, now: float) -> Job:
+    urgency = 0.0
+    if image.source_expires_at is not None:
+        urgency = max(0.0, ARCHIVE_HORIZON - max(0.0, image.source_expires_at - now))
+    return Job(id=ids.new_id("job", now), kind="archive", task_id=image.task_id,
+               payload={"image_id": image.id}, run_at=now - urgency, dedupe_key=f"archive:{image.id}")
+
+
+def deliver_job(delivery_id: str, run_at: float, now: float) -> Job:
+    """The wake-up job of a delivery: one live job per delivery."""
+    return Job(id=ids.new_id("job", now), kind="deliver", payload={"delivery_id": delivery_id}, run_at=run_at,
+               dedupe_key=f"deliver:{delivery_id}", max_attempts=10)
+
+
+async def insert_jobs(tx: Tx, jobs: list[Job] | tuple[Job, ...]) -> int:
+    """Insert jobs; one whose dedupe_key is live already is skipped. How many were added."""
+    if not jobs:
+        return 0
+    return await tx.many(q.INSERT_JOB, [job_row(job) for job in jobs])
+
+
+async def images_of(tx: Tx, task_id: str) -> list[ImageRecord]:
+    return [image_from_row(row) for row in await tx.all(q.IMAGES_OF_TASK, (task_id,))]
+
+
+async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, default_expiry: float,
+                           delivery_delay: float) -> Event:
+    """Apply `t` to `task` (already read, locked, in this transaction) and write everything it causes."""
+    task.status = t.status
+    task.sequence += 1
+    task.updated_at = now
+    if t.progress is not None:
+        task.progress = t.progress
+    if t.provider_task_id and not task.provider_task_id:
+        task.provider_task_id = t.provider_task_id
+    if t.error is not None:
+        task.error = t.error
+    if t.status.terminal:
+        task.completed_at = now
+    await tx.run(q.UPDATE_TASK_STATE, (task.status.value, task.sequence, now, task.progress, task.provider_task_id,
+                                       dumps(task.error), task.completed_at, task.id))
+    if t.images:
+        rows = []
+        for index, source in enumerate(t.images):
+            expires = source.expires_at if source.expires_at is not None else now + default_expiry
+            rows.append((ids.new_id("img", now), task.id, index, source.url, source.b64, expires))
+        await tx.many(q.INSERT_IMAGE, rows)
+        task.images = await images_of(tx, task.id)
+        await insert_jobs(tx, [archive_job(img, now) for img in task.images if img.status == "pending"])
+    if t.status.terminal:
+        await tx.run(q.DELETE_WATCH_JOBS, (task.id,))    # nothing left to poll or confirm
+    event = Event(id=ids.new_id("evt", now), type=t.event, task_id=task.id, sequence=task.sequence,
+                  created_at=now, data=task_object(task))
+    await tx.run(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
+    await fan_out(tx, event, task, now + delivery_delay, now)
+    return event
+
+
+async def fan_out(tx: Tx, event: Event, task: Task, run_at: float, now: float) -> None:
+    """One delivery and its job per enabled subscription whose filter takes the event, and the task's own hook."""
+    targets: list[tuple[str, str | None, str]] = []   # (target, subscription id, url)
+    for row in await tx.all(q.ENABLED_SUBSCRIPTIONS):
+        if matches(json.loads(row["events"]), event.type):
+            targets.append((row["id"], row["id"], row["url"]))
+    if task.webhook_url and matches(task.webhook_events, event.type):
+        targets.append((TASK_TARGET, None, task.webhook_url))
+    if not targets:
+        return
+    jobs, values = [], []
+    for target, subscription_id, url in targets:
+        delivery_id = ids.new_id("dlv", now)
+        values.append((delivery_id, event.id, event.type, task.id, subscription_id, target, url, run_at, now, now))
+        jobs.append(deliver_job(delivery_id, run_at, now))
+    await tx.many(q.INSERT_DELIVERY, values)
+    await insert_jobs(tx, jobs)

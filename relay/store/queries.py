@@ -1,0 +1,158 @@
+"""Every SQL statement relay runs, by name, in the one dialect both backends read.
+
+Written for SQLite and PostgreSQL alike: `?` placeholders (the PostgreSQL backend numbers them
+`$1, $2, …`), `IS NOT DISTINCT FROM` for a null-safe comparison, `ON CONFLICT … DO NOTHING`,
+`RETURNING`. `FOR_UPDATE` marks a row lock: PostgreSQL takes it (so a read-decide-write is atomic
+against other replicas), SQLite drops it (its one writer already serializes every write transaction).
+The few statements that differ by backend (the claim, migrations, the event log's visibility rule)
+live in that backend's module.
+"""
+
+from __future__ import annotations
+
+FOR_UPDATE = " /*FOR UPDATE*/"
+
+# ---- tasks -----------------------------------------------------------------------------------------
+INSERT_TASK = (
+    "INSERT INTO tasks (id, provider, provider_task_id, status, progress, request, error, metadata, webhook_url, "
+    "webhook_events, sequence, created_at, updated_at, completed_at, deadline_at, submit_started_at) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+LOAD_TASK = "SELECT * FROM tasks WHERE id = ?"
+LOCK_TASK = "SELECT * FROM tasks WHERE id = ?" + FOR_UPDATE
+UPDATE_TASK_STATE = (
+    "UPDATE tasks SET status = ?, sequence = ?, updated_at = ?, progress = ?, provider_task_id = ?, error = ?, "
+    "completed_at = ? WHERE id = ?")
+MARK_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ?"
+CLEAR_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL"
+COUNT_IN_FLIGHT = (
+    "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'running') AND provider = ?)"
+    " + (SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND submit_started_at IS NOT NULL"
+    "    AND provider = ? AND id != ?) AS n")
+
+# ---- idempotency keys ------------------------------------------------------------------------------
+# Insert-or-keep, then read the row that holds the key, locked: two requests with one key at the same
+# instant serialize on the key's row, and the second sees the first's task.
+CLAIM_IDEMPOTENCY_KEY = (
+    "INSERT INTO idempotency_keys (scope, key, body_hash, task_id, created_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (scope, key) DO NOTHING")
+LOCK_IDEMPOTENCY_KEY = (
+    "SELECT body_hash, task_id, created_at FROM idempotency_keys WHERE scope = ? AND key = ?" + FOR_UPDATE)
+REPLACE_IDEMPOTENCY_KEY = (
+    "UPDATE idempotency_keys SET body_hash = ?, task_id = ?, created_at = ? WHERE scope = ? AND key = ?")
+
+# ---- images ----------------------------------------------------------------------------------------
+INSERT_IMAGE = (
+    "INSERT INTO images (id, task_id, idx, source_url, source_data, source_expires_at, status) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (task_id, idx) DO NOTHING")
+IMAGES_OF_TASK = "SELECT * FROM images WHERE task_id = ? ORDER BY idx"
+LOAD_IMAGE = "SELECT * FROM images WHERE id = ?"
+IMAGE_ARCHIVED = (
+    "UPDATE images SET status = 'archived', sha256 = ?, content_type = ?, width = ?, height = ?, bytes = ?, "
+    "path = ?, archived_at = ?, source_data = NULL WHERE id = ? AND status = 'pending'")
+IMAGE_FAILED = "UPDATE images SET status = 'failed', error = ?, source_data = NULL WHERE id = ? AND status = 'pending'"
+
+# ---- events ----------------------------------------------------------------------------------------
+INSERT_EVENT = "INSERT INTO events (id, type, task_id, sequence, data, created_at) VALUES (?,?,?,?,?,?)"
+EVENT_EXISTS = "SELECT 1 FROM events WHERE id = ?"
+
+# ---- callbacks -------------------------------------------------------------------------------------
+INSERT_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at, status) "
+                   "VALUES (?, ?, ?, ?, ?, 'received')")
+LOAD_CALLBACK = "SELECT * FROM inbox WHERE id = ?"
+SETTLE_CALLBACK = "UPDATE inbox SET status = ?, note = ?, processed_at = ? WHERE id = ?"
+
+# ---- jobs ------------------------------------------------------------------------------------------
+INSERT_JOB = (
+    "INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, max_attempts, created_at) "
+    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING")
+DELETE_WATCH_JOBS = "DELETE FROM jobs WHERE task_id = ? AND kind IN ('poll', 'confirm') AND state = 'queued'"
+EXTEND_LEASE = ("UPDATE jobs SET run_at = ? WHERE id = ? AND lease_token IS NOT DISTINCT FROM ? "
+                "AND state = 'queued'")
+FINISH_JOB = "DELETE FROM jobs WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?"
+RETRY_JOB = (
+    "UPDATE jobs SET run_at = ?, last_error = ?, lease_token = NULL, payload = COALESCE(?, payload), "
+    "attempts = CASE WHEN ? = 1 THEN 0 ELSE attempts END WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
+BURY_JOB = ("UPDATE jobs SET state = 'dead', dedupe_key = NULL, last_error = ?, lease_token = NULL "
+            "WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
+JOB_COUNTS = "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"
+NEXT_RUN_AT = "SELECT MIN(run_at) AS due FROM jobs WHERE state = 'queued'"
+# A job brought forward loses its lease: whatever a run holding it does next cannot finish the job.
+JOB_DUE_NOW = ("UPDATE jobs SET run_at = CASE WHEN run_at < ? THEN run_at ELSE ? END, lease_token = NULL "
+               "WHERE dedupe_key = ? AND state = 'queued'")
+WAKE_JOB = ("UPDATE jobs SET run_at = ? WHERE dedupe_key = ? AND state = 'queued' AND lease_token IS NULL "
+            "AND run_at > ?")
+
+# ---- subscriptions ---------------------------------------------------------------------------------
+INSERT_SUBSCRIPTION = (
+    "INSERT INTO subscriptions (id, url, events, description, enabled, disabled_reason, signing, keyring, "
+    "public_key, previous_public_key, previous_expires_at, failing_since, created_at, updated_at) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+LOAD_SUBSCRIPTION = "SELECT * FROM subscriptions WHERE id = ?"
+LOCK_SUBSCRIPTION = "SELECT * FROM subscriptions WHERE id = ?" + FOR_UPDATE
+ENABLED_SUBSCRIPTIONS = "SELECT id, url, events FROM subscriptions WHERE enabled = 1"
+UPDATE_SUBSCRIPTION = (
+    "UPDATE subscriptions SET url = ?, events = ?, description = ?, enabled = ?, disabled_reason = ?, keyring = ?, "
+    "public_key = ?, previous_public_key = ?, previous_expires_at = ?, failing_since = ?, updated_at = ? "
+    "WHERE id = ?")
+DELETE_SUBSCRIPTION = "DELETE FROM subscriptions WHERE id = ?"
+SUBSCRIPTION_FAILING = ("UPDATE subscriptions SET failing_since = COALESCE(failing_since, ?) WHERE id = ? "
+                        "AND enabled = 1 RETURNING failing_since")
+SUBSCRIPTION_HEALTHY = "UPDATE subscriptions SET failing_since = NULL WHERE id = ? AND failing_since IS NOT NULL"
+DISABLE_SUBSCRIPTION = ("UPDATE subscriptions SET enabled = 0, disabled_reason = ?, updated_at = ? "
+                        "WHERE id = ? AND enabled = 1")
+
+# ---- deliveries ------------------------------------------------------------------------------------
+INSERT_DELIVERY = (
+    "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, "
+    "next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,'pending',?,?,?) "
+    "ON CONFLICT (event_id, target) DO NOTHING")
+LOAD_DELIVERY = "SELECT * FROM deliveries WHERE id = ?"
+LOCK_DELIVERY = "SELECT * FROM deliveries WHERE id = ?" + FOR_UPDATE
+CANCEL_PENDING_DELIVERIES = (
+    "UPDATE deliveries SET status = 'canceled', last_error = ?, next_attempt_at = NULL, completed_at = ?, "
+    "updated_at = ? WHERE subscription_id = ? AND status = 'pending'")
+INSERT_ATTEMPT = ("INSERT INTO delivery_attempts (delivery_id, number, at, url, origin, status_code, latency_ms, "
+                  "response, error) VALUES (?,?,?,?,?,?,?,?,?)")
+RECORD_DELIVERY_ATTEMPT = (
+    "UPDATE deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
+    "next_attempt_at = ?, last_attempt_at = ?, last_status_code = ?, last_error = ?, url = ?, updated_at = ?, "
+    "completed_at = ? WHERE id = ?")
+SETTLE_DELIVERY = (
+    "UPDATE deliveries SET status = ?, last_error = ?, next_attempt_at = NULL, completed_at = ?, updated_at = ? "
+    "WHERE id = ? AND status = 'pending'")
+DELIVERY_DUE_NOW = "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE id = ?"
+RESTART_DELIVERY = (
+    "UPDATE deliveries SET status = 'pending', round_attempts = 0, round_origin = ?, next_attempt_at = ?, "
+    "completed_at = NULL, updated_at = ? WHERE id = ?")
+LIST_ATTEMPTS = "SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY id DESC LIMIT ?"
+DELIVERY_COUNTS = "SELECT status, COUNT(*) AS n FROM deliveries GROUP BY status"
+LOAD_SEND_TARGET = (
+    "SELECT d.*, e.data AS event_data, e.created_at AS event_created_at, s.id AS sub_id, s.url AS sub_url, "
+    "s.events AS sub_events, s.description AS sub_description, s.enabled AS sub_enabled, "
+    "s.disabled_reason AS sub_disabled_reason, s.signing AS sub_signing, s.keyring AS sub_keyring, "
+    "s.public_key AS sub_public_key, s.previous_public_key AS sub_previous_public_key, "
+    "s.previous_expires_at AS sub_previous_expires_at, s.failing_since AS sub_failing_since, "
+    "s.created_at AS sub_created_at, s.updated_at AS sub_updated_at "
+    "FROM deliveries d JOIN events e ON e.id = d.event_id "
+    "LEFT JOIN subscriptions s ON s.id = d.subscription_id WHERE d.id = ?")
+ORPHANED_DELIVERIES = (
+    "SELECT d.id, d.next_attempt_at FROM deliveries d WHERE d.status = 'pending' AND NOT EXISTS "
+    "(SELECT 1 FROM jobs j WHERE j.dedupe_key = 'deliver:' || d.id)")
+
+
+def replay_candidates(statuses: int) -> str:
+    """A subscription's deliveries created in [since, until) with one of `statuses` statuses, oldest first."""
+    marks = ",".join("?" * statuses)
+    return (f"SELECT id FROM deliveries WHERE subscription_id = ? AND status IN ({marks}) AND created_at >= ? "
+            "AND created_at < ? ORDER BY id LIMIT ?")
+
+
+def images_of_tasks(tasks: int) -> str:
+    marks = ",".join("?" * tasks)
+    return f"SELECT * FROM images WHERE task_id IN ({marks}) ORDER BY idx"
+
+
+def filtered(table: str, filters: list[str], *, order: str) -> str:
+    """`SELECT * FROM table [WHERE f1 AND f2 …] ORDER BY … LIMIT ?` (filters are fixed SQL with `?`)."""
+    where = " WHERE " + " AND ".join(filters) if filters else ""
+    return f"SELECT * FROM {table}{where} ORDER BY {order} LIMIT ?"

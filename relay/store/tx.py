@@ -1,0 +1,34 @@
+"""One open write transaction, as the backend-neutral use cases see it: four ways to run a named statement.
+
+A backend hands its use cases a `Tx` over its own connection. On SQLite the transaction body runs on
+the writer's thread (one thread hop for the whole transaction), so a Tx method must never suspend:
+everything a body awaits is a Tx method, nothing else (checked: see relay.store.sqlite). On PostgreSQL
+each call is a round trip on the transaction's connection, and statements marked `FOR_UPDATE` in
+relay.store.queries lock the rows they read until the transaction ends.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Row = Any      # sqlite3.Row or asyncpg.Record: indexable by column name
+
+
+class Tx(abc.ABC):
+    @abc.abstractmethod
+    async def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        """The first row of a query (or of an UPDATE … RETURNING), or None."""
+
+    @abc.abstractmethod
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Every row of a query."""
+
+    @abc.abstractmethod
+    async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run a statement; how many rows it changed."""
+
+    @abc.abstractmethod
+    async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run a statement once per row of arguments; how many rows they changed together."""
