@@ -63,9 +63,15 @@ async def _serve(settings: Settings, log_level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.runtime import StartupError
+
     settings = _settings(args, server_host=args.host, server_port=args.port, server_role=args.role)
     _logging(args.log_level)
-    run_async(_serve(settings, args.log_level))
+    try:
+        run_async(_serve(settings, args.log_level))
+    except StartupError as exc:
+        print(f"relay: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
