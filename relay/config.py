@@ -17,7 +17,7 @@ import re
 import tomllib
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -29,11 +29,13 @@ ROLES = ("all", "api", "worker")
 SIMULATOR_URL = "http://127.0.0.1:8700"   # where `relay simulate` listens by default
 SECTIONS = ("server", "auth", "storage", "worker", "polling", "archive", "network", "callbacks", "deliveries")
 SECRET_KEYS = frozenset({"api_keys", "signing_secret", "api_key", "encryption_key", "previous_encryption_keys",
-                         "task_webhook_secret"})
+                         "task_webhook_secret", "access_key_id", "secret_access_key"})
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -64,10 +66,28 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """[storage.s3]: the S3-compatible service of `storage.images_url = "s3://…"`.
+
+    A key left "" takes the standard AWS environment variable (resolved in load_settings):
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY; with no keys at all the client's own AWS chain applies (session token,
+    web identity, container or instance role).
+    """
+
+    endpoint_url: str = ""      # "" → AWS's regional endpoint; MinIO/R2/Ceph: their URL
+    region: str = ""            # "" → us-east-1
+    access_key_id: str = field(default="", repr=False)
+    secret_access_key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     data_dir: str = "./relay-data"
     database: str = field(default="", repr=False)   # may hold a password; "" → sqlite:///{data_dir}/relay.db
     images_dir: str = ""                             # "" → {data_dir}/images
+    images_url: str = ""                             # "" → the local directory images_dir; or s3://BUCKET/PREFIX
+    s3: S3Settings = field(default_factory=S3Settings)
 
 
 @dataclass(frozen=True)
@@ -185,10 +205,15 @@ _KIND_TEXT = {
 
 def _kinds(cls: type) -> dict[str, str]:
     hints = typing.get_type_hints(cls)
-    return {f.name: _KIND_OF_TYPE[hints[f.name]] for f in fields(cls) if f.name != "name"}
+    return {f.name: _KIND_OF_TYPE[hints[f.name]] for f in fields(cls)
+            if f.name != "name" and f.name not in _SUBTABLES.get(cls, {})}
 
 
+# Tables inside a section (`[storage.s3]`): section class → {key: class of the subtable}.
+_SUBTABLES: dict[type, dict[str, type]] = {StorageSettings: {"s3": S3Settings}}
 _FIELD_KINDS = {name: _kinds(cls) for name, cls in _SECTION_CLASSES.items()}
+_SUB_KINDS = {(section, key): _kinds(sub) for section, cls in _SECTION_CLASSES.items()
+              for key, sub in _SUBTABLES.get(cls, {}).items()}
 _PROVIDER_KINDS_OF = _kinds(ProviderSettings)
 _POSITIVE = {
     "server": ("max_body_bytes",),
@@ -219,6 +244,8 @@ def _public(obj: Any) -> dict[str, Any]:
         value = getattr(obj, f.name)
         if f.name in SECRET_KEYS:
             value = ["***"] * len(value) if isinstance(value, tuple) else ("***" if value else "")
+        elif is_dataclass(value):
+            value = _public(value)
         elif f.name == "database":
             value = _mask_url(value)
         elif isinstance(value, tuple):
@@ -293,6 +320,7 @@ class _Loader:
         self.env = env
         self.problems: list[str] = []
         self.raw: dict[str, _Raw] = {s: {} for s in SECTIONS}
+        self.sub: dict[tuple[str, str], _Raw] = {k: {} for k in _SUB_KINDS}   # [storage.s3] …
         self.prov: dict[str, _Raw] = {}
 
     def problem(self, path: str, what: str, got: Any = _BAD, secret: bool = False) -> None:
@@ -328,6 +356,15 @@ class _Loader:
                         continue
                     self.prov[name] = self.keys_of(path, entry, _PROVIDER_KINDS_OF)
             else:
+                table = dict(table)
+                for (section, key), kinds in _SUB_KINDS.items():
+                    if section != top or key not in table:
+                        continue
+                    subtable = table.pop(key)
+                    if isinstance(subtable, dict):
+                        self.sub[section, key] = self.keys_of(f"{top}.{key}", subtable, kinds)
+                    else:
+                        self.problem(f"{top}.{key}", "must be a table", subtable)
                 self.raw[top] = self.keys_of(top, table, _FIELD_KINDS[top])
 
     def keys_of(self, path: str, table: dict[str, Any], known: dict[str, str]) -> _Raw:
@@ -350,7 +387,15 @@ class _Loader:
             for section in SECTIONS:
                 if rest.startswith(section.upper() + "_"):
                     key = rest[len(section) + 1:].lower()
-                    if key in _FIELD_KINDS[section]:
+                    sub = next((k for k in _SUB_KINDS if k[0] == section and key.startswith(k[1] + "_")), None)
+                    if sub is not None:   # RELAY_STORAGE_S3_ENDPOINT_URL → [storage.s3] endpoint_url
+                        subkey = key[len(sub[1]) + 1:]
+                        if subkey in _SUB_KINDS[sub]:
+                            self.sub[sub][subkey] = (text, var)
+                        else:
+                            self.problem(f"{section}.{sub[1]}.{subkey}", f"unknown key (from {var})"
+                                         f"{_suggest(subkey, _SUB_KINDS[sub])}")
+                    elif key in _FIELD_KINDS[section]:
                         self.raw[section][key] = (text, var)
                     else:
                         self.problem(f"{section}.{key}", f"unknown key (from {var})"
@@ -472,7 +517,10 @@ class _Loader:
         return out
 
     def build(self, section: str, cls: type) -> Any:
-        return cls(**self.values(section, self.raw[section], _FIELD_KINDS[section]))
+        values = self.values(section, self.raw[section], _FIELD_KINDS[section])
+        for key, sub in _SUBTABLES.get(cls, {}).items():
+            values[key] = sub(**self.values(f"{section}.{key}", self.sub[section, key], _SUB_KINDS[section, key]))
+        return cls(**values)
 
     # -- validation ------------------------------------------------------------------------------
     def http_url(self, path: str, url: str) -> str:
@@ -525,7 +573,45 @@ class _Loader:
             or scheme in ("postgresql", "postgres"))
         if not ok:
             self.problem("storage.database", "must be sqlite:///path or a postgresql:// URL", _mask_url(database))
-        return replace(s, database=database, images_dir=s.images_dir or f"{base}images")
+        return self.check_images(replace(s, database=database, images_dir=s.images_dir or f"{base}images"))
+
+    def check_images(self, s: StorageSettings) -> StorageSettings:
+        """storage.images_url and [storage.s3]; an s3 key left "" takes the standard AWS variable."""
+        given = sorted(k for k, (value, _) in self.sub["storage", "s3"].items() if value != "")
+        if not s.images_url:
+            if given:
+                self.problem("storage.s3", f"{', '.join(given)} set, but storage.images_url is not an s3:// URL, so "
+                             'images would stay in storage.images_dir; set storage.images_url = "s3://BUCKET/PREFIX"')
+            return s
+        try:
+            bucket, prefix = s3_url_parts(s.images_url)
+            s = replace(s, images_url=f"s3://{bucket}/{prefix}".rstrip("/"))
+        except ValueError as exc:
+            self.problem("storage.images_url", f"{exc} (leave it empty to keep images in storage.images_dir)",
+                         s.images_url)
+        c, env = s.s3, self.env
+        endpoint, endpoint_from = c.endpoint_url, "storage.s3.endpoint_url"
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            if not endpoint and env.get(var):
+                endpoint, endpoint_from = env[var], f"{endpoint_from} (from {var})"
+        if endpoint:
+            endpoint = self.http_url(endpoint_from, endpoint)
+            if urlsplit(endpoint).path not in ("", "/"):
+                self.problem(endpoint_from, "must be the service's URL without a path (the bucket goes in "
+                             "storage.images_url)", endpoint)
+        region = c.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        if not _REGION_RE.match(region):
+            self.problem("storage.s3.region", "must be a region name such as us-east-1 (R2: auto)", region)
+        key_id, secret = c.access_key_id, c.secret_access_key
+        names = ("storage.s3.access_key_id", "storage.s3.secret_access_key")
+        if not key_id and not secret:
+            key_id, secret = env.get("AWS_ACCESS_KEY_ID", ""), env.get("AWS_SECRET_ACCESS_KEY", "")
+            names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        if bool(key_id) != bool(secret):
+            missing, present = (names[1], names[0]) if key_id else names
+            self.problem(missing, f"is required with {present} (credentials are a pair)")
+        return replace(s, s3=S3Settings(endpoint_url=endpoint, region=region, access_key_id=key_id,
+                                        secret_access_key=secret))
 
     def check_numbers(self, sections: dict[str, Any]) -> None:
         for section, keys in _POSITIVE.items():
@@ -605,6 +691,23 @@ class _Loader:
             if len(self.problems) == before:
                 out[name] = ProviderSettings(name=name, **values)
         return out
+
+
+def s3_url_parts(url: str) -> tuple[str, str]:
+    """`s3://BUCKET/PREFIX` → (bucket, prefix without slashes at either end); ValueError saying what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != "s3" or not sep:
+        raise ValueError("must be s3://BUCKET or s3://BUCKET/PREFIX")
+    bucket, _, prefix = rest.partition("/")
+    if "@" in bucket or ":" in bucket:
+        raise ValueError("must name the bucket only: credentials and the endpoint go in [storage.s3]")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise ValueError("the bucket name must be 3-63 of a-z 0-9 . - starting and ending with a letter or digit")
+    prefix = prefix.strip("/")
+    if prefix and (any(part in ("", ".", "..") for part in prefix.split("/"))
+                   or any(ch in prefix for ch in "?#\\") or not prefix.isprintable()):
+        raise ValueError("the prefix must be path segments without empty, . or .. parts, ?, # or \\")
+    return bucket, prefix
 
 
 def _is_network(entry: str) -> bool:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ async def run_demo(*, per_provider: int, keep_running: bool, data_dir: Path, por
             async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
                 tasks = await _submit_all(client, per_provider)
                 final = await _watch(client, tasks, timeout)
-            ok = _report(console, final, runtime.ctx.image_store.open_path)
+            ok = _report(console, final, runtime.ctx.image_store.location)
             if keep_running:
                 console.print(f"\nrelay stays up at {base} (API key in {data_dir.resolve() / 'api-key'}); "
                               "Ctrl-C to stop.")
@@ -133,7 +133,7 @@ async def _watch(client: httpx.AsyncClient, task_ids: list[str], timeout: float)
     return latest
 
 
-def _report(console: Console, final: dict[str, dict[str, Any]], path_of: Any) -> bool:
+def _report(console: Console, final: dict[str, dict[str, Any]], location: Callable[[str], str]) -> bool:
     table = Table(title="archived images")
     for column in ("provider", "task", "status", "type", "size", "bytes", "sha256"):
         table.add_column(column, overflow="fold")
@@ -149,7 +149,7 @@ def _report(console: Console, final: dict[str, dict[str, Any]], path_of: Any) ->
         for image in task["images"]:
             table.add_row(task["provider"], task["id"], task["status"], image["content_type"],
                           f"{image['width']}x{image['height']}", str(image["bytes"]), image["sha256"][:16])
-            files.append(str(path_of(image_path(image))))
+            files.append(location(image_path(image)))   # a file path, or s3://… for a bucket
     Console().print(table)
     if files:
         print("\narchived files:")

@@ -21,7 +21,7 @@ from relay.clock import Clock, SystemClock
 from relay.config import Settings
 from relay.deliveries.handler import DeliverHandler
 from relay.deliveries.service import DeliveryService, build_delivery_service
-from relay.images.store import LocalImageStore
+from relay.images.store import open_image_store
 from relay.jobs.archive import ArchiveHandler
 from relay.jobs.callback import CallbackHandler
 from relay.jobs.context import JobContext
@@ -32,7 +32,7 @@ from relay.netguard import NetGuard
 from relay.providers import PROVIDER_KINDS, build_provider
 from relay.providers.base import Provider
 from relay.queue import Handler, Worker, WorkerOptions
-from relay.ratelimit import TokenBucket
+from relay.ratelimit import RateLimiter, SharedTokenBucket, TokenBucket
 from relay.service import TaskService
 from relay.store.base import Store
 from relay.store.sqlite import SQLiteStore, sqlite_path_from_url
@@ -75,10 +75,17 @@ def resolve_api_keys(settings: Settings) -> tuple[str, ...]:
 
 
 def open_store(settings: Settings) -> Store:
+    """The store the database URL names: sqlite:///path (the embedded default) or postgresql://…"""
     url = settings.storage.database
     if url.startswith("sqlite:"):
         return SQLiteStore(sqlite_path_from_url(url))
-    raise ValueError(f"database {url!r} is not supported yet (SQLite only in this version)")
+    from relay.store.postgres import PostgresStore     # asyncpg is needed only here
+    return PostgresStore(url)
+
+
+def shared_database(settings: Settings) -> bool:
+    """Whether other replicas may share this database (everything but SQLite)."""
+    return not settings.storage.database.startswith("sqlite:")
 
 
 def build_handlers(ctx: JobContext) -> dict[str, Handler]:
@@ -109,6 +116,12 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     clock = clock or SystemClock()
     data_dir = Path(settings.storage.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    if shared_database(settings) and not settings.auth.signing_secret:
+        # Callback tokens and image links are HMACs under this secret: one generated per machine would
+        # make every replica refuse the others' callback URLs and links.
+        raise StartupError("a shared database (PostgreSQL) needs an explicit auth.signing_secret, the same on every "
+                           "replica (e.g. signing_secret = \"env:RELAY_SIGNING_SECRET\"); relay will not generate "
+                           "one per machine")
     signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
     api_keys = resolve_api_keys(settings)
     guard = NetGuard(settings.network.allow)
@@ -125,9 +138,9 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     provider_clients: list[httpx.AsyncClient] = []
     store = open_store(settings)
     await store.open()
-    image_store = LocalImageStore(Path(settings.storage.images_dir))
+    image_store = open_image_store(settings.storage)   # a local directory, or an S3-compatible bucket
     providers: dict[str, Provider] = {}
-    limiters: dict[str, TokenBucket] = {}
+    limiters: dict[str, RateLimiter] = {}
     ctx = JobContext(settings=settings, store=store, clock=clock, providers=providers, image_store=image_store,
                      http=http, signer=Signer(signing_secret), limiters=limiters)
 
@@ -150,7 +163,9 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
         providers[name] = build_provider(conf.kind, client, base_url=conf.base_url, api_key=conf.api_key,
                                          name=name, model=conf.model, fetch_input=fetch_input, timeout=conf.timeout,
                                          submit_http=submit_client)
-        limiters[name] = TokenBucket(conf.rate_limit)
+        # The provider account's rate, whichever replica sends: kept in the database when it is shared.
+        limiters[name] = (SharedTokenBucket(store, f"provider:{name}", conf.rate_limit, clock)
+                          if shared_database(settings) else TokenBucket(conf.rate_limit))
     ctx.callbacks_enabled = True
     deliveries = build_delivery_service(settings, store, clock, guard=guard, signer=ctx.signer,
                                         signing_secret=signing_secret)

@@ -1,8 +1,14 @@
-"""Shared fixtures: a store per backend (the contract suite runs against each), a manual clock."""
+"""Shared fixtures: a store per backend (the contract suite runs against each), a manual clock.
+
+Every test that takes `store` runs twice: on SQLite (a file in tmp_path) and on PostgreSQL (a fresh
+database, see tests/pg.py; an unreachable server fails the test, it is never skipped). A test that needs
+several stores on one database (two replicas) takes `open_store` and calls it once per store.
+SQLite white-box tests (WAL, PRAGMAs, the claim's plan, `_writer`) build their SQLiteStore themselves.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -11,17 +17,52 @@ from relay.clock import ManualClock
 from relay.store.base import Store
 from relay.store.sqlite import SQLiteStore
 
+BACKENDS = ["sqlite", "postgresql"]
+
 
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend: Store = SQLiteStore(tmp_path / "relay.db")
-    await backend.open()
+@pytest.fixture(params=BACKENDS)
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Where a store keeps its data: a SQLite file path, or the DSN of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "relay.db")
+        return
+    from tests.pg import fresh_database
+    async with fresh_database() as dsn:
+        yield dsn
+
+
+def new_store(database: str) -> Store:
+    """An unopened store on `database` (from the `database` fixture); several may share one database."""
+    if database.startswith(("postgresql://", "postgres://")):
+        # Imported here: the SQLite tests do not need the PostgreSQL backend (or asyncpg) to import.
+        from relay.store.postgres import PostgresStore
+        return PostgresStore(database)
+    return SQLiteStore(database)
+
+
+@pytest.fixture
+async def open_store(database: str) -> AsyncIterator[Callable[[], Awaitable[Store]]]:
+    """Open another store on the test's database (each call a new instance, as another replica would);
+    all of them are closed at the end of the test."""
+    opened: list[Store] = []
+
+    async def open_one() -> Store:
+        backend = new_store(database)
+        await backend.open()
+        opened.append(backend)
+        return backend
     try:
-        yield backend
+        yield open_one
     finally:
-        await backend.close()
+        for backend in reversed(opened):
+            await backend.close()
+
+
+@pytest.fixture
+async def store(open_store: Callable[[], Awaitable[Store]]) -> Store:
+    return await open_store()

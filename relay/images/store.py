@@ -4,9 +4,13 @@ Keys are relative and content-addressed: `ab/cd/<sha256>.<ext>`. The same
 bytes always get the same key, so storing twice (a retried archive job, two
 tasks with one image) is a no-op, and a key never changes meaning.
 
-`ImageStore` is the interface; `LocalImageStore` keeps files under one
-directory. Files arrive as temp files written in `tmp_dir()` (same filesystem,
-so the final move is an atomic rename: readers see a whole file or none).
+`ImageStore` is the interface, backend-neutral: downloads land in a local
+`tmp_dir()`, `put_file` takes the verified temp file in, `stat`/`open` serve it
+back (size, then the bytes as a stream), `check` is /readyz's probe.
+`LocalImageStore` keeps files under one directory (temp files on the same
+filesystem, so the final move is an atomic rename: readers see a whole file or
+none); `relay.images.s3.S3ImageStore` keeps objects in an S3-compatible bucket
+under the same keys. `open_image_store` picks one from the settings.
 
 A write the filesystem refuses (ENOSPC, EDQUOT, EROFS, EIO …) is the store
 being unavailable, not the image being bad: `unavailable_on_oserror` turns it
@@ -22,15 +26,22 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay.errors import ArchiveError
+
+if TYPE_CHECKING:
+    from relay.config import StorageSettings
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXT = re.compile(r"[a-z0-9]{1,8}")
 _KEY = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})\.([a-z0-9]{1,8})")
 IMAGE_STORE_UNAVAILABLE = "image_store_unavailable"
+CHUNK = 256 * 1024      # bytes per read when an image is streamed out of a store
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 @contextlib.contextmanager
@@ -53,12 +64,25 @@ def image_key(sha256: str, ext: str) -> str:
     return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.{ext}"
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
     # Keys come from our own database, but a key is also a path: never let one
     # escape the root (no "..", no absolute paths).
     m = _KEY.fullmatch(key)
     if m is None or m.group(3)[:2] != m.group(1) or m.group(3)[2:4] != m.group(2):
         raise ValueError(f"not an image store key: {key!r}")
+
+
+@dataclass
+class StoredImage:
+    """An image being read out of a store: its size, then its bytes (`chunks`, to be iterated once)."""
+
+    size: int
+    chunks: AsyncGenerator[bytes, None]
+    path: Path | None = None   # a local file with the same bytes, when the store keeps one (served directly)
+
+    async def aclose(self) -> None:
+        """Release the open file or connection without reading the rest (e.g. the client went away)."""
+        await self.chunks.aclose()
 
 
 class ImageStore(abc.ABC):
@@ -77,12 +101,32 @@ class ImageStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def stat(self, key: str) -> int | None:
+        """The size in bytes of the image stored under `key`, or None if there is none.
+
+        Raises ValueError for a malformed key, ArchiveError(code="image_store_unavailable") if the store
+        cannot be asked now.
+        """
+
     async def exists(self, key: str) -> bool:
         """True if `key` is stored."""
+        return await self.stat(key) is not None
+
+    @abc.abstractmethod
+    async def open(self, key: str) -> StoredImage | None:
+        """The stored image under `key` for reading, or None if there is none. Errors as for `stat`."""
+
+    @abc.abstractmethod
+    def location(self, key: str) -> str:
+        """Where `key` is kept, for people (a file path, an s3:// URL): logs, `relay demo`."""
 
     @abc.abstractmethod
     async def check(self) -> None:
-        """Readiness: raise ArchiveError if the store cannot take writes now."""
+        """Readiness: raise ArchiveError if the store cannot be used now (quickly: /readyz waits for it)."""
+
+    async def sweep_tmp(self, older_than: float) -> int:
+        """Delete temp files not modified for `older_than` seconds (left by a crash). Returns the count."""
+        return await asyncio.to_thread(_sweep_dir, self.tmp_dir(), older_than)
 
 
 class LocalImageStore(ImageStore):
@@ -97,9 +141,12 @@ class LocalImageStore(ImageStore):
         return self._tmp
 
     def open_path(self, key: str) -> Path:
-        """The file holding `key` (it may not exist). Raises ValueError for a malformed key."""
-        _check_key(key)
+        """The file holding `key` (it may not exist): local stores only. Raises ValueError for a malformed key."""
+        check_key(key)
         return self.root / key
+
+    def location(self, key: str) -> str:
+        return str(self.open_path(key))
 
     async def put_file(self, tmp_path: Path, sha256: str, ext: str) -> str:
         key = image_key(sha256, ext)
@@ -126,6 +173,24 @@ class LocalImageStore(ImageStore):
         path = self.open_path(key)
         return await asyncio.to_thread(path.is_file)
 
+    async def stat(self, key: str) -> int | None:
+        path = self.open_path(key)
+        try:
+            info = await asyncio.to_thread(path.stat)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ArchiveError(f"the image store could not be read: {exc.strerror or exc}",
+                               code=IMAGE_STORE_UNAVAILABLE) from exc
+        return info.st_size
+
+    async def open(self, key: str) -> StoredImage | None:
+        size = await self.stat(key)
+        if size is None:
+            return None
+        path = self.open_path(key)
+        return StoredImage(size=size, chunks=_read_chunks(path), path=path)
+
     async def check(self) -> None:
         try:
             await asyncio.to_thread(self._check_sync)
@@ -143,23 +208,39 @@ class LocalImageStore(ImageStore):
         finally:
             probe.unlink(missing_ok=True)
 
-    async def sweep_tmp(self, older_than: float) -> int:
-        """Delete temp files not modified for `older_than` seconds (left by a crash). Returns the count."""
-        return await asyncio.to_thread(self._sweep_sync, older_than)
 
-    def _sweep_sync(self, older_than: float) -> int:
-        if not self._tmp.is_dir():
-            return 0
-        cutoff = time.time() - older_than
-        removed = 0
-        for entry in self._tmp.iterdir():
-            try:
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
-                    entry.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass  # another replica swept it first
-        return removed
+
+def open_image_store(storage: StorageSettings) -> ImageStore:
+    """The image store the settings choose: `images_url = "s3://…"` → S3ImageStore, else the local directory."""
+    if storage.images_url.startswith("s3://"):
+        from relay.images.s3 import S3ImageStore   # obstore is imported only by those who use it
+        return S3ImageStore.from_settings(storage)
+    return LocalImageStore(Path(storage.images_dir))
+
+
+async def _read_chunks(path: Path) -> AsyncGenerator[bytes, None]:
+    # The file is opened on the first read: a body never iterated (served by path instead) holds nothing open.
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, CHUNK):
+            yield chunk
+    finally:
+        handle.close()
+
+
+def _sweep_dir(tmp: Path, older_than: float) -> int:
+    if not tmp.is_dir():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for entry in tmp.iterdir():
+        try:
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                entry.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # another replica swept it first
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,7 +5,8 @@ and a timeout, checks it is a real image of the type it claims, moves it into
 the image store under its sha256, and records it; the task succeeds when its
 last image is saved. A dead or invalid source fails the task with the reason.
 
-An image store that cannot be written (a full disk) is our outage, not the
+An image store that cannot be written (a full disk; a bucket that is unreachable,
+throttling, missing or refusing relay's credentials) is our outage, not the
 image's fault: the job comes back with backoff as a planned re-run (so it uses
 up no attempts) for as long as the source lives, logged once per interval, and
 the image is saved when space returns. If the source dies first, the task fails

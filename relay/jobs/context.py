@@ -14,7 +14,7 @@ from relay.images.store import ImageStore
 from relay.links import Signer
 from relay.models import Job
 from relay.providers.base import Provider
-from relay.ratelimit import TokenBucket
+from relay.ratelimit import RateLimiter
 from relay import ids
 from relay.store.base import Store
 
@@ -28,7 +28,7 @@ class JobContext:
     image_store: ImageStore
     http: httpx.AsyncClient                 # guarded client for image downloads and inputs
     signer: Signer
-    limiters: dict[str, TokenBucket] = field(default_factory=dict)
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
     # Callback URLs are handed to providers only when this relay serves /callbacks (see relay.web).
     callbacks_enabled: bool = False
 

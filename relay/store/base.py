@@ -312,6 +312,22 @@ class Store(DeliveryCases, abc.ABC):
         """Whether the event log holds this id (tells an unknown cursor from the end of the log)."""
         return await self._read(q.EVENT_EXISTS, (event_id,)) is not None
 
+    # ---- shared request rates --------------------------------------------------------------------
+    async def take_token(self, key: str, rate: float, burst: float, now: float) -> float:
+        """Take one request's token from the bucket `key` (refilled at `rate` per second up to `burst`):
+        0.0 when taken, else the seconds until one is due (nothing taken). Locks the bucket's row, so every
+        process sharing this database draws from one bucket."""
+        async def body(tx: Tx) -> float:
+            await tx.run(q.CLAIM_BUCKET, (key, float(burst), float(now)))
+            row = await tx.one(q.LOCK_BUCKET, (key,))
+            assert row is not None
+            # A clock that stepped back refills nothing rather than draining the bucket.
+            tokens = min(burst, row["tokens"] + max(0.0, now - row["updated_at"]) * rate)
+            taken = tokens >= 1.0
+            await tx.run(q.UPDATE_BUCKET, (tokens - 1.0 if taken else tokens, max(now, row["updated_at"]), key))
+            return 0.0 if taken else (1.0 - tokens) / rate
+        return await self.transact(body)
+
     # ---- jobs ------------------------------------------------------------------------------------
     async def enqueue(self, jobs: Sequence[Job]) -> int:
         """Insert jobs; a job whose dedupe_key is live already is skipped. Returns how many were added."""

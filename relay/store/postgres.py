@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from relay import ids
 from relay.models import Job
@@ -74,7 +75,7 @@ class _Statements:
 class PostgresTx(Tx):
     """One transaction on one pooled connection; every call is a round trip."""
 
-    def __init__(self, conn: asyncpg.Connection, sql: _Statements) -> None:
+    def __init__(self, conn: asyncpg.Connection | PoolConnectionProxy, sql: _Statements) -> None:
         self._conn = conn
         self._sql = sql
 

@@ -82,6 +82,11 @@ JOB_DUE_NOW = ("UPDATE jobs SET run_at = CASE WHEN run_at < ? THEN run_at ELSE ?
 WAKE_JOB = ("UPDATE jobs SET run_at = ? WHERE dedupe_key = ? AND state = 'queued' AND lease_token IS NULL "
             "AND run_at > ?")
 
+# ---- shared rate buckets ---------------------------------------------------------------------------
+CLAIM_BUCKET = "INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
+LOCK_BUCKET = "SELECT tokens, updated_at FROM rate_buckets WHERE key = ?" + FOR_UPDATE
+UPDATE_BUCKET = "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?"
+
 # ---- subscriptions ---------------------------------------------------------------------------------
 INSERT_SUBSCRIPTION = (
     "INSERT INTO subscriptions (id, url, events, description, enabled, disabled_reason, signing, keyring, "

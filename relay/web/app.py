@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from relay import __version__
-from relay.errors import ApiError
+from relay.errors import ApiError, ArchiveError
 from relay.runtime import Runtime
 from relay.web import callbacks, subscriptions, tasks
 from relay.web.common import json_response, runtime_of
@@ -61,7 +61,9 @@ async def readyz(request: Request) -> Response:
     if outage is not None:
         problems["database"] = outage
     try:
-        await runtime.ctx.image_store.check()
+        await runtime.ctx.image_store.check()    # a bucket: one quick list request with a short deadline
+    except ArchiveError as exc:
+        problems["image_store"] = exc.message    # what is wrong and what to fix; never a credential
     except Exception as exc:
         problems["image_store"] = type(exc).__name__
     if problems:

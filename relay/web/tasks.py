@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from relay.errors import InvalidRequest, NotFound, Unauthorized
+from relay.errors import ApiError, ArchiveError, InvalidRequest, NotFound, Unauthorized
 from relay.models import Task, TaskStatus
 from relay.present import task_object, with_image_urls
 from relay.states import EVENT_TYPES
@@ -79,13 +77,35 @@ async def get_image(request: Request) -> Response:
     image = await runtime.store.get_image(image_id)
     if image is None or image.status != "archived" or image.path is None:
         raise NotFound(f"no archived image {image_id!r}")
-    path = runtime.ctx.image_store.open_path(image.path)
-    if not os.path.exists(path):
-        raise NotFound(f"the file of image {image_id!r} is missing from the image store")
     headers = {"ETag": f'"{image.sha256}"', "Cache-Control": "public, max-age=31536000, immutable"}
     if request.headers.get("if-none-match") == headers["ETag"]:
-        return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type=image.content_type, headers=headers)
+        return Response(status_code=304, headers=headers)   # the sha256 is the bytes: no need to ask the store
+    # Served by relay from any image store (a local directory or a bucket), so the sha256 ETag, the signed
+    # links and the API key work the same on every replica, and the bucket need not be reachable by clients.
+    store = runtime.ctx.image_store
+    missing = NotFound(f"the file of image {image_id!r} is missing from the image store")
+    try:
+        if request.method == "HEAD":
+            size = await store.stat(image.path)
+            if size is None:
+                raise missing
+            return Response(status_code=200, media_type=image.content_type,
+                            headers={**headers, "Content-Length": str(size)})
+        body = await store.open(image.path)
+    except ArchiveError as exc:
+        raise ImageStoreUnavailable(exc.message, headers={"Retry-After": "5"}) from exc
+    if body is None:
+        raise missing
+    if body.path is not None:   # a local file: Starlette serves it (ranges included)
+        return FileResponse(body.path, media_type=image.content_type, headers=headers)
+    return StreamingResponse(body.chunks, media_type=image.content_type,
+                             headers={**headers, "Content-Length": str(body.size)})
+
+
+class ImageStoreUnavailable(ApiError):
+    """GET /v1/images/{id} while the image store cannot be read (an addition to API.md's codes)."""
+
+    status, code = 503, "image_store_unavailable"
 
 
 async def list_events(request: Request) -> Response:
