@@ -185,3 +185,16 @@ async def _submit_job_ran_again(h: Harness, task_id: str) -> bool:
         "SELECT created_at, run_at, lease_token FROM jobs WHERE task_id = ? AND kind = 'submit'",
         (task_id,))).fetchone()
     return row is not None and row[2] is None and row[1] > row[0] + 0.5
+
+
+async def test_a_source_failing_more_often_than_max_attempts_is_still_archived(tmp_path: Path) -> None:
+    """Transient download failures are retried while the link lives, not a fixed number of times (chaos found
+    an image given up after 11 answers of 500 whose link had hours left)."""
+    async with harness(tmp_path, RELAY_WORKER_MAX_ATTEMPTS="2") as h:
+        await h.faults(next=[{"dialect": "apimart", "op": "download", "fault": "500", "count": 5}])
+        task = await h.create(provider="apimart", prompt="p")
+        final = await h.wait_status(task["id"], timeout=30)
+        assert final["status"] == "succeeded", final
+        await assert_archived_matches_simulator(h, final)
+        faults = (await h.sim.get("/_sim/stats")).json()["dialects"]["apimart"]["faults"]
+        assert faults["500"] == 5

@@ -5,6 +5,8 @@ and a timeout, checks it is a real image of the type it claims, moves it into
 the image store under its sha256, and records it; the task succeeds when its
 last image is saved. A dead or invalid source fails the task with the reason.
 
+A transient failure of the source (5xx, 429, a timeout, a cut body) is tried again with
+backoff for as long as the source link lives, not a fixed number of times.
 An image store that cannot be written (a full disk; a bucket that is unreachable,
 throttling, missing or refusing relay's credentials) is our outage, not the
 image's fault: the job comes back with backoff as a planned re-run (so it uses
@@ -40,7 +42,7 @@ LINK_DIED = frozenset({"source_expired", "source_gone"})
 class ArchiveHandler:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        # Logging and counting only: each job keeps its own backoff (see _wait_for_store), on these same terms.
+        # Logging and counting only: each job keeps its own backoff (see _again_later), on these same terms.
         worker = ctx.settings.worker
         self.outage = Outage("image store", log, base=worker.retry_base, cap=worker.retry_cap)
 
@@ -62,9 +64,7 @@ class ArchiveHandler:
             await self._fail(image_id, "blocked_address", str(exc))
             return None
         except ArchiveError as exc:
-            if exc.code != IMAGE_STORE_UNAVAILABLE:
-                raise
-            return self._wait_for_store(job, exc)
+            return self._again_later(job, exc)
         self.outage.succeeded()
         await ctx.store.image_archived(image_id, result, ctx.clock.now())
         return None
@@ -104,15 +104,28 @@ class ArchiveHandler:
         if store_error and exc.code in LINK_DIED:
             return IMAGE_STORE_UNAVAILABLE, (f"{store_error}, and the source link died before the store came back "
                                              f"({exc.message})")
+        last_error = job.payload.get("last_error")
+        if last_error and exc.code in LINK_DIED:
+            return exc.code, f"{exc.message}; the last try before that failed: {last_error}"
         return exc.code, exc.message
 
-    def _wait_for_store(self, job: Job, exc: ArchiveError) -> Again:
-        """Run again when the store may take the image: a planned re-run, with this job's own backoff."""
-        failures = int(job.payload.get("store_failures", 0)) + 1
-        self.outage.failed(exc, f"archiving image {job.payload.get('image_id')}")
+    def _again_later(self, job: Job, exc: ArchiveError) -> Again:
+        """A transient failure (the source's 5xx, 429, a timeout, a cut body; our store's outage): try again
+        with this job's own backoff, for as long as the source link lives.
+
+        A planned re-run, so the worker's attempt count does not run out while the link is alive: the
+        guarantee is "archived before the link dies, or failed with a clear reason", and a source that
+        answers 500 ten times in a row may still answer the eleventh time (found by tests/chaos).
+        """
+        failures = int(job.payload.get("failures", 0)) + 1
+        payload = {**job.payload, "failures": failures, "last_error": f"{exc.code}: {exc.message}"[:500]}
+        if exc.code == IMAGE_STORE_UNAVAILABLE:
+            self.outage.failed(exc, f"archiving image {job.payload.get('image_id')}")
+            payload["store_error"] = exc.message
+        else:
+            log.info("image %s: %s; trying again", job.payload.get("image_id"), exc.code)
         worker = self.ctx.settings.worker
-        return Again(backoff(failures, worker.retry_base, worker.retry_cap),
-                     payload={**job.payload, "store_failures": failures, "store_error": exc.message})
+        return Again(backoff(failures, worker.retry_base, worker.retry_cap), payload=payload)
 
     async def _fail(self, image_id: str, code: str, message: str) -> None:
         await self.ctx.store.image_failed(image_id, code, message, self.ctx.clock.now())
