@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,19 @@ def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port")
 
 
+class _OwnSignals(uvicorn.Server):
+    """A uvicorn server that leaves SIGINT/SIGTERM alone: the demo handles Ctrl-C itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 @contextlib.asynccontextmanager
 async def running_server(app: Any, port: int, host: str = "127.0.0.1") -> AsyncIterator[uvicorn.Server]:
     """Serve `app` on host:port in this event loop until the block ends."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           lifespan="on"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the demo handles Ctrl-C
+    server = _OwnSignals(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                        lifespan="on"))
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(15):
         while not server.started:
@@ -102,7 +109,7 @@ async def run_demo(*, per_provider: int, keep_running: bool, data_dir: Path, por
 
 
 async def _submit_all(client: httpx.AsyncClient, per_provider: int) -> list[str]:
-    ids = []
+    ids: list[str] = []
     for kind in PROVIDER_KINDS:
         for i in range(per_provider):
             extra = DEMO_REQUESTS[kind][i % len(DEMO_REQUESTS[kind])]

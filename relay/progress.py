@@ -13,7 +13,7 @@ TERMINAL = ("succeeded", "failed", "canceled")
 
 def percent(task: dict[str, Any]) -> float:
     """A task's place on the way to archived, 0..100, for a progress bar."""
-    status = task.get("status")
+    status = str(task.get("status"))
     if status in TERMINAL:
         return 100.0
     progress = task.get("progress") or 0

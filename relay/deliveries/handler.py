@@ -40,7 +40,7 @@ PARK_MAX = 30.0
 
 def park_delay(parked: int) -> float:
     """When a parked delivery looks again by itself: 50 ms, doubling, up to 30 s (it is normally woken sooner)."""
-    return min(PARK_MAX, PARK_BASE * 2 ** min(parked, 10)) * random.uniform(0.5, 1.5)
+    return float(min(PARK_MAX, PARK_BASE * 2 ** min(parked, 10)) * random.uniform(0.5, 1.5))
 
 
 class DeliverHandler:

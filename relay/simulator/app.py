@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -16,7 +16,7 @@ from .dialects import apimart, evolink, gmicloud, openai, pixazo
 from .sim import Simulator
 
 
-def _not_found(error):  # noqa: ANN001, ANN202 - error is the dialect's ErrorFn
+def _not_found(error: Callable[..., Response]) -> Route:
     """Unknown paths under a dialect answer in that dialect's error shape, not Starlette's text."""
 
     async def endpoint(request: Request) -> Response:

@@ -11,6 +11,7 @@ the `apimart_error_as_200` variant is on (a 200 whose `code` is not 200 is an er
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -36,7 +37,7 @@ _KINDS = {
 _STATUS = {"running": "processing", "succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}
 
 
-def make_error(sim: Simulator):  # noqa: ANN201 - returns the dialect's ErrorFn
+def make_error(sim: Simulator) -> Callable[..., Response]:
     def error(status: int, message: str | None = None, *, code: str | None = None,
               param: str | None = None, headers: dict[str, str] | None = None) -> Response:
         kind, default = _KINDS.get(status, ("api_error", "error"))

@@ -92,10 +92,9 @@ def _form_fields(parts: list[multipart.Part]) -> tuple[dict[str, Any], list[mult
         elif part.name == "mask":
             mask = part
         else:
-            value = part.text()
-            if part.name in ("n", "output_compression", "partial_images"):
-                value = int(value) if value.strip().lstrip("-").isdigit() else value
-            fields[part.name] = value
+            text = part.text()
+            number = part.name in ("n", "output_compression", "partial_images") and text.strip().lstrip("-").isdigit()
+            fields[part.name] = int(text) if number else text
     return fields, images, mask
 
 
