@@ -168,7 +168,7 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
                           if shared_database(settings) else TokenBucket(conf.rate_limit))
     ctx.callbacks_enabled = True
     deliveries = build_delivery_service(settings, store, clock, guard=guard, signer=ctx.signer,
-                                        signing_secret=signing_secret)
+                                        signing_secret=signing_secret, shared_lanes=shared_database(settings))
     await deliveries.start()
     w = settings.worker
     worker = Worker(store, {**build_handlers(ctx), "deliver": DeliverHandler(deliveries)}, clock, WorkerOptions(

@@ -14,7 +14,9 @@ the subscriber answers quickly, else it is parked, not blocked: it returns
 `Again` (frees its worker slot) and is woken when a lane of its subscriber
 frees up, or by its own growing timer. So a slow subscriber holds at most its
 cap of the worker's slots and everyone else keeps flowing. The cap is per
-process: N replicas allow up to N x cap.
+process, and with replicas on one database (PostgreSQL) also a slot of the
+subscriber's in the store (Store.take_lane_slot, leased), so N replicas
+together still send at most cap at a time to one subscriber.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class DeliverHandler:
             if svc.lanes.park(lane, delivery_id):
                 parked = int(job.payload.get("parked", 0))
                 return Again(park_delay(parked), payload={"delivery_id": delivery_id, "parked": parked + 1})
+        shared_slot = None
+        if svc.shared_lanes:
+            # Replicas on one database: the cap is the subscriber's, so a slot is also held in the store.
+            shared_slot = await svc.store.take_lane_slot(lane, cap, delivery_id, now, svc.lane_lease)
+            if shared_slot is None:     # other replicas hold every slot: look again on the parked timer
+                await self._hand_off(lane, await svc.lanes.release(lane, None))
+                parked = int(job.payload.get("parked", 0))
+                return Again(park_delay(parked), payload={"delivery_id": delivery_id, "parked": parked + 1})
         latency = None
         wake = None
         try:
@@ -82,6 +92,8 @@ class DeliverHandler:
             latency = sent.latency_ms
         finally:
             wake = await svc.lanes.release(lane, latency)
+            if shared_slot is not None:
+                await svc.store.release_lane_slot(lane, shared_slot, delivery_id)
         await self._hand_off(lane, wake)
         return await self._record(delivery_id, target.delivery, url, now, sent)
 

@@ -68,7 +68,8 @@ class Sent:
 
 class DeliveryService:
     def __init__(self, settings: Settings, store: Store, clock: Clock, *, guard: NetGuard, signer: Signer,
-                 box: SecretBox, task_secret: str, http: httpx.AsyncClient | None = None) -> None:
+                 box: SecretBox, task_secret: str, http: httpx.AsyncClient | None = None,
+                 shared_lanes: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -78,6 +79,10 @@ class DeliveryService:
         self.task_secret = task_secret
         self.options = DeliveryOptions.from_settings(settings)
         self.lanes = Lanes()
+        # Replicas share the database: the per-subscriber cap is kept in the store too (see handler.py),
+        # each held slot leased for longer than an attempt can last.
+        self.shared_lanes = shared_lanes
+        self.lane_lease = 2 * self.options.timeout + 10.0
         self._keys: dict[tuple[str, str], Keys] = {}
         self._http = http
         keepalive = max(self.options.concurrency_per_subscription, 8)
@@ -282,11 +287,12 @@ class DeliveryService:
 
 
 def build_delivery_service(settings: Settings, store: Store, clock: Clock, *, guard: NetGuard, signer: Signer,
-                           signing_secret: str) -> DeliveryService:
+                           signing_secret: str, shared_lanes: bool = False) -> DeliveryService:
     """The service as the runtime wires it: keys from config, or derived from the signing secret."""
     from relay.deliveries.secrets import task_webhook_secret
 
     d = settings.deliveries
     box = SecretBox(d.encryption_key or signing_secret, [*d.previous_encryption_keys, signing_secret])
     return DeliveryService(settings, store, clock, guard=guard, signer=signer, box=box,
-                           task_secret=task_webhook_secret(d.task_webhook_secret, signing_secret))
+                           task_secret=task_webhook_secret(d.task_webhook_secret, signing_secret),
+                           shared_lanes=shared_lanes)

@@ -92,6 +92,29 @@ class DeliveryCases(abc.ABC):
             return True
         return await self.transact(body)
 
+    # ---- the per-subscriber cap across processes ----------------------------------------------------
+    async def take_lane_slot(self, lane: str, cap: int, holder: str, now: float, lease: float) -> int | None:
+        """Hold one of the `cap` slots of `lane` for `holder` until `now + lease`: the slot's number, or None
+        when all are held. A slot whose lease ran out (its holder's process died) is free again. Locks the
+        lane's slots, so processes sharing the database never hold more than `cap` together."""
+        async def body(tx: Tx) -> int | None:
+            rows = await tx.all(q.LOCK_LANE_SLOTS, (lane,))
+            if len(rows) < cap:
+                await tx.many(q.INSERT_LANE_SLOT, [(lane, slot) for slot in range(len(rows), cap)])
+                rows = await tx.all(q.LOCK_LANE_SLOTS, (lane,))
+            for row in rows[:cap]:
+                if row["holder"] in (None, holder) or row["expires_at"] <= now:
+                    await tx.run(q.HOLD_LANE_SLOT, (holder, now + lease, lane, row["slot"]))
+                    return int(row["slot"])
+            return None
+        return await self.transact(body)
+
+    async def release_lane_slot(self, lane: str, slot: int, holder: str) -> None:
+        """Give a slot back (only if `holder` still holds it: a lease that ran out may have moved it on)."""
+        async def body(tx: Tx) -> None:
+            await tx.run(q.RELEASE_LANE_SLOT, (lane, slot, holder))
+        await self.transact(body)
+
     # ---- deliveries -------------------------------------------------------------------------------
     async def get_delivery(self, delivery_id: str) -> Delivery | None:
         row = await self._read(q.LOAD_DELIVERY, (delivery_id,))

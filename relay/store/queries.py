@@ -87,6 +87,12 @@ CLAIM_BUCKET = "INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?,
 LOCK_BUCKET = "SELECT tokens, updated_at FROM rate_buckets WHERE key = ?" + FOR_UPDATE
 UPDATE_BUCKET = "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?"
 
+# ---- delivery lanes (the per-subscriber cap across processes) ----------------------------------------
+LOCK_LANE_SLOTS = "SELECT slot, holder, expires_at FROM lane_slots WHERE lane = ? ORDER BY slot" + FOR_UPDATE
+INSERT_LANE_SLOT = "INSERT INTO lane_slots (lane, slot) VALUES (?, ?) ON CONFLICT (lane, slot) DO NOTHING"
+HOLD_LANE_SLOT = "UPDATE lane_slots SET holder = ?, expires_at = ? WHERE lane = ? AND slot = ?"
+RELEASE_LANE_SLOT = "UPDATE lane_slots SET holder = NULL, expires_at = NULL WHERE lane = ? AND slot = ? AND holder = ?"
+
 # ---- subscriptions ---------------------------------------------------------------------------------
 INSERT_SUBSCRIPTION = (
     "INSERT INTO subscriptions (id, url, events, description, enabled, disabled_reason, signing, keyring, "
