@@ -198,3 +198,24 @@ async def test_a_source_failing_more_often_than_max_attempts_is_still_archived(t
         await assert_archived_matches_simulator(h, final)
         faults = (await h.sim.get("/_sim/stats")).json()["dialects"]["apimart"]["faults"]
         assert faults["500"] == 5
+
+
+async def test_a_provider_refusing_submits_more_often_than_max_attempts_still_gets_the_task(tmp_path: Path) -> None:
+    """Submits the provider answers 500 are retried until the task's deadline, not max_attempts times."""
+    async with harness(tmp_path, RELAY_WORKER_MAX_ATTEMPTS="2") as h:
+        await h.faults(next=[{"dialect": "gmicloud", "op": "submit", "fault": "500", "count": 5}])
+        task = await h.create(provider="gmicloud", prompt="p")
+        final = await h.wait_status(task["id"], timeout=30)
+        assert final["status"] == "succeeded", final
+        stats = (await h.sim.get("/_sim/stats")).json()["dialects"]["gmicloud"]
+        assert stats["faults"]["500"] == 5 and stats["submits"] == 6
+
+
+async def test_submits_stop_at_the_task_deadline_with_the_last_reason(tmp_path: Path) -> None:
+    """A provider that never accepts: the task fails at its deadline as provider_unavailable, saying why."""
+    async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="1") as h:
+        await h.faults(next=[{"dialect": "gmicloud", "op": "submit", "fault": "500", "count": 10_000}])
+        task = await h.create(provider="gmicloud", prompt="p")
+        final = await h.wait_status(task["id"], timeout=30)
+        assert final["status"] == "failed" and final["error"]["code"] == "provider_unavailable", final
+        assert "deadline" in final["error"]["message"] and "500" in final["error"]["message"]

@@ -22,12 +22,14 @@ from relay.errors import ProviderRejected, ProviderUnavailable, ReferenceUnavail
 from relay.jobs.context import JobContext
 from relay.models import GenerationRequest, Job, ProviderStatus, Task
 from relay.providers.base import Provider
+from relay.outage import backoff
 from relay.queue import Again
 from relay.states import Transition, on_failure, on_submitted
 
 log = logging.getLogger("relay.jobs.submit")
 
 IN_FLIGHT_RECHECK_SECONDS = 1.0
+RETRY_AFTER_CAP = 3600.0        # a provider's Retry-After is honoured up to an hour
 UNKNOWN_MESSAGE = ("the submit request reached the provider but no answer came back (timeout or crash); "
                    "it was not resent, to avoid a second charge")
 
@@ -66,16 +68,16 @@ class SubmitHandler:
             update = await provider.submit(request, callback_url=callback_url, idempotency_key=task.id,
                                            inputs=inputs)
         except SubmitOutcomeUnknown as exc:
-            if provider.caps.idempotent_submit:
-                raise ProviderUnavailable(str(exc)) from exc   # resending with the same key is safe
+            if provider.caps.idempotent_submit:     # resending with the same key is safe
+                return await self._again_later(job, task, ProviderUnavailable(str(exc)))
             started = task.submit_started_at if task.submit_started_at is not None else ctx.clock.now()
             return await self._outcome_unknown(task, provider, started)
         except ProviderRejected as exc:
             await self._fail(task.id, exc.code, exc.message)
             return None
-        except ProviderUnavailable:
+        except ProviderUnavailable as exc:
             await ctx.store.clear_submit_started(task.id)    # certainly not accepted: a retry is safe
-            raise
+            return await self._again_later(job, task, exc)
         now = ctx.clock.now()
         jobs = []
         if update.status not in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
@@ -91,6 +93,28 @@ class SubmitHandler:
             # Nothing changed (the task moved on meanwhile): still make sure it is watched.
             await ctx.store.enqueue(jobs)
         return None
+
+    async def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable) -> Again | None:
+        """The provider is unavailable (429, 5xx, no connection, junk): submit again later, with backoff (or
+        its Retry-After), until the task's deadline; then fail it with the last reason.
+
+        A planned re-run, not a worker attempt: a provider down for twenty minutes must not fail tasks
+        whose deadline is thirty away, and relay restarts (each claim counts an attempt) must not either
+        (tests/chaos: an apimart submit gave up after 3 junk answers and 7 kills).
+        """
+        ctx = self.ctx
+        failures = int(job.payload.get("failures", 0)) + 1
+        if task.deadline_at is not None and ctx.clock.now() >= task.deadline_at:
+            await self._fail(task.id, "provider_unavailable",
+                             f"could not submit to the provider before the task's deadline: {exc}")
+            return None
+        worker = ctx.settings.worker
+        delay = exc.retry_after if exc.retry_after is not None else backoff(failures, worker.retry_base,
+                                                                           worker.retry_cap)
+        log.info("task %s: submit to %s not accepted (%s: %s); again in %.1fs", task.id, task.provider, exc.code,
+                 exc, delay)
+        return Again(min(delay, RETRY_AFTER_CAP), payload={**job.payload, "failures": failures,
+                                                           "last_error": f"{exc.code}: {exc}"[:500]})
 
     async def _outcome_unknown(self, task: Task, provider: Provider, sent_at: float) -> Again | None:
         """The submit may have reached the provider, and resending could bill twice.
