@@ -3,6 +3,7 @@
     python -m bench                  # the full run (about 6 min on 2 cores); writes docs/benchmarks.md
     python -m bench --quick          # smaller sizes (about 1.5 min), a smoke run; prints, writes nothing
     python -m bench --only claims,memory [--write docs/benchmarks.md]
+    python -m bench --database postgresql  # every section that starts relay runs on PostgreSQL
 
 Sections (each also runs alone as `python -m bench.<name>`):
     callbacks   callback acknowledgement vs a bare Starlette 200 endpoint (wrk)
@@ -10,8 +11,14 @@ Sections (each also runs alone as `python -m bench.<name>`):
     fanout      deliveries/s with 1/10/100 subscriptions vs plain httpx POSTs to the same sink
     archive     archive jobs (images/s, MB/s) vs a plain httpx download of the same URLs
     claims      job-claim latency with 10k vs 1M jobs rows
+    queue       no-op job throughput of relay's queue vs PgQueuer on PostgreSQL (and relay on SQLite)
     memory      RSS of relay serve, empty vs 100k stored tasks after reads
     chaos       tests/chaos at a large size (skipped with --quick)
+
+--database sqlite|postgresql (default sqlite): the store every relay of the run uses. On PostgreSQL
+(the server of RELAY_BENCH_POSTGRES, else postgresql://postgres@127.0.0.1:5432/postgres) each relay
+gets a fresh database, dropped when its section ends; section titles and figure names then say
+"(PostgreSQL)". The queue section measures both backends and PgQueuer whichever is chosen.
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import archive, callbacks, chaos, claims, fanout, memory, throughput
-from bench.common import Section, machine, write_section
+from bench import archive, callbacks, chaos, claims, common, fanout, memory, queue, throughput
+from bench.common import (DATABASES, Section, add_database_argument, backend_label, machine, pg_version, postgres,
+                          use_database, write_section)
 
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "callbacks": callbacks.run, "throughput": throughput.run, "fanout": fanout.run, "archive": archive.run,
-    "claims": claims.run, "memory": memory.run, "chaos": chaos.run,
+    "claims": claims.run, "queue": queue.run, "memory": memory.run, "chaos": chaos.run,
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -46,15 +54,28 @@ OVERALL_NOTES = [
 ]
 
 
+def databases() -> str:
+    """The database versions at hand: SQLite, and PostgreSQL when its server answers (the queue section and
+    --database postgresql use it)."""
+    found = f"SQLite {sqlite3.sqlite_version}"
+    try:
+        found += f", PostgreSQL {pg_version()}"
+    except Exception:  # noqa: BLE001 - no server: the sections that need one say so themselves
+        pass
+    return found
+
+
 def document(sections: list[Section], total: float, command: str) -> str:
     lines = ["# Benchmarks", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, SQLite {sqlite3.sqlite_version}, from the "
-             "repository root with", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, {databases()}, relay on "
+             f"{backend_label()}, from the repository root with", "",
              f"    .venv/bin/{command}", "",
              f"(total {total / 60:.1f} min; `python -m bench --quick` is a smoke run with smaller sizes, about "
              "1.5 min, whose figures are not kept here). Every figure is set against a baseline measured in the "
              "same run on the same machine. Each section also runs alone: `python -m bench.callbacks`, "
-             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.memory`, `bench.chaos`.",
+             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.queue`, `bench.memory`, "
+             "`bench.chaos`; `--database postgresql` runs them on PostgreSQL, `--prerendered` with pre-rendered "
+             "simulator images (the PgQueuer baseline needs the `bench` extra: `pip install -e '.[bench]'`).",
              "", "## Summary", "",
              "| figure | relay | baseline (same run) | ratio | ratio is |", "|---|---|---|---:|---|"]
     for section in sections:
@@ -80,12 +101,20 @@ def main() -> None:
                         help="write the report here (default: docs/benchmarks.md for a full run of every section); "
                              "with --only, replace just those sections in the file")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    add_database_argument(parser)
+    parser.add_argument("--prerendered", action="store_true",
+                        help="simulators serve pre-rendered images (relay simulate --prerendered): end-to-end "
+                             "sections then measure relay rather than the simulator's Pillow drawing")
     args = parser.parse_args()
+    use_database(args.database)
+    common.PRERENDERED = args.prerendered
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(SECTIONS)
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
         parser.error(f"unknown sections {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     target = args.write
+    # The run the file's summary is from: every section, on SQLite, drawing simulator.
+    whole = chosen == list(SECTIONS) and args.database == DATABASES[0] and not args.prerendered
     if target is None and not args.quick and not args.no_write and chosen == list(SECTIONS):
         target = DOC
     if args.no_write:
@@ -106,13 +135,24 @@ def main() -> None:
               + ", ".join(f"{k}={v:.3g}" for k, v in section.figures.items()), file=sys.stderr, flush=True)
         sections.append(section)
     total = time.monotonic() - started
-    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    command = ("python -m bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+               + (f" --database {args.database}" if args.database != DATABASES[0] else "")
+               + (" --prerendered" if args.prerendered else ""))
     text = document(sections, total, command)
     print(text)
     print(f"bench: total {total:.0f} s", file=sys.stderr)
-    if target is not None and chosen != list(SECTIONS):
-        # Part of a run: replace just those sections, keep the rest (the summary is not redone).
+    if target is not None and not whole:
+        # Part of a run, or a run on PostgreSQL: its sections are added (or replace those of an earlier such run
+        # of the same day and database) under a title that says so; the rest of the file, the last full run on
+        # SQLite with its summary, is kept as it was.
+        day = time.strftime("%Y-%m-%d")
+        kind = "partial run" if chosen != list(SECTIONS) else "full run"
         for section in sections:
+            section.title += f" — {kind} {day}"
+            section.body = (f"From a {kind} on {day}: `.venv/bin/{command}` on {machine()}, {databases()} "
+                            f"({section.seconds:.0f} s; other processes used {section.cpu.get('others', 0):.2f} "
+                            "cores meanwhile). Its figures are not in the summary table above, which is the last "
+                            "full run's.\n\n" + section.body)
             write_section(target, section.title, section.markdown())
         print(f"bench: replaced {', '.join(chosen)} in {target} (its summary table is from the last full run)",
               file=sys.stderr)

@@ -29,6 +29,7 @@ from bench.common import (
     Figure,
     Section,
     cpu_seconds,
+    database_env,
     percentile,
     ratio,
     run_loop,
@@ -97,7 +98,7 @@ async def through_relay(urls: list[str], data_dir: Path, sim: str) -> dict[str, 
 
     env = {"RELAY_STORAGE_DATA_DIR": str(data_dir), "RELAY_AUTH_API_KEYS": KEY,
            "RELAY_WORKER_CONCURRENCY": str(CONCURRENCY), "RELAY_NETWORK_ALLOW": "127.0.0.0/8,::1/128,localhost",
-           "RELAY_PROVIDERS_GMICLOUD_BASE_URL": f"{sim}/gmicloud"}
+           "RELAY_PROVIDERS_GMICLOUD_BASE_URL": f"{sim}/gmicloud", **database_env(str(data_dir))}
     async with open_runtime(load_settings(None, env)) as runtime:
         store, clock = runtime.store, runtime.ctx.clock
         for i, url in enumerate(urls):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import (KEY, PYTHON, Figure, Section, free_port, ratio, spawn, start_relay, start_simulator,
-                          stop, timed, wait_http, wrk)
+from bench.common import (KEY, PYTHON, SIGNING_SECRET, Figure, Section, add_database_argument, drop_section_databases,
+                          free_port, postgres, ratio, spawn, start_relay, start_simulator, stop, timed, use_database,
+                          wait_http, wrk)
 from relay.links import Signer
 
 CONNECTIONS = 32
@@ -28,7 +29,9 @@ def callback_path(base: str, data: Path) -> tuple[str, str]:
     """Create an EvoLink task and return its callback path and a body for it."""
     task = httpx.post(f"{base}/v1/tasks", json={"provider": "evolink", "prompt": "bench"},
                       headers={"authorization": f"Bearer {KEY}"}).json()
-    token = Signer((data / "signing-secret").read_text().strip()).callback_token("evolink", task["id"])
+    # On PostgreSQL relay signs with the explicit secret the bench gave it; on SQLite with the one it generated.
+    secret = SIGNING_SECRET if postgres() else (data / "signing-secret").read_text().strip()
+    token = Signer(secret).callback_token("evolink", task["id"])
     body = json.dumps({"id": "task-unified-bench", "object": "image.generation.task", "status": "processing",
                        "progress": 50})
     return f"/callbacks/evolink/{task['id']}/{token}", body
@@ -112,11 +115,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--quick", action="store_true", help="the short run of `python -m bench --quick`")
+    add_database_argument(parser)
     args = parser.parse_args()
+    use_database(args.database)
     if args.quick:
         print(run(True).markdown())
         return
-    print("\n".join(table(measure(args.seconds, args.connections, 2))))
+    try:
+        print("\n".join(table(measure(args.seconds, args.connections, 2))))
+    finally:
+        drop_section_databases()
 
 
 if __name__ == "__main__":

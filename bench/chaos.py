@@ -1,10 +1,11 @@
 """The chaos scenario (tests/chaos/scenario.py) at a large size, as part of `python -m bench`.
 
-    python -m bench.chaos [--size 300] [--kills 8] [--seed N]
+    python -m bench.chaos [--size 300] [--kills 8] [--seed N] [--database sqlite|postgresql]
 
 Load across all five dialects, injected provider faults, a failing subscriber, relay SIGKILLed and
 restarted KILLS times; then every guarantee is checked (see the scenario's docstring). The bench
 reports whether they all held and how long it took; it is skipped by `python -m bench --quick`.
+On PostgreSQL the scenario makes (and drops) its own fresh database (tests/pg.py), one relay on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, Section, timed
+from bench.common import Figure, Section, add_database_argument, timed, use_database
 
 SIZE, KILLS = 300, 8
 
@@ -31,8 +32,12 @@ def available() -> bool:
 def measure(size: int, kills: int, seed: int) -> Any:
     from tests.chaos.scenario import run_chaos
 
+    from bench import common
+
     with tempfile.TemporaryDirectory(prefix="relay-chaos-") as tmp:
-        return run_chaos(size=size, kills=kills, seed=seed, workdir=Path(tmp))
+        if common.DATABASE == "sqlite":
+            return run_chaos(size=size, kills=kills, seed=seed, workdir=Path(tmp))
+        return run_chaos(size=size, kills=kills, seed=seed, workdir=Path(tmp), database=common.DATABASE)
 
 
 @timed
@@ -76,7 +81,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--kills", type=int, default=KILLS)
     parser.add_argument("--seed", type=int, default=None)
+    add_database_argument(parser)
     args = parser.parse_args()
+    use_database(args.database)
     print(run(False, args.size, args.kills, args.seed).markdown())
 
 

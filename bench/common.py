@@ -25,6 +25,120 @@ KEY = "rk_bench_0123456789abcdefghij"
 T = TypeVar("T")
 
 
+# ---- the database relay runs on (python -m bench --database sqlite|postgresql) --------------------------
+DATABASES = ("sqlite", "postgresql")
+DATABASE = "sqlite"       # set by `python -m bench --database` (and each section's own --database) via use_database
+# The server bench databases are created on (and dropped from): RELAY_BENCH_POSTGRES, a DSN naming any database
+# the role may connect to, else the local one (trust auth, user postgres).
+PG_ROOT = os.environ.get("RELAY_BENCH_POSTGRES") or "postgresql://postgres@127.0.0.1:5432/postgres"
+PG_PREFIX = "relay_bench_"
+# On a shared database relay refuses to start without an explicit signing secret of at least 32 characters.
+SIGNING_SECRET = "bench-signing-secret-0123456789abcdefghij"
+_databases: dict[str, str] = {}     # key (a data dir, a case) → DSN of its fresh database, this section's
+# `relay simulate --prerendered` for every simulator the bench starts (python -m bench --prerendered): one drawn
+# picture per size and format with a unique chunk per task, so end-to-end figures measure relay, not Pillow.
+PRERENDERED = False
+
+
+def use_database(name: str) -> None:
+    if name not in DATABASES:
+        raise SystemExit(f"--database must be one of {', '.join(DATABASES)} (got {name!r})")
+    global DATABASE
+    DATABASE = name
+
+
+def postgres() -> bool:
+    return DATABASE == "postgresql"
+
+
+def backend_label(name: str | None = None) -> str:
+    return {"sqlite": "SQLite", "postgresql": "PostgreSQL"}[name or DATABASE]
+
+
+def in_thread(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to its end on a loop of its own in a helper thread: callable with or without a
+    running loop in this thread (the in-process sections create databases from inside theirs)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+def pg_dsn(database: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(PG_ROOT)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+def create_database() -> str:
+    """A fresh PostgreSQL database `relay_bench_<random>` (from template0); its DSN. Drop it with drop_database."""
+    import secrets
+
+    import asyncpg
+
+    name = PG_PREFIX + secrets.token_hex(6)
+
+    async def create() -> None:
+        admin = await asyncpg.connect(PG_ROOT, timeout=10)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        finally:
+            await admin.close()
+    in_thread(create)
+    return pg_dsn(name)
+
+
+def drop_database(dsn: str) -> None:
+    """DROP DATABASE … WITH (FORCE): also when a relay process left connections open."""
+    import asyncpg
+
+    name = dsn.rsplit("/", 1)[1].split("?", 1)[0]
+    assert name.startswith(PG_PREFIX), name
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(PG_ROOT, timeout=10)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+    in_thread(drop)
+
+
+def database_for(key: str) -> str:
+    """This section's fresh database for `key` (e.g. a relay's data dir: the same dir, the same database, as
+    when a section restarts relay on its data), created on first use and dropped when the section ends."""
+    if key not in _databases:
+        _databases[key] = create_database()
+    return _databases[key]
+
+
+def database_env(key: str) -> dict[str, str]:
+    """Environment for a relay on the chosen database: nothing on SQLite (the data dir's relay.db); on
+    PostgreSQL a fresh database for `key` and the explicit signing secret relay then requires."""
+    if not postgres():
+        return {}
+    return {"RELAY_STORAGE_DATABASE": database_for(key), "RELAY_AUTH_SIGNING_SECRET": SIGNING_SECRET}
+
+
+def drop_section_databases() -> None:
+    while _databases:
+        _, dsn = _databases.popitem()
+        drop_database(dsn)
+
+
+def pg_version() -> str:
+    import asyncpg
+
+    async def ask() -> str:
+        conn = await asyncpg.connect(PG_ROOT, timeout=10)
+        try:
+            return str(await conn.fetchval("SHOW server_version")).split()[0]
+        finally:
+            await conn.close()
+    return in_thread(ask)
+
+
 # ---- report sections ---------------------------------------------------------------------------------
 @dataclass
 class Figure:
@@ -75,9 +189,17 @@ def timed(run: Callable[..., Section]) -> Callable[..., Section]:
 
     def wrapper(quick: bool, *args: Any, **kwargs: Any) -> Section:
         started, stat, own = time.monotonic(), cpu_stat(), own_cpu()
-        section = run(quick, *args, **kwargs)
+        try:
+            section = run(quick, *args, **kwargs)
+        finally:
+            drop_section_databases()     # PostgreSQL: every database the section created
         section.seconds = time.monotonic() - started
         section.cpu = cpu_share(stat, cpu_stat(), own_cpu() - own)
+        if postgres():
+            # Sections keep their SQLite titles and figure names; a PostgreSQL run's are told apart.
+            section.title += " (PostgreSQL)"
+            for figure in section.summary:
+                figure.name += " (PostgreSQL)"
         return section
 
     wrapper.__name__ = run.__name__
@@ -136,7 +258,7 @@ def start_simulator(root: Path, duration: float, name: str = "sim") -> tuple[sub
     """`relay simulate` as a child process; returns it and its base URL."""
     port = free_port()
     proc = spawn([PYTHON, "-m", "relay", "simulate", "--port", str(port), "--duration", str(duration),
-                  "--log-level", "warning"], log=root / f"{name}.log")
+                  "--log-level", "warning", *(["--prerendered"] if PRERENDERED else [])], log=root / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/_sim/stats")
@@ -147,9 +269,11 @@ def start_simulator(root: Path, duration: float, name: str = "sim") -> tuple[sub
 
 
 def relay_env(data: Path, port: int, sim_url: str, role: str = "all", **extra: str) -> dict[str, str]:
-    """Environment for `relay serve`: every dialect against `sim_url`, rate limits out of the way."""
+    """Environment for `relay serve`: every dialect against `sim_url`, rate limits out of the way, on the
+    chosen database (PostgreSQL: a fresh one per data dir)."""
     env = {"RELAY_STORAGE_DATA_DIR": str(data), "RELAY_SERVER_PORT": str(port), "RELAY_AUTH_API_KEYS": KEY,
-           "RELAY_SERVER_ROLE": role, "RELAY_NETWORK_ALLOW": "127.0.0.0/8,::1/128,localhost"}
+           "RELAY_SERVER_ROLE": role, "RELAY_NETWORK_ALLOW": "127.0.0.0/8,::1/128,localhost",
+           **database_env(str(data))}
     for kind in PROVIDERS:
         env[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"{sim_url}/{kind}"
         env[f"RELAY_PROVIDERS_{kind.upper()}_RATE_LIMIT"] = "100000"
@@ -349,13 +473,22 @@ def wrk(url: str, *, body: str, connections: int, seconds: int, threads: int = 1
     return result
 
 
+def add_database_argument(parser: Any) -> None:
+    parser.add_argument("--database", choices=DATABASES, default="sqlite",
+                        help="the store relay runs on; postgresql: a fresh database per relay on PG_ROOT "
+                             "(RELAY_BENCH_POSTGRES, default the local server), dropped after the section")
+
+
 def run_standalone(run: Callable[[bool], Section]) -> None:
-    """`python -m bench.<section> [--quick]`: run one section, print its table and its figures as JSON."""
+    """`python -m bench.<section> [--quick] [--database …]`: run one section, print its table and figures as JSON."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    section = run(parser.parse_args().quick)
+    add_database_argument(parser)
+    args = parser.parse_args()
+    use_database(args.database)
+    section = run(args.quick)
     print(section.markdown())
     print(json.dumps(section.figures, indent=2))

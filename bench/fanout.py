@@ -34,8 +34,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import (PYTHON, Figure, Section, free_port, machine, percentile, ratio, spawn, stop, timed,
-                          wait_http)
+from bench.common import (PYTHON, Figure, Section, add_database_argument, database_env, free_port, machine, percentile,
+                          ratio, spawn, stop, timed, use_database, wait_http)
 from bench.common import write_section as _write_section
 
 KEY = "rk_bench_fanout_0123456789abcdef"
@@ -102,7 +102,7 @@ async def fanout_case(subscribers: int, target: int, sink_urls: list[str], http:
     await http.post(f"{sink_url}/_reset")
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, {"RELAY_STORAGE_DATA_DIR": tmp, "RELAY_AUTH_API_KEYS": KEY,
-                                        "RELAY_WORKER_CONCURRENCY": str(WORKER_SLOTS)})
+                                        "RELAY_WORKER_CONCURRENCY": str(WORKER_SLOTS), **database_env(tmp)})
         async with open_runtime(settings) as runtime:
             service = runtime.deliveries
             assert service is not None
@@ -208,7 +208,7 @@ def end_to_end(tasks: int, sink_url: str, root: Path) -> dict[str, Any]:
     sim_port, relay_port = free_port(), free_port()
     env = {"RELAY_STORAGE_DATA_DIR": str(root / "relay"), "RELAY_SERVER_PORT": str(relay_port),
            "RELAY_AUTH_API_KEYS": KEY, "RELAY_WORKER_CONCURRENCY": str(WORKER_SLOTS),
-           "RELAY_POLLING_INITIAL_DELAY": "0.5", "RELAY_POLLING_MAX_DELAY": "1.0"}
+           "RELAY_POLLING_INITIAL_DELAY": "0.5", "RELAY_POLLING_MAX_DELAY": "1.0", **database_env(str(root / "relay"))}
     for kind in ("gmicloud", "apimart", "evolink", "pixazo", "openai"):
         env[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"http://127.0.0.1:{sim_port}/{kind}"
         env[f"RELAY_PROVIDERS_{kind.upper()}_RATE_LIMIT"] = "1000"
@@ -385,7 +385,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the short run of `python -m bench --quick`")
     parser.add_argument("--write", type=Path, default=None, help="write the results into this markdown file")
     parser.add_argument("--sink-ports", default=None, help=argparse.SUPPRESS)
+    add_database_argument(parser)
     args = parser.parse_args()
+    use_database(args.database)
     if args.sink_ports:
         serve_sink([int(p) for p in args.sink_ports.split(",")])
         return

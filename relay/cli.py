@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,16 @@ def _logging(level: str) -> None:
 
 
 # ---- serve ---------------------------------------------------------------------------------------
-async def _serve(settings: Settings, log_level: str) -> None:
+async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket] | None = None,
+                 parent_pid: int | None = None) -> None:
+    """One relay. `sockets`/`parent_pid`: a child of `relay serve --processes N` (relay.processes)."""
     import uvicorn
 
     from relay.runtime import api_key_file, open_runtime
     from relay.web.app import create_app
 
     async with open_runtime(settings) as runtime:
-        if not settings.auth.api_keys:
+        if not settings.auth.api_keys and parent_pid is None:
             print(f"relay: no api_keys configured; using the generated key in {api_key_file(settings)}",
                   file=sys.stderr)
         app = create_app(runtime, run_worker=settings.server.role in ("all", "worker"))
@@ -59,7 +62,11 @@ async def _serve(settings: Settings, log_level: str) -> None:
         # Everything built so far (modules, settings, the app) lives as long as the process: move it out
         # of the garbage collector's sight so its full collections only walk what requests allocate.
         gc.freeze()
-        await uvicorn.Server(config).serve()
+        if parent_pid is None:
+            await uvicorn.Server(config).serve(sockets=sockets)
+        else:
+            from relay.processes import ChildServer
+            await ChildServer(config, parent_pid).serve(sockets=sockets)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -67,12 +74,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, server_host=args.host, server_port=args.port, server_role=args.role)
     _logging(args.log_level)
+    if args.processes != 1:
+        return _serve_processes(settings, args.processes, args.log_level)
     try:
         run_async(_serve(settings, args.log_level))
     except StartupError as exc:
         print(f"relay: cannot start: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _serve_processes(settings: Settings, count: int, log_level: str) -> int:
+    """`relay serve --processes N`: N relays on one socket and one PostgreSQL database (relay.processes)."""
+    from relay.processes import EXIT_CANNOT_START, Supervisor, bind_socket
+    from relay.runtime import StartupError, api_key_file, resolve_api_keys, shared_database
+
+    if count < 1:
+        print(f"relay: --processes must be at least 1 (got {count})", file=sys.stderr)
+        return 2
+    if not shared_database(settings):
+        print(f"relay: --processes {count} needs a PostgreSQL database (storage.database = \"postgresql://…\"): "
+              "SQLite is for one process; run `relay serve` without --processes on SQLite", file=sys.stderr)
+        return 2
+    if not settings.auth.api_keys:
+        # Generated once here, not raced for by N children.
+        resolve_api_keys(settings)
+        print(f"relay: no api_keys configured; using the generated key in {api_key_file(settings)}",
+              file=sys.stderr)
+    host, port = settings.server.host, settings.server.port
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        print(f"relay: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        return 2
+    bound = sock.getsockname()[1]
+    print(f"relay: {count} processes serving http{'s' if settings.server.ssl_certfile else ''}://{host}:{bound}",
+          file=sys.stderr)
+
+    def child(parent_pid: int) -> int:
+        try:
+            run_async(_serve(settings, log_level, sockets=[sock], parent_pid=parent_pid))
+        except StartupError as exc:
+            print(f"relay: cannot start: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_START
+        return 0
+
+    try:
+        return Supervisor(count, child).run()
+    finally:
+        sock.close()
 
 
 def run_async(main: Any) -> Any:
@@ -93,7 +144,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     _logging(args.log_level)
     public = f"http://{args.host}:{args.port}"
-    app = create_simulator_app(SimulatorConfig(public_url=public, duration=args.duration, link_ttl=args.link_ttl))
+    app = create_simulator_app(SimulatorConfig(public_url=public, duration=args.duration, link_ttl=args.link_ttl,
+                                               prerendered=args.prerendered))
     print(f"relay simulator on {public} (dialects: /gmicloud /apimart /evolink /pixazo /openai)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None, access_log=False)
     return 0
@@ -216,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--role", choices=("all", "api", "worker"))
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="run N relay processes on this port (PostgreSQL only; default 1)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -224,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--duration", type=float, default=1.0, help="seconds a task takes")
     p.add_argument("--link-ttl", type=float, default=86400.0, help="seconds image links stay valid")
+    p.add_argument("--prerendered", action="store_true",
+                   help="serve one pre-rendered image per size and format with a unique chunk per task "
+                        "(benchmarks: no Pillow drawing per image)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_simulate)
 

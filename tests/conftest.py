@@ -2,12 +2,14 @@
 
 Every test that takes `store` runs twice: on SQLite (a file in tmp_path) and on PostgreSQL (a fresh
 database, see tests/pg.py; an unreachable server fails the test, it is never skipped). A test that needs
-several stores on one database (two replicas) takes `open_store` and calls it once per store.
+several stores on one database (two replicas) takes `open_store` and calls it once per store; one that
+needs several fresh databases takes `databases`.
 SQLite white-box tests (WAL, PRAGMAs, the claim's plan, `_writer`) build their SQLiteStore themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -26,23 +28,40 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """Where a store keeps its data: a SQLite file path, or the DSN of a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "relay.db")
-        return
-    from tests.pg import fresh_database
-    async with fresh_database() as dsn:
-        yield dsn
+async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """Make fresh, empty databases of this test's backend: SQLite file paths in tmp_path, or the DSNs of new
+    PostgreSQL databases (see tests/pg.py), every one dropped at the end of the test, pass or fail."""
+    async with contextlib.AsyncExitStack() as stack:
+        made = 0
+
+        async def make() -> str:
+            nonlocal made
+            made += 1
+            if request.param == "sqlite":
+                return str(tmp_path / ("relay.db" if made == 1 else f"relay-{made}.db"))
+            from tests.pg import fresh_database
+            return await stack.enter_async_context(fresh_database())
+        yield make
 
 
-def new_store(database: str) -> Store:
-    """An unopened store on `database` (from the `database` fixture); several may share one database."""
+@pytest.fixture
+async def database(databases: Callable[[], Awaitable[str]]) -> str:
+    """The test's database: a SQLite file path, or the DSN of a fresh PostgreSQL database."""
+    return await databases()
+
+
+def _new_store(database: str) -> Store:
     if database.startswith(("postgresql://", "postgres://")):
         # Imported here: the SQLite tests do not need the PostgreSQL backend (or asyncpg) to import.
         from relay.store.postgres import PostgresStore
         return PostgresStore(database)
     return SQLiteStore(database)
+
+
+@pytest.fixture
+def new_store() -> Callable[[str], Store]:
+    """An unopened store on a database from `database` / `databases`; opening and closing are the caller's."""
+    return _new_store
 
 
 @pytest.fixture
@@ -52,7 +71,7 @@ async def open_store(database: str) -> AsyncIterator[Callable[[], Awaitable[Stor
     opened: list[Store] = []
 
     async def open_one() -> Store:
-        backend = new_store(database)
+        backend = _new_store(database)
         await backend.open()
         opened.append(backend)
         return backend

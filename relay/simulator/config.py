@@ -24,3 +24,6 @@ class SimulatorConfig:
     allow_http_callbacks: bool = True
     # Tests in one process route callbacks to relay's app with an ASGI transport (None: real network).
     callback_transport: httpx.AsyncBaseTransport | None = None
+    # Serve one pre-rendered picture per size and format with a unique chunk per task (benchmarks: measure
+    # relay, not Pillow drawing), instead of drawing every image (see imaging.py).
+    prerendered: bool = False

@@ -3,6 +3,12 @@
 An image is a pure function of (task id, index, size, format, prompt), so its
 sha256 is reproducible and an evicted image can be drawn again byte for byte.
 Drawing runs in a thread so a burst of downloads does not stall the event loop.
+
+Pre-rendered mode (`relay simulate --prerendered`, for benchmarks): one image per (size, format,
+transparency) is drawn once, and each task's image is that picture with a chunk of its own added
+(the task id and index), so every image still has its own sha256 and is still a valid file of its
+type, for about a microsecond of CPU instead of the 20-30 ms of a Pillow drawing. The prompt text is
+then not drawn into the picture.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import struct
 import textwrap
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -69,6 +77,38 @@ def render(task_id: str, index: int, width: int, height: int, fmt: str, prompt: 
     return out.getvalue()
 
 
+def with_unique_chunk(data: bytes, fmt: str, tag: bytes) -> bytes:
+    """`data` (a rendered image) with an ancillary chunk holding `tag`: the same picture, its own bytes.
+
+    PNG: a tEXt chunk (with its CRC) before IEND. JPEG: a COM segment right after SOI. WebP: an unknown
+    RIFF chunk after the image data (decoders skip it), the RIFF size grown to match.
+    """
+    if fmt == "png":
+        iend = data.rindex(b"IEND") - 4          # the IEND chunk starts with its 4-byte length
+        body = b"tEXt" + b"relay-sim\x00" + tag
+        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+        return data[:iend] + chunk + data[iend:]
+    if fmt == "jpeg":
+        return data[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + data[2:]
+    if fmt == "webp":
+        padded = tag + (b"\x00" if len(tag) % 2 else b"")
+        chunk = b"RSIM" + struct.pack("<I", len(tag)) + padded
+        out = data + chunk
+        return out[:4] + struct.pack("<I", len(out) - 8) + out[8:]
+    raise ValueError(f"unknown image format {fmt!r}")
+
+
+def prerendered_base(width: int, height: int, fmt: str, transparent: bool) -> bytes:
+    """The one picture pre-rendered mode serves for this size and format (drawn once per process)."""
+    return _base(width, height, fmt, transparent)
+
+
+@lru_cache(maxsize=64)
+def _base(width: int, height: int, fmt: str, transparent: bool) -> bytes:
+    return render("prerendered", 0, width, height, fmt, "pre-rendered image (relay simulate --prerendered)",
+                  transparent)
+
+
 @dataclass
 class ImageInfo:
     data: bytes
@@ -81,8 +121,9 @@ class ImageInfo:
 class ImageCache:
     """Draws each (task, index) image once, keeps recent bytes, and every sha256 forever."""
 
-    def __init__(self, budget: int = CACHE_BUDGET) -> None:
+    def __init__(self, budget: int = CACHE_BUDGET, *, prerendered: bool = False) -> None:
         self._budget = budget
+        self.prerendered = prerendered
         self.clear()
 
     def clear(self) -> None:
@@ -90,6 +131,7 @@ class ImageCache:
         self._size = 0
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self.sha256: dict[str, str] = {}
+        self._bases: dict[tuple[int, int, str, bool], bytes] = {}
 
     async def get(self, task: SimTask, index: int) -> ImageInfo:
         token = task.tokens[index]
@@ -107,10 +149,13 @@ class ImageCache:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[token] = future
         try:
-            data = await asyncio.to_thread(
-                render, task.id, index, task.width, task.height, task.fmt, task.prompt,
-                task.background == "transparent",
-            )
+            if self.prerendered:
+                data = await self._from_base(task, index)
+            else:
+                data = await asyncio.to_thread(
+                    render, task.id, index, task.width, task.height, task.fmt, task.prompt,
+                    task.background == "transparent",
+                )
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -128,3 +173,10 @@ class ImageCache:
             _, old = self._bytes.popitem(last=False)
             self._size -= len(old)
         return data
+
+    async def _from_base(self, task: SimTask, index: int) -> bytes:
+        transparent = task.background == "transparent"
+        key = (task.width, task.height, task.fmt, transparent)
+        if key not in self._bases:      # the first image of this size and format: drawn once, in a thread
+            self._bases[key] = await asyncio.to_thread(prerendered_base, *key)
+        return with_unique_chunk(self._bases[key], task.fmt, f"{task.id}:{index}".encode())

@@ -74,7 +74,7 @@ class Simulator:
         self.config = config
         self.public_url = config.public_url.rstrip("/")
         self.store = TaskStore()
-        self.images = ImageCache()
+        self.images = ImageCache(prerendered=config.prerendered)
         self.knobs = Knobs(config)
         self.stats = Stats()
         self.callbacks = CallbackSender(self)

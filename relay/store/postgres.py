@@ -101,7 +101,14 @@ class PostgresTx(Tx):
 class PostgresStore(Store):
     # Only events whose writing transaction, and every transaction before it, has ended: seq is taken
     # at insert, so an event log paged by seq would otherwise skip one committed late.
-    _visible_events = "xid < pg_snapshot_xmin(pg_current_snapshot())"
+    # Only this database's open transactions count: pg_snapshot_xmin alone would let one idle write transaction
+    # in any other database of the server freeze the log. (A session of another role shows no backend_xid
+    # without pg_read_all_stats, so it is still counted: a delay, never a skipped event.)
+    _visible_events = (
+        "xid < (SELECT COALESCE(min(x), pg_snapshot_xmax(pg_current_snapshot())) "
+        "FROM pg_snapshot_xip(pg_current_snapshot()) AS x WHERE NOT EXISTS ("
+        "SELECT 1 FROM pg_stat_activity a WHERE a.datname <> current_database() AND a.backend_xid IS NOT NULL "
+        "AND a.backend_xid::text::bigint = (x::text::numeric % 4294967296)::bigint))")
 
     def __init__(self, dsn: str, *, min_connections: int = 2, max_connections: int = 10) -> None:
         self.dsn = dsn

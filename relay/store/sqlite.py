@@ -191,11 +191,24 @@ class SQLiteStore(Store):
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = aiosqlite.Row
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL: durable across process crashes
-        await conn.execute("PRAGMA busy_timeout=10000")
-        await conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            conn.row_factory = aiosqlite.Row
+            await conn.execute("PRAGMA busy_timeout=10000")     # first: the PRAGMAs below may meet a lock
+            for attempt in range(1, 51):
+                # journal_mode=WAL can answer "database is locked" at once, busy_timeout or not, while another
+                # process opens the same fresh file (replicas starting together): wait and ask again.
+                try:
+                    await conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 50:
+                        raise
+                    await asyncio.sleep(0.01 * attempt)
+            await conn.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL: durable across process crashes
+            await conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            await conn.close()      # else its thread outlives the failure and keeps the process alive
+            raise
         return conn
 
     async def _migrate(self) -> None:

@@ -3,6 +3,15 @@ and relay SIGKILLed and restarted on the same data dir, again and again; then ev
 
     report = run_chaos(size=50, kills=3, seed=1234, workdir=Path("/tmp/chaos"))
     assert not report.problems, report.summary()
+    run_chaos(size=400, kills=20, seed=1, workdir=…, database="postgresql", replicas=3)   # replicas mode
+
+Replicas mode (`--database postgresql --replicas N`): a fresh PostgreSQL database (tests/pg.py, dropped
+at the end) shared by N `relay serve` replicas, each on its own port and data dir, with one signing
+secret and one images directory. Tasks are created through the replicas in turn; each kill hits a
+random replica (the others carry on) and the restart brings that one back; the resends with the same
+Idempotency-Key go to another replica than the first request. Every check below holds as in the
+single-relay mode, and each archived image is fetched from every replica. SQLite is for one process:
+it runs with one replica only.
 
 Real processes over real sockets: `relay simulate` and `relay serve` are child processes
 (tests/e2e/harness.py), the subscribers are tests/sink.py in a thread of this process. Every
@@ -48,6 +57,7 @@ Checked at the end (every problem is collected; `report.problems` empty means al
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -60,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import PROVIDER_KINDS
-from tests.e2e.harness import TERMINAL, Relay, Simulator, wait_for
+from tests.e2e.harness import TERMINAL, Relay, Simulator, postgres_database, replica_env, start_all, wait_for
 from tests.sink import Received, Sink
 
 TAG = re.compile(r"chaos-\d{5}\.")
@@ -97,6 +107,7 @@ PROVIDER_TIMEOUTS = {"gmicloud": 4, "apimart": 2, "evolink": 4, "pixazo": 4, "op
 SIM_HOLD_SECONDS = 6.0
 # Delivery retry schedule: long enough (about 80 s of retries) to outlast the subscriber's outage.
 DELIVERY_SCHEDULE = "0,0.3,0.6,1,1.5," + ",".join(["2"] * 38)
+DATABASES = ("sqlite", "postgresql")
 
 
 @dataclass
@@ -136,6 +147,8 @@ class ChaosReport:
     seed: int
     size: int
     kills: int
+    database: str = "sqlite"
+    replicas: int = 1
     tasks: int = 0
     planned: dict[str, int] = field(default_factory=dict)         # by kind
     outcomes: dict[str, int] = field(default_factory=dict)        # by final status
@@ -156,7 +169,8 @@ class ChaosReport:
 
     def summary(self) -> str:
         lines = [
-            f"chaos: seed={self.seed} size={self.size} kills={self.kills} ({self.seconds:.1f} s, workdir {self.workdir})",
+            (f"chaos: seed={self.seed} size={self.size} kills={self.kills}{self.mode()} ({self.seconds:.1f} s, "
+             f"workdir {self.workdir})"),
             f"  tasks: {self.tasks}  planned: {_fmt(self.planned)}",
             f"  outcomes: {_fmt(self.outcomes)}  (submit_outcome_unknown after a kill: "
             f"{self.submit_unknown_after_kill})",
@@ -176,6 +190,13 @@ class ChaosReport:
         else:
             lines.append("  every guarantee held")
         return "\n".join(lines)
+
+
+    def mode(self) -> str:
+        """"" for the classic single relay on SQLite; else the database and the number of replicas."""
+        if (self.database, self.replicas) == ("sqlite", 1):
+            return ""
+        return f" database={self.database} replicas={self.replicas}"
 
 
 def _fmt(counts: dict[str, int]) -> str:
@@ -248,10 +269,14 @@ def relay_env(subscriber_timeout: float) -> dict[str, str]:
 
 
 class _Run:
-    def __init__(self, size: int, kills: int, seed: int, workdir: Path) -> None:
+    def __init__(self, size: int, kills: int, seed: int, workdir: Path, database: str = "sqlite",
+                 replicas: int = 1) -> None:
         self.rng = random.Random(seed)
-        self.report = ChaosReport(seed=seed, size=size, kills=kills, workdir=str(workdir))
+        self.report = ChaosReport(seed=seed, size=size, kills=kills, workdir=str(workdir), database=database,
+                                  replicas=replicas)
         self.workdir = workdir
+        self.relays: list[Relay] = []
+        self._turn = 0
         self.kill_times: list[float] = []
         self.plans = plan_tasks(size, self.rng)
         self.rules = plan_faults(size, self.rng)
@@ -260,9 +285,23 @@ class _Run:
     def problem(self, text: str) -> None:
         self.report.problems.append(text)
 
+    # ---- the replicas ----------------------------------------------------------------------------------
+    def _via(self) -> Relay:
+        """The next running replica, in turn (the only one in the single-relay mode)."""
+        running = [r for r in self.relays if r.process.running] or self.relays
+        self._turn += 1
+        return running[self._turn % len(running)]
+
+    def _check_alive(self) -> None:
+        """Every replica that should be running is (a killed one is not checked until it is started again)."""
+        for relay in self.relays:
+            relay.process.check_alive()
+
     # ---- phases -----------------------------------------------------------------------------------
-    def execute(self, sim: Simulator, relay: Relay, sink: Sink) -> None:
+    def execute(self, sim: Simulator, relays: list[Relay], sink: Sink) -> None:
         rng, report = self.rng, self.report
+        self.relays = relays
+        relay = relays[0]
         sim.faults(timeout_seconds=SIM_HOLD_SECONDS, callbacks={"duplicate": 2, "reorder": True})
         subs = {
             "/all": self._subscribe(relay, sink.url("/all"), ["task.*"]),
@@ -296,16 +335,19 @@ class _Run:
                 # hit by twelve in a row would rightly give up, and that would test nothing).
                 sim.faults(next=self.rules[rule_bounds[wave]:rule_bounds[wave + 1]])
                 if wave:
-                    self._resend_after_restart(relay, self.plans[bounds[wave - 1]:bounds[wave]])
+                    self._resend_after_restart(self.plans[bounds[wave - 1]:bounds[wave]])
                 for plan in self.plans[bounds[wave]:bounds[wave + 1]]:
-                    self._create(relay, sink, plan)
+                    self._create(self._via(), sink, plan)
                 if wave < report.kills:
                     time.sleep(rng.uniform(0.1, 1.5))      # chaos timing (a random moment), not a wait for a condition
-                    relay.kill()
+                    # (one replica: no draw, so a seed plans the single-relay run as it always did)
+                    victim = relays[rng.randrange(len(relays))] if len(relays) > 1 else relay
+                    victim.kill()
                     self.kill_times.append(time.monotonic())
                     down = rng.uniform(7.5, 8.5) if wave == long_down else rng.uniform(0.1, 2.0)
-                    time.sleep(down)                       # relay stays down: callbacks hit a closed port
-                    relay.start()
+                    time.sleep(down)                       # it stays down: callbacks to it hit a closed port
+                    victim.start()
+            relay = self._via()
             self._wait_terminal(relay)
         finally:
             recover.cancel()
@@ -342,11 +384,11 @@ class _Run:
             if response.status_code != 200 or response.json().get("status") != "canceled":
                 self.problem(f"task {plan.id} ({plan.provider}): cancel → {response.status_code} {response.text}")
 
-    def _resend_after_restart(self, relay: Relay, previous_wave: list[TaskPlan]) -> None:
+    def _resend_after_restart(self, previous_wave: list[TaskPlan]) -> None:
         """A client that did not see its answer sends again with the same Idempotency-Key: relay, restarted
-        since, returns the task it made (200), never a second one."""
+        since, returns the task it made (200), never a second one (replicas: another one than the first time)."""
         for plan in previous_wave[-2:]:
-            response = relay.api.post("/v1/tasks", json=plan.sent, headers={"Idempotency-Key": plan.tag})
+            response = self._via().api.post("/v1/tasks", json=plan.sent, headers={"Idempotency-Key": plan.tag})
             if response.status_code != 200 or response.json().get("id") != plan.id:
                 self.problem(f"task {plan.id}: the same Idempotency-Key after a restart → {response.status_code} "
                              f"{response.text[:300]}")
@@ -365,7 +407,7 @@ class _Run:
         deadline = 45.0 + 0.5 * len(self.plans)
 
         def all_terminal() -> bool:
-            relay.process.check_alive()
+            self._check_alive()
             for task_id in sorted(pending):
                 if relay.task(task_id)["status"] in TERMINAL:
                     pending.discard(task_id)
@@ -418,13 +460,19 @@ class _Run:
                              f"{plan.n} asked for")
                 continue
             for image in task["images"]:
-                response = relay.api.get(f"/v1/images/{image['id']}")
-                digest = hashlib.sha256(response.content).hexdigest() if response.status_code == 200 else None
                 expected = served[image["index"]]["sha256"]
-                if response.status_code != 200 or not digest == image["sha256"] == expected:
-                    self.problem(f"image {image['id']} of task {plan.id}: GET → {response.status_code}, sha256 "
-                                 f"{digest}, recorded {image['sha256']}, the simulator served {expected}")
-                else:
+                verified = True
+                for replica in self.relays:                 # every replica serves every image
+                    response = replica.api.get(f"/v1/images/{image['id']}")
+                    digest = hashlib.sha256(response.content).hexdigest() if response.status_code == 200 else None
+                    etag = response.headers.get("etag")
+                    if response.status_code != 200 or not digest == image["sha256"] == expected \
+                            or etag != f'"{expected}"':
+                        verified = False
+                        self.problem(f"image {image['id']} of task {plan.id} from {replica.process.name}: GET → "
+                                     f"{response.status_code}, sha256 {digest}, ETag {etag}, recorded "
+                                     f"{image['sha256']}, the simulator served {expected}")
+                if verified:
                     self.report.images_verified += 1
         # No provider task created twice for one relay task (a blindly resent submit would show up here),
         # and a relay task's provider id is the provider task made for it.
@@ -496,7 +544,7 @@ class _Run:
                     for path, want in expected.items()}
 
         def landed() -> bool:
-            relay.process.check_alive()
+            self._check_alive()
             return not any(missing().values())
 
         try:
@@ -602,38 +650,53 @@ class _Stop(Exception):
     """The run cannot go on (the problem is recorded)."""
 
 
-def run_chaos(size: int, kills: int, seed: int, workdir: Path) -> ChaosReport:
-    """Run the scenario in `workdir` (logs, relay's data dir); returns the report (also printed)."""
+def run_chaos(size: int, kills: int, seed: int, workdir: Path, database: str = "sqlite",
+              replicas: int = 1) -> ChaosReport:
+    """Run the scenario in `workdir` (logs, relay's data dirs); returns the report (also printed).
+
+    `database="postgresql"`: a fresh database, dropped at the end, shared by `replicas` relays."""
+    if database not in DATABASES:
+        raise ValueError(f"database must be one of {', '.join(DATABASES)} (got {database!r})")
+    if replicas < 1 or (database == "sqlite" and replicas > 1):
+        raise ValueError("SQLite is for one process: more than one replica needs database=\"postgresql\"")
     workdir.mkdir(parents=True, exist_ok=True)
-    run = _Run(size, kills, seed, workdir)
+    run = _Run(size, kills, seed, workdir, database, replicas)
     started = time.monotonic()
-    print(f"chaos: seed={seed} size={size} kills={kills} workdir={workdir}", flush=True)
+    print(f"chaos: seed={seed} size={size} kills={kills}{run.report.mode()} workdir={workdir}", flush=True)
     sim = Simulator(workdir)
-    relay: Relay | None = None
+    relays: list[Relay] = []
     try:
-        sim.start()
-        relay = Relay(sim, workdir / "data", workdir, name="relay", extra_env=relay_env(run.subscriber_timeout))
-        relay.start()
-        with Sink(hang_limit=10).serving_in_thread() as sink:
+        with contextlib.ExitStack() as stack:
+            env = relay_env(run.subscriber_timeout)
+            if database == "postgresql":
+                env.update(replica_env(stack.enter_context(postgres_database()), workdir / "images"))
             try:
-                run.execute(sim, relay, sink)
-            except _Stop:
-                pass
-            except AssertionError as exc:            # a process died, or an API call failed outright
-                run.problem(f"the run stopped: {exc}"[:4000])
-        if relay.process.running:
-            relay.process.check_alive()
-        for log in relay.process.logs:
-            text = log.read_text(errors="replace") if log.exists() else ""
-            if "Traceback" in text:
-                at = text.index("Traceback")
-                run.problem(f"{log.name} has a traceback:\n{text[max(0, at - 300):at + 3000]}")
+                sim.start()
+                for i in range(replicas):
+                    name, data = ("relay", "data") if replicas == 1 else (f"relay{i}", f"data{i}")
+                    relays.append(Relay(sim, workdir / data, workdir, name=name, extra_env=env))
+                start_all(relays)
+                with Sink(hang_limit=10).serving_in_thread() as sink:
+                    try:
+                        run.execute(sim, relays, sink)
+                    except _Stop:
+                        pass
+                    except AssertionError as exc:            # a process died, or an API call failed outright
+                        run.problem(f"the run stopped: {exc}"[:4000])
+                for relay in relays:
+                    if relay.process.running:
+                        relay.process.check_alive()
+                    for log in relay.process.logs:
+                        text = log.read_text(errors="replace") if log.exists() else ""
+                        if "Traceback" in text:
+                            at = text.index("Traceback")
+                            run.problem(f"{log.name} has a traceback:\n{text[max(0, at - 300):at + 3000]}")
+            finally:
+                for relay in relays:            # before the database is dropped
+                    with contextlib.suppress(Exception):
+                        relay.close()
     finally:
-        try:
-            if relay is not None:
-                relay.close()
-        finally:
-            sim.close()
+        sim.close()
     run.report.seconds = time.monotonic() - started
     summary = run.report.summary()
     (workdir / "report.txt").write_text(summary + "\n")
@@ -642,7 +705,8 @@ def run_chaos(size: int, kills: int, seed: int, workdir: Path) -> ChaosReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m tests.chaos.scenario [--size 400] [--kills 10] [--seed N] [--workdir DIR]"""
+    """python -m tests.chaos.scenario [--size 400] [--kills 10] [--seed N] [--workdir DIR]
+    [--database sqlite|postgresql] [--replicas N]"""
     import argparse
     import tempfile
 
@@ -651,10 +715,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary directory (kept)")
+    parser.add_argument("--database", choices=DATABASES, default="sqlite",
+                        help="postgresql: a fresh database on the test server (tests/pg.py), dropped at the end")
+    parser.add_argument("--replicas", type=int, default=1, help="relays sharing the database (PostgreSQL only)")
     args = parser.parse_args(argv)
+    if args.replicas > 1 and args.database != "postgresql":
+        parser.error("--replicas > 1 needs --database postgresql (SQLite is for one process)")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="relay-chaos-"))
-    report = run_chaos(args.size, args.kills, seed, workdir)
+    report = run_chaos(args.size, args.kills, seed, workdir, args.database, args.replicas)
     return 1 if report.problems else 0
 
 

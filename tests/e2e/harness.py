@@ -5,13 +5,15 @@ Every wait is on a condition with a deadline; every process is reaped by `stop`/
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -182,7 +184,7 @@ class Relay:
     """`relay serve` in a child process: per-test data dir, env overrides only, restartable on the same port."""
 
     def __init__(self, sim: Simulator, data_dir: Path, log_dir: Path, name: str = "relay",
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -200,7 +202,7 @@ class Relay:
         for kind in PROVIDER_KINDS:
             env[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"{sim.url}/{kind}"
         env.update(extra_env or {})
-        argv = [sys.executable, "-m", "relay", "serve", "--log-level", "info"]
+        argv = [sys.executable, "-m", "relay", "serve", "--log-level", "info", *(extra_args or [])]
         self.process = Process(name, argv, clean_environ(**env), log_dir)
         self.api = self._client()
 
@@ -302,3 +304,66 @@ class Relay:
                 state = labels.split('state="', 1)[1].split('"', 1)[0]
                 counts[f"{kind}:{state}"] = int(float(value))
         return counts
+
+
+# ---- several replicas on one PostgreSQL database (test_replicas.py, tests/chaos) -----------------------
+REPLICA_SIGNING_SECRET = "e2e-replicas-signing-secret-0123456789abcdef"   # the same on every replica
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """tests/pg.py's fresh database for processes to share: yields its DSN, drops it afterwards."""
+    from tests.pg import fresh_database
+
+    loop = asyncio.new_event_loop()
+    manager = fresh_database()
+    try:
+        dsn = loop.run_until_complete(manager.__aenter__())
+        try:
+            yield dsn
+        except BaseException as exc:
+            loop.run_until_complete(manager.__aexit__(type(exc), exc, exc.__traceback__))
+            raise
+        loop.run_until_complete(manager.__aexit__(None, None, None))
+    finally:
+        loop.close()
+
+
+def replica_env(dsn: str, images_dir: Path) -> dict[str, str]:
+    """RELAY_* settings every replica shares: the database, the signing secret, the images."""
+    return {"RELAY_STORAGE_DATABASE": dsn, "RELAY_AUTH_SIGNING_SECRET": REPLICA_SIGNING_SECRET,
+            "RELAY_STORAGE_IMAGES_DIR": str(images_dir)}
+
+
+def start_all(relays: list[Relay]) -> None:
+    """Start several relays at once (they boot in parallel) and wait until each answers /healthz."""
+    for relay in relays:
+        relay.process.start()
+    for relay in relays:
+        relay._wait_healthy()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of `pid` (Linux /proc), e.g. the processes of `relay serve --processes N`."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue              # exited meanwhile
+        # pid (comm) state ppid …: comm may hold spaces and parentheses, so split after the last ")".
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry.name))
+    return sorted(children)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
