@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 
@@ -38,9 +39,19 @@ def rfc3339(ts: float | None) -> str | None:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+_LAST_INSTANT = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=timezone.utc).timestamp()
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?")
+
+
 def parse_rfc3339(value: str) -> float:
-    """'2026-11-22T10:00:00Z' (or with offset) → unix seconds. Raises ValueError."""
+    """'2026-11-22T10:00:00Z' (or with offset; no offset is UTC) → unix seconds. Raises ValueError.
+
+    The whole string must be the time (fromisoformat alone lets trailing bytes such as NUL through), and
+    the instant must be one rfc3339() can write back: years 1-9999 in UTC, after float rounding too.
+    """
     text = value.strip()
+    if not _RFC3339.fullmatch(text):
+        raise ValueError(f"{value!r} is not an RFC 3339 time like 2026-11-22T10:00:00Z")
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     dt = datetime.fromisoformat(text)
@@ -48,7 +59,9 @@ def parse_rfc3339(value: str) -> float:
         dt = dt.replace(tzinfo=timezone.utc)
     try:
         # In UTC, not just as written: every later step (rfc3339 in answers, the store) works in UTC.
-        return dt.astimezone(timezone.utc).timestamp()
-    except (OverflowError, ValueError):
+        ts = dt.astimezone(timezone.utc).timestamp()
+    except (OverflowError, ValueError, OSError):
         # 9999-12-31T23:59:59-23:59 is a valid string whose UTC instant is in year 10000.
         raise ValueError(f"{value!r} is out of the supported range of years 1-9999") from None
+    # 9999-12-31T23:59:59.999999Z is a float that rounds into year 10000: hold it to the last millisecond.
+    return min(ts, _LAST_INSTANT)

@@ -44,6 +44,14 @@ def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         return code is not None and code & 0xFF in _SQLITE_UNAVAILABLE
+    if type(exc).__module__.startswith("asyncpg"):
+        # PostgreSQL unreachable, restarting, full of connections, or a pooled connection it killed.
+        import asyncpg
+        return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                                asyncpg.AdminShutdownError, asyncpg.TooManyConnectionsError, asyncpg.InterfaceError,
+                                asyncpg.InternalClientError))
+    if isinstance(exc, ConnectionError):     # the database server's socket refused or reset
+        return True
     return isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
 
 

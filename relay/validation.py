@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import idna
 
 from relay.errors import InvalidRequest
 from relay.models import (BACKGROUNDS, FORMATS, MODERATIONS, QUALITIES, RATIO_TO_PIXELS, SIZES_PIXELS,
@@ -130,6 +131,11 @@ def _url(value: Any, name: str, *, https_only: bool = False) -> str:
         raise InvalidRequest(f"{name} is not a valid URL: {exc}", field=name) from None
     if parsed.scheme not in schemes or not parsed.raw_host:
         raise InvalidRequest(f"{name} must be an absolute {' or '.join(schemes)} URL", field=name)
+    authority = value.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    port_text = authority.rsplit("@", 1)[-1].rsplit("]", 1)[-1].partition(":")[2]
+    if port_text and not (port_text.isascii() and port_text.isdigit()):
+        # int() reads "١٢" (Arabic-Indic digits) as 12; no client sends it so: refuse what is not ASCII.
+        raise InvalidRequest(f"{name} has a port that is not written in ASCII digits", field=name)
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise InvalidRequest(f"{name} has a port out of range (1-65535)", field=name)
     problem = host_problem(parsed.raw_host.decode("ascii"))
@@ -150,6 +156,12 @@ def host_problem(host: str) -> str | None:
     for label in name.split("."):
         if not _LABEL.fullmatch(label):
             return f"{label!r} is not a DNS label (1-63 letters, digits, hyphens; no leading or trailing hyphen)"
+        if label.startswith("xn--"):
+            try:
+                # httpx decodes punycode for every request it sends: "xn--ls8h" (an emoji) would fail there.
+                idna.decode(label)
+            except (idna.IDNAError, UnicodeError) as exc:
+                return f"{label!r} is not valid IDNA: {exc}"
     return None
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import requests
 import schemathesis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,12 +33,22 @@ from schemathesis.specs.openapi.checks import (
 
 from relay.states import on_failure
 from relay.web.app import create_app
-from tests.fuzzing import FUZZ, JSON, InLoop, as_bytes, error_shape_problem, strict_json
+from tests.fuzzing import (
+    FUZZ,
+    JSON,
+    InLoop,
+    as_bytes,
+    error_shape_problem,
+    register_hostile_hooks,
+    scaled,
+    send_case,
+    strict_json,
+)
 from tests.harness import API_KEY
 
 BASE = "http://relay.test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-EXAMPLES = 12            # per operation and mode: 21 operations × (2 modes + known ids) stay well under 60 s
+EXAMPLES = scaled(12)    # per operation and mode: 21 operations × (2 modes + known ids) stay well under 60 s
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Not error-shaped by design: /readyz's 503 is a health report.
 NOT_ERRORS = {("GET /readyz", 503)}
@@ -48,32 +57,25 @@ NOT_ERRORS = {("GET /readyz", 503)}
 class Fuzzed:
     """The open harness, the loaded schema, and ids of objects that exist."""
 
-    def __init__(self, env: InLoop, schema: Any, known: dict[str, str], client: httpx.AsyncClient) -> None:
+    def __init__(self, env: InLoop, schema: Any, known: dict[str, str], client: httpx.AsyncClient,
+                 hostile: Any) -> None:
         self.env = env
         self.client = client        # no default Authorization: each case says what it sends
         self.schema = schema
+        self.hostile = hostile      # the same document, with hostile values swapped into generated cases
         self.known = known
         self.seen: dict[str, set[int]] = {}
         task_id = known["pending_task_id"]
         token = env.h.runtime.ctx.callback_url("evolink", task_id).rsplit("/", 1)[1]
         self.callback = {"provider": "evolink", "task_id": task_id, "token": token}
 
-    def operations(self) -> list[Any]:
-        ops = [result.ok() for result in self.schema.get_all_operations()]
+    def operations(self, schema: Any = None) -> list[Any]:
+        ops = [result.ok() for result in (schema or self.schema).get_all_operations()]
         # Destructive calls last, so the others still find the known objects alive.
         return sorted(ops, key=lambda op: op.method.upper() == "DELETE" or op.path.endswith("/cancel"))
 
     async def send(self, case: Any, *, auth: bool = True) -> httpx.Response:
-        kwargs = case.as_transport_kwargs(base_url=BASE, headers=AUTH if auth else None)
-        prepared = requests.Request(
-            method=kwargs["method"], url=kwargs["url"], headers=kwargs.get("headers"), params=kwargs.get("params"),
-            cookies=kwargs.get("cookies"), json=kwargs.get("json"), data=kwargs.get("data"),
-            files=kwargs.get("files")).prepare()
-        headers = [(k.encode("latin-1"), v.encode("latin-1") if isinstance(v, str) else v)
-                   for k, v in prepared.headers.items() if k.lower() != "content-length"]
-        body = prepared.body.encode() if isinstance(prepared.body, str) else prepared.body
-        return await self.client.request(prepared.method or "GET", prepared.url or BASE, headers=headers,
-                                            content=body or b"")
+        return await send_case(self.client, case, AUTH if auth else None)
 
     def check(self, case: Any, mode: GenerationMode) -> None:
         """Send one case and hold its answer to the document and to API.md."""
@@ -121,17 +123,20 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
         # Unknown query parameters and headers are ignored, as most HTTP APIs do: not "negative" data here.
         config = schemathesis.Config.from_dict({"generation": {"allow-extra-parameters": False}})
         schema = schemathesis.openapi.from_dict(document, config=config)
+        hostile = schemathesis.openapi.from_dict(document, config=schemathesis.Config.from_dict(
+            {"generation": {"allow-extra-parameters": False, "with-security-parameters": False}}))
+        register_hostile_hooks(hostile)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(env.h.runtime, run_worker=False)),
                                    base_url=BASE)
         try:
-            yield Fuzzed(env, schema, known, client)
+            yield Fuzzed(env, schema, known, client, hostile)
         finally:
             env.run(client.aclose())
 
 
-def _run_all(fuzzed: Fuzzed, mode: GenerationMode, *, known_ids: bool = False) -> None:
+def _run_all(fuzzed: Fuzzed, mode: GenerationMode, *, known_ids: bool = False, schema: Any = None) -> None:
     failures: list[str] = []
-    for op in fuzzed.operations():
+    for op in fuzzed.operations(schema):
         names = {p.name for p in op.path_parameters}
         fixed = None
         if known_ids:
@@ -175,6 +180,14 @@ def test_valid_requests_on_existing_objects(fuzzed: Fuzzed) -> None:
             "POST /callbacks/{provider}/{task_id}/{token}"} <= ok, fuzzed.seen
 
 
+def test_hostile_values_in_every_field_get_documented_answers(fuzzed: Fuzzed) -> None:
+    """Every operation with hostile values swapped into its string fields (URLs with brackets, bad IDNA, empty
+    labels, odd ports; RFC 3339 edges; odd cursors; metadata deep, wide and long; long and odd text): never a
+    5xx, answers match the document, errors in API.md's shape. Known ids too, so bodies reach validation."""
+    _run_all(fuzzed, GenerationMode.POSITIVE, schema=fuzzed.hostile)
+    _run_all(fuzzed, GenerationMode.POSITIVE, known_ids=True, schema=fuzzed.hostile)
+
+
 def test_invalid_requests_are_4xx_in_error_shape(fuzzed: Fuzzed) -> None:
     """Schema-violating requests (wrong types, missing fields, no auth): a documented 4xx in API.md's shape."""
     _run_all(fuzzed, GenerationMode.NEGATIVE)
@@ -187,7 +200,7 @@ def test_unauthenticated_requests_are_401(fuzzed: Fuzzed) -> None:
         if not op.path.startswith("/v1/"):
             continue            # health, metrics, openapi and callbacks have their own rules
 
-        @settings(FUZZ, max_examples=3)
+        @settings(FUZZ, max_examples=scaled(3))
         @given(case=op.as_strategy(generation_mode=GenerationMode.POSITIVE))
         def one(case: Any) -> None:
             case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
@@ -236,7 +249,7 @@ def test_any_query_text_is_answered_in_shape(fuzzed: Fuzzed) -> None:
             assert_answer(f"GET {op.path} {query!r}"[:300], response)
             case.validate_response(response, checks=CHECKS, headers=AUTH)
 
-        @settings(FUZZ, max_examples=25)
+        @settings(FUZZ, max_examples=scaled(25))
         @given(query=st.dictionaries(st.sampled_from(names), NASTY, max_size=len(names)))
         def one(query: dict[str, str]) -> None:
             send(query)
@@ -266,7 +279,7 @@ def test_any_body_is_answered_in_shape(fuzzed: Fuzzed) -> None:
             assert_answer(f"{op.method.upper()} {op.path} {body[:100]!r}", response)
             assert str(response.status_code) in op.definition.raw["responses"], (body[:100], response.status_code)
 
-        @settings(FUZZ, max_examples=20)
+        @settings(FUZZ, max_examples=scaled(20))
         @given(body=st.one_of(st.binary(max_size=200), JSON.map(as_bytes)))
         def one(body: bytes) -> None:
             send(body)
@@ -303,6 +316,31 @@ def test_oversized_bodies_are_413_where_documented(fuzzed: Fuzzed) -> None:
     assert not wrong, wrong
 
 
+NOT_JSON = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml")
+
+
+def test_non_json_bodies_are_415_where_documented(fuzzed: Fuzzed) -> None:
+    """A /v1 body sent as anything but JSON is a documented 415 unsupported_media_type naming Content-Type, checked
+    before the body is read; with no Content-Type at all the body is taken as JSON (never a 415)."""
+    wrong = []
+    for op in fuzzed.operations():
+        if not op.path.startswith("/v1/") or "requestBody" not in op.definition.raw:
+            continue
+        label = f"{op.method.upper()} {op.path}"
+        url = op.path.format(**{p.name: fuzzed.known.get(p.name, "x") for p in op.path_parameters})
+        for media_type in NOT_JSON:
+            response = fuzzed.env.run(fuzzed.client.request(op.method.upper(), url, content=b"{}",
+                                                            headers={**AUTH, "content-type": media_type}))
+            documented = "415" in op.definition.raw["responses"]
+            if (response.status_code != 415 or error_shape_problem(response) or not documented
+                    or response.json()["error"].get("field") != "Content-Type"):
+                wrong.append(f"{label} ({media_type}): {response.status_code} {response.text[:200]}")
+        response = fuzzed.env.run(fuzzed.client.request(op.method.upper(), url, content=b"{}", headers=AUTH))
+        if response.status_code == 415 or str(response.status_code) not in op.definition.raw["responses"]:
+            wrong.append(f"{label} (no Content-Type): {response.status_code} {response.text[:200]}")
+    assert not wrong, wrong
+
+
 # Hypothesis' text() leaves lone surrogates out (even from its alphabet); json.loads('"\\ud800"') does not.
 TEXT_WITH_SURROGATES = st.lists(st.one_of(st.characters(), st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"])),
                                 min_size=1, max_size=20).map("".join)
@@ -312,7 +350,7 @@ def test_provider_text_without_a_utf8_form_is_served_escaped(fuzzed: Fuzzed) -> 
     """A failure message a provider sent as '\\ud800' (stored as is) is served as strict JSON, never a 500."""
     env, h = fuzzed.env, fuzzed.env.h
 
-    @settings(FUZZ, max_examples=15)
+    @settings(FUZZ, max_examples=scaled(15))
     @given(code=TEXT_WITH_SURROGATES, message=TEXT_WITH_SURROGATES)
     def one(code: str, message: str) -> None:
         task = env.run(h.create(provider="openai", prompt="p"))

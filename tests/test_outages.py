@@ -341,3 +341,14 @@ async def test_an_image_disk_full_until_the_link_dies_fails_the_task_naming_the_
         assert final["status"] == "failed"
         assert final["error"]["code"] == "image_store_unavailable"
         assert final["error"]["message"].startswith("the image store could not be written: No space left on device")
+
+
+def test_postgresql_connection_failures_count_as_an_outage() -> None:
+    """A PostgreSQL server that is down or restarting is waited out like a full disk, not treated as a bug."""
+    import asyncpg
+
+    from relay.outage import is_unavailable
+    assert is_unavailable(asyncpg.CannotConnectNowError("the database system is starting up"))
+    assert is_unavailable(asyncpg.InterfaceError("connection is closed"))
+    assert is_unavailable(ConnectionRefusedError(111, "Connection refused"))
+    assert not is_unavailable(asyncpg.UniqueViolationError("duplicate key"))

@@ -1,4 +1,9 @@
-"""The OpenAPI 3.1 document of relay's HTTP contract (API.md), served at /openapi.json."""
+"""The OpenAPI 3.1 document of relay's HTTP contract (API.md), served at /openapi.json.
+
+Operations carry operationIds and their responses carry OpenAPI links (create a task →
+get, cancel, list its events; a page → the next page; …), so that a client generator, or
+schemathesis' stateful mode, can chain calls with the ids relay hands out.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,41 @@ from relay.validation import SIZE_CHOICES
 from relay.web import subscriptions
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+ERROR_CODES = ["invalid_request", "unauthorized", "not_found", "conflict", "payload_too_large",
+               "unsupported_media_type", "rate_limited", "unsupported", "internal"]
+# A paging cursor is an id from an earlier page (or empty: the first page); anything else is a 422.
+ULID_PATTERN = "[0-9A-HJKMNP-TV-Z]{26}"
 
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "The body is not JSON", 401: "Missing or invalid API key", 404: "Not found", 409: "Conflict",
-            413: "Payload too large", 422: "Invalid or unsupported request", 500: "Internal error"}
+            413: "Payload too large", 415: "The body is not sent as JSON (Content-Type; none is taken as JSON)",
+            422: "Invalid or unsupported request (the field is named)", 500: "Internal error"}
     return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
 
 
-def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _ok(description: str, schema: dict[str, Any], links: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if links:
+        out["links"] = links
+    return out
+
+
+def link(operation_id: str, description: str, *, body: dict[str, Any] | None = None,
+         **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link; `parameters` are keyed `path_x` / `query_x` (written `path.x` / `query.x`)."""
+    out: dict[str, Any] = {"operationId": operation_id, "description": description,
+                           "parameters": {key.replace("_", ".", 1): value for key, value in parameters.items()}}
+    if body is not None:
+        out["requestBody"] = body
+    return out
+
+
+def cursor_parameter(name: str, prefix: str, what: str) -> dict[str, Any]:
+    """A paging cursor query parameter: the last id of the previous page; anything else is 422 naming it."""
+    return {"name": name, "in": "query", "required": False,
+            "schema": {"type": "string", "pattern": f"^({prefix}_{ULID_PATTERN})?$"},
+            "description": f"{what}: a {prefix}_… id from the previous page's next_cursor (422 otherwise)"}
 
 
 def _list_of(ref: str) -> dict[str, Any]:
@@ -40,12 +70,21 @@ def _path(name: str) -> dict[str, Any]:
 def openapi_document(runtime: Runtime) -> dict[str, Any]:
     providers = list(runtime.ctx.providers)
     limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 200})
-    secured = [{"bearer": []}]
+    secured: list[dict[str, list[str]]] = [{"bearer": []}]
+    task_id = "$response.body#/id"
+    task_links = {"GetTask": link("getTask", "The task just answered", path_task_id=task_id),
+                  "CancelTask": link("cancelTask", "Cancel it", path_task_id=task_id),
+                  "TaskEvents": link("listEvents", "Its events", query_task_id=task_id),
+                  "TaskDeliveries": link("listDeliveries", "Deliveries of its events", query_task_id=task_id)}
+    created_links = {**task_links, "SameProvider": link("listTasks", "Tasks of its provider and status",
+                                                        query_provider="$response.body#/provider",
+                                                        query_status="$response.body#/status")}
     task_request = {
         "type": "object", "required": ["provider", "prompt"], "additionalProperties": False,
+        "dependentRequired": {"webhook_events": ["webhook_url"]},
         "properties": {
             "provider": {"type": "string", "enum": providers},
-            "prompt": {"type": "string", "minLength": 1, "maxLength": 32000},
+            "prompt": {"type": "string", "minLength": 1, "maxLength": 32000, "pattern": "\\S"},
             "size": {"type": "string", "enum": list(SIZE_CHOICES)},
             "quality": {"type": "string", "enum": list(QUALITIES)},
             "n": {"type": "integer", "minimum": 1, "maximum": 10},
@@ -53,9 +92,10 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
             "output_format": {"type": "string", "enum": list(FORMATS)},
             "output_compression": {"type": "integer", "minimum": 0, "maximum": 100},
             "moderation": {"type": "string", "enum": list(MODERATIONS)},
-            "images": {"type": "array", "maxItems": 16, "items": {"type": "string", "format": "uri"}},
-            "mask": {"type": "string", "format": "uri"},
-            "webhook_url": {"type": "string", "format": "uri"},
+            "images": {"type": "array", "maxItems": 16,
+                       "items": {"type": "string", "format": "uri", "maxLength": 2048}},
+            "mask": {"type": "string", "format": "uri", "maxLength": 2048},
+            "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "webhook_events": {"type": "array", "items": {"type": "string", "enum": [*EVENT_TYPES, "task.*"]}},
             "metadata": {"type": "object"},
         }}
@@ -80,8 +120,7 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
         "timestamp": {"type": "string"}, "sequence": {"type": "integer"}, "data": {"$ref": "#/components/schemas/Task"}}}
     error = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"], "properties": {
-            "code": {"type": "string", "enum": ["invalid_request", "unauthorized", "not_found", "conflict",
-                                                "payload_too_large", "rate_limited", "unsupported", "internal"]},
+            "code": {"type": "string", "enum": ERROR_CODES},
             "message": {"type": "string"}, "field": {"type": "string"}}}}}
     return {
         "openapi": "3.1.0",
@@ -94,48 +133,70 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
         },
         "paths": {
             "/v1/tasks": {
-                "post": {"summary": "Create a task", "security": secured,
+                "post": {"operationId": "createTask", "summary": "Create a task", "security": secured,
                          "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                          "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
                          "requestBody": {"required": True, "content": {"application/json": {
                              "schema": {"$ref": "#/components/schemas/TaskRequest"}}}},
-                         "responses": {"202": _ok("Accepted", {"$ref": "#/components/schemas/Task"}),
-                                       "200": _ok("Replayed by Idempotency-Key", {"$ref": "#/components/schemas/Task"}),
-                                       **_errors(401, 409, 413, 422, 500)}},
-                "get": {"summary": "List tasks, newest first", "security": secured,
+                         "responses": {"202": _ok("Accepted", {"$ref": "#/components/schemas/Task"}, created_links),
+                                       "200": _ok("Replayed by Idempotency-Key", {"$ref": "#/components/schemas/Task"},
+                                                  created_links),
+                                       **_errors(401, 409, 413, 415, 422, 500)}},
+                "get": {"operationId": "listTasks", "summary": "List tasks, newest first", "security": secured,
                         "parameters": [_query("status", {"type": "string", "enum": [
                             "pending", "queued", "running", "archiving", "succeeded", "failed", "canceled"]}),
-                            _query("provider", {"type": "string"}), limit, _query("cursor", {"type": "string"})],
-                        "responses": {"200": _ok("Tasks", _list_of("#/components/schemas/Task")),
+                            _query("provider", {"type": "string"}), limit,
+                            cursor_parameter("cursor", "tsk", "Tasks older than this one")],
+                        "responses": {"200": _ok("Tasks", _list_of("#/components/schemas/Task"), {
+                            "NextPage": link("listTasks", "The next page", query_cursor="$response.body#/next_cursor"),
+                            "FirstTask": link("getTask", "The first task of the page",
+                                              path_task_id="$response.body#/data/0/id")}),
                                       **_errors(401, 422, 500)}},
             },
             "/v1/tasks/{task_id}": {"get": {
-                "summary": "Get a task", "security": secured, "parameters": [_path("task_id")],
-                "responses": {"200": _ok("Task", {"$ref": "#/components/schemas/Task"}), **_errors(401, 404, 500)}}},
+                "operationId": "getTask", "summary": "Get a task", "security": secured,
+                "parameters": [_path("task_id")],
+                "responses": {"200": _ok("Task", {"$ref": "#/components/schemas/Task"}, {
+                    "CancelTask": task_links["CancelTask"], "TaskEvents": task_links["TaskEvents"],
+                    "FirstImage": link("getImage", "Its first archived image",
+                                       path_image_id="$response.body#/images/0/id")}),
+                              **_errors(401, 404, 500)}}},
             "/v1/tasks/{task_id}/cancel": {"post": {
-                "summary": "Cancel a task (409 when terminal)", "security": secured, "parameters": [_path("task_id")],
-                "responses": {"200": _ok("Canceled", {"$ref": "#/components/schemas/Task"}),
+                "operationId": "cancelTask", "summary": "Cancel a task (409 when terminal)", "security": secured,
+                "parameters": [_path("task_id")],
+                "responses": {"200": _ok("Canceled", {"$ref": "#/components/schemas/Task"}, {
+                    "GetTask": task_links["GetTask"], "TaskEvents": task_links["TaskEvents"]}),
                               **_errors(401, 404, 409, 500)}}},
             "/v1/images/{image_id}": {"get": {
-                "summary": "Archived image bytes (API key or signed link)", "security": [{"bearer": []}, {}],
+                "operationId": "getImage", "summary": "Archived image bytes (API key or signed link)",
+                "security": [{"bearer": []}, {}],
                 "parameters": [_path("image_id"), _query("exp", {"type": "string"}), _query("sig", {"type": "string"})],
                 "responses": {"200": {"description": "Image bytes", "content": {"image/*": {}}},
                               "304": {"description": "Not modified: If-None-Match matched the ETag (the sha256)"},
                               **_errors(401, 404, 500)}}},
             "/v1/events": {"get": {
-                "summary": "The ordered event log, oldest first after the cursor", "security": secured,
-                "parameters": [_query("after", {"type": "string"}), _query("type", {
-                    "type": "string", "enum": list(EVENT_TYPES)}), _query("task_id", {"type": "string"}), limit],
-                "responses": {"200": _ok("Events", _list_of("#/components/schemas/Event")), **_errors(401, 422, 500)}}},
+                "operationId": "listEvents", "summary": "The ordered event log, oldest first after the cursor",
+                "security": secured,
+                "parameters": [cursor_parameter("after", "evt", "Events after this one (an unknown one is 422)"),
+                               _query("type", {"type": "string", "enum": list(EVENT_TYPES)}),
+                               _query("task_id", {"type": "string"}), limit],
+                "responses": {"200": _ok("Events", _list_of("#/components/schemas/Event"), {
+                    "NextPage": link("listEvents", "The next page", query_after="$response.body#/next_cursor"),
+                    "EventTask": link("getTask", "The task of the page's first event",
+                                      path_task_id="$response.body#/data/0/data/id")}),
+                              **_errors(401, 422, 500)}}},
             "/v1/providers": {"get": {
-                "summary": "Configured providers and their capabilities", "security": secured,
+                "operationId": "listProviders", "summary": "Configured providers and their capabilities",
+                "security": secured,
                 "responses": {"200": _ok("Providers", {"type": "object"}), **_errors(401, 500)}}},
-            "/healthz": {"get": {"summary": "Process alive", "responses": {"200": _ok("OK", {"type": "object"})}}},
-            "/readyz": {"get": {"summary": "Database and image store reachable", "responses": {
+            "/healthz": {"get": {"operationId": "healthz", "summary": "Process alive",
+                                 "responses": {"200": _ok("OK", {"type": "object"})}}},
+            "/readyz": {"get": {"operationId": "readyz", "summary": "Database and image store reachable", "responses": {
                 "200": _ok("Ready", {"type": "object"}), "503": _ok("Not ready", {"type": "object"})}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text", "content": {"text/plain": {}}}}}},
             "/callbacks/{provider}/{task_id}/{token}": {"post": {
+                "operationId": "providerCallback",
                 "summary": "Provider callback (the URL relay hands to providers; the token is the credential)",
                 "description": "Acknowledged once durably recorded, processed after. A wrong token, an unknown "
                                "provider or one without callbacks is a 404 with no hint.",

@@ -163,12 +163,16 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _ok(description: str, schema: dict[str, Any], links: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if links:
+        out["links"] = links
+    return out
 
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {401: "Missing or invalid API key", 404: "Not found", 413: "Payload too large",
+            415: "The body is not sent as JSON (Content-Type; none is taken as JSON)",
             422: "Invalid request (field named)", 500: "Internal error"}
     return {str(c): _ok(text[c], _ref("Error")) for c in codes}
 
@@ -182,12 +186,15 @@ def openapi_schemas() -> dict[str, Any]:
     from relay.states import EVENT_TYPES
     filters = {"type": "array", "minItems": 1, "items": {"type": "string", "enum": [*EVENT_TYPES, "task.*", "*"]}}
     when = {"type": ["string", "null"], "format": "date-time"}
+    changeable = {"url": {"type": "string", "format": "uri", "maxLength": 2048}, "events": filters,
+                  "description": {"type": ["string", "null"], "maxLength": 1024}, "enabled": {"type": "boolean"}}
     return {
-        "SubscriptionRequest": {"type": "object", "additionalProperties": False, "properties": {
-            "url": {"type": "string", "format": "uri"}, "events": filters,
-            "description": {"type": ["string", "null"], "maxLength": 1024}, "enabled": {"type": "boolean"},
+        "SubscriptionRequest": {"type": "object", "required": ["url"], "additionalProperties": False, "properties": {
+            **changeable,
             "signing": {"type": "string", "enum": ["hmac", "ed25519"],
                         "description": "ed25519 adds a v1a signature (verify with public_key) beside v1"}}},
+        "SubscriptionUpdate": {"type": "object", "additionalProperties": False, "properties": changeable,
+                               "description": "Only what is given changes; signing cannot be changed"},
         "Subscription": {"type": "object", "properties": {
             "id": {"type": "string"}, "url": {"type": "string"}, "events": filters,
             "description": {"type": ["string", "null"]}, "enabled": {"type": "boolean"},
@@ -219,58 +226,113 @@ def openapi_schemas() -> dict[str, Any]:
 
 
 def openapi_paths() -> dict[str, Any]:
-    secured = [{"bearer": []}]
+    from relay.web.openapi import cursor_parameter, link
+
+    secured: list[dict[str, list[str]]] = [{"bearer": []}]
     path_id = [{"name": "subscription_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     dlv_id = [{"name": "delivery_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
     def query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "schema": schema}
 
-    page = [query("limit", {"type": "integer", "minimum": 1, "maximum": 200}), query("cursor", {"type": "string"})]
-    body = {"required": True, "content": {"application/json": {"schema": _ref("SubscriptionRequest")}}}
+    def page(prefix: str) -> list[dict[str, Any]]:
+        return [query("limit", {"type": "integer", "minimum": 1, "maximum": 200}),
+                cursor_parameter("cursor", prefix, "Items older than this one")]
+
+    def body(name: str) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+    sub_id, dlv = "$response.body#/id", "$response.body#/id"
+    to_sub = {
+        "GetSubscription": link("getSubscription", "The subscription", path_subscription_id=sub_id),
+        "UpdateSubscription": link("updateSubscription", "Change it", path_subscription_id=sub_id),
+        "RotateSecret": link("rotateSubscriptionSecret", "Rotate its secret", path_subscription_id=sub_id),
+        "Replay": link("replaySubscription", "Replay its deliveries since it was created",
+                       path_subscription_id=sub_id, body={"since": "$response.body#/created_at"}),
+        "DeleteSubscription": link("deleteSubscription", "Delete it", path_subscription_id=sub_id),
+        "SubscriptionDeliveries": link("listDeliveries", "Its deliveries", query_subscription_id=sub_id)}
+
+    def only(*names: str) -> dict[str, Any]:
+        return {name: to_sub[name] for name in names}
+
+    first_delivery = "$response.body#/data/0/id"
     return {
         "/v1/subscriptions": {
-            "post": {"summary": "Create a subscription (the secret is shown only here and on rotate)",
-                     "security": secured, "requestBody": body,
-                     "responses": {"201": _ok("Created", _ref("Subscription")), **_errors(401, 413, 422, 500)}},
-            "get": {"summary": "List subscriptions, newest first", "security": secured, "parameters": page,
-                    "responses": {"200": _ok("Subscriptions", _page("Subscription")), **_errors(401, 422, 500)}}},
+            "post": {"operationId": "createSubscription",
+                     "summary": "Create a subscription (the secret is shown only here and on rotate)",
+                     "security": secured, "requestBody": body("SubscriptionRequest"),
+                     "responses": {"201": _ok("Created", _ref("Subscription"), to_sub),
+                                   **_errors(401, 413, 415, 422, 500)}},
+            "get": {"operationId": "listSubscriptions", "summary": "List subscriptions, newest first",
+                    "security": secured, "parameters": page("sub"),
+                    "responses": {"200": _ok("Subscriptions", _page("Subscription"), {
+                        "NextPage": link("listSubscriptions", "The next page",
+                                         query_cursor="$response.body#/next_cursor"),
+                        "FirstSubscription": link("getSubscription", "The page's first subscription",
+                                                  path_subscription_id="$response.body#/data/0/id")}),
+                                  **_errors(401, 422, 500)}}},
         "/v1/subscriptions/{subscription_id}": {
-            "get": {"summary": "Get a subscription", "security": secured, "parameters": path_id,
-                    "responses": {"200": _ok("Subscription", _ref("Subscription")), **_errors(401, 404, 500)}},
-            "patch": {"summary": "Change url, events, description or enabled", "security": secured,
-                      "parameters": path_id, "requestBody": body,
-                      "responses": {"200": _ok("Subscription", _ref("Subscription")),
-                                    **_errors(401, 404, 413, 422, 500)}},
-            "delete": {"summary": "Delete (pending deliveries are canceled; history stays)", "security": secured,
-                       "parameters": path_id, "responses": {"200": _ok("Deleted", {"type": "object"}),
-                                                            **_errors(401, 404, 500)}}},
+            "get": {"operationId": "getSubscription", "summary": "Get a subscription", "security": secured,
+                    "parameters": path_id,
+                    "responses": {"200": _ok("Subscription", _ref("Subscription"),
+                                             only("UpdateSubscription", "RotateSecret", "Replay")),
+                                  **_errors(401, 404, 500)}},
+            "patch": {"operationId": "updateSubscription", "summary": "Change url, events, description or enabled",
+                      "security": secured, "parameters": path_id, "requestBody": body("SubscriptionUpdate"),
+                      "responses": {"200": _ok("Subscription", _ref("Subscription"),
+                                               only("GetSubscription", "RotateSecret", "SubscriptionDeliveries")),
+                                    **_errors(401, 404, 413, 415, 422, 500)}},
+            "delete": {"operationId": "deleteSubscription",
+                       "summary": "Delete (pending deliveries are canceled; history stays)", "security": secured,
+                       "parameters": path_id,
+                       "responses": {"200": _ok("Deleted", {"type": "object"}, {
+                           "GetDeleted": link("getSubscription", "Gone: 404", path_subscription_id=sub_id)}),
+                                     **_errors(401, 404, 500)}}},
         "/v1/subscriptions/{subscription_id}/rotate-secret": {"post": {
+            "operationId": "rotateSubscriptionSecret",
             "summary": "New secret; the old one keeps signing beside it for 24 h", "security": secured,
             "parameters": path_id,
-            "responses": {"200": _ok("Subscription with its new secret", _ref("Subscription")),
+            "responses": {"200": _ok("Subscription with its new secret", _ref("Subscription"),
+                                     only("GetSubscription", "Replay")),
                           **_errors(401, 404, 500)}}},
         "/v1/subscriptions/{subscription_id}/replay": {"post": {
+            "operationId": "replaySubscription",
             "summary": "Send again the deliveries created in a time window with a status", "security": secured,
             "parameters": path_id,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ReplayRequest")}}},
             "responses": {"202": _ok("Replay started", {"type": "object", "properties": {
-                "replayed": {"type": "integer"}, "has_more": {"type": "boolean"}}}),
-                          **_errors(401, 404, 413, 422, 500)}}},
+                "replayed": {"type": "integer"}, "has_more": {"type": "boolean"},
+                "subscription_id": {"type": "string"}}}, {
+                    "SubscriptionDeliveries": link("listDeliveries", "The deliveries replayed",
+                                                   query_subscription_id="$request.path.subscription_id")}),
+                          **_errors(401, 404, 413, 415, 422, 500)}}},
         "/v1/deliveries": {"get": {
+            "operationId": "listDeliveries",
             "summary": "Deliveries, newest first (status=failed: the dead letters)", "security": secured,
             "parameters": [query("subscription_id", {"type": "string"}),
                            query("status", {"type": "string", "enum": list(DELIVERY_STATUSES)}),
-                           query("task_id", {"type": "string"}), query("event_id", {"type": "string"}), *page],
-            "responses": {"200": _ok("Deliveries", _page("Delivery")), **_errors(401, 422, 500)}}},
+                           query("task_id", {"type": "string"}), query("event_id", {"type": "string"}), *page("dlv")],
+            "responses": {"200": _ok("Deliveries", _page("Delivery"), {
+                "NextPage": link("listDeliveries", "The next page", query_cursor="$response.body#/next_cursor"),
+                "FirstDelivery": link("getDelivery", "The page's first delivery", path_delivery_id=first_delivery),
+                "RetryFirst": link("retryDelivery", "Retry the page's first delivery",
+                                   path_delivery_id=first_delivery)}),
+                          **_errors(401, 422, 500)}}},
         "/v1/deliveries/{delivery_id}": {"get": {
-            "summary": "A delivery with its attempt history", "security": secured, "parameters": dlv_id,
-            "responses": {"200": _ok("Delivery", _ref("Delivery")), **_errors(401, 404, 500)}}},
+            "operationId": "getDelivery", "summary": "A delivery with its attempt history", "security": secured,
+            "parameters": dlv_id,
+            "responses": {"200": _ok("Delivery", _ref("Delivery"), {
+                "Retry": link("retryDelivery", "Attempt it now", path_delivery_id=dlv)}),
+                          **_errors(401, 404, 500)}}},
         "/v1/deliveries/{delivery_id}/retry": {"post": {
+            "operationId": "retryDelivery",
             "summary": "Attempt now (a settled delivery starts a new round of the schedule)", "security": secured,
             "parameters": dlv_id,
-            "responses": {"202": _ok("Delivery", _ref("Delivery")), **_errors(401, 404, 500)}}},
+            "responses": {"202": _ok("Delivery", _ref("Delivery"), {
+                "GetDelivery": link("getDelivery", "The delivery and its attempts", path_delivery_id=dlv)}),
+                          **_errors(401, 404, 500)}}},
         "/v1/webhook-secret": {"get": {
+            "operationId": "getWebhookSecret",
             "summary": "The whsec_ secret that signs deliveries to a task's own webhook_url", "security": secured,
             "responses": {"200": _ok("Secret", {"type": "object", "properties": {"secret": {"type": "string"}}}),
                           **_errors(401, 500)}}},
