@@ -54,13 +54,56 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     """A request body as a JSON object within the limits above, or InvalidRequest naming the field."""
     try:
         data = json.loads(body, parse_float=_finite, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        # RecursionError: nesting deeper than the parser's stack ("[[[[…", a few KiB) is no request either.
+    except RecursionError:
+        # Nesting deeper than the parser's stack ("[[[[…", a few KiB): refused like any body over the depth
+        # limit, naming the field that goes too deep so the client knows what to fix.
+        field = _too_deep_field(body)
+        raise InvalidRequest(f"{field or 'the body'} is nested deeper than {MAX_JSON_DEPTH} levels",
+                             field=field) from None
+    except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the body must be a JSON object (strict JSON: no NaN or Infinity)") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     check_json_limits(data)
     return data
+
+
+def _too_deep_field(body: bytes) -> str | None:
+    """The top-level member of a body whose nesting passes MAX_JSON_DEPTH, found without parsing it.
+
+    A scan of the raw bytes (iterative and string-aware, so no depth can overflow it): the member is the
+    last string seen at level 1 before the level passed the limit. Only run on bodies the parser gave up
+    on, so it costs nothing on the normal path.
+    """
+    depth = 0
+    in_string = escaped = False
+    start = 0
+    last_key: bytes | None = None
+    for index, byte in enumerate(body):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:              # backslash
+                escaped = True
+            elif byte == 0x22:              # closing quote
+                in_string = False
+                if depth == 1:
+                    last_key = body[start:index + 1]
+        elif byte == 0x22:
+            in_string, start = True, index
+        elif byte in (0x5B, 0x7B):          # [ {
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                if last_key is None:
+                    return None
+                try:
+                    key = json.loads(last_key)
+                except ValueError:
+                    return None
+                return key if isinstance(key, str) else None
+        elif byte in (0x5D, 0x7D):          # ] }
+            depth -= 1
+    return None
 
 
 def check_json_limits(data: dict[str, Any]) -> None:

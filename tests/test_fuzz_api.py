@@ -5,7 +5,11 @@ valid ones (positive mode) and invalid ones (negative mode: wrong types, missing
 required fields, out-of-range values, missing auth), and with path ids of objects
 that exist (a finished task with an archived image, a pending task, a subscription,
 a delivery), so the checks reach past the 404s. Requests go through httpx's ASGI
-transport on the harness's loop, with the tests' API key.
+transport on the harness's loop, with the tests' API key. A second copy of the schema
+swaps hostile values (tests.fuzzing: URLs, RFC 3339 edges, cursors, deep metadata, odd
+text) into the string fields of what it generates; bodies sent as anything but JSON
+must be a documented 415. The stateful run over the document's links is
+tests/test_fuzz_stateful.py; the round trip through the worker, tests/test_roundtrip.py.
 """
 
 from __future__ import annotations
