@@ -51,7 +51,8 @@ async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket
         if not settings.auth.api_keys and parent_pid is None:
             print(f"relay: no api_keys configured; using the generated key in {api_key_file(settings)}",
                   file=sys.stderr)
-        app = create_app(runtime, run_worker=settings.server.role in ("all", "worker"))
+        role = settings.server.role
+        app = create_app(runtime, run_worker=role in ("all", "worker"), serve_api=role in ("all", "api"))
         # log_config=None: uvicorn's lines go through the root handler of _logging (one format, redacted).
         config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=log_level,
                                 log_config=None,

@@ -53,14 +53,29 @@ class Runtime:
 
 
 def read_or_create_secret(path: Path, prefix: str, nbytes: int = 24) -> str:
-    """A secret kept in a 0600 file of the data directory, created on first use."""
+    """A secret kept in a 0600 file of the data directory, created on first use.
+
+    Safe when several processes start on one data directory at once: the secret is written whole to a
+    temporary file and linked into place (link refuses to replace), so a reader never sees a half-written
+    file and every process ends up with the one secret that won.
+    """
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     value = prefix + secrets.token_urlsafe(nbytes)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return path.read_text().strip()     # another process won the race: its secret is the one
+    finally:
+        temp.unlink(missing_ok=True)
     return value
 
 

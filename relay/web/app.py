@@ -85,8 +85,12 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
-def create_app(runtime: Runtime, *, run_worker: bool = True) -> Starlette:
-    """The relay app over an open Runtime. With `run_worker`, the worker runs for the app's lifetime."""
+def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = True) -> Starlette:
+    """The relay app over an open Runtime. With `run_worker`, the worker runs for the app's lifetime.
+
+    Without `serve_api` (role `worker`) only the operations endpoints answer: a worker replica is no way
+    around the API replicas' placement, and its port serves health checks and metrics.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -102,11 +106,14 @@ def create_app(runtime: Runtime, *, run_worker: bool = True) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await worker_task
 
-    routes = [
-        *callbacks.routes,    # first: the hottest route, matched before the others' patterns are tried
+    operations = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+    ]
+    routes = operations if not serve_api else [
+        *callbacks.routes,    # first: the hottest route, matched before the others' patterns are tried
+        *operations,
         Route("/openapi.json", openapi, methods=["GET"]),
         *tasks.routes,
         *subscriptions.routes,

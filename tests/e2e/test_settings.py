@@ -47,3 +47,9 @@ def test_api_and_worker_roles_share_one_data_dir(sim: Simulator, relay_factory: 
         image = api.api.get(f"/v1/images/{task['images'][0]['id']}")
         assert image.status_code == 200
     worker.process.check_alive()
+    # The worker's port answers health checks and metrics only: the API is the api replicas' job.
+    assert worker.api.get("/healthz").status_code == 200 and worker.api.get("/readyz").status_code == 200
+    assert worker.api.get("/metrics").status_code == 200
+    refused = worker.api.get(f"/v1/tasks/{ids[0]}")
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    assert worker.api.post("/v1/tasks", json={"provider": "openai", "prompt": "x"}).status_code == 404
