@@ -1,10 +1,10 @@
 """Several relays on one PostgreSQL database, as real processes over real sockets (issue 9, items 4-6).
 
-- Three `relay serve` replicas (own ports and data dirs; one database, one signing secret, one images
-  directory) share tasks on all five dialects created through all of them; one replica is SIGKILLed
+- Three `relay serve` replicas (own ports and data dirs; one database, one signing secret, one S3 bucket
+  on a real S3-protocol server: moto's, started here) share tasks on all five dialects created through all of them; one replica is SIGKILLed
   mid-work while the others carry on, then restarted. Every task ends as planned, no provider task is
   made twice, each transition is one event (contiguous sequences), every event reaches the subscriber
-  signed, and every image is served, with the same bytes and ETag, by each replica.
+  signed, and every image is an object in the bucket, served with the same bytes and ETag by each replica.
 - `relay serve --processes 2`: one port, two processes; a SIGKILLed process is started again and the
   whole serves and finishes tasks; SIGTERM stops both.
 - An API replica and a worker replica (--role) split the work; the worker is woken across processes.
@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from relay.config import PROVIDER_KINDS
+from tests.s3server import REGION, MotoS3
 from tests.sink import Sink
 
 from .conftest import _test_failed
@@ -39,12 +40,30 @@ pytestmark = pytest.mark.timeout(90)
 
 DIALECTS = PROVIDER_KINDS
 FAIL = "[sim:fail]"
+BUCKET = "relay-replicas"
 
 
 @pytest.fixture
 def database() -> Iterator[str]:
     with postgres_database() as dsn:
         yield dsn
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """A real S3-protocol server that checks SigV4 signatures against the key it issued."""
+    server = MotoS3(tmp_path_factory.mktemp("moto")).start()
+    try:
+        server.provision(BUCKET, auth=True)
+        yield server
+    finally:
+        server.stop()
+
+
+def bucket_env(moto: MotoS3, prefix: str) -> dict[str, str]:
+    return {"RELAY_STORAGE_IMAGES_URL": f"s3://{BUCKET}/{prefix}", "RELAY_STORAGE_S3_ENDPOINT_URL": moto.endpoint,
+            "RELAY_STORAGE_S3_REGION": REGION, "RELAY_STORAGE_S3_ACCESS_KEY_ID": moto.access_key_id,
+            "RELAY_STORAGE_S3_SECRET_ACCESS_KEY": moto.secret_access_key}
 
 
 @pytest.fixture
@@ -81,9 +100,9 @@ def _provider_tasks_by_tag(sim: Simulator) -> dict[str, list[str]]:
     return made
 
 
-def test_replicas_share_one_database_and_survive_a_kill(sim: Simulator, database: str, sink: Sink,
+def test_replicas_share_one_database_and_survive_a_kill(sim: Simulator, database: str, sink: Sink, moto: MotoS3,
                                                         cleanup: list[Relay], tmp_path: Path) -> None:
-    shared = {**replica_env(database, tmp_path / "images"),
+    shared = {**replica_env(database, tmp_path / "unused-images"), **bucket_env(moto, "replicas"),
               "RELAY_CALLBACKS_SAFETY_NET_SECONDS": "2"}     # callbacks sent to the killed replica: polled
     replicas = [Relay(sim, tmp_path / f"data{i}", tmp_path, name=f"replica{i}", extra_env=shared) for i in range(3)]
     cleanup.extend(replicas)
@@ -188,6 +207,12 @@ def test_replicas_share_one_database_and_survive_a_kill(sim: Simulator, database
                 assert response.headers["etag"] == f'"{image["sha256"]}"'
             images += 1
     assert images == sum(1 for t in tasks.values() if t["status"] == "succeeded") >= 7
+    # ... and each is an object in the bucket (content-addressed), none on the replicas' local disks.
+    listed = moto.client().list_objects_v2(Bucket=BUCKET, Prefix="replicas/")
+    keys = {item["Key"].rsplit("/", 1)[-1].split(".")[0] for item in listed.get("Contents", [])}
+    archived = {i["sha256"] for t in tasks.values() for i in t["images"]}
+    assert archived <= keys, archived - keys
+    assert not (tmp_path / "unused-images").exists() or not any((tmp_path / "unused-images").rglob("*.png"))
     assert Counter(t["provider"] for t in tasks.values()) == {d: 3 for d in DIALECTS}
 
 
