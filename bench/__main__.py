@@ -14,6 +14,8 @@ Sections (each also runs alone as `python -m bench.<name>`):
     queue       no-op job throughput of relay's queue vs PgQueuer on PostgreSQL (and relay on SQLite)
     memory      RSS of relay serve, empty vs 100k stored tasks after reads
     chaos       tests/chaos at a large size (skipped with --quick)
+    retention   API p99 while the housekeeping job sweeps 100k old tasks vs the same API idle
+    scaling     tasks/s and deliveries/s with `relay serve --processes 2` vs 1 (always PostgreSQL, pre-rendered)
 
 --database sqlite|postgresql (default sqlite): the store every relay of the run uses. On PostgreSQL
 (the server of RELAY_BENCH_POSTGRES, else postgresql://postgres@127.0.0.1:5432/postgres) each relay
@@ -31,13 +33,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import archive, callbacks, chaos, claims, common, fanout, memory, queue, throughput
+from bench import archive, callbacks, chaos, claims, common, fanout, memory, queue, retention, scaling, throughput
 from bench.common import (DATABASES, Section, add_database_argument, backend_label, machine, pg_version, postgres,
                           use_database, write_section)
 
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "callbacks": callbacks.run, "throughput": throughput.run, "fanout": fanout.run, "archive": archive.run,
     "claims": claims.run, "queue": queue.run, "memory": memory.run, "chaos": chaos.run,
+    "retention": retention.run, "scaling": scaling.run,
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -74,8 +77,8 @@ def document(sections: list[Section], total: float, command: str) -> str:
              "1.5 min, whose figures are not kept here). Every figure is set against a baseline measured in the "
              "same run on the same machine. Each section also runs alone: `python -m bench.callbacks`, "
              "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.queue`, `bench.memory`, "
-             "`bench.chaos`; `--database postgresql` runs them on PostgreSQL, `--prerendered` with pre-rendered "
-             "simulator images (the PgQueuer baseline needs the `bench` extra: `pip install -e '.[bench]'`).",
+             "`bench.chaos`, `bench.scaling`, `bench.retention`; `--database postgresql` runs them on PostgreSQL, `--prerendered` "
+             "with pre-rendered simulator images (the PgQueuer baseline needs the `bench` extra: `pip install -e '.[bench]'`).",
              "", "## Summary", "",
              "| figure | relay | baseline (same run) | ratio | ratio is |", "|---|---|---|---:|---|"]
     for section in sections:

@@ -16,6 +16,7 @@ On PostgreSQL the claim statement relay sent is also run under EXPLAIN (ANALYZE,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sqlite3
@@ -124,7 +125,7 @@ async def claim_latency(path: Path, claims: int, pragmas: tuple[str, ...] = ()) 
         await store._writer.execute(pragma)   # type: ignore[union-attr]  # noqa: SLF001
     try:
         found = await time_claims(store, claims)
-        inner = claim_sql(len(KINDS)).split("WHERE id IN (", 1)[1].rsplit(") RETURNING", 1)[0]
+        inner = claim_sql(len(KINDS)).split("WHERE rowid IN (", 1)[1].rsplit(") RETURNING", 1)[0]
         plan = await (await store._r.execute(   # noqa: SLF001 - the bench reads the plan of relay's claim query
             "EXPLAIN QUERY PLAN " + inner, (time.time(), *KINDS, 32))).fetchall()
     finally:
@@ -133,18 +134,37 @@ async def claim_latency(path: Path, claims: int, pragmas: tuple[str, ...] = ()) 
 
 
 class _StatementSpy:
-    """Stands in for a PostgresStore's pool for one call: keeps the statement and arguments relay sends."""
+    """Stands in for a PostgresStore's pool for one call: keeps the statements and arguments relay sends on
+    the connection it acquires (the claim's settings, then the claim)."""
 
     def __init__(self, pool: Any) -> None:
-        self.pool, self.sent = pool, None
+        self.pool, self.sent = pool, []
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> Any:
+        async with self.pool.acquire() as conn:
+            yield _ConnectionSpy(conn, self.sent)
+
+
+class _ConnectionSpy:
+    def __init__(self, conn: Any, sent: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self.conn, self.sent = conn, sent
+
+    def transaction(self) -> Any:
+        return self.conn.transaction()
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        self.sent.append((sql, args))
+        return await self.conn.execute(sql, *args)
 
     async def fetch(self, sql: str, *args: Any) -> Any:
-        self.sent = (sql, args)
-        return await self.pool.fetch(sql, *args)
+        self.sent.append((sql, args))
+        return await self.conn.fetch(sql, *args)
 
 
-async def sent_claim(store: Any) -> tuple[str, tuple[Any, ...]]:
-    """The claim statement and arguments PostgresStore.claim sends (one real claim, its jobs handed back)."""
+async def sent_claim(store: Any) -> tuple[list[str], str, tuple[Any, ...]]:
+    """The settings, claim statement and arguments PostgresStore.claim sends (one real claim, its jobs handed
+    back)."""
     spy = _StatementSpy(store._pool)   # noqa: SLF001 - the bench reads the statement relay runs
     store._pool = spy                   # noqa: SLF001
     try:
@@ -153,17 +173,19 @@ async def sent_claim(store: Any) -> tuple[str, tuple[Any, ...]]:
         store._pool = spy.pool          # noqa: SLF001
     for job in jobs:
         await store.retry_job(job, time.time(), None)
-    assert spy.sent is not None
-    return spy.sent
+    *settings, (sql, args) = spy.sent
+    return [setting for setting, _ in settings], sql, args
 
 
 def _literal(value: Any) -> str:
+    if isinstance(value, list):
+        return "ARRAY[" + ", ".join(_literal(v) for v in value) + "]::text[]"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     return repr(value)
 
 
-async def explain(conn: Any, sql: str, args: tuple[Any, ...], generic: bool = False) -> str:
+async def explain(conn: Any, sql: str, args: tuple[Any, ...], settings: list[str], generic: bool = False) -> str:
     """EXPLAIN (ANALYZE, BUFFERS) of `sql` with `args`, in a transaction rolled back after.
 
     `generic`: the plan of the statement prepared, the placeholders unknown when it is planned
@@ -172,6 +194,8 @@ async def explain(conn: Any, sql: str, args: tuple[Any, ...], generic: bool = Fa
     tx = conn.transaction()
     await tx.start()
     try:
+        for setting in settings:        # as relay runs the claim (PostgresStore.claim)
+            await conn.execute(setting)
         if generic:
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
             await conn.execute("PREPARE bench_claim AS " + sql)
@@ -206,11 +230,11 @@ async def pg_claim_latency(dsn: str, rows: int, claims: int) -> dict[str, Any]:
             await conn.execute("VACUUM (ANALYZE) jobs")
             await conn.execute("CHECKPOINT")
         found = await time_claims(store, claims)
-        sql, args = await sent_claim(store)
+        settings, sql, args = await sent_claim(store)
         args = (args[0], args[1], time.time(), *args[3:])
         async with store.pool.acquire() as conn:
-            custom = await explain(conn, sql, args)
-            generic = await explain(conn, sql, args, generic=True)
+            custom = await explain(conn, sql, args, settings)
+            generic = await explain(conn, sql, args, settings, generic=True)
             size = await conn.fetchval("SELECT pg_database_size(current_database())")
             tables = await conn.fetchval("SELECT pg_total_relation_size('jobs')")
             stats = await conn.fetchrow("SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables "
@@ -218,7 +242,7 @@ async def pg_claim_latency(dsn: str, rows: int, claims: int) -> dict[str, Any]:
     finally:
         await store.close()
     return {**found, **counts, "seed_seconds": seeded, "file_mb": size / 1e6, "jobs_mb": tables / 1e6,
-            "dead_tuples": stats["n_dead_tup"], "statement": sql, "explain": custom, "explain_generic": generic,
+            "dead_tuples": stats["n_dead_tup"], "statement": "; ".join([*settings, sql]), "explain": custom, "explain_generic": generic,
             "plan": _plan_line(custom)}
 
 
@@ -279,42 +303,54 @@ SQLITE_NOTES = [
     "The claim walks the partial index `jobs_due (run_at) WHERE state = 'queued'` from the oldest due job "
     "and stops after 32 matches, so its cost follows the batch, not the table: dead jobs are outside the "
     "index and future jobs lie past the point where it stops.",
+    "The UPDATE reaches the claimed jobs by rowid (`WHERE rowid IN (SELECT rowid … INDEXED BY jobs_due …)`: "
+    "jobs_due holds each entry's rowid). It used to be `id IN (SELECT id …)`, which looked every job up in "
+    "the index of ids first: one more page per job, at a million rows nearly always a page SQLite's cache "
+    "does not hold (p50 ratio 1.52 with `id`, 1.28 with `rowid` in one scratch run on the same files).",
+    "What is left of the growth (timed with sqlite3 alone on the same files): the seeded table was filled by "
+    "appending, so its pages are full, and a claim writes a 26-character lease token into rows that had none. "
+    "Each of the 32 rows it takes lies on another full page, which must be split to make room: more pages "
+    "changed, read and written to the WAL per claim. At 1,000,000 rows the UPDATE … RETURNING of 32 rows took "
+    "0.42-0.45 ms and its COMMIT 0.21-0.22 ms; on the same table with room in its pages (every row given a "
+    "token's bytes once before timing) 0.28-0.32 and 0.11-0.12 ms; at 10,000 rows 0.20 and 0.10 ms, the warm-up "
+    "claims having split its few pages already. A jobs table grown under relay, where finished jobs are "
+    "deleted all the time, has room in its pages. A larger page cache (64 MB) or mmap (1 GB) did not help "
+    "(same or slower).",
     "What would make it grow: a large due backlog of kinds the worker does not claim (it would be "
     "walked and skipped each time); relay's worker claims every kind it has a handler for, so that "
     "does not happen with one worker role.",
-    "The claim's cost is mostly fixed: BEGIN IMMEDIATE, the UPDATE … RETURNING of 32 rows, COMMIT (a WAL "
-    "append), each an aiosqlite thread hop. retry_job is one small transaction per job. The p50 grows a "
-    "little with the table because the 32 rows a claim touches (and their index entries) are spread over "
-    "more pages that SQLite's 2 MB page cache does not hold, so they are read back from the OS cache.",
     "WAL checkpoints run on a connection of their own every second (PASSIVE), not inside commits: left "
     "automatic, a checkpoint ran inside the COMMIT of whichever transaction crossed 1000 WAL pages and "
-    "was most of the p99 (15.3 ms at 1,000,000 rows when this was diagnosed, 2.7 ms without). A large "
-    "table makes each claim dirty more distinct pages, so the background checkpoints copy more; what "
-    "remains of the p99 is the fsync-free WAL append and page reads from the OS cache.",
+    "was most of the p99 (15.3 ms at 1,000,000 rows when this was diagnosed, 2.7 ms without).",
 ]
 POSTGRES_NOTES = [
-    "The plan PostgreSQL picks for the claim's values walks `jobs_due (run_at) WHERE state = 'queued'` from the "
-    "oldest due job, locks rows (SKIP LOCKED) until the LIMIT of 32, then updates them through `jobs_pkey`: "
-    "its cost follows the batch, not the table, as on SQLite. Inside the server most of a claim is the UPDATE: "
-    "run_at is indexed, so no update is HOT and every claimed row gets a new entry in all five indexes of "
-    "jobs (see the buffers above); then the commit's WAL flush (synchronous_commit on).",
-    "Why the p50 still grows with the table: at 1,000,000 rows jobs is about 350 MB and shared_buffers is "
-    "PostgreSQL's default 128 MB here, so the pages a claim touches (the 32 rows and their index entries, "
-    "spread over the table) are often read back from the OS cache (the `read=` above; none at 10,000 rows), "
-    "and a backend may have to write out a dirty buffer itself to make room. That is the server's memory "
-    "setting, not the SQL; shared_buffers that holds the hot part of jobs should bring the ratio toward 1.",
-    "The hazard in the generic plan: with its placeholders unknown, PostgreSQL assumes `LIMIT $9` returns "
-    "a tenth of the due rows and plans the UPDATE as a hash semi join over a sequential scan of the whole jobs "
-    "table (about 180 ms at 1,000,000 rows, shown above). asyncpg prepares every statement, and PostgreSQL "
-    "tries a generic plan from the sixth run on; it keeps the custom plans here only because the generic "
-    "plan's estimated cost is higher, an estimate away from a 100× slower claim. Rewritten as `WHERE id = "
-    "ANY(ARRAY(SELECT id … LIMIT $9 FOR UPDATE SKIP LOCKED))` the subquery becomes an InitPlan and the "
-    "UPDATE an index scan of jobs_pkey in both plans (0.85 ms generic, 1.0 ms custom at 1,000,000 rows when "
-    "diagnosed, against 183 ms and 1.4 ms for the statement as it is).",
-    "retry_job (and finish_job) is one autocommit statement per job: a round trip, a commit with its WAL "
-    "flush, and asyncpg's pool reset query (`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET "
-    "ALL`, a second round trip after every pooled statement). See the queue section for what that costs "
-    "and what batching it gives.",
+    "The claim is `UPDATE jobs … WHERE id = ANY(ARRAY(SELECT id … ORDER BY run_at LIMIT $5 FOR UPDATE SKIP "
+    "LOCKED)) RETURNING *`: the subquery is an InitPlan that walks `jobs_due (run_at) WHERE state = 'queued'` "
+    "from the oldest due job and stops at 32, and the UPDATE finds those rows through jobs_pkey, in the custom "
+    "plan and in the generic one alike (both above). It used to be `id IN (SELECT …)`, whose generic plan "
+    "(what asyncpg's prepared statement may switch to from its sixth run) was a hash semi join over a "
+    "sequential scan of all of jobs: 192 ms at 1,000,000 rows against 1.3 ms for the custom plan. The kinds are "
+    "one array argument, so one prepared statement serves any set of kinds. The claim runs in a transaction "
+    "with `SET LOCAL enable_sort = off`: on a table not analyzed yet PostgreSQL guessed few queued rows and read "
+    "every queued job of the kinds through jobs_by_state_kind to sort them (6 ms per claim with 20,000 due; see "
+    "the queue section); that setting leaves it no plan but the walk of jobs_due. It costs the claim three more "
+    "round trips (BEGIN, the SET, COMMIT), about 0.15 ms here.",
+    "Why the p50 still grows with the table: not the buffer cache. On a private server with shared_buffers = "
+    "1 GB (every page a hit) the ratio was the same (1.66). It is the WAL: the first change to a page after a "
+    "checkpoint writes the whole 8 kB page into the WAL (full_page_writes), and the bench checkpoints right "
+    "after seeding. A claim changes run_at, which jobs_due indexes, so no claim is a HOT update: every claimed "
+    "row gets a new heap tuple and a new entry in each of the five indexes of jobs, about six pages per job. "
+    "At 10,000 rows the warm-up claims have already touched every page; at 1,000,000 every claim touches pages "
+    "untouched since the checkpoint. Measured (claim + its 32 retry_job): 50 kB of WAL at 10,000 rows, 603 kB "
+    "at 1,000,000; `wal_compression = pglz` cut that to 216 kB but made the claim slower (CPU). Between "
+    "checkpoints (5 min by default) a busy queue touches the same pages again and pays this once per page; a "
+    "flat claim right after a checkpoint needs claims that are HOT updates (the lease kept in a column no index "
+    "covers), a change of the queue's schema left for later.",
+    "retry_job and finish_job go through the store's group commit: concurrent ones share one transaction, "
+    "each kind of statement sent once with executemany (pipelined). Here they run one at a time, so each is "
+    "still a round trip and a commit. Pooled connections go back to the pool without asyncpg's reset query "
+    "(`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`): a pooled `SELECT 1` took 0.048 ms "
+    "instead of 0.086 ms (medians of 6 × 1,000, same run).",
     "The time per section's \"other cores\" counts the PostgreSQL server's own processes (they are not the "
     "bench's children), so on PostgreSQL it is not a measure of outside load.",
 ]
@@ -329,8 +365,8 @@ def run(quick: bool) -> Section:
     r99 = ratio(large["p99"], small["p99"])
     if postgres():
         store_text = ("a PostgresStore (asyncpg pool, a fresh database per size on the local PostgreSQL server, "
-                      "synchronous_commit on, the claim one `UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) "
-                      "RETURNING *` statement)")
+                      "synchronous_commit on, the claim one `UPDATE … WHERE id = ANY(ARRAY(SELECT … FOR UPDATE SKIP "
+                      "LOCKED)) RETURNING *` statement)")
         seed_text = ("seeded directly with COPY through asyncpg, then `VACUUM (ANALYZE) jobs` and a `CHECKPOINT` (the "
                      "steady state of a table that grew under autovacuum; seeding time excludes them)")
     else:
@@ -351,7 +387,7 @@ def run(quick: bool) -> Section:
     lines += ["", f"Ratio {large['rows']:,} / {small['rows']:,} rows: p50 **{r:.2f}**, p99 {r99:.2f}."
               if r is not None and r99 is not None else ""]
     if postgres():
-        lines += ["", f"The claim as relay sends it (PostgresStore.claim): `{large['statement']}`", "",
+        lines += ["", f"The claim as relay sends it (PostgresStore.claim, in one transaction): `{large['statement']}`", "",
                   f"EXPLAIN (ANALYZE, BUFFERS) at {large['rows']:,} rows after the timed claims "
                   f"({large['dead_tuples']:,} dead tuples in jobs by then), in a transaction rolled back after; "
                   "the plan PostgreSQL picks for these values:", "", "```", large["explain"], "```", "",

@@ -23,6 +23,7 @@ PYTHON = sys.executable
 PROVIDERS = ("gmicloud", "apimart", "evolink", "pixazo", "openai")
 KEY = "rk_bench_0123456789abcdefghij"
 T = TypeVar("T")
+CpuPids = dict[str, int | None]     # name → pid whose CPU time to read (None: this process)
 
 
 # ---- the database relay runs on (python -m bench --database sqlite|postgresql) --------------------------
@@ -281,11 +282,12 @@ def relay_env(data: Path, port: int, sim_url: str, role: str = "all", **extra: s
     return env
 
 
-def start_relay(root: Path, sim_url: str, name: str = "relay", role: str = "all",
+def start_relay(root: Path, sim_url: str, name: str = "relay", role: str = "all", processes: int | None = None,
                 **extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`relay serve` as a child process; returns it, its base URL and its data dir."""
+    """`relay serve [--processes N]` as a child process; returns it, its base URL and its data dir."""
     port, data = free_port(), root / f"data-{name}"
-    proc = spawn([PYTHON, "-m", "relay", "serve", "--log-level", "warning"],
+    proc = spawn([PYTHON, "-m", "relay", "serve", "--log-level", "warning",
+                  *(["--processes", str(processes)] if processes is not None else [])],
                  env=relay_env(data, port, sim_url, role, **extra), log=root / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -313,6 +315,14 @@ def cpu_seconds(pid: int | None = None) -> float:
         return t.user + t.system
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_or_none(pid: int | None) -> float | None:
+    """cpu_seconds, or None when the process is gone."""
+    try:
+        return cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def cpu_stat() -> list[int]:
@@ -351,12 +361,14 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 async def closed_loop(one: Callable[[int], Awaitable[Any]], *, in_flight: int, warmup: float, measure: float,
                       cycle_timeout: float = 30.0,
-                      cpu: dict[str, int | None] | None = None) -> dict[str, Any]:
+                      cpu: CpuPids | Callable[[], CpuPids] | None = None) -> dict[str, Any]:
     """Keep `in_flight` calls of `one(i)` running; count those ending inside the measuring window.
 
     Returns completed (in the window), per_second, failures, and latency p50/p99 (ms) of calls that
-    both started and ended inside the window; with `cpu` ({name: pid, None for this process}) also
-    the CPU seconds each used during the window ("cpu").
+    both started and ended inside the window; with `cpu` ({name: pid, None for this process}, or a
+    function giving it, called when the window opens) also the CPU seconds each used during the window
+    ("cpu"; a process gone by the window's end is left out) and the machine's cpu_stat() at the window's
+    start and end ("cpu_stat").
     """
     start = time.monotonic()
     window_start, window_end = start + warmup, start + warmup + measure
@@ -385,16 +397,23 @@ async def closed_loop(one: Callable[[int], Awaitable[Any]], *, in_flight: int, w
             i += in_flight
 
     used: dict[str, float] = {}
+    stats: list[list[int]] = []
 
     async def probe() -> None:
         await asyncio.sleep(max(0.0, window_start - time.monotonic()))
-        before = {name: cpu_seconds(pid) for name, pid in (cpu or {}).items()}
+        pids = (cpu() if callable(cpu) else cpu) or {}
+        read = {name: cpu_seconds_or_none(pid) for name, pid in pids.items()}
+        before = {name: t for name, t in read.items() if t is not None}
+        stats.append(cpu_stat())
         await asyncio.sleep(max(0.0, window_end - time.monotonic()))
-        used.update({name: cpu_seconds(pid) - before[name] for name, pid in (cpu or {}).items()})
+        stats.append(cpu_stat())
+        after = {name: cpu_seconds_or_none(pids[name]) for name in before}
+        used.update({name: t - before[name] for name, t in after.items() if t is not None})
 
     await asyncio.gather(probe(), *(lane(k) for k in range(in_flight)))
-    return {**counts, "cpu": used, "per_second": counts["completed"] / measure, "p50": percentile(latencies, 50),
-            "p99": percentile(latencies, 99), "errors": errors, "window": (window_start, window_end)}
+    return {**counts, "cpu": used, "cpu_stat": stats, "per_second": counts["completed"] / measure,
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "errors": errors,
+            "window": (window_start, window_end)}
 
 
 # ---- profiles -----------------------------------------------------------------------------------------

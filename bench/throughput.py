@@ -26,13 +26,14 @@ import json
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench import common
-from bench.common import (KEY, Figure, Section, add_database_argument, closed_loop, free_port, percentile,
+from bench.common import (KEY, CpuPids, Figure, Section, add_database_argument, closed_loop, free_port, percentile,
                           profile_breakdown, ratio, run_loop, start_profile, start_relay, start_simulator, stop, timed,
                           use_database)
 
@@ -159,7 +160,10 @@ def _by_provider(found: dict[str, list[tuple[float, float]]], window: tuple[floa
 
 
 # ---- relay: submit through the API, wait for the webhook ----------------------------------------------
-def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int]) -> Any:
+def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int],
+             arrivals: list[float] | None = None) -> Any:
+    """/hook: a terminal event resolves its task's waiter; /fan/{k}: fan-out subscriptions, only counted.
+    `arrivals`: the monotonic time of every delivery received (both routes)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -167,23 +171,35 @@ def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int]) ->
 
     async def hook(request: Request) -> Response:
         payload = json.loads(await request.body())
+        if arrivals is not None:
+            arrivals.append(time.monotonic())
         counts[payload["type"]] = counts.get(payload["type"], 0) + 1
         future = waiters.setdefault(payload["data"]["id"], asyncio.get_running_loop().create_future())
         if not future.done():
             future.set_result(payload["type"])
         return Response(b"ok")
 
-    return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    async def fan(request: Request) -> Response:
+        await request.body()
+        if arrivals is not None:
+            arrivals.append(time.monotonic())
+        return Response(b"ok")
+
+    return Starlette(routes=[Route("/hook", hook, methods=["POST"]), Route("/fan/{k}", fan, methods=["POST"])])
 
 
-async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmup: float,
-                        seconds: float) -> dict[str, Any]:
+async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmup: float, seconds: float, *,
+                        fanout: int = 0, more_cpu: Callable[[], CpuPids] | None = None) -> dict[str, Any]:
+    """The closed loop through relay. `fanout`: that many more subscriptions on every task event (task.*),
+    delivered to the same sink and only counted; "deliveries" in the result counts every delivery received
+    inside the window. `more_cpu`: more processes whose CPU to read over the window (called when it opens)."""
     import uvicorn
 
     waiters: dict[str, asyncio.Future[str]] = {}
     received: dict[str, int] = {}
+    arrivals: list[float] = []
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(sink_app(waiters, received), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(sink_app(waiters, received, arrivals), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False, lifespan="off"))
     serving = asyncio.create_task(server.serve())
     while not server.started:
@@ -196,6 +212,9 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
             created = await api.post("/v1/subscriptions", json={"url": f"http://127.0.0.1:{port}/hook",
                                                                 "events": list(TERMINAL)})
             created.raise_for_status()
+            for k in range(fanout):
+                (await api.post("/v1/subscriptions", json={"url": f"http://127.0.0.1:{port}/fan/{k}",
+                                                           "events": ["task.*"]})).raise_for_status()
             by_provider: dict[str, list[tuple[float, float]]] = defaultdict(list)
 
             async def one(i: int) -> None:
@@ -214,10 +233,12 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
                     raise RuntimeError(f"{provider} task ended with {outcome}")
                 by_provider[provider].append((began, time.monotonic()))
 
+            fixed: CpuPids = {"relay": relay_pid, "simulator": sim_pid, "driver": None}
             stats = await closed_loop(one, in_flight=IN_FLIGHT, warmup=warmup, measure=seconds,
-                                      cpu={"relay": relay_pid, "simulator": sim_pid, "driver": None})
+                                      cpu=(lambda: {**fixed, **more_cpu()}) if more_cpu else fixed)
             stats["by_provider"] = _by_provider(by_provider, stats["window"])
             stats["received"] = received
+            stats["deliveries"] = sum(stats["window"][0] <= at <= stats["window"][1] for at in arrivals)
             stats["sim"] = (await api.get(f"{sim}/_sim/stats")).json()["totals"]
     finally:
         server.should_exit = True

@@ -1,4 +1,4 @@
-"""The command line: serve, simulate, demo, submit, tasks, check-config."""
+"""The command line: serve, simulate, demo, submit, check-config; the operator's commands are in relay.cli_ops."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from relay import __version__
+from relay.cli_archive import add_command as add_archive_command
+from relay.cli_client import CliError, RelayClient, check, connect
+from relay.cli_ops import add_commands as add_operator_commands
+from relay.cli_ops import task_summary
 from relay.config import ConfigError, Settings, load_settings
 
 
@@ -31,11 +35,18 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
         raise SystemExit(2) from None
 
 
-def _logging(level: str) -> None:
-    """One stderr handler whose lines carry no URL credentials, query strings or keys (relay.logs)."""
-    from relay.logs import configure_logging
+def _logging(level: str, fmt: str | None = None) -> None:
+    """One stderr handler whose lines carry no URL credentials, query strings or keys (relay.logs).
 
-    configure_logging(level)
+    `fmt` (--log-format), else $RELAY_LOG_FORMAT: text | json; neither: text on a terminal, else JSON lines.
+    """
+    from relay.logs import FORMATS, configure_logging
+
+    fmt = fmt or os.environ.get("RELAY_LOG_FORMAT") or None
+    if fmt is not None and fmt not in FORMATS:
+        print(f"relay: the log format must be one of {', '.join(FORMATS)} (got {fmt!r})", file=sys.stderr)
+        raise SystemExit(2)
+    configure_logging(level, fmt=fmt)
 
 
 # ---- serve ---------------------------------------------------------------------------------------
@@ -74,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.runtime import StartupError
 
     settings = _settings(args, server_host=args.host, server_port=args.port, server_role=args.role)
-    _logging(args.log_level)
+    _logging(args.log_level, args.log_format)
     if args.processes != 1:
         return _serve_processes(settings, args.processes, args.log_level)
     try:
@@ -87,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_processes(settings: Settings, count: int, log_level: str) -> int:
     """`relay serve --processes N`: N relays on one socket and one PostgreSQL database (relay.processes)."""
+    from relay import metrics
     from relay.processes import EXIT_CANNOT_START, Supervisor, bind_socket
     from relay.runtime import StartupError, api_key_file, resolve_api_keys, shared_database
 
@@ -112,6 +124,10 @@ def _serve_processes(settings: Settings, count: int, log_level: str) -> int:
     bound = sock.getsockname()[1]
     print(f"relay: {count} processes serving http{'s' if settings.server.ssl_certfile else ''}://{host}:{bound}",
           file=sys.stderr)
+    # Every child counts into files here and a scrape of any child sums them all (relay.metrics); a fresh
+    # directory per run, so a previous run's counts (or another relay's) never leak in.
+    metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
+    metrics.use_multiprocess_dir(metrics_dir)
 
     def child(parent_pid: int) -> int:
         try:
@@ -122,9 +138,10 @@ def _serve_processes(settings: Settings, count: int, log_level: str) -> int:
         return 0
 
     try:
-        return Supervisor(count, child).run()
+        return Supervisor(count, child, on_exit=metrics.process_exited).run()
     finally:
         sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def run_async(main: Any) -> Any:
@@ -153,40 +170,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 # ---- client commands ----------------------------------------------------------------------------
-def _client_key(args: argparse.Namespace, settings: Settings) -> str:
-    from relay.runtime import api_key_file
-
-    if args.api_key:
-        return str(args.api_key)
-    if os.environ.get("RELAY_API_KEY"):
-        return os.environ["RELAY_API_KEY"]
-    if settings.auth.api_keys:
-        return settings.auth.api_keys[0]
-    path = api_key_file(settings)
-    if path.exists():
-        return path.read_text().strip()
-    print("relay: no API key: pass --api-key, set RELAY_API_KEY, or start `relay serve` once", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _client(args: argparse.Namespace) -> httpx.Client:
-    settings = _settings(args)
-    url = args.url or f"http://{settings.server.host}:{settings.server.port}"
-    return httpx.Client(base_url=url, headers={"authorization": f"Bearer {_client_key(args, settings)}"},
-                        timeout=30, verify=False)
-
-
-def _die_on_error(response: httpx.Response) -> Any:
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": {"message": response.text[:300]}}
-    if response.status_code >= 400:
-        err = body.get("error", {}) if isinstance(body, dict) else {}
-        field = f" (field {err['field']})" if err.get("field") else ""
-        print(f"relay: {response.status_code} {err.get('code', '')}: {err.get('message', '')}{field}", file=sys.stderr)
-        raise SystemExit(1)
-    return body
+def _client(args: argparse.Namespace) -> RelayClient:
+    """A client for the relay of --url/--api-key, else of the config (relay.cli_client)."""
+    return connect(_settings(args), url=args.url, key=args.api_key)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -199,36 +185,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.n:
         body["n"] = args.n
     with _client(args) as client:
-        try:
-            task = _die_on_error(client.post("/v1/tasks", json=body))
-        except httpx.TransportError as exc:
-            print(f"relay: cannot reach relay at {client.base_url}: {exc}", file=sys.stderr)
-            return 1
+        task = check(client.post("/v1/tasks", json=body))
         if args.wait:
             final = wait_for_tasks(client, [task["id"]], timeout=args.timeout)
             task = final[task["id"]]
+            # On stderr: stdout stays one JSON document for pipes.
+            print(task_summary(task), file=sys.stderr)
     print(json.dumps(task, indent=2))
     return 0 if (not args.wait or task["status"] == "succeeded") else 1
-
-
-def cmd_tasks(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    params: dict[str, Any] = {"limit": args.limit}
-    if args.status:
-        params["status"] = args.status
-    with _client(args) as client:
-        page = _die_on_error(client.get("/v1/tasks", params=params))
-    table = Table(title="relay tasks (newest first)")
-    for column in ("id", "provider", "status", "progress", "images", "created_at", "error"):
-        table.add_column(column, no_wrap=column == "id")
-    for t in page["data"]:
-        error = (t.get("error") or {}).get("code", "")
-        table.add_row(t["id"], t["provider"], t["status"], str(t.get("progress") or ""),
-                      str(len(t.get("images") or [])), t["created_at"], error)
-    Console().print(table)
-    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -236,6 +200,49 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(json.dumps(settings.redacted(), indent=2))
     print(f"relay: configuration OK ({settings.source or 'embedded defaults'})", file=sys.stderr)
     return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    """`relay retention [--dry-run]`: one retention sweep now (relay.retention) on this config's database and image
+    store, or with --dry-run what it would delete, as a table. Safe beside running relays (the same batches)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from relay.clock import SystemClock
+    from relay.images.store import open_image_store
+    from relay.retention import Report, Sweeper, age_text
+    from relay.runtime import open_store
+
+    settings = _settings(args)
+    _logging("warning")
+
+    async def run() -> Report:
+        store = open_store(settings)
+        await store.open()
+        try:
+            sweeper = Sweeper(store, open_image_store(settings.storage), settings.retention, now=SystemClock().now,
+                              budget=float("inf"))
+            return await (sweeper.preview() if args.dry_run else sweeper.sweep())
+        finally:
+            await store.close()
+
+    report = run_async(run())
+    r = settings.retention
+    ages = {"finished tasks": age_text(r.finished_tasks), "events": age_text(r.events),
+            "delivery attempts": age_text(r.delivery_attempts), "images expired": age_text(r.images),
+            "image files": "no image left using them", "temporary files": "1 h"}
+    table = Table(title="relay retention: would delete (dry run)" if args.dry_run else "relay retention: deleted")
+    table.add_column("what")
+    table.add_column("older than")
+    table.add_column("rows" if args.dry_run else "deleted", justify="right")
+    for what, n in report.rows():
+        if args.dry_run and what == "image files":
+            continue    # only a sweep can tell which files no kept image uses
+        table.add_row(what, ages[what], f"{n:,}")
+    Console().print(table)
+    for problem in report.file_errors:
+        print(f"relay: could not delete {problem}", file=sys.stderr)
+    return 1 if report.file_errors else 0
 
 
 def cmd_dev_cert(args: argparse.Namespace) -> int:
@@ -272,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="run N relay processes on this port (PostgreSQL only; default 1)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text or JSON lines (default: $RELAY_LOG_FORMAT, else text on a terminal, JSON otherwise)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="run the provider simulator (all five dialects)")
@@ -312,11 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("tasks", help="list recent tasks")
-    client_opts(p)
-    p.add_argument("--status")
-    p.add_argument("--limit", type=int, default=20)
-    p.set_defaults(func=cmd_tasks)
+    # tasks (--watch), subscriptions, deliveries, replay: the operator's commands (relay.cli_ops).
+    add_operator_commands(sub, client_opts, _client)
+    add_archive_command(sub, client_opts, _client)     # relay archive FILE (relay.cli_archive)
 
     p = sub.add_parser("dev-cert", help="make a self-signed TLS certificate to serve HTTPS locally")
     p.add_argument("--out", default="./relay-data/tls", help="folder for cert.pem and key.pem")
@@ -325,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("check-config", help="validate the configuration and print it (secrets hidden)"))
     p.set_defaults(func=cmd_check_config)
+
+    p = with_config(sub.add_parser("retention", help="delete what [retention] says is old now (--dry-run: show it)"))
+    p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    p.set_defaults(func=cmd_retention)
     return parser
 
 
@@ -334,3 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except CliError as exc:   # a client command's failure: one line and its exit code (relay.cli_client)
+        print(f"relay: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -22,14 +22,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from relay.costs import QUALITY_KEYS, SIZE_KEYS, PriceTable
 from relay.errors import RelayError
 
 PROVIDER_KINDS = ("gmicloud", "apimart", "evolink", "pixazo", "openai")
 ROLES = ("all", "api", "worker")
 SIMULATOR_URL = "http://127.0.0.1:8700"   # where `relay simulate` listens by default
-SECTIONS = ("server", "auth", "storage", "worker", "polling", "archive", "network", "callbacks", "deliveries")
+SECTIONS = ("server", "auth", "storage", "worker", "polling", "archive", "network", "callbacks", "deliveries",
+            "dashboard", "retention", "failover", "openai_compat")
+STRATEGIES = ("ordered", "cheapest")
 SECRET_KEYS = frozenset({"api_keys", "signing_secret", "api_key", "encryption_key", "previous_encryption_keys",
-                         "task_webhook_secret", "access_key_id", "secret_access_key"})
+                         "task_webhook_secret", "access_key_id", "secret_access_key", "password"})
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -146,6 +149,59 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class DashboardSettings:
+    """The operator's console at GET / (relay.web.console): who may log in, and for how long."""
+
+    password: str = field(default="", repr=False)   # "" → log in with an API key only
+    session_ttl: float = 12 * 3600.0                 # seconds a login lasts
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """What housekeeping deletes, and when (relay.retention). Ages in seconds; 0 keeps forever."""
+
+    # An application reads a result within hours; a month covers disputes and audits with a provider's bill.
+    finished_tasks: float = 30 * 86400.0
+    # The event log is what subscribers replay from: a month outlasts any retry schedule (~27 h) and
+    # auto-disable (5 days), so a subscriber back from a long outage can still replay it.
+    events: float = 30 * 86400.0
+    # The bulkiest rows (up to 4 KiB of response each) and only read to debug an endpoint: two weeks.
+    delivery_attempts: float = 14 * 86400.0
+    # Archiving images is what relay is for: kept, even after their task's rows are gone.
+    images: float = 0.0
+    interval: float = 3600.0        # seconds between housekeeping runs; 0 → none (run `relay retention`)
+    batch_size: int = 500           # rows (tasks, events, attempts) deleted per transaction
+
+
+@dataclass(frozen=True)
+class FailoverSettings:
+    """Moving a task to its next provider (relay.routing) and the per-provider circuit breaker (relay.circuit)."""
+
+    # A 429 is waited out on the same provider while its Retry-After (added up over the task's 429s there)
+    # stays within this many seconds; past it, a task with another provider left moves on.
+    rate_limit_patience: float = 30.0
+    breaker_threshold: int = 5          # consecutive failed submits that open a provider's circuit
+    breaker_cooldown: float = 60.0      # seconds an open circuit is skipped before one probe submit
+
+
+@dataclass(frozen=True)
+class OpenAICompatSettings:
+    """`[openai_compat]`: the OpenAI-shaped endpoints /openai/v1/images/* (relay.web.openai_compat)."""
+
+    # A request waits this long for its task to be archived; past it, a 504 names the relay task to poll.
+    wait_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """`[routes.NAME]`: a name a task may give as its provider, for several providers in failover order."""
+
+    name: str
+    providers: tuple[str, ...]
+    strategy: str = "ordered"           # ordered | cheapest (by the request's price, relay.costs)
+
+
+@dataclass(frozen=True)
 class ProviderSettings:
     name: str
     kind: str
@@ -169,7 +225,13 @@ class Settings:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     callbacks: CallbackSettings = field(default_factory=CallbackSettings)
     deliveries: DeliverySettings = field(default_factory=DeliverySettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    failover: FailoverSettings = field(default_factory=FailoverSettings)
+    openai_compat: OpenAICompatSettings = field(default_factory=OpenAICompatSettings)
     providers: dict[str, ProviderSettings] = field(default_factory=dict)
+    routes: dict[str, RouteSettings] = field(default_factory=dict)
+    prices: dict[str, PriceTable] = field(default_factory=dict)       # provider name → [providers.NAME.prices]
     source: str | None = None        # the file loaded, or None for the embedded simulator profile
 
     def provider(self, name: str) -> ProviderSettings:
@@ -184,6 +246,10 @@ class Settings:
         """Every setting as JSON-able data, secrets replaced by "***" (for `relay check-config`)."""
         out: dict[str, Any] = {s: _public(getattr(self, s)) for s in SECTIONS}
         out["providers"] = {name: _public(p) for name, p in self.providers.items()}
+        out["routes"] = {name: {"providers": list(r.providers), "strategy": r.strategy} for name, r in self.routes.items()}
+        out["prices"] = {name: {**_public(t), "by_quality_size": {f"{q}/{z}": v for (q, z), v in
+                                                                   t.by_quality_size.items()}}
+                         for name, t in self.prices.items()}
         out["source"] = self.source
         return out
 
@@ -191,7 +257,9 @@ class Settings:
 _SECTION_CLASSES: dict[str, type] = {
     "server": ServerSettings, "auth": AuthSettings, "storage": StorageSettings, "worker": WorkerSettings,
     "polling": PollingSettings, "archive": ArchiveSettings, "network": NetworkSettings,
-    "callbacks": CallbackSettings, "deliveries": DeliverySettings,
+    "callbacks": CallbackSettings, "deliveries": DeliverySettings, "dashboard": DashboardSettings,
+    "retention": RetentionSettings, "failover": FailoverSettings,
+    "openai_compat": OpenAICompatSettings,
 }
 _KIND_OF_TYPE: dict[Any, str] = {
     int: "int", float: "float", bool: "bool", str: "str", str | None: "optstr",
@@ -223,6 +291,10 @@ _POSITIVE = {
     "archive": ("max_bytes", "timeout", "link_ttl", "input_max_bytes"),
     "callbacks": ("safety_net_seconds",),
     "deliveries": ("timeout", "concurrency_per_subscription", "auto_disable_after", "rotation_overlap"),
+    "dashboard": ("session_ttl",),
+    "retention": ("batch_size",),
+    "failover": ("breaker_threshold", "breaker_cooldown"),
+    "openai_compat": ("wait_seconds",),
 }
 _BAD: Any = object()   # a value that failed to convert (its problem is already recorded)
 
@@ -279,8 +351,20 @@ def _embedded_profile() -> dict[str, Any]:
     return {
         "server": {"allow_http_callbacks": True},
         "network": {"allow": ["127.0.0.0/8", "::1/128", "localhost"]},
-        "providers": {k: {"kind": k, "base_url": f"{SIMULATOR_URL}/{k}", "api_key": "sim"} for k in PROVIDER_KINDS},
+        "providers": {k: {"kind": k, "base_url": f"{SIMULATOR_URL}/{k}", "api_key": "sim", "prices": DEMO_PRICES[k]}
+                      for k in PROVIDER_KINDS},
     }
+
+
+# Illustrative prices (USD per image, or per credit / million tokens where the provider reports those) for the
+# embedded simulator profile, so the demo shows costs; a real config states its own ([providers.NAME.prices]).
+DEMO_PRICES: dict[str, dict[str, Any]] = {
+    "gmicloud": {"low": 0.009, "medium": 0.034, "high": 0.133, "default": 0.034},
+    "apimart": {"only_successful": True, "low": 0.008, "medium": 0.03, "high": 0.12, "default": 0.03},
+    "evolink": {"credit_price": 0.012, "default": 0.03},
+    "pixazo": {"default": 0.05},
+    "openai": {"input_token_price": 5.0, "output_token_price": 40.0, "default": 0.042},
+}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -322,6 +406,8 @@ class _Loader:
         self.raw: dict[str, _Raw] = {s: {} for s in SECTIONS}
         self.sub: dict[tuple[str, str], _Raw] = {k: {} for k in _SUB_KINDS}   # [storage.s3] …
         self.prov: dict[str, _Raw] = {}
+        self.route_tables: dict[str, Any] = {}     # [routes.NAME], checked once the providers are known
+        self.price_tables: dict[str, Any] = {}     # [providers.NAME.prices]
 
     def problem(self, path: str, what: str, got: Any = _BAD, secret: bool = False) -> None:
         self.problems.append(f"{path}: {what}" + ("" if got is _BAD else f" (got {_show(got, secret)})"))
@@ -336,24 +422,37 @@ class _Loader:
         self.check_numbers(sections)
         self.check_allow(sections["network"])
         self.check_deliveries(sections["deliveries"])
+        self.check_dashboard(sections["dashboard"])
+        self.check_retention(sections["retention"])
         providers = self.build_providers()
+        if sections["failover"].rate_limit_patience < 0:
+            self.problem("failover.rate_limit_patience", "must not be negative",
+                         sections["failover"].rate_limit_patience)
+        routes = self.build_routes(providers)
+        prices = {name: table for name, raw in self.price_tables.items()
+                  if (table := self.build_prices(f"providers.{name}.prices", raw)) is not None}
         if self.problems:
             raise ConfigError(self.problems)
-        return Settings(**sections, providers=providers, source=source)
+        return Settings(**sections, providers=providers, routes=routes, prices=prices, source=source)
 
     # -- merging ---------------------------------------------------------------------------------
     def read_tables(self, data: dict[str, Any]) -> None:
         for top, table in data.items():
-            if top not in SECTIONS and top != "providers":
-                self.problem(top, f"unknown key{_suggest(top, (*SECTIONS, 'providers'))}")
+            if top not in SECTIONS and top not in ("providers", "routes"):
+                self.problem(top, f"unknown key{_suggest(top, (*SECTIONS, 'providers', 'routes'))}")
             elif not isinstance(table, dict):
                 self.problem(top, "must be a table", table)
+            elif top == "routes":
+                self.route_tables = dict(table)
             elif top == "providers":
                 for name, entry in table.items():
                     path = f"providers.{name}"
                     if not isinstance(entry, dict):
                         self.problem(path, "must be a table", entry)
                         continue
+                    if "prices" in entry:
+                        entry = dict(entry)
+                        self.price_tables[name] = entry.pop("prices")
                     self.prov[name] = self.keys_of(path, entry, _PROVIDER_KINDS_OF)
             else:
                 table = dict(table)
@@ -652,6 +751,17 @@ class _Loader:
                 self.problem("deliveries.task_webhook_secret", f"{exc} (whsec_ followed by base64)",
                              _Text(f"{len(d.task_webhook_secret)} characters"))
 
+    def check_retention(self, r: RetentionSettings) -> None:
+        for key in ("finished_tasks", "events", "delivery_attempts", "images", "interval"):
+            if getattr(r, key) < 0:
+                self.problem(f"retention.{key}", "must not be negative (0: keep forever / no housekeeping job)",
+                             getattr(r, key))
+
+    def check_dashboard(self, d: DashboardSettings) -> None:
+        if d.password and len(d.password) < 12:
+            self.problem("dashboard.password", "must be at least 12 characters (or empty: API keys only)",
+                         _Text(f"{len(d.password)} characters"))
+
     def check_allow(self, n: NetworkSettings) -> None:
         for i, entry in enumerate(n.allow):
             if not (_is_network(entry) or _is_hostname(entry)):
@@ -691,6 +801,77 @@ class _Loader:
             if len(self.problems) == before:
                 out[name] = ProviderSettings(name=name, **values)
         return out
+
+    def build_routes(self, providers: dict[str, ProviderSettings]) -> dict[str, RouteSettings]:
+        out: dict[str, RouteSettings] = {}
+        for name, raw in self.route_tables.items():
+            path = f"routes.{name}"
+            if not isinstance(raw, dict):
+                self.problem(path, "must be a table", raw)
+                continue
+            before = len(self.problems)
+            if not _NAME_RE.match(name):
+                self.problem(path, "name must be 1-32 of a-z 0-9 _ - starting with a letter or digit", name)
+            if name in self.prov:
+                self.problem(path, "a route must not have the name of a provider")
+            for key in sorted(set(raw) - {"providers", "strategy"}):
+                self.problem(f"{path}.{key}", f"unknown key{_suggest(key, ('providers', 'strategy'))}")
+            names = raw.get("providers")
+            if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
+                    or len(set(names)) != len(names)):
+                self.problem(f"{path}.providers", "must be a non-empty list of distinct provider names", names)
+            else:
+                for item in names:
+                    if item not in self.prov:
+                        self.problem(f"{path}.providers", f"{item!r} is not a configured provider"
+                                     f"{_suggest(item, self.prov)}")
+            strategy = raw.get("strategy", "ordered")
+            if strategy not in STRATEGIES:
+                self.problem(f"{path}.strategy", f"must be one of {', '.join(STRATEGIES)}", strategy)
+            if len(self.problems) == before:
+                out[name] = RouteSettings(name=name, providers=tuple(names or ()), strategy=strategy)
+        return out
+
+    def build_prices(self, path: str, raw: Any) -> PriceTable | None:
+        """`[providers.NAME.prices]`: currency, default, a number per quality or a table per quality of sizes."""
+        if not isinstance(raw, dict):
+            self.problem(path, "must be a table", raw)
+            return None
+        before = len(self.problems)
+        flat: dict[str, Any] = {"by_quality": {}, "by_quality_size": {}}
+
+        def price(key: str, value: Any) -> float | None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                self.problem(f"{path}.{key}", "must be a price: a number, 0 or more", value)
+                return None
+            return float(value)
+        for key, value in raw.items():
+            if key == "currency":
+                if not isinstance(value, str) or not 1 <= len(value) <= 16:
+                    self.problem(f"{path}.currency", "must be a currency code like USD", value)
+                else:
+                    flat["currency"] = value
+            elif key == "only_successful":
+                if not isinstance(value, bool):
+                    self.problem(f"{path}.{key}", "must be true or false", value)
+                else:
+                    flat[key] = value
+            elif key in ("default", "credit_price", "input_token_price", "output_token_price"):
+                flat[key] = price(key, value)
+            elif key in QUALITY_KEYS and isinstance(value, dict):
+                for size, each in value.items():
+                    if size not in SIZE_KEYS:
+                        self.problem(f"{path}.{key}.{size}", f"must be a size: one of {', '.join(SIZE_KEYS)}")
+                    elif (number := price(f"{key}.{size}", each)) is not None:
+                        flat["by_quality_size"][key, size] = number
+            elif key in QUALITY_KEYS:
+                if (number := price(key, value)) is not None:
+                    flat["by_quality"][key] = number
+            else:
+                known = ("currency", "default", "only_successful", "credit_price", "input_token_price",
+                         "output_token_price", *QUALITY_KEYS)
+                self.problem(f"{path}.{key}", f"unknown key{_suggest(key, known)}")
+        return PriceTable(**flat) if len(self.problems) == before else None
 
 
 def s3_url_parts(url: str) -> tuple[str, str]:

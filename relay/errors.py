@@ -82,6 +82,8 @@ class ProviderProtocolError(ProviderUnavailable):
 class ArchiveError(RelayError):
     """Saving an image failed in a way that may succeed later (timeout, truncated body)."""
 
+    status: int | None = None       # the source's HTTP status, when it answered (relay.metrics counts it)
+
     def __init__(self, message: str, *, code: str = "archive_failed") -> None:
         super().__init__(message)
         self.message = message

@@ -30,6 +30,11 @@ class Signer:
             return False
         return hmac.compare_digest(sig, self._mac("image", f"{image_id}.{exp}"))
 
+    def derived_key(self, purpose: str) -> bytes:
+        """A key of its own for `purpose` (e.g. dashboard sessions), derived from the signing secret: the same on
+        every replica that shares the secret, and useless for forging image links or callback tokens."""
+        return hmac.digest(self._key, f"derive:{purpose}".encode(), "sha256")
+
     # ---- provider callbacks ------------------------------------------------------------------------
     def callback_token(self, provider: str, task_id: str) -> str:
         return self._mac("callback", f"{provider}.{task_id}")[:40]

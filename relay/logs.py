@@ -15,7 +15,15 @@ name them. So:
                          message, exception text and stack text with
                          redact_text before any formatter sees them
     configure_logging    the CLI's setup: one stderr handler with that filter,
-                         httpx/httpcore request lines off unless at DEBUG
+                         httpx/httpcore request lines off unless at DEBUG;
+                         JSON lines (JsonFormatter) or text (TextFormatter)
+    log_context          the ids of the work at hand (job, task, delivery, event)
+                         for every line logged inside it (a ContextVar, so
+                         per asyncio task); `extra=` fields win over it
+
+Every line carries the ids that are known where it is logged: `task_id`,
+`event_id`, `delivery_id`, `job_id` (and `provider`, `kind`, … where they
+apply). Their values go through redact_text like the message.
 
 Redaction is deliberately cautious: a URL whose authority does not parse
 (`http://user:pa/ss@host`, which no client would send) loses its whole
@@ -24,14 +32,30 @@ authority, and an encoded `?` (`%3F`) starts the query as a raw one would.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import logging
 import re
 import sys
-from typing import TextIO
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, TextIO
 from urllib.parse import unquote
+
+from relay.models import Event, Task, TaskStatus
 
 REDACTED = "***"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
+# The ids a text line shows after its message, in this order (a JSON line carries every extra field).
+ID_FIELDS = ("task_id", "event_id", "delivery_id", "job_id")
+
+_CONTEXT: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("relay_log_context", default={})
+# What every LogRecord has before `extra=`: the rest of a record's attributes are its fields.
+# (uvicorn adds `color_message`, its message with terminal colours: noise in a JSON line.)
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "color_message"}
 
 # Loggers whose INFO lines are one per request, URL included: kept at WARNING unless debugging.
 CHATTY_LOGGERS = ("httpx", "httpcore")
@@ -141,6 +165,36 @@ def _redact_encoded_match(match: re.Match[str]) -> str:
     return redact_url(decoded)
 
 
+@contextlib.contextmanager
+def log_context(**fields: str | None) -> Iterator[None]:
+    """Every line logged inside (this asyncio task and the tasks it starts) carries these fields."""
+    token = _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in fields.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def context_field(name: str) -> str | None:
+    """A field of the current log_context (e.g. the kind of the job being run), None outside one."""
+    return _CONTEXT.get().get(name)
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's extra fields (`extra=` and log_context), without logging's own attributes."""
+    return {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRIBUTES and not k.startswith("_")}
+
+
+class ContextFilter(logging.Filter):
+    """Copies the current log_context onto the record; a field given with `extra=` is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _CONTEXT.get().items():
+            if key not in record.__dict__:
+                setattr(record, key, value)
+        return True
+
+
 class RedactingFilter(logging.Filter):
     """Rewrites a record so that nothing formatted from it carries a secret; never drops a record.
 
@@ -159,6 +213,12 @@ class RedactingFilter(logging.Filter):
             # its error report unredacted; print them as the line instead, redacted.
             message = f"{record.msg!s} (log arguments did not fit: {record.args!r})"
         record.msg, record.args = redact_text(message), ()
+        for key, value in record_fields(record).items():
+            if isinstance(value, str):
+                setattr(record, key, redact_text(value))
+            elif not isinstance(value, int | float | bool | type(None)):
+                # Anything else is printed through its repr: redact that (a dict of headers, a URL object).
+                setattr(record, key, redact_text(repr(value)))
         if record.exc_info and not record.exc_text:
             record.exc_text = self._formatter.formatException(record.exc_info)
         if record.exc_text:
@@ -166,6 +226,45 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info)
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """FORMAT, then the ids the record carries: `… task succeeded task_id=tsk_… event_id=evt_…`."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        line = super().formatMessage(record)
+        ids = [f"{name}={record.__dict__[name]}" for name in ID_FIELDS if record.__dict__.get(name)]
+        return f"{line} {' '.join(ids)}" if ids else line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC, ms), level, logger, message, every extra field
+    (the ids among them), and `exception` / `stack` text when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        for key, value in record_fields(record).items():
+            line.setdefault(key, value if isinstance(value, str | int | float | bool | type(None)) else repr(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def default_format(stream: TextIO) -> str:
+    """text on a terminal (a person reads it), else json (a log collector does)."""
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):     # no isatty, or a closed stream
+        return "json"
 
 
 class _RelayHandler(logging.StreamHandler[TextIO]):
@@ -179,18 +278,26 @@ def parse_level(level: str | int) -> int:
     return value if isinstance(value, int) else logging.INFO
 
 
-def configure_logging(level: str | int = "info", *, stream: TextIO | None = None) -> logging.Handler:
+def configure_logging(level: str | int = "info", *, stream: TextIO | None = None,
+                      fmt: str | None = None) -> logging.Handler:
     """Log to stderr (or `stream`) at `level` through RedactingFilter; returns the handler.
 
-    httpx and httpcore log one line per request with its URL; below DEBUG they are set to
-    WARNING. At DEBUG they log everything, redacted like every other line.
+    `fmt`: "text" or "json" (None: text on a terminal, else json). httpx and httpcore log one line
+    per request with its URL; below DEBUG they are set to WARNING. At DEBUG they log everything,
+    redacted like every other line.
     """
     numeric = parse_level(level)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _RelayHandler)]:
         root.removeHandler(old)
-    handler = _RelayHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    out = stream if stream is not None else sys.stderr
+    if fmt is None:
+        fmt = default_format(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    handler = _RelayHandler(out)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())     # first: the context's ids are redacted with the rest
     handler.addFilter(RedactingFilter())
     root.addHandler(handler)
     root.setLevel(numeric)
@@ -204,3 +311,21 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
     return handler
+
+
+_tasks_log = logging.getLogger("relay.tasks")
+
+
+def log_task_status(task: Task, status: TaskStatus, event: Event | None) -> None:
+    """A Store status listener (Store.on_task_status): one line per task created and per status change."""
+    fields = {"task_id": task.id, "provider": task.provider, "status": status.value}
+    if event is not None:
+        fields["event_id"] = event.id
+    if event is None:
+        _tasks_log.info("task %s created for %s", task.id, task.provider, extra=fields)
+    elif status == TaskStatus.FAILED and task.error:
+        fields["error_code"] = str(task.error.get("code", ""))
+        _tasks_log.info("task %s failed: %s: %s", task.id, task.error.get("code"), task.error.get("message"),
+                        extra=fields)
+    else:
+        _tasks_log.info("task %s %s (%s)", task.id, status.value, event.type, extra=fields)

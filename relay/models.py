@@ -165,6 +165,13 @@ class Task:
     deadline_at: float | None = None               # polling gives up (failed/timeout) after this
     submit_started_at: float | None = None         # set just before the submit request is sent
     images: list[ImageRecord] = field(default_factory=list)
+    # Failover (relay.routing): the providers to try in order (None: `provider` alone), the route named,
+    # and every provider left behind with why: {"provider", "outcome", "reason", "at"}.
+    candidates: list[str] | None = None
+    route: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None            # what the provider reported about usage and billing
+    cost: dict[str, Any] | None = None             # relay.costs: {"amount", "currency", "source"} once ended
 
 
 @dataclass
@@ -189,3 +196,27 @@ class Job:
     max_attempts: int = 10
     lease_token: str | None = None                 # who holds the lease; finishing needs the same token
     last_error: str | None = None
+
+
+@dataclass
+class Archive:
+    """A link archived on its own (POST /v1/archives): one source URL, its one image, the task-like lifecycle.
+
+    Statuses are the task's subset pending → archiving → succeeded | failed, decided by the same functions of
+    relay.states; its image is an ImageRecord whose owner id (`task_id`) is this archive's `arc_…` id.
+    """
+
+    id: str
+    source_url: str
+    url_key: str                                   # sha256 of the normalized URL: the same link is one archive
+    expires_at: float                              # when the link dies (given, read from the link, or +24 h)
+    status: TaskStatus = TaskStatus.PENDING
+    error: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None        # always None: the per-archive hook takes every archive event
+    sequence: int = 1
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    completed_at: float | None = None
+    images: list[ImageRecord] = field(default_factory=list)

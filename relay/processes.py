@@ -100,11 +100,14 @@ def _describe(code: int) -> str:
 class Supervisor:
     """Forks `count` children running `child_main(parent_pid) -> exit code`, and keeps them running."""
 
-    def __init__(self, count: int, child_main: Callable[[int], int], *, stop_grace: float = STOP_GRACE) -> None:
+    def __init__(self, count: int, child_main: Callable[[int], int], *, stop_grace: float = STOP_GRACE,
+                 on_exit: Callable[[int], None] | None = None) -> None:
+        """`on_exit(pid)`: called in the parent when a child has exited (relay.metrics drops its live values)."""
         if count < 1:
             raise ValueError("count must be at least 1")
         self.count = count
         self.child_main = child_main
+        self.on_exit = on_exit
         self.stop_grace = stop_grace
         self.parent_pid = os.getpid()
         self.slot_of: dict[int, int] = {}            # pid → slot (0 … count-1)
@@ -201,6 +204,8 @@ class Supervisor:
             slot = self.slot_of.pop(pid, None)
             if slot is None:
                 continue
+            if self.on_exit is not None:
+                self.on_exit(pid)
             self._exited(slot, pid, os.waitstatus_to_exitcode(status))
 
     def _exited(self, slot: int, pid: int, code: int) -> None:

@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from relay.tables import STATUS_STYLES
+
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
@@ -21,7 +23,7 @@ def percent(task: dict[str, Any]) -> float:
 
 
 def describe(task: dict[str, Any]) -> str:
-    colour = {"succeeded": "green", "failed": "red", "canceled": "yellow"}.get(task.get("status", ""), "cyan")
+    colour = STATUS_STYLES.get(task.get("status", ""), "cyan")
     error = task.get("error") or {}
     detail = f" ({error.get('code')})" if error else ""
     return f"{task['provider']:<9} {task['id']} [{colour}]{task['status']}{detail}[/{colour}]"

@@ -26,8 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay import metrics
 from relay.clock import Clock
 from relay.errors import ArchiveError, ProviderUnavailable
+from relay.logs import log_context
 from relay.models import Job
 from relay.outage import Outage, backoff, describe, is_unavailable
 from relay.store.base import Store
@@ -197,7 +199,16 @@ class Worker:
 
     # ---- one job ----------------------------------------------------------------------------------
     async def execute(self, job: Job) -> None:
-        """Run one claimed job and record its outcome. Never raises (except cancellation)."""
+        """Run one claimed job and record its outcome. Never raises (except cancellation).
+
+        Every line logged meanwhile carries the job's id and kind, and its task's or delivery's id.
+        """
+        delivery_id = job.payload.get("delivery_id")
+        with log_context(job_id=job.id, job_kind=job.kind, task_id=job.task_id,
+                         delivery_id=str(delivery_id) if delivery_id is not None else None):
+            await self._execute(job)
+
+    async def _execute(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
         if handler is None:
             await self.store.bury_job(job, f"no handler for job kind {job.kind!r}")
@@ -269,7 +280,9 @@ class Worker:
     async def _retry(self, job: Job, handler: Handler, after: float | None, reason: str) -> None:
         limit = min(job.max_attempts, self.options.max_attempts)
         if job.attempts >= limit:
-            log.warning("job %s (%s) gave up after %d attempts: %s", job.id, job.kind, job.attempts, reason)
+            metrics.JOB_FAILURES.labels(job.kind, "dead").inc()
+            log.warning("job %s (%s) gave up after %d attempts: %s", job.id, job.kind, job.attempts, reason,
+                        extra={"outcome": "dead", "attempts": job.attempts})
             try:
                 await handler.give_up(job, reason)
             except Exception as exc:
@@ -283,5 +296,7 @@ class Worker:
             return
         if after is None:
             after = backoff(job.attempts, self.options.retry_base, self.options.retry_cap)
-        log.info("job %s (%s) retries in %.1fs: %s", job.id, job.kind, after, reason)
+        metrics.JOB_FAILURES.labels(job.kind, "retry").inc()
+        log.info("job %s (%s) retries in %.1fs: %s", job.id, job.kind, after, reason,
+                 extra={"outcome": "retry", "attempts": job.attempts})
         await self.store.retry_job(job, self.clock.now() + after, reason[:1000])

@@ -11,23 +11,30 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from relay.clock import Clock, SystemClock
 from relay.config import Settings
+from relay.costs import task_cost
 from relay.deliveries.handler import DeliverHandler
 from relay.deliveries.service import DeliveryService, build_delivery_service
 from relay.images.store import open_image_store
 from relay.jobs.archive import ArchiveHandler
 from relay.jobs.callback import CallbackHandler
 from relay.jobs.context import JobContext
+from relay.jobs.housekeeping import HousekeepingHandler
+from relay.jobs.housekeeping import schedule as schedule_housekeeping
 from relay.jobs.poll import PollHandler
 from relay.jobs.submit import SubmitHandler
+from relay import metrics
 from relay.links import Signer
+from relay.models import Task
+from relay.logs import log_task_status
 from relay.netguard import NetGuard
 from relay.providers import PROVIDER_KINDS, build_provider
 from relay.providers.base import Provider
@@ -35,6 +42,7 @@ from relay.queue import Handler, Worker, WorkerOptions
 from relay.ratelimit import RateLimiter, SharedTokenBucket, TokenBucket
 from relay.service import TaskService
 from relay.store.base import Store
+from relay.stats import ProviderStatsRecorder
 from relay.store.sqlite import SQLiteStore, sqlite_path_from_url
 
 log = logging.getLogger("relay")
@@ -50,6 +58,7 @@ class Runtime:
     api_keys: tuple[str, ...]
     guard: NetGuard
     deliveries: DeliveryService | None = None
+    provider_stats: ProviderStatsRecorder | None = None
 
 
 def read_or_create_secret(path: Path, prefix: str, nbytes: int = 24) -> str:
@@ -105,7 +114,13 @@ def shared_database(settings: Settings) -> bool:
 
 def build_handlers(ctx: JobContext) -> dict[str, Handler]:
     return {"submit": SubmitHandler(ctx), "poll": PollHandler(ctx), "archive": ArchiveHandler(ctx),
-            "callback": CallbackHandler(ctx)}
+            "callback": CallbackHandler(ctx),
+            "housekeeping": HousekeepingHandler(ctx.store, ctx.image_store, ctx.settings.retention, ctx.clock)}
+
+
+def pricing(settings: Settings) -> Callable[[Task], dict[str, Any] | None]:
+    """Prices an ended task with its provider's [providers.NAME.prices] table (relay.costs)."""
+    return lambda task: task_cost(task, settings.prices.get(task.provider))
 
 
 class StartupError(Exception):
@@ -153,6 +168,10 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     provider_clients: list[httpx.AsyncClient] = []
     store = open_store(settings)
     await store.open()
+    store.on_task_status(metrics.task_status)
+    store.on_task_status(log_task_status)
+    store.pricing = pricing(settings)      # each task's cost, decided when it ends (relay.costs)
+    provider_stats = ProviderStatsRecorder(store, clock)   # this process's provider requests, added to the store
     image_store = open_image_store(settings.storage)   # a local directory, or an S3-compatible bucket
     providers: dict[str, Provider] = {}
     limiters: dict[str, RateLimiter] = {}
@@ -178,6 +197,7 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
         providers[name] = build_provider(conf.kind, client, base_url=conf.base_url, api_key=conf.api_key,
                                          name=name, model=conf.model, fetch_input=fetch_input, timeout=conf.timeout,
                                          submit_http=submit_client)
+        providers[name].stats = provider_stats
         # The provider account's rate, whichever replica sends: kept in the database when it is shared.
         limiters[name] = (SharedTokenBucket(store, f"provider:{name}", conf.rate_limit, clock)
                           if shared_database(settings) else TokenBucket(conf.rate_limit))
@@ -185,16 +205,19 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     deliveries = build_delivery_service(settings, store, clock, guard=guard, signer=ctx.signer,
                                         signing_secret=signing_secret, shared_lanes=shared_database(settings))
     await deliveries.start()
+    await schedule_housekeeping(store, settings.retention, clock.now())   # once per database (dedupe key)
     w = settings.worker
     worker = Worker(store, {**build_handlers(ctx), "deliver": DeliverHandler(deliveries)}, clock, WorkerOptions(
         concurrency=w.concurrency, lease_seconds=w.lease_seconds, idle_poll_seconds=w.idle_poll_seconds,
         max_attempts=w.max_attempts, retry_base=w.retry_base, retry_cap=w.retry_cap, claim_batch=w.claim_batch))
     runtime = Runtime(settings=settings, store=store, ctx=ctx, worker=worker, tasks=TaskService(ctx, guard),
-                      api_keys=api_keys, guard=guard, deliveries=deliveries)
+                      api_keys=api_keys, guard=guard, deliveries=deliveries, provider_stats=provider_stats)
+    provider_stats.start()
     try:
         yield runtime
     finally:
         await deliveries.close()
+        await provider_stats.close()
         await store.close()
         for client in (http, *provider_clients):
             await client.aclose()

@@ -9,16 +9,25 @@ import json
 import logging
 from typing import Any
 
-from relay import ids
+from relay import ids, routing
 from relay.errors import BlockedAddress, Conflict, InvalidRequest, NotFound
 from relay.jobs.context import JobContext
 from relay.models import Job, Task
 from relay.netguard import NetGuard
 from relay.providers.base import check_supported
 from relay.states import on_cancel
-from relay.validation import parse_task_input
+from relay.validation import is_adoption, parse_task_input
 
 log = logging.getLogger("relay.service")
+
+
+def idempotency_of(scope: str, key: str | None, data: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(scope, Idempotency-Key, body hash) for the store, or None without a key. Same body = same JSON value:
+    key order and whitespace do not matter. Every create taking the header uses it (tasks, adoptions, archives)."""
+    if key is None:
+        return None
+    canonical = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return scope, key, canonical
 
 
 class TaskService:
@@ -28,10 +37,18 @@ class TaskService:
 
     async def create(self, data: dict[str, Any], *, scope: str, idempotency_key: str | None) -> tuple[Task, bool]:
         """Validate and store a task with its submit job (one transaction). Returns (task, created)."""
+        if is_adoption(data):     # provider + provider_task_id: track a task submitted elsewhere (relay.adopt)
+            from relay.adopt import adopt
+            return await adopt(self.ctx, self.guard, data, scope=scope, idempotency_key=idempotency_key)
         ctx = self.ctx
-        parsed = parse_task_input(data, known_providers=list(ctx.providers))
-        provider = ctx.providers[parsed.provider]
-        check_supported(provider.caps, parsed.request, parsed.provider)
+        # A list of providers or a route (relay.routing); a plain provider name takes the path of old.
+        choice = routing.choose(data.get("provider"), ctx.settings)
+        parsed = parse_task_input(data if choice is None else {**data, "provider": choice.names[0]},
+                                  known_providers=list(ctx.providers))
+        if choice is None:
+            provider = ctx.providers[parsed.provider]
+            check_supported(provider.caps, parsed.request, parsed.provider)
+        chain = routing.plan(choice, parsed.request, ctx.providers, ctx.settings.prices) if choice else None
         # Refused now, with a reason, rather than as a failed task or a dead letter later; each connection is
         # checked again on the address it really opens (DNS may change in between).
         outbound: list[tuple[str, str | None]] = [("images", url) for url in parsed.request.images]
@@ -40,16 +57,14 @@ class TaskService:
             if url is not None:
                 await self._check_outbound(field, url)
         now = ctx.clock.now()
-        task = Task(id=ids.new_id("tsk", now), provider=parsed.provider, request=parsed.request.to_dict(),
+        task = Task(id=ids.new_id("tsk", now), provider=chain[0] if chain else parsed.provider,
+                    request=parsed.request.to_dict(),
                     metadata=parsed.metadata, webhook_url=parsed.webhook_url, webhook_events=parsed.webhook_events,
-                    created_at=now, updated_at=now, deadline_at=now + ctx.settings.polling.task_timeout)
+                    created_at=now, updated_at=now, deadline_at=now + ctx.settings.polling.task_timeout,
+                    candidates=list(chain) if chain else None, route=choice.route if choice else None)
         submit = Job(id=ids.new_id("job", now), kind="submit", task_id=task.id, run_at=now,
                      dedupe_key=f"submit:{task.id}")
-        idempotency = None
-        if idempotency_key is not None:
-            # Same body = same JSON value: key order and whitespace do not matter.
-            canonical = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-            idempotency = (scope, idempotency_key, canonical)
+        idempotency = idempotency_of(scope, idempotency_key, data)
         return await ctx.store.create_task(task, [submit], idempotency=idempotency)
 
     async def _check_outbound(self, field: str, url: str) -> None:

@@ -10,8 +10,17 @@ archiving < terminal); terminal states never change.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from relay.models import ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
+from relay.costs import reported_usage
+from relay.models import (
+    Archive,
+    ProviderImage,
+    ProviderStatus,
+    Task,
+    TaskStatus,
+    TaskUpdate,
+)
 
 # A progress report emits task.progress only when it moves at least this many points (throttling).
 PROGRESS_STEP = 10
@@ -35,6 +44,10 @@ EVENT_FOR_STATUS = {
 
 EVENT_TYPES = ("task.queued", "task.running", "task.progress", "task.generated",
                "task.succeeded", "task.failed", "task.canceled")
+# Archives (POST /v1/archives) emit only their outcome; every event type a subscription may name:
+ARCHIVE_EVENT_TYPES = ("archive.succeeded", "archive.failed")
+ALL_EVENT_TYPES = (*EVENT_TYPES, *ARCHIVE_EVENT_TYPES)
+EVENT_WILDCARDS = ("task.*", "archive.*", "*")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class Transition:
     error: dict[str, str] | None = None
     images: tuple[ProviderImage, ...] = field(default=())   # set when entering ARCHIVING
     estimated_seconds: float | None = None
+    usage: dict[str, Any] | None = None   # the provider's usage/billing report riding on the update
 
     @property
     def status_changed(self) -> bool:
@@ -60,10 +74,12 @@ def on_update(task: Task, update: TaskUpdate) -> Transition | None:
         return None
     target = _PROVIDER_TO_TASK[update.status]
     provider_task_id = task.provider_task_id or update.provider_task_id
+    usage = reported_usage(update.raw)
     if target == TaskStatus.ARCHIVING and not update.images:
         # "Done" with nothing to save is a failure, not a success with zero images.
         return Transition(TaskStatus.FAILED, "task.failed", provider_task_id=provider_task_id,
-                          error={"code": "no_images", "message": "the provider reported success but returned no images"})
+                          error={"code": "no_images", "message": "the provider reported success but returned no images"},
+                          usage=usage)
     if target.rank > task.status.rank:
         error = None
         if target == TaskStatus.FAILED:
@@ -73,7 +89,7 @@ def on_update(task: Task, update: TaskUpdate) -> Transition | None:
         return Transition(target, EVENT_FOR_STATUS[target], progress=progress,
                           provider_task_id=provider_task_id, error=error,
                           images=update.images if target == TaskStatus.ARCHIVING else (),
-                          estimated_seconds=update.estimated_seconds)
+                          estimated_seconds=update.estimated_seconds, usage=usage)
     if target == task.status and target in (TaskStatus.QUEUED, TaskStatus.RUNNING):
         progress = update.progress
         if progress is not None and progress - (task.progress or 0) >= PROGRESS_STEP:
@@ -93,14 +109,14 @@ def on_submitted(task: Task, update: TaskUpdate) -> Transition | None:
     return on_update(task, update)
 
 
-def on_archived(task: Task, all_images_archived: bool) -> Transition | None:
+def on_archived(task: Task | Archive, all_images_archived: bool) -> Transition | None:
     """An image was saved; the task succeeds when every image is."""
     if task.status != TaskStatus.ARCHIVING or not all_images_archived:
         return None
     return Transition(TaskStatus.SUCCEEDED, "task.succeeded", progress=100)
 
 
-def on_failure(task: Task, code: str, message: str) -> Transition | None:
+def on_failure(task: Task | Archive, code: str, message: str) -> Transition | None:
     """relay itself fails the task (timeout, dead link, submit outcome unknown, …)."""
     if task.status.terminal:
         return None

@@ -14,7 +14,7 @@ import idna
 from relay.errors import InvalidRequest
 from relay.models import (BACKGROUNDS, FORMATS, MODERATIONS, QUALITIES, RATIO_TO_PIXELS, SIZES_PIXELS,
                           GenerationRequest)
-from relay.states import EVENT_TYPES
+from relay.states import ALL_EVENT_TYPES, EVENT_TYPES, EVENT_WILDCARDS
 
 MAX_PROMPT_CHARS = 32_000
 MAX_METADATA_BYTES = 16 * 1024
@@ -256,12 +256,7 @@ def parse_task_input(data: dict[str, Any], *, known_providers: list[str]) -> Tas
                                      field="webhook_events")
         if webhook_url is None:
             raise InvalidRequest("webhook_events needs a webhook_url", field="webhook_events")
-    metadata = data.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise InvalidRequest("metadata must be a JSON object", field="metadata")
-        if len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
-            raise InvalidRequest("metadata must be at most 16 KiB of JSON", field="metadata")
+    metadata = _metadata(data)
     request = GenerationRequest(
         prompt=prompt, size=size, quality=_choice(data, "quality", QUALITIES), n=n,
         background=_choice(data, "background", BACKGROUNDS), output_format=_choice(data, "output_format", FORMATS),
@@ -269,6 +264,17 @@ def parse_task_input(data: dict[str, Any], *, known_providers: list[str]) -> Tas
         images=tuple(images), mask=mask)
     return TaskInput(provider=provider, request=request, webhook_url=webhook_url, webhook_events=events,
                      metadata=metadata)
+
+
+def _metadata(data: dict[str, Any]) -> dict[str, Any] | None:
+    """`metadata`: a JSON object of at most 16 KiB, echoed back (tasks and archives)."""
+    metadata = data.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidRequest("metadata must be a JSON object", field="metadata")
+        if len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+            raise InvalidRequest("metadata must be at most 16 KiB of JSON", field="metadata")
+    return metadata
 
 
 # ---- subscriptions (relay.deliveries) ------------------------------------------------------------
@@ -307,9 +313,9 @@ def parse_subscription_input(data: dict[str, Any], *, partial: bool) -> Subscrip
             raise InvalidRequest(f"events must be a non-empty list of at most {MAX_EVENT_FILTERS} event types",
                                  field="events")
         for event in events:
-            if event not in EVENT_TYPES and event not in ("task.*", "*"):
-                raise InvalidRequest(f"unknown event type {event!r}; known: {', '.join(EVENT_TYPES)}, task.*, *",
-                                     field="events")
+            if event not in ALL_EVENT_TYPES and event not in EVENT_WILDCARDS:
+                raise InvalidRequest(f"unknown event type {event!r}; known: {', '.join(ALL_EVENT_TYPES)}, "
+                                     f"{', '.join(EVENT_WILDCARDS)}", field="events")
         events = list(dict.fromkeys(events))
     description = data.get("description")
     if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS):
@@ -367,3 +373,86 @@ def parse_replay_input(data: dict[str, Any]) -> ReplayInput:
         raise InvalidRequest("until must be after since", field="until")
     statuses = ("failed", "canceled", "succeeded") if status == "all" else (status,)
     return ReplayInput(since=since, until=until, statuses=statuses)
+
+
+# ---- archives of any link (POST /v1/archives) and adopted tasks (POST /v1/tasks with provider_task_id) ----
+ARCHIVE_FIELDS = {"url", "urls", "expires_at", "metadata", "webhook_url"}
+MAX_ARCHIVE_URLS = 100
+ADOPT_FIELDS = {"provider", "provider_task_id", "webhook_url", "webhook_events", "metadata"}
+# Provider task ids go into the provider's URL path when polled: no slashes, dots-only or odd characters.
+_PROVIDER_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:~-]{0,199}")
+
+
+@dataclass(frozen=True)
+class ArchiveInput:
+    urls: tuple[str, ...]
+    expires_at: float | None        # None: read it from each link, else 24 h
+    metadata: dict[str, Any] | None
+    webhook_url: str | None
+    many: bool                      # "urls" was given: the answer is a list
+
+
+def parse_archive_input(data: dict[str, Any]) -> ArchiveInput:
+    """`{"url": …}` or `{"urls": [… ≤100]}`, with optional `expires_at` (RFC 3339), `metadata`, `webhook_url`."""
+    from relay.clock import parse_rfc3339
+
+    unknown = sorted(set(data) - ARCHIVE_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    if ("url" in data) == ("urls" in data):
+        raise InvalidRequest("give either url (one link) or urls (a list of links)", field="url")
+    if "url" in data:
+        urls = [_url(data["url"], "url")]
+    else:
+        raw = data["urls"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_ARCHIVE_URLS:
+            raise InvalidRequest(f"urls must be a list of 1 to {MAX_ARCHIVE_URLS} URLs", field="urls")
+        urls = [_url(url, "urls") for url in raw]
+    expires_at = None
+    if data.get("expires_at") is not None:
+        value = data["expires_at"]
+        try:
+            expires_at = parse_rfc3339(value) if isinstance(value, str) else None
+        except ValueError:
+            expires_at = None
+        if expires_at is None:
+            raise InvalidRequest("expires_at must be an RFC 3339 time like 2026-11-22T10:00:00Z", field="expires_at")
+    webhook_url = data.get("webhook_url")
+    if webhook_url is not None:
+        webhook_url = _url(webhook_url, "webhook_url")
+    return ArchiveInput(urls=tuple(urls), expires_at=expires_at, metadata=_metadata(data), webhook_url=webhook_url,
+                        many="urls" in data)
+
+
+@dataclass(frozen=True)
+class AdoptInput:
+    provider: str
+    provider_task_id: str
+    webhook_url: str | None
+    webhook_events: list[str] | None
+    metadata: dict[str, Any] | None
+
+
+def is_adoption(data: dict[str, Any]) -> bool:
+    """A POST /v1/tasks body that adopts a provider task instead of asking for a generation."""
+    return "provider_task_id" in data
+
+
+def parse_adopt_input(data: dict[str, Any], *, known_providers: list[str]) -> AdoptInput:
+    """`provider` + `provider_task_id` (no prompt), with a task's optional webhook and metadata fields.
+
+    The fields it shares with a task are checked by parse_task_input itself (one set of rules)."""
+    unknown = sorted(set(data) - ADOPT_FIELDS)
+    if unknown:
+        field = unknown[0]
+        reason = "is not taken when adopting a task (provider_task_id)" if field in ALLOWED_FIELDS else "is unknown"
+        raise InvalidRequest(f"field {field!r} {reason}", field=field)
+    provider_task_id = data.get("provider_task_id")
+    if (not isinstance(provider_task_id, str) or not _PROVIDER_TASK_ID.fullmatch(provider_task_id)
+            or ".." in provider_task_id):
+        raise InvalidRequest("provider_task_id must be the provider's task id: 1 to 200 letters, digits and . _ : ~ -",
+                             field="provider_task_id")
+    shared = {k: v for k, v in data.items() if k != "provider_task_id"}
+    parsed = parse_task_input({**shared, "prompt": "(adopted)"}, known_providers=known_providers)
+    return AdoptInput(provider=parsed.provider, provider_task_id=provider_task_id, webhook_url=parsed.webhook_url,
+                      webhook_events=parsed.webhook_events, metadata=parsed.metadata)

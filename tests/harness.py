@@ -68,7 +68,9 @@ def settings_for(data_dir: Path, **env: str) -> Any:
     environ = {"RELAY_STORAGE_DATA_DIR": str(data_dir), "RELAY_AUTH_API_KEYS": API_KEY,
                "RELAY_POLLING_INITIAL_DELAY": "0.05", "RELAY_POLLING_MAX_DELAY": "0.2",
                "RELAY_WORKER_IDLE_POLL_SECONDS": "0.05", "RELAY_WORKER_RETRY_BASE": "0.05",
-               "RELAY_WORKER_RETRY_CAP": "0.2", "RELAY_SERVER_PUBLIC_URL": "http://relay.test"}
+               "RELAY_WORKER_RETRY_CAP": "0.2", "RELAY_SERVER_PUBLIC_URL": "http://relay.test",
+               # No housekeeping job: tests count the jobs their own work makes (tests/test_retention.py runs it).
+               "RELAY_RETENTION_INTERVAL": "0"}
     for kind in PROVIDER_KINDS:
         environ[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"{SIM}/{kind}"
         environ[f"RELAY_PROVIDERS_{kind.upper()}_RATE_LIMIT"] = "1000"

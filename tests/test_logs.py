@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import socket
 import time
@@ -25,7 +26,15 @@ from PIL import Image
 
 from relay import ids
 from relay.clock import ManualClock
-from relay.logs import REDACTED, RedactingFilter, configure_logging, redact_text, redact_url
+from relay.logs import (
+    REDACTED,
+    RedactingFilter,
+    configure_logging,
+    default_format,
+    log_context,
+    redact_text,
+    redact_url,
+)
 from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskUpdate
 from relay.runtime import Runtime, open_runtime
 from relay.simulator import SimulatorConfig, create_simulator_app
@@ -46,7 +55,7 @@ def relay_logging() -> Iterator[io.StringIO]:
                                                 "uvicorn.asgi")]
     saved = [(logger, logger.level, list(logger.filters)) for logger in touched]
     buffer = io.StringIO()
-    configure_logging("debug", stream=buffer)
+    configure_logging("debug", stream=buffer, fmt="text")
     try:
         yield buffer
     finally:
@@ -168,14 +177,14 @@ async def test_no_log_line_carries_a_password_or_a_query_token(tmp_path: Path, r
 def test_below_debug_httpx_request_lines_are_off(relay_logging: io.StringIO) -> None:
     """`relay serve` at info: httpx/httpcore are set to WARNING (their INFO line per request is gone)."""
     buffer = io.StringIO()
-    configure_logging("info", stream=buffer)
+    configure_logging("info", stream=buffer, fmt="text")
     assert logging.getLogger("httpx").level == logging.WARNING
     assert logging.getLogger("httpcore").level == logging.WARNING
     logging.getLogger("httpx").info("HTTP Request: GET http://h/?token=SECRET")
     logging.getLogger("relay.test").info("see http://user:PASS@h/x?token=SECRET")
     assert buffer.getvalue().count("\n") == 1 and leaks(buffer.getvalue()) == []
     assert "see http://***@h/x?***" in buffer.getvalue()
-    assert sum(isinstance(h.filters[0] if h.filters else None, RedactingFilter)
+    assert sum(any(isinstance(f, RedactingFilter) for f in h.filters)
                for h in logging.getLogger().handlers) == 1     # configuring again replaced, not added
 
 
@@ -271,3 +280,74 @@ def test_redact_url(url: str, expected: str) -> None:
 def test_redact_text(text: str, expected: str) -> None:
     assert redact_text(text) == expected
     assert REDACTED in expected or expected == text
+
+
+# ---- formats and the ids every line carries (issue 10, item 4) ----------------------------------------
+def test_json_lines_carry_the_context_ids_and_extra_fields(relay_logging: io.StringIO) -> None:
+    """A JSON line has time, level, logger, message and every id known where it was logged; `extra=` wins."""
+    buffer = io.StringIO()
+    configure_logging("info", stream=buffer, fmt="json")
+    with log_context(job_id="job_1", task_id="tsk_1"):
+        logging.getLogger("relay.test").info("attempt %d", 2, extra={"delivery_id": "dlv_1", "task_id": "tsk_2"})
+    logging.getLogger("relay.test").info("outside")
+    first, second = (json.loads(line) for line in buffer.getvalue().splitlines())
+    assert first["message"] == "attempt 2" and first["level"] == "info" and first["logger"] == "relay.test"
+    assert (first["job_id"], first["task_id"], first["delivery_id"]) == ("job_1", "tsk_2", "dlv_1")
+    assert first["time"].endswith("Z")
+    assert "job_id" not in second and second["message"] == "outside"
+
+
+def test_json_fields_and_exceptions_are_redacted(relay_logging: io.StringIO) -> None:
+    """Extra fields go through the same redaction as the message, whatever their type; so does the traceback."""
+    buffer = io.StringIO()
+    configure_logging("info", stream=buffer, fmt="json")
+    try:
+        raise RuntimeError("GET http://u:PASS@h/x?token=SECRET failed")
+    except RuntimeError:
+        logging.getLogger("relay.test").exception("boom", extra={
+            "url": "https://u:PASS@h/?sig=SECRET", "headers": {"authorization": "Bearer rk_SECRET_0123456789"}})
+    line = json.loads(buffer.getvalue())
+    assert leaks(buffer.getvalue()) == [] and "rk_SECRET" not in buffer.getvalue()
+    assert line["url"] == "https://***@h/?***"
+    assert "RuntimeError: GET http://***@h/x?*** failed" in line["exception"]
+
+
+def test_text_lines_end_with_the_ids(relay_logging: io.StringIO) -> None:
+    """In text, the ids follow the message as key=value, in a fixed order."""
+    buffer = io.StringIO()
+    configure_logging("info", stream=buffer, fmt="text")
+    with log_context(task_id="tsk_1"):
+        logging.getLogger("relay.test").info("done", extra={"event_id": "evt_1"})
+    assert buffer.getvalue().rstrip().endswith("relay.test: done task_id=tsk_1 event_id=evt_1")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_text_on_a_terminal_json_elsewhere(relay_logging: io.StringIO) -> None:
+    """No format asked for: a terminal gets text, a file or pipe gets JSON lines; a bad format is refused."""
+    assert default_format(_Terminal()) == "text"
+    assert default_format(io.StringIO()) == "json"
+    with pytest.raises(ValueError, match="text, json"):
+        configure_logging("info", stream=io.StringIO(), fmt="yaml")
+
+
+def test_serve_takes_log_format_from_the_flag_then_the_environment(tmp_path: Path) -> None:
+    """`relay serve --log-format`, else RELAY_LOG_FORMAT; a bad value stops with exit code 2 and says why."""
+    import subprocess
+    import sys
+
+    from tests.e2e.harness import clean_environ
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "serve", "--port", "1", *args], text=True,
+                              capture_output=True, timeout=30, env=clean_environ(
+                                  RELAY_STORAGE_DATA_DIR=str(tmp_path), RELAY_STORAGE_DATABASE="sqlite:///:memory:",
+                                  **env))
+    assert "--log-format" in subprocess.run([sys.executable, "-m", "relay", "serve", "--help"], text=True,
+                                            capture_output=True, timeout=30).stdout
+    bad = run(RELAY_LOG_FORMAT="yaml")
+    assert bad.returncode == 2 and "log format must be one of text, json (got 'yaml')" in bad.stderr
+    assert run("--log-format", "xml").returncode == 2      # argparse's own refusal

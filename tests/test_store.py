@@ -256,10 +256,14 @@ async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path:
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
     try:
-        inner = claim_sql(kinds).split("WHERE id IN (", 1)[1].rsplit(") RETURNING", 1)[0]
+        inner = claim_sql(kinds).split("WHERE rowid IN (", 1)[1].rsplit(") RETURNING", 1)[0]
         args = (0.0, *(["poll"] * kinds), 32)
         plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + inner, args))
         assert "jobs_due" in plan and "TEMP B-TREE" not in plan, plan
+        # and the UPDATE reaches each job by its rowid, not through a second index (see claim_sql)
+        whole = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
+            "EXPLAIN QUERY PLAN " + claim_sql(kinds), (1.0, "token", *args)))
+        assert "INTEGER PRIMARY KEY (rowid=?)" in whole and "autoindex" not in whole, whole
     finally:
         await store.close()

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import random
 
+from relay import metrics
 from relay.deliveries import schedule
 from relay.deliveries.clients import origin
 from relay.deliveries.models import Delivery
@@ -116,6 +117,15 @@ class DeliverHandler:
     async def _record(self, delivery_id: str, delivery: Delivery, url: str, at: float, sent: Sent) -> Again | None:
         svc = self.service
         outcome = schedule.classify(sent.status_code, blocked=sent.blocked)
+        metrics.DELIVERY_ATTEMPTS.labels(outcome).inc()
+        metrics.DELIVERY_SECONDS.labels(outcome).observe(sent.latency_ms / 1000)
+        # The URL is redacted by the log filter like any other (a subscriber's ?token= stays out).
+        log.log(logging.INFO if outcome == schedule.SUCCEEDED else logging.WARNING,
+                "delivery %s attempt %d to %s: %s (%s) in %.0f ms", delivery_id, delivery.attempts + 1, url, outcome,
+                sent.status_code if sent.status_code is not None else sent.error, sent.latency_ms,
+                extra={"delivery_id": delivery_id, "event_id": delivery.event_id, "task_id": delivery.task_id,
+                       "subscription_id": delivery.subscription_id, "outcome": outcome,
+                       "status_code": sent.status_code, "latency_ms": sent.latency_ms})
         now = svc.clock.now()
         next_at = None
         if outcome == schedule.RETRY:

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.states import EVENT_TYPES
+from relay.states import ALL_EVENT_TYPES, EVENT_WILDCARDS
 
 SIGNING_SCHEMES = ("hmac", "ed25519")
 DELIVERY_STATUSES = ("pending", "succeeded", "failed", "canceled")
 TERMINAL_DELIVERY = ("succeeded", "failed", "canceled")
-WILDCARDS = ("*", "task.*")
+WILDCARDS = EVENT_WILDCARDS
 
 # Why a subscription is disabled.
 DISABLED_MANUAL = "manual"          # PATCH enabled=false
@@ -20,8 +20,8 @@ DISABLED_FAILING = "failing"        # every attempt failed for longer than deliv
 
 
 def valid_filter(pattern: str) -> bool:
-    """An exact event type, `task.*`, or `*`."""
-    return pattern in EVENT_TYPES or pattern in WILDCARDS
+    """An exact event type, `task.*`, `archive.*`, or `*`."""
+    return pattern in ALL_EVENT_TYPES or pattern in WILDCARDS
 
 
 def matches(patterns: Sequence[str] | None, event_type: str) -> bool:

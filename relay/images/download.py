@@ -147,9 +147,13 @@ async def _fetch(http: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: 
                         if response.status_code in _REDIRECT_STATUSES and location:
                             current = str(response.url.join(location))
                             continue
-                        _check_status(response)
-                        _check_declared_length(response, max_bytes)
-                        await _read_body(response, max_bytes, sink)
+                        try:
+                            _check_status(response)
+                            _check_declared_length(response, max_bytes)
+                            await _read_body(response, max_bytes, sink)
+                        except ArchiveError as exc:
+                            exc.status = response.status_code
+                            raise
                         content_type: str | None = response.headers.get("content-type")
                         return content_type
             raise SourceGone(f"more than {MAX_REDIRECTS} redirects", code="too_many_redirects")

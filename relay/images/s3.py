@@ -152,6 +152,19 @@ class S3ImageStore(ImageStore):
             raise self._unavailable("read", exc) from exc
         return StoredImage(size=result.meta["size"], chunks=self._chunks(result))
 
+    async def delete(self, key: str) -> bool:
+        check_key(key)
+        try:
+            # S3's DELETE answers 204 whether or not the object was there: ask first, for the count.
+            if await self._size(key) is None:
+                return False
+            await obstore.delete_async(self._store, key)
+        except FileNotFoundError:
+            return False
+        except _STORE_ERRORS as exc:
+            raise self._unavailable("written", exc) from exc
+        return True
+
     async def _chunks(self, result: GetResult) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in result.stream(min_chunk_size=CHUNK):
@@ -200,7 +213,7 @@ class S3ImageStore(ImageStore):
         if isinstance(exc, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
             return (f"{where} refused relay's credentials ({detail}): check storage.s3.access_key_id and "
                     "secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and that they may "
-                    "s3:GetObject, s3:PutObject and s3:ListBucket on the bucket")
+                    "s3:GetObject, s3:PutObject, s3:ListBucket (and for retention s3:DeleteObject) on the bucket")
         if status is None:
             kind, os_message = _KIND.search(text), _OS_MESSAGE.search(text)
             reason = ", ".join(m.group(1) for m in (kind, os_message) if m) or head.splitlines()[0][:200]

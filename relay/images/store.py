@@ -124,9 +124,22 @@ class ImageStore(abc.ABC):
     async def check(self) -> None:
         """Readiness: raise ArchiveError if the store cannot be used now (quickly: /readyz waits for it)."""
 
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove the image under `key`: True if it was there. Idempotent.
+
+        Only retention calls this, after the database has settled that no image uses the key's sha256 (see
+        relay.store.retention). Raises ValueError for a malformed key, ArchiveError(code=
+        "image_store_unavailable") if the store cannot do it now.
+        """
+
     async def sweep_tmp(self, older_than: float) -> int:
         """Delete temp files not modified for `older_than` seconds (left by a crash). Returns the count."""
         return await asyncio.to_thread(_sweep_dir, self.tmp_dir(), older_than)
+
+    async def count_tmp(self, older_than: float) -> int:
+        """How many temp files `sweep_tmp(older_than)` would delete now (a dry run)."""
+        return await asyncio.to_thread(lambda: len(_old_files(self.tmp_dir(), older_than)))
 
 
 class LocalImageStore(ImageStore):
@@ -191,6 +204,18 @@ class LocalImageStore(ImageStore):
         path = self.open_path(key)
         return StoredImage(size=size, chunks=_read_chunks(path), path=path)
 
+    async def delete(self, key: str) -> bool:
+        path = self.open_path(key)
+        try:
+            await asyncio.to_thread(path.unlink)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise ArchiveError(f"the image store could not delete {key}: {exc.strerror or exc}",
+                               code=IMAGE_STORE_UNAVAILABLE) from exc
+        # The emptied ab/cd/ folders stay: removing one could race an archive's rename into it.
+        return True
+
     async def check(self) -> None:
         try:
             await asyncio.to_thread(self._check_sync)
@@ -228,16 +253,27 @@ async def _read_chunks(path: Path) -> AsyncGenerator[bytes, None]:
         handle.close()
 
 
-def _sweep_dir(tmp: Path, older_than: float) -> int:
+def _old_files(tmp: Path, older_than: float) -> list[Path]:
+    """Files of `tmp` not modified for `older_than` seconds (by the wall clock: file times are wall-clock times)."""
     if not tmp.is_dir():
-        return 0
+        return []
     cutoff = time.time() - older_than
-    removed = 0
+    found = []
     for entry in tmp.iterdir():
         try:
             if entry.is_file() and entry.stat().st_mtime < cutoff:
-                entry.unlink()
-                removed += 1
+                found.append(entry)
+        except FileNotFoundError:
+            pass  # finished (moved into the store) or swept meanwhile
+    return found
+
+
+def _sweep_dir(tmp: Path, older_than: float) -> int:
+    removed = 0
+    for entry in _old_files(tmp, older_than):
+        try:
+            entry.unlink()
+            removed += 1
         except FileNotFoundError:
             pass  # another replica swept it first
     return removed

@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 
+from relay import metrics
 from relay.clock import rfc3339
 from relay.errors import ArchiveError, BlockedAddress, SourceGone
 from relay.images.download import Downloaded, decode_b64_to_file, download_to_file
@@ -31,6 +33,7 @@ from relay.jobs.context import JobContext
 from relay.models import ImageRecord, Job
 from relay.outage import Outage, backoff
 from relay.queue import Again
+from relay.store.archives import is_archive_id
 from relay.store.base import ArchiveResult
 
 log = logging.getLogger("relay.archive")
@@ -55,26 +58,37 @@ class ArchiveHandler:
         image, inline = found
         if image.status != "pending":
             return None
+        if is_archive_id(image.task_id):      # an archive of a link (POST /v1/archives): pending → archiving
+            await ctx.store.archive_started(image.task_id, ctx.clock.now())
+        provider = str(job.payload.get("provider", "unknown"))   # archive jobs of older versions lack it
+        started = time.perf_counter()
         try:
-            result = await self._save(image, inline)
+            result = await self._save(image, inline, provider)
         except SourceGone as exc:
+            metrics.ARCHIVE_SECONDS.labels("failed").observe(time.perf_counter() - started)
             await self._fail(image_id, *self._reason(job, exc))
             return None
         except BlockedAddress as exc:
+            metrics.ARCHIVE_SECONDS.labels("failed").observe(time.perf_counter() - started)
             await self._fail(image_id, "blocked_address", str(exc))
             return None
         except ArchiveError as exc:
+            metrics.ARCHIVE_SECONDS.labels("retry").observe(time.perf_counter() - started)
             return self._again_later(job, exc)
         self.outage.succeeded()
+        metrics.ARCHIVE_SECONDS.labels("archived").observe(time.perf_counter() - started)
+        metrics.ARCHIVE_BYTES.labels(provider).inc(result.bytes)
         await ctx.store.image_archived(image_id, result, ctx.clock.now())
         return None
 
-    async def _save(self, image: ImageRecord, inline: str | None) -> ArchiveResult:
+    async def _save(self, image: ImageRecord, inline: str | None, provider: str) -> ArchiveResult:
         """Fetch into the store's temp dir, verify, move in. The temp file never outlives this call."""
         with unavailable_on_oserror():   # any OSError here is our disk's: httpx maps the network's
-            downloaded = await self._fetch(image, inline)
+            downloaded = await self._fetch(image, inline, provider)
             try:
                 info = await asyncio.to_thread(inspect_image, downloaded.path)
+                # Before the file is put: retention must not delete it meanwhile (relay.store.retention).
+                await self.ctx.store.hold_image(image.id, downloaded.sha256, self.ctx.clock.now())
                 key = await self.ctx.image_store.put_file(downloaded.path, downloaded.sha256,
                                                           EXTENSIONS.get(info.content_type, "bin"))
             finally:
@@ -83,7 +97,7 @@ class ArchiveHandler:
         return ArchiveResult(sha256=downloaded.sha256, content_type=info.content_type, width=info.width,
                              height=info.height, bytes=downloaded.bytes, path=key)
 
-    async def _fetch(self, image: ImageRecord, inline: str | None) -> Downloaded:
+    async def _fetch(self, image: ImageRecord, inline: str | None, provider: str) -> Downloaded:
         ctx = self.ctx
         settings = ctx.settings.archive
         tmp_dir = ctx.image_store.tmp_dir()
@@ -93,8 +107,18 @@ class ArchiveHandler:
             if image.source_expires_at is not None and ctx.clock.now() > image.source_expires_at:
                 raise SourceGone(f"the source link expired at {rfc3339(image.source_expires_at)} "
                                  "before it could be archived", code="source_expired")
-            return await download_to_file(ctx.http, image.source_url, tmp_dir,
-                                          max_bytes=settings.max_bytes, timeout=settings.timeout)
+            started, status = time.perf_counter(), None
+            try:
+                downloaded = await download_to_file(ctx.http, image.source_url, tmp_dir,
+                                                    max_bytes=settings.max_bytes, timeout=settings.timeout)
+                status = 200
+            except ArchiveError as exc:
+                status = exc.status
+                raise
+            finally:
+                metrics.provider_request(provider, "download", status, time.perf_counter() - started,
+                                         what=f"image {image.id}")
+            return downloaded
         raise SourceGone("the provider gave neither a URL nor inline data for this image", code="no_source")
 
     @staticmethod

@@ -11,7 +11,9 @@ a repeated or stale update into a no-op.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from relay import metrics
 from relay.errors import ProviderProtocolError, ProviderRejected
 from relay.jobs.context import JobContext
 from relay.models import Job, ProviderStatus, TaskStatus
@@ -40,51 +42,57 @@ class CallbackHandler:
             return None
         task = await ctx.store.get_task(row["task_id"])
         if task is None:
-            await ctx.store.settle_callback(inbox_id, "rejected", "unknown task", ctx.clock.now())
+            await self._settle(row, "rejected", "unknown task")
+            return None
+        if row["provider"] != task.provider:
+            # The task failed over (relay.routing) from a provider that refused it: nothing of it is ours now.
+            await self._settle(row, "rejected", f"the task is at provider {task.provider!r} now")
             return None
         provider = ctx.provider(row["provider"])
         try:
             reported = provider.parse_callback(row["body"].encode())
         except ProviderProtocolError as exc:
-            await ctx.store.settle_callback(inbox_id, "rejected", f"unreadable body: {exc}", ctx.clock.now())
+            await self._settle(row, "rejected", f"unreadable body: {exc}")
             return None
         if reported.provider_task_id and task.provider_task_id and reported.provider_task_id != task.provider_task_id:
-            await ctx.store.settle_callback(inbox_id, "rejected", "the body names another provider task",
-                                            ctx.clock.now())
+            await self._settle(row, "rejected", "the body names another provider task")
             return None
         if task.status.terminal or task.status == TaskStatus.ARCHIVING:
-            await ctx.store.settle_callback(inbox_id, "ignored", f"task already {task.status.value}", ctx.clock.now())
+            await self._settle(row, "ignored", f"task already {task.status.value}", outcome="duplicate")
             return None
         update = reported
         if not ctx.settings.callbacks.trust_body:
             ticket = task.provider_task_id or reported.provider_task_id
             if not ticket:
-                await ctx.store.settle_callback(inbox_id, "rejected", "no provider task id to confirm",
-                                                ctx.clock.now())
+                await self._settle(row, "rejected", "no provider task id to confirm")
                 return None
             await ctx.throttle(task.provider)
             try:
                 update = await provider.fetch(ticket)    # ProviderUnavailable → the worker retries
             except ProviderRejected as exc:
-                await ctx.store.settle_callback(inbox_id, "ignored", f"provider refused the confirmation: {exc}",
-                                                ctx.clock.now())
+                await self._settle(row, "ignored", f"provider refused the confirmation: {exc}")
                 return None
             if _progress_rank(update.status) < _progress_rank(reported.status):
                 # The provider does not (yet) confirm what the body claims: a forged or premature body.
                 # Nothing is applied; the safety-net poll still watches the task.
-                await ctx.store.settle_callback(
-                    inbox_id, "ignored", f"provider reports {update.status.value}, callback said "
-                    f"{reported.status.value}", ctx.clock.now())
+                await self._settle(row, "ignored", f"provider reports {update.status.value}, "
+                                   f"callback said {reported.status.value}")
                 return None
             # The provider is as far as the callback says or further (a late "processing" for a task
             # that already finished): its own answer is the truth and is applied now.
         applied = await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
                                         default_expiry=provider.caps.default_expiry)
         note = f"applied {applied.transition.event}" if applied else "no change (repeated or stale)"
-        await ctx.store.settle_callback(inbox_id, "applied" if applied else "ignored", note, ctx.clock.now())
+        await self._settle(row, "applied" if applied else "ignored", note,
+                           outcome="applied" if applied else "duplicate")
         if applied is None and update.status in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED):
             log.debug("callback %s for %s changed nothing", inbox_id, task.id)
         return None
+
+    async def _settle(self, row: dict[str, Any], status: str, note: str, *, outcome: str | None = None) -> None:
+        """Record what processing made of the callback and count it (`outcome`: `status` unless more precise)."""
+        await self.ctx.store.settle_callback(row["id"], status, note, self.ctx.clock.now())
+        metrics.CALLBACKS_PROCESSED.labels(row["provider"], outcome or status).inc()
 
     async def give_up(self, job: Job, reason: str) -> None:
         # The safety-net poll still watches the task; only this callback's confirmation is abandoned.

@@ -8,6 +8,11 @@ dedupes submits by our Idempotency-Key (the task id), and the task fails as
 `submit_outcome_unknown`. A submit the provider certainly did not accept
 (connection refused, 429, 5xx) clears the mark and is retried.
 
+A task with several providers (relay.routing) moves to the next one only when the current one certainly
+did not accept it: refused (not for content policy), 5xx, no connection, 429 beyond the configured
+patience, or its circuit open (relay.circuit). The move is one store transaction that also clears the
+mark; an outcome unknown never moves on. The last provider is retried as a single provider always was.
+
 Reference images that the dialect uploads itself (GMI, OpenAI) are downloaded
 before the mark: an unreachable image host is retried with backoff and then
 fails the task as `reference_unavailable` naming the URL, never as a submit
@@ -18,11 +23,20 @@ from __future__ import annotations
 
 import logging
 
-from relay.errors import ProviderRejected, ProviderUnavailable, ReferenceUnavailable, SubmitOutcomeUnknown
+from relay import routing
+from relay.clock import rfc3339
+from relay.errors import (
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    RateLimited,
+    ReferenceUnavailable,
+    SubmitOutcomeUnknown,
+)
 from relay.jobs.context import JobContext
 from relay.models import GenerationRequest, Job, ProviderStatus, Task
-from relay.providers.base import Provider
 from relay.outage import backoff
+from relay.providers.base import Provider
 from relay.queue import Again
 from relay.states import Transition, on_failure, on_submitted
 
@@ -56,6 +70,11 @@ class SubmitHandler:
                 raise
             await self._fail(task.id, exc.code, exc.message)
             return None
+        following = routing.next_provider(task)
+        cooldown = ctx.settings.failover.breaker_cooldown
+        if following is not None and not await ctx.store.circuit_admit(task.provider, ctx.clock.now(), cooldown):
+            return await self._fail_over(task, following, "skipped",
+                                         f"{task.provider}'s circuit is open after repeated failures")
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
         limit = ctx.settings.providers[task.provider].max_in_flight
         if not await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now()):
@@ -68,16 +87,24 @@ class SubmitHandler:
             update = await provider.submit(request, callback_url=callback_url, idempotency_key=task.id,
                                            inputs=inputs)
         except SubmitOutcomeUnknown as exc:
+            await self._circuit_failed(task.provider, exc)
             if provider.caps.idempotent_submit:     # resending with the same key is safe
                 return await self._again_later(job, task, ProviderUnavailable(str(exc)))
             started = task.submit_started_at if task.submit_started_at is not None else ctx.clock.now()
             return await self._outcome_unknown(task, provider, started)
         except ProviderRejected as exc:
+            await self._circuit_failed(task.provider, exc)
+            if following is not None and (outcome := self._moves_on(job, exc)) is not None:
+                return await self._fail_over(task, following, outcome, exc.message)
             await self._fail(task.id, exc.code, exc.message)
             return None
         except ProviderUnavailable as exc:
+            await self._circuit_failed(task.provider, exc)
             await ctx.store.clear_submit_started(task.id)    # certainly not accepted: a retry is safe
+            if following is not None and (outcome := self._moves_on(job, exc)) is not None:
+                return await self._fail_over(task, following, outcome, f"{exc.code}: {exc.message}")
             return await self._again_later(job, task, exc)
+        await ctx.store.circuit_succeeded(task.provider, ctx.clock.now())
         now = ctx.clock.now()
         jobs = []
         if update.status not in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
@@ -108,13 +135,52 @@ class SubmitHandler:
             await self._fail(task.id, "provider_unavailable",
                              f"could not submit to the provider before the task's deadline: {exc}")
             return None
-        worker = ctx.settings.worker
-        delay = exc.retry_after if exc.retry_after is not None else backoff(failures, worker.retry_base,
-                                                                           worker.retry_cap)
+        delay = self._delay(job, exc)
         log.info("task %s: submit to %s not accepted (%s: %s); again in %.1fs", task.id, task.provider, exc.code,
                  exc, delay)
-        return Again(min(delay, RETRY_AFTER_CAP), payload={**job.payload, "failures": failures,
-                                                           "last_error": f"{exc.code}: {exc}"[:500]})
+        payload = {**job.payload, "failures": failures, "last_error": f"{exc.code}: {exc}"[:500]}
+        if isinstance(exc, RateLimited):     # how long this provider has held the task back (the patience)
+            payload["rate_limited_for"] = float(job.payload.get("rate_limited_for", 0.0)) + delay
+        return Again(delay, payload=payload)
+
+    def _delay(self, job: Job, exc: ProviderUnavailable) -> float:
+        """The provider's Retry-After (up to an hour), else backoff by the submit failures so far."""
+        worker = self.ctx.settings.worker
+        failures = int(job.payload.get("failures", 0)) + 1
+        delay = exc.retry_after if exc.retry_after is not None else backoff(failures, worker.retry_base,
+                                                                           worker.retry_cap)
+        return min(delay, RETRY_AFTER_CAP)
+
+    def _moves_on(self, job: Job, exc: ProviderError) -> str | None:
+        """relay.routing's verdict on this error, with the time the provider's 429s have asked for so far."""
+        waited = 0.0
+        if isinstance(exc, RateLimited):
+            waited = float(job.payload.get("rate_limited_for", 0.0)) + self._delay(job, exc)
+        return routing.moves_on(exc, waited_for_rate_limit=waited,
+                                patience=self.ctx.settings.failover.rate_limit_patience)
+
+    async def _fail_over(self, task: Task, following: str, outcome: str, reason: str) -> Again:
+        """Move the task (nobody accepted it) to its next provider, recording why; its submit runs again at once,
+        with a fresh count of failures. Run again too when the move lost a race: the re-read decides."""
+        ctx = self.ctx
+        now = ctx.clock.now()
+        attempt = {"provider": task.provider, "outcome": outcome, "reason": reason[:500], "at": rfc3339(now)}
+        moved = await ctx.store.fail_over(task.id, task.provider, following, attempt, now)
+        if moved:
+            log.info("task %s: %s did not accept it (%s: %s); failing over to %s", task.id, task.provider, outcome,
+                     reason, following)
+        return Again(0.0, payload={})
+
+    async def _circuit_failed(self, provider: str, exc: ProviderError) -> None:
+        """Count the failed submit against the provider's circuit, when it says the provider is in trouble."""
+        if not routing.counts_against_circuit(exc):
+            return
+        f = self.ctx.settings.failover
+        circuit = await self.ctx.store.circuit_failed(provider, f"{exc.code}: {exc.message}", self.ctx.clock.now(),
+                                                      threshold=f.breaker_threshold, cooldown=f.breaker_cooldown)
+        if circuit.state == "open" and circuit.failures == f.breaker_threshold:
+            log.warning("provider %s: circuit open after %d failed submits in a row (last: %s)", provider,
+                        circuit.failures, circuit.last_error)
 
     async def _outcome_unknown(self, task: Task, provider: Provider, sent_at: float) -> Again | None:
         """The submit may have reached the provider, and resending could bill twice.

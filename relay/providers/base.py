@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from relay import metrics
 from relay.errors import (
     ArchiveError,
     BlockedAddress,
@@ -32,6 +33,7 @@ from relay.errors import (
     SubmitOutcomeUnknown,
     Unsupported,
 )
+from relay.logs import context_field
 from relay.models import GenerationRequest, TaskUpdate
 from relay.providers.parsing import (  # re-exported: adapters import their helpers from here
     accepted_status,
@@ -52,6 +54,7 @@ from relay.providers.parsing import (  # re-exported: adapters import their help
     parse_json,
     task_id,
 )
+from relay.stats import ProviderStatsRecorder
 
 __all__ = [
     "Capabilities", "InputFetcher", "Inputs", "Provider", "accepted_status", "as_dict", "as_float", "as_int", "as_list", "as_str",
@@ -154,6 +157,8 @@ class Provider(abc.ABC):
     default_timeout: ClassVar[float] = 60.0
     # Delay to use when the provider documents one for a status but sends no Retry-After.
     retry_after_defaults: ClassVar[Mapping[int, float]] = {}
+    # Where this process's request counts go for the dashboard (set by the runtime; relay.stats).
+    stats: ProviderStatsRecorder | None = None
 
     def __init__(self, http: httpx.AsyncClient, *, base_url: str, api_key: str, name: str | None = None,
                  model: str | None = None, fetch_input: InputFetcher | None = None,
@@ -208,15 +213,32 @@ class Provider(abc.ABC):
         timeout or dropped connection after the request was sent becomes SubmitOutcomeUnknown.
         """
         client = self.submit_http if submit else self.http
-        async with map_transport_errors(submit=submit):
-            response = await client.request(method, url, json=json_body, headers=headers,
-                                            timeout=self.timeout, **kwargs)
+        started = time.perf_counter()
+        try:
+            async with map_transport_errors(submit=submit):
+                response = await client.request(method, url, json=json_body, headers=headers,
+                                                timeout=self.timeout, **kwargs)
+        except (ProviderUnavailable, SubmitOutcomeUnknown) as exc:     # no answer came
+            self._observe(method, url, submit, None, started, exc.code)
+            raise
+        self._observe(method, url, submit, response.status_code, started, None)
         if submit and response.status_code in GATEWAY_TIMEOUTS:
             # A gateway gave up waiting for the provider, which may still have taken the task.
             raise SubmitOutcomeUnknown(f"submit answered {response.status_code} by a gateway; "
                                        "the provider may have accepted it")
         raise_for_status(response, default_retry_after=self.retry_after_defaults)
         return response
+
+    def _observe(self, method: str, url: str, submit: bool, status_code: int | None, started: float,
+                 error: str | None) -> None:
+        """Count one request (Prometheus, the shared stats) and log its outcome in one line."""
+        seconds = time.perf_counter() - started
+        kind = metrics.request_kind(submit=submit, job_kind=context_field("job_kind"))
+        if self.stats is not None:
+            self.stats.record(self.name, status_code, seconds)
+        # The path only: no query, no host credentials (the redacting filter would catch them anyway).
+        metrics.provider_request(self.name, kind, status_code, seconds, what=f"{method} {httpx.URL(url).path}",
+                                 error=error)
 
     async def request_json(self, method: str, url: str, *, json_body: Any = None,
                            headers: dict[str, str] | None = None, submit: bool = False,

@@ -16,7 +16,7 @@ from typing import Any
 from .config import SimulatorConfig
 
 DIALECTS = ("gmicloud", "apimart", "evolink", "pixazo", "openai")
-FAULT_KINDS = ("429", "500", "timeout", "truncate", "malformed")
+FAULT_KINDS = ("429", "500", "503", "timeout", "truncate", "malformed")   # 503: with Retry-After
 OPS = ("submit", "poll", "download", "any")
 
 CALLBACK_DEFAULTS: dict[str, Any] = {
@@ -27,6 +27,7 @@ VARIANT_DEFAULTS: dict[str, Any] = {
     "pixazo_sync": False,
     "apimart_url_as_string": None,  # None: alternate per task (odd tasks string, even list)
     "apimart_error_as_200": False,  # refusals as HTTP 200 with {"code": 4xx, ...}
+    "signed_links": False,  # image links carry their expiry as a CDN signs it: ?Expires=<unix seconds>
 }
 
 

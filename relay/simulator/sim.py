@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -84,7 +85,11 @@ class Simulator:
         return tasks_mod.now()
 
     def file_url(self, task: SimTask, index: int) -> str:
-        return f"{self.public_url}/files/{task.tokens[index]}.{EXTENSIONS[task.fmt]}"
+        url = f"{self.public_url}/files/{task.tokens[index]}.{EXTENSIONS[task.fmt]}"
+        if self.knobs.variants.get("signed_links"):
+            # CloudFront's form (the download route ignores it): relay reads the expiry from the link itself.
+            url += f"?Expires={math.ceil(task.expires_at)}"
+        return url
 
     def new_task(self, **fields: Any) -> SimTask:
         """Create and store a task; duration, ttl and outcome honour the prompt's directives."""
@@ -134,6 +139,8 @@ class Simulator:
                 return error(429, headers={"Retry-After": _retry_after(fault.retry_after)})
             if fault.kind == "500":
                 return error(500)
+            if fault.kind == "503":
+                return error(503, headers={"Retry-After": _retry_after(fault.retry_after)})
         try:
             response = await handler()
         except (Invalid, BodyError) as exc:

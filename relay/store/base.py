@@ -19,24 +19,31 @@ concurrent contract tests run every such case against two store instances on one
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from relay.errors import Conflict
-from relay.models import Event, ImageRecord, Job, Task
+from relay.models import Archive, Event, ImageRecord, Job, Task, TaskStatus
 from relay.states import Transition, on_archived, on_failure
+from relay.stats import ProviderStats, StatsRow, merge_buckets, parse_buckets, summarize
 from relay.store import queries as q
+from relay.store.archives import ArchiveCases, is_archive_id
+from relay.store.console import ConsoleCases
 from relay.store.deliveries import DeliveryCases
-from relay.store.outbox import images_of, insert_jobs, write_transition
+from relay.store.idempotency import replay_or_claim
+from relay.store.outbox import Pricing, images_of, insert_jobs, write_transition
+from relay.store.retention import RetentionCases
+from relay.store.routing import RoutingCases
 from relay.store.rows import dumps, image_from_row, job_from_row, loads, task_from_row, task_row
 from relay.store.tx import Row, Tx
 
 T = TypeVar("T")
-IDEMPOTENCY_WINDOW = 24 * 3600.0
 
 # A pure decision over the current task row (see relay.states).
 Decide = Callable[[Task], Transition | None]
+# Told of every committed status change: (task, the status it reached, its event; None for a new task).
+StatusListener = Callable[[Task, TaskStatus, Event | None], None]
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,9 @@ class ArchiveResult:
     path: str
 
 
-class Store(DeliveryCases, abc.ABC):
+class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCases, abc.ABC):
     delivery_initial_delay: float = 0.0
+    pricing: Pricing | None = None     # prices a task when it ends (relay.costs; set by the runtime)
 
     # ---- plumbing: what a backend provides ------------------------------------------------------
     @abc.abstractmethod
@@ -98,6 +106,19 @@ class Store(DeliveryCases, abc.ABC):
         for callback in getattr(self, "_wakeups", []):
             callback()
 
+    def on_task_status(self, listener: StatusListener) -> None:
+        """Register a listener told of each task created and each status change, after its commit
+        (metrics and log lines: every path that changes a task goes through here)."""
+        self._status_listeners = [*getattr(self, "_status_listeners", []), listener]
+
+    def _told(self, task: Task, status: TaskStatus, event: Event | None) -> None:
+        for listener in getattr(self, "_status_listeners", []):
+            listener(task, status, event)
+
+    def _applied(self, applied: Applied | None) -> None:
+        if applied is not None and applied.transition.status_changed:
+            self._told(applied.task, applied.transition.status, applied.event)
+
     def set_delivery_options(self, *, initial_delay: float) -> None:
         """The delay of a new delivery's first attempt (the schedule's first entry)."""
         self.delivery_initial_delay = initial_delay
@@ -113,25 +134,19 @@ class Store(DeliveryCases, abc.ABC):
         """
         async def body(tx: Tx) -> tuple[Task, bool]:
             if idempotency is not None:
-                scope, key, body_hash = idempotency
-                await tx.run(q.CLAIM_IDEMPOTENCY_KEY, (scope, key, body_hash, task.id, task.created_at))
-                row = await tx.one(q.LOCK_IDEMPOTENCY_KEY, (scope, key))
-                assert row is not None
-                if row["task_id"] != task.id:       # the key was there before this request
-                    if row["created_at"] > task.created_at - IDEMPOTENCY_WINDOW:
-                        if row["body_hash"] != body_hash:
-                            raise Conflict("this Idempotency-Key was used with a different request body",
-                                           field="Idempotency-Key")
-                        existing = await self._load_task(tx, row["task_id"])
-                        if existing is not None:
-                            return existing, False
-                    await tx.run(q.REPLACE_IDEMPOTENCY_KEY, (body_hash, task.id, task.created_at, scope, key))
+                existing = await replay_or_claim(tx, idempotency, task.id, task.created_at,
+                                                 lambda owner: self._load_task(tx, owner))
+                if existing is not None:
+                    return existing, False
             await tx.run(q.INSERT_TASK, task_row(task))
+            if task.candidates or task.route:
+                await tx.run(q.SET_TASK_ROUTE, (dumps(task.candidates), task.route, task.id))
             await insert_jobs(tx, list(jobs))
             return task, True
         result = await self.transact(body)
         if result[1]:
             self._wake()
+            self._told(result[0], result[0].status, None)
         return result
 
     async def get_task(self, task_id: str) -> Task | None:
@@ -179,6 +194,7 @@ class Store(DeliveryCases, abc.ABC):
             return applied
         applied = await self.transact(body)
         self._wake()
+        self._applied(applied)
         return applied
 
     async def mark_submit_started(self, task_id: str, now: float) -> Task | None:
@@ -210,7 +226,7 @@ class Store(DeliveryCases, abc.ABC):
 
     async def _transition(self, tx: Tx, task: Task, t: Transition, now: float, default_expiry: float) -> Applied:
         event = await write_transition(tx, task, t, now, default_expiry=default_expiry,
-                                       delivery_delay=self.delivery_initial_delay)
+                                       delivery_delay=self.delivery_initial_delay, pricing=self.pricing)
         return Applied(task=task, transition=t, event=event)
 
     async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
@@ -259,21 +275,26 @@ class Store(DeliveryCases, abc.ABC):
         args = (result.sha256, result.content_type, result.width, result.height, result.bytes, result.path, now,
                 image_id)
 
-        async def settle(task: Task) -> Transition | None:
+        async def settle(task: Task | Archive) -> Transition | None:
             return on_archived(task, all(img.status == "archived" for img in task.images))
         return await self._settle_image(image_id, q.IMAGE_ARCHIVED, args, settle, now)
 
     async def image_failed(self, image_id: str, code: str, message: str, now: float) -> Applied | None:
         """Record a permanently failed image; the task fails with that reason (same transaction)."""
-        async def settle(task: Task) -> Transition | None:
+        async def settle(task: Task | Archive) -> Transition | None:
             return on_failure(task, code, message)
         return await self._settle_image(image_id, q.IMAGE_FAILED, (f"{code}: {message}", image_id), settle, now)
 
     async def _settle_image(self, image_id: str, sql: str, args: Sequence[Any],
-                            decide: Callable[[Task], Awaitable[Transition | None]], now: float) -> Applied | None:
+                            decide: Callable[[Task | Archive], Awaitable[Transition | None]],
+                            now: float) -> Applied | None:
+        """The image's owner decides: a task (below), or an archive (relay.store.archives; None is returned)."""
         async def body(tx: Tx) -> Applied | None:
             image = await tx.one(q.LOAD_IMAGE, (image_id,))
             if image is None or image["status"] != "pending":
+                return None
+            if is_archive_id(image["task_id"]):
+                await self._settle_archive_image(tx, image["task_id"], sql, args, decide, now)
                 return None
             task = await self._load_task(tx, image["task_id"], lock=True)
             if task is None or not await tx.run(sql, args):   # settled meanwhile by another run
@@ -285,6 +306,7 @@ class Store(DeliveryCases, abc.ABC):
             return await self._transition(tx, task, transition, now, 0.0)
         applied = await self.transact(body)
         self._wake()
+        self._applied(applied)
         return applied
 
     # ---- events ----------------------------------------------------------------------------------
@@ -379,6 +401,41 @@ class Store(DeliveryCases, abc.ABC):
         """When the earliest queued job is due (for the worker's sleep)."""
         row = await self._read(q.NEXT_RUN_AT)
         return None if row is None or row["due"] is None else float(row["due"])
+
+    async def task_counts(self) -> dict[tuple[str, str], int]:
+        """Tasks by (provider, status), for the /metrics gauge."""
+        return {(r["provider"], r["status"]): int(r["n"]) for r in await self._read_all(q.TASK_COUNTS)}
+
+    async def oldest_due_jobs(self, now: float) -> dict[str, float]:
+        """Per job kind, the run_at of the oldest job due by `now` that no worker holds (queue lag)."""
+        return {r["kind"]: float(r["due"]) for r in await self._read_all(q.OLDEST_DUE_JOBS, (float(now),))}
+
+    # ---- provider request stats (relay.stats) ----------------------------------------------------
+    async def add_provider_stats(self, rows: Sequence[StatsRow]) -> None:
+        """Add (provider, minute, requests, errors, rate_limited, latency_buckets JSON) to each row's sums,
+        in one transaction. Locks each (provider, minute) row, in sorted order, so replicas flushing the same
+        minutes at once add up instead of overwriting each other (and do not deadlock)."""
+        async def body(tx: Tx) -> None:
+            for provider, minute, requests, errors, limited, buckets in sorted(rows):
+                await tx.run(q.CLAIM_PROVIDER_STATS, (provider, int(minute)))
+                row = await tx.one(q.LOCK_PROVIDER_STATS, (provider, int(minute)))
+                assert row is not None
+                merged = merge_buckets(parse_buckets(row["latency_buckets"]), parse_buckets(buckets))
+                await tx.run(q.UPDATE_PROVIDER_STATS, (
+                    int(row["requests"]) + requests, int(row["errors"]) + errors,
+                    int(row["rate_limited"]) + limited, dumps(merged), provider, int(minute)))
+        if rows:
+            await self.transact(body)
+
+    async def provider_stats(self, since: float) -> dict[str, ProviderStats]:
+        """Per provider, the requests of every process summed over the minutes starting at or after `since`."""
+        sums: dict[str, tuple[int, int, int, list[int]]] = {}
+        for r in await self._read_all(q.PROVIDER_STATS_SINCE, (math.ceil(since),)):
+            requests, errors, limited, buckets = sums.get(r["provider"], (0, 0, 0, []))
+            sums[r["provider"]] = (requests + int(r["requests"]), errors + int(r["errors"]),
+                                   limited + int(r["rate_limited"]),
+                                   merge_buckets(buckets, parse_buckets(r["latency_buckets"])))
+        return {name: summarize(name, *values) for name, values in sums.items()}
 
     @staticmethod
     def jobs_from_rows(rows: Sequence[Row]) -> list[Job]:

@@ -9,11 +9,14 @@ Backend-neutral: it speaks only through a Tx and the named statements of relay.s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from relay import ids
+from relay.costs import cost_day
 from relay.deliveries.models import matches
-from relay.models import Event, ImageRecord, Job, Task
-from relay.present import task_object
+from relay.models import Archive, Event, ImageRecord, Job, Task
+from relay.present import archive_object, task_object
 from relay.states import Transition
 from relay.store import queries as q
 from relay.store.rows import dumps, image_from_row, job_row
@@ -23,14 +26,18 @@ from relay.store.tx import Tx
 # has less than this horizon, so a backlog saves the soonest-dying images first.
 ARCHIVE_HORIZON = 24 * 3600.0
 TASK_TARGET = "task"       # the delivery target of a task's own webhook_url
+# Prices an ended task (relay.costs.task_cost over the configured tables): {amount, currency, source} or None.
+Pricing = Callable[[Task], dict[str, Any] | None]
 
 
-def archive_job(image: ImageRecord, now: float) -> Job:
+def archive_job(image: ImageRecord, now: float, provider: str | None = None) -> Job:
+    """`provider`: the task's, carried so the download is counted against it (relay.metrics)."""
     urgency = 0.0
     if image.source_expires_at is not None:
         urgency = max(0.0, ARCHIVE_HORIZON - max(0.0, image.source_expires_at - now))
+    payload: dict[str, str] = {"image_id": image.id, **({"provider": provider} if provider else {})}
     return Job(id=ids.new_id("job", now), kind="archive", task_id=image.task_id,
-               payload={"image_id": image.id}, run_at=now - urgency, dedupe_key=f"archive:{image.id}")
+               payload=payload, run_at=now - urgency, dedupe_key=f"archive:{image.id}")
 
 
 def deliver_job(delivery_id: str, run_at: float, now: float) -> Job:
@@ -51,7 +58,7 @@ async def images_of(tx: Tx, task_id: str) -> list[ImageRecord]:
 
 
 async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, default_expiry: float,
-                           delivery_delay: float) -> Event:
+                           delivery_delay: float, pricing: Pricing | None = None) -> Event:
     """Apply `t` to `task` (already read, locked, in this transaction) and write everything it causes."""
     task.status = t.status
     task.sequence += 1
@@ -73,7 +80,10 @@ async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, def
             rows.append((ids.new_id("img", now), task.id, index, source.url, source.b64, expires))
         await tx.many(q.INSERT_IMAGE, rows)
         task.images = await images_of(tx, task.id)
-        await insert_jobs(tx, [archive_job(img, now) for img in task.images if img.status == "pending"])
+        await insert_jobs(tx, [archive_job(img, now, task.provider) for img in task.images
+                               if img.status == "pending"])
+    if isinstance(task, Task):
+        await _write_usage_and_cost(tx, task, t, now, pricing)
     if t.status.terminal:
         await tx.run(q.DELETE_WATCH_JOBS, (task.id,))    # nothing left to poll or confirm
     event = Event(id=ids.new_id("evt", now), type=t.event, task_id=task.id, sequence=task.sequence,
@@ -83,7 +93,19 @@ async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, def
     return event
 
 
-async def fan_out(tx: Tx, event: Event, task: Task, run_at: float, now: float) -> None:
+async def _write_usage_and_cost(tx: Tx, task: Task, t: Transition, now: float, pricing: Pricing | None) -> None:
+    """The provider's usage report when it brings one, and the task's cost when it ends (relay.costs)."""
+    if t.usage is not None and t.usage != task.usage:
+        task.usage = t.usage
+        await tx.run(q.SET_TASK_USAGE, (dumps(task.usage), task.id))
+    if t.status.terminal and pricing is not None:
+        task.cost = pricing(task)
+        if task.cost is not None:
+            await tx.run(q.SET_TASK_COST, (dumps(task.cost), task.cost["amount"], task.cost["currency"],
+                                           cost_day(now), task.id))
+
+
+async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now: float) -> None:
     """One delivery and its job per enabled subscription whose filter takes the event, and the task's own hook."""
     targets: list[tuple[str, str | None, str]] = []   # (target, subscription id, url)
     for row in await tx.all(q.ENABLED_SUBSCRIPTIONS):
@@ -100,3 +122,23 @@ async def fan_out(tx: Tx, event: Event, task: Task, run_at: float, now: float) -
         jobs.append(deliver_job(delivery_id, run_at, now))
     await tx.many(q.INSERT_DELIVERY, values)
     await insert_jobs(tx, jobs)
+
+
+async def write_archive_transition(tx: Tx, archive: Archive, t: Transition, now: float, *,
+                                   delivery_delay: float) -> Event:
+    """An archive's `t` (relay.states decided it on the archive, read and locked in this transaction): its row,
+    its event (`archive.succeeded` / `archive.failed`, the archive object as data) and the event's fan-out."""
+    archive.status = t.status
+    archive.sequence += 1
+    archive.updated_at = now
+    if t.error is not None:
+        archive.error = t.error
+    if t.status.terminal:
+        archive.completed_at = now
+    await tx.run(q.UPDATE_ARCHIVE_STATE, (archive.status.value, archive.sequence, now, dumps(archive.error),
+                                          archive.completed_at, archive.id))
+    event = Event(id=ids.new_id("evt", now), type="archive." + t.status.value, task_id=archive.id,
+                  sequence=archive.sequence, created_at=now, data=archive_object(archive))
+    await tx.run(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
+    await fan_out(tx, event, archive, now + delivery_delay, now)
+    return event

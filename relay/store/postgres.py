@@ -8,6 +8,19 @@ other's claims; the in-flight cap under a per-provider advisory lock; migrations
 under a session advisory lock (several replicas may start at once); and `LISTEN relay_jobs`, so a job
 enqueued by any replica wakes this one's worker at once. A transaction that loses a deadlock or a
 serialization race is run again from the start (its body only decides over what it reads).
+
+Speed (see docs/benchmarks.md, the queue and claims sections): pooled connections are handed back
+without asyncpg's reset query, a second round trip after every statement (safe: relay keeps no session
+state on them: no SET, no LISTEN, no cursors outside a transaction, and the one advisory lock taken on a
+pooled connection is transaction-scoped; an open transaction is still rolled back by asyncpg itself);
+concurrent small writes (job outcomes, callback settles) share one commit (group commit); a batch insert (`Tx.many`) is one statement over arrays (`unnest`).
+
+Connections lost (the server restarted, a backend terminated, a network cut): a read or a claim is tried
+once more on another connection (a claim lost after its commit only leaves its jobs leased until the
+lease runs out); so is a transaction that failed before its COMMIT was sent (nothing of it was
+committed); a write lost during its commit is not, its outcome unknown. The LISTEN connection is opened
+again with capped backoff, then the worker is woken (a notification may have been missed meanwhile);
+`ping()` fails while it is down.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -24,8 +37,10 @@ from asyncpg.pool import PoolConnectionProxy
 
 from relay import ids
 from relay.models import Job
+from relay.outage import Outage
 from relay.store import queries as q
 from relay.store.base import Store
+from relay.store.batching import GroupCommit
 from relay.store.tx import Row, Tx
 
 T = TypeVar("T")
@@ -34,8 +49,20 @@ log = logging.getLogger("relay.store")
 MIGRATION_LOCK = 0x72656C6179          # "relay": the advisory lock key held while migrating
 NOTIFY_CHANNEL = "relay_jobs"
 TRANSACTION_RETRIES = 5
+LISTEN_RETRY_BASE = 0.1                # seconds before the LISTEN connection is opened again, doubling …
+LISTEN_RETRY_CAP = 5.0                 # … up to this
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+# The connection went away under a statement: the server restarted or terminated the backend, or the network.
+# (InternalClientError: what asyncpg raises on a pooled connection that got its FATAL while idle.)
+_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError,
+         asyncpg.InternalClientError, ConnectionError)
 _PLACEHOLDER = re.compile(r"\?")
+_INSERT_VALUES = re.compile(r"INSERT INTO (\w+) \(([^)]*)\) VALUES \(([^)]*)\)(.*)", re.DOTALL)
+
+COLUMN_TYPES = ("SELECT c.relname AS tbl, a.attname AS col, format_type(a.atttypid, a.atttypmod) AS type "
+                "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' AND a.attnum > 0 "
+                "AND NOT a.attisdropped")
 
 
 def to_postgres(sql: str) -> str:
@@ -43,6 +70,56 @@ def to_postgres(sql: str) -> str:
     numbered = iter(range(1, 10_000))
     sql = _PLACEHOLDER.sub(lambda _m: f"${next(numbered)}", sql)
     return sql.replace(q.FOR_UPDATE, " FOR UPDATE")
+
+
+# Run with the claim, in its transaction: no plan that sorts. The claim must walk jobs_due in run_at order and
+# stop at its limit (its cost then follows the batch, not the table). Before the first ANALYZE of a filled jobs
+# table (a new database, a burst) PostgreSQL guesses that few rows are queued and instead reads every queued
+# job of the wanted kinds through jobs_by_state_kind and sorts them all: 6 ms instead of 0.4 with 20,000 due
+# (bench.queue: 9,900 jobs/s instead of 17,300). PostgreSQL has no index hints; SQLite's INDEXED BY does this.
+CLAIM_SETTINGS = "SET LOCAL enable_sort = off"
+
+
+def claim_sql(kinds: bool) -> str:
+    """The claim: lease up to `limit` due jobs (of the kinds in an array argument, if `kinds`), oldest due first.
+
+    `id = ANY(ARRAY(subquery))`, not `id IN (subquery)`: the subquery then runs once on its own (an InitPlan)
+    and the UPDATE finds its rows through jobs_pkey whatever the plan. With `IN`, the generic plan asyncpg's
+    prepared statement may switch to after five runs (LIMIT unknown, guessed large) is a hash join over a
+    sequential scan of the whole table: 180 ms at a million rows instead of 1 (see bench/claims.py).
+    Run under CLAIM_SETTINGS.
+    """
+    kind_filter = " AND kind = ANY(?::text[])" if kinds else ""
+    return ("UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE id = ANY(ARRAY("
+            f"SELECT id FROM jobs WHERE state = 'queued' AND run_at <= ?{kind_filter}"
+            " ORDER BY run_at LIMIT ? FOR UPDATE SKIP LOCKED)) RETURNING *")
+
+
+def unnest_insert(sql: str, column_types: Mapping[tuple[str, str], str]) -> str | None:
+    """`INSERT INTO t (a, b, c) VALUES (?, 'x', ?) …` as one statement for many rows, one array per `?`:
+    `INSERT INTO t (a, b, c) SELECT u.a, 'x', u.c FROM unnest(?::A[], ?::C[]) AS u(a, c) …`.
+    None for a statement of another shape (it is then run once per row)."""
+    found = _INSERT_VALUES.fullmatch(sql.strip())
+    if found is None:
+        return None
+    table, rest = found.group(1), found.group(4)
+    columns = [c.strip() for c in found.group(2).split(",")]
+    values = [v.strip() for v in found.group(3).split(",")]
+    if len(columns) != len(values):
+        return None
+    picked, arrays, names = [], [], []
+    for column, value in zip(columns, values):
+        if value != "?":
+            picked.append(value)          # a constant of the statement ('queued', 'pending')
+            continue
+        kind = column_types.get((table, column))
+        if kind is None:
+            return None
+        picked.append(f"u.{column}")
+        arrays.append(f"?::{kind}[]")
+        names.append(column)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(picked)} "
+            f"FROM unnest({', '.join(arrays)}) AS u({', '.join(names)}){rest}")
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -59,17 +136,30 @@ def _rowcount(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection handed back as it is (see the module docstring: relay sets no session state)."""
+
+
 class _Statements:
     """Translations of the shared SQL, made once per statement text."""
 
     def __init__(self) -> None:
         self._cache: dict[str, str] = {}
+        self._bulk: dict[str, str | None] = {}
+        self.column_types: dict[tuple[str, str], str] = {}
 
     def __call__(self, sql: str) -> str:
         found = self._cache.get(sql)
         if found is None:
             found = self._cache[sql] = to_postgres(sql)
         return found
+
+    def bulk(self, sql: str) -> str | None:
+        """The one-statement-for-many-rows form of an INSERT (see unnest_insert), or None."""
+        if sql not in self._bulk:
+            form = unnest_insert(sql, self.column_types)
+            self._bulk[sql] = None if form is None else to_postgres(form)
+        return self._bulk[sql]
 
 
 class PostgresTx(Tx):
@@ -89,8 +179,12 @@ class PostgresTx(Tx):
         return _rowcount(await self._conn.execute(self._sql(sql), *args))
 
     async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        # One statement per row: callers need the count (ON CONFLICT DO NOTHING skips), which
-        # executemany does not report.
+        rows = list(rows)
+        bulk = self._sql.bulk(sql) if len(rows) > 1 else None
+        if bulk is not None:
+            # One statement over one array per column: a round trip and one run of the jobs trigger for the
+            # whole batch (executemany pipelines, but runs the statement once per row and reports no count).
+            return _rowcount(await self._conn.execute(bulk, *(list(column) for column in zip(*rows))))
         statement = self._sql(sql)
         changed = 0
         for args in rows:
@@ -115,25 +209,65 @@ class PostgresStore(Store):
         self._min, self._max = min_connections, max_connections
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._closing = False
         self._sql = _Statements()
+        self._small_writes: GroupCommit[tuple[str, tuple[Any, ...]]] = GroupCommit(self._write_statements)
+        self.listen_outage = Outage("PostgreSQL LISTEN connection", log, base=LISTEN_RETRY_BASE,
+                                    cap=LISTEN_RETRY_CAP)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
+        self._closing = False
         await self._migrate()
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=self._min, max_size=self._max)
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=self._min, max_size=self._max,
+                                               reset=_keep_session)
         try:
-            self._listener = await asyncpg.connect(self.dsn)
-            await self._listener.add_listener(NOTIFY_CHANNEL, self._notified)
+            self._sql.column_types = {(r["tbl"], r["col"]): r["type"] for r in await self._pool.fetch(COLUMN_TYPES)}
+            await self._listen()
         except BaseException:
             await self.close()
             raise
 
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(self._listener_lost)
+        self._listener = conn
+
     def _notified(self, *_args: Any) -> None:
         self._wake()
+
+    def _listener_lost(self, conn: asyncpg.Connection | PoolConnectionProxy) -> None:
+        if self._closing or conn is not self._listener:
+            return
+        self._listener = None
+        if self._listening is None or self._listening.done():
+            self._listening = asyncio.get_running_loop().create_task(self._listen_again(), name="pg-listen")
+
+    async def _listen_again(self) -> None:
+        """Open the LISTEN connection again until it works (capped backoff, one log line per interval), then
+        wake the worker: a job enqueued elsewhere meanwhile notified nobody here."""
+        exc: BaseException = ConnectionError("the server closed the LISTEN connection")
+        while not self._closing:
+            await asyncio.sleep(self.listen_outage.failed(exc, "listening for enqueued jobs"))
+            try:
+                await self._listen()
+            except Exception as error:  # noqa: BLE001 - whatever it is, listening must be tried again
+                exc = error
+                continue
+            self.listen_outage.succeeded()
+            self._wake()
+            return
 
     async def _migrate(self) -> None:
         conn = await asyncpg.connect(self.dsn)
         try:
+            # A session lock on a connection of its own, closed right after (so never on a pooled connection).
             await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
             try:
                 await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -153,6 +287,13 @@ class PostgresStore(Store):
             await conn.close()
 
     async def close(self) -> None:
+        self._closing = True
+        if self._pool is not None:
+            await self._small_writes.drain()
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+            self._listening = None
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
@@ -161,6 +302,9 @@ class PostgresStore(Store):
             self._pool = None
 
     async def ping(self) -> None:
+        if self._listener is None or self._listener.is_closed():
+            raise ConnectionError("the PostgreSQL LISTEN connection is down (being opened again): jobs enqueued "
+                                  "by other replicas wake this one only at its next poll")
         await self._read("SELECT 1 AS ok")
 
     @property
@@ -170,25 +314,72 @@ class PostgresStore(Store):
 
     # ---- the plumbing relay.store.base runs on -----------------------------------------------------
     async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
+        lost_once = False
         for attempt in range(1, TRANSACTION_RETRIES + 1):
+            committing = False
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    return await body(PostgresTx(conn, self._sql))
+                    result = await body(PostgresTx(conn, self._sql))
+                    committing = True       # what fails from here on may have committed
+                return result
             except _RETRYABLE as exc:
                 if attempt == TRANSACTION_RETRIES:
                     raise
                 log.info("transaction lost a race (%s); running it again", type(exc).__name__)
                 await asyncio.sleep(0.01 * attempt)
+            except _LOST as exc:
+                if committing or lost_once:
+                    raise
+                lost_once = True
+                await self._connection_lost(exc, "running the transaction again (it never reached its commit)")
         raise AssertionError("unreachable")
 
+    async def _again_if_lost(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, and once more on another connection if its connection was lost (reads and claims only)."""
+        try:
+            return await call()
+        except _LOST as exc:
+            await self._connection_lost(exc, "trying once more")
+            return await call()
+
+    async def _connection_lost(self, exc: BaseException, then: str) -> None:
+        # One pooled connection dead usually means all of them (a restart, a failover): the pool opens new ones
+        # on their next use, rather than handing the one retry another dead connection.
+        log.info("PostgreSQL connection lost (%s: %s); %s", type(exc).__name__, exc, then)
+        await self.pool.expire_connections()
+
     async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
-        return await self.pool.fetchrow(self._sql(sql), *args)
+        return await self._again_if_lost(lambda: self.pool.fetchrow(self._sql(sql), *args))
 
     async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        return list(await self.pool.fetch(self._sql(sql), *args))
+        return list(await self._again_if_lost(lambda: self.pool.fetch(self._sql(sql), *args)))
 
+    # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a commit
+    # (group commit), each caller still returning only once its own write is committed. Not tried again when
+    # the connection is lost: the outcome is unknown, and the worker's lease brings the job back.
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
-        await self.pool.execute(self._sql(sql), *args)
+        await self._small_writes.submit((sql, tuple(args)))
+
+    async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+        by_statement: dict[str, list[tuple[Any, ...]]] = {}
+        for sql, args in batch:
+            by_statement.setdefault(sql, []).append(args)
+        async with self.pool.acquire() as conn:
+            if len(by_statement) == 1:      # autocommit: one round trip (executemany is atomic on its own)
+                [(sql, rows)] = by_statement.items()
+                await self._write_rows(conn, sql, rows)
+                return
+            async with conn.transaction():
+                for sql, rows in by_statement.items():
+                    await self._write_rows(conn, sql, rows)
+
+    async def _write_rows(self, conn: PoolConnectionProxy, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        # executemany pipelines the rows in one round trip. (One `DELETE … USING unnest(ids, tokens)` for a
+        # batch of finishes measured no faster in bench.queue.)
+        if len(rows) == 1:
+            await conn.execute(self._sql(sql), *rows[0])
+        else:
+            await conn.executemany(self._sql(sql), rows)
 
     async def lock_provider(self, tx: Tx, provider: str) -> None:
         # Held until the transaction ends: replicas count and mark one at a time per provider account.
@@ -196,10 +387,13 @@ class PostgresStore(Store):
 
     async def claim(self, now: float, *, limit: int, lease_seconds: float,
                     kinds: Sequence[str] | None = None) -> list[Job]:
-        kind_filter = f" AND kind IN ({','.join('?' * len(kinds))})" if kinds else ""
-        sql = ("UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE id IN ("
-               f" SELECT id FROM jobs WHERE state = 'queued' AND run_at <= ?{kind_filter}"
-               " ORDER BY run_at LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING *")
-        rows = await self.pool.fetch(self._sql(sql), float(now + lease_seconds), ids.ulid(now), float(now),
-                                     *(kinds or ()), limit)
-        return self.jobs_from_rows(rows)
+        sql = self._sql(claim_sql(bool(kinds)))
+        args = (float(now + lease_seconds), ids.ulid(now), float(now), *([list(kinds)] if kinds else []), limit)
+
+        async def claim() -> list[Row]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(CLAIM_SETTINGS)
+                return list(await conn.fetch(sql, *args))
+        # Tried again if the connection is lost: a claim committed before the loss only holds its jobs until
+        # their lease runs out (nothing is leased twice), and the next claim takes other jobs.
+        return self.jobs_from_rows(await self._again_if_lost(claim))

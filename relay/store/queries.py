@@ -72,8 +72,9 @@ FINISH_JOB = "DELETE FROM jobs WHERE id = ? AND lease_token IS NOT DISTINCT FROM
 RETRY_JOB = (
     "UPDATE jobs SET run_at = ?, last_error = ?, lease_token = NULL, payload = COALESCE(?, payload), "
     "attempts = CASE WHEN ? = 1 THEN 0 ELSE attempts END WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
-BURY_JOB = ("UPDATE jobs SET state = 'dead', dedupe_key = NULL, last_error = ?, lease_token = NULL "
-            "WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
+# A dead job keeps its dedupe key aside (dead_key) for a manual retry (relay.store.console).
+BURY_JOB = ("UPDATE jobs SET state = 'dead', dead_key = dedupe_key, dedupe_key = NULL, last_error = ?, "
+            "lease_token = NULL WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
 JOB_COUNTS = "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"
 NEXT_RUN_AT = "SELECT MIN(run_at) AS due FROM jobs WHERE state = 'queued'"
 # A job brought forward loses its lease: whatever a run holding it does next cannot finish the job.
@@ -151,6 +152,63 @@ ORPHANED_DELIVERIES = (
     "(SELECT 1 FROM jobs j WHERE j.dedupe_key = 'deliver:' || d.id)")
 
 
+# ---- observability: provider request stats (relay.stats) and the gauges of /metrics (relay.metrics) ---
+# Additive upsert in three steps (make the row, lock it, write the sums): the latency histogram is a JSON
+# list merged in Python, the same on both backends.
+CLAIM_PROVIDER_STATS = (
+    "INSERT INTO provider_stats (provider, minute, requests, errors, rate_limited, latency_buckets) "
+    "VALUES (?, ?, 0, 0, 0, '[]') ON CONFLICT (provider, minute) DO NOTHING")
+LOCK_PROVIDER_STATS = (
+    "SELECT requests, errors, rate_limited, latency_buckets FROM provider_stats WHERE provider = ? AND minute = ?"
+    + FOR_UPDATE)
+UPDATE_PROVIDER_STATS = (
+    "UPDATE provider_stats SET requests = ?, errors = ?, rate_limited = ?, latency_buckets = ? "
+    "WHERE provider = ? AND minute = ?")
+PROVIDER_STATS_SINCE = (
+    "SELECT provider, requests, errors, rate_limited, latency_buckets FROM provider_stats WHERE minute >= ?")
+TASK_COUNTS = "SELECT provider, status, COUNT(*) AS n FROM tasks GROUP BY provider, status"
+# Leased jobs are not due (a claim moves run_at to the lease's end): this is what waits for a worker.
+OLDEST_DUE_JOBS = "SELECT kind, MIN(run_at) AS due FROM jobs WHERE state = 'queued' AND run_at <= ? GROUP BY kind"
+
+# ---- console (relay.store.console: the operator's dashboard and /v1/jobs) ----------------------------
+# Tasks whose id or provider task id is the search text, or whose metadata JSON contains it (a scan of the
+# filtered tasks: the console's search, not an API path).
+TASK_SEARCH = "(id = ? OR provider_task_id = ? OR metadata LIKE ? ESCAPE '\\')"
+ATTEMPTS_OF_TASK = (
+    "SELECT a.* FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.task_id = ? "
+    "ORDER BY a.id")
+DELIVERIES_OF_TASK = "SELECT * FROM deliveries WHERE task_id = ? ORDER BY id LIMIT ?"
+EVENTS_OF_TASK = "SELECT * FROM events WHERE task_id = ? ORDER BY seq LIMIT ?"
+SUBSCRIPTION_ATTEMPT_COUNTS = (
+    "SELECT d.subscription_id AS subscription_id, COUNT(*) AS n, "
+    "SUM(CASE WHEN a.status_code >= 200 AND a.status_code < 300 AND a.error IS NULL THEN 1 ELSE 0 END) AS ok "
+    "FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+    "WHERE a.at >= ? AND d.subscription_id IS NOT NULL GROUP BY d.subscription_id")
+# The latency at one rank (nearest-rank percentiles, the same on both backends: SQLite has no percentile_cont).
+SUBSCRIPTION_LATENCY_AT = (
+    "SELECT a.latency_ms FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+    "WHERE d.subscription_id = ? AND a.at >= ? AND a.latency_ms IS NOT NULL ORDER BY a.latency_ms LIMIT 1 OFFSET ?")
+SUBSCRIPTION_LAST_ERROR = (
+    "SELECT a.error, a.at FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+    "WHERE d.subscription_id = ? AND a.at >= ? AND a.error IS NOT NULL ORDER BY a.at DESC LIMIT 1")
+IN_FLIGHT_BY_PROVIDER = (
+    "SELECT provider, COUNT(*) AS n FROM tasks WHERE status IN ('queued', 'running') "
+    "OR (status = 'pending' AND submit_started_at IS NOT NULL) GROUP BY provider")
+CALLBACKS_BY_PROVIDER = (
+    "SELECT provider, status, COUNT(*) AS n FROM inbox WHERE received_at >= ? GROUP BY provider, status")
+QUEUE_BY_KIND = (
+    "SELECT kind, state, COUNT(*) AS n, SUM(CASE WHEN run_at <= ? THEN 1 ELSE 0 END) AS due, "
+    "SUM(CASE WHEN lease_token IS NOT NULL AND run_at > ? THEN 1 ELSE 0 END) AS running, "
+    "MIN(CASE WHEN run_at <= ? THEN run_at END) AS oldest_due FROM jobs GROUP BY kind, state")
+LOAD_JOB = "SELECT * FROM jobs WHERE id = ?"
+LOCK_JOB = "SELECT * FROM jobs WHERE id = ?" + FOR_UPDATE
+LIVE_JOB_WITH_KEY = "SELECT id FROM jobs WHERE dedupe_key = ?"
+DELETE_DEAD_JOB = "DELETE FROM jobs WHERE id = ? AND state = 'dead'"
+REQUEUE_DEAD_JOB = (
+    "UPDATE jobs SET state = 'queued', dedupe_key = ?, dead_key = NULL, run_at = ?, attempts = 0, lease_token = NULL "
+    "WHERE id = ? AND state = 'dead'")
+
+
 def replay_candidates(statuses: int) -> str:
     """A subscription's deliveries created in [since, until) with one of `statuses` statuses, oldest first."""
     marks = ",".join("?" * statuses)
@@ -167,3 +225,103 @@ def filtered(table: str, filters: list[str], *, order: str) -> str:
     """`SELECT * FROM table [WHERE f1 AND f2 …] ORDER BY … LIMIT ?` (filters are fixed SQL with `?`)."""
     where = " WHERE " + " AND ".join(filters) if filters else ""
     return f"SELECT * FROM {table}{where} ORDER BY {order} LIMIT ?"
+
+
+# ---- retention (relay.retention decides what is old; relay.store.retention deletes it) ----------------
+# Old rows oldest first, never one a pending delivery still needs (it would lose its event and task).
+OLD_FINISHED_TASKS = (
+    "SELECT id FROM tasks WHERE completed_at IS NOT NULL AND completed_at < ? AND NOT EXISTS "
+    "(SELECT 1 FROM deliveries d WHERE d.task_id = tasks.id AND d.status = 'pending') ORDER BY completed_at LIMIT ?")
+OLD_EVENTS = (
+    "SELECT id FROM events WHERE created_at < ? AND NOT EXISTS "
+    "(SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.status = 'pending') ORDER BY created_at LIMIT ?")
+DELETE_OLD_ATTEMPTS = ("DELETE FROM delivery_attempts WHERE id IN "
+                       "(SELECT id FROM delivery_attempts WHERE at < ? ORDER BY at LIMIT ?)")
+OLD_ARCHIVED_IMAGES = ("SELECT id FROM images WHERE status = 'archived' AND archived_at < ? "
+                       "ORDER BY archived_at LIMIT ?")
+COUNT_OLD_FINISHED_TASKS = (
+    "SELECT COUNT(*) AS n FROM tasks WHERE completed_at IS NOT NULL AND completed_at < ? AND NOT EXISTS "
+    "(SELECT 1 FROM deliveries d WHERE d.task_id = tasks.id AND d.status = 'pending')")
+COUNT_OLD_EVENTS = (
+    "SELECT COUNT(*) AS n FROM events WHERE created_at < ? AND NOT EXISTS "
+    "(SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.status = 'pending')")
+COUNT_OLD_ATTEMPTS = "SELECT COUNT(*) AS n FROM delivery_attempts WHERE at < ?"
+COUNT_OLD_ARCHIVED_IMAGES = "SELECT COUNT(*) AS n FROM images WHERE status = 'archived' AND archived_at < ?"
+# Image files: a tombstone row per sha256 being deleted, the rendezvous of deletion and archive (see
+# relay.store.retention for why inserting it is what makes the two exclusive).
+START_IMAGE_DELETION = ("INSERT INTO image_deletions (sha256, key, started_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT (sha256) DO NOTHING")
+END_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ?"
+IMAGE_DELETIONS = "SELECT sha256, key FROM image_deletions WHERE key <> '' ORDER BY started_at LIMIT ?"
+IMAGE_IN_USE = "SELECT 1 AS used FROM images WHERE sha256 = ? AND status <> 'expired' LIMIT 1"
+HOLD_IMAGE = "UPDATE images SET sha256 = ? WHERE id = ? AND status = 'pending'"
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def settled_deliveries_of(column: str, count: int) -> str:
+    """Delete the deliveries of `count` tasks or events (`column`: task_id | event_id) that are no longer
+    pending; their ids. A delivery made pending again meanwhile (a retry) stays, and keeps its event."""
+    return (f"DELETE FROM deliveries WHERE {column} IN ({_marks(count)}) AND status <> 'pending' "
+            "RETURNING id")
+
+
+def still_delivered(column: str, count: int) -> str:
+    """Which of `count` tasks or events still have a delivery (one made pending again since they were picked)."""
+    return f"SELECT DISTINCT {column} AS id FROM deliveries WHERE {column} IN ({_marks(count)})"
+
+
+def delete_in(table: str, column: str, count: int, *, returning: str = "") -> str:
+    """`DELETE FROM table WHERE column IN (…count…) [RETURNING …]` (table and column are fixed names)."""
+    tail = f" RETURNING {returning}" if returning else ""
+    return f"DELETE FROM {table} WHERE {column} IN ({_marks(count)}){tail}"
+
+
+def expire_images(count: int) -> str:
+    """Mark `count` archived images expired (their file is to go); their sha256 and key."""
+    return (f"UPDATE images SET status = 'expired', error = ? WHERE id IN ({_marks(count)}) "
+            "AND status = 'archived' RETURNING sha256, path")
+
+
+# ---- failover and costs (relay.store.routing) ---------------------------------------------------------
+SET_TASK_ROUTE = "UPDATE tasks SET candidates = ?, route = ? WHERE id = ?"
+# Move a task that no provider accepted to the next one: only while it is still pending there.
+FAIL_OVER_TASK = (
+    "UPDATE tasks SET provider = ?, attempts = ?, submit_started_at = NULL, updated_at = ? "
+    "WHERE id = ? AND provider = ? AND status = 'pending' AND provider_task_id IS NULL")
+SET_TASK_USAGE = "UPDATE tasks SET usage = ? WHERE id = ?"
+SET_TASK_COST = "UPDATE tasks SET cost = ?, cost_amount = ?, cost_currency = ?, cost_day = ? WHERE id = ?"
+COST_TOTALS_SINCE = (
+    "SELECT provider, cost_day, cost_currency, COUNT(*) AS tasks, SUM(cost_amount) AS amount FROM tasks "
+    "WHERE cost_day >= ? GROUP BY provider, cost_day, cost_currency")
+CLAIM_CIRCUIT = ("INSERT INTO provider_circuits (provider, state, failures, updated_at) VALUES (?, 'closed', 0, ?) "
+                 "ON CONFLICT (provider) DO NOTHING")
+LOAD_CIRCUIT = "SELECT * FROM provider_circuits WHERE provider = ?"
+LOCK_CIRCUIT = "SELECT * FROM provider_circuits WHERE provider = ?" + FOR_UPDATE
+UPDATE_CIRCUIT = ("UPDATE provider_circuits SET state = ?, failures = ?, opened_at = ?, retry_at = ?, last_error = ?, "
+                  "updated_at = ? WHERE provider = ?")
+# An accepted submit closes the circuit; a no-op (no row changed) while it is closed with no failures counted.
+CLOSE_CIRCUIT = ("UPDATE provider_circuits SET state = 'closed', failures = 0, opened_at = NULL, retry_at = NULL, "
+                 "updated_at = ? WHERE provider = ? AND (state <> 'closed' OR failures > 0)")
+ALL_CIRCUITS = "SELECT * FROM provider_circuits ORDER BY provider"
+
+
+# ---- archives of any link and adopted tasks (relay.store.archives) -----------------------------------
+INSERT_ARCHIVE = (
+    "INSERT INTO archives (id, source_url, url_key, expires_at, status, error, metadata, webhook_url, sequence, "
+    "created_at, updated_at, completed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (url_key) DO NOTHING")
+LOAD_ARCHIVE = "SELECT * FROM archives WHERE id = ?"
+LOCK_ARCHIVE = "SELECT * FROM archives WHERE id = ?" + FOR_UPDATE
+ARCHIVE_BY_URL_KEY = "SELECT * FROM archives WHERE url_key = ?"
+UPDATE_ARCHIVE_STATE = (
+    "UPDATE archives SET status = ?, sequence = ?, updated_at = ?, error = ?, completed_at = ? WHERE id = ?")
+ARCHIVE_STARTED = ("UPDATE archives SET status = 'archiving', sequence = sequence + 1, updated_at = ? "
+                   "WHERE id = ? AND status = 'pending'")
+CLAIM_ADOPTION = (
+    "INSERT INTO adoptions (provider, provider_task_id, task_id, created_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (provider, provider_task_id) DO NOTHING")
+LOCK_ADOPTION = "SELECT task_id FROM adoptions WHERE provider = ? AND provider_task_id = ?" + FOR_UPDATE
+SET_ADOPTION = "UPDATE adoptions SET task_id = ? WHERE provider = ? AND provider_task_id = ?"
+TASK_BY_PROVIDER_TASK = "SELECT id FROM tasks WHERE provider_task_id = ? AND provider = ? ORDER BY id LIMIT 1"

@@ -28,7 +28,8 @@ def task_from_row(row: Any) -> Task:
         error=loads(row["error"]), metadata=loads(row["metadata"]), webhook_url=row["webhook_url"],
         webhook_events=loads(row["webhook_events"]), sequence=row["sequence"], created_at=row["created_at"],
         updated_at=row["updated_at"], completed_at=row["completed_at"], deadline_at=row["deadline_at"],
-        submit_started_at=row["submit_started_at"])
+        submit_started_at=row["submit_started_at"], candidates=loads(row["candidates"]), route=row["route"],
+        attempts=loads(row["attempts"]) or [], usage=loads(row["usage"]), cost=loads(row["cost"]))
 
 
 def task_row(task: Task) -> tuple[Any, ...]:

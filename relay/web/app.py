@@ -15,8 +15,9 @@ from starlette.routing import Route
 
 from relay import __version__
 from relay.errors import ApiError, ArchiveError
+from relay.metrics import exposition
 from relay.runtime import Runtime
-from relay.web import callbacks, subscriptions, tasks
+from relay.web import archives, callbacks, console, jobs, openai_compat, subscriptions, tasks
 from relay.web.common import json_response, runtime_of
 from relay.web.openapi import openapi_document
 
@@ -76,13 +77,10 @@ async def openapi(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text: job queue depth by kind and state."""
-    counts = await runtime_of(request).store.job_counts()
-    lines = ["# HELP relay_jobs Jobs in the queue by kind and state.", "# TYPE relay_jobs gauge"]
-    for key, value in sorted(counts.items()):
-        kind, state = key.split(":", 1)
-        lines.append(f'relay_jobs{{kind="{kind}",state="{state}"}} {value}')
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    """Prometheus text exposition (relay.metrics)."""
+    runtime = runtime_of(request)
+    body, content_type = await exposition(runtime.store, runtime.ctx.clock.now())
+    return Response(body, headers={"content-type": content_type})
 
 
 def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = True) -> Starlette:
@@ -116,7 +114,11 @@ def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = T
         *operations,
         Route("/openapi.json", openapi, methods=["GET"]),
         *tasks.routes,
+        *openai_compat.routes,    # OpenAI's Images API shapes under /openai/v1 (its SDKs' base_url)
+        *archives.routes,
         *subscriptions.routes,
+        *jobs.routes,
+        *console.routes(),     # the operator's dashboard: GET / and /console/…
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         ApiError: api_error, HTTPException: http_error, Exception: internal_error})

@@ -103,3 +103,11 @@ def small_int(text: str | None, max_digits: int = 18) -> int | None:
     if text is None or not text.isascii() or not text.isdigit() or len(text) > max_digits:
         return None
     return int(text)
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The `Idempotency-Key` header (1 to 255 characters), or None; every create that takes it reads it here."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+    return key

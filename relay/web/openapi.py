@@ -12,9 +12,10 @@ from typing import Any
 from relay import __version__
 from relay.models import BACKGROUNDS, FORMATS, MODERATIONS, QUALITIES
 from relay.runtime import Runtime
-from relay.states import EVENT_TYPES
+from relay.states import ALL_EVENT_TYPES, EVENT_TYPES
 from relay.validation import SIZE_CHOICES
-from relay.web import subscriptions
+from relay.web import archives, jobs, subscriptions
+from relay.web.providers import PROVIDERS_SCHEMA, TASK_ROUTING_PROPERTIES, provider_field_schema
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 ERROR_CODES = ["invalid_request", "unauthorized", "not_found", "conflict", "payload_too_large",
@@ -83,7 +84,7 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
         "type": "object", "required": ["provider", "prompt"], "additionalProperties": False,
         "dependentRequired": {"webhook_events": ["webhook_url"]},
         "properties": {
-            "provider": {"type": "string", "enum": providers},
+            "provider": provider_field_schema(providers, list(runtime.settings.routes)),
             "prompt": {"type": "string", "minLength": 1, "maxLength": 32000, "pattern": "\\S"},
             "size": {"type": "string", "enum": list(SIZE_CHOICES)},
             "quality": {"type": "string", "enum": list(QUALITIES)},
@@ -95,6 +96,18 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
             "images": {"type": "array", "maxItems": 16,
                        "items": {"type": "string", "format": "uri", "maxLength": 2048}},
             "mask": {"type": "string", "format": "uri", "maxLength": 2048},
+            "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
+            "webhook_events": {"type": "array", "items": {"type": "string", "enum": [*EVENT_TYPES, "task.*"]}},
+            "metadata": {"type": "object"},
+        }}
+    # POST /v1/tasks with provider_task_id: adopt a provider task submitted elsewhere (relay.adopt).
+    adopt_request = {
+        "type": "object", "required": ["provider", "provider_task_id"], "additionalProperties": False,
+        "dependentRequired": {"webhook_events": ["webhook_url"]},
+        "properties": {
+            "provider": {"type": "string", "enum": providers},
+            "provider_task_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:~-]{0,199}$",
+                                 "not": {"pattern": "\\.\\."}},
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "webhook_events": {"type": "array", "items": {"type": "string", "enum": [*EVENT_TYPES, "task.*"]}},
             "metadata": {"type": "object"},
@@ -114,10 +127,11 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
         "images": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}},
         "error": {"type": ["object", "null"]}, "metadata": {"type": ["object", "null"]},
         "sequence": {"type": "integer"}, "created_at": {"type": "string"}, "updated_at": {"type": "string"},
-        "completed_at": {"type": ["string", "null"]}}}
+        "completed_at": {"type": ["string", "null"]}, **TASK_ROUTING_PROPERTIES}}
     event = {"type": "object", "required": ["id", "type", "timestamp", "data"], "properties": {
-        "id": {"type": "string"}, "type": {"type": "string", "enum": list(EVENT_TYPES)},
-        "timestamp": {"type": "string"}, "sequence": {"type": "integer"}, "data": {"$ref": "#/components/schemas/Task"}}}
+        "id": {"type": "string"}, "type": {"type": "string", "enum": list(ALL_EVENT_TYPES)},
+        "timestamp": {"type": "string"}, "sequence": {"type": "integer"},
+        "data": {"anyOf": [{"$ref": "#/components/schemas/Task"}, {"$ref": "#/components/schemas/Archive"}]}}}
     error = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"], "properties": {
             "code": {"type": "string", "enum": ERROR_CODES},
@@ -129,7 +143,8 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"TaskRequest": task_request, "Task": task, "Image": image, "Event": event, "Error": error,
-                        **subscriptions.openapi_schemas()},
+                        **subscriptions.openapi_schemas(), **jobs.openapi_schemas(),
+                        **archives.openapi_schemas(), "AdoptRequest": adopt_request},
         },
         "paths": {
             "/v1/tasks": {
@@ -137,7 +152,8 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
                          "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                          "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
                          "requestBody": {"required": True, "content": {"application/json": {
-                             "schema": {"$ref": "#/components/schemas/TaskRequest"}}}},
+                             "schema": {"oneOf": [{"$ref": "#/components/schemas/TaskRequest"},
+                                                  {"$ref": "#/components/schemas/AdoptRequest"}]}}}},
                          "responses": {"202": _ok("Accepted", {"$ref": "#/components/schemas/Task"}, created_links),
                                        "200": _ok("Replayed by Idempotency-Key", {"$ref": "#/components/schemas/Task"},
                                                   created_links),
@@ -178,7 +194,7 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
                 "operationId": "listEvents", "summary": "The ordered event log, oldest first after the cursor",
                 "security": secured,
                 "parameters": [cursor_parameter("after", "evt", "Events after this one (an unknown one is 422)"),
-                               _query("type", {"type": "string", "enum": list(EVENT_TYPES)}),
+                               _query("type", {"type": "string", "enum": list(ALL_EVENT_TYPES)}),
                                _query("task_id", {"type": "string"}), limit],
                 "responses": {"200": _ok("Events", _list_of("#/components/schemas/Event"), {
                     "NextPage": link("listEvents", "The next page", query_after="$response.body#/next_cursor"),
@@ -186,9 +202,12 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
                                       path_task_id="$response.body#/data/0/data/id")}),
                               **_errors(401, 422, 500)}}},
             "/v1/providers": {"get": {
-                "operationId": "listProviders", "summary": "Configured providers and their capabilities",
+                "operationId": "listProviders",
+                "summary": "Configured providers: capabilities, circuit breaker, prices, costs per day; and routes",
                 "security": secured,
-                "responses": {"200": _ok("Providers", {"type": "object"}), **_errors(401, 500)}}},
+                "parameters": [_query("days", {"type": "integer", "minimum": 1, "maximum": 90},
+                                      "Days of cost totals (today and before, UTC); default 7")],
+                "responses": {"200": _ok("Providers", PROVIDERS_SCHEMA), **_errors(401, 422, 500)}}},
             "/healthz": {"get": {"operationId": "healthz", "summary": "Process alive",
                                  "responses": {"200": _ok("OK", {"type": "object"})}}},
             "/readyz": {"get": {"operationId": "readyz", "summary": "Database and image store reachable", "responses": {
@@ -205,5 +224,7 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
                 "responses": {"200": _ok("Recorded", {"type": "object", "required": ["ok"], "properties": {
                     "ok": {"const": True}}}), **_errors(400, 404, 413, 500)}}},
             **subscriptions.openapi_paths(),
+            **jobs.openapi_paths(),
+            **archives.openapi_paths(),
         },
     }

@@ -183,8 +183,9 @@ def _page(name: str) -> dict[str, Any]:
 
 
 def openapi_schemas() -> dict[str, Any]:
-    from relay.states import EVENT_TYPES
-    filters = {"type": "array", "minItems": 1, "items": {"type": "string", "enum": [*EVENT_TYPES, "task.*", "*"]}}
+    from relay.states import ALL_EVENT_TYPES, EVENT_WILDCARDS
+    filters = {"type": "array", "minItems": 1, "items": {"type": "string", "enum": [*ALL_EVENT_TYPES,
+                                                                                     *EVENT_WILDCARDS]}}
     when = {"type": ["string", "null"], "format": "date-time"}
     changeable = {"url": {"type": "string", "format": "uri", "maxLength": 2048}, "events": filters,
                   "description": {"type": ["string", "null"], "maxLength": 1024}, "enabled": {"type": "boolean"}}

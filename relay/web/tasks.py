@@ -9,9 +9,10 @@ from starlette.routing import Route
 from relay.errors import ApiError, ArchiveError, InvalidRequest, NotFound, Unauthorized
 from relay.models import Task, TaskStatus
 from relay.present import task_object, with_image_urls
-from relay.states import EVENT_TYPES
-from relay.web.common import (json_response, query_cursor, query_limit, read_json_body, require_api_key, runtime_of,
-                              small_int)
+from relay.states import ALL_EVENT_TYPES
+from relay.web.providers import list_providers   # capabilities, circuits, prices, costs per day
+from relay.web.common import (idempotency_key, json_response, query_cursor, query_limit, read_json_body,
+                              require_api_key, runtime_of, small_int)
 
 
 def present(request: Request, task: Task) -> dict[str, object]:
@@ -30,9 +31,7 @@ def image_url_maker(request: Request):  # type: ignore[no-untyped-def]
 
 async def create_task(request: Request) -> Response:
     scope = require_api_key(request)
-    key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= 255:
-        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+    key = idempotency_key(request)
     data = await read_json_body(request, runtime_of(request).settings.server.max_body_bytes)
     task, created = await runtime_of(request).tasks.create(data, scope=scope, idempotency_key=key)
     return json_response(present(request, task), status=202 if created else 200)
@@ -113,8 +112,8 @@ async def list_events(request: Request) -> Response:
     require_api_key(request)
     runtime = runtime_of(request)
     type_ = request.query_params.get("type")
-    if type_ is not None and type_ not in EVENT_TYPES:
-        raise InvalidRequest(f"type must be one of {', '.join(EVENT_TYPES)}", field="type")
+    if type_ is not None and type_ not in ALL_EVENT_TYPES:
+        raise InvalidRequest(f"type must be one of {', '.join(ALL_EVENT_TYPES)}", field="type")
     after = query_cursor(request, "after", "evt")
     limit = query_limit(request)
     events = await runtime.store.list_events(after=after, type=type_, task_id=request.query_params.get("task_id"),
@@ -127,15 +126,6 @@ async def list_events(request: Request) -> Response:
     data = [{"id": e.id, "type": e.type, "timestamp": rfc3339(e.created_at), "sequence": e.sequence,
              "data": with_image_urls(e.data or {}, make)} for e in events]
     return json_response({"data": data, "next_cursor": data[-1]["id"] if data else None})
-
-
-async def list_providers(request: Request) -> Response:
-    """Configured providers and what each can do (an addition to API.md)."""
-    require_api_key(request)
-    runtime = runtime_of(request)
-    data = [{"name": name, "kind": p.kind, "capabilities": p.caps.describe()}
-            for name, p in runtime.ctx.providers.items()]
-    return json_response({"data": data, "next_cursor": None})
 
 
 routes = [

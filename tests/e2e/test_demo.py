@@ -30,6 +30,7 @@ def test_demo_command_as_a_new_user(tmp_path: Path) -> None:
     assert done.returncode == 0, f"relay demo exited {done.returncode}:\n{output}"
     total = len(PROVIDER_KINDS)
     assert f"{total}/{total} tasks archived" in output, output
+    assert "cost per provider" in output and "USD" in output, output     # the day's cost per provider
 
     lines = done.stdout.splitlines()
     assert "archived files:" in lines, output

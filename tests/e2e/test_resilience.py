@@ -73,7 +73,7 @@ def test_provider_faults_end_in_success(sim: Simulator, relay_factory: RelayFact
     _assert_matches_provider(sim, task)
 
     stats = sim.stats("evolink")
-    assert stats["faults"] == {"429": 2, "500": 2, "timeout": 1, "truncate": 1, "malformed": 0}, stats
+    assert stats["faults"] == {"429": 2, "500": 2, "timeout": 1, "truncate": 1, "malformed": 0, "503": 0}, stats
     assert stats["submits"] == 3 and stats["downloads"] >= 3, stats
     assert len(sim.tasks("evolink")) == 1, "a rate-limited submit must not create a second task"
     assert sim.faults()["next"] == [], "every injected fault was consumed"

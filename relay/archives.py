@@ -1,0 +1,69 @@
+"""Archive any link: the use cases behind POST/GET /v1/archives (validated, SSRF-checked, idempotent).
+
+The saving itself is the archive job's (relay.jobs.archive), as for task images; the rows and the
+outcome's event are relay.store.archives'. Here: which links, and until when each one lives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay import ids
+from relay.errors import BlockedAddress, InvalidRequest, NotFound
+from relay.jobs.context import JobContext
+from relay.models import Archive
+from relay.netguard import NetGuard
+from relay.sourcelinks import expiry_from_url, url_key
+from relay.store.archives import ARCHIVE_PREFIX
+from relay.validation import parse_archive_input
+
+# A link that does not say when it dies is assumed to live this long (the resellers' 24 h).
+DEFAULT_LINK_LIFETIME = 24 * 3600.0
+
+
+class ArchiveService:
+    def __init__(self, ctx: JobContext, guard: NetGuard) -> None:
+        self.ctx = ctx
+        self.guard = guard
+
+    async def create(self, data: dict[str, Any], *, scope: str,
+                     idempotency_key: str | None) -> tuple[list[tuple[Archive, bool]], bool]:
+        """Validate, check every link against the SSRF guard, store. Returns ((archive, created) per link, whether
+        the body gave a list). A link archived before (the same normalized URL) answers with that archive."""
+        from relay.service import idempotency_of
+
+        ctx = self.ctx
+        parsed = parse_archive_input(data)
+        field = "urls" if parsed.many else "url"
+        for url in dict.fromkeys(parsed.urls):
+            await self._check(field, url)
+        if parsed.webhook_url is not None:
+            await self._check("webhook_url", parsed.webhook_url)
+        now = ctx.clock.now()
+        archives = [Archive(id=ids.new_id(ARCHIVE_PREFIX, now), source_url=url, url_key=url_key(url),
+                            expires_at=self.expiry(url, parsed.expires_at, now), metadata=parsed.metadata,
+                            webhook_url=parsed.webhook_url, created_at=now, updated_at=now)
+                    for url in parsed.urls]
+        result = await ctx.store.create_archives(archives, now,
+                                                 idempotency=idempotency_of(scope, idempotency_key, data))
+        return result, parsed.many
+
+    @staticmethod
+    def expiry(url: str, given: float | None, now: float) -> float:
+        """`expires_at` as given; else what the link's signature says; else 24 h from now."""
+        if given is not None:
+            return given
+        found = expiry_from_url(url, now=now)
+        return found if found is not None else now + DEFAULT_LINK_LIFETIME
+
+    async def _check(self, field: str, url: str) -> None:
+        try:
+            await self.guard.check_url(url)
+        except BlockedAddress as exc:
+            raise InvalidRequest(f"{field} is refused ({url}): {exc}", field=field) from None
+
+    async def get(self, archive_id: str) -> Archive:
+        archive = await self.ctx.store.get_archive(archive_id)
+        if archive is None:
+            raise NotFound(f"no archive {archive_id!r}")
+        return archive

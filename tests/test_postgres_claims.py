@@ -1,0 +1,144 @@
+"""PostgresStore's claim plan and batch writes: the shapes that keep them fast whatever the statistics say.
+
+- The claim walks jobs_due in run_at order and stops at its limit, in the plan PostgreSQL picks for the
+  values and in the generic plan of the prepared statement, even on a table never analyzed (where the
+  planner otherwise sorted every queued job read through jobs_by_state_kind).
+- `Tx.many` of an INSERT is one statement over arrays and still counts what ON CONFLICT skipped.
+- Concurrent job outcomes share commits (group commit) and each keeps its lease check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from relay import ids
+from relay.models import Job
+from relay.store import queries as q
+from relay.store.postgres import CLAIM_SETTINGS, PostgresStore, claim_sql, to_postgres, unnest_insert
+from tests.pg import fresh_database
+
+KINDS = ["submit", "poll", "archive", "callback", "deliver"]
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[PostgresStore]:
+    async with fresh_database() as dsn:
+        opened = PostgresStore(dsn)
+        await opened.open()
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+
+async def plan_of_claim(store: PostgresStore, *, generic: bool) -> str:
+    """EXPLAIN of the claim as PostgresStore.claim runs it, in a transaction rolled back after."""
+    now = time.time()
+    args = (now + 60, "token", now, KINDS, 32)
+    async with store.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute(CLAIM_SETTINGS)
+            if generic:
+                await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                await conn.execute("PREPARE claim AS " + to_postgres(claim_sql(True)))
+                rows = await conn.fetch(f"EXPLAIN EXECUTE claim({now + 60}, 'token', {now}, "
+                                        "ARRAY['submit','poll','archive','callback','deliver'], 32)")
+            else:
+                rows = await conn.fetch("EXPLAIN " + to_postgres(claim_sql(True)), *args)
+        finally:
+            await tx.rollback()
+    return "\n".join(row[0] for row in rows)
+
+
+async def test_the_claim_walks_the_due_index_on_a_table_never_analyzed(store: PostgresStore) -> None:
+    """20,000 jobs just enqueued (no ANALYZE yet): the claim's plan walks jobs_due, sorts nothing and scans no
+    whole table, in the custom and the generic plan alike."""
+    now = time.time()
+    for start in range(0, 20_000, 1_000):
+        await store.enqueue([Job(id=ids.new_id("job", now), kind=KINDS[n % 5], run_at=now - n % 7)
+                             for n in range(start, start + 1_000)])
+    analyzed = await store.pool.fetchval("SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL "
+                                         "FROM pg_stat_user_tables WHERE relname = 'jobs'")
+    assert not analyzed, "the case is a table whose statistics do not exist yet"
+    for generic in (False, True):
+        plan = await plan_of_claim(store, generic=generic)
+        assert "Index Scan using jobs_due" in plan, plan
+        assert "Sort" not in plan and "Seq Scan" not in plan, plan
+    jobs = await store.claim(time.time(), limit=32, lease_seconds=60, kinds=KINDS)
+    assert len(jobs) == 32
+    assert [j.run_at for j in jobs] != [] and max(j.attempts for j in jobs) == 1
+
+
+async def test_a_claim_without_kinds_leases_every_kind(store: PostgresStore) -> None:
+    """No kinds given: due jobs of any kind are leased, oldest first."""
+    now = time.time()
+    await store.enqueue([Job(id=ids.new_id("job", now), kind=kind, run_at=now - n)
+                         for n, kind in enumerate(["poll", "deliver", "other"])])
+    oldest = await store.claim(time.time(), limit=2, lease_seconds=60)
+    assert {j.kind for j in oldest} == {"other", "deliver"}
+    assert [j.kind for j in await store.claim(time.time(), limit=10, lease_seconds=60)] == ["poll"]
+
+
+def test_an_insert_becomes_one_statement_over_arrays() -> None:
+    """INSERT … VALUES (?, 'x', ?) … → INSERT … SELECT u.a, 'x', u.c FROM unnest(?::T[], ?::T[]) … (constants kept,
+    the rest of the statement kept); any other shape is left alone."""
+    types = {("jobs", c): t for c, t in [("id", "text"), ("kind", "text"), ("task_id", "text"), ("payload", "text"),
+                                         ("run_at", "double precision"), ("dedupe_key", "text"),
+                                         ("attempts", "integer"), ("max_attempts", "integer"),
+                                         ("created_at", "double precision")]}
+    bulk = unnest_insert(q.INSERT_JOB, types)
+    assert bulk is not None
+    assert bulk.startswith("INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, "
+                           "max_attempts, created_at) SELECT u.id, u.kind, u.task_id, u.payload, u.run_at, 'queued', ")
+    assert "unnest(?::text[], ?::text[], ?::text[], ?::text[], ?::double precision[], ?::text[], ?::integer[]" in bulk
+    assert bulk.endswith("ON CONFLICT (dedupe_key) DO NOTHING")
+    assert unnest_insert(q.FINISH_JOB, types) is None
+    assert unnest_insert("INSERT INTO jobs (id, nope) VALUES (?, ?)", types) is None      # a column of no known type
+
+
+async def test_a_batch_insert_counts_only_the_rows_it_added(store: PostgresStore) -> None:
+    """Jobs whose dedupe key is live already (or repeated inside the batch) are skipped and not counted."""
+    now = time.time()
+    assert await store.enqueue([Job(id=ids.new_id("job", now), kind="poll", run_at=now, dedupe_key="poll:a")]) == 1
+    batch = [Job(id=ids.new_id("job", now), kind="poll", run_at=now, dedupe_key=key, payload={"k": key})
+             for key in ["poll:a", "poll:b", "poll:b", "poll:c", None, None]]
+    assert await store.enqueue(batch) == 4
+    assert await store.job_counts() == {"poll:queued": 5}
+
+
+class CountingStore(PostgresStore):
+    """Records the size of each group-committed batch of small writes (one transaction each)."""
+
+    batches: list[int]
+
+    async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self.batches.append(len(batch))
+        await super()._write_statements(batch)
+
+
+async def test_concurrent_finishes_share_commits_and_keep_their_lease_check() -> None:
+    """64 finishes at once are written in a few transactions, not 64; a finish whose lease was lost (the job
+    claimed again since) leaves the job alone."""
+    async with fresh_database() as dsn:
+        store = CountingStore(dsn)
+        store.batches = []
+        await store.open()
+        try:
+            now = time.time()
+            await store.enqueue([Job(id=ids.new_id("job", now), kind="poll", run_at=now) for _ in range(65)])
+            first = {j.id: j for j in await store.claim(now, limit=65, lease_seconds=60)}
+            jobs = await store.claim(now + 120, limit=65, lease_seconds=60)   # leases ran out: claimed again
+            assert {j.id for j in jobs} == set(first)
+            stale = first[jobs.pop().id]                                        # finished under its old lease
+            await asyncio.gather(*(store.finish_job(job) for job in jobs), store.finish_job(stale))
+            assert sum(store.batches) == 65 and len(store.batches) <= 3, store.batches
+            assert await store.job_counts() == {"poll:queued": 1}             # only the re-leased job is left
+        finally:
+            await store.close()
