@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from relay import ids
-from relay.errors import BlockedAddress, InvalidRequest
 from relay.jobs.context import JobContext
 from relay.models import Task
-from relay.netguard import NetGuard
+from relay.netguard import NetGuard, check_given_url
 from relay.validation import parse_adopt_input
 
 ADOPTED_REQUEST = {"adopted": True}     # the task's `request`: relay never saw the generation request
@@ -27,10 +26,7 @@ async def adopt(ctx: JobContext, guard: NetGuard, data: dict[str, Any], *, scope
 
     parsed = parse_adopt_input(data, known_providers=list(ctx.providers))
     if parsed.webhook_url is not None:
-        try:
-            await guard.check_url(parsed.webhook_url)
-        except BlockedAddress as exc:
-            raise InvalidRequest(f"webhook_url is refused: {exc}", field="webhook_url") from None
+        await check_given_url(guard, "webhook_url", parsed.webhook_url)
     now = ctx.clock.now()
     task = Task(id=ids.new_id("tsk", now), provider=parsed.provider, request=dict(ADOPTED_REQUEST),
                 provider_task_id=parsed.provider_task_id, metadata=parsed.metadata, webhook_url=parsed.webhook_url,

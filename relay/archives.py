@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from relay import ids
-from relay.errors import BlockedAddress, InvalidRequest, NotFound
+from relay.errors import NotFound
 from relay.jobs.context import JobContext
 from relay.models import Archive
-from relay.netguard import NetGuard
+from relay.netguard import NetGuard, check_given_url
 from relay.sourcelinks import expiry_from_url, url_key
 from relay.store.archives import ARCHIVE_PREFIX
 from relay.validation import parse_archive_input
@@ -36,9 +36,9 @@ class ArchiveService:
         parsed = parse_archive_input(data)
         field = "urls" if parsed.many else "url"
         for url in dict.fromkeys(parsed.urls):
-            await self._check(field, url)
+            await check_given_url(self.guard, field, url, name_url=True)
         if parsed.webhook_url is not None:
-            await self._check("webhook_url", parsed.webhook_url)
+            await check_given_url(self.guard, "webhook_url", parsed.webhook_url, name_url=True)
         now = ctx.clock.now()
         archives = [Archive(id=ids.new_id(ARCHIVE_PREFIX, now), source_url=url, url_key=url_key(url),
                             expires_at=self.expiry(url, parsed.expires_at, now), metadata=parsed.metadata,
@@ -55,12 +55,6 @@ class ArchiveService:
             return given
         found = expiry_from_url(url, now=now)
         return found if found is not None else now + DEFAULT_LINK_LIFETIME
-
-    async def _check(self, field: str, url: str) -> None:
-        try:
-            await self.guard.check_url(url)
-        except BlockedAddress as exc:
-            raise InvalidRequest(f"{field} is refused ({url}): {exc}", field=field) from None
 
     async def get(self, archive_id: str) -> Archive:
         archive = await self.ctx.store.get_archive(archive_id)

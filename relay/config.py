@@ -161,9 +161,11 @@ class RetentionSettings:
     """What housekeeping deletes, and when (relay.retention). Ages in seconds; 0 keeps forever."""
 
     # An application reads a result within hours; a month covers disputes and audits with a provider's bill.
+    # Finished archives of any link (POST /v1/archives) go at the same age, with their rows.
     finished_tasks: float = 30 * 86400.0
     # The event log is what subscribers replay from: a month outlasts any retry schedule (~27 h) and
-    # auto-disable (5 days), so a subscriber back from a long outage can still replay it.
+    # auto-disable (5 days), so a subscriber back from a long outage can still replay it. Provider request stats
+    # (per provider per minute; the console reads the last day) go at the same age.
     events: float = 30 * 86400.0
     # The bulkiest rows (up to 4 KiB of response each) and only read to debug an endpoint: two weeks.
     delivery_attempts: float = 14 * 86400.0

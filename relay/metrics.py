@@ -15,12 +15,24 @@ Counted where it happens (prometheus-client counters and histograms, all labelle
     relay_delivery_attempts_total{outcome}, relay_delivery_attempt_seconds{outcome}
                                                               outcome: succeeded | retry | gone | refused
     relay_job_failures_total{kind,outcome}                    outcome: retry | dead
+    relay_archive_status_changes_total{status}                archives of any link (POST /v1/archives) created
+                                                              (pending) and each status reached
 
 Read from the store at each scrape (so every replica reports the same, whole-database values):
 
     relay_tasks{provider,status}        tasks by status
     relay_jobs{kind,state}              jobs by kind and state (queue depth)
     relay_queue_lag_seconds{kind}       how long the oldest due, unclaimed job has waited (0: none waiting)
+    relay_provider_circuit_state{provider}   the provider's circuit breaker: 0 closed, 1 half-open, 2 open
+    relay_cost_today{provider,currency}      the cost of the tasks that ended today (UTC), as priced by relay.costs
+
+Archives count in their own counter rather than in relay_task_status_changes_total: an archive has no provider,
+and with a made-up one every sum over tasks (by status, a provider's failure rate) would mix archives in.
+Cost is a gauge read at the scrape, not a counter each process adds to: a task's cost is written in the
+transaction that ends it, by whichever replica that is, and the database is its one record; a counter would
+count each cost in one replica's process only (lost when it restarts), and a total over all time read from
+the database would fall when retention deletes old tasks, which a counter must never do. Today's total is
+what the Providers page and GET /v1/providers show; it starts again at 0 at midnight UTC.
 
 Several processes (`relay serve --processes N`): the parent calls `use_multiprocess_dir` with a fresh
 directory before forking, so every child writes its counters to files there (prometheus-client's
@@ -49,6 +61,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from relay.circuit import CLOSED, HALF_OPEN, OPEN
+from relay.costs import cost_day
 from relay.models import Event, Task, TaskStatus
 from relay.stats import LATENCY_BUCKETS
 
@@ -62,6 +76,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"     # prometheus-client's own switch 
 ARCHIVE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # A `_created` timestamp beside every counter doubles the exposition and tells a scraper nothing it needs.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+CIRCUIT_STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 TASK_STATUS_CHANGES = Counter("relay_task_status_changes", "Tasks created (status pending) and status changes, "
                               "by provider and the status reached.", ["provider", "status"])
@@ -85,6 +100,8 @@ ARCHIVE_SECONDS = Histogram("relay_archive_seconds", "Time to fetch, verify and 
 DELIVERY_ATTEMPTS = Counter("relay_delivery_attempts", "Webhook delivery attempts by outcome.", ["outcome"])
 DELIVERY_SECONDS = Histogram("relay_delivery_attempt_seconds", "Latency of webhook delivery attempts.",
                              ["outcome"], buckets=LATENCY_BUCKETS)
+ARCHIVE_STATUS_CHANGES = Counter("relay_archive_status_changes", "Archives of any link created (status pending) "
+                                 "and status changes, by the status reached.", ["status"])
 JOB_FAILURES = Counter("relay_job_failures", "Jobs that failed: retried later, or dead (attempts used up).",
                        ["kind", "outcome"])
 
@@ -130,6 +147,11 @@ def task_status(task: Task, status: TaskStatus, event: Event | None) -> None:
     TASK_STATUS_CHANGES.labels(task.provider, status.value).inc()
 
 
+def archive_status(archive_id: str, status: TaskStatus) -> None:
+    """A Store archive status listener (Store.on_archive_status)."""
+    ARCHIVE_STATUS_CHANGES.labels(status.value).inc()
+
+
 # ---- several processes --------------------------------------------------------------------------------
 def use_multiprocess_dir(path: str) -> None:
     """Count in files under `path` from now on (call before forking the children, with an empty directory)."""
@@ -164,8 +186,9 @@ class _Delegate(Collector):
         return self.registry.collect()
 
 
-async def store_families(store: Store, now: float) -> list[Metric]:
-    """The gauges read from the store: tasks by status, jobs by kind and state, queue lag by kind."""
+async def store_families(store: Store, now: float, providers: Iterable[str] = ()) -> list[Metric]:
+    """The gauges read from the store: tasks by status, jobs by kind and state, queue lag by kind, circuit
+    states (of `providers`, the configured ones, and any other with a circuit) and today's costs."""
     tasks = GaugeMetricFamily("relay_tasks", "Tasks by provider and status.", labels=["provider", "status"])
     for (provider, status), n in sorted((await store.task_counts()).items()):
         tasks.add_metric([provider, status], n)
@@ -180,16 +203,30 @@ async def store_families(store: Store, now: float) -> list[Metric]:
     oldest = await store.oldest_due_jobs(now)
     for kind in sorted(kinds | set(oldest)):
         lag.add_metric([kind], max(0.0, now - oldest[kind]) if kind in oldest else 0.0)
-    return [tasks, jobs, lag]
+    circuit = GaugeMetricFamily("relay_provider_circuit_state", "The provider's circuit breaker: 0 closed, "
+                                "1 half-open (one probe submit admitted), 2 open (skipped).", labels=["provider"])
+    circuits = await store.circuits()
+    for name in sorted(set(providers) | set(circuits)):
+        c = circuits.get(name)
+        circuit.add_metric([name], CIRCUIT_STATE_VALUES.get(c.state, 0) if c is not None else 0)
+    cost = GaugeMetricFamily("relay_cost_today", "Cost of the tasks that ended today (UTC), by provider and "
+                             "currency (the configured prices; see GET /v1/providers).",
+                             labels=["provider", "currency"])
+    today = cost_day(now)
+    for row in sorted(await store.cost_totals(today), key=lambda r: (r["provider"], r["currency"])):
+        if row["day"] == today:
+            cost.add_metric([row["provider"], row["currency"]], row["amount"])
+    return [tasks, jobs, lag, circuit, cost]
 
 
-async def exposition(store: Store, now: float) -> tuple[bytes, str]:
-    """The /metrics body and its content type: this process's (or all children's) counters and the store's gauges."""
+async def exposition(store: Store, now: float, providers: Iterable[str] = ()) -> tuple[bytes, str]:
+    """The /metrics body and its content type: this process's (or all children's) counters and the store's gauges
+    (`providers`: the configured provider names, each with a circuit state even before its first submit)."""
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Delegate(REGISTRY))
-    registry.register(_Families(await store_families(store, now)))
+    registry.register(_Families(await store_families(store, now, providers)))
     # 0.0.4: the text format every Prometheus (and other scraper) reads, and what generate_latest writes.
     return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4

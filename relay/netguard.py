@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpcore
 import httpx
 
-from relay.errors import BlockedAddress
+from relay.errors import BlockedAddress, InvalidRequest
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -249,6 +249,16 @@ class NetGuard:
         are refused because they would route around the check.
         """
         return GuardedTransport(self, **kwargs)
+
+
+async def check_given_url(guard: NetGuard, field: str, url: str, *, name_url: bool = False) -> None:
+    """`guard.check_url` for a URL a client gave in `field`: a refusal is InvalidRequest naming the field (and,
+    with `name_url`, the URL itself: for a field that holds several)."""
+    try:
+        await guard.check_url(url)
+    except BlockedAddress as exc:
+        where = f"{field} ({url})" if name_url else field
+        raise InvalidRequest(f"{where} is refused: {exc}", field=field) from None
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):

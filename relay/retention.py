@@ -5,10 +5,19 @@ One sweep, run by the housekeeping job (relay.jobs.housekeeping) or by `relay re
     1. image files whose deletion a crash interrupted      (their tombstones; see relay.store.retention)
     2. finished tasks older than `finished_tasks`, with their deliveries, attempts, events, callbacks,
        idempotency keys, jobs and images rows; with `images` > 0, their files no kept image uses
+       (then finished archives of any link, arc_…, the same way: their image rows are images like a task's)
     3. events older than `events` (of tasks still kept), with their settled deliveries and attempts
-    4. delivery attempts older than `delivery_attempts`
+    4. delivery attempts older than `delivery_attempts`; provider request stats (relay.stats) older than `events`
     5. with `images` > 0, images archived longer ago become `expired`; their files no kept image uses go
     6. temporary download files a crash left (older than an hour)
+
+An image file goes only when no remaining image row (a task's or an archive's) and no upload uses its sha256.
+Files uploaded to the OpenAI-compatible edits endpoint are kept: a task holds only a signed link to its input,
+which a provider may fetch whenever it runs the task (after a failover, a retry, a long queue), and nothing
+records which tasks still need it; they are small (one request's inputs, at most `archive.input_max_bytes`)
+and content-addressed (the same upload again costs nothing), like archived images with the default
+`images` = 0. Their rows in `uploads` count as users of the sha256, so an image retention deletes never takes
+a file an upload shares.
 
 Tasks first, so that their events, attempts and images go with them in one transaction each rather than one
 rule at a time. Nothing a pending delivery needs is deleted (its task, its event), whatever its age.
@@ -72,9 +81,11 @@ class Report:
     """What one sweep deleted (or, for a dry run, would delete)."""
 
     finished_tasks: int = 0
+    archives: int = 0
     events: int = 0
     delivery_attempts: int = 0
     images_expired: int = 0
+    provider_stats: int = 0
     files: int = 0
     tmp_files: int = 0
     more: bool = False           # stopped at its time budget with old rows left
@@ -82,8 +93,9 @@ class Report:
     file_errors: list[str] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("finished tasks", self.finished_tasks), ("events", self.events),
-                ("delivery attempts", self.delivery_attempts), ("images expired", self.images_expired),
+        return [("finished tasks", self.finished_tasks), ("finished archives", self.archives),
+                ("events", self.events), ("delivery attempts", self.delivery_attempts),
+                ("provider stats rows", self.provider_stats), ("images expired", self.images_expired),
                 ("image files", self.files), ("temporary files", self.tmp_files)]
 
 
@@ -133,6 +145,8 @@ class Sweeper:
             before = c.finished_tasks
             report.finished_tasks = await each(
                 lambda: self.store.delete_finished_tasks(before, batch, self.now(), release_files=release), batch)
+            report.archives = await each(
+                lambda: self.store.delete_finished_archives(before, batch, self.now(), release_files=release), batch)
         if c.events is not None:
             events_before = c.events
             report.events = await each(lambda: self.store.delete_old_events(events_before, batch), batch)
@@ -140,6 +154,10 @@ class Sweeper:
             attempts_before = c.delivery_attempts
             report.delivery_attempts = await each(
                 lambda: self.store.delete_old_attempts(attempts_before, batch), batch)
+        if c.events is not None:
+            stats_before = c.events
+            report.provider_stats = await each(
+                lambda: self.store.delete_old_provider_stats(stats_before, batch), batch)
         if c.images is not None:
             images_before, reason = c.images, f"expired: deleted by retention after {age_text(self.settings.images)}"
             report.images_expired = await each(
@@ -171,8 +189,9 @@ class Sweeper:
         c = cutoffs(self.settings, self.now())
         counts = await self.store.retention_counts(tasks_before=c.finished_tasks, events_before=c.events,
                                                    attempts_before=c.delivery_attempts, images_before=c.images)
+        more = await self.store.old_row_counts(archives_before=c.finished_tasks, stats_before=c.events)
         old_tmp = await self.images.count_tmp(TMP_MAX_AGE)
-        return Report(finished_tasks=counts["finished_tasks"], events=counts["events"],
-                      delivery_attempts=counts["delivery_attempts"], images_expired=counts["images"],
-                      tmp_files=old_tmp)
+        return Report(finished_tasks=counts["finished_tasks"], archives=more["archives"], events=counts["events"],
+                      delivery_attempts=counts["delivery_attempts"], provider_stats=more["provider_stats"],
+                      images_expired=counts["images"], tmp_files=old_tmp)
 

@@ -170,6 +170,7 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     await store.open()
     store.on_task_status(metrics.task_status)
     store.on_task_status(log_task_status)
+    store.on_archive_status(metrics.archive_status)
     store.pricing = pricing(settings)      # each task's cost, decided when it ends (relay.costs)
     provider_stats = ProviderStatsRecorder(store, clock)   # this process's provider requests, added to the store
     image_store = open_image_store(settings.storage)   # a local directory, or an S3-compatible bucket

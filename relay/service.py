@@ -10,10 +10,10 @@ import logging
 from typing import Any
 
 from relay import ids, routing
-from relay.errors import BlockedAddress, Conflict, InvalidRequest, NotFound
+from relay.errors import Conflict, NotFound
 from relay.jobs.context import JobContext
 from relay.models import Job, Task
-from relay.netguard import NetGuard
+from relay.netguard import NetGuard, check_given_url
 from relay.providers.base import check_supported
 from relay.states import on_cancel
 from relay.validation import is_adoption, parse_task_input
@@ -55,7 +55,7 @@ class TaskService:
         outbound += [("mask", parsed.request.mask), ("webhook_url", parsed.webhook_url)]
         for field, url in outbound:
             if url is not None:
-                await self._check_outbound(field, url)
+                await check_given_url(self.guard, field, url)
         now = ctx.clock.now()
         task = Task(id=ids.new_id("tsk", now), provider=chain[0] if chain else parsed.provider,
                     request=parsed.request.to_dict(),
@@ -66,12 +66,6 @@ class TaskService:
                      dedupe_key=f"submit:{task.id}")
         idempotency = idempotency_of(scope, idempotency_key, data)
         return await ctx.store.create_task(task, [submit], idempotency=idempotency)
-
-    async def _check_outbound(self, field: str, url: str) -> None:
-        try:
-            await self.guard.check_url(url)
-        except BlockedAddress as exc:
-            raise InvalidRequest(f"{field} is refused: {exc}", field=field) from None
 
     async def get(self, task_id: str) -> Task:
         task = await self.ctx.store.get_task(task_id)

@@ -70,3 +70,61 @@ async def test_every_task_created_and_status_change_is_counted(store: Store) -> 
     await store.apply(task.id, lambda t: on_failure(t, "x", "y"), NOW)
     await store.apply(task.id, lambda t: on_failure(t, "x", "y"), NOW)      # already failed: nothing written
     assert (count("pending") - pending, count("failed") - failed) == (1, 1)
+
+
+def _samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+async def test_a_scrape_reads_circuit_states_and_todays_cost_from_the_store(store: Store) -> None:
+    """relay_provider_circuit_state is 0 closed (also a configured provider with no circuit yet), 1 half-open,
+    2 open; relay_cost_today sums the costs of tasks that ended today, by provider and currency, not yesterday's."""
+    await store.circuit_failed("evolink", "503", NOW, threshold=1, cooldown=60)          # open
+    await store.circuit_failed("pixazo", "503", NOW - 120, threshold=1, cooldown=60)     # open, cooled down …
+    assert await store.circuit_admit("pixazo", NOW, 60)                                  # … half-open: a probe
+    await store.circuit_failed("apimart", "503", NOW, threshold=5, cooldown=60)          # one failure: closed
+    store.pricing = lambda task: {"amount": 0.25, "currency": "USD", "source": "estimated"}
+    for when in (NOW - 86400, NOW, NOW):
+        task, job = _task("gmicloud")
+        await store.create_task(task, [job])
+        await store.apply(task.id, lambda t: on_failure(t, "x", "y"), when)
+    body, _ = await metrics.exposition(store, NOW, ["apimart", "evolink", "gmicloud", "pixazo"])
+    samples = _samples(body)
+    assert {p: samples[("relay_provider_circuit_state", (("provider", p),))]
+            for p in ("apimart", "evolink", "gmicloud", "pixazo")} == {"apimart": 0, "evolink": 2, "gmicloud": 0,
+                                                                        "pixazo": 1}
+    assert samples[("relay_cost_today", (("currency", "USD"), ("provider", "gmicloud")))] == pytest.approx(0.5)
+    assert [k for k in samples if k[0] == "relay_cost_today"] == [
+        ("relay_cost_today", (("currency", "USD"), ("provider", "gmicloud")))]
+
+
+async def test_every_archive_created_and_status_change_is_counted(store: Store) -> None:
+    """A Store archive listener counts an archive's creation (pending), archiving and its outcome, once each after
+    the commit, in relay_archive_status_changes_total (not in the tasks' counter)."""
+    from relay.models import Archive
+    from relay.sourcelinks import url_key
+    from relay.store.base import ArchiveResult
+
+    store.on_archive_status(metrics.archive_status)
+
+    def count(status: str) -> float:
+        return REGISTRY.get_sample_value("relay_archive_status_changes_total", {"status": status}) or 0.0
+    before = {s: count(s) for s in ("pending", "archiving", "succeeded", "failed")}
+    tasks_before = REGISTRY.get_sample_value("relay_task_status_changes_total", {"provider": "link",
+                                                                                 "status": "succeeded"})
+    archives = [Archive(id=ids.new_id("arc", NOW), source_url=url, url_key=url_key(url), expires_at=NOW + 3600,
+                        created_at=NOW, updated_at=NOW) for url in ("https://cdn.test/a.png", "https://cdn.test/b.png")]
+    made = await store.create_archives(archives, NOW)
+    await store.create_archives(archives[:1], NOW)                   # the same link again: no new archive
+    (ok, _), (bad, _) = made
+    await store.archive_started(ok.id, NOW)
+    await store.archive_started(ok.id, NOW)                          # already archiving: not counted again
+    result = ArchiveResult(sha256="ab" * 32, content_type="image/png", width=8, height=8, bytes=100, path="ab/x.png")
+    await store.image_archived(ok.images[0].id, result, NOW)
+    await store.image_archived(ok.images[0].id, result, NOW)         # settled already: nothing
+    await store.image_failed(bad.images[0].id, "source_expired", "gone", NOW)
+    assert {s: count(s) - n for s, n in before.items()} == {"pending": 2, "archiving": 1, "succeeded": 1,
+                                                            "failed": 1}
+    assert REGISTRY.get_sample_value("relay_task_status_changes_total", {"provider": "link",
+                                                                         "status": "succeeded"}) == tasks_before

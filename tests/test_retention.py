@@ -27,9 +27,10 @@ from relay.errors import ArchiveError
 from relay.images.s3 import S3ImageStore
 from relay.images.store import ImageStore, LocalImageStore, image_key
 from relay.jobs.housekeeping import HousekeepingHandler, schedule
-from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
+from relay.models import Archive, Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.queue import Worker
 from relay.retention import TMP_MAX_AGE, Sweeper
+from relay.sourcelinks import url_key
 from relay.states import on_update
 from relay.store.base import ArchiveResult, Store
 from relay.store.retention import IMAGE_BEING_DELETED
@@ -436,3 +437,158 @@ async def test_s3_objects_go_only_when_no_remaining_image_uses_them(store: Store
     assert gone_key is not None and kept_key is not None
     assert await bucket.stat(gone_key) is None and await bucket.exists(kept_key)
     assert await bucket.delete(kept_key) is True and await bucket.delete(kept_key) is False
+
+
+# ---- archives of any link, provider stats, uploaded inputs ----------------------------------------------------
+async def finished_archive(store: Store, clock: ManualClock, data: bytes | None, images: ImageStore | None = None,
+                           *, settle: bool = True) -> Archive:
+    """An archive as relay leaves it: idempotency key, its image archived (`data`; None: the link failed), its
+    outcome event delivered to every subscription (one attempt each, when `settle`)."""
+    now = clock.now()
+    url = f"https://cdn.test/{uuid.uuid4().hex}.png"
+    made = Archive(id=ids.new_id("arc", now), source_url=url, url_key=url_key(url), expires_at=now + 3600,
+                   created_at=now, updated_at=now)
+    [(created, _)] = await store.create_archives([made], now, idempotency=("scope", uuid.uuid4().hex, "h"))
+    image = created.images[0].id
+    if data is None:
+        await store.image_failed(image, "source_expired", "the link died", now)
+    else:
+        await archive(store, images, image, data, now)
+    if settle:
+        for delivery in await deliveries_of(store, created.id):
+            attempt = Attempt(delivery_id=delivery, number=1, at=now, url="https://h/", status_code=200)
+            await store.record_attempt(attempt, outcome="succeeded", next_attempt_at=None, auto_disable_after=DAY,
+                                       now=now)
+    done = await store.get_archive(created.id)
+    assert done is not None and done.status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+    return done
+
+
+async def archive_rows(store: Store, archive_id: str) -> dict[str, int]:
+    rows = await rows_of(store, archive_id)
+    rows["archives"] = await count(store, "SELECT COUNT(*) AS n FROM archives WHERE id = ?", archive_id)
+    del rows["tasks"], rows["inbox"]        # an archive has neither
+    return rows
+
+
+async def test_a_finished_archive_goes_with_every_row_that_points_at_it(store: Store, clock: ManualClock,
+                                                                        images: LocalImageStore) -> None:
+    """Past finished_tasks, succeeded and failed archives go with their images rows, events, deliveries, attempts,
+    idempotency keys and jobs; a younger archive stays whole; the same link may then be archived anew."""
+    await subscribe(store, clock)
+    succeeded = await finished_archive(store, clock, b"arc", images)
+    failed = await finished_archive(store, clock, None)
+    clock.advance(20 * DAY)
+    young = await finished_archive(store, clock, b"young arc", images)
+    for old in (succeeded, failed):
+        before = await archive_rows(store, old.id)
+        assert all(before[t] > 0 for t in ("archives", "images", "events", "deliveries", "idempotency_keys",
+                                           "delivery_attempts")), before
+    young_rows = await archive_rows(store, young.id)
+    clock.advance(11 * DAY)
+    report = await sweeper(store, images, clock).sweep()
+    assert report.archives == 2 and ("finished archives", 2) in report.rows()
+    for old in (succeeded, failed):
+        assert all(n == 0 for n in (await archive_rows(store, old.id)).values())
+        assert await store.get_archive(old.id) is None
+    assert await archive_rows(store, young.id) == young_rows
+    again = replace(succeeded, id=ids.new_id("arc", clock.now()), images=[], status=TaskStatus.PENDING)
+    [(_, created)] = await store.create_archives([again], clock.now())
+    assert created
+
+
+async def test_an_archive_with_a_pending_delivery_stays_until_it_settles(store: Store, clock: ManualClock,
+                                                                         images: LocalImageStore) -> None:
+    """However old, an archive whose outcome event is still being delivered keeps its rows."""
+    await subscribe(store, clock)
+    kept = await finished_archive(store, clock, b"x", images, settle=False)
+    clock.advance(60 * DAY)
+    assert (await sweeper(store, images, clock).sweep()).archives == 0
+    for delivery in await deliveries_of(store, kept.id):
+        await store.settle_delivery(delivery, "failed", "gave up", clock.now())
+    assert (await sweeper(store, images, clock).sweep()).archives == 1
+    assert await store.get_archive(kept.id) is None
+
+
+async def test_archive_images_count_as_users_of_a_file(store: Store, clock: ManualClock,
+                                                       images: LocalImageStore) -> None:
+    """A task and a younger archive saved the same bytes: the file stays when the task goes (the archive's image
+    uses it), and goes with the archive; and the other way round."""
+    task = await finished_task(store, clock, b"shared", images)
+    clock.advance(10 * DAY)
+    arc = await finished_archive(store, clock, b"shared", images)
+    key = task.images[0].path
+    assert key is not None and arc.images[0].path == key
+    clock.advance(25 * DAY)
+    report = await sweeper(store, images, clock, FILES).sweep()
+    assert (report.finished_tasks, report.archives, report.files) == (1, 0, 0) and await images.exists(key)
+    clock.advance(10 * DAY)
+    report = await sweeper(store, images, clock, FILES).sweep()
+    assert (report.archives, report.files) == (1, 1) and not await images.exists(key)
+
+    arc = await finished_archive(store, clock, b"shared again", images)
+    clock.advance(10 * DAY)
+    task = await finished_task(store, clock, b"shared again", images)
+    clock.advance(25 * DAY)
+    report = await sweeper(store, images, clock, FILES).sweep()
+    assert (report.finished_tasks, report.archives, report.files) == (0, 1, 0)
+    assert task.images[0].path is not None and await images.exists(task.images[0].path)
+
+
+async def test_provider_stats_older_than_events_go_in_batches(store: Store, clock: ManualClock,
+                                                              images: LocalImageStore) -> None:
+    """provider_stats rows of minutes older than the `events` age go, batch_size rows per transaction; the
+    newer minutes stay; with events = 0 they are all kept."""
+    now = int(clock.now()) // 60 * 60
+    rows = [(provider, now - (40 * DAY) + 60 * n, 1, 0, 0, "[1]") for n in range(5) for provider in ("a", "b")]
+    rows.append(("a", now, 2, 1, 0, "[2]"))
+    await store.add_provider_stats(rows)
+    assert (await sweeper(store, images, clock, replace(KEEP, events=0.0)).sweep()).provider_stats == 0
+    assert (await sweeper(store, images, clock).preview()).provider_stats == 10
+    one = await store.delete_old_provider_stats(clock.now() - 30 * DAY, 3)
+    assert (one.picked, one.deleted) == (3, 3)
+    report = await sweeper(store, images, clock, replace(KEEP, batch_size=3)).sweep()
+    assert report.provider_stats == 7
+    assert await count(store, "SELECT COUNT(*) AS n FROM provider_stats") == 1
+    assert (await store.provider_stats(now - 60))["a"].requests == 2
+
+
+async def test_an_uploaded_input_keeps_a_file_it_shares_with_expired_images(store: Store, clock: ManualClock,
+                                                                           images: LocalImageStore) -> None:
+    """An upload to /openai/v1/images/edits is kept (never swept) and counts as a user of its sha256: when an image
+    of the same bytes expires and its task goes, the file stays for the task that takes the upload as input."""
+    data = b"edit me"
+    sha = hashlib.sha256(data).hexdigest()
+    task = await finished_task(store, clock, data, images)
+    await store.hold_upload(sha, image_key(sha, "png"), clock.now())
+    clock.advance(400 * DAY)
+    report = await sweeper(store, images, clock, FILES).sweep()
+    assert (report.finished_tasks, report.files) == (1, 0)
+    assert task.images[0].path is not None and await images.exists(task.images[0].path)
+    assert await count(store, "SELECT COUNT(*) AS n FROM uploads") == 1
+
+
+async def test_an_upload_is_refused_while_its_bytes_are_being_deleted(store: Store, clock: ManualClock,
+                                                                      images: LocalImageStore) -> None:
+    """Between the decision to delete a file and its deletion, an upload of the same bytes is told to try again
+    (so its file is not put and then deleted); once the file is gone the upload is recorded."""
+    old = await finished_task(store, clock, b"contested upload", images)
+    clock.advance(31 * DAY)
+    swept = await store.delete_finished_tasks(clock.now() - 30 * DAY, 10, clock.now(), release_files=True)
+    assert swept.files
+    sha = old.images[0].sha256
+    assert sha is not None
+    with pytest.raises(ArchiveError) as refused:
+        await store.hold_upload(sha, image_key(sha, "png"), clock.now())
+    assert refused.value.code == IMAGE_BEING_DELETED
+    await sweeper(store, images, clock, FILES).sweep()
+    await store.hold_upload(sha, image_key(sha, "png"), clock.now())
+    assert await count(store, "SELECT COUNT(*) AS n FROM uploads WHERE sha256 = ?", sha) == 1
+
+
+async def test_a_dry_run_counts_old_archives(store: Store, clock: ManualClock, images: LocalImageStore) -> None:
+    """preview() counts finished archives past finished_tasks and deletes nothing."""
+    arc = await finished_archive(store, clock, b"counted", images)
+    clock.advance(31 * DAY)
+    assert (await sweeper(store, images, clock).preview()).archives == 1
+    assert await store.get_archive(arc.id) is not None

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from relay import multipart
 from relay.simulator import SimulatorConfig, create_simulator_app
-from relay.simulator import multipart
 from relay.simulator import tasks as sim_tasks
 from relay.simulator.imaging import render
 
@@ -512,6 +512,6 @@ def test_multipart_parser_keeps_bytes_exact() -> None:
     payload = b"\x89PNG\r\n\x1a\n\r\n--not-the-boundary\r\n\x00\xff"
     request = httpx.Request("POST", "http://x.test", data={"prompt": "héllo"},
                             files=[("image[]", ("a.png", payload, "image/png"))])
-    parts = multipart.parse(request.headers["content-type"], request.read())
+    parts = multipart.parse(multipart.boundary_of(request.headers["content-type"]), request.read())
     assert [(p.name, p.filename) for p in parts] == [("prompt", None), ("image[]", "a.png")]
     assert parts[0].text() == "héllo" and parts[1].data == payload and parts[1].content_type == "image/png"

@@ -25,9 +25,9 @@ from relay.deliveries.lanes import Lanes
 from relay.deliveries.models import Attempt, Delivery, Keys, SendTarget, Subscription
 from relay.deliveries.schedule import parse_retry_after
 from relay.deliveries.secrets import SecretBox
-from relay.errors import BlockedAddress, InvalidRequest, NotFound
+from relay.errors import BlockedAddress, NotFound
 from relay.links import Signer
-from relay.netguard import NetGuard
+from relay.netguard import NetGuard, check_given_url
 from relay.present import with_image_urls
 from relay.store.base import Store
 from relay.validation import ReplayInput, SubscriptionInput
@@ -123,16 +123,10 @@ class DeliveryService:
         return self.keys_of(sub).signing_keys(include_previous=overlap)
 
     # ---- subscriptions ----------------------------------------------------------------------------
-    async def _check_url(self, url: str) -> None:
-        try:
-            await self.guard.check_url(url)
-        except BlockedAddress as exc:
-            raise InvalidRequest(f"url is refused: {exc}", field="url") from None
-
     async def create_subscription(self, given: SubscriptionInput) -> tuple[Subscription, Keys]:
         """Store a new subscription with fresh keys; the clear keys are returned once, here."""
         assert given.url is not None and given.events is not None and given.signing is not None
-        await self._check_url(given.url)
+        await check_given_url(self.guard, "url", given.url)
         now = self.clock.now()
         sub_id = ids.new_id("sub", now)
         signing_key = signing.generate_signing_key() if given.signing == "ed25519" else None
@@ -152,7 +146,7 @@ class DeliveryService:
 
     async def update_subscription(self, sub_id: str, given: SubscriptionInput) -> Subscription:
         if given.url is not None:
-            await self._check_url(given.url)
+            await check_given_url(self.guard, "url", given.url)
 
         def change(sub: Subscription) -> Subscription:
             out = replace(sub)

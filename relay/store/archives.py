@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from relay import ids
-from relay.models import Archive, Event, ImageRecord, Job, Task, TaskStatus
+from relay.models import Archive, ImageRecord, Job, Task, TaskStatus
 from relay.states import Transition
 from relay.store import queries as q
 from relay.store.idempotency import replay_or_claim
 from relay.store.outbox import archive_job, images_of, insert_jobs, write_archive_transition
-from relay.store.rows import dumps, image_from_row, loads, task_row
+from relay.store.plumbing import StorePlumbing
+from relay.store.rows import dumps, loads, task_row
 from relay.store.tx import Row, Tx
 
-T = TypeVar("T")
 ARCHIVE_PREFIX = "arc"
+# Told of each archive created and each status change after its commit: (archive id, the status reached).
+ArchiveListener = Callable[[str, TaskStatus], None]
 ARCHIVE_METRICS_LABEL = "link"      # the "provider" an archive's download is counted against (relay.metrics)
 
 
@@ -48,28 +50,16 @@ def archive_row(a: Archive) -> tuple[Any, ...]:
             a.webhook_url, a.sequence, a.created_at, a.updated_at, a.completed_at)
 
 
-class ArchiveCases(abc.ABC):
+class ArchiveCases(StorePlumbing):
     """Mixed into Store, whose plumbing and task helpers it uses."""
 
     delivery_initial_delay: float
 
     @abc.abstractmethod
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T: ...
-
-    @abc.abstractmethod
-    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
-
-    @abc.abstractmethod
-    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
-
-    @abc.abstractmethod
-    def _wake(self) -> None: ...
-
-    @abc.abstractmethod
-    def _told(self, task: Task, status: TaskStatus, event: Event | None) -> None: ...
-
-    @abc.abstractmethod
     async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False) -> Task | None: ...
+
+    @abc.abstractmethod
+    async def _replayed_task(self, tx: Tx, idempotency: tuple[str, str, str] | None, task: Task) -> Task | None: ...
 
     # ---- archives --------------------------------------------------------------------------------
     async def create_archives(self, archives: Sequence[Archive], now: float, *,
@@ -107,15 +97,13 @@ class ArchiveCases(abc.ABC):
         result = await self.transact(body)
         if any(created for _, created in result):
             self._wake()
+        for archive, created in result:
+            if created:
+                self._archive_told(archive.id, TaskStatus.PENDING)
         return result
 
     async def get_archive(self, archive_id: str) -> Archive | None:
-        row = await self._read(q.LOAD_ARCHIVE, (archive_id,))
-        if row is None:
-            return None
-        archive = archive_from_row(row)
-        archive.images = [image_from_row(r) for r in await self._read_all(q.IMAGES_OF_TASK, (archive_id,))]
-        return archive
+        return await self._one_with_images(q.LOAD_ARCHIVE, archive_id, archive_from_row)
 
     async def list_archives(self, *, status: str | None, limit: int,
                             cursor: str | None) -> tuple[list[Archive], str | None]:
@@ -124,38 +112,34 @@ class ArchiveCases(abc.ABC):
         if status:
             filters.append("status = ?")
             args.append(status)
-        if cursor:
-            filters.append("id < ?")
-            args.append(cursor)
-        rows = await self._read_all(q.filtered("archives", filters, order="id DESC"), (*args, limit + 1))
-        archives = [archive_from_row(row) for row in rows[:limit]]
-        if archives:
-            by_id = {a.id: a for a in archives}
-            for row in await self._read_all(q.images_of_tasks(len(by_id)), tuple(by_id)):
-                by_id[row["task_id"]].images.append(image_from_row(row))
-        return archives, (archives[-1].id if len(rows) > limit else None)
+        return await self._page_with_images("archives", filters, args, cursor=cursor, limit=limit,
+                                            build=archive_from_row)
 
     async def archive_started(self, archive_id: str, now: float) -> None:
         """pending → archiving, when the archive job first takes the link (no event: only outcomes have one)."""
-        async def body(tx: Tx) -> None:
-            await tx.run(q.ARCHIVE_STARTED, (now, archive_id))
-        await self.transact(body)
+        async def body(tx: Tx) -> int:
+            return await tx.run(q.ARCHIVE_STARTED, (now, archive_id))
+        if await self.transact(body):
+            self._archive_told(archive_id, TaskStatus.ARCHIVING)
 
     async def _settle_archive_image(self, tx: Tx, archive_id: str, sql: str, args: Sequence[Any],
                                     decide: Callable[[Task | Archive], Awaitable[Transition | None]],
-                                    now: float) -> None:
+                                    now: float) -> Archive | None:
         """Store._settle_image for an image an archive owns: record the image, let `decide` judge the archive
-        (locked), write its transition. Inside the caller's transaction."""
+        (locked), write its transition. Inside the caller's transaction. The archive if its status changed (the
+        caller tells _archive_told after the commit)."""
         row = await tx.one(q.LOCK_ARCHIVE, (archive_id,))
         if row is None or not await tx.run(sql, args):    # settled meanwhile by another run
-            return
+            return None
         archive = archive_from_row(row)
         archive.images = await images_of(tx, archive.id)
         if archive.status == TaskStatus.PENDING:
             archive.status = TaskStatus.ARCHIVING     # the job saved it before it could say it started
         transition = await decide(archive)
-        if transition is not None:
-            await write_archive_transition(tx, archive, transition, now, delivery_delay=self.delivery_initial_delay)
+        if transition is None:
+            return None
+        await write_archive_transition(tx, archive, transition, now, delivery_delay=self.delivery_initial_delay)
+        return archive
 
     # ---- adopted tasks ---------------------------------------------------------------------------
     async def adopt_task(self, task: Task, jobs: Sequence[Job], *,
@@ -169,11 +153,9 @@ class ArchiveCases(abc.ABC):
         provider, provider_task_id = task.provider, task.provider_task_id
 
         async def body(tx: Tx) -> tuple[Task, bool]:
-            if idempotency is not None:
-                replayed = await replay_or_claim(tx, idempotency, task.id, task.created_at,
-                                                 lambda owner: self._load_task(tx, owner))
-                if replayed is not None:
-                    return replayed, False
+            replayed = await self._replayed_task(tx, idempotency, task)
+            if replayed is not None:
+                return replayed, False
             await tx.run(q.CLAIM_ADOPTION, (provider, provider_task_id, task.id, task.created_at))
             row = await tx.one(q.LOCK_ADOPTION, (provider, provider_task_id))
             assert row is not None
@@ -190,8 +172,14 @@ class ArchiveCases(abc.ABC):
             await tx.run(q.INSERT_TASK, task_row(task))
             await insert_jobs(tx, list(jobs))
             return task, True
-        result = await self.transact(body)
-        if result[1]:
-            self._wake()
-            self._told(result[0], result[0].status, None)
-        return result
+        return self._task_created(await self.transact(body))
+
+    # ---- archive status listeners ------------------------------------------------------------------
+    def on_archive_status(self, listener: ArchiveListener) -> None:
+        """Register a listener told of each archive created (pending) and each status it reaches, after the
+        commit (relay.metrics: archives have no provider, so they are not task status changes)."""
+        self._archive_listeners = [*getattr(self, "_archive_listeners", []), listener]
+
+    def _archive_told(self, archive_id: str, status: TaskStatus) -> None:
+        for listener in getattr(self, "_archive_listeners", []):
+            listener(archive_id, status)

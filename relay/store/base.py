@@ -3,7 +3,8 @@
 Each use case is one transaction and says what it is atomic with and which rows it locks. The
 decisions (the state machine's verdict, idempotency windows, the in-flight cap, image completion,
 fan-out matching, auto-disable) are made here, in Python, over rows read inside the transaction; a
-backend (relay.store.sqlite, relay.store.postgres) is only SQL plumbing:
+backend (relay.store.sqlite, relay.store.postgres) is only SQL plumbing (the first three are
+declared once, in relay.store.plumbing, the base of Store and of every use-case mixin):
 
     transact(body)       run `body(tx)` in one write transaction (commit on return, roll back on raise)
     _read / _read_all    a read outside any write transaction (committed data only)
@@ -22,9 +23,9 @@ import abc
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from relay.models import Archive, Event, ImageRecord, Job, Task, TaskStatus
+from relay.models import Archive, Event, ImageRecord, Job, Task
 from relay.states import Transition, on_archived, on_failure
 from relay.stats import ProviderStats, StatsRow, merge_buckets, parse_buckets, summarize
 from relay.store import queries as q
@@ -33,17 +34,15 @@ from relay.store.console import ConsoleCases
 from relay.store.deliveries import DeliveryCases
 from relay.store.idempotency import replay_or_claim
 from relay.store.outbox import Pricing, images_of, insert_jobs, write_transition
+from relay.store.plumbing import StorePlumbing
 from relay.store.retention import RetentionCases
 from relay.store.routing import RoutingCases
 from relay.store.rows import dumps, image_from_row, job_from_row, loads, task_from_row, task_row
 from relay.store.tx import Row, Tx
 
-T = TypeVar("T")
 
 # A pure decision over the current task row (see relay.states).
 Decide = Callable[[Task], Transition | None]
-# Told of every committed status change: (task, the status it reached, its event; None for a new task).
-StatusListener = Callable[[Task, TaskStatus, Event | None], None]
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class ArchiveResult:
     path: str
 
 
-class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCases, abc.ABC):
+class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCases, StorePlumbing):
     delivery_initial_delay: float = 0.0
     pricing: Pricing | None = None     # prices a task when it ends (relay.costs; set by the runtime)
 
@@ -81,39 +80,8 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
     async def ping(self) -> None:
         """Raise if the database cannot answer (readiness)."""
 
-    @abc.abstractmethod
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
-        """Run `body` in one write transaction: committed when it returns, rolled back when it raises."""
-
-    @abc.abstractmethod
-    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
-
-    @abc.abstractmethod
-    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
-
-    @abc.abstractmethod
-    async def _write(self, sql: str, args: Sequence[Any]) -> None:
-        """One small write that needs no other statement with it (job outcomes, callback settles)."""
-
     async def lock_provider(self, tx: Tx, provider: str) -> None:
         """Serialize `reserve_submit` per provider across replicas (SQLite's one writer already does)."""
-
-    def on_enqueue(self, callback: Callable[[], None]) -> None:
-        """Register a wake-up called after a transaction that enqueued due jobs commits."""
-        self._wakeups = [*getattr(self, "_wakeups", []), callback]
-
-    def _wake(self) -> None:
-        for callback in getattr(self, "_wakeups", []):
-            callback()
-
-    def on_task_status(self, listener: StatusListener) -> None:
-        """Register a listener told of each task created and each status change, after its commit
-        (metrics and log lines: every path that changes a task goes through here)."""
-        self._status_listeners = [*getattr(self, "_status_listeners", []), listener]
-
-    def _told(self, task: Task, status: TaskStatus, event: Event | None) -> None:
-        for listener in getattr(self, "_status_listeners", []):
-            listener(task, status, event)
 
     def _applied(self, applied: Applied | None) -> None:
         if applied is not None and applied.transition.status_changed:
@@ -133,48 +101,36 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         Locks the key's row: the same key sent to two replicas at once makes one task.
         """
         async def body(tx: Tx) -> tuple[Task, bool]:
-            if idempotency is not None:
-                existing = await replay_or_claim(tx, idempotency, task.id, task.created_at,
-                                                 lambda owner: self._load_task(tx, owner))
-                if existing is not None:
-                    return existing, False
+            existing = await self._replayed_task(tx, idempotency, task)
+            if existing is not None:
+                return existing, False
             await tx.run(q.INSERT_TASK, task_row(task))
             if task.candidates or task.route:
                 await tx.run(q.SET_TASK_ROUTE, (dumps(task.candidates), task.route, task.id))
             await insert_jobs(tx, list(jobs))
             return task, True
-        result = await self.transact(body)
-        if result[1]:
-            self._wake()
-            self._told(result[0], result[0].status, None)
-        return result
+        return self._task_created(await self.transact(body))
+
+    async def _replayed_task(self, tx: Tx, idempotency: tuple[str, str, str] | None, task: Task) -> Task | None:
+        """The task an Idempotency-Key already stands for (relay.store.idempotency.replay_or_claim); None: go on
+        creating `task` (no key, or the key now names it)."""
+        if idempotency is None:
+            return None
+        return await replay_or_claim(tx, idempotency, task.id, task.created_at,
+                                     lambda owner: self._load_task(tx, owner))
 
     async def get_task(self, task_id: str) -> Task | None:
-        row = await self._read(q.LOAD_TASK, (task_id,))
-        if row is None:
-            return None
-        task = task_from_row(row)
-        task.images = [image_from_row(r) for r in await self._read_all(q.IMAGES_OF_TASK, (task_id,))]
-        return task
+        return await self._one_with_images(q.LOAD_TASK, task_id, task_from_row)
 
     async def list_tasks(self, *, status: str | None, provider: str | None, limit: int,
                          cursor: str | None) -> tuple[list[Task], str | None]:
-        """Newest first; the cursor is the last id of the previous page."""
+        """Newest first, with their images; the cursor is the last id of the previous page."""
         filters, args = [], []
         for column, value in (("status", status), ("provider", provider)):
             if value:
                 filters.append(f"{column} = ?")
                 args.append(value)
-        if cursor:
-            filters.append("id < ?")
-            args.append(cursor)
-        rows = await self._read_all(q.filtered("tasks", filters, order="id DESC"), (*args, limit + 1))
-        tasks = [task_from_row(row) for row in rows[:limit]]
-        if tasks:
-            by_id = {t.id: t for t in tasks}
-            for row in await self._read_all(q.images_of_tasks(len(by_id)), tuple(by_id)):
-                by_id[row["task_id"]].images.append(image_from_row(row))
-        return tasks, (tasks[-1].id if len(rows) > limit else None)
+        return await self._page_with_images("tasks", filters, args, cursor=cursor, limit=limit, build=task_from_row)
 
     async def apply(self, task_id: str, decide: Decide, now: float, *,
                     default_expiry: float = 86400.0, jobs: Sequence[Job] = ()) -> Applied | None:
@@ -289,12 +245,16 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                             decide: Callable[[Task | Archive], Awaitable[Transition | None]],
                             now: float) -> Applied | None:
         """The image's owner decides: a task (below), or an archive (relay.store.archives; None is returned)."""
+        settled: list[Archive] = []
+
         async def body(tx: Tx) -> Applied | None:
+            settled.clear()
             image = await tx.one(q.LOAD_IMAGE, (image_id,))
             if image is None or image["status"] != "pending":
                 return None
             if is_archive_id(image["task_id"]):
-                await self._settle_archive_image(tx, image["task_id"], sql, args, decide, now)
+                archive = await self._settle_archive_image(tx, image["task_id"], sql, args, decide, now)
+                settled.extend([archive] if archive is not None else [])
                 return None
             task = await self._load_task(tx, image["task_id"], lock=True)
             if task is None or not await tx.run(sql, args):   # settled meanwhile by another run
@@ -307,6 +267,8 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         applied = await self.transact(body)
         self._wake()
         self._applied(applied)
+        for archive in settled:
+            self._archive_told(archive.id, archive.status)
         return applied
 
     # ---- events ----------------------------------------------------------------------------------

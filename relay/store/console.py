@@ -8,20 +8,18 @@ without SQLite needing percentile_cont and without pulling a day of latencies in
 
 from __future__ import annotations
 
-import abc
 import math
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from relay.deliveries.models import Attempt, Delivery
 from relay.errors import Conflict
 from relay.models import Event, Task
 from relay.store import queries as q
-from relay.store.rows import attempt_from_row, delivery_from_row, image_from_row, loads, task_from_row
+from relay.store.plumbing import StorePlumbing
+from relay.store.rows import attempt_from_row, delivery_from_row, loads, task_from_row
 from relay.store.tx import Row, Tx
 
-T = TypeVar("T")
 JOB_STATES = ("queued", "dead")
 TIMELINE_LIMIT = 500          # events and deliveries shown for one task
 
@@ -90,20 +88,8 @@ def _like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-class ConsoleCases(abc.ABC):
+class ConsoleCases(StorePlumbing):
     """Mixed into Store, whose plumbing (transact, _read, _read_all, _wake) it uses."""
-
-    @abc.abstractmethod
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T: ...
-
-    @abc.abstractmethod
-    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
-
-    @abc.abstractmethod
-    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
-
-    @abc.abstractmethod
-    def _wake(self) -> None: ...
 
     # ---- tasks ------------------------------------------------------------------------------------
     async def search_tasks(self, *, status: str | None, provider: str | None, search: str | None, limit: int,
@@ -118,16 +104,7 @@ class ConsoleCases(abc.ABC):
         if search:
             filters.append(q.TASK_SEARCH)
             args += [search, search, _like(search)]
-        if cursor:
-            filters.append("id < ?")
-            args.append(cursor)
-        rows = await self._read_all(q.filtered("tasks", filters, order="id DESC"), (*args, limit + 1))
-        tasks = [task_from_row(row) for row in rows[:limit]]
-        if tasks:
-            by_id = {t.id: t for t in tasks}
-            for row in await self._read_all(q.images_of_tasks(len(by_id)), tuple(by_id)):
-                by_id[row["task_id"]].images.append(image_from_row(row))
-        return tasks, (tasks[-1].id if len(rows) > limit else None)
+        return await self._page_with_images("tasks", filters, args, cursor=cursor, limit=limit, build=task_from_row)
 
     async def task_timeline(self, task_id: str) -> TaskTimeline:
         """The task's events (oldest first), their deliveries and every attempt of each."""
@@ -193,14 +170,8 @@ class ConsoleCases(abc.ABC):
     async def list_jobs(self, *, state: str, kind: str | None, limit: int,
                         cursor: str | None) -> tuple[list[JobInfo], str | None]:
         """Jobs in `state` (queued | dead), newest first; the cursor is the last id of the previous page."""
-        filters, args = ["state = ?"], [state]
-        for column, value in (("kind = ?", kind), ("id < ?", cursor)):
-            if value:
-                filters.append(column)
-                args.append(value)
-        rows = await self._read_all(q.filtered("jobs", filters, order="id DESC"), (*args, limit + 1))
-        jobs = [job_info(r) for r in rows[:limit]]
-        return jobs, (jobs[-1].id if len(rows) > limit else None)
+        filters, args = (["state = ?", "kind = ?"], [state, kind]) if kind else (["state = ?"], [state])
+        return await self._page("jobs", filters, args, cursor=cursor, limit=limit, build=job_info)
 
     async def get_job(self, job_id: str) -> JobInfo | None:
         row = await self._read(q.LOAD_JOB, (job_id,))

@@ -8,37 +8,23 @@ but changes nothing; the delivery's row is locked while that is decided.
 
 from __future__ import annotations
 
-import abc
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
 
 from relay.deliveries.models import (DISABLED_FAILING, DISABLED_GONE, DISABLED_MANUAL, Attempt, Delivery, Recorded,
                                      SendTarget, Subscription)
 from relay.store import queries as q
 from relay.store.outbox import deliver_job, insert_jobs
+from relay.store.plumbing import StorePlumbing
 from relay.store.rows import (SUBSCRIPTION_COLUMNS, attempt_from_row, attempt_row, delivery_from_row,
                               subscription_from_row, subscription_row)
-from relay.store.tx import Row, Tx
+from relay.store.tx import Tx
 
-T = TypeVar("T")
 REPLAY_MAX = 10_000
 
 
-class DeliveryCases(abc.ABC):
-    """Mixed into Store, whose plumbing (transact, _read, _read_all, _wake) it uses."""
-
-    @abc.abstractmethod
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T: ...
-
-    @abc.abstractmethod
-    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
-
-    @abc.abstractmethod
-    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
-
-    @abc.abstractmethod
-    def _wake(self) -> None: ...
+class DeliveryCases(StorePlumbing):
+    """Mixed into Store; speaks through relay.store.plumbing."""
 
     # ---- subscriptions ----------------------------------------------------------------------------
     async def create_subscription(self, sub: Subscription) -> Subscription:
@@ -53,10 +39,7 @@ class DeliveryCases(abc.ABC):
 
     async def list_subscriptions(self, *, limit: int, cursor: str | None) -> tuple[list[Subscription], str | None]:
         """Newest first; the cursor is the last id of the previous page."""
-        filters, args = (["id < ?"], [cursor]) if cursor else ([], [])
-        rows = await self._read_all(q.filtered("subscriptions", filters, order="id DESC"), (*args, limit + 1))
-        subs = [subscription_from_row(r) for r in rows[:limit]]
-        return subs, (subs[-1].id if len(rows) > limit else None)
+        return await self._page("subscriptions", [], [], cursor=cursor, limit=limit, build=subscription_from_row)
 
     async def update_subscription(self, subscription_id: str, change: Callable[[Subscription], Subscription],
                                   now: float) -> Subscription | None:
@@ -126,13 +109,11 @@ class DeliveryCases(abc.ABC):
         """Newest first; the cursor is the last id of the previous page."""
         filters, args = [], []
         for column, value in (("subscription_id", subscription_id), ("status", status), ("task_id", task_id),
-                              ("event_id", event_id), ("id <", cursor)):
+                              ("event_id", event_id)):
             if value is not None:
-                filters.append(f"{column} ?" if column.endswith("<") else f"{column} = ?")
+                filters.append(f"{column} = ?")
                 args.append(value)
-        rows = await self._read_all(q.filtered("deliveries", filters, order="id DESC"), (*args, limit + 1))
-        found = [delivery_from_row(r) for r in rows[:limit]]
-        return found, (found[-1].id if len(rows) > limit else None)
+        return await self._page("deliveries", filters, args, cursor=cursor, limit=limit, build=delivery_from_row)
 
     async def list_attempts(self, delivery_id: str, *, limit: int = 100) -> list[Attempt]:
         """A delivery's latest attempts, newest first."""

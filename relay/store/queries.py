@@ -253,8 +253,25 @@ START_IMAGE_DELETION = ("INSERT INTO image_deletions (sha256, key, started_at) V
                         "ON CONFLICT (sha256) DO NOTHING")
 END_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ?"
 IMAGE_DELETIONS = "SELECT sha256, key FROM image_deletions WHERE key <> '' ORDER BY started_at LIMIT ?"
-IMAGE_IN_USE = "SELECT 1 AS used FROM images WHERE sha256 = ? AND status <> 'expired' LIMIT 1"
+# A file is in use while an image not expired (a task's or an archive's: any owner) or an upload has its sha256.
+IMAGE_IN_USE = ("SELECT 1 AS used FROM images WHERE sha256 = ? AND status <> 'expired' "
+                "UNION ALL SELECT 1 AS used FROM uploads WHERE sha256 = ? LIMIT 1")
 HOLD_IMAGE = "UPDATE images SET sha256 = ? WHERE id = ? AND status = 'pending'"
+# Archives of any link (relay.store.archives) go as tasks do: finished ones, never one a pending delivery needs.
+OLD_FINISHED_ARCHIVES = (
+    "SELECT id FROM archives WHERE completed_at IS NOT NULL AND completed_at < ? AND NOT EXISTS "
+    "(SELECT 1 FROM deliveries d WHERE d.task_id = archives.id AND d.status = 'pending') "
+    "ORDER BY completed_at LIMIT ?")
+COUNT_OLD_FINISHED_ARCHIVES = (
+    "SELECT COUNT(*) AS n FROM archives WHERE completed_at IS NOT NULL AND completed_at < ? AND NOT EXISTS "
+    "(SELECT 1 FROM deliveries d WHERE d.task_id = archives.id AND d.status = 'pending')")
+# Provider request stats (relay.stats) by minute, oldest minutes first.
+DELETE_OLD_PROVIDER_STATS = (
+    "DELETE FROM provider_stats WHERE (provider, minute) IN "
+    "(SELECT provider, minute FROM provider_stats WHERE minute < ? ORDER BY minute LIMIT ?)")
+COUNT_OLD_PROVIDER_STATS = "SELECT COUNT(*) AS n FROM provider_stats WHERE minute < ?"
+# An uploaded edit input (relay.web.openai_compat): kept, a user of its sha256 (see IMAGE_IN_USE).
+INSERT_UPLOAD = "INSERT INTO uploads (sha256, key, created_at) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING"
 
 
 def _marks(count: int) -> str:

@@ -27,16 +27,14 @@ Files whose only users went in a crash of an archive (put, never recorded) are n
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from relay.errors import ArchiveError
 from relay.store import queries as q
+from relay.store.plumbing import StorePlumbing
 from relay.store.tx import Row, Tx
 
-T = TypeVar("T")
 IMAGE_BEING_DELETED = "image_being_deleted"
 
 
@@ -55,17 +53,8 @@ class Swept:
     files: list[FileToDelete] = field(default_factory=list)
 
 
-class RetentionCases(abc.ABC):
+class RetentionCases(StorePlumbing):
     """Mixed into Store, whose plumbing (transact, _read) it uses."""
-
-    @abc.abstractmethod
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T: ...
-
-    @abc.abstractmethod
-    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
-
-    @abc.abstractmethod
-    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
 
     async def delete_finished_tasks(self, before: float, limit: int, now: float, *, release_files: bool) -> Swept:
         """One transaction: up to `limit` tasks finished before `before` go with everything that points at them
@@ -160,6 +149,59 @@ class RetentionCases(abc.ABC):
         return out
 
 
+    # ---- archives of any link, provider stats, uploaded inputs --------------------------------------------
+    async def delete_finished_archives(self, before: float, limit: int, now: float, *, release_files: bool) -> Swept:
+        """delete_finished_tasks for archives (arc_…): up to `limit` succeeded or failed before `before` go with
+        their images rows, events, deliveries and attempts, idempotency keys and jobs; one with a pending
+        delivery stays. With `release_files`, the files no remaining image (of any owner) or upload uses."""
+        async def body(tx: Tx) -> Swept:
+            picked = [r["id"] for r in await tx.all(q.OLD_FINISHED_ARCHIVES, (before, limit))]
+            if not picked:
+                return Swept()
+            gone = await _drop_settled_deliveries(tx, "task_id", picked)
+            if not gone:
+                return Swept(picked=len(picked))
+            n = len(gone)
+            for table in ("events", "idempotency_keys", "jobs"):
+                await tx.run(q.delete_in(table, "task_id", n), gone)
+            images = await tx.all(q.delete_in("images", "task_id", n, returning="sha256, path"), gone)
+            deleted = await tx.run(q.delete_in("archives", "id", n), gone)
+            files = await _release(tx, images, now) if release_files else []
+            return Swept(picked=len(picked), deleted=deleted, files=files)
+        return await self.transact(body)
+
+    async def delete_old_provider_stats(self, before: float, limit: int) -> Swept:
+        """One transaction: up to `limit` provider_stats rows (one per provider and minute) of minutes before
+        `before`, oldest first."""
+        async def body(tx: Tx) -> Swept:
+            deleted = await tx.run(q.DELETE_OLD_PROVIDER_STATS, (int(before), limit))
+            return Swept(picked=deleted, deleted=deleted)
+        return await self.transact(body)
+
+    async def old_row_counts(self, *, archives_before: float | None,
+                             stats_before: float | None) -> dict[str, int]:
+        """retention_counts for finished archives and provider stats (None: that rule keeps everything)."""
+        out: dict[str, int] = {}
+        for name, sql, before in (("archives", q.COUNT_OLD_FINISHED_ARCHIVES, archives_before),
+                                  ("provider_stats", q.COUNT_OLD_PROVIDER_STATS,
+                                   None if stats_before is None else int(stats_before))):
+            row = None if before is None else await self._read(sql, (before,))
+            out[name] = 0 if row is None else int(row["n"])
+        return out
+
+    async def hold_upload(self, sha256: str, key: str, now: float) -> None:
+        """A1 for an uploaded input, before its file is put: record the upload (kept, a user of `sha256` from now
+        on). Raises a retryable ArchiveError while a deletion of that file is on."""
+        async def body(tx: Tx) -> bool:
+            if not await tx.run(q.START_IMAGE_DELETION, (sha256, "", now)):
+                return False
+            await tx.run(q.END_IMAGE_DELETION, (sha256,))
+            await tx.run(q.INSERT_UPLOAD, (sha256, key, now))
+            return True
+        if not await self.transact(body):
+            raise ArchiveError("the stored file with these bytes is being deleted by retention; try again in a "
+                               "moment", code=IMAGE_BEING_DELETED)
+
 async def _drop_settled_deliveries(tx: Tx, column: str, picked: list[str]) -> list[str]:
     """Delete the settled deliveries (and their attempts) of the picked tasks or events; the picked ones left
     with no delivery at all, which may go now (a delivery made pending again meanwhile keeps its owner)."""
@@ -178,7 +220,7 @@ async def _release(tx: Tx, images: Sequence[Row], now: float) -> list[FileToDele
     for sha256, key in sorted(keys.items()):
         if not await tx.run(q.START_IMAGE_DELETION, (sha256, key, now)):
             continue        # already being deleted
-        if await tx.one(q.IMAGE_IN_USE, (sha256,)) is not None:
+        if await tx.one(q.IMAGE_IN_USE, (sha256, sha256)) is not None:
             await tx.run(q.END_IMAGE_DELETION, (sha256,))
             continue
         files.append(FileToDelete(sha256, key))

@@ -5,16 +5,14 @@ relay.circuit's; these read, lock and write)."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from relay.circuit import CLOSED, Circuit, admit, failed
 from relay.models import Task
 from relay.store import queries as q
+from relay.store.plumbing import StorePlumbing
 from relay.store.rows import dumps, loads
 from relay.store.tx import Row, Tx
-
-T = TypeVar("T")
 
 
 def circuit_from_row(row: Row) -> Circuit:
@@ -23,19 +21,7 @@ def circuit_from_row(row: Row) -> Circuit:
                    updated_at=row["updated_at"])
 
 
-class RoutingCases(abc.ABC):
-    @abc.abstractmethod
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T: ...
-
-    @abc.abstractmethod
-    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
-
-    @abc.abstractmethod
-    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
-
-    @abc.abstractmethod
-    async def _write(self, sql: str, args: Sequence[Any]) -> None: ...
-
+class RoutingCases(StorePlumbing):
     @abc.abstractmethod
     async def get_task(self, task_id: str) -> Task | None: ...
 

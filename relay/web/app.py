@@ -79,7 +79,7 @@ async def openapi(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition (relay.metrics)."""
     runtime = runtime_of(request)
-    body, content_type = await exposition(runtime.store, runtime.ctx.clock.now())
+    body, content_type = await exposition(runtime.store, runtime.ctx.clock.now(), runtime.settings.providers)
     return Response(body, headers={"content-type": content_type})
 
 

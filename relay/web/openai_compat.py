@@ -7,7 +7,8 @@ Each request becomes a relay task (TaskService.create: the same validation, rout
 links (and/or the archived bytes as base64). Errors on this surface are in OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`), since OpenAI's clients parse that.
 
-Uploaded edit images are verified, kept in the image store (content-addressed) and handed to the task as
+Uploaded edit images are verified, kept in the image store (content-addressed; recorded in `uploads` and never
+swept by retention, see relay.retention) and handed to the task as
 signed links to `GET /openai/v1/inputs/{sha256}.{ext}`: providers that take URLs fetch them from relay,
 the others get them through relay's guarded input fetcher, like any reference image URL.
 """
@@ -31,11 +32,12 @@ from relay.errors import ApiError, ArchiveError, InvalidImage, NotFound, Payload
 from relay.images.store import ImageStore, image_key
 from relay.images.verify import ainspect_image, sniff_image
 from relay.models import Task, TaskStatus
+from relay.multipart import Part
 from relay.runtime import Runtime
 from relay.validation import MAX_INPUT_IMAGES
 from relay.web.common import (idempotency_key, json_response, read_json_body, require_api_key, runtime_of,
                               small_int)
-from relay.web.multipart import Part, read_form
+from relay.web.multipart import read_form
 from relay.web.tasks import image_url_maker
 from relay.web.waiting import waiter_of
 
@@ -291,6 +293,8 @@ async def store_upload(runtime: Runtime, part: Part, field: str) -> str:
         sha256 = hashlib.sha256(part.data).hexdigest()
         ext = UPLOAD_TYPES[content_type]
         try:
+            # Recorded before the file is put, so retention never takes a file an upload uses (relay.retention).
+            await runtime.store.hold_upload(sha256, image_key(sha256, ext), runtime.ctx.clock.now())
             await store.put_file(tmp, sha256, ext)
         except ArchiveError as exc:
             raise OpenAIError(503, exc.message, type="server_error", code="image_store_unavailable") from None

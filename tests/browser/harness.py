@@ -172,3 +172,19 @@ def bury_a_job(relay: Relay, task_id: str, error: str) -> str:
             await store.close()
 
     return _off_thread(bury())
+
+
+def open_a_circuit(relay: Relay, provider: str, error: str, cooldown: float = 600.0) -> None:
+    """Open `provider`'s circuit on the relay's own database, as failed submits do (Store.circuit_failed at its
+    threshold): no test has to fail five submits to see it."""
+    database = relay.process.env.get("RELAY_STORAGE_DATABASE") or str(relay.data_dir / "relay.db")
+
+    async def fail() -> None:
+        store: Store = PostgresStore(database) if database.startswith("postgresql") else SQLiteStore(database)
+        await store.open()
+        try:
+            await store.circuit_failed(provider, error, time.time(), threshold=1, cooldown=cooldown)
+        finally:
+            await store.close()
+
+    _off_thread(fail())

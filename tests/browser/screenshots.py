@@ -1,8 +1,8 @@
 """Screenshots of every console page for docs/screenshots/: `python -m tests.browser.screenshots [OUT_DIR]`.
 
 Starts the simulator and relay (SQLite) as processes, makes some history through the API (tasks on several
-providers, a subscriber that was down: dead letters, a retried delivery, a dead job, a rotated secret) and
-photographs each page in headless Chromium at 1280 px wide.
+providers, a subscriber that was down: dead letters, a retried delivery, a dead job, a rotated secret, archives
+of links, an open circuit) and photographs each page in headless Chromium at 1280 px wide.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from playwright.sync_api import sync_playwright
 from tests.e2e.harness import Simulator, wait_for
 from tests.sink import Sink
 
-from .harness import WAIT, Console, bury_a_job, launch, relay_on, wait_status
+from .harness import WAIT, Console, bury_a_job, launch, open_a_circuit, relay_on, wait_status
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
@@ -44,6 +44,13 @@ def main(argv: list[str]) -> int:
                 wait_status(relay, {"status": "failed"}, "failed", count=len(tasks))
                 sink.default("/orders", status=200)        # and back up: a retry from the page goes through
                 bury_a_job(relay, tasks[0]["id"], "provider_unavailable: provider error 500: internal server error")
+                open_a_circuit(relay, "pixazo", "provider error 503: service unavailable")
+                archives = [relay.api.post("/v1/archives", json={"url": relay.task(t["id"])["images"][0]["url"],
+                                                                 "metadata": {"order": 1040 + i}}).json()
+                            for i, t in enumerate(tasks[:3])]
+                for archive in archives:
+                    wait_for(lambda a=archive: relay.api.get(f"/v1/archives/{a['id']}").json()["status"]
+                             in ("succeeded", "failed"), WAIT, "the archives")
                 sim.faults(duration=120)             # one task still in flight in the pictures
                 running = relay.create({"provider": "gmicloud", "prompt": "a slow one", "metadata": {"order": 1099}})
                 relay.wait_status(running["id"], ("queued", "running"))
@@ -73,6 +80,11 @@ def main(argv: list[str]) -> int:
                 wait_for(lambda: console.page.evaluate(
                     "[...document.querySelectorAll('.thumb img')].every(i => i.naturalWidth > 0)"), WAIT, "thumbnails")
                 shoot("task")
+                shoot("archives", "/console/archives")
+                console.goto(f"/console/archives/{archives[0]['id']}")
+                wait_for(lambda: console.page.evaluate(
+                    "[...document.querySelectorAll('.thumb img')].every(i => i.naturalWidth > 0)"), WAIT, "thumbnails")
+                shoot("archive")
                 shoot("subscriptions", "/console/subscriptions")
                 shoot("dead-letters", "/console/dead-letters")
                 def counted() -> bool:       # each process adds its provider stats every few seconds

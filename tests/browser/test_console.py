@@ -10,12 +10,13 @@ from playwright.sync_api import expect
 from tests.e2e.harness import API_KEY, Relay, Simulator, wait_for
 from tests.sink import Sink
 
-from .harness import PASSWORD, SECRET, WAIT, Console, bury_a_job, wait_status
+from .harness import PASSWORD, SECRET, WAIT, Console, bury_a_job, open_a_circuit, wait_status
 
 pytestmark = pytest.mark.e2e
 MS = WAIT * 1000
 expect.set_options(timeout=MS)
-PAGES = ("/console/", "/console/subscriptions", "/console/dead-letters", "/console/providers", "/console/queue")
+PAGES = ("/console/", "/console/archives", "/console/subscriptions", "/console/dead-letters",
+         "/console/providers", "/console/queue")
 
 
 def test_a_wrong_password_is_refused(console: Console) -> None:
@@ -250,3 +251,72 @@ def test_providers_page_counts_requests_and_in_flight(console: Console, relay: R
         return int(row.locator("td").nth(1).inner_text()) > 0
     wait_for(counted, 3 * WAIT, "gmicloud's requests to be counted", interval=1.0)
     expect(row).to_contain_text("0 / 256")
+
+
+def test_providers_page_shows_circuits_and_cost_today(console: Console, relay: Relay) -> None:
+    """Each provider's circuit (closed, or open with its failures, until when and the last error) and the cost of
+    its tasks that ended today, from the store every replica shares."""
+    task = relay.create({"provider": "evolink", "prompt": "priced"})
+    done = relay.wait_succeeded(task["id"])
+    open_a_circuit(relay, "pixazo", "provider error 503: service unavailable")
+    console.login()
+    console.goto("/console/providers")
+    pixazo = console.page.locator("tr[data-provider='pixazo'] td.circuit")
+    expect(pixazo).to_have_attribute("data-state", "open")
+    expect(pixazo).to_contain_text("open")
+    expect(pixazo).to_contain_text("1 failure")
+    expect(pixazo).to_contain_text("probe after 20")          # a UTC time: 2026-…
+    expect(pixazo).to_contain_text("service unavailable")
+    expect(console.page.locator("tr[data-provider='evolink'] td.circuit")).to_have_attribute("data-state", "closed")
+    cost = console.page.locator("tr[data-provider='evolink'] td.cost")
+    expect(cost).to_contain_text(f"{done['cost']['amount']:.4f} {done['cost']['currency']}")
+    expect(cost).to_contain_text("(1 task)")
+    expect(console.page.locator("tr[data-provider='pixazo'] td.cost")).to_have_text("—")
+
+
+def test_archives_page_lists_filters_pages_and_opens_an_archive(console: Console, relay: Relay, sink: Sink) -> None:
+    """Archives from the nav: the list by status, an older page by cursor; an archive's page shows its thumbnail
+    from relay's own image link and its archive.succeeded event with the delivery and its attempt."""
+    relay.api.post("/v1/subscriptions", json={"url": sink.url("/archives"), "events": ["archive.*"]})
+    links = []
+    for n in range(2):
+        task = relay.create({"provider": "gmicloud", "prompt": f"to archive {n}"})
+        links.append(relay.wait_succeeded(task["id"])["images"][0]["url"])
+    made = []
+    for link in links:
+        created = relay.api.post("/v1/archives", json={"url": link, "metadata": {"batch": "B-7"}})
+        assert created.status_code == 202, created.text
+        made.append(created.json()["id"])
+    for archive_id in made:
+        wait_for(lambda a=archive_id: relay.api.get(f"/v1/archives/{a}").json()["status"] == "succeeded", WAIT,
+                 f"{archive_id} to succeed")
+    wait_status(relay, {"status": "succeeded"}, "succeeded", count=2)
+    console.login()
+    console.page.click("header nav a[href='/console/archives']")
+    expect(console.page.locator("h1")).to_have_text("Archives")
+    rows = console.page.locator("tr[data-archive]")
+    expect(rows).to_have_count(2)
+    assert [r.get_attribute("data-archive") for r in rows.all()] == made[::-1]       # newest first
+    expect(rows.first.locator(".status")).to_have_text("succeeded")
+    console.page.select_option("select[name=status]", "failed")
+    console.page.click(".filters button")
+    expect(console.page.locator("td.empty")).to_have_text("No archives with this status.")
+    console.goto(f"/console/archives?status=succeeded&cursor={made[1]}")              # the page after the newest
+    expect(console.page.locator("tr[data-archive]")).to_have_count(1)
+    expect(console.page.locator(f"tr[data-archive='{made[0]}']")).to_have_count(1)
+
+    console.page.click(f"a[href='/console/archives/{made[0]}']")
+    expect(console.page.locator("#archive-status")).to_have_text("succeeded")
+    expect(console.page.locator(".json")).to_contain_text("B-7")
+    image = console.page.locator(".thumb img")
+    expect(image).to_have_count(1)
+    assert (image.get_attribute("src") or "").startswith("/v1/images/img_")
+    wait_for(lambda: console.page.evaluate("document.querySelector('.thumb img').naturalWidth") > 0, WAIT,
+             "the thumbnail to load")
+    event = console.page.locator("li.event")
+    expect(event).to_have_count(1)
+    assert event.get_attribute("data-event") == "archive.succeeded"
+    expect(event.locator(".delivery .status")).to_have_text("succeeded")
+    expect(event.locator("table.attempts tbody tr")).to_have_count(1)
+    assert console.goto("/console/archives/arc_nope").status == 404
+

@@ -103,6 +103,35 @@ def test_metrics_count_what_relay_did(sim: Simulator, relay_factory: RelayFactor
     assert value(after, "relay_queue_lag_seconds") < 5
 
 
+def test_circuits_costs_and_archives_are_in_the_scrape(sim: Simulator, relay_factory: RelayFactory) -> None:
+    """Every configured provider has a circuit state (0 closed); a provider answering 503 opens its circuit (2) while
+    the task fails over and succeeds; today's cost of the serving provider is a gauge; an archive of a link counts
+    its creation, start and success in relay_archive_status_changes_total."""
+    relay = relay_factory(RELAY_FAILOVER_BREAKER_THRESHOLD="1", RELAY_FAILOVER_BREAKER_COOLDOWN="600")
+    before = scrape(relay.url)
+    for provider in ("evolink", "apimart", "gmicloud", "pixazo", "openai"):
+        assert (("relay_provider_circuit_state", frozenset({("provider", provider)})) in before
+                and value(before, "relay_provider_circuit_state", provider=provider) == 0)
+    assert value(before, "relay_cost_today") == 0
+    sim.faults(next=[{"dialect": "pixazo", "op": "submit", "fault": "503"}])
+    task = relay.create({"provider": ["pixazo", "evolink"], "prompt": "metrics: failover"})
+    done = relay.wait_succeeded(task["id"])
+    link = done["images"][0]["url"]
+    archive = relay.api.post("/v1/archives", json={"url": link})
+    assert archive.status_code == 202, archive.text
+    wait_for(lambda: relay.api.get(f"/v1/archives/{archive.json()['id']}").json()["status"] == "succeeded", 20,
+             "the archive to succeed")
+    after = scrape(relay.url)
+    assert value(after, "relay_provider_circuit_state", provider="pixazo") == 2
+    assert value(after, "relay_provider_circuit_state", provider="evolink") == 0
+    assert value(after, "relay_cost_today", provider="evolink", currency="USD") == pytest.approx(
+        done["cost"]["amount"])
+    assert value(after, "relay_cost_today", provider="pixazo") == 0
+    for status in ("pending", "archiving", "succeeded"):
+        assert value(after, "relay_archive_status_changes_total", status=status) == 1, status
+    assert value(after, "relay_task_status_changes_total", provider="link") == 0
+
+
 @pytest.fixture
 def database() -> Iterator[str]:
     with postgres_database() as dsn:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 from relay.config import PROVIDER_KINDS
+from relay.images.store import image_key
 
 from .conftest import RelayFactory
 from .harness import API_KEY, Relay, Simulator
@@ -98,6 +101,10 @@ def test_edit_uploads_a_png_as_the_tasks_reference_image(relay: Relay, sim: Simu
     assert sim.task("evolink", task["provider_task_id"])["request"]["image_urls"] == [reference]
     fetched = httpx.get((result.data or [])[0].url or "", timeout=10)
     assert hashlib.sha256(fetched.content).hexdigest() == task["images"][0]["sha256"]
+    # Kept as an upload (relay.retention): a user of its sha256 that retention never deletes the file under.
+    sha = hashlib.sha256(upload).hexdigest()
+    with contextlib.closing(sqlite3.connect(relay.data_dir / "relay.db")) as db:
+        assert db.execute("SELECT key FROM uploads WHERE sha256 = ?", (sha,)).fetchall() == [(image_key(sha, "png"),)]
 
 
 def test_edit_with_several_images_and_a_mask_on_a_base64_dialect(relay: Relay, sim: Simulator) -> None:

@@ -18,8 +18,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import multipart
-from ..respond import BodyError, hold_until, json_response, read_body, read_json
+from relay import multipart
+from relay.errors import ApiError
+
+from ..respond import hold_until, json_response, read_body, read_json
 from ..sim import Simulator
 from ..validate import PIXEL_SIZES, Invalid, as_object, choice, integer, pixels, string
 from ..tasks import parse_directives
@@ -99,7 +101,7 @@ def _form_fields(parts: list[multipart.Part]) -> tuple[dict[str, Any], list[mult
 
 
 def _describe(part: multipart.Part) -> dict[str, Any]:
-    return {"filename": part.filename, "content_type": part.content_type, "bytes": len(part.data),
+    return {"filename": part.filename, "content_type": part.content_type or "text/plain", "bytes": len(part.data),
             "sha256": hashlib.sha256(part.data).hexdigest()}
 
 
@@ -159,10 +161,10 @@ def routes(sim: Simulator) -> list[Route]:
         async def handle() -> Response:
             raw = await read_body(request)
             try:
-                parts = multipart.parse(request.headers.get("content-type", ""), raw)
-            except BodyError as exc:
-                raise Invalid(str(exc)) from None
-            fields, images, mask = _form_fields(parts)
+                parts = multipart.parse(multipart.boundary_of(request.headers.get("content-type", "")), raw)
+                fields, images, mask = _form_fields(parts)
+            except ApiError as exc:
+                raise Invalid(exc.message) from None
             checked = _validate(fields)
             _check_edit_files(images, mask)
             record = {**fields, "image": [_describe(p) for p in images],

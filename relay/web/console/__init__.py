@@ -1,6 +1,6 @@
 """The operator's console: a server-rendered dashboard at GET / (Starlette + Jinja2, no build step).
 
-Pages (relay.web.console.pages): Tasks, Task, Subscriptions, Dead letters, Providers, Queue. Buttons
+Pages (relay.web.console.pages): Tasks, Task, Archives, Archive, Subscriptions, Dead letters, Providers, Queue. Buttons
 (relay.web.console.actions) call the same use cases as the /v1 API. Who may use it and how forms are
 protected: relay.web.console.auth. Templates live in relay/templates/console, CSS and the small live-refresh
 script in relay/static; everything a page loads comes from relay itself (see render.CSP).
@@ -33,6 +33,8 @@ def routes() -> list[BaseRoute]:
             Route("/logout", actions.logout, methods=["POST"]),
             Route("/tasks/{task_id}", pages.task, methods=["GET"]),
             Route("/tasks/{task_id}/cancel", actions.cancel_task, methods=["POST"]),
+            Route("/archives", pages.archives, methods=["GET"]),
+            Route("/archives/{archive_id}", pages.archive, methods=["GET"]),
             Route("/deliveries/{delivery_id}/retry", actions.retry_delivery, methods=["POST"]),
             Route("/subscriptions", pages.subscriptions, methods=["GET"]),
             Route("/subscriptions", actions.create_subscription, methods=["POST"]),

@@ -22,7 +22,7 @@ from relay.web.common import runtime_of
 from relay.web.console.auth import (Session, check_credential, end_session, login_nonce, login_nonce_ok,
                                     set_login_nonce, start_session)
 from relay.web.console.guard import Form, action, anonymous_context, base_context, first, local_path, read_form
-from relay.web.console.render import render
+from relay.web.console.render import owner_path, render
 from relay.web.jobs import retry_job
 
 RETRY_MAX = 200         # dead letters retried by one press
@@ -88,7 +88,7 @@ async def cancel_task(request: Request, session: Session, form: Form) -> Respons
 @action
 async def retry_delivery(request: Request, session: Session, form: Form) -> Response:
     delivery = await _deliveries(request).retry_delivery(request.path_params["delivery_id"])
-    return _back(local_path(first(form, "back"), f"/console/tasks/{quote(delivery.task_id)}"), "delivery-retried")
+    return _back(local_path(first(form, "back"), owner_path(quote(delivery.task_id))), "delivery-retried")
 
 
 @action

@@ -17,7 +17,7 @@ from relay.web.console.auth import CSRF_FIELD, Session, csrf_ok, csrf_token, ses
 from relay.web.console.render import render
 
 FORM_LIMIT = 64 * 1024
-NAV = (("tasks", "Tasks", "/console/"), ("subscriptions", "Subscriptions", "/console/subscriptions"),
+NAV = (("tasks", "Tasks", "/console/"), ("archives", "Archives", "/console/archives"), ("subscriptions", "Subscriptions", "/console/subscriptions"),
        ("dead-letters", "Dead letters", "/console/dead-letters"), ("providers", "Providers", "/console/providers"),
        ("queue", "Queue", "/console/queue"))
 

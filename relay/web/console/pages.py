@@ -1,7 +1,8 @@
-"""The console's pages (GET): Tasks, Task, Subscriptions, Dead letters, Providers, Queue, and the login form.
+"""The console's pages (GET): Tasks, Task, Archives, Archive, Subscriptions, Dead letters, Providers, Queue, and the
+login form.
 
 Each reads through the store and renders a template; pages that change by themselves (the task list, a task,
-the queue) also answer `?fragment=1` with just the part console.js swaps in, so they stay live without a reload.
+the archive list, an archive, the queue) also answer `?fragment=1` with just the part console.js swaps in, so they stay live without a reload.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from relay import ids
+from relay.circuit import Circuit
+from relay.costs import cost_day
 from relay.deliveries.models import Subscription
-from relay.errors import InvalidRequest
-from relay.models import TaskStatus
+from relay.errors import InvalidRequest, NotFound
+from relay.models import ImageRecord, TaskStatus
+from relay.runtime import Runtime
 from relay.web.common import runtime_of
 from relay.web.console.auth import Session, login_nonce, session_of, set_login_nonce
 from relay.web.console.guard import anonymous_context, base_context, is_fragment, local_path, page
@@ -92,11 +96,8 @@ async def task(request: Request, session: Session) -> Response:
     runtime = runtime_of(request)
     found = await runtime.tasks.get(request.path_params["task_id"])
     timeline = await runtime.store.task_timeline(found.id)
-    now = runtime.ctx.clock.now()
-    # Thumbnails through relay's own signed image links, relative so they load from the page's own origin.
-    thumbs = {img.id: runtime.ctx.signer.image_url("", img.id, now=now, ttl=HOUR)
-              for img in found.images if img.status == "archived"}
-    context = {**base_context(request, session, "tasks"), "task": found, "timeline": timeline, "thumbs": thumbs,
+    context = {**base_context(request, session, "tasks"), "task": found, "timeline": timeline,
+               "thumbs": _thumbs(runtime, found.images),
                "refresh": _refresh_url(request), "note": _note(request)}
     return render(request, "console/_task.html" if is_fragment(request) else "console/task.html", context)
 
@@ -148,6 +149,12 @@ async def providers(request: Request, session: Session) -> Response:
     stats = await store.provider_stats(now - window)
     in_flight = await store.in_flight_by_provider()
     callbacks = await store.callbacks_by_provider(now - window)
+    circuits = await store.circuits()
+    today = cost_day(now)
+    costs: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(await store.cost_totals(today), key=lambda r: r["currency"]):
+        if row["day"] == today:
+            costs.setdefault(row["provider"], []).append(row)
     rows = []
     for name, conf in sorted(runtime.settings.providers.items()):
         s = stats.get(name)
@@ -156,7 +163,8 @@ async def providers(request: Request, session: Session) -> Response:
                      "error_rate": (s.errors / s.requests) if s is not None and s.requests else None,
                      "in_flight": in_flight.get(name, 0), "max_in_flight": conf.max_in_flight,
                      "callbacks": sum(received.values()), "confirmed": received.get("applied", 0),
-                     "ignored": received.get("ignored", 0), "rejected": received.get("rejected", 0)})
+                     "ignored": received.get("ignored", 0), "rejected": received.get("rejected", 0),
+                     "circuit": circuits.get(name, Circuit(name)), "costs": costs.get(name, [])})
     context = {**base_context(request, session, "providers"), "rows": rows,
                "window": "24h" if window == DAY else "1h"}
     return render(request, "console/providers.html", context)
@@ -172,3 +180,41 @@ async def queue(request: Request, session: Session) -> Response:
     context = {**base_context(request, session, "queue"), "kinds": kinds, "dead": dead, "next_cursor": next_cursor,
                "refresh": _refresh_url(request), "note": _note(request)}
     return render(request, "console/_queue.html" if is_fragment(request) else "console/queue.html", context)
+
+
+def _thumbs(runtime: Runtime, images: list[ImageRecord]) -> dict[str, str]:
+    """Thumbnails through relay's own signed image links, relative so they load from the page's own origin."""
+    now = runtime.ctx.clock.now()
+    return {img.id: runtime.ctx.signer.image_url("", img.id, now=now, ttl=HOUR)
+            for img in images if img.status == "archived"}
+
+
+ARCHIVE_STATUSES = (TaskStatus.PENDING.value, TaskStatus.ARCHIVING.value, TaskStatus.SUCCEEDED.value,
+                    TaskStatus.FAILED.value)
+
+
+@page
+async def archives(request: Request, session: Session) -> Response:
+    runtime = runtime_of(request)
+    status = request.query_params.get("status") or None
+    if status is not None and status not in ARCHIVE_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(ARCHIVE_STATUSES)}", field="status")
+    found, next_cursor = await runtime.store.list_archives(status=status, limit=PAGE_SIZE,
+                                                           cursor=_cursor(request, "arc"))
+    context = {**base_context(request, session, "archives"), "archives": found, "next_cursor": next_cursor,
+               "status": status, "statuses": ARCHIVE_STATUSES, "refresh": _refresh_url(request),
+               "paged": bool(request.query_params.get("cursor")), "note": _note(request)}
+    return render(request, "console/_archives.html" if is_fragment(request) else "console/archives.html", context)
+
+
+@page
+async def archive(request: Request, session: Session) -> Response:
+    runtime = runtime_of(request)
+    archive_id = request.path_params["archive_id"]
+    found = await runtime.store.get_archive(archive_id)
+    if found is None:
+        raise NotFound(f"no archive {archive_id!r}")
+    timeline = await runtime.store.task_timeline(found.id)     # events, deliveries, attempts: by owner id
+    context = {**base_context(request, session, "archives"), "archive": found, "timeline": timeline,
+               "thumbs": _thumbs(runtime, found.images), "refresh": _refresh_url(request), "note": _note(request)}
+    return render(request, "console/_archive.html" if is_fragment(request) else "console/archive.html", context)

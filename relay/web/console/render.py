@@ -73,11 +73,16 @@ def snippet(text: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
+def owner_path(owner_id: str) -> str:
+    """The console page of what an event, delivery or job belongs to: a task, or an archive of a link (arc_…)."""
+    return f"/console/archives/{owner_id}" if owner_id.startswith("arc_") else f"/console/tasks/{owner_id}"
+
+
 def _environment() -> Environment:
     env = Environment(loader=PackageLoader("relay", "templates"), autoescape=select_autoescape(default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=when, duration=duration, ms=ms, percent=percent, pretty=pretty, snippet=snippet,
-                       url=redact_url, text=redact_text)
+                       url=redact_url, text=redact_text, owner_path=owner_path)
     return env
 
 

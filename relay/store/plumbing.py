@@ -1,0 +1,108 @@
+"""The base every part of the store stands on: the plumbing a backend provides, the wake-ups and status
+listeners told after a commit, and the newest-first page every list reads.
+
+relay.store.base.Store and each use-case mixin (deliveries, console, retention, routing, archives) inherit
+this one class, so the plumbing is declared once; relay.store.sqlite and relay.store.postgres implement it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from relay.models import Event, ImageRecord, Task, TaskStatus
+from relay.store import queries as q
+from relay.store.rows import image_from_row
+from relay.store.tx import Row, Tx
+
+T = TypeVar("T")
+
+# Told of every committed status change: (task, the status it reached, its event; None for a new task).
+StatusListener = Callable[[Task, TaskStatus, Event | None], None]
+
+
+class Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class WithImages(Identified, Protocol):
+    @property
+    def images(self) -> list[ImageRecord]: ...
+
+
+I = TypeVar("I", bound=Identified)
+W = TypeVar("W", bound=WithImages)
+
+
+class StorePlumbing(abc.ABC):
+    """What every store use case speaks through; the abstract methods are a backend's."""
+
+    @abc.abstractmethod
+    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run `body` in one write transaction: committed when it returns, rolled back when it raises."""
+
+    @abc.abstractmethod
+    async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
+
+    @abc.abstractmethod
+    async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def _write(self, sql: str, args: Sequence[Any]) -> None:
+        """One small write that needs no other statement with it (job outcomes, callback settles)."""
+
+    def on_enqueue(self, callback: Callable[[], None]) -> None:
+        """Register a wake-up called after a transaction that enqueued due jobs commits."""
+        self._wakeups = [*getattr(self, "_wakeups", []), callback]
+
+    def _wake(self) -> None:
+        for callback in getattr(self, "_wakeups", []):
+            callback()
+
+    def on_task_status(self, listener: StatusListener) -> None:
+        """Register a listener told of each task created and each status change, after its commit
+        (metrics and log lines: every path that changes a task goes through here)."""
+        self._status_listeners = [*getattr(self, "_status_listeners", []), listener]
+
+    def _told(self, task: Task, status: TaskStatus, event: Event | None) -> None:
+        for listener in getattr(self, "_status_listeners", []):
+            listener(task, status, event)
+
+    def _task_created(self, result: tuple[Task, bool]) -> tuple[Task, bool]:
+        """After a create commits, `result` = (task, created): a created task wakes the workers and is told."""
+        task, created = result
+        if created:
+            self._wake()
+            self._told(task, task.status, None)
+        return result
+
+    async def _one_with_images(self, sql: str, owner_id: str, build: Callable[[Row], W]) -> W | None:
+        """The row `sql` loads by `owner_id`, built, with its images (a task's or an archive's); None if unknown."""
+        row = await self._read(sql, (owner_id,))
+        if row is None:
+            return None
+        owner = build(row)
+        owner.images.extend(image_from_row(r) for r in await self._read_all(q.IMAGES_OF_TASK, (owner_id,)))
+        return owner
+
+    async def _page(self, table: str, filters: list[str], args: list[Any], *, cursor: str | None, limit: int,
+                    build: Callable[[Row], I]) -> tuple[list[I], str | None]:
+        """Up to `limit` rows of `table` matching `filters`, newest first, each built; the cursor is the last id
+        of the previous page, and the one returned (None on the last page) is this page's last id."""
+        if cursor:
+            filters, args = [*filters, "id < ?"], [*args, cursor]
+        rows = await self._read_all(q.filtered(table, filters, order="id DESC"), (*args, limit + 1))
+        found = [build(row) for row in rows[:limit]]
+        return found, (found[-1].id if len(rows) > limit else None)
+
+    async def _page_with_images(self, table: str, filters: list[str], args: list[Any], *, cursor: str | None,
+                                limit: int, build: Callable[[Row], W]) -> tuple[list[W], str | None]:
+        """`_page` of image owners (tasks, archives), each with its images, read in one more query."""
+        found, next_cursor = await self._page(table, filters, args, cursor=cursor, limit=limit, build=build)
+        if found:
+            by_id = {owner.id: owner for owner in found}
+            for row in await self._read_all(q.images_of_tasks(len(by_id)), tuple(by_id)):
+                by_id[row["task_id"]].images.append(image_from_row(row))
+        return found, next_cursor
