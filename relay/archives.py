@@ -19,6 +19,10 @@ from relay.validation import parse_archive_input
 
 # A link that does not say when it dies is assumed to live this long (the resellers' 24 h).
 DEFAULT_LINK_LIFETIME = 24 * 3600.0
+# The latest expiry relay believes, whoever states it (the request or the link): a transient failure is retried
+# until the link's expiry, so "year 9999" would retry a dead host forever and keep the archive from ever
+# settling. Seven days is the longest a SigV4 presigned URL may live.
+MAX_LINK_LIFETIME = 7 * 86400.0
 
 
 class ArchiveService:
@@ -50,11 +54,9 @@ class ArchiveService:
 
     @staticmethod
     def expiry(url: str, given: float | None, now: float) -> float:
-        """`expires_at` as given; else what the link's signature says; else 24 h from now."""
-        if given is not None:
-            return given
-        found = expiry_from_url(url, now=now)
-        return found if found is not None else now + DEFAULT_LINK_LIFETIME
+        """`expires_at` as given; else what the link's signature says; else 24 h from now; at most 7 days."""
+        found = given if given is not None else expiry_from_url(url, now=now)
+        return min(found if found is not None else now + DEFAULT_LINK_LIFETIME, now + MAX_LINK_LIFETIME)
 
     async def get(self, archive_id: str) -> Archive:
         archive = await self.ctx.store.get_archive(archive_id)

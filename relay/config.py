@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from relay.costs import QUALITY_KEYS, SIZE_KEYS, PriceTable
 from relay.errors import RelayError
+from relay.models import IDEMPOTENCY_WINDOW
 
 PROVIDER_KINDS = ("gmicloud", "apimart", "evolink", "pixazo", "openai")
 ROLES = ("all", "api", "worker")
@@ -758,6 +759,11 @@ class _Loader:
             if getattr(r, key) < 0:
                 self.problem(f"retention.{key}", "must not be negative (0: keep forever / no housekeeping job)",
                              getattr(r, key))
+        # A finished task takes its Idempotency-Keys with it: deleted sooner, a client's retry within the
+        # window would create (and bill) a second task.
+        if 0 < r.finished_tasks < IDEMPOTENCY_WINDOW:
+            self.problem("retention.finished_tasks", f"must be 0 or at least {IDEMPOTENCY_WINDOW:g} seconds "
+                         "(the Idempotency-Key window)", r.finished_tasks)
 
     def check_dashboard(self, d: DashboardSettings) -> None:
         if d.password and len(d.password) < 12:

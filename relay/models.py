@@ -10,6 +10,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+# How long an Idempotency-Key is remembered: a retry within it gets the first answer, never a second task.
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+
 
 class TaskStatus(str, enum.Enum):
     PENDING = "pending"

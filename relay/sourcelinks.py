@@ -68,7 +68,8 @@ def expiry_from_url(url: str, *, now: float) -> float | None:
 def _signed_window(params: dict[str, str], date_name: str, expires_name: str) -> float | None:
     """SigV4 style: signed at `YYYYMMDD'T'HHMMSS'Z'`, valid for N seconds after."""
     signed, lifetime = params.get(date_name), params.get(expires_name)
-    if not signed or not lifetime or not lifetime.isascii() or not lifetime.isdigit():
+    # At most 12 digits, as for Expires=: a 400-digit lifetime overflows float() (a 500, found by review).
+    if not signed or not lifetime or not lifetime.isascii() or not lifetime.isdigit() or len(lifetime) > 12:
         return None
     try:
         start = calendar.timegm(time.strptime(signed, "%Y%m%dT%H%M%SZ"))

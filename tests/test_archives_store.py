@@ -112,6 +112,25 @@ async def test_failed_image_fails_the_archive_with_the_reason(store: Store, cloc
     assert (await store.list_archives(status="succeeded", limit=10, cursor=None))[0] == []
 
 
+async def test_asking_again_for_a_failed_link_tries_again_but_a_replay_does_not(store: Store,
+                                                                                   clock: ManualClock) -> None:
+    """A failed archive does not hold its link forever: a new request makes a new archive (the old one keeps
+    its failure); the same request replayed with its Idempotency-Key answers what it first got."""
+    url = "https://cdn.test/was-down.png"
+    [(first, _)] = await store.create_archives([archive(clock, url)], clock.now(), idempotency=("s", "k1", "h"))
+    await store.image_failed(first.images[0].id, "source_unavailable", "503 until expiry", clock.now())
+    [(replayed, created)] = await store.create_archives([archive(clock, url)], clock.now(),
+                                                        idempotency=("s", "k1", "h"))
+    assert (replayed.id, created, replayed.status) == (first.id, False, TaskStatus.FAILED)
+    clock.advance(1)
+    [(retry, created)] = await store.create_archives([archive(clock, url)], clock.now())
+    assert created and retry.id != first.id and retry.status == TaskStatus.PENDING
+    [(same, created)] = await store.create_archives([archive(clock, url)], clock.now())    # still one live archive
+    assert (same.id, created) == (retry.id, False)
+    old = await store.get_archive(first.id)
+    assert old is not None and old.status == TaskStatus.FAILED
+
+
 async def test_archives_page_newest_first(store: Store, clock: ManualClock) -> None:
     """Paging as tasks: newest first, next_cursor the last id of a full page."""
     made = []

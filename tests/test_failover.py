@@ -111,6 +111,26 @@ async def test_submit_with_unknown_outcome_does_not_fail_over(tmp_path: Path) ->
         assert await sim_submits(h) == {kind: 0 for kind in PROVIDER_KINDS}
 
 
+async def test_a_resend_after_an_unknown_outcome_never_fails_over(tmp_path: Path) -> None:
+    """APIMart dedupes submits by key, so a submit whose outcome is unknown is resent to it; when the resend
+    meets a 503 (or its circuit opens), the task must stay with APIMart: the first send may have been
+    accepted, and EvoLink making it too would bill it twice (found by review: it did fail over)."""
+    async with harness(tmp_path, run_worker=False, RELAY_FAILOVER_BREAKER_THRESHOLD="1") as h:
+        task = await h.create(provider=["apimart", "evolink"], prompt="maybe accepted")
+        await h.runtime.store.mark_submit_started(task["id"], h.runtime.ctx.clock.now())   # sent, then a crash
+        await h.faults(next=[{"dialect": "apimart", "op": "submit", "fault": "503", "count": 3, "retry_after": 0}])
+        async def settled() -> dict[str, Any]:
+            while (current := await h.task(task["id"]))["status"] not in ("succeeded", "failed", "canceled"):
+                await h.runtime.worker.drain()       # the worker, by hand: nothing ran before the mark was set
+                await asyncio.sleep(0.05)
+            return current
+        final = await asyncio.wait_for(settled(), timeout=30)
+        assert final["status"] == "succeeded" and final["provider"] == "apimart", final
+        assert final["providers_tried"] == ["apimart"], final
+        submits = await sim_submits(h)
+        assert submits["evolink"] == 0 and submits["apimart"] == 4, submits
+
+
 async def test_content_policy_refusal_does_not_fail_over(tmp_path: Path) -> None:
     """A refusal of the prompt itself fails the task as today: the next provider would refuse it too."""
     async with harness(tmp_path) as h:

@@ -408,6 +408,11 @@ def test_retention_settings_from_toml_and_environment(tmp_path: Path) -> None:
         load_settings(None, {"RELAY_RETENTION_EVENTS": "-1", "RELAY_RETENTION_BATCH_SIZE": "0"})
     assert any(p.startswith("retention.events:") for p in bad.value.problems)
     assert any(p.startswith("retention.batch_size:") for p in bad.value.problems)
+    # Finished tasks deleted within the Idempotency-Key window would let a retry bill a second task.
+    with pytest.raises(ConfigError) as short:
+        load_settings(None, {"RELAY_RETENTION_FINISHED_TASKS": "3600"})
+    assert any(p.startswith("retention.finished_tasks:") and "Idempotency-Key" in p for p in short.value.problems)
+    assert load_settings(None, {"RELAY_RETENTION_FINISHED_TASKS": "86400"}).retention.finished_tasks == 86400
 
 
 # ---- the S3 image store -----------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def test_azure_sas_signed_expiry(se: str, expected: float) -> None:
     "https://cdn.example/a.png?X-Amz-Date=bogus&X-Amz-Expires=60",  # no signing time
     "https://cdn.example/a.png?se=2026-02-31",                      # no such day
     "https://cdn.example/a.png?se=tomorrow",
+    "https://cdn.example/a.png?X-Amz-Date=20261128T100000Z&X-Amz-Expires=" + "9" * 400,   # overflowed float()
+    "https://cdn.example/a.png?X-Goog-Date=20261128T100000Z&X-Goog-Expires=" + "9" * 5000,  # int() refused it
 ])
 def test_links_that_do_not_say_give_none(url: str) -> None:
     """Absent or nonsensical expiry parameters give None (the caller then assumes 24 h)."""
@@ -75,3 +77,15 @@ def test_normalized_spellings_of_one_link_share_a_key() -> None:
     assert url_key("https://cdn.example.com/img/A.png?a=1&b=2") != url_key(b)
     assert url_key("https://cdn.example.com/img/a.png?a=1&b=3") != url_key(b)
     assert url_key("http://cdn.example.com/img/a.png?a=1&b=2") != url_key(b)
+
+
+def test_archive_expiry_is_capped_at_seven_days_whoever_states_it() -> None:
+    """A link (or a request) saying it lives for years is believed for seven days at most: transient errors are
+    retried until the expiry, and an archive must settle some day."""
+    from relay.archives import MAX_LINK_LIFETIME, ArchiveService
+
+    far = "https://cdn.example/a.png?Expires=" + str(int(NOW) + 5 * 365 * 86400)
+    assert ArchiveService.expiry(far, None, NOW) == NOW + MAX_LINK_LIFETIME == NOW + 7 * 86400
+    assert ArchiveService.expiry("https://cdn.example/a.png", utc(9999, 12, 31), NOW) == NOW + MAX_LINK_LIFETIME
+    assert ArchiveService.expiry("https://cdn.example/a.png", None, NOW) == NOW + 24 * 3600
+    assert ArchiveService.expiry("https://cdn.example/a.png", NOW + 60, NOW) == NOW + 60

@@ -70,7 +70,12 @@ class SubmitHandler:
                 raise
             await self._fail(task.id, exc.code, exc.message)
             return None
-        following = routing.next_provider(task)
+        # A submit that may already have been accepted (sent and unanswered, or a crash mid-send: the mark is
+        # still set) pins the task to its provider: moving on, or skipping it for its circuit, could have two
+        # providers make (and bill) it. Only a resend to the same provider with the same key, or the
+        # outcome-unknown failure, is safe from here.
+        uncertain = task.submit_started_at is not None
+        following = None if uncertain else routing.next_provider(task)
         cooldown = ctx.settings.failover.breaker_cooldown
         if following is not None and not await ctx.store.circuit_admit(task.provider, ctx.clock.now(), cooldown):
             return await self._fail_over(task, following, "skipped",
@@ -100,7 +105,8 @@ class SubmitHandler:
             return None
         except ProviderUnavailable as exc:
             await self._circuit_failed(task.provider, exc)
-            await ctx.store.clear_submit_started(task.id)    # certainly not accepted: a retry is safe
+            if not uncertain:       # this send certainly was not accepted; an earlier unanswered one may have been
+                await ctx.store.clear_submit_started(task.id)
             if following is not None and (outcome := self._moves_on(job, exc)) is not None:
                 return await self._fail_over(task, following, outcome, f"{exc.code}: {exc.message}")
             return await self._again_later(job, task, exc)

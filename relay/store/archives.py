@@ -65,19 +65,25 @@ class ArchiveCases(StorePlumbing):
     async def create_archives(self, archives: Sequence[Archive], now: float, *,
                               idempotency: tuple[str, str, str] | None = None) -> list[tuple[Archive, bool]]:
         """One transaction: each archive with its image row and archive job, unless an archive of the same
-        link (url_key) exists: then that one, unchanged. Returns (archive, created) in the given order.
+        link (url_key) exists that has not failed: then that one, unchanged. Returns (archive, created) in the
+        given order.
 
         `idempotency` = (scope, key, body_hash): a key used with another body within 24 h raises Conflict;
         with the same body the answer is the same archives (every link is found again by its url_key).
         Concurrent creates of one link serialize on its url_key: one archive, whichever commits first.
         """
         async def body(tx: Tx) -> list[tuple[Archive, bool]]:
+            replay = None
             if idempotency is not None and archives:
-                await replay_or_claim(tx, idempotency, archives[0].id, now,
-                                      lambda owner: tx.one(q.LOAD_ARCHIVE, (owner,)))
+                replay = await replay_or_claim(tx, idempotency, archives[0].id, now,
+                                               lambda owner: tx.one(q.LOAD_ARCHIVE, (owner,)))
             out: list[tuple[Archive, bool]] = []
             jobs: list[Job] = []
             for archive in archives:
+                if replay is None:
+                    # A new request for a link whose archive failed tries again; a replay (same key, same
+                    # body) answers what the first request got, failures included.
+                    await tx.run(q.RETIRE_FAILED_ARCHIVE, (archive.url_key,))
                 if await tx.run(q.INSERT_ARCHIVE, archive_row(archive)):
                     image = ImageRecord(id=ids.new_id("img", now), task_id=archive.id, index=0,
                                         source_url=archive.source_url, source_expires_at=archive.expires_at)

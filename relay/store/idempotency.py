@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from relay.errors import Conflict
+from relay.models import IDEMPOTENCY_WINDOW
 from relay.store import queries as q
 from relay.store.tx import Tx
 
 T = TypeVar("T")
-IDEMPOTENCY_WINDOW = 24 * 3600.0
 
 
 async def replay_or_claim(tx: Tx, idempotency: tuple[str, str, str], owner_id: str, now: float,

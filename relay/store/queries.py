@@ -332,6 +332,8 @@ INSERT_ARCHIVE = (
 LOAD_ARCHIVE = "SELECT * FROM archives WHERE id = ?"
 LOCK_ARCHIVE = "SELECT * FROM archives WHERE id = ?" + FOR_UPDATE
 ARCHIVE_BY_URL_KEY = "SELECT * FROM archives WHERE url_key = ?"
+# A failed archive gives its link back (its key gets the archive's id appended), so asking again tries again.
+RETIRE_FAILED_ARCHIVE = "UPDATE archives SET url_key = url_key || ':' || id WHERE url_key = ? AND status = 'failed'"
 UPDATE_ARCHIVE_STATE = (
     "UPDATE archives SET status = ?, sequence = ?, updated_at = ?, error = ?, completed_at = ? WHERE id = ?")
 ARCHIVE_STARTED = ("UPDATE archives SET status = 'archiving', sequence = sequence + 1, updated_at = ? "

@@ -60,7 +60,9 @@ def check_credential(runtime: Runtime, given: str) -> str | None:
 
 
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """HTTPS as the browser sees it: this connection's scheme, or the public URL's when a load balancer ends
+    TLS in front of relay (the connection from it is plain HTTP)."""
+    return request.url.scheme == "https" or runtime_of(request).settings.server.public_url.startswith("https://")
 
 
 def start_session(request: Request, response: Response, via: str) -> None:
