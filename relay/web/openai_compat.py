@@ -154,7 +154,22 @@ def provider_of(model: Any, runtime: Runtime) -> str | list[str]:
     return names[0] if len(names) == 1 else names
 
 
+def waiting_room(handler: Handler) -> Handler:
+    """Each request waits for its task: admitted only while this process has room for one more waiter,
+    else a 429 before the body is read or any task made (the SDK retries it later on its own)."""
+    @functools.wraps(handler)
+    async def admitted(request: Request) -> Response:
+        with waiter_of(request).admitted() as room:
+            if not room:
+                raise OpenAIError(429, "too many image requests are waiting on this relay; retry shortly",
+                                  type="rate_limit_error", code="rate_limit_exceeded",
+                                  headers={"retry-after": "2"})
+            return await handler(request)
+    return admitted
+
+
 @openai_errors
+@waiting_room
 async def generations(request: Request) -> Response:
     runtime = runtime_of(request)
     scope = require_api_key(request)
@@ -164,6 +179,7 @@ async def generations(request: Request) -> Response:
 
 
 @openai_errors
+@waiting_room
 async def edits(request: Request) -> Response:
     runtime = runtime_of(request)
     scope = require_api_key(request)

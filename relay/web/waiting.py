@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 from starlette.requests import Request
 
@@ -12,14 +13,32 @@ from relay.models import Event, Task, TaskStatus
 from relay.web.common import runtime_of
 
 MAX_POLL_INTERVAL = 2.0     # seconds between reads of the task when no in-process signal comes (other replicas)
+# Requests one process lets wait at once: each holds a connection and reads its task every few seconds, so
+# without a bound a client could hold the API (and the database) with idle waits. Past it, a 429 before any
+# task is made.
+MAX_WAITERS = 512
 
 
 class TaskWaiter:
     """Wakes requests waiting on a task when this process records its end (Store.on_task_status); reads the
     task again with a growing interval as well, for a task that another replica or worker process finishes."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_WAITERS) -> None:
         self._waiting: dict[str, set[asyncio.Event]] = {}
+        self.limit = limit
+        self.count = 0              # requests admitted and not yet answered
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[bool]:
+        """Whether one more request may wait (True: it holds a place until the block ends)."""
+        if self.count >= self.limit:
+            yield False
+            return
+        self.count += 1
+        try:
+            yield True
+        finally:
+            self.count -= 1
 
     def told(self, task: Task, status: TaskStatus, event: Event | None) -> None:
         if status.terminal:
