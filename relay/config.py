@@ -321,8 +321,8 @@ def _public(obj: Any) -> dict[str, Any]:
             value = ["***"] * len(value) if isinstance(value, tuple) else ("***" if value else "")
         elif is_dataclass(value):
             value = _public(value)
-        elif f.name == "database":
-            value = _mask_url(value)
+        elif f.name in ("database", "base_url", "endpoint_url", "public_url"):
+            value = _mask_url(value)      # a password in a URL's userinfo is a secret like any other
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value

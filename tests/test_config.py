@@ -304,6 +304,21 @@ def test_redacted_hides_secrets(tmp_path: Path) -> None:
     assert data["server"]["port"] == 8080 and data["source"] == str(path)
 
 
+def test_redacted_masks_passwords_in_every_url(tmp_path: Path) -> None:
+    """A password written into a URL's userinfo (a provider's base_url behind basic auth, the database, an S3
+    endpoint, the public URL) is shown as *** by check-config, the user name kept."""
+    environ = {"EVO_KEY": SECRET, "RELAY_PROVIDERS_EVOLINK_BASE_URL": f"https://relay:{SECRET}@api.evolink.ai",
+               "RELAY_STORAGE_DATABASE": f"postgresql://relay:{SECRET}@db/relay",
+               "RELAY_STORAGE_S3_ENDPOINT_URL": f"https://minio:{SECRET}@minio.internal:9000",
+               "RELAY_STORAGE_IMAGES_URL": "s3://bucket/relay",
+               "RELAY_SERVER_PUBLIC_URL": f"https://ops:{SECRET}@relay.example",
+               "RELAY_AUTH_SIGNING_SECRET": SECRET * 2}
+    data = load_settings(write(tmp_path, MINIMAL), environ=environ).redacted()
+    assert SECRET not in str(data)
+    assert data["providers"]["evolink"]["base_url"] == "https://relay:***@api.evolink.ai"
+    assert data["storage"]["database"] == "postgresql://relay:***@db/relay"
+
+
 def test_repr_contains_no_secret(tmp_path: Path) -> None:
     """Neither repr(settings) nor a problem line ever shows a secret."""
     path = write(tmp_path, MINIMAL + f'[auth]\napi_keys = ["{SECRET}"]\nsigning_secret = "{SECRET * 2}"\n')
