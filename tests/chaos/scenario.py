@@ -30,16 +30,24 @@ One outcome is allowed on top, for a provider that does not dedupe submits (all 
 task whose submit was unanswered when relay was killed fails as `submit_outcome_unknown` (never
 resent: no double billing). It is allowed only for a task created before some kill, and counted.
 
+Failover: about a quarter of the tasks name a provider list (`"provider": ["evolink", "apimart"]`, mostly two or
+three, a few of one) holding their dialect and others that can be given the same kind of task, with a shape every
+member supports (relay.routing answers 422 otherwise; one such request is checked to be refused). The planned
+outcome follows the provider the task ends at. 500s and 503s (with Retry-After) on submits move such a task on,
+and bursts of six 503s on one provider's submits open its circuit (relay's breaker threshold is 5; the cooldown
+is BREAKER_COOLDOWN), so tasks with another provider left skip it.
+
 Besides, some tasks are canceled by the client right after creation (client_cancel: canceled), and
 after every restart the last tasks sent before it are sent again with the same Idempotency-Key
 (relay must answer 200 with the same task).
 
 Faults injected besides the directives (none of them may change a task's outcome):
-    provider: 429 (Retry-After) and 500 on submit, poll and download; held answers (timeouts) on
-    apimart's submit (resent with the same Idempotency-Key) and on polls and downloads; truncated
-    downloads; malformed poll answers (and a malformed apimart submit answer); every EvoLink
-    callback sent twice plus a stale one after it; callbacks to a relay that is down (retried 1/2/4 s;
-    one outage lasts longer than those retries, so only the safety-net poll can finish those tasks).
+    provider: 429 (Retry-After) and 500 on submit, poll and download; 503 (Retry-After) on submit, some
+    in bursts; held answers (timeouts) on apimart's submit (resent with the same Idempotency-Key) and on
+    polls and downloads; truncated downloads; malformed poll answers (and a malformed apimart submit
+    answer); every EvoLink callback sent twice plus a stale one after it; callbacks to a relay that is
+    down (retried 1/2/4 s; one outage lasts longer than those retries, so only the safety-net poll can
+    finish those tasks).
     subscribers: "/all" (task.*) answers 503 from the start until a random moment; "/final"
     (terminal events) answers 500, 429 with Retry-After and one answer slower than relay's delivery
     timeout before it behaves; "/task" (some tasks' own webhook_url) fails twice.
@@ -48,6 +56,12 @@ Checked at the end (every problem is collected; `report.problems` empty means al
     every task terminal, with its planned outcome;
     every archived image byte-identical (sha256 of GET /v1/images/{id}) to what the simulator served;
     no provider task created twice for one relay task;
+    across all providers, each relay task made (at the simulator) by at most one, the one that is its final
+    `provider`; its `providers` is its list, its `attempts` / `providers_tried` follow that list in order, each
+    once, the ones left behind with a move outcome (refused, unavailable, rate_limited, skipped), the last one
+    at its provider (accepted iff it has a provider task); a task with one provider never moves; per provider,
+    the simulator got at least as many submits as relay's non-skipped moves plus accepted tasks there, and
+    at least as many 5xx / 429 / 4xx answers as moves recorded as unavailable / rate_limited / refused;
     every event of GET /v1/events that a subscriber's filter takes reached it with a valid Standard
     Webhooks signature (the `standardwebhooks` library) and a payload matching the event; duplicates
     only with a repeated webhook-id; per task, every `sequence` value present; nothing extra;
@@ -70,7 +84,19 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import PROVIDER_KINDS
-from tests.e2e.harness import TERMINAL, Relay, Simulator, postgres_database, replica_env, start_all, wait_for
+from relay.errors import Unsupported
+from relay.models import GenerationRequest
+from relay.providers import PROVIDER_KINDS as ADAPTERS
+from relay.providers import check_supported
+from tests.e2e.harness import (
+    TERMINAL,
+    Relay,
+    Simulator,
+    postgres_database,
+    replica_env,
+    start_all,
+    wait_for,
+)
 from tests.sink import Received, Sink
 
 TAG = re.compile(r"chaos-\d{5}\.")
@@ -99,6 +125,11 @@ KINDS_OF: dict[str, tuple[str, ...]] = {
 DIRECTIVE = {"ok": "", "fail": "[sim:fail]", "cancel": "[sim:cancel]", "expired": "[sim:ttl=0]",
              "drop": "[sim:callback=drop]", "client_cancel": ""}
 CLIENT_CANCEL_DURATION = 4.0     # long enough to still be running when the client cancels it
+# Failover: this share of the tasks names a list of providers (mostly 2 or 3, a few just one) instead of one.
+LIST_SHARE = 0.25
+# What relay records for a provider a task moved on from (relay.routing.moves_on, or its circuit open).
+MOVE_OUTCOMES = ("refused", "unavailable", "rate_limited", "skipped")
+BREAKER_COOLDOWN = 5.0          # seconds: an open circuit is probed again within the run
 
 # Provider request timeouts (s) in relay, and how long the simulator holds a "timeout" answer.
 # apimart's is short: its submits are held on purpose and resent safely. OpenAI answers only when
@@ -120,6 +151,17 @@ class TaskPlan:
     id: str = ""
     created_at: float = 0.0       # time.monotonic() when relay accepted it
     sent: dict[str, Any] = field(default_factory=dict)   # the body as POSTed (with its Idempotency-Key)
+    providers: tuple[str, ...] = ()   # a provider list in failover order (empty: a plain provider name)
+    final: str = ""                   # the provider the task ended at (relay's `provider` at the end)
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """The providers relay may try, in order (`providers` of the task)."""
+        return self.providers or (self.provider,)
+
+    @property
+    def ended_at(self) -> str:
+        return self.final or self.provider
 
     @property
     def tag(self) -> str:
@@ -138,7 +180,7 @@ class TaskPlan:
         if self.kind == "fail":
             return "failed", ("content_policy_violation",)
         if self.kind == "cancel":
-            return ("failed", ("provider_failed",)) if self.provider == "pixazo" else ("canceled", ())
+            return ("failed", ("provider_failed",)) if self.ended_at == "pixazo" else ("canceled", ())
         return "failed", ("source_gone", "source_expired")          # expired
 
 
@@ -162,6 +204,10 @@ class ChaosReport:
     duplicate_webhook_ids: int = 0                                # events received more than once
     images_verified: int = 0
     idempotent_resends: int = 0                                   # same Idempotency-Key after a restart
+    listed: int = 0                                               # tasks naming a provider list
+    failed_over: int = 0                                          # of those, tasks that moved on at least once
+    moves: dict[str, int] = field(default_factory=dict)           # recorded moves, by outcome
+    ended_at: dict[str, int] = field(default_factory=dict)        # listed tasks by final provider
     jobs_left: dict[str, int] = field(default_factory=dict)       # relay's job table at the end
     seconds: float = 0.0
     workdir: str = ""
@@ -181,6 +227,8 @@ class ChaosReport:
             f"duplicates: {self.duplicate_deliveries} of {self.duplicate_webhook_ids} events, each with its "
             "repeated webhook-id",
             f"  jobs left in relay: {_fmt(self.jobs_left)}",
+            f"  failover: {self.listed} tasks with a provider list, {self.failed_over} moved on; moves: "
+            f"{_fmt(self.moves)}; ended at: {_fmt(self.ended_at)}",
         ]
         if self.problems:
             lines.append(f"  PROBLEMS ({len(self.problems)}), reproduce the plan with seed {self.seed}:")
@@ -215,15 +263,19 @@ def plan_tasks(size: int, rng: random.Random) -> list[TaskPlan]:
         kinds = (kinds + ["ok"] * count)[:count]
         rng.shuffle(kinds)
         for kind in kinds:
+            listed = provider_list(provider, kind, rng) if rng.random() < LIST_SHARE else ()
+            members = listed or (provider,)
             # OpenAI answers the submit itself when the image is made (a held request): kept short, or most
             # of them would be in flight at a kill and end as submit_outcome_unknown.
-            duration = round(rng.uniform(0.2, 0.6) if provider == "openai" else rng.uniform(0.3, 2.0), 1)
+            duration = round(rng.uniform(0.2, 0.6) if "openai" in members else rng.uniform(0.3, 2.0), 1)
             if kind == "client_cancel":
                 duration = CLIENT_CANCEL_DURATION
             words = rng.choice(("lighthouse", "harbour", "comet", "orchard", "glacier", "tram"))
             prompt = f"chaos {words} {DIRECTIVE[kind]} [sim:duration={duration}]"   # + its tag, below
-            body: dict[str, Any] = {"provider": provider, "prompt": prompt, **rng.choice(SHAPES[provider])}
-            plans.append(TaskPlan(index=0, provider=provider, kind=kind, body=body, webhook=rng.random() < 0.25))
+            shape = rng.choice(shapes_for(members)) if listed else rng.choice(SHAPES[provider])
+            body: dict[str, Any] = {"provider": list(listed) if listed else provider, "prompt": prompt, **shape}
+            plans.append(TaskPlan(index=0, provider=members[0], kind=kind, body=body, webhook=rng.random() < 0.25,
+                                  providers=listed))
     rng.shuffle(plans)
     for i, plan in enumerate(plans):
         plan.index = i
@@ -232,11 +284,41 @@ def plan_tasks(size: int, rng: random.Random) -> list[TaskPlan]:
     return plans
 
 
+def provider_list(provider: str, kind: str, rng: random.Random) -> tuple[str, ...]:
+    """A failover list holding `provider` (at a random place) and 1 or 2 others (a few lists of one), each of
+    which can be given this kind of task; () when no other provider can (e.g. `drop`: evolink only)."""
+    others = [d for d in DIALECTS if d != provider and (kind == "ok" or kind in KINDS_OF[d])]
+    length = rng.choice((1, 2, 2, 2, 3, 3, 3))
+    if length > 1 and not others:
+        return ()
+    members = [provider, *rng.sample(others, min(length - 1, len(others)))]
+    rng.shuffle(members)
+    return tuple(members)
+
+
+def shapes_for(members: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The shapes of SHAPES (any member's) that every member supports (relay.routing.plan: else a 422)."""
+    found: list[dict[str, Any]] = []
+    for shape in (s for m in members for s in SHAPES[m]):
+        request = GenerationRequest.from_dict({"prompt": "x", **shape})
+        try:
+            for name in members:
+                check_supported(ADAPTERS[name].caps, request, name)
+        except Unsupported:
+            supported = False
+        else:
+            supported = True
+        if supported and shape not in found:
+            found.append(shape)
+    assert found, members           # 1024x1024 PNG: every dialect
+    return found
+
+
 def plan_faults(size: int, rng: random.Random) -> list[dict[str, Any]]:
     """One-shot provider faults (`next` rules of POST /_sim/faults), about one per task."""
     polled = ("gmicloud", "apimart", "pixazo", "evolink")          # evolink: the callback's confirmation
     menu: list[tuple[tuple[str, ...], str, str]] = [
-        (DIALECTS, "submit", "429"), (DIALECTS, "submit", "500"),
+        (DIALECTS, "submit", "429"), (DIALECTS, "submit", "500"), (DIALECTS, "submit", "503"),
         (("apimart",), "submit", "timeout"), (("apimart",), "submit", "malformed"),
         (polled, "poll", "429"), (polled, "poll", "500"), (polled, "poll", "timeout"), (polled, "poll", "malformed"),
         (polled, "download", "truncate"), (polled, "download", "timeout"), (polled, "download", "500"),
@@ -247,9 +329,15 @@ def plan_faults(size: int, rng: random.Random) -> list[dict[str, Any]]:
         dialects, op, fault = rng.choice(menu)
         rule: dict[str, Any] = {"dialect": rng.choice(dialects), "op": op, "fault": fault,
                                 "count": rng.choice((1, 1, 2))}
-        if fault == "429":
+        if fault in ("429", "503"):
             rule["retry_after"] = rng.choice((0.5, 1))
         rules.append(rule)
+    # A few bursts of 503 on one provider's submits (past relay's breaker threshold of 5): its circuit opens,
+    # tasks with another provider left skip it until a probe after BREAKER_COOLDOWN.
+    for _ in range(max(1, size // 100)):
+        at = rng.randrange(len(rules) + 1)
+        rules.insert(at, {"dialect": rng.choice(DIALECTS), "op": "submit", "fault": "503", "count": 6,
+                          "retry_after": 0.5})
     return rules
 
 
@@ -261,6 +349,7 @@ def relay_env(subscriber_timeout: float) -> dict[str, str]:
         "RELAY_WORKER_CONCURRENCY": "64",
         "RELAY_DELIVERIES_SCHEDULE": DELIVERY_SCHEDULE,
         "RELAY_DELIVERIES_TIMEOUT": str(subscriber_timeout),
+        "RELAY_FAILOVER_BREAKER_COOLDOWN": str(BREAKER_COOLDOWN),
     }
     for kind in DIALECTS:
         env[f"RELAY_PROVIDERS_{kind.upper()}_TIMEOUT"] = str(PROVIDER_TIMEOUTS[kind])
@@ -311,6 +400,7 @@ class _Run:
         response = relay.api.get("/v1/webhook-secret")
         assert response.status_code == 200, response.text
         secrets["/task"] = response.json()["secret"]
+        self._check_unsupported_list(relay)
 
         # Subscribers: "/all" is down from the start until a random moment; the others misbehave a little.
         sink.default("/all", status=503)
@@ -355,8 +445,11 @@ class _Run:
         report.tasks = len(self.plans)
 
         tasks = {p.id: relay.task(p.id) for p in self.plans}
+        for plan in self.plans:
+            plan.final = tasks[plan.id]["provider"]
         self._check_tasks(tasks)
         self._check_images(sim, relay, tasks)
+        self._check_failover(sim, tasks)
         events = self._all_events(relay)
         report.events = len(events)
         self._check_event_log(tasks, events)
@@ -440,7 +533,7 @@ class _Run:
                     self.problem(f"task {plan.id} ({plan.provider}, expired) failed without naming the link: {error}")
                 continue
             if (task["status"] == "failed" and error.get("code") == "submit_outcome_unknown"
-                    and plan.provider not in IDEMPOTENT_SUBMIT and task["provider_task_id"] is None
+                    and plan.ended_at not in IDEMPOTENT_SUBMIT and task["provider_task_id"] is None
                     and any(k > plan.created_at for k in self.kill_times)):
                 report.submit_unknown_after_kill += 1   # its submit was unanswered at a kill: not resent
                 continue
@@ -453,7 +546,7 @@ class _Run:
             task = tasks[plan.id]
             if task["status"] != "succeeded":
                 continue
-            at_sim = sim.task(plan.provider, task["provider_task_id"])
+            at_sim = sim.task(plan.ended_at, task["provider_task_id"])
             served = at_sim["images"]
             if len(task["images"]) != plan.n or len(served) != plan.n:
                 self.problem(f"task {plan.id}: {len(task['images'])} images archived, {len(served)} served, "
@@ -490,6 +583,82 @@ class _Run:
             if task["provider_task_id"] and task["provider_task_id"] not in at_sim:
                 self.problem(f"task {plan.id} ({plan.provider}) names provider task {task['provider_task_id']}, "
                              f"the simulator made {at_sim} for it")
+
+    # ---- failover ----------------------------------------------------------------------------------------
+    def _check_unsupported_list(self, relay: Relay) -> None:
+        """A list with a provider that cannot honour an option is refused whole (422), never half-routed."""
+        body = {"provider": ["apimart", "evolink"], "prompt": "chaos unsupported list", "size": "1024x1024", "n": 2}
+        response = relay.api.post("/v1/tasks", json=body)
+        if response.status_code != 422:
+            self.problem(f"a provider list evolink cannot honour (n=2) → {response.status_code} {response.text[:300]}")
+
+    def _check_failover(self, sim: Simulator, tasks: dict[str, dict[str, Any]]) -> None:
+        """Across every provider: each relay task made by at most one, the one that is its final `provider`; its
+        `providers`, `attempts` and `providers_tried` follow its list in order, and agree with the simulator."""
+        report = self.report
+        made: dict[str, list[tuple[str, str]]] = defaultdict(list)      # plan tag → (dialect, provider task id)
+        for summary in sim.tasks():
+            request = json.dumps(sim.task(summary["dialect"], summary["id"])["request"])
+            found = TAG.search(request)
+            if found:
+                made[found.group(0)].append((summary["dialect"], summary["id"]))
+        moved_from: Counter[tuple[str, str]] = Counter()                 # (provider, outcome) of every move
+        accepted_at: Counter[str] = Counter()
+        for plan in self.plans:
+            task = tasks[plan.id]
+            what = f"task {plan.id} ({'→'.join(plan.order)}, {plan.kind})"
+            at_sim = made.get(plan.tag, [])
+            if len({dialect for dialect, _ in at_sim}) > 1:
+                self.problem(f"{what} was made by several providers: {at_sim}")
+            for dialect, provider_task_id in at_sim:
+                if dialect != task["provider"]:
+                    self.problem(f"{what} was made by {dialect} ({provider_task_id}), its provider is "
+                                 f"{task['provider']}")
+            if task["provider_task_id"]:
+                accepted_at[task["provider"]] += 1
+            if task.get("providers") != list(plan.order):
+                self.problem(f"{what}: providers {task.get('providers')}, asked {list(plan.order)}")
+            attempts = task.get("attempts") or []
+            tried = [a.get("provider") for a in attempts]
+            if not attempts or tried != list(plan.order[:len(tried)]) or task.get("providers_tried") != tried:
+                self.problem(f"{what}: attempts {tried}, providers_tried {task.get('providers_tried')}: not its "
+                             f"list in order, each once")
+                continue
+            *earlier, current = attempts
+            if current["provider"] != task["provider"]:
+                self.problem(f"{what}: the last attempt is at {current['provider']}, the task at {task['provider']}")
+            outcome = "accepted" if task["provider_task_id"] else task["status"]
+            if current.get("outcome") != outcome:
+                self.problem(f"{what}: the last attempt's outcome is {current.get('outcome')}, expected {outcome}")
+            for attempt in earlier:
+                if attempt.get("outcome") not in MOVE_OUTCOMES:
+                    self.problem(f"{what}: moved on from {attempt['provider']} after {attempt.get('outcome')!r} "
+                                 f"({attempt.get('reason')})")
+                moved_from[(attempt["provider"], str(attempt.get("outcome")))] += 1
+            if not plan.providers and earlier:
+                self.problem(f"{what}: a task with one provider moved on: {attempts}")
+            if plan.providers:
+                report.listed += 1
+                report.failed_over += bool(earlier)
+                report.ended_at[task["provider"]] = report.ended_at.get(task["provider"], 0) + 1
+        for (provider, outcome), n in moved_from.items():
+            report.moves[outcome] = report.moves.get(outcome, 0) + n
+        # A provider recorded as tried (not merely skipped) got a submit there: per provider, the simulator saw at
+        # least as many submits as relay's moves plus its accepted tasks, and as many answers of each kind.
+        stats = sim.stats()["dialects"]
+        for provider in DIALECTS:
+            row = stats[provider]
+            faults = row["faults"]
+            sent = sum(n for (p, o), n in moved_from.items() if p == provider and o != "skipped")
+            if sent + accepted_at[provider] > row["submits"]:
+                self.problem(f"{provider}: relay records {sent} moves after a submit and {accepted_at[provider]} "
+                             f"accepted tasks, the simulator got {row['submits']} submits")
+            bounds = {"unavailable": faults["500"] + faults["503"], "rate_limited": faults["429"],
+                      "refused": row["rejected"] + row["unauthorized"]}
+            for outcome, bound in bounds.items():
+                if moved_from[(provider, outcome)] > bound:
+                    self.problem(f"{provider}: relay moved on {moved_from[(provider, outcome)]} times as "
+                                 f"{outcome}, the simulator answered so at most {bound} times")
 
     # ---- events and deliveries ------------------------------------------------------------------------
     @staticmethod
