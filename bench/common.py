@@ -76,34 +76,29 @@ def create_database() -> str:
     """A fresh PostgreSQL database `relay_bench_<random>` (from template0); its DSN. Drop it with drop_database."""
     import secrets
 
-    import asyncpg
-
     name = PG_PREFIX + secrets.token_hex(6)
-
-    async def create() -> None:
-        admin = await asyncpg.connect(PG_ROOT, timeout=10)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        finally:
-            await admin.close()
-    in_thread(create)
+    _admin(f'CREATE DATABASE "{name}" TEMPLATE template0')
     return pg_dsn(name)
 
 
 def drop_database(dsn: str) -> None:
     """DROP DATABASE … WITH (FORCE): also when a relay process left connections open."""
-    import asyncpg
-
     name = dsn.rsplit("/", 1)[1].split("?", 1)[0]
     assert name.startswith(PG_PREFIX), name
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    async def drop() -> None:
+
+def _admin(sql: str) -> None:
+    """One statement on the server's maintenance database (CREATE/DROP DATABASE cannot run in a transaction)."""
+    import asyncpg
+
+    async def run() -> None:
         admin = await asyncpg.connect(PG_ROOT, timeout=10)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.execute(sql)
         finally:
             await admin.close()
-    in_thread(drop)
+    in_thread(run)
 
 
 def database_for(key: str) -> str:

@@ -63,8 +63,15 @@ class RetentionCases(StorePlumbing):
         A task one of whose deliveries is pending (or was made pending again meanwhile: a manual retry) stays.
         With `release_files`, the files of its images that no other image uses are returned for deletion.
         """
+        return await self._delete_finished(q.OLD_FINISHED_TASKS, "tasks", before, limit, now,
+                                           release_files=release_files)
+
+    async def _delete_finished(self, pick: str, owners: str, before: float, limit: int, now: float, *,
+                               release_files: bool) -> Swept:
+        """The one deletion of finished owners (tasks, archives: `pick` finds them in table `owners`) with the
+        rows that name them by task_id; an owner with a pending delivery stays."""
         async def body(tx: Tx) -> Swept:
-            picked = [r["id"] for r in await tx.all(q.OLD_FINISHED_TASKS, (before, limit))]
+            picked = [r["id"] for r in await tx.all(pick, (before, limit))]
             if not picked:
                 return Swept()
             gone = await _drop_settled_deliveries(tx, "task_id", picked)
@@ -74,7 +81,7 @@ class RetentionCases(StorePlumbing):
             for table in ("events", "inbox", "idempotency_keys", "jobs"):
                 await tx.run(q.delete_in(table, "task_id", n), gone)
             images = await tx.all(q.delete_in("images", "task_id", n, returning="sha256, path"), gone)
-            deleted = await tx.run(q.delete_in("tasks", "id", n), gone)
+            deleted = await tx.run(q.delete_in(owners, "id", n), gone)
             files = await _release(tx, images, now) if release_files else []
             return Swept(picked=len(picked), deleted=deleted, files=files)
         return await self.transact(body)
@@ -154,21 +161,8 @@ class RetentionCases(StorePlumbing):
         """delete_finished_tasks for archives (arc_…): up to `limit` succeeded or failed before `before` go with
         their images rows, events, deliveries and attempts, idempotency keys and jobs; one with a pending
         delivery stays. With `release_files`, the files no remaining image (of any owner) or upload uses."""
-        async def body(tx: Tx) -> Swept:
-            picked = [r["id"] for r in await tx.all(q.OLD_FINISHED_ARCHIVES, (before, limit))]
-            if not picked:
-                return Swept()
-            gone = await _drop_settled_deliveries(tx, "task_id", picked)
-            if not gone:
-                return Swept(picked=len(picked))
-            n = len(gone)
-            for table in ("events", "idempotency_keys", "jobs"):
-                await tx.run(q.delete_in(table, "task_id", n), gone)
-            images = await tx.all(q.delete_in("images", "task_id", n, returning="sha256, path"), gone)
-            deleted = await tx.run(q.delete_in("archives", "id", n), gone)
-            files = await _release(tx, images, now) if release_files else []
-            return Swept(picked=len(picked), deleted=deleted, files=files)
-        return await self.transact(body)
+        return await self._delete_finished(q.OLD_FINISHED_ARCHIVES, "archives", before, limit, now,
+                                           release_files=release_files)
 
     async def delete_old_provider_stats(self, before: float, limit: int) -> Swept:
         """One transaction: up to `limit` provider_stats rows (one per provider and minute) of minutes before
