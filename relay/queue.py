@@ -108,6 +108,9 @@ class Worker:
             await self._pause(self.store_outage.remaining())
             if self._stopping:
                 break
+            # Cleared before the claim, never after: a wake-up arriving while the claim or the look for
+            # the next due job is in flight must survive, or its job would wait a whole idle poll.
+            self._wakeup.clear()
             try:
                 claimed = await self._claim_and_start()
             except Exception as exc:
@@ -133,7 +136,6 @@ class Worker:
             return
         if due is not None:
             timeout = max(0.0, min(timeout, due - self.clock.now()))
-        self._wakeup.clear()
         if timeout > 0:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)

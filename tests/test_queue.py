@@ -156,6 +156,41 @@ async def test_run_forever_wakes_on_enqueue(store: Store) -> None:
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_a_wake_up_during_the_idle_look_is_not_lost(store: Store) -> None:
+    """An enqueue that commits while the worker is between its empty claim and its idle wait (here: inside
+    the look for the next due job, which read before the commit) still starts the job at once."""
+    from relay.clock import SystemClock
+    clock = SystemClock()
+    done = asyncio.Event()
+
+    class Signal:
+        async def run(self, job: Job) -> None:
+            done.set()
+
+        async def give_up(self, job: Job, reason: str) -> None: ...
+
+    worker = Worker(store, {"k": Signal()}, clock, WorkerOptions(idle_poll_seconds=30.0))
+    looked = store.next_run_at
+    raced = False
+
+    async def stale_look() -> float | None:
+        nonlocal raced
+        due = await looked()            # read before the enqueue commits ...
+        if not raced:
+            raced = True
+            await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])  # ... which wakes
+        return due
+
+    store.next_run_at = stale_look      # type: ignore[method-assign]
+    runner = asyncio.create_task(worker.run_forever())
+    try:
+        await asyncio.wait_for(done.wait(), timeout=5)
+    finally:
+        await worker.stop()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 def test_backoff_grows_to_cap_with_jitter() -> None:
     """Backoff doubles per attempt, stays within ±20 %, and never passes the cap (+jitter)."""
     for attempt, expected in [(1, 2.0), (2, 4.0), (3, 8.0), (10, 60.0)]:
