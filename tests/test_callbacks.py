@@ -198,3 +198,80 @@ async def _sim_done(h: Harness, task_id: str) -> bool:
         return False
     return bool((await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()["status"] == "succeeded")
 
+
+
+async def test_the_callback_door_answers_like_the_router(tmp_path: Path) -> None:
+    """The raw ASGI front of POST /callbacks keeps API.md's error shape for what it refuses, and what is not its
+    shape (another method, another number of segments) gets the router's answers."""
+    async with harness(tmp_path, run_worker=False) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        url = callback_url(h, task["id"])
+        wrong_method = await h.api.get(url)
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert wrong_method.json() == {"error": {"code": "invalid_request", "message": "method GET is not allowed here"}}
+        for path in ("/callbacks/evolink/" + task["id"], url + "/extra", "/callbacks/evolink//x"):
+            missing = await h.api.post(path, json={})
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found", path
+
+        async def chunks() -> Any:          # no Content-Length: the limit is counted as the body streams in
+            for _ in range(17):
+                yield b"x" * 65536
+        streamed = await h.api.post(url, content=chunks())
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+        assert await h.runtime.store.job_counts() == {"submit:queued": 1}
+
+
+async def test_one_row_per_callback_until_it_is_processed(tmp_path: Path) -> None:
+    """Acknowledging writes one row (the job, carrying the raw body); processing writes the inbox row with its
+    outcome, once, whatever order the callbacks are processed in."""
+    async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
+        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
+        store = h.runtime.store
+        await h.runtime.worker.stop()
+        body = {"id": task["provider_task_id"], "status": "processing", "progress": 10}
+        for _ in range(3):
+            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        jobs = await store._read_all("SELECT payload FROM jobs WHERE kind = 'callback' AND task_id = ?",
+                                     (task["id"],))
+        assert [json.loads(json.loads(r["payload"])["body"]) for r in jobs] == [body] * 3
+        assert await store._read_all("SELECT id FROM inbox WHERE task_id = ?", (task["id"],)) == []
+        await h.runtime.worker.drain()
+        settled = await store._read_all("SELECT * FROM inbox WHERE task_id = ? ORDER BY id", (task["id"],))
+        assert len(settled) == 3 and {r["status"] for r in settled} <= {"applied", "ignored"}
+        assert all(json.loads(r["body"]) == body for r in settled)
+        # A job run again after settling (a crash before it finished) keeps the first outcome.
+        from relay import ids
+        from relay.models import Job
+        now = h.runtime.ctx.clock.now()
+        await store.enqueue([Job(id=ids.new_id("job", now), kind="callback", task_id=task["id"],
+                                 payload=json.loads(jobs[0]["payload"]), run_at=now)])
+        await h.runtime.worker.drain()
+        again = await store._read_all("SELECT * FROM inbox WHERE task_id = ? ORDER BY id", (task["id"],))
+        assert [dict(r) for r in again] == [dict(r) for r in settled]
+
+
+async def test_a_callback_received_by_an_earlier_relay_is_processed(tmp_path: Path) -> None:
+    """A callback an earlier relay recorded as an inbox row with a job naming it (the layout before one row per
+    callback) is still confirmed, applied and settled after an upgrade; a second run of its job changes nothing."""
+    async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
+        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
+        await h.runtime.worker.stop()
+        store, now = h.runtime.store, h.runtime.ctx.clock.now()
+        body = json.dumps({"id": task["provider_task_id"], "status": "processing", "progress": 10})
+        await store.transact(lambda tx: tx.run(
+            "INSERT INTO inbox (id, provider, task_id, body, received_at, status) VALUES (?, ?, ?, ?, ?, 'received')",
+            ("cbk_old", "evolink", task["id"], body, now)))
+        from relay import ids
+        from relay.models import Job
+        old = Job(id=ids.new_id("job", now), kind="callback", task_id=task["id"], payload={"inbox_id": "cbk_old"},
+                  run_at=now)
+        await store.enqueue([old])
+        await h.runtime.worker.drain()
+        row = await store.get_callback("cbk_old")
+        assert row is not None and row["status"] in ("applied", "ignored") and row["body"] == body
+        assert row["note"] and row["processed_at"] is not None
+        await store.enqueue([Job(id=ids.new_id("job", now), kind="callback", task_id=task["id"],
+                                 payload={"inbox_id": "cbk_old"}, run_at=now)])
+        await h.runtime.worker.drain()
+        again = await store.get_callback("cbk_old")
+        assert again == row

@@ -26,6 +26,7 @@ from relay.deliveries.models import Attempt, Subscription
 from relay.errors import ArchiveError
 from relay.images.s3 import S3ImageStore
 from relay.images.store import ImageStore, LocalImageStore, image_key
+from relay.jobs.callback import callback_job
 from relay.jobs.housekeeping import HousekeepingHandler, schedule
 from relay.models import Archive, Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.queue import Worker
@@ -63,8 +64,10 @@ async def finished_task(store: Store, clock: ManualClock, data: bytes, images: I
     task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p", "n": 1}, created_at=now,
                 updated_at=now)
     await store.create_task(task, [], idempotency=("scope", uuid.uuid4().hex, "h"))
-    await store.receive_callback(ids.new_id("cb", now), "gmicloud", task.id, "{}", now,
-                                 Job(id=ids.new_id("job", now), kind="callback", task_id=task.id, run_at=now + 3600))
+    callback = callback_job("gmicloud", task.id, "{}", now)
+    await store.receive_callback(replace(callback, run_at=now + 3600))
+    await store.settle_callback({"id": callback.payload["inbox_id"], "provider": "gmicloud", "task_id": task.id,
+                                 "body": "{}", "received_at": now}, "applied", "applied task.succeeded", now)
     update = TaskUpdate(status=ProviderStatus.SUCCEEDED, images=(ProviderImage(url="https://x/1.png"),))
     applied = await store.apply(task.id, lambda t: on_update(t, update), now)
     assert applied is not None

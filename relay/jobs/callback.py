@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from relay import metrics
+from relay import ids, metrics
 from relay.errors import ProviderProtocolError, ProviderRejected
 from relay.jobs.context import JobContext
 from relay.models import Job, ProviderStatus, TaskStatus
@@ -30,16 +30,35 @@ def _progress_rank(status: ProviderStatus) -> int:
     return _RANK.get(status, 2)
 
 
+def callback_job(provider: str, task_id: str, body: str, now: float) -> Job:
+    """The job that carries one received callback: its raw body, who sent it and when (relay.jobs.callback)."""
+    inbox_id = ids.new_id("cbk", now)
+    return Job(id=ids.new_id("job", now), kind="callback", task_id=task_id,
+               payload={"inbox_id": inbox_id, "provider": provider, "received_at": now, "body": body}, run_at=now)
+
+
+
 class CallbackHandler:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
 
+    async def _callback_of(self, job: Job) -> dict[str, Any] | None:
+        """The callback the job carries (id, provider, task_id, body, received_at), None if settled already.
+
+        A job queued by an earlier relay carries only the id of an inbox row written at receipt."""
+        p = job.payload
+        if "body" in p:
+            return {"id": str(p["inbox_id"]), "provider": str(p["provider"]), "task_id": job.task_id,
+                    "body": str(p["body"]), "received_at": float(p["received_at"])}
+        row = await self.ctx.store.get_callback(str(p.get("inbox_id")))
+        return row if row is not None and row["status"] == "received" else None
+
     async def run(self, job: Job) -> None:
         ctx = self.ctx
-        inbox_id = str(job.payload.get("inbox_id"))
-        row = await ctx.store.get_callback(inbox_id)
-        if row is None or row["status"] != "received":
+        row = await self._callback_of(job)
+        if row is None:
             return None
+        inbox_id = row["id"]
         task = await ctx.store.get_task(row["task_id"])
         if task is None:
             await self._settle(row, "rejected", "unknown task")
@@ -91,10 +110,12 @@ class CallbackHandler:
 
     async def _settle(self, row: dict[str, Any], status: str, note: str, *, outcome: str | None = None) -> None:
         """Record what processing made of the callback and count it (`outcome`: `status` unless more precise)."""
-        await self.ctx.store.settle_callback(row["id"], status, note, self.ctx.clock.now())
+        await self.ctx.store.settle_callback(row, status, note, self.ctx.clock.now())
         metrics.CALLBACKS_PROCESSED.labels(row["provider"], outcome or status).inc()
 
     async def give_up(self, job: Job, reason: str) -> None:
         # The safety-net poll still watches the task; only this callback's confirmation is abandoned.
-        await self.ctx.store.settle_callback(str(job.payload.get("inbox_id")), "rejected",
-                                             f"could not be confirmed: {reason}", self.ctx.clock.now())
+        row = await self._callback_of(job)
+        if row is not None:
+            await self.ctx.store.settle_callback(row, "rejected", f"could not be confirmed: {reason}",
+                                                 self.ctx.clock.now())

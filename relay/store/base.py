@@ -37,7 +37,7 @@ from relay.store.outbox import Pricing, images_of, insert_jobs, write_transition
 from relay.store.plumbing import StorePlumbing
 from relay.store.retention import RetentionCases
 from relay.store.routing import RoutingCases
-from relay.store.rows import dumps, image_from_row, job_from_row, loads, task_from_row, task_row
+from relay.store.rows import dumps, image_from_row, job_from_row, job_row, loads, task_from_row, task_row
 from relay.store.tx import Row, Tx
 
 
@@ -194,13 +194,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         return task
 
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
-    async def receive_callback(self, inbox_id: str, provider: str, task_id: str, body: str, now: float,
-                               job: Job) -> None:
-        """Durably record a raw callback with the job that will process it (one transaction)."""
-        async def write(tx: Tx) -> None:
-            await tx.run(q.INSERT_CALLBACK, (inbox_id, provider, task_id, body, now))
-            await insert_jobs(tx, [job])
-        await self.transact(write)
+    async def receive_callback(self, job: Job) -> None:
+        """Durably record a received callback: its job, which carries the raw body (one row; group-committed
+        with concurrent small writes). Its inbox row is written when the job settles it (settle_callback)."""
+        await self._write(q.INSERT_JOB, job_row(job))
         self._wake()
 
     async def get_callback(self, inbox_id: str) -> dict[str, Any] | None:
@@ -208,9 +205,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         row = await self._read(q.LOAD_CALLBACK, (inbox_id,))
         return None if row is None else dict(row)
 
-    async def settle_callback(self, inbox_id: str, status: str, note: str | None, now: float) -> None:
-        """Record what processing made of a callback: applied | ignored | rejected."""
-        await self._write(q.SETTLE_CALLBACK, (status, note, now, inbox_id))
+    async def settle_callback(self, callback: dict[str, Any], status: str, note: str | None, now: float) -> None:
+        """Record what processing made of a callback (applied | ignored | rejected) in the inbox: `callback` is
+        its inbox row, or the fields its job carried (id, provider, task_id, body, received_at)."""
+        await self._write(q.SETTLE_CALLBACK, (callback["id"], callback["provider"], callback["task_id"],
+                                              callback["body"], callback["received_at"], status, note, now))
 
     # ---- images ----------------------------------------------------------------------------------
     async def get_image(self, image_id: str) -> ImageRecord | None:

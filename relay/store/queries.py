@@ -56,10 +56,12 @@ INSERT_EVENT = "INSERT INTO events (id, type, task_id, sequence, data, created_a
 EVENT_EXISTS = "SELECT 1 FROM events WHERE id = ?"
 
 # ---- callbacks -------------------------------------------------------------------------------------
-INSERT_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at, status) "
-                   "VALUES (?, ?, ?, ?, ?, 'received')")
 LOAD_CALLBACK = "SELECT * FROM inbox WHERE id = ?"
-SETTLE_CALLBACK = "UPDATE inbox SET status = ?, note = ?, processed_at = ? WHERE id = ?"
+# Inserted when a callback job settles. A job queued by an earlier relay, which wrote the row at receipt, updates
+# it; a job run twice (a crash between settling and finishing) keeps the first outcome.
+SETTLE_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at, status, note, processed_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                   "note = excluded.note, processed_at = excluded.processed_at WHERE inbox.status = 'received'")
 
 # ---- jobs ------------------------------------------------------------------------------------------
 INSERT_JOB = (

@@ -152,7 +152,6 @@ class SQLiteStore(Store):
         self._lock = asyncio.Lock()
         self._background: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        self._callbacks: GroupCommit[tuple[tuple[Any, ...], Job]] = GroupCommit(self._write_callbacks)
         self._small_writes: GroupCommit[tuple[str, tuple[Any, ...]]] = GroupCommit(self._write_statements)
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -227,7 +226,6 @@ class SQLiteStore(Store):
                 await db.execute("INSERT INTO schema_migrations VALUES (?, strftime('%s','now'))", (version,))
 
     async def close(self) -> None:
-        await self._callbacks.drain()
         await self._small_writes.drain()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
@@ -313,21 +311,13 @@ class SQLiteStore(Store):
         await self._small_writes.submit((sql, tuple(args)))
 
     async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            for sql, args in batch:
-                conn.execute(sql, args)
-        await self._tx_in_thread(write)
+        by_statement: dict[str, list[tuple[Any, ...]]] = {}
+        for sql, args in batch:
+            by_statement.setdefault(sql, []).append(args)
 
-    async def receive_callback(self, inbox_id: str, provider: str, task_id: str, body: str, now: float,
-                               job: Job) -> None:
-        # Callbacks arrive in bursts; group commit shares one transaction among concurrent ones.
-        await self._callbacks.submit(((inbox_id, provider, task_id, body, now), job))
-        self._wake()
-
-    async def _write_callbacks(self, batch: list[tuple[tuple[Any, ...], Job]]) -> None:
         def write(conn: sqlite3.Connection) -> None:
-            conn.executemany(q.INSERT_CALLBACK, [row for row, _ in batch])
-            conn.executemany(q.INSERT_JOB, [job_row(job) for _, job in batch])
+            for sql, rows in by_statement.items():
+                conn.executemany(sql, rows)
         await self._tx_in_thread(write)
 
     async def claim(self, now: float, *, limit: int, lease_seconds: float,

@@ -6,18 +6,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from relay import __version__
 from relay.errors import ApiError, ArchiveError
 from relay.metrics import exposition
 from relay.runtime import Runtime
-from relay.web import archives, callbacks, console, jobs, openai_compat, subscriptions, tasks
+from relay.web import archives, console, jobs, openai_compat, subscriptions, tasks
+from relay.web.callbacks import CallbackDoor
 from relay.web.common import json_response, runtime_of
 from relay.web.openapi import openapi_document
 
@@ -83,6 +86,18 @@ async def metrics(request: Request) -> Response:
     return Response(body, headers={"content-type": content_type})
 
 
+class RelayApp(Starlette):
+    """Starlette, with provider callbacks answered in front of its router and middleware (relay.web.callbacks)."""
+
+    def __init__(self, *args: Any, runtime: Runtime, callbacks: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        stack = super().__call__
+        self._entry = CallbackDoor(stack, runtime) if callbacks else stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+
 def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = True) -> Starlette:
     """The relay app over an open Runtime. With `run_worker`, the worker runs for the app's lifetime.
 
@@ -110,7 +125,6 @@ def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = T
         Route("/metrics", metrics, methods=["GET"]),
     ]
     routes = operations if not serve_api else [
-        *callbacks.routes,    # first: the hottest route, matched before the others' patterns are tried
         *operations,
         Route("/openapi.json", openapi, methods=["GET"]),
         *tasks.routes,
@@ -120,7 +134,7 @@ def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = T
         *jobs.routes,
         *console.routes(),     # the operator's dashboard: GET / and /console/…
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    app = RelayApp(routes=routes, lifespan=lifespan, runtime=runtime, callbacks=serve_api, exception_handlers={
         ApiError: api_error, HTTPException: http_error, Exception: internal_error})
     app.state.runtime = runtime
     return app
