@@ -4,7 +4,7 @@ Counted where it happens (prometheus-client counters and histograms, all labelle
 
     relay_task_status_changes_total{provider,status}          tasks created (pending) and each status reached
     relay_callbacks_total{provider,outcome}                   at the door: acked | rejected (bad token, junk body)
-    relay_callback_ack_seconds{provider}                      arrival to 200 (the inbox write)
+    relay_callback_ack_seconds{provider}                      arrival to 200 (the durable write)
     relay_callbacks_processed_total{provider,outcome}         applied | duplicate | ignored | rejected
     relay_provider_requests_total{provider,kind,outcome}      kind: submit | poll | confirm | download | other;
                                                               outcome: ok | rate_limited | client_error |

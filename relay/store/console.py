@@ -147,8 +147,9 @@ class ConsoleCases(StorePlumbing):
         return {r["provider"]: int(r["n"]) for r in await self._read_all(q.IN_FLIGHT_BY_PROVIDER)}
 
     async def callbacks_by_provider(self, since: float) -> dict[str, dict[str, int]]:
-        """Callbacks received at or after `since`, per provider and inbox status (received | applied | ignored
-        | rejected)."""
+        """Callbacks received at or after `since`, per provider and inbox status (applied | ignored | rejected;
+        received, for one recorded by an earlier relay and not processed yet). A callback enters the inbox when
+        its job has processed it, normally milliseconds after its 200."""
         out: dict[str, dict[str, int]] = {}
         for row in await self._read_all(q.CALLBACKS_BY_PROVIDER, (since,)):
             out.setdefault(row["provider"], {})[row["status"]] = int(row["n"])
