@@ -233,6 +233,10 @@ class NetGuard:
         host = parsed.raw_host.decode("ascii")
         if not host:
             raise BlockedAddress("the URL has no host")
+        if (":" in host or host.replace(".", "").isdigit()) and _parse_ip(host) is None:
+            # "127.1", "2130706433", "1.2.3.4.5": some resolvers take them for addresses, others for names,
+            # and HTTP clients connect to them without resolving; refused, not guessed at.
+            raise BlockedAddress(f"{host} looks like an IP address but is not one in standard form")
         if self.host_allowed(host):
             return  # allowed by name: whatever it resolves to, no need to ask DNS now
         port = parsed.port or (443 if parsed.scheme == "https" else 80)

@@ -142,6 +142,14 @@ async def test_check_url_refuses_local_targets(url: str) -> None:
         await NetGuard().check_url(url)
 
 
+@pytest.mark.parametrize("url", ["http://127.1/", "http://2130706433/", "http://1.2.3.4.5/", "http://8.8.8.8.8/x"])
+async def test_check_url_refuses_hosts_that_look_like_addresses_but_are_not(url: str) -> None:
+    """Numeric hosts that are not an IP in standard form are refused even when DNS (here: allow-everything) would
+    answer public addresses: the webhook client connects to such a host without resolving it."""
+    with pytest.raises(BlockedAddress, match="standard form"):
+        await NetGuard(resolver=fixed_resolver(["8.8.8.8"])).check_url(url)
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x", "gopher://example.com/", "http:///x",
                                  "not a url", ""])
 async def test_check_url_refuses_other_schemes_and_hostless(url: str) -> None:

@@ -8,19 +8,18 @@ decrypted only here, only when needed, and never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 import httpx
 
 from relay import __version__, ids, signing
 from relay.clock import Clock, rfc3339
 from relay.config import Settings
-from relay.deliveries.clients import ClientsByOrigin
+from relay.deliveries.clients import WebhookClient
 from relay.deliveries.lanes import Lanes
 from relay.deliveries.models import Attempt, Delivery, Keys, SendTarget, Subscription
 from relay.deliveries.schedule import parse_retry_after
@@ -68,8 +67,7 @@ class Sent:
 
 class DeliveryService:
     def __init__(self, settings: Settings, store: Store, clock: Clock, *, guard: NetGuard, signer: Signer,
-                 box: SecretBox, task_secret: str, http: httpx.AsyncClient | None = None,
-                 shared_lanes: bool = False) -> None:
+                 box: SecretBox, task_secret: str, shared_lanes: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -84,13 +82,7 @@ class DeliveryService:
         self.shared_lanes = shared_lanes
         self.lane_lease = 2 * self.options.timeout + 10.0
         self._keys: dict[tuple[str, str], Keys] = {}
-        self._http = http
-        keepalive = max(self.options.concurrency_per_subscription, 8)
-        tls = httpx.create_ssl_context()      # loading the CA bundle takes ~30 ms: once, shared by every pool
-        self.clients = ClientsByOrigin(lambda: httpx.AsyncClient(
-            transport=guard.transport(verify=tls, limits=httpx.Limits(max_connections=None,
-                                                                       max_keepalive_connections=keepalive)),
-            follow_redirects=False, trust_env=False))
+        self.client = WebhookClient(guard, httpx.create_ssl_context())   # the CA bundle loaded once (~30 ms)
         store.set_delivery_options(initial_delay=self.options.schedule[0])
 
     def __repr__(self) -> str:
@@ -101,7 +93,7 @@ class DeliveryService:
         await self.store.requeue_orphaned_deliveries(self.clock.now())
 
     async def close(self) -> None:
-        await self.clients.aclose()
+        await self.client.aclose()
 
     # ---- keys -------------------------------------------------------------------------------------
     def keys_of(self, sub: Subscription) -> Keys:
@@ -235,26 +227,27 @@ class DeliveryService:
         location: str | None = None
         blocked = False
         try:
-            async with asyncio.timeout(timeout), self._client(url) as client:
-                async with client.stream("POST", url, content=body, headers=headers,
-                                         timeout=httpx.Timeout(timeout)) as response:
-                    status = response.status_code
+            async with asyncio.timeout(timeout):
+                async with self.client.post(url, body, headers, timeout) as response:
+                    status = response.status
                     retry_after = response.headers.get("retry-after")
                     location = response.headers.get("location")
-                    async for chunk in response.aiter_bytes():
-                        snippet += chunk
-                        if len(snippet) >= RESPONSE_LIMIT:
+                    while len(snippet) < RESPONSE_LIMIT:
+                        chunk = await response.content.read(RESPONSE_LIMIT - len(snippet))
+                        if not chunk:
                             break
+                        snippet += chunk
             error = None
         except TimeoutError:
             error = (f"timeout: no answer within {timeout:g} s" if status is None
                      else f"timeout: the response body did not finish within {timeout:g} s")
         except BlockedAddress as exc:
-            # Raised by the guarded transport at connect time (a DNS failure is a ConnectError instead,
-            # below, and is retried): policy, so no later attempt would get through.
+            # Raised by the guard at connect time (a DNS failure is a connection error instead, below,
+            # and is retried): policy, so no later attempt would get through.
             error = f"blocked_address: {exc}; not retried"
             blocked = True
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # ValueError: a header value the subscriber sent that aiohttp refuses to parse.
             error = f"connection_error: {type(exc).__name__}: {exc}" if status is None else f"read_error: {exc}"
         latency = (time.perf_counter() - started) * 1000
         if error is None and status is not None and not 200 <= status < 300:
@@ -265,14 +258,6 @@ class DeliveryService:
         return Sent(status_code=status, latency_ms=round(latency, 2), response=text,
                     error=error[:ERROR_LIMIT] if error else None,
                     retry_after=parse_retry_after(retry_after, now), blocked=blocked)
-
-    @contextlib.asynccontextmanager
-    async def _client(self, url: str) -> AsyncIterator[httpx.AsyncClient]:
-        if self._http is not None:
-            yield self._http
-        else:
-            async with self.clients.client(url) as client:
-                yield client
 
     def attempt(self, delivery: Delivery, url: str, at: float, sent: Sent) -> Attempt:
         return Attempt(delivery_id=delivery.id, number=delivery.attempts + 1, at=at, url=url,
