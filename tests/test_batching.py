@@ -69,3 +69,62 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_others_commit() -> No
     with pytest.raises(asyncio.CancelledError):
         await leaving
     assert flushed[0] == [0] and {1, 2} <= set(flushed[1])
+
+
+# ---- shared transactions -------------------------------------------------------------------------------
+from relay.store.batching import SharedTransactions  # noqa: E402
+from relay.store.tx import Tx  # noqa: E402
+
+
+class Recording:
+    """A fake transact over a list "table": a transaction's writes land only if it commits (body returns)."""
+
+    def __init__(self) -> None:
+        self.table: list[str] = []
+        self.transactions = 0
+
+    async def transact(self, body: object) -> object:
+        self.transactions += 1
+        staged: list[str] = []
+
+        class StagedTx:
+            async def run(self, sql: str, args: object = ()) -> int:
+                staged.append(sql)
+                return 1
+        await asyncio.sleep(0)               # the commit takes a moment: others queue meanwhile
+        result = await body(StagedTx())       # type: ignore[operator]
+        self.table.extend(staged)
+        return result
+
+
+async def test_shared_transactions_share_commits_and_give_each_caller_its_result() -> None:
+    db = Recording()
+    shared = SharedTransactions(db.transact)   # type: ignore[arg-type]
+
+    def writer(i: int) -> object:
+        async def body(tx: Tx) -> int:
+            await tx.run(f"row {i}")
+            return i * 10
+        return body
+    results = await asyncio.gather(*(shared.run(writer(i)) for i in range(40)))   # type: ignore[arg-type]
+    assert results == [i * 10 for i in range(40)]
+    assert sorted(db.table) == sorted(f"row {i}" for i in range(40))
+    assert db.transactions <= 4
+
+
+async def test_one_failing_body_fails_only_its_caller() -> None:
+    """The batch is rolled back and every body runs again alone: the others commit, once each."""
+    db = Recording()
+    shared = SharedTransactions(db.transact)   # type: ignore[arg-type]
+
+    def writer(i: int) -> object:
+        async def body(tx: Tx) -> int:
+            await tx.run(f"row {i}")
+            if i == 3:
+                raise ValueError("no")
+            return i
+        return body
+    results = await asyncio.gather(*(shared.run(writer(i)) for i in range(8)),  # type: ignore[arg-type]
+                                   return_exceptions=True)
+    assert [r for r in results if isinstance(r, ValueError)] and results[:3] == [0, 1, 2] and results[4:] == [4, 5, 6, 7]
+    assert sorted(db.table) == sorted(f"row {i}" for i in range(8) if i != 3)

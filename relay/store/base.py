@@ -148,7 +148,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             applied = await self._transition(tx, task, transition, now, default_expiry)
             await insert_jobs(tx, list(jobs))
             return applied
-        applied = await self.transact(body)
+        applied = await self.transact_shared(body)
         self._wake()
         self._applied(applied)
         return applied
@@ -263,7 +263,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             if transition is None:
                 return None
             return await self._transition(tx, task, transition, now, 0.0)
-        applied = await self.transact(body)
+        applied = await self.transact_shared(body)
         self._wake()
         self._applied(applied)
         for archive in settled:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from relay.store.tx import Tx
 
 T = TypeVar("T")
 
@@ -50,3 +52,64 @@ class GroupCommit(Generic[T]):
         """Wait for every queued write (before closing the connection)."""
         while self._runner is not None and not self._runner.done():
             await self._runner
+
+
+Body = Callable[[Tx], Awaitable[Any]]
+
+
+class SharedTransactions:
+    """Group commit for whole transaction bodies: bodies that arrive while a transaction is being committed
+    run together in the next one, each in its turn, and share its commit.
+
+    One body failing (its own error, a lost race, a failed commit) must not fail the others: the batch is
+    then rolled back as a whole and every body runs again alone, in a transaction of its own, so each caller
+    gets exactly what a transaction of its own would have given it. Bodies may therefore run more than once
+    (as PostgreSQL's retried transactions already may): they must only write through their Tx.
+    Under light load a body runs alone at once (no added delay).
+    """
+
+    def __init__(self, transact: Callable[[Body], Awaitable[Any]], max_batch: int = 32) -> None:
+        self._transact = transact
+        self._max_batch = max_batch
+        self._pending: list[tuple[Body, asyncio.Future[Any]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def run(self, body: Callable[[Tx], Awaitable[T]]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((body, future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
+            if len(batch) > 1:
+                try:
+                    results = await self._transact(_all_of([body for body, _ in batch]))
+                except Exception:
+                    pass            # someone's failure: each body alone, below
+                else:
+                    for (_, future), result in zip(batch, results):
+                        if not future.done():
+                            future.set_result(result)
+                    continue
+            for body, future in batch:
+                try:
+                    result = await self._transact(body)
+                except Exception as exc:
+                    if not future.done():
+                        future.set_exception(exc)
+                else:
+                    if not future.done():
+                        future.set_result(result)
+
+    async def drain(self) -> None:
+        while self._runner is not None and not self._runner.done():
+            await self._runner
+
+
+def _all_of(bodies: list[Body]) -> Body:
+    async def batch(tx: Tx) -> list[Any]:
+        return [await body(tx) for body in bodies]
+    return batch

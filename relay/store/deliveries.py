@@ -172,7 +172,7 @@ class DeliveryCases(StorePlumbing):
             if status != "pending":
                 delivery.completed_at = now
             return Recorded(delivery=delivery, disabled=disabled)
-        return await self.transact(body)
+        return await self.transact_shared(body)
 
     async def settle_delivery(self, delivery_id: str, status: str, reason: str, now: float) -> None:
         """End a pending delivery without an attempt (canceled: nobody to send to; failed: gave up)."""

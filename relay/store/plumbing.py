@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 from relay.models import Event, ImageRecord, Task, TaskStatus
 from relay.store import queries as q
+from relay.store.batching import SharedTransactions
 from relay.store.rows import image_from_row
 from relay.store.tx import Row, Tx
 
@@ -42,6 +43,21 @@ class StorePlumbing(abc.ABC):
     @abc.abstractmethod
     async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
         """Run `body` in one write transaction: committed when it returns, rolled back when it raises."""
+
+    async def transact_shared(self, body: Callable[[Tx], Awaitable[T]]) -> T:
+        """`transact`, sharing one transaction and its commit with the bodies that arrive meanwhile (group
+        commit, relay.store.batching.SharedTransactions): for frequent use cases independent of each other
+        (a transition, an attempt, an archived image). The body may run more than once."""
+        shared: SharedTransactions | None = getattr(self, "_shared", None)
+        if shared is None:
+            shared = self._shared = SharedTransactions(self.transact)
+        return await shared.run(body)
+
+    async def _drain_shared(self) -> None:
+        """Wait for the shared transactions under way (before closing the connections)."""
+        shared: SharedTransactions | None = getattr(self, "_shared", None)
+        if shared is not None:
+            await shared.drain()
 
     @abc.abstractmethod
     async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...

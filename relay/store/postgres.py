@@ -289,6 +289,7 @@ class PostgresStore(Store):
     async def close(self) -> None:
         self._closing = True
         if self._pool is not None:
+            await self._drain_shared()
             await self._small_writes.drain()
         if self._listening is not None:
             self._listening.cancel()

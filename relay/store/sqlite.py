@@ -229,6 +229,7 @@ class SQLiteStore(Store):
                 await db.execute("INSERT INTO schema_migrations VALUES (?, strftime('%s','now'))", (version,))
 
     async def close(self) -> None:
+        await self._drain_shared()
         await self._small_writes.drain()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
