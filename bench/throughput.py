@@ -246,7 +246,7 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
     return stats
 
 
-def measure(quick: bool, profile: bool = False) -> dict[str, Any]:
+def measure(quick: bool, profile: bool = False, profile_out: Path | None = None) -> dict[str, Any]:
     base_warm, base_secs = (2.0, 6.0) if quick else (3.0, 15.0)
     relay_warm, relay_secs = (3.0, 10.0) if quick else (5.0, 25.0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,14 +258,15 @@ def measure(quick: bool, profile: bool = False) -> dict[str, Any]:
             relay, base, _ = start_relay(
                 root, sim_url, worker_concurrency=str(WORKER_CONCURRENCY), polling_initial_delay=str(POLL_EVERY),
                 polling_max_delay="0.5", callbacks_safety_net_seconds="5")
-            spy = start_profile(relay.pid, relay_warm + relay_secs, root / "relay.profile") if profile else None
+            raw = profile_out or root / "relay.profile"
+            spy = start_profile(relay.pid, relay_warm + relay_secs, raw) if profile else None
             try:
                 through = run_loop(through_relay(base, relay.pid, sim_url, sim.pid, relay_warm, relay_secs))
             finally:
                 if spy is not None:
                     spy.wait()
                 stop(relay)
-            breakdown = profile_breakdown(root / "relay.profile") if spy is not None else []
+            breakdown = profile_breakdown(raw) if spy is not None else []
         finally:
             stop(sim)
     return {"baseline": plain, "relay": through, "seconds": {"baseline": base_secs, "relay": relay_secs},
@@ -278,8 +279,8 @@ def _per_task(stats: dict[str, Any], counter: str) -> float:
 
 
 @timed
-def run(quick: bool, profile: bool = False) -> Section:
-    found = measure(quick, profile)
+def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> Section:
+    found = measure(quick, profile, profile_out)
     plain, through, secs = found["baseline"], found["relay"], found["seconds"]
     r = ratio(through["per_second"], plain["per_second"])
     lines = [
@@ -361,12 +362,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", action="store_true", help="sample the relay process with py-spy meanwhile")
+    parser.add_argument("--profile-out", type=Path, default=None,
+                        help="keep py-spy's raw profile in this file (with --profile), to read stack by stack")
     parser.add_argument("--prerendered", action="store_true", help="the simulator serves pre-rendered images")
     add_database_argument(parser)
     args = parser.parse_args()
     use_database(args.database)
     common.PRERENDERED = args.prerendered
-    section = run(args.quick, args.profile)
+    section = run(args.quick, args.profile, args.profile_out)
     print(section.markdown())
     print(json.dumps(section.figures, indent=2))
 
