@@ -161,9 +161,10 @@ def _by_provider(found: dict[str, list[tuple[float, float]]], window: tuple[floa
 
 # ---- relay: submit through the API, wait for the webhook ----------------------------------------------
 def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int],
-             arrivals: list[float] | None = None) -> Any:
+             arrivals: list[float] | None = None, generated: dict[str, float] | None = None) -> Any:
     """/hook: a terminal event resolves its task's waiter; /fan/{k}: fan-out subscriptions, only counted.
-    `arrivals`: the monotonic time of every delivery received (both routes)."""
+    `arrivals`: the monotonic time of every delivery received (both routes). `generated`: the wall-clock
+    receipt of each task.generated, by the provider's task id (to set against the provider's completion)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -174,6 +175,10 @@ def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int],
         if arrivals is not None:
             arrivals.append(time.monotonic())
         counts[payload["type"]] = counts.get(payload["type"], 0) + 1
+        if payload["type"] not in TERMINAL:
+            if generated is not None and payload["type"] == "task.generated":
+                generated[f"{payload['data']['provider']}/{payload['data']['provider_task_id']}"] = time.time()
+            return Response(b"ok")
         future = waiters.setdefault(payload["data"]["id"], asyncio.get_running_loop().create_future())
         if not future.done():
             future.set_result(payload["type"])
@@ -198,8 +203,10 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
     waiters: dict[str, asyncio.Future[str]] = {}
     received: dict[str, int] = {}
     arrivals: list[float] = []
+    generated: dict[str, float] = {}
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(sink_app(waiters, received, arrivals), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(sink_app(waiters, received, arrivals, generated), host="127.0.0.1",
+                                           port=port,
                                            log_level="warning", access_log=False, lifespan="off"))
     serving = asyncio.create_task(server.serve())
     while not server.started:
@@ -210,7 +217,7 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
                 "authorization": f"Bearer {KEY}"})) for _ in range(IN_FLIGHT)]
             api = clients[0]
             created = await api.post("/v1/subscriptions", json={"url": f"http://127.0.0.1:{port}/hook",
-                                                                "events": list(TERMINAL)})
+                                                                "events": [*TERMINAL, "task.generated"]})
             created.raise_for_status()
             for k in range(fanout):
                 (await api.post("/v1/subscriptions", json={"url": f"http://127.0.0.1:{port}/fan/{k}",
@@ -240,6 +247,7 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
             stats["received"] = received
             stats["deliveries"] = sum(stats["window"][0] <= at <= stats["window"][1] for at in arrivals)
             stats["sim"] = (await api.get(f"{sim}/_sim/stats")).json()["totals"]
+            stats["completion_to_receipt"] = await _completion_to_receipt(api, sim, generated, stats["window"])
     finally:
         server.should_exit = True
         await serving
@@ -271,6 +279,39 @@ def measure(quick: bool, profile: bool = False, profile_out: Path | None = None)
             stop(sim)
     return {"baseline": plain, "relay": through, "seconds": {"baseline": base_secs, "relay": relay_secs},
             "profile": breakdown}
+
+
+async def _completion_to_receipt(api: httpx.AsyncClient, sim: str, generated: dict[str, float],
+                                 window: tuple[float, float]) -> dict[str, float]:
+    """For the callback provider (evolink): the simulator's completion of each task (its done_at) → the bench
+    subscriber's receipt of task.generated, over tasks whose receipt fell inside the measured window
+    (read after the window, so the simulator lookups do not load the run)."""
+    offset = time.time() - time.monotonic()
+    start, end = window[0] + offset, window[1] + offset
+    latencies: list[float] = []
+    legs: dict[str, list[float]] = {"sent": [], "ack": [], "after": []}
+    for key, at in list(generated.items()):
+        provider, _, ticket = key.partition("/")
+        if provider != "evolink" or not start <= at <= end:
+            continue
+        found = (await api.get(f"{sim}/_sim/tasks/{provider}/{ticket}")).json()
+        done_at = found.get("done_at")
+        if done_at is None:
+            continue
+        latencies.append((at - float(done_at)) * 1000)
+        first = (found.get("callbacks") or [None])[0]
+        if first is not None and first.get("elapsed") is not None:
+            # Its legs: the simulator sending the callback, relay acknowledging it (a durable write),
+            # and from the 200 to the subscriber's receipt (confirm, apply, deliver).
+            legs["sent"].append((first["at"] - done_at) * 1000)
+            legs["ack"].append(first["elapsed"] * 1000)
+            legs["after"].append((at - first["at"] - first["elapsed"]) * 1000)
+    out = {"n": float(len(latencies)), "p50": percentile(latencies, 50) if latencies else 0.0,
+           "p99": percentile(latencies, 99) if latencies else 0.0}
+    for leg, values in legs.items():
+        out[f"{leg}_p50"] = percentile(values, 50) if values else 0.0
+        out[f"{leg}_p99"] = percentile(values, 99) if values else 0.0
+    return out
 
 
 def _per_task(stats: dict[str, Any], counter: str) -> float:
@@ -314,6 +355,14 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
     lines += ["", f"Simulator requests per submitted task — baseline: {_per_task(plain, 'polls'):.2f} polls, "
               f"{_per_task(plain, 'downloads'):.2f} downloads; relay: {_per_task(through, 'polls'):.2f} polls, "
               f"{_per_task(through, 'downloads'):.2f} downloads, {through['sim']['callbacks']} callbacks sent."]
+    done = through.get("completion_to_receipt")
+    if done and done["n"]:
+        lines += ["", f"Provider completion → subscriber receipt of task.generated under this load (evolink, which "
+                  f"calls back; the simulator's done_at → the bench sink's receipt, {done['n']:.0f} tasks in the "
+                  f"window): p50 {done['p50']:.0f} ms, p99 {done['p99']:.0f} ms. Its legs (p50 / p99): the simulator "
+                  f"sending the callback {done['sent_p50']:.0f} / {done['sent_p99']:.0f} ms, relay acknowledging it "
+                  f"{done['ack_p50']:.0f} / {done['ack_p99']:.0f} ms, from the 200 to the receipt (confirm with the "
+                  f"provider, apply, deliver) {done['after_p50']:.0f} / {done['after_p99']:.0f} ms."]
     if found["profile"]:
         lines += ["", "py-spy on the relay process during the run (100 Hz, all threads, waiting threads left out):",
                   "", "| where | share of samples |", "|---|---:|"]
@@ -344,6 +393,8 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                "relay_p99_ms": through["p99"], "baseline_tasks_per_s": plain["per_second"],
                "baseline_p50_ms": plain["p50"], "ratio": r or 0.0,
                "relay_failures": through["failures"] + through["timeouts"]}
+    if done and done["n"]:
+        figures["completion_to_receipt_p99_ms"] = done["p99"]
     summary = [Figure(f"task throughput end to end ({IN_FLIGHT} in flight)",
                       f"{through['per_second']:.1f} tasks/s, p50 {through['p50']:.0f} / p99 {through['p99']:.0f} ms",
                       f"plain httpx → simulator: {plain['per_second']:.1f} tasks/s", r)]
