@@ -23,6 +23,7 @@ from relay.config import Settings
 from relay.costs import task_cost
 from relay.deliveries.handler import DeliverHandler
 from relay.deliveries.service import DeliveryService, build_delivery_service
+from relay.fastclient import GuardedSession
 from relay.images.store import open_image_store
 from relay.jobs.archive import ArchiveHandler
 from relay.jobs.callback import CallbackHandler
@@ -141,7 +142,8 @@ def check_callback_url(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, *, clock: Clock | None = None,
                        transport: httpx.AsyncBaseTransport | None = None) -> AsyncIterator[Runtime]:
-    """Open everything; close it all on exit. `transport` replaces the guarded network (tests)."""
+    """Open everything; close it all on exit. `transport` replaces the guarded network of the provider clients
+    (tests); image downloads and webhooks always go out through the guarded aiohttp sessions."""
     check_callback_url(settings)
     clock = clock or SystemClock()
     data_dir = Path(settings.storage.data_dir)
@@ -161,10 +163,10 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
         return httpx.AsyncClient(transport=transport or guard.transport(limits=limits), follow_redirects=False,
                                  timeout=httpx.Timeout(60.0, connect=10.0), headers={"user-agent": "relay/0.1"})
 
-    # One client (connection pool) for image downloads and inputs, and one per provider: httpcore checks
-    # every connection of a pool (a readability syscall each) when a request starts and when one ends,
-    # so one big shared pool made each provider call pay for everyone's idle connections.
-    http = new_client()
+    # One session for image downloads and inputs (aiohttp, relay.fastclient), and one httpx client per
+    # provider: httpcore checks every connection of a pool (a readability syscall each) when a request
+    # starts and when one ends, so one big shared pool made each provider call pay for everyone's idle ones.
+    http = GuardedSession(guard, httpx.create_ssl_context())
     provider_clients: list[httpx.AsyncClient] = []
     store = open_store(settings)
     await store.open()
@@ -220,5 +222,6 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
         await deliveries.close()
         await provider_stats.close()
         await store.close()
-        for client in (http, *provider_clients):
+        await http.aclose()
+        for client in provider_clients:
             await client.aclose()

@@ -1,9 +1,17 @@
-"""In-process relay + simulator for tests: real app objects joined by ASGI transports (no sockets)."""
+"""In-process relay + simulator for tests: real app objects in one process and event loop.
+
+The simulator listens on a real socket of 127.0.0.1 (relay downloads images with aiohttp, which has no
+in-process transport; see relay.fastclient), on one port for every harness of the test process; relay's
+app is reached in process (ASGI transports) by the tests and by the simulator's callbacks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -11,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 
 from relay.clock import Clock
 from relay.config import PROVIDER_KINDS, load_settings
@@ -19,7 +28,27 @@ from relay.simulator import SimulatorConfig, create_simulator_app
 from relay.web.app import create_app
 
 API_KEY = "rk_test_0123456789abcdefghij"
-SIM = "http://sim.test"
+
+
+def _sim_port(seed: int) -> int:
+    """A port for a simulator: below the kernel's ephemeral range (32768 and up), so no outgoing connection
+    ever holds it between two harnesses; picked per process, so parallel runs differ."""
+    rng = random.Random(seed)
+    for _ in range(500):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port for the simulator")
+
+
+SIM_PORT = _sim_port(os.getpid())
+SIM = f"http://127.0.0.1:{SIM_PORT}"     # the simulator of the (outermost) harness
+_serving: set[int] = set()               # ports this process's harnesses serve a simulator on right now
 
 
 @dataclass
@@ -70,7 +99,7 @@ def settings_for(data_dir: Path, **env: str) -> Any:
                "RELAY_WORKER_IDLE_POLL_SECONDS": "0.05", "RELAY_WORKER_RETRY_BASE": "0.05",
                "RELAY_WORKER_RETRY_CAP": "0.2", "RELAY_SERVER_PUBLIC_URL": "http://relay.test",
                # No housekeeping job: tests count the jobs their own work makes (tests/test_retention.py runs it).
-               "RELAY_RETENTION_INTERVAL": "0"}
+               "RELAY_RETENTION_INTERVAL": "0", "RELAY_NETWORK_ALLOW": "127.0.0.0/8,::1/128,localhost"}
     for kind in PROVIDER_KINDS:
         environ[f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL"] = f"{SIM}/{kind}"
         environ[f"RELAY_PROVIDERS_{kind.upper()}_RATE_LIMIT"] = "1000"
@@ -90,25 +119,50 @@ class _LateTransport(httpx.AsyncBaseTransport):
 
 
 @contextlib.asynccontextmanager
+async def serving_simulator(app: Any, port: int) -> AsyncIterator[None]:
+    """The simulator app on `port` (its lifespan run by uvicorn) for the duration of the block."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    _serving.add(port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+        _serving.discard(port)
+
+
+@contextlib.asynccontextmanager
 async def harness(data_dir: Path, *, run_worker: bool = True, clock: Clock | None = None,
                   sim_duration: float = 0.05,
                   callback_path: Callable[[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport] | None = None,
                   **env: str) -> AsyncIterator[Harness]:
     """relay + simulator in one process; `callback_path` can wrap the simulator → relay callback route."""
     relay_transport = _LateTransport()      # the relay app exists only later; callbacks go to it in process
-    sim_app = create_simulator_app(SimulatorConfig(public_url=SIM, duration=sim_duration,
+    # A harness inside another (a second replica) gets a simulator of its own, on another port.
+    port = SIM_PORT if SIM_PORT not in _serving else _sim_port(random.randrange(1 << 30))
+    sim_url = f"http://127.0.0.1:{port}"
+    sim_app = create_simulator_app(SimulatorConfig(public_url=sim_url, duration=sim_duration,
                                                    callback_retry_delays=(0.05, 0.1, 0.2),
                                                    callback_transport=relay_transport))
-    settings = settings_for(data_dir, **env)
-    async with sim_app.router.lifespan_context(sim_app):
-        transport = httpx.ASGITransport(app=sim_app)
-        async with open_runtime(settings, clock=clock, transport=transport) as runtime:
-            app = create_app(runtime, run_worker=run_worker)
-            relay_transport.inner = httpx.ASGITransport(app=app)
-            if callback_path is not None:
-                relay_transport.inner = callback_path(relay_transport.inner)
-            async with app.router.lifespan_context(app), \
-                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relay.test",
-                                      headers={"authorization": f"Bearer {API_KEY}"}) as api, \
-                    httpx.AsyncClient(transport=transport, base_url=SIM) as sim:
-                yield Harness(runtime=runtime, api=api, sim=sim)
+    settings = settings_for(data_dir, **{**{f"RELAY_PROVIDERS_{kind.upper()}_BASE_URL": f"{sim_url}/{kind}"
+                                            for kind in PROVIDER_KINDS}, **env})
+    async with serving_simulator(sim_app, port), open_runtime(settings, clock=clock) as runtime:
+        app = create_app(runtime, run_worker=run_worker)
+        relay_transport.inner = httpx.ASGITransport(app=app)
+        if callback_path is not None:
+            relay_transport.inner = callback_path(relay_transport.inner)
+        async with app.router.lifespan_context(app), \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relay.test",
+                                  headers={"authorization": f"Bearer {API_KEY}"}) as api, \
+                httpx.AsyncClient(base_url=sim_url) as sim:
+            yield Harness(runtime=runtime, api=api, sim=sim)

@@ -184,7 +184,7 @@ async def test_acknowledged_callback_survives_a_restart(tmp_path: Path) -> None:
         assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
         assert (await h.task(task["id"]))["status"] == "queued"
         # This relay "dies" now without processing anything; a new one opens the same data directory.
-        async with open_runtime(settings_for(tmp_path, **NO_SAFETY_NET), transport=h.sim._transport) as second:
+        async with open_runtime(settings_for(tmp_path, **NO_SAFETY_NET)) as second:
             assert (await second.store.job_counts()).get("callback:queued", 0) >= 1   # ours (and the simulator's own)
             await second.worker.drain()
             await second.worker.drain()     # the archive jobs the callback caused

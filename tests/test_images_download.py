@@ -21,7 +21,8 @@ from relay.errors import ArchiveError, BlockedAddress, InvalidImage, SourceGone
 from relay.images.download import decode_b64_to_file, download_to_file, fetch_bytes
 from relay.images.store import LocalImageStore
 from relay.images.verify import ainspect_image
-from relay.netguard import NetGuard, guarded_client
+from relay.fastclient import GuardedSession
+from relay.netguard import NetGuard
 
 
 def make_png(size: tuple[int, int] = (64, 48)) -> bytes:
@@ -115,10 +116,14 @@ async def serve(app: Any) -> AsyncIterator[int]:
 
 
 @pytest.fixture
-async def site() -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
-    """A guarded client (127.0.0.0/8 allow-listed, as in tests) and the image server's base URL."""
-    async with serve(image_app) as port, guarded_client(NetGuard(["127.0.0.0/8"])) as http:
-        yield http, f"http://127.0.0.1:{port}"
+async def site() -> AsyncIterator[tuple[GuardedSession, str]]:
+    """A guarded session (127.0.0.0/8 allow-listed, as in tests) and the image server's base URL."""
+    http = GuardedSession(NetGuard(["127.0.0.0/8"]), httpx.create_ssl_context())
+    try:
+        async with serve(image_app) as port:
+            yield http, f"http://127.0.0.1:{port}"
+    finally:
+        await http.aclose()
 
 
 def dl_dir(tmp_path: Path) -> Path:
@@ -130,7 +135,7 @@ def dl_dir(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------- downloads
 
 
-async def test_download_good_image(site: tuple[httpx.AsyncClient, str], tmp_path: Path) -> None:
+async def test_download_good_image(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """A good image arrives whole, with its sha256, size and Content-Type header."""
     http, base = site
     got = await download_to_file(http, f"{base}/good.png", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
@@ -139,7 +144,7 @@ async def test_download_good_image(site: tuple[httpx.AsyncClient, str], tmp_path
     assert got.content_type_header == "image/png"
 
 
-async def test_download_verify_store_end_to_end(site: tuple[httpx.AsyncClient, str], tmp_path: Path) -> None:
+async def test_download_verify_store_end_to_end(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """Download into the store's temp dir, verify, move in: the stored file is the source's bytes."""
     http, base = site
     store = LocalImageStore(tmp_path / "images")
@@ -150,7 +155,7 @@ async def test_download_verify_store_end_to_end(site: tuple[httpx.AsyncClient, s
 
 
 @pytest.mark.parametrize("status", [410, 404, 403])
-async def test_dead_link_is_source_gone(site: tuple[httpx.AsyncClient, str], tmp_path: Path, status: int) -> None:
+async def test_dead_link_is_source_gone(site: tuple[GuardedSession, str], tmp_path: Path, status: int) -> None:
     """404/410/403 mean the link is gone for good: SourceGone naming the status, no temp file left."""
     http, base = site
     with pytest.raises(SourceGone, match=f"HTTP {status}") as info:
@@ -160,7 +165,7 @@ async def test_dead_link_is_source_gone(site: tuple[httpx.AsyncClient, str], tmp
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])
-async def test_server_trouble_is_retryable(site: tuple[httpx.AsyncClient, str], tmp_path: Path, status: int) -> None:
+async def test_server_trouble_is_retryable(site: tuple[GuardedSession, str], tmp_path: Path, status: int) -> None:
     """5xx and 429 are retryable ArchiveErrors, not SourceGone."""
     http, base = site
     with pytest.raises(ArchiveError) as info:
@@ -169,7 +174,7 @@ async def test_server_trouble_is_retryable(site: tuple[httpx.AsyncClient, str], 
 
 
 @pytest.mark.parametrize("path", ["/big", "/big-chunked"])
-async def test_oversize_body_is_refused(site: tuple[httpx.AsyncClient, str], tmp_path: Path, path: str) -> None:
+async def test_oversize_body_is_refused(site: tuple[GuardedSession, str], tmp_path: Path, path: str) -> None:
     """Over max_bytes, by Content-Length up front or while streaming: permanent image_too_large."""
     http, base = site
     with pytest.raises(SourceGone) as info:
@@ -178,7 +183,7 @@ async def test_oversize_body_is_refused(site: tuple[httpx.AsyncClient, str], tmp
     assert list(dl_dir(tmp_path).iterdir()) == []
 
 
-async def test_truncated_body_is_retryable(site: tuple[httpx.AsyncClient, str], tmp_path: Path) -> None:
+async def test_truncated_body_is_retryable(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """A body cut short of its Content-Length is ArchiveError(truncated), and the partial file is gone."""
     http, base = site
     with pytest.raises(ArchiveError) as info:
@@ -187,7 +192,7 @@ async def test_truncated_body_is_retryable(site: tuple[httpx.AsyncClient, str], 
     assert list(dl_dir(tmp_path).iterdir()) == []
 
 
-async def test_slow_body_hits_the_deadline(site: tuple[httpx.AsyncClient, str], tmp_path: Path) -> None:
+async def test_slow_body_hits_the_deadline(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """A body that stalls past the overall deadline is a retryable timeout, the partial file removed."""
     http, base = site
     with pytest.raises(ArchiveError) as info:
@@ -196,7 +201,7 @@ async def test_slow_body_hits_the_deadline(site: tuple[httpx.AsyncClient, str], 
     assert list(dl_dir(tmp_path).iterdir()) == []
 
 
-async def test_redirects_are_followed_up_to_three(site: tuple[httpx.AsyncClient, str], tmp_path: Path) -> None:
+async def test_redirects_are_followed_up_to_three(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """Three redirects lead to the image; a fourth is refused as too many."""
     http, base = site
     got = await download_to_file(http, f"{base}/hop/3", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
@@ -208,7 +213,7 @@ async def test_redirects_are_followed_up_to_three(site: tuple[httpx.AsyncClient,
     assert list(dl_dir(tmp_path).iterdir()) == []
 
 
-async def test_redirect_to_non_http_is_source_gone(site: tuple[httpx.AsyncClient, str], tmp_path: Path) -> None:
+async def test_redirect_to_non_http_is_source_gone(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """A redirect to file:// is refused permanently."""
     http, base = site
     with pytest.raises(SourceGone) as info:
@@ -216,7 +221,7 @@ async def test_redirect_to_non_http_is_source_gone(site: tuple[httpx.AsyncClient
     assert info.value.code == "invalid_url"
 
 
-async def test_redirect_to_private_address_is_blocked(site: tuple[httpx.AsyncClient, str], tmp_path: Path) -> None:
+async def test_redirect_to_private_address_is_blocked(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """Each redirect hop is checked by the guard: a hop to 10.x raises BlockedAddress."""
     http, base = site
     with pytest.raises(BlockedAddress):
@@ -226,10 +231,15 @@ async def test_redirect_to_private_address_is_blocked(site: tuple[httpx.AsyncCli
 
 async def test_blocked_source_propagates(tmp_path: Path) -> None:
     """Without an allow-list, a loopback source raises BlockedAddress and leaves no temp file."""
-    async with serve(image_app) as port, guarded_client(NetGuard()) as http:
+    http = GuardedSession(NetGuard(), httpx.create_ssl_context())
+    async with serve(image_app) as port:
         with pytest.raises(BlockedAddress):
             await download_to_file(http, f"http://127.0.0.1:{port}/good.png", dl_dir(tmp_path),
                                    max_bytes=1 << 20, timeout=5)
+        with pytest.raises(BlockedAddress):     # a name resolving to loopback, refused by the resolver
+            await download_to_file(http, f"http://localhost:{port}/good.png", dl_dir(tmp_path),
+                                   max_bytes=1 << 20, timeout=5)
+    await http.aclose()
     assert list(dl_dir(tmp_path).iterdir()) == []
 
 
@@ -239,14 +249,15 @@ async def test_connection_refused_is_retryable(tmp_path: Path) -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # the port is now (almost certainly) closed
-    async with guarded_client(NetGuard(["127.0.0.0/8"])) as http:
-        with pytest.raises(ArchiveError) as info:
-            await download_to_file(http, f"http://127.0.0.1:{port}/x.png", dl_dir(tmp_path),
-                                   max_bytes=1 << 20, timeout=5)
+    http = GuardedSession(NetGuard(["127.0.0.0/8"]), httpx.create_ssl_context())
+    with pytest.raises(ArchiveError) as info:
+        await download_to_file(http, f"http://127.0.0.1:{port}/x.png", dl_dir(tmp_path),
+                               max_bytes=1 << 20, timeout=5)
+    await http.aclose()
     assert info.value.code == "connection_failed"
 
 
-async def test_fetch_bytes_returns_body_and_sniffed_type(site: tuple[httpx.AsyncClient, str]) -> None:
+async def test_fetch_bytes_returns_body_and_sniffed_type(site: tuple[GuardedSession, str]) -> None:
     """Reference images come back in memory with their real type, under the same size cap."""
     http, base = site
     assert await fetch_bytes(http, f"{base}/good.png", max_bytes=1 << 20, timeout=5) == (PNG, "image/png")

@@ -169,7 +169,7 @@ async def test_no_log_line_carries_a_password_or_a_query_token(tmp_path: Path, r
     # The lines that would have leaked are there, redacted (so the check above looked at something).
     assert f"to http://***@127.0.0.1:{sink.port}/hook?*** retry (503)" in text        # the delivery attempt
     assert f"HTTP Request: POST http://***@127.0.0.1:{sim_port}/pixazo/" in text
-    assert f'HTTP Request: GET http://127.0.0.1:{sink.port}/img.png?*** "HTTP/1.1 503' in text
+    assert f"GET http://127.0.0.1:{sink.port}/img.png?*** → 503" in text        # the download's outcome line
     assert "failed for good after 2 attempts: HTTP 302: redirect to http://127.0.0.1:9/next?*** not followed" in text
     assert "DEBUG httpcore." in text      # at DEBUG, the transport's own lines went through the filter too
 

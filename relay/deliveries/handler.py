@@ -27,9 +27,9 @@ import random
 
 from relay import metrics
 from relay.deliveries import schedule
-from relay.deliveries.clients import origin
 from relay.deliveries.models import Delivery
 from relay.deliveries.service import DeliveryService, Sent
+from relay.fastclient import origin
 from relay.logs import redact_text
 from relay.models import Job
 from relay.queue import Again

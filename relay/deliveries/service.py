@@ -19,12 +19,12 @@ import httpx
 from relay import __version__, ids, signing
 from relay.clock import Clock, rfc3339
 from relay.config import Settings
-from relay.deliveries.clients import WebhookClient
 from relay.deliveries.lanes import Lanes
 from relay.deliveries.models import Attempt, Delivery, Keys, SendTarget, Subscription
 from relay.deliveries.schedule import parse_retry_after
 from relay.deliveries.secrets import SecretBox
 from relay.errors import BlockedAddress, NotFound
+from relay.fastclient import GuardedSession
 from relay.links import Signer
 from relay.netguard import NetGuard, check_given_url
 from relay.present import with_image_urls
@@ -82,7 +82,7 @@ class DeliveryService:
         self.shared_lanes = shared_lanes
         self.lane_lease = 2 * self.options.timeout + 10.0
         self._keys: dict[tuple[str, str], Keys] = {}
-        self.client = WebhookClient(guard, httpx.create_ssl_context())   # the CA bundle loaded once (~30 ms)
+        self.client = GuardedSession(guard, httpx.create_ssl_context())   # the CA bundle loaded once (~30 ms)
         store.set_delivery_options(initial_delay=self.options.schedule[0])
 
     def __repr__(self) -> str:
@@ -228,7 +228,7 @@ class DeliveryService:
         blocked = False
         try:
             async with asyncio.timeout(timeout):
-                async with self.client.post(url, body, headers, timeout) as response:
+                async with self.client.request("POST", url, timeout, data=body, headers=headers) as response:
                     status = response.status
                     retry_after = response.headers.get("retry-after")
                     location = response.headers.get("location")

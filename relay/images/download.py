@@ -13,11 +13,12 @@ are sorted at this boundary into the error tree, so archive jobs only decide
     InvalidImage(code=invalid_image)
         permanent: base64 that does not decode
     BlockedAddress
-        permanent: the SSRF guard refused an address (raised by the guarded client's transport)
+        permanent: the SSRF guard refused an address (raised by the guarded session)
 
-Redirects are followed by hand, at most MAX_REDIRECTS hops; each hop opens
-its own connection, which the guarded transport checks. Temp files are
-removed on every failure path, cancellation included.
+Downloads go through relay.fastclient.GuardedSession (aiohttp behind the SSRF
+guard; why aiohttp: see there). Redirects are followed by hand, at most
+MAX_REDIRECTS hops; each hop is a request of its own, which the guard checks.
+Temp files are removed on every failure path, cancellation included.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from relay.errors import ArchiveError, InvalidImage, SourceGone
+from relay.fastclient import GuardedSession
 from relay.images.verify import sniff_image
 
 MAX_REDIRECTS = 3
@@ -54,11 +57,11 @@ class Downloaded:
     content_type_header: str | None
 
 
-async def download_to_file(http: httpx.AsyncClient, url: str, dest_dir: Path, *,
+async def download_to_file(http: GuardedSession, url: str, dest_dir: Path, *,
                            max_bytes: int, timeout: float) -> Downloaded:
     """Stream `url` into a new temp file in `dest_dir`, hashing as it goes.
 
-    `http` should be a guarded client (relay.netguard). Raises as the module
+    Raises as the module
     docstring says; on any failure no temp file is left behind.
     """
     fd, name = tempfile.mkstemp(dir=dest_dir, prefix="dl-", suffix=".part")
@@ -83,7 +86,7 @@ async def download_to_file(http: httpx.AsyncClient, url: str, dest_dir: Path, *,
     return Downloaded(path=path, sha256=digest.hexdigest(), bytes=size, content_type_header=content_type)
 
 
-async def fetch_bytes(http: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: float) -> tuple[bytes, str]:
+async def fetch_bytes(http: GuardedSession, url: str, *, max_bytes: int, timeout: float) -> tuple[bytes, str]:
     """Fetch a small body (a reference image) into memory with the same guards as `download_to_file`.
 
     Returns the bytes and their content type: the sniffed image type when the
@@ -134,7 +137,7 @@ def _decode_b64_sync(data: str, dest_dir: Path, max_bytes: int) -> Downloaded:
                       content_type_header=content_type)
 
 
-async def _fetch(http: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: float,
+async def _fetch(http: GuardedSession, url: str, *, max_bytes: int, timeout: float,
                  sink: Callable[[bytes], object]) -> str | None:
     """GET `url` following up to MAX_REDIRECTS redirects, feed the body to `sink`, return Content-Type."""
     try:
@@ -142,17 +145,20 @@ async def _fetch(http: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: 
             current = url
             for _hop in range(MAX_REDIRECTS + 1):
                 with _map_transport_errors():
-                    async with http.stream("GET", current, follow_redirects=False) as response:
+                    async with http.request("GET", current, timeout) as response:
                         location = response.headers.get("location")
-                        if response.status_code in _REDIRECT_STATUSES and location:
-                            current = str(response.url.join(location))
+                        if response.status in _REDIRECT_STATUSES and location:
+                            current = str(response.url.join(URL(location)))
                             continue
                         try:
-                            _check_status(response)
-                            _check_declared_length(response, max_bytes)
-                            await _read_body(response, max_bytes, sink)
+                            _check_status(response.status)
+                            declared = _declared_length(response)
+                            if declared is not None and declared > max_bytes:
+                                raise SourceGone(f"image is {declared} bytes, over the {max_bytes} byte limit",
+                                                 code="image_too_large")
+                            await _read_body(response, max_bytes, sink, declared)
                         except ArchiveError as exc:
-                            exc.status = response.status_code
+                            exc.status = response.status
                             raise
                         content_type: str | None = response.headers.get("content-type")
                         return content_type
@@ -163,21 +169,21 @@ async def _fetch(http: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: 
 
 @contextlib.contextmanager
 def _map_transport_errors() -> Iterator[None]:
-    """httpx's transport errors, turned into retryable or permanent archive errors."""
+    """aiohttp's errors, turned into retryable or permanent archive errors."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        raise ArchiveError(f"source timed out: {type(exc).__name__}", code="timeout") from exc
-    except httpx.UnsupportedProtocol as exc:
+    except aiohttp.NonHttpUrlClientError as exc:
         raise SourceGone(f"not an http(s) URL: {exc}", code="invalid_url") from exc
-    except httpx.TransportError as exc:
-        raise ArchiveError(f"cannot reach source: {type(exc).__name__}: {exc}", code="connection_failed") from exc
-    except httpx.InvalidURL as exc:
+    except (aiohttp.InvalidURL, ValueError) as exc:
+        # ValueError: a URL yarl cannot parse at all.
         raise SourceGone(f"invalid URL: {exc}", code="invalid_url") from exc
+    except TimeoutError as exc:      # the session's own deadline (aiohttp's ServerTimeoutError is one)
+        raise ArchiveError(f"source timed out: {type(exc).__name__}", code="timeout") from exc
+    except aiohttp.ClientError as exc:
+        raise ArchiveError(f"cannot reach source: {type(exc).__name__}: {exc}", code="connection_failed") from exc
 
 
-def _check_status(response: httpx.Response) -> None:
-    status = response.status_code
+def _check_status(status: int) -> None:
     if status == 200:
         return
     if status >= 500 or status in _RETRYABLE_4XX:
@@ -188,32 +194,26 @@ def _check_status(response: httpx.Response) -> None:
     raise ArchiveError(f"unexpected HTTP {status} from source", code="unexpected_status")
 
 
-def _declared_length(response: httpx.Response) -> int | None:
+def _declared_length(response: aiohttp.ClientResponse) -> int | None:
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        return None        # the header counts the bytes on the wire, the body is counted decoded
     try:
         return int(response.headers["content-length"])
     except (KeyError, ValueError):
         return None
 
 
-def _check_declared_length(response: httpx.Response, max_bytes: int) -> None:
-    declared = _declared_length(response)
-    if declared is not None and declared > max_bytes:
-        raise SourceGone(f"image is {declared} bytes, over the {max_bytes} byte limit", code="image_too_large")
-
-
-async def _read_body(response: httpx.Response, max_bytes: int, sink: Callable[[bytes], object]) -> None:
+async def _read_body(response: aiohttp.ClientResponse, max_bytes: int, sink: Callable[[bytes], object],
+                     declared: int | None) -> None:
     received = 0
     try:
-        async for chunk in response.aiter_bytes(CHUNK_SIZE):
+        async for chunk in response.content.iter_chunked(CHUNK_SIZE):
             received += len(chunk)
             if received > max_bytes:
                 raise SourceGone(f"image is over the {max_bytes} byte limit", code="image_too_large")
             sink(chunk)
-    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ConnectionResetError) as exc:
         raise ArchiveError(f"body ended early after {received} bytes: {exc}", code="truncated") from exc
-    # h11 already refuses a short body; this covers transports that do not.
-    # num_bytes_downloaded counts bytes on the wire, as Content-Length does.
-    declared = _declared_length(response)
-    if declared is not None and response.num_bytes_downloaded < declared:
-        raise ArchiveError(f"body ended after {response.num_bytes_downloaded} of {declared} bytes",
-                           code="truncated")
+    # aiohttp already refuses a short body (ClientPayloadError); this covers a server that closes cleanly.
+    if declared is not None and received < declared:
+        raise ArchiveError(f"body ended after {received} of {declared} bytes", code="truncated")

@@ -116,8 +116,9 @@ class ArchiveHandler:
                 status = exc.status
                 raise
             finally:
+                # The link in the line goes through the log filter like any other (a signed query is redacted).
                 metrics.provider_request(provider, "download", status, time.perf_counter() - started,
-                                         what=f"image {image.id}")
+                                         what=f"image {image.id} GET {image.source_url}")
             return downloaded
         raise SourceGone("the provider gave neither a URL nor inline data for this image", code="no_source")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import httpx
 
 from relay.clock import Clock
 from relay.config import Settings
 from relay.errors import RelayError
+from relay.fastclient import GuardedSession
 from relay.images.store import ImageStore
 from relay.links import Signer
 from relay.models import Job
@@ -26,7 +26,7 @@ class JobContext:
     clock: Clock
     providers: dict[str, Provider]
     image_store: ImageStore
-    http: httpx.AsyncClient                 # guarded client for image downloads and inputs
+    http: GuardedSession                    # guarded client for image downloads and inputs (aiohttp)
     signer: Signer
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
     # Callback URLs are handed to providers only when this relay serves /callbacks (see relay.web).
