@@ -1,13 +1,15 @@
 """The SSRF guard: which addresses relay may open a connection to.
 
-Every outbound request relay makes (image downloads, reference-image fetches,
-webhook deliveries, provider calls) goes through an httpx client built here.
-The policy has two layers:
+Every outbound request relay makes goes through a client that enforces it:
+provider calls through an httpx client built here, image downloads,
+reference-image fetches and webhook deliveries through relay.fastclient's
+aiohttp session (its resolver asks NetGuard.resolve_checked). The policy has
+two layers:
 
     NetGuard.check_url(url)   early refusal with a clear message (registration
                               time, before a job is even queued)
     GuardedBackend            the real enforcement: at connect time it resolves
-                              the host itself, checks *every* address, and
+    (GuardedResolver)         the host itself, checks *every* address, and
                               connects only to an address it just checked
 
 Because the socket is opened to a vetted IP, not re-resolved by the network
