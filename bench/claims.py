@@ -38,9 +38,9 @@ from bench.common import (
     timed,
 )
 
-KINDS = ["submit", "poll", "archive", "callback", "deliver"]    # what relay's worker claims
+KINDS = ["submit", "poll", "archive", "callback_body", "callback", "deliver"]    # what relay's worker claims
 # (kind, share) of the seeded rows; due / future / dead shares below.
-MIX = (("poll", 0.35), ("deliver", 0.45), ("archive", 0.08), ("submit", 0.06), ("callback", 0.06))
+MIX = (("poll", 0.35), ("deliver", 0.45), ("archive", 0.08), ("submit", 0.06), ("callback_body", 0.06))
 DUE_SHARE, DEAD_SHARE = 0.02, 0.05
 CLAIMS = 200
 BATCH = 50_000

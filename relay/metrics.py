@@ -108,7 +108,8 @@ JOB_FAILURES = Counter("relay_job_failures", "Jobs that failed: retried later, o
 
 # ---- what call sites record -------------------------------------------------------------------------
 # The job a non-submit provider request is made for tells its kind: a poll, or the confirmation of a callback.
-_KIND_OF_JOB = {"submit": "submit", "poll": "poll", "callback": "confirm", "archive": "download"}
+_KIND_OF_JOB = {"submit": "submit", "poll": "poll", "callback": "confirm", "callback_body": "confirm",
+                "archive": "download"}
 
 
 def request_kind(*, submit: bool, job_kind: str | None) -> str:

@@ -26,7 +26,7 @@ from relay.deliveries.service import DeliveryService, build_delivery_service
 from relay.fastclient import GuardedSession
 from relay.images.store import open_image_store
 from relay.jobs.archive import ArchiveHandler
-from relay.jobs.callback import CallbackHandler
+from relay.jobs.callback import CALLBACK_JOB, LEGACY_CALLBACK_JOB, CallbackHandler
 from relay.jobs.context import JobContext
 from relay.jobs.housekeeping import HousekeepingHandler
 from relay.jobs.housekeeping import schedule as schedule_housekeeping
@@ -115,7 +115,7 @@ def shared_database(settings: Settings) -> bool:
 
 def build_handlers(ctx: JobContext) -> dict[str, Handler]:
     return {"submit": SubmitHandler(ctx), "poll": PollHandler(ctx), "archive": ArchiveHandler(ctx),
-            "callback": CallbackHandler(ctx),
+            CALLBACK_JOB: CallbackHandler(ctx), LEGACY_CALLBACK_JOB: CallbackHandler(ctx),
             "housekeeping": HousekeepingHandler(ctx.store, ctx.image_store, ctx.settings.retention, ctx.clock)}
 
 

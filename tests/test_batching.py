@@ -128,3 +128,48 @@ async def test_one_failing_body_fails_only_its_caller() -> None:
                                    return_exceptions=True)
     assert [r for r in results if isinstance(r, ValueError)] and results[:3] == [0, 1, 2] and results[4:] == [4, 5, 6, 7]
     assert sorted(db.table) == sorted(f"row {i}" for i in range(8) if i != 3)
+
+
+async def test_a_failed_commit_is_not_run_again() -> None:
+    """A failure after every body ran (the commit: its outcome may be unknown) reaches every caller of the
+    batch, and no body runs a second time (it may have committed)."""
+    runs: list[int] = []
+
+    async def transact(body: object) -> object:
+        await asyncio.sleep(0)
+        await body(None)           # type: ignore[operator]
+        raise ConnectionError("connection lost during COMMIT")
+
+    shared = SharedTransactions(transact)   # type: ignore[arg-type]
+
+    def writer(i: int) -> object:
+        async def body(tx: object) -> int:
+            runs.append(i)
+            return i
+        return body
+    first = asyncio.ensure_future(shared.run(writer(0)))     # alone (nothing else queued yet)
+    await asyncio.sleep(0)
+    results = await asyncio.gather(*(shared.run(writer(i)) for i in range(1, 6)),  # type: ignore[arg-type]
+                                   return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    with pytest.raises(ConnectionError):
+        await first
+    assert sorted(runs) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_caller_gone_before_its_turn_is_left_out() -> None:
+    db = Recording()
+    shared = SharedTransactions(db.transact)   # type: ignore[arg-type]
+
+    def writer(i: int) -> object:
+        async def body(tx: Tx) -> int:
+            await tx.run(f"row {i}")
+            return i
+        return body
+    calls = [asyncio.ensure_future(shared.run(writer(i))) for i in range(4)]  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    calls[2].cancel()
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(done[2], asyncio.CancelledError)
+    await shared.drain()
+    assert "row 2" not in db.table and len(db.table) == 3

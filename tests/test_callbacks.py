@@ -73,7 +73,7 @@ async def test_duplicated_callbacks_cause_one_transition(tmp_path: Path) -> None
 
 async def _inbox_settled(h: Harness) -> bool:
     counts = await h.runtime.store.job_counts()
-    return not any(k.startswith("callback:") for k in counts)
+    return not any(k.startswith(("callback:", "callback_body:")) for k in counts)
 
 
 async def test_completed_before_processing_leaves_task_succeeded(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ async def test_acknowledged_callback_survives_a_restart(tmp_path: Path) -> None:
         assert (await h.task(task["id"]))["status"] == "queued"
         # This relay "dies" now without processing anything; a new one opens the same data directory.
         async with open_runtime(settings_for(tmp_path, **NO_SAFETY_NET)) as second:
-            assert (await second.store.job_counts()).get("callback:queued", 0) >= 1   # ours (and the simulator's own)
+            assert (await second.store.job_counts()).get("callback_body:queued", 0) >= 1   # ours (and the simulator's own)
             await second.worker.drain()
             await second.worker.drain()     # the archive jobs the callback caused
             final = await second.store.get_task(task["id"])
@@ -231,10 +231,12 @@ async def test_one_row_per_callback_until_it_is_processed(tmp_path: Path) -> Non
         body = {"id": task["provider_task_id"], "status": "processing", "progress": 10}
         for _ in range(3):
             assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
-        jobs = await store._read_all("SELECT payload FROM jobs WHERE kind = 'callback' AND task_id = ?",
+        jobs = await store._read_all("SELECT payload FROM jobs WHERE kind = 'callback_body' AND task_id = ?",
                                      (task["id"],))
         assert [json.loads(json.loads(r["payload"])["body"]) for r in jobs] == [body] * 3
         assert await store._read_all("SELECT id FROM inbox WHERE task_id = ?", (task["id"],)) == []
+        listed = (await h.api.get("/v1/jobs", params={"state": "queued", "kind": "callback_body"})).json()["data"]
+        assert len(listed) == 3 and all("not shown" in j["payload"]["body"] for j in listed)   # may hold signed links
         await h.runtime.worker.drain()
         settled = await store._read_all("SELECT * FROM inbox WHERE task_id = ? ORDER BY id", (task["id"],))
         assert len(settled) == 3 and {r["status"] for r in settled} <= {"applied", "ignored"}
@@ -243,7 +245,7 @@ async def test_one_row_per_callback_until_it_is_processed(tmp_path: Path) -> Non
         from relay import ids
         from relay.models import Job
         now = h.runtime.ctx.clock.now()
-        await store.enqueue([Job(id=ids.new_id("job", now), kind="callback", task_id=task["id"],
+        await store.enqueue([Job(id=ids.new_id("job", now), kind="callback_body", task_id=task["id"],
                                  payload=json.loads(jobs[0]["payload"]), run_at=now)])
         await h.runtime.worker.drain()
         again = await store._read_all("SELECT * FROM inbox WHERE task_id = ? ORDER BY id", (task["id"],))

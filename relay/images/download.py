@@ -142,13 +142,13 @@ async def _fetch(http: GuardedSession, url: str, *, max_bytes: int, timeout: flo
     """GET `url` following up to MAX_REDIRECTS redirects, feed the body to `sink`, return Content-Type."""
     try:
         async with asyncio.timeout(timeout):
-            current = url
+            current = _parsed(url)
             for _hop in range(MAX_REDIRECTS + 1):
                 with _map_transport_errors():
                     async with http.request("GET", current, timeout) as response:
                         location = response.headers.get("location")
                         if response.status in _REDIRECT_STATUSES and location:
-                            current = str(response.url.join(URL(location)))
+                            current = _parsed(location, response.url)
                             continue
                         try:
                             _check_status(response.status)
@@ -167,6 +167,14 @@ async def _fetch(http: GuardedSession, url: str, *, max_bytes: int, timeout: flo
         raise ArchiveError(f"download did not finish within {timeout:g} s", code="timeout") from None
 
 
+def _parsed(text: str, base: URL | None = None) -> str:
+    """`text` as a URL (joined to `base`, for a redirect's Location); SourceGone if it is not one."""
+    try:
+        return str(base.join(URL(text)) if base is not None else URL(text))
+    except ValueError as exc:
+        raise SourceGone(f"invalid URL: {exc}", code="invalid_url") from None
+
+
 @contextlib.contextmanager
 def _map_transport_errors() -> Iterator[None]:
     """aiohttp's errors, turned into retryable or permanent archive errors."""
@@ -174,8 +182,7 @@ def _map_transport_errors() -> Iterator[None]:
         yield
     except aiohttp.NonHttpUrlClientError as exc:
         raise SourceGone(f"not an http(s) URL: {exc}", code="invalid_url") from exc
-    except (aiohttp.InvalidURL, ValueError) as exc:
-        # ValueError: a URL yarl cannot parse at all.
+    except aiohttp.InvalidURL as exc:
         raise SourceGone(f"invalid URL: {exc}", code="invalid_url") from exc
     except TimeoutError as exc:      # the session's own deadline (aiohttp's ServerTimeoutError is one)
         raise ArchiveError(f"source timed out: {type(exc).__name__}", code="timeout") from exc

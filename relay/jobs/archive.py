@@ -83,7 +83,7 @@ class ArchiveHandler:
 
     async def _save(self, image: ImageRecord, inline: str | None, provider: str) -> ArchiveResult:
         """Fetch into the store's temp dir, verify, move in. The temp file never outlives this call."""
-        with unavailable_on_oserror():   # any OSError here is our disk's: httpx maps the network's
+        with unavailable_on_oserror():   # any OSError here is our disk's: relay.images.download maps the network's
             downloaded = await self._fetch(image, inline, provider)
             try:
                 info = await asyncio.to_thread(inspect_image, downloaded.path)

@@ -61,11 +61,13 @@ class SharedTransactions:
     """Group commit for whole transaction bodies: bodies that arrive while a transaction is being committed
     run together in the next one, each in its turn, and share its commit.
 
-    One body failing (its own error, a lost race, a failed commit) must not fail the others: the batch is
-    then rolled back as a whole and every body runs again alone, in a transaction of its own, so each caller
-    gets exactly what a transaction of its own would have given it. Bodies may therefore run more than once
-    (as PostgreSQL's retried transactions already may): they must only write through their Tx.
-    Under light load a body runs alone at once (no added delay).
+    One body failing (its own error, a lost race) must not fail the others: the batch is then rolled back as
+    a whole and every body runs again alone, in a transaction of its own, so each caller gets what a
+    transaction of its own would have given it. Bodies may therefore run more than once (as PostgreSQL's
+    retried transactions already may): they must only write through their Tx. A failure after every body
+    ran (the commit itself: its outcome may be unknown, a lost connection) is not rerun: every caller of
+    the batch gets it, as a lone transaction's caller would. A caller gone before its turn (cancelled) is
+    left out. Under light load a body runs alone at once (no added delay).
     """
 
     def __init__(self, transact: Callable[[Body], Awaitable[Any]], max_batch: int = 32) -> None:
@@ -82,34 +84,58 @@ class SharedTransactions:
         return await future
 
     async def _run(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
-            if len(batch) > 1:
-                try:
-                    results = await self._transact(_all_of([body for body, _ in batch]))
-                except Exception:
-                    pass            # someone's failure: each body alone, below
-                else:
-                    for (_, future), result in zip(batch, results):
-                        if not future.done():
-                            future.set_result(result)
+        batch: list[tuple[Body, asyncio.Future[Any]]] = []
+        try:
+            while self._pending:
+                batch = [(body, future) for body, future in self._pending[:self._max_batch] if not future.done()]
+                self._pending = self._pending[self._max_batch:]
+                if len(batch) > 1 and await self._together(batch):
                     continue
-            for body, future in batch:
-                try:
-                    result = await self._transact(body)
-                except Exception as exc:
-                    if not future.done():
-                        future.set_exception(exc)
-                else:
-                    if not future.done():
-                        future.set_result(result)
+                for body, future in batch:
+                    await self._alone(body, future)
+        except BaseException as exc:       # cancelled with the loop: nobody may wait forever
+            for _, future in [*batch, *self._pending]:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("store closing"))
+            self._pending = []
+            raise
+
+    async def _together(self, batch: list[tuple[Body, asyncio.Future[Any]]]) -> bool:
+        """The batch in one transaction; False if a body failed (each is then run alone)."""
+        ran_all = False
+
+        async def all_of(tx: Tx) -> list[Any]:
+            nonlocal ran_all
+            ran_all = False
+            results = [await body(tx) for body, _ in batch]
+            ran_all = True
+            return results
+        try:
+            results = await self._transact(all_of)
+        except Exception as exc:
+            if not ran_all:
+                return False
+            for _, future in batch:      # the commit failed: as for a transaction of one's own
+                if not future.done():
+                    future.set_exception(exc)
+            return True
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+        return True
+
+    async def _alone(self, body: Body, future: asyncio.Future[Any]) -> None:
+        if future.done():
+            return
+        try:
+            result = await self._transact(body)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
 
     async def drain(self) -> None:
         while self._runner is not None and not self._runner.done():
             await self._runner
-
-
-def _all_of(bodies: list[Body]) -> Body:
-    async def batch(tx: Tx) -> list[Any]:
-        return [await body(tx) for body in bodies]
-    return batch

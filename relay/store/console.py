@@ -77,8 +77,12 @@ class TaskTimeline:
 
 
 def job_info(row: Row) -> JobInfo:
+    payload = loads(row["payload"]) or {}
+    if isinstance(payload.get("body"), str):
+        # A callback job's raw provider body may carry signed result links: its size is shown, not its text.
+        payload["body"] = f"({len(payload['body'])} characters, not shown)"
     return JobInfo(id=row["id"], kind=row["kind"], task_id=row["task_id"], state=row["state"],
-                   payload=loads(row["payload"]) or {}, run_at=row["run_at"], attempts=row["attempts"],
+                   payload=payload, run_at=row["run_at"], attempts=row["attempts"],
                    max_attempts=row["max_attempts"], last_error=row["last_error"], created_at=row["created_at"],
                    leased=row["lease_token"] is not None)
 

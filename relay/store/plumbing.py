@@ -40,6 +40,8 @@ W = TypeVar("W", bound=WithImages)
 class StorePlumbing(abc.ABC):
     """What every store use case speaks through; the abstract methods are a backend's."""
 
+    SHARES_TRANSACTIONS = False     # see transact_shared
+
     @abc.abstractmethod
     async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
         """Run `body` in one write transaction: committed when it returns, rolled back when it raises."""
@@ -47,7 +49,13 @@ class StorePlumbing(abc.ABC):
     async def transact_shared(self, body: Callable[[Tx], Awaitable[T]]) -> T:
         """`transact`, sharing one transaction and its commit with the bodies that arrive meanwhile (group
         commit, relay.store.batching.SharedTransactions): for frequent use cases independent of each other
-        (a transition, an attempt, an archived image). The body may run more than once."""
+        (a transition, an attempt, an archived image). The body may run more than once.
+
+        Only where the backend says sharing pays (SHARES_TRANSACTIONS): SQLite has one writer and every
+        transaction is a hop to its thread. With several writers (PostgreSQL, replicas) a batch would lock
+        its rows in arrival order and could deadlock with another replica's: each body runs alone there."""
+        if not self.SHARES_TRANSACTIONS:
+            return await self.transact(body)
         shared: SharedTransactions | None = getattr(self, "_shared", None)
         if shared is None:
             shared = self._shared = SharedTransactions(self.transact)

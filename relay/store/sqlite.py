@@ -148,6 +148,8 @@ def claim_sql(kinds: int) -> str:
 
 
 class SQLiteStore(Store):
+    SHARES_TRANSACTIONS = True      # one writer: concurrent transitions and attempts share its commits
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._writer: aiosqlite.Connection | None = None
