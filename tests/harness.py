@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from relay.clock import Clock
 from relay.config import PROVIDER_KINDS, load_settings
 from relay.runtime import Runtime, open_runtime
 from relay.simulator import SimulatorConfig, create_simulator_app
 from relay.web.app import create_app
+from tests.serving import serving
 
 API_KEY = "rk_test_0123456789abcdefghij"
 
@@ -125,19 +125,10 @@ async def serving_simulator(app: Any, port: int) -> AsyncIterator[None]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     _serving.add(port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield
+        async with serving(app, sock):
+            yield
     finally:
-        server.should_exit = True
-        await task
-        sock.close()
         _serving.discard(port)
 
 

@@ -33,6 +33,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.serving import running
+
 
 @dataclass
 class Received:
@@ -167,19 +169,11 @@ class Sink:
     async def serving(self) -> AsyncIterator[Sink]:
         """Serve on 127.0.0.1 (a free port) in the running event loop."""
         server, sock = self._server()
-        task = asyncio.create_task(server.serve(sockets=[sock]))
         try:
-            async with asyncio.timeout(10):
-                while not server.started:
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.01)
-            yield self
+            async with running(server, sock):
+                yield self
         finally:
             self.release()
-            server.should_exit = True
-            await task
-            sock.close()
 
     @contextlib.contextmanager
     def serving_in_thread(self) -> Iterator[Sink]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -14,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from relay.errors import ArchiveError, BlockedAddress, InvalidImage, SourceGone
@@ -23,6 +21,7 @@ from relay.images.store import LocalImageStore
 from relay.images.verify import ainspect_image
 from relay.fastclient import GuardedSession
 from relay.netguard import NetGuard
+from tests.serving import serving
 
 
 def make_png(size: tuple[int, int] = (64, 48)) -> bytes:
@@ -98,21 +97,8 @@ async def serve(app: Any) -> AsyncIterator[int]:
     """Run `app` under uvicorn on 127.0.0.1 (a free port) for the block; yields the port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, http="h11", ws="none", lifespan="off", log_config=None,
-                                           log_level="critical"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(5):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.005)
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(5):
-            await task
-        sock.close()
+    async with serving(app, sock, http="h11", lifespan="off", log_level="critical") as port:
+        yield port
 
 
 @pytest.fixture

@@ -9,14 +9,12 @@ image archived from a presigned link that first answers 503. Every line the root
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from relay.runtime import Runtime, open_runtime
 from relay.simulator import SimulatorConfig, create_simulator_app
 from relay.states import on_update
 from tests.harness import settings_for, wait_for
+from tests.serving import serving
 from tests.sink import Sink
 
 SECRETS = ("PASS", "SECRET", "dXNlcjpQQVNT")      # the last one: base64 of user:PASS (a Basic header)
@@ -75,26 +74,6 @@ def bound_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any, sock: socket.socket) -> AsyncIterator[int]:
-    """Serve an ASGI app (lifespan on) on `sock` in this event loop; yields the port."""
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                           lifespan="on", ws="none"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield int(sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def png_bytes() -> bytes:
