@@ -157,16 +157,19 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
     api_keys = resolve_api_keys(settings)
     guard = NetGuard(settings.network.allow)
+    tls = httpx.create_ssl_context()     # the CA bundle, loaded once (~30 ms) for every client below
+
     def new_client(*, pooled: bool = True) -> httpx.AsyncClient:
         """A guarded client; `pooled=False`: every request on a new connection, closed after its answer."""
         limits = None if pooled else httpx.Limits(max_connections=100, max_keepalive_connections=0)
-        return httpx.AsyncClient(transport=transport or guard.transport(limits=limits), follow_redirects=False,
+        return httpx.AsyncClient(transport=transport or guard.transport(verify=tls, limits=limits),
+                                 follow_redirects=False,
                                  timeout=httpx.Timeout(60.0, connect=10.0), headers={"user-agent": "relay/0.1"})
 
     # One session for image downloads and inputs (aiohttp, relay.fastclient), and one httpx client per
     # provider: httpcore checks every connection of a pool (a readability syscall each) when a request
     # starts and when one ends, so one big shared pool made each provider call pay for everyone's idle ones.
-    http = GuardedSession(guard, httpx.create_ssl_context())
+    http = GuardedSession(guard, tls)
     provider_clients: list[httpx.AsyncClient] = []
     store = open_store(settings)
     await store.open()
@@ -206,7 +209,8 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
                           if shared_database(settings) else TokenBucket(conf.rate_limit))
     ctx.callbacks_enabled = True
     deliveries = build_delivery_service(settings, store, clock, guard=guard, signer=ctx.signer,
-                                        signing_secret=signing_secret, shared_lanes=shared_database(settings))
+                                        signing_secret=signing_secret, shared_lanes=shared_database(settings),
+                                        tls=tls)
     await deliveries.start()
     await schedule_housekeeping(store, settings.retention, clock.now())   # once per database (dedupe key)
     w = settings.worker

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -67,7 +68,8 @@ class Sent:
 
 class DeliveryService:
     def __init__(self, settings: Settings, store: Store, clock: Clock, *, guard: NetGuard, signer: Signer,
-                 box: SecretBox, task_secret: str, shared_lanes: bool = False) -> None:
+                 box: SecretBox, task_secret: str, shared_lanes: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -82,7 +84,8 @@ class DeliveryService:
         self.shared_lanes = shared_lanes
         self.lane_lease = 2 * self.options.timeout + 10.0
         self._keys: dict[tuple[str, str], Keys] = {}
-        self.client = GuardedSession(guard, httpx.create_ssl_context())   # the CA bundle loaded once (~30 ms)
+        # The CA bundle takes ~30 ms to load: the runtime's, else loaded here once.
+        self.client = GuardedSession(guard, tls or httpx.create_ssl_context())
         store.set_delivery_options(initial_delay=self.options.schedule[0])
 
     def __repr__(self) -> str:
@@ -266,7 +269,8 @@ class DeliveryService:
 
 
 def build_delivery_service(settings: Settings, store: Store, clock: Clock, *, guard: NetGuard, signer: Signer,
-                           signing_secret: str, shared_lanes: bool = False) -> DeliveryService:
+                           signing_secret: str, shared_lanes: bool = False,
+                           tls: ssl.SSLContext | None = None) -> DeliveryService:
     """The service as the runtime wires it: keys from config, or derived from the signing secret."""
     from relay.deliveries.secrets import task_webhook_secret
 
@@ -274,4 +278,4 @@ def build_delivery_service(settings: Settings, store: Store, clock: Clock, *, gu
     box = SecretBox(d.encryption_key or signing_secret, [*d.previous_encryption_keys, signing_secret])
     return DeliveryService(settings, store, clock, guard=guard, signer=signer, box=box,
                            task_secret=task_webhook_secret(d.task_webhook_secret, signing_secret),
-                           shared_lanes=shared_lanes)
+                           shared_lanes=shared_lanes, tls=tls)
