@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from relay import ids
-from relay.clock import ManualClock
+from relay.clock import ManualClock, SystemClock
 from relay.errors import ArchiveError, RateLimited
 from relay.models import Job
 from relay.queue import Again, Retry, Worker, WorkerOptions, backoff
@@ -132,44 +134,44 @@ async def test_job_of_a_killed_worker_is_recovered_after_its_lease(store: Store,
     assert len(handler.runs) == 1 and handler.runs[0].attempts == 2 and await store.job_counts() == {}
 
 
-async def test_run_forever_wakes_on_enqueue(store: Store) -> None:
-    """A running worker starts a newly enqueued job at once, not after its idle poll."""
-    from relay.clock import SystemClock
+class Signal:
+    """A handler that only says it ran."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+
+    async def run(self, job: Job) -> None:
+        self.done.set()
+
+    async def give_up(self, job: Job, reason: str) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def running_worker(store: Store, handler: Signal) -> AsyncIterator[SystemClock]:
+    """A worker with a 30 s idle poll running for the block: only a wake-up makes it look for work sooner."""
     clock = SystemClock()
-    done = asyncio.Event()
-
-    class Signal:
-        async def run(self, job: Job) -> None:
-            done.set()
-
-        async def give_up(self, job: Job, reason: str) -> None: ...
-
-    worker = Worker(store, {"k": Signal()}, clock, WorkerOptions(idle_poll_seconds=30.0))
+    worker = Worker(store, {"k": handler}, clock, WorkerOptions(idle_poll_seconds=30.0))
     runner = asyncio.create_task(worker.run_forever())
     try:
-        await asyncio.sleep(0)
-        await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
-        await asyncio.wait_for(done.wait(), timeout=5)
+        yield clock
     finally:
         await worker.stop()
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_run_forever_wakes_on_enqueue(store: Store) -> None:
+    """A running worker starts a newly enqueued job at once, not after its idle poll."""
+    handler = Signal()
+    async with running_worker(store, handler) as clock:
+        await asyncio.sleep(0)
+        await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
+        await asyncio.wait_for(handler.done.wait(), timeout=5)
+
+
 async def test_a_wake_up_during_the_idle_look_is_not_lost(store: Store) -> None:
     """An enqueue that commits while the worker is between its empty claim and its idle wait (here: inside
     the look for the next due job, which read before the commit) still starts the job at once."""
-    from relay.clock import SystemClock
-    clock = SystemClock()
-    done = asyncio.Event()
-
-    class Signal:
-        async def run(self, job: Job) -> None:
-            done.set()
-
-        async def give_up(self, job: Job, reason: str) -> None: ...
-
-    worker = Worker(store, {"k": Signal()}, clock, WorkerOptions(idle_poll_seconds=30.0))
     looked = store.next_run_at
     raced = False
 
@@ -178,17 +180,14 @@ async def test_a_wake_up_during_the_idle_look_is_not_lost(store: Store) -> None:
         due = await looked()            # read before the enqueue commits ...
         if not raced:
             raced = True
-            await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])  # ... which wakes
+            now = SystemClock().now()
+            await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=now)])  # ... which wakes
         return due
 
     store.next_run_at = stale_look      # type: ignore[method-assign]
-    runner = asyncio.create_task(worker.run_forever())
-    try:
-        await asyncio.wait_for(done.wait(), timeout=5)
-    finally:
-        await worker.stop()
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
+    handler = Signal()
+    async with running_worker(store, handler):
+        await asyncio.wait_for(handler.done.wait(), timeout=5)
 
 
 def test_backoff_grows_to_cap_with_jitter() -> None:
@@ -200,7 +199,6 @@ def test_backoff_grows_to_cap_with_jitter() -> None:
 
 async def test_a_long_job_keeps_its_lease_by_heartbeat(store: Store) -> None:
     """A job running longer than its lease extends it, so no other worker claims it meanwhile."""
-    from relay.clock import SystemClock
     clock = SystemClock()
     release = asyncio.Event()
 
