@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -25,15 +26,26 @@ from relay.links import Signer
 CONNECTIONS = 32
 
 
-def callback_path(base: str, data: Path) -> tuple[str, str]:
-    """Create an EvoLink task and return its callback path and a body for it."""
-    task = httpx.post(f"{base}/v1/tasks", json={"provider": "evolink", "prompt": "bench"},
-                      headers={"authorization": f"Bearer {KEY}"}).json()
+def callback_path(base: str, data: Path, submitted: bool = True) -> tuple[str, str]:
+    """Create an EvoLink task and return its callback path and a body for it. `submitted`: wait until relay
+    has submitted it (a relay with workers), so the body can name the provider's task id."""
+    headers = {"authorization": f"Bearer {KEY}"}
+    task = httpx.post(f"{base}/v1/tasks", json={"provider": "evolink", "prompt": "bench"}, headers=headers).json()
+    # The body names the provider's own task id, as EvoLink's would: relay confirms it with the provider
+    # (a body naming another task is rejected unread, which is not what a provider sends).
+    deadline = time.monotonic() + 30
+    while submitted and task["provider_task_id"] is None:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"relay did not submit the bench task in 30 s: {task}")
+        time.sleep(0.05)
+        task = httpx.get(f"{base}/v1/tasks/{task['id']}", headers=headers).json()
     # On PostgreSQL relay signs with the explicit secret the bench gave it; on SQLite with the one it generated.
     secret = SIGNING_SECRET if postgres() else (data / "signing-secret").read_text().strip()
     token = Signer(secret).callback_token("evolink", task["id"])
-    body = json.dumps({"id": "task-unified-bench", "object": "image.generation.task", "status": "processing",
-                       "progress": 50})
+    # What EvoLink sends for a task it has queued (the simulator keeps the task queued for the whole run):
+    # every callback is a repeat, which relay confirms and finds changes nothing.
+    ticket = task["provider_task_id"] or "task-unified-0000000000-00000000"    # API role: never submitted
+    body = json.dumps({"id": ticket, "object": "image.generation.task", "status": "pending", "progress": 0})
     return f"/callbacks/evolink/{task['id']}/{token}", body
 
 
@@ -55,7 +67,7 @@ def measure(seconds: int, connections: int, warmup: int) -> dict[str, dict[str, 
                 relay, base, data = start_relay(root, sim_url, name=f"relay-{role}", role=role,
                                                 callbacks_safety_net_seconds="3600")
                 try:
-                    path, cb_body = callback_path(base, data)
+                    path, cb_body = callback_path(base, data, submitted=role != "api")
                     wrk(base + path, body=cb_body, connections=connections, seconds=warmup)
                     label = "relay callback ack (API only)" if role == "api" else "relay callback ack (+ workers)"
                     results[label] = wrk(base + path, body=cb_body, connections=connections, seconds=seconds)
