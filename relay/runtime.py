@@ -114,8 +114,9 @@ def shared_database(settings: Settings) -> bool:
 
 
 def build_handlers(ctx: JobContext) -> dict[str, Handler]:
+    callbacks = CallbackHandler(ctx)      # one for both kinds: their callbacks share confirmations
     return {"submit": SubmitHandler(ctx), "poll": PollHandler(ctx), "archive": ArchiveHandler(ctx),
-            CALLBACK_JOB: CallbackHandler(ctx), LEGACY_CALLBACK_JOB: CallbackHandler(ctx),
+            CALLBACK_JOB: callbacks, LEGACY_CALLBACK_JOB: callbacks,
             "housekeeping": HousekeepingHandler(ctx.store, ctx.image_store, ctx.settings.retention, ctx.clock)}
 
 

@@ -277,3 +277,61 @@ async def test_a_callback_received_by_an_earlier_relay_is_processed(tmp_path: Pa
         await h.runtime.worker.drain()
         again = await store.get_callback("cbk_old")
         assert again == row
+
+
+def _on(database: str) -> dict[str, str]:
+    """The harness settings for the test's database (PostgreSQL wants an explicit signing secret)."""
+    if database.startswith("postgresql"):
+        return {"RELAY_STORAGE_DATABASE": database, "RELAY_AUTH_SIGNING_SECRET": "s" * 32}
+    return {"RELAY_STORAGE_DATABASE": f"sqlite:///{database}"}
+
+
+async def test_a_backlog_of_callbacks_is_settled_together(tmp_path: Path, database: str) -> None:
+    """Two hundred repeats of a callback queued while no worker ran (an outage): the first runs share one
+    confirmation, and the callbacks still waiting are settled with it, each with its own inbox row, instead
+    of two hundred runs and two hundred status requests."""
+    async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
+        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
+        await h.runtime.worker.stop()
+        body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
+        for _ in range(200):
+            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        polls_before = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"]
+        ran = await h.runtime.worker.drain()
+        polls = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] - polls_before
+        store = h.runtime.store
+        settled = await store._read_all("SELECT * FROM inbox WHERE task_id = ?", (task["id"],))
+        assert len(settled) == 200 and {r["status"] for r in settled} == {"ignored"}
+        assert all(json.loads(r["body"]) == body and r["processed_at"] is not None for r in settled)
+        together = [r for r in settled if "confirmed together with" in r["note"]]
+        assert len(together) >= 150, [r["note"] for r in settled][:5]
+        assert ran < 60 and polls <= 5, (ran, polls)
+        assert await _inbox_settled(h)
+
+
+async def test_a_shared_answer_that_does_not_confirm_a_callback_is_asked_again(tmp_path: Path) -> None:
+    """A callback joins the newest status request of its task only if that was sent after the callback arrived
+    by the worker's clock; a replica whose clock runs behind could let an older answer through. So an answer
+    shared with a callback that it does not confirm is asked again: the completion is applied at once."""
+    async with harness(tmp_path, run_worker=False, **NO_SAFETY_NET) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        await h.runtime.worker.drain()     # the submit only
+        await wait_for(lambda: _sim_done(h, task["id"]), 10, "the provider to finish")
+        provider_task_id = (await h.task(task["id"]))["provider_task_id"]
+        handler = h.runtime.worker.handlers["callback_body"]
+        from relay.models import ProviderStatus, TaskUpdate
+
+        async def stale() -> TaskUpdate:    # an answer "sent" an hour from now that still says running
+            return TaskUpdate(status=ProviderStatus.RUNNING, provider_task_id=provider_task_id)
+        confirmations = handler.confirmations            # type: ignore[attr-defined]
+        real_now = confirmations._clock.now
+        confirmations._clock.now = lambda: real_now() + 3600
+        await confirmations.ask(task["id"], provider_task_id, 0.0, stale)
+        confirmations._clock.now = real_now
+        served = (await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()
+        body = {"id": provider_task_id, "status": "completed", "results": [i["url"] for i in served["images"]]}
+        assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        polls_before = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"]
+        await h.runtime.worker.drain()
+        assert (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] == polls_before + 1
+        assert (await h.task(task["id"]))["status"] in ("archiving", "succeeded")

@@ -267,3 +267,39 @@ async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path:
         assert "INTEGER PRIMARY KEY (rowid=?)" in whole and "autoindex" not in whole, whole
     finally:
         await store.close()
+
+
+async def test_waiting_callbacks_are_settled_together(store: Store, clock: ManualClock) -> None:
+    """settle_waiting_callbacks takes only the task's callback jobs that no worker holds and that arrived by the
+    cutoff, leaves those its judge passes over, and writes an inbox row for each job it deletes."""
+    from relay.jobs.callback import CALLBACK_JOB, callback_job, carried_callback
+    task, other = new_task(clock, "evolink"), new_task(clock, "evolink")
+    await store.create_task(task, [])
+    await store.create_task(other, [])
+    received = [callback_job("evolink", task.id, f'{{"n": {n}}}', clock.now() + n) for n in range(5)]
+    elsewhere = callback_job("evolink", other.id, '{"n": 0}', clock.now())
+    for made in (*received, elsewhere):
+        await store.receive_callback(made)
+    held = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])   # the oldest: a worker has it
+    assert [j.id for j in held] in ([received[0].id], [elsewhere.id])
+    cutoff = clock.now() + 3          # received[4] arrives after it
+
+    def settle(payload: dict[str, object]) -> tuple[dict[str, object], str, str] | None:
+        if payload["body"] == '{"n": 2}':
+            return None                 # needs a run of its own
+        return carried_callback(task.id, payload), "ignored", "together"
+
+    settled = await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, settle, clock.now())
+    expected = {j.payload["inbox_id"] for j in received[:4]} - {received[2].payload["inbox_id"]} \
+        - {j.payload["inbox_id"] for j in held}
+    assert {c["id"] for c, _, _ in settled} == expected and {s for _, s, _ in settled} == {"ignored"}
+    for made in (*received, elsewhere):
+        row = await store.get_callback(str(made.payload["inbox_id"]))
+        if made.payload["inbox_id"] in expected:
+            assert row is not None and (row["status"], row["note"], row["body"]) == ("ignored", "together",
+                                                                                   made.payload["body"])
+        else:
+            assert row is None
+    counts = await store.job_counts()
+    assert counts.get(f"{CALLBACK_JOB}:queued", 0) == 6 - len(expected)
+    assert await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, settle, clock.now()) == []

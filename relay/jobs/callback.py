@@ -11,12 +11,16 @@ a repeated or stale update into a no-op.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from relay import ids, metrics
 from relay.errors import ProviderProtocolError, ProviderRejected
+from relay.jobs.confirmations import Answer, Confirmations
 from relay.jobs.context import JobContext
-from relay.models import Job, ProviderStatus, TaskStatus
+from relay.models import Job, ProviderStatus, Task, TaskStatus, TaskUpdate
+from relay.providers.base import Provider
+from relay.store.base import SettledCallback
 from relay.states import on_update
 
 log = logging.getLogger("relay.jobs.callback")
@@ -46,9 +50,67 @@ def callback_job(provider: str, task_id: str, body: str, now: float) -> Job:
 
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What processing made of a callback: its inbox status, a note, and the outcome counted in metrics."""
+    status: str          # applied | ignored | rejected
+    note: str
+    outcome: str
+
+
+def _settled(status: str, note: str, outcome: str | None = None) -> Verdict:
+    return Verdict(status, note, outcome or status)
+
+
+def judge(task: Task | None, provider: Provider | None, callback: dict[str, Any],
+          confirmed: TaskUpdate | None, trust_body: bool) -> Verdict | TaskUpdate | None:
+    """What a callback asks for, given the task and (when asked) the provider's own answer: a Verdict that
+    settles it, the update to apply, or None when the provider's answer is needed first. Pure. `provider`:
+    the task's provider (None only when the callback came from another one)."""
+    if task is None:
+        return _settled("rejected", "unknown task")
+    if callback["provider"] != task.provider or provider is None:
+        # The task failed over (relay.routing) from a provider that refused it: nothing of it is ours now.
+        return _settled("rejected", f"the task is at provider {task.provider!r} now")
+    try:
+        reported = provider.parse_callback(callback["body"].encode())
+    except ProviderProtocolError as exc:
+        return _settled("rejected", f"unreadable body: {exc}")
+    if reported.provider_task_id and task.provider_task_id and reported.provider_task_id != task.provider_task_id:
+        return _settled("rejected", "the body names another provider task")
+    if task.status.terminal or task.status == TaskStatus.ARCHIVING:
+        return _settled("ignored", f"task already {task.status.value}", "duplicate")
+    if trust_body:
+        return reported
+    if not confirmation_ticket(task, reported):
+        return _settled("rejected", "no provider task id to confirm")
+    if confirmed is None:
+        return None
+    if _progress_rank(confirmed.status) < _progress_rank(reported.status):
+        # The provider does not (yet) confirm what the body claims: a forged or premature body.
+        # Nothing is applied; the safety-net poll still watches the task.
+        return _settled("ignored", f"provider reports {confirmed.status.value}, callback said {reported.status.value}")
+    # The provider is as far as the callback says or further (a late "processing" for a task that already
+    # finished): its own answer is the truth and is applied.
+    return confirmed
+
+
+def confirmation_ticket(task: Task, reported: TaskUpdate) -> str | None:
+    """The provider task id a callback is confirmed with."""
+    return task.provider_task_id or reported.provider_task_id
+
+
+def carried_callback(task_id: str | None, payload: dict[str, Any]) -> dict[str, Any]:
+    """The callback a callback_body job carries, as the fields of its inbox row."""
+    return {"id": str(payload["inbox_id"]), "provider": str(payload["provider"]), "task_id": task_id,
+            "body": str(payload["body"]), "received_at": float(payload["received_at"])}
+
+
 class CallbackHandler:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
+        # Callbacks of one task share the provider's answer (relay.jobs.confirmations).
+        self.confirmations = Confirmations(ctx.clock)
 
     async def _callback_of(self, job: Job) -> dict[str, Any] | None:
         """The callback the job carries (id, provider, task_id, body, received_at), None if settled already.
@@ -61,70 +123,95 @@ class CallbackHandler:
                 settled = await self.ctx.store.get_callback(str(p["inbox_id"]))
                 if settled is not None and settled["status"] != "received":
                     return None
-            return {"id": str(p["inbox_id"]), "provider": str(p["provider"]), "task_id": job.task_id,
-                    "body": str(p["body"]), "received_at": float(p["received_at"])}
+            return carried_callback(job.task_id, p)
         row = await self.ctx.store.get_callback(str(p.get("inbox_id")))
         return row if row is not None and row["status"] == "received" else None
 
     async def run(self, job: Job) -> None:
         ctx = self.ctx
-        row = await self._callback_of(job)
-        if row is None:
+        callback = await self._callback_of(job)
+        if callback is None:
             return None
-        inbox_id = row["id"]
-        task = await ctx.store.get_task(row["task_id"])
-        if task is None:
-            await self._settle(row, "rejected", "unknown task")
-            return None
-        if row["provider"] != task.provider:
-            # The task failed over (relay.routing) from a provider that refused it: nothing of it is ours now.
-            await self._settle(row, "rejected", f"the task is at provider {task.provider!r} now")
-            return None
-        provider = ctx.provider(row["provider"])
-        try:
-            reported = provider.parse_callback(row["body"].encode())
-        except ProviderProtocolError as exc:
-            await self._settle(row, "rejected", f"unreadable body: {exc}")
-            return None
-        if reported.provider_task_id and task.provider_task_id and reported.provider_task_id != task.provider_task_id:
-            await self._settle(row, "rejected", "the body names another provider task")
-            return None
-        if task.status.terminal or task.status == TaskStatus.ARCHIVING:
-            await self._settle(row, "ignored", f"task already {task.status.value}", outcome="duplicate")
-            return None
-        update = reported
-        if not ctx.settings.callbacks.trust_body:
-            ticket = task.provider_task_id or reported.provider_task_id
-            if not ticket:
-                await self._settle(row, "rejected", "no provider task id to confirm")
-                return None
-            await ctx.throttle(task.provider)
+        looked_at = ctx.clock.now()
+        task = await ctx.store.get_task(callback["task_id"])
+        # The provider is needed only for a task still at the callback's provider (raises if it is not
+        # configured any more: the job is retried, as any job whose provider went away).
+        provider = ctx.provider(callback["provider"]) if task is not None and task.provider == callback["provider"] \
+            else None
+        trust_body = ctx.settings.callbacks.trust_body
+        verdict = judge(task, provider, callback, None, trust_body)
+        answer: Answer | None = None
+        if verdict is None:
+            assert task is not None and provider is not None   # judge settles a callback without them
             try:
-                update = await provider.fetch(ticket)    # ProviderUnavailable → the worker retries
+                answer = await self._confirm(task, provider, callback)
             except ProviderRejected as exc:
-                await self._settle(row, "ignored", f"provider refused the confirmation: {exc}")
-                return None
-            if _progress_rank(update.status) < _progress_rank(reported.status):
-                # The provider does not (yet) confirm what the body claims: a forged or premature body.
-                # Nothing is applied; the safety-net poll still watches the task.
-                await self._settle(row, "ignored", f"provider reports {update.status.value}, "
-                                   f"callback said {reported.status.value}")
-                return None
-            # The provider is as far as the callback says or further (a late "processing" for a task
-            # that already finished): its own answer is the truth and is applied now.
-        applied = await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
-                                        default_expiry=provider.caps.default_expiry)
-        note = f"applied {applied.transition.event}" if applied else "no change (repeated or stale)"
-        await self._settle(row, "applied" if applied else "ignored", note,
-                           outcome="applied" if applied else "duplicate")
-        if applied is None and update.status in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED):
-            log.debug("callback %s for %s changed nothing", inbox_id, task.id)
+                verdict = _settled("ignored", f"provider refused the confirmation: {exc}")
+            else:
+                verdict = judge(task, provider, callback, answer.update, trust_body)
+        applied_update: TaskUpdate | None = None
+        if isinstance(verdict, TaskUpdate):
+            assert task is not None and provider is not None
+            update = applied_update = verdict
+            applied = await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
+                                            default_expiry=provider.caps.default_expiry)
+            verdict = (_settled("applied", f"applied {applied.transition.event}") if applied else
+                       _settled("ignored", "no change (repeated or stale)", "duplicate"))
+        assert verdict is not None      # with the provider's answer, judge always decides
+        await self._settle(callback, verdict)
+        if task is not None and answer is not None and answer.shared:
+            # A burst: other callbacks of the task shared this answer. Those still waiting for a worker are
+            # settled with it now rather than one run each (a backlog after an outage drains in a few runs).
+            await self._settle_waiting(task, provider, callback, answer, applied_update,
+                                       received_by=min(looked_at, answer.sent_at), trust_body=trust_body)
         return None
 
-    async def _settle(self, row: dict[str, Any], status: str, note: str, *, outcome: str | None = None) -> None:
-        """Record what processing made of the callback and count it (`outcome`: `status` unless more precise)."""
-        await self.ctx.store.settle_callback(row, status, note, self.ctx.clock.now())
-        metrics.CALLBACKS_PROCESSED.labels(row["provider"], outcome or status).inc()
+    async def _confirm(self, task: Task, provider: Provider, callback: dict[str, Any]) -> Answer:
+        """The provider's answer for the callback: shared with the task's other callbacks when one was asked
+        for since this one arrived, asked afresh when a shared one does not confirm what the body says.
+        ProviderUnavailable → the worker retries the job."""
+        reported = provider.parse_callback(callback["body"].encode())    # judge has read it already
+        ticket = confirmation_ticket(task, reported)
+        assert ticket is not None
+
+        async def fetch() -> TaskUpdate:
+            await self.ctx.throttle(task.provider)
+            return await provider.fetch(ticket)
+
+        answer = await self.confirmations.ask(task.id, ticket, callback["received_at"], fetch)
+        if answer.shared and _progress_rank(answer.update.status) < _progress_rank(reported.status):
+            answer = await self.confirmations.ask(task.id, ticket, callback["received_at"], fetch, fresh=True)
+        return answer
+
+    async def _settle_waiting(self, task: Task, provider: Provider | None, callback: dict[str, Any], answer: Answer,
+                              applied: TaskUpdate | None, *, received_by: float, trust_body: bool) -> None:
+        """Settle the task's callbacks received by `received_by` that no worker holds yet, each judged as its
+        own run would judge it with this task and this answer. One that asks for the answer this run has
+        applied changes nothing more; one that needs anything else is left to its own run."""
+        outcomes: dict[str, str] = {}       # callback id → outcome (keyed: the store may run settle twice)
+
+        def settle(payload: dict[str, Any]) -> SettledCallback | None:
+            waiting = carried_callback(task.id, payload)
+            verdict = judge(task, provider, waiting, answer.update, trust_body)
+            if isinstance(verdict, TaskUpdate):
+                if applied is None or verdict is not applied:
+                    return None
+                verdict = _settled("ignored", f"no change (confirmed together with {callback['id']})",
+                                   "duplicate")
+            if verdict is None:
+                return None
+            outcomes[waiting["id"]] = verdict.outcome
+            return waiting, verdict.status, verdict.note
+
+        settled = await self.ctx.store.settle_waiting_callbacks(task.id, CALLBACK_JOB, received_by, settle,
+                                                                self.ctx.clock.now())
+        for waiting, _, _ in settled:
+            metrics.CALLBACKS_PROCESSED.labels(waiting["provider"], outcomes[waiting["id"]]).inc()
+
+    async def _settle(self, callback: dict[str, Any], verdict: Verdict) -> None:
+        """Record what processing made of the callback and count it."""
+        await self.ctx.store.settle_callback(callback, verdict.status, verdict.note, self.ctx.clock.now())
+        metrics.CALLBACKS_PROCESSED.labels(callback["provider"], verdict.outcome).inc()
 
     async def give_up(self, job: Job, reason: str) -> None:
         # The safety-net poll still watches the task; only this callback's confirmation is abandoned.

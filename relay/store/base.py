@@ -43,6 +43,13 @@ from relay.store.tx import Row, Tx
 
 # A pure decision over the current task row (see relay.states).
 Decide = Callable[[Task], Transition | None]
+SettledCallback = tuple[dict[str, Any], str, str]      # a callback (fields of an inbox row), its status and note
+
+
+def _settled_callback(callback: dict[str, Any], status: str, note: str | None, now: float) -> tuple[Any, ...]:
+    """The values of SETTLE_CALLBACK."""
+    return (callback["id"], callback["provider"], callback["task_id"], callback["body"], callback["received_at"],
+            status, note, now)
 
 
 @dataclass(frozen=True)
@@ -208,8 +215,26 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
     async def settle_callback(self, callback: dict[str, Any], status: str, note: str | None, now: float) -> None:
         """Record what processing made of a callback (applied | ignored | rejected) in the inbox: `callback` is
         its inbox row, or the fields its job carried (id, provider, task_id, body, received_at)."""
-        await self._write(q.SETTLE_CALLBACK, (callback["id"], callback["provider"], callback["task_id"],
-                                              callback["body"], callback["received_at"], status, note, now))
+        await self._write(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now))
+
+    async def settle_waiting_callbacks(self, task_id: str, kind: str, received_by: float,
+                                       settle: Callable[[dict[str, Any]], SettledCallback | None], now: float,
+                                       limit: int = 500) -> list[SettledCallback]:
+        """One transaction: the task's callback jobs (of `kind`) that no worker holds and that were received by
+        `received_by`, settled without a run of their own. `settle` gets each job's payload and returns the
+        callback it carries (id, provider, task_id, body, received_at) with its status and note, or None to
+        leave that job queued. The jobs settled are deleted with their inbox rows written; returns them."""
+        async def body(tx: Tx) -> list[SettledCallback]:
+            settled = []
+            for row in await tx.all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, limit)):
+                found = settle(loads(row["payload"]) or {})
+                if found is not None:
+                    settled.append((row["id"], found))
+            if settled:
+                await tx.many(q.DELETE_JOB, [(job_id,) for job_id, _ in settled])
+                await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*found, now) for _, found in settled])
+            return [found for _, found in settled]
+        return await self.transact(body)
 
     # ---- images ----------------------------------------------------------------------------------
     async def get_image(self, image_id: str) -> ImageRecord | None:

@@ -1,0 +1,81 @@
+"""One status request to the provider answers every callback of a task that arrived before it was sent.
+
+Providers call back in bursts: each state change is announced once per attempt (retried at 1, 2, 4 s
+when an answer is slow), some announce progress too, and every callback is confirmed with the
+provider's status endpoint before anything is applied (relay.jobs.callback). Asked once per callback,
+a burst of a hundred callbacks costs a hundred status requests against the provider's rate limit,
+all answering the same question. Here the callbacks of one task share a request:
+
+- a request sent at or after a callback was received answers it: the provider's state it reports is
+  at least as recent as the news the callback brings;
+- so a callback joins the newest request for its task (and provider task id) when that was sent no
+  earlier than the callback's receipt, in flight or answered; otherwise it sends a new one.
+
+What a shared answer means for each callback is still judged per callback (relay.jobs.callback), and a
+callback whose claim the shared answer does not confirm asks again on its own: receipt times come
+from whichever replica took the callback, and a clock running behind must not let an older answer
+overrule a newer callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from relay.clock import Clock
+from relay.models import TaskUpdate
+
+KEEP = 1024     # tasks whose newest request is remembered; older ones are forgotten first
+
+
+@dataclass(frozen=True)
+class Answer:
+    update: TaskUpdate
+    shared: bool          # another caller sent the request
+    sent_at: float        # when it was sent: it answers every callback of the task received by then
+
+
+@dataclass
+class _Request:
+    ticket: str                          # the provider's task id asked about
+    sent_at: float
+    answer: asyncio.Future[TaskUpdate]
+
+
+class Confirmations:
+    def __init__(self, clock: Clock, keep: int = KEEP) -> None:
+        self._clock = clock
+        self._keep = keep
+        self._newest: OrderedDict[str, _Request] = OrderedDict()    # task id → its newest request
+
+    async def ask(self, task_id: str, ticket: str, received_at: float,
+                  fetch: Callable[[], Awaitable[TaskUpdate]], *, fresh: bool = False) -> Answer:
+        """The provider's answer about `ticket` from a request sent no earlier than `received_at`: the newest
+        one for the task if it qualifies, else a new one made with `fetch`. `fresh`: always a new one.
+        Raises what `fetch` raised (every caller sharing the request sees it)."""
+        request = self._newest.get(task_id)
+        shared = not (fresh or request is None or request.ticket != ticket or request.sent_at < received_at or
+                      (request.answer.done() and request.answer.exception() is not None))
+        if not shared or request is None:
+            request = self._send(task_id, ticket, fetch)
+        # shield: a caller that is cancelled (shutdown) leaves the request running for the others.
+        return Answer(await asyncio.shield(request.answer), shared, request.sent_at)
+
+    def _send(self, task_id: str, ticket: str, fetch: Callable[[], Awaitable[TaskUpdate]]) -> _Request:
+        answer = asyncio.ensure_future(fetch())
+        answer.add_done_callback(_retrieved)
+        request = _Request(ticket, self._clock.now(), answer)
+        self._newest[task_id] = request
+        self._newest.move_to_end(task_id)
+        while len(self._newest) > self._keep:
+            self._newest.popitem(last=False)
+        return request
+
+
+def _retrieved(answer: asyncio.Future[TaskUpdate]) -> None:
+    # Every caller sees the failure; this only keeps asyncio from reporting it as never retrieved when
+    # the last caller was cancelled before the answer came.
+    if not answer.cancelled():
+        answer.exception()
