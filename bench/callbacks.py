@@ -100,18 +100,21 @@ def run(quick: bool) -> Section:
         "POST of an EvoLink-shaped callback body. Baseline: a bare Starlette app answering 200 to any POST "
         "(`bench/bare_app.py`, same uvicorn stack). relay runs as `relay serve`; \"API only\" is "
         "`server.role = api` (acknowledging = verifying the token and durably recording the callback with "
-        "its job, group-committed), \"+ workers\" also processes every callback (confirms with the simulator, "
-        "applies) at the same time.", "", *table(results)])
+        "its job, group-committed), \"+ workers\" also processes every callback at the same time. The body is "
+        "what EvoLink sends for the task (its id, status pending): every callback is a repeat that relay "
+        "confirms with the provider (the simulator) and finds changes nothing.", "", *table(results)])
     notes = [
         "Acknowledging a callback is a durable write: relay answers 200 only after the callback's job, which "
         "carries its raw body, is committed (one row; the inbox row is written when the job has processed "
         "it). Concurrent callbacks share one transaction (group commit), so the cost per callback falls as "
         "load rises. The endpoint is raw ASGI ahead of Starlette's router and middleware "
         "(relay.web.callbacks.CallbackDoor); the gap to the bare endpoint is the token check, the JSON check, "
-        "the metrics and that write (py-spy: the INSERT into jobs, with its five indexes, is most of the "
-        "SQLite thread's share, about a quarter of relay's samples).",
-        "\"+ workers\" shares the CPU with the callback jobs (one confirm poll to the simulator and one "
-        "transition each), which is where most of the drop comes from on 2 cores.",
+        "the metrics and that write.",
+        "\"+ workers\" shares the 2 cores with processing: the callbacks of one task share the provider's "
+        "answer (one status request for all received before it was sent, relay.jobs.confirmations), and "
+        "those still waiting for a worker are settled together with it; each still costs its claim, its "
+        "inbox row and its job's end. Until 2026-11-29 the bench's body named another provider task, so "
+        "every callback was rejected unread and this row measured that shortcut.",
     ]
     figures = {"bare_rps": bare["rps"], "api_rps": api["rps"], "api_p50_ms": api.get("p50", 0),
                "api_p99_ms": api.get("p99", 0), "all_rps": full["rps"], "all_p99_ms": full.get("p99", 0)}

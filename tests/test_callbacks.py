@@ -289,23 +289,29 @@ def _on(database: str) -> dict[str, str]:
 async def test_a_backlog_of_callbacks_is_settled_together(tmp_path: Path, database: str) -> None:
     """Two hundred repeats of a callback queued while no worker ran (an outage): the first runs share one
     confirmation, and the callbacks still waiting are settled with it, each with its own inbox row, instead
-    of two hundred runs and two hundred status requests."""
+    of two hundred runs and two hundred status requests. One callback in the backlog claims more than the
+    shared answer says: it is never settled with that answer, but asks the provider on its own."""
     async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
         task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
         await h.runtime.worker.stop()
         body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
-        for _ in range(200):
-            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        ahead = {"id": task["provider_task_id"], "status": "processing", "progress": 5}
+        for n in range(201):
+            sent = ahead if n == 100 else body
+            assert (await h.api.post(callback_url(h, task["id"]), json=sent)).status_code == 200
         polls_before = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"]
         ran = await h.runtime.worker.drain()
         polls = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] - polls_before
         store = h.runtime.store
         settled = await store._read_all("SELECT * FROM inbox WHERE task_id = ?", (task["id"],))
-        assert len(settled) == 200 and {r["status"] for r in settled} == {"ignored"}
-        assert all(json.loads(r["body"]) == body and r["processed_at"] is not None for r in settled)
-        together = [r for r in settled if "confirmed together with" in r["note"]]
-        assert len(together) >= 150, [r["note"] for r in settled][:5]
-        assert ran < 60 and polls <= 5, (ran, polls)
+        assert len(settled) == 201 and {r["status"] for r in settled} == {"ignored"}
+        assert all(r["processed_at"] is not None for r in settled)
+        repeats = [r for r in settled if json.loads(r["body"]) == body]
+        together = [r for r in repeats if "confirmed together with" in r["note"]]
+        assert len(repeats) == 200 and len(together) >= 150, [r["note"] for r in settled][:5]
+        [unconfirmed] = [r for r in settled if json.loads(r["body"]) == ahead]
+        assert unconfirmed["note"] == "provider reports queued, callback said running"
+        assert ran < 60 and 2 <= polls <= 6, (ran, polls)      # the shared answers, and one of its own
         assert await _inbox_settled(h)
 
 
@@ -318,19 +324,21 @@ async def test_a_shared_answer_that_does_not_confirm_a_callback_is_asked_again(t
         await h.runtime.worker.drain()     # the submit only
         await wait_for(lambda: _sim_done(h, task["id"]), 10, "the provider to finish")
         provider_task_id = (await h.task(task["id"]))["provider_task_id"]
-        handler = h.runtime.worker.handlers["callback_body"]
+        confirmations = h.runtime.worker.handlers["callback_body"].confirmations     # type: ignore[attr-defined]
+        from relay.clock import ManualClock
         from relay.models import ProviderStatus, TaskUpdate
 
         async def stale() -> TaskUpdate:    # an answer "sent" an hour from now that still says running
             return TaskUpdate(status=ProviderStatus.RUNNING, provider_task_id=provider_task_id)
-        confirmations = handler.confirmations            # type: ignore[attr-defined]
-        real_now = confirmations._clock.now
-        confirmations._clock.now = lambda: real_now() + 3600
-        await confirmations.ask(task["id"], provider_task_id, 0.0, stale)
-        confirmations._clock.now = real_now
+        workers_clock, confirmations._clock = confirmations._clock, ManualClock(h.runtime.ctx.clock.now() + 3600)
+        planted = confirmations.ask(task["id"], provider_task_id, 0.0, stale)
+        await planted.answer()
+        confirmations._clock = workers_clock
         served = (await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()
         body = {"id": provider_task_id, "status": "completed", "results": [i["url"] for i in served["images"]]}
         assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        joined = confirmations.ask(task["id"], provider_task_id, h.runtime.ctx.clock.now(), stale)
+        assert joined.shared and joined.sent_at == planted.sent_at      # what the callback's run joins first
         polls_before = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"]
         await h.runtime.worker.drain()
         assert (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] == polls_before + 1

@@ -270,36 +270,38 @@ async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path:
 
 
 async def test_waiting_callbacks_are_settled_together(store: Store, clock: ManualClock) -> None:
-    """settle_waiting_callbacks takes only the task's callback jobs that no worker holds and that arrived by the
-    cutoff, leaves those its judge passes over, and writes an inbox row for each job it deletes."""
+    """waiting_callbacks lists only the task's callback jobs that no worker holds and that arrived by the cutoff;
+    settle_waiting_callbacks deletes each one still waiting and writes its inbox row, and passes over one a
+    worker claimed in between (its own run settles it) and one whose callback was settled already."""
     from relay.jobs.callback import CALLBACK_JOB, callback_job, carried_callback
     task, other = new_task(clock, "evolink"), new_task(clock, "evolink")
     await store.create_task(task, [])
     await store.create_task(other, [])
-    received = [callback_job("evolink", task.id, f'{{"n": {n}}}', clock.now() + n) for n in range(5)]
-    elsewhere = callback_job("evolink", other.id, '{"n": 0}', clock.now())
+    received = [callback_job("evolink", task.id, f'{{"n": {n}}}', clock.now() + n) for n in range(6)]
+    elsewhere = callback_job("evolink", other.id, '{"n": 0}', clock.now() + 1)
     for made in (*received, elsewhere):
         await store.receive_callback(made)
-    held = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])   # the oldest: a worker has it
-    assert [j.id for j in held] in ([received[0].id], [elsewhere.id])
-    cutoff = clock.now() + 3          # received[4] arrives after it
+    held = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])
+    assert [j.id for j in held] == [received[0].id]          # a worker has the oldest
+    waiting = await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now() + 4)     # received[5] is later
+    assert sorted(job_id for job_id, _ in waiting) == sorted(j.id for j in received[1:5])
+    assert {p["body"] for _, p in waiting} == {j.payload["body"] for j in received[1:5]}
 
-    def settle(payload: dict[str, object]) -> tuple[dict[str, object], str, str] | None:
-        if payload["body"] == '{"n": 2}':
-            return None                 # needs a run of its own
-        return carried_callback(task.id, payload), "ignored", "together"
-
-    settled = await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, settle, clock.now())
-    expected = {j.payload["inbox_id"] for j in received[:4]} - {received[2].payload["inbox_id"]} \
-        - {j.payload["inbox_id"] for j in held}
-    assert {c["id"] for c, _, _ in settled} == expected and {s for _, s, _ in settled} == {"ignored"}
-    for made in (*received, elsewhere):
+    clock.advance(10)
+    claimed_meanwhile = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])
+    assert [j.id for j in claimed_meanwhile] == [received[1].id]
+    already = carried_callback(task.id, received[2].payload)
+    await store.settle_callback(already, "applied", "by its own run", clock.now())
+    settled = {job_id: (carried_callback(task.id, payload), "ignored", "together") for job_id, payload in waiting}
+    done = await store.settle_waiting_callbacks(settled, clock.now())
+    assert sorted(done) == sorted([received[3].id, received[4].id])
+    for made, expected in ((received[1], None), (received[2], ("applied", "by its own run")),
+                           (received[3], ("ignored", "together")), (received[4], ("ignored", "together")),
+                           (received[5], None), (elsewhere, None)):
         row = await store.get_callback(str(made.payload["inbox_id"]))
-        if made.payload["inbox_id"] in expected:
-            assert row is not None and (row["status"], row["note"], row["body"]) == ("ignored", "together",
-                                                                                   made.payload["body"])
-        else:
-            assert row is None
-    counts = await store.job_counts()
-    assert counts.get(f"{CALLBACK_JOB}:queued", 0) == 6 - len(expected)
-    assert await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, settle, clock.now()) == []
+        assert (None if row is None else (row["status"], row["note"])) == expected, made.payload["body"]
+        if row is not None:
+            assert row["body"] == made.payload["body"] and row["task_id"] == task.id
+    left = await store._read_all("SELECT id FROM jobs WHERE kind = ? ORDER BY id", (CALLBACK_JOB,))  # type: ignore[attr-defined]
+    assert sorted(r["id"] for r in left) == sorted(j.id for j in (received[0], received[1], received[5], elsewhere))
+    assert await store.settle_waiting_callbacks(settled, clock.now()) == []

@@ -16,11 +16,10 @@ from typing import Any
 
 from relay import ids, metrics
 from relay.errors import ProviderProtocolError, ProviderRejected
-from relay.jobs.confirmations import Answer, Confirmations
+from relay.jobs.confirmations import Asked, Confirmations
 from relay.jobs.context import JobContext
 from relay.models import Job, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.providers.base import Provider
-from relay.store.base import SettledCallback
 from relay.states import on_update
 
 log = logging.getLogger("relay.jobs.callback")
@@ -52,14 +51,19 @@ def callback_job(provider: str, task_id: str, body: str, now: float) -> Job:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What processing made of a callback: its inbox status, a note, and the outcome counted in metrics."""
+    """What processing made of a callback: its inbox status, a note, and the outcome counted in metrics.
+
+    `lasting`: a newer look at the task or the provider could not judge it otherwise. A verdict that is not
+    lasting (the provider does not confirm the body yet; the task is at another provider) is reached only
+    with a look taken for this callback, never with one shared with others (see CallbackHandler)."""
     status: str          # applied | ignored | rejected
     note: str
     outcome: str
+    lasting: bool = True
 
 
-def _settled(status: str, note: str, outcome: str | None = None) -> Verdict:
-    return Verdict(status, note, outcome or status)
+def _settled(status: str, note: str, outcome: str | None = None, *, lasting: bool = True) -> Verdict:
+    return Verdict(status, note, outcome or status, lasting)
 
 
 def judge(task: Task | None, provider: Provider | None, callback: dict[str, Any],
@@ -71,7 +75,7 @@ def judge(task: Task | None, provider: Provider | None, callback: dict[str, Any]
         return _settled("rejected", "unknown task")
     if callback["provider"] != task.provider or provider is None:
         # The task failed over (relay.routing) from a provider that refused it: nothing of it is ours now.
-        return _settled("rejected", f"the task is at provider {task.provider!r} now")
+        return _settled("rejected", f"the task is at provider {task.provider!r} now", lasting=False)
     try:
         reported = provider.parse_callback(callback["body"].encode())
     except ProviderProtocolError as exc:
@@ -89,7 +93,8 @@ def judge(task: Task | None, provider: Provider | None, callback: dict[str, Any]
     if _progress_rank(confirmed.status) < _progress_rank(reported.status):
         # The provider does not (yet) confirm what the body claims: a forged or premature body.
         # Nothing is applied; the safety-net poll still watches the task.
-        return _settled("ignored", f"provider reports {confirmed.status.value}, callback said {reported.status.value}")
+        return _settled("ignored", f"provider reports {confirmed.status.value}, callback said {reported.status.value}",
+                        lasting=False)
     # The provider is as far as the callback says or further (a late "processing" for a task that already
     # finished): its own answer is the truth and is applied.
     return confirmed
@@ -133,43 +138,35 @@ class CallbackHandler:
         if callback is None:
             return None
         looked_at = ctx.clock.now()
-        task = await ctx.store.get_task(callback["task_id"])
+        task = await ctx.store.get_task(callback["task_id"], images=False)    # judging needs no images
         # The provider is needed only for a task still at the callback's provider (raises if it is not
         # configured any more: the job is retried, as any job whose provider went away).
         provider = ctx.provider(callback["provider"]) if task is not None and task.provider == callback["provider"] \
             else None
         trust_body = ctx.settings.callbacks.trust_body
         verdict = judge(task, provider, callback, None, trust_body)
-        answer: Answer | None = None
+        asked: Asked | None = None
         if verdict is None:
             assert task is not None and provider is not None   # judge settles a callback without them
-            try:
-                answer = await self._confirm(task, provider, callback)
-            except ProviderRejected as exc:
-                verdict = _settled("ignored", f"provider refused the confirmation: {exc}")
-            else:
-                verdict = judge(task, provider, callback, answer.update, trust_body)
-        applied_update: TaskUpdate | None = None
+            asked, verdict = await self._confirm(task, provider, callback, trust_body)
         if isinstance(verdict, TaskUpdate):
             assert task is not None and provider is not None
-            update = applied_update = verdict
-            applied = await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
-                                            default_expiry=provider.caps.default_expiry)
-            verdict = (_settled("applied", f"applied {applied.transition.event}") if applied else
-                       _settled("ignored", "no change (repeated or stale)", "duplicate"))
-        assert verdict is not None      # with the provider's answer, judge always decides
+            verdict = await self._apply(task, provider, verdict, asked)
         await self._settle(callback, verdict)
-        if task is not None and answer is not None and answer.shared:
+        if task is not None and asked is not None and asked.shared:
             # A burst: other callbacks of the task shared this answer. Those still waiting for a worker are
             # settled with it now rather than one run each (a backlog after an outage drains in a few runs).
-            await self._settle_waiting(task, provider, callback, answer, applied_update,
-                                       received_by=min(looked_at, answer.sent_at), trust_body=trust_body)
+            await self._settle_waiting(task, provider, callback, asked, received_by=min(looked_at, asked.sent_at),
+                                       trust_body=trust_body)
         return None
 
-    async def _confirm(self, task: Task, provider: Provider, callback: dict[str, Any]) -> Answer:
-        """The provider's answer for the callback: shared with the task's other callbacks when one was asked
-        for since this one arrived, asked afresh when a shared one does not confirm what the body says.
-        ProviderUnavailable → the worker retries the job."""
+    async def _confirm(self, task: Task, provider: Provider, callback: dict[str, Any],
+                       trust_body: bool) -> tuple[Asked | None, Verdict | TaskUpdate]:
+        """Judge the callback with the provider's answer: one shared with the task's other callbacks when it was
+        asked for since this one arrived; asked afresh when a shared answer was a refusal or gives a verdict
+        that is not lasting (receipt times come from the replica that took the callback, and a clock running
+        behind must not let an older answer overrule a newer callback). ProviderUnavailable → the worker
+        retries the job."""
         reported = provider.parse_callback(callback["body"].encode())    # judge has read it already
         ticket = confirmation_ticket(task, reported)
         assert ticket is not None
@@ -178,35 +175,58 @@ class CallbackHandler:
             await self.ctx.throttle(task.provider)
             return await provider.fetch(ticket)
 
-        answer = await self.confirmations.ask(task.id, ticket, callback["received_at"], fetch)
-        if answer.shared and _progress_rank(answer.update.status) < _progress_rank(reported.status):
-            answer = await self.confirmations.ask(task.id, ticket, callback["received_at"], fetch, fresh=True)
-        return answer
+        fresh = False
+        while True:
+            asked = self.confirmations.ask(task.id, ticket, callback["received_at"], fetch, fresh=fresh)
+            try:
+                update = await asked.answer()
+            except ProviderRejected as exc:
+                if asked.shared:
+                    fresh = True
+                    continue
+                return None, _settled("ignored", f"provider refused the confirmation: {exc}")
+            verdict = judge(task, provider, callback, update, trust_body)
+            assert verdict is not None      # with the provider's answer, judge always decides
+            if asked.shared and isinstance(verdict, Verdict) and not verdict.lasting:
+                fresh = True
+                continue
+            return asked, verdict
 
-    async def _settle_waiting(self, task: Task, provider: Provider | None, callback: dict[str, Any], answer: Answer,
-                              applied: TaskUpdate | None, *, received_by: float, trust_body: bool) -> None:
-        """Settle the task's callbacks received by `received_by` that no worker holds yet, each judged as its
-        own run would judge it with this task and this answer. One that asks for the answer this run has
-        applied changes nothing more; one that needs anything else is left to its own run."""
-        outcomes: dict[str, str] = {}       # callback id → outcome (keyed: the store may run settle twice)
+    async def _apply(self, task: Task, provider: Provider, update: TaskUpdate, asked: Asked | None) -> Verdict:
+        """Apply the update a callback asks for; not again when another callback sharing the answer has."""
+        if asked is not None and asked.applied:
+            return _settled("ignored", "no change (repeated or stale)", "duplicate")
+        applied = await self.ctx.store.apply(task.id, lambda t: on_update(t, update), self.ctx.clock.now(),
+                                             default_expiry=provider.caps.default_expiry)
+        if asked is not None:
+            asked.mark_applied()
+        if applied is None:
+            return _settled("ignored", "no change (repeated or stale)", "duplicate")
+        return _settled("applied", f"applied {applied.transition.event}")
 
-        def settle(payload: dict[str, Any]) -> SettledCallback | None:
-            waiting = carried_callback(task.id, payload)
-            verdict = judge(task, provider, waiting, answer.update, trust_body)
-            if isinstance(verdict, TaskUpdate):
-                if applied is None or verdict is not applied:
-                    return None
-                verdict = _settled("ignored", f"no change (confirmed together with {callback['id']})",
-                                   "duplicate")
-            if verdict is None:
-                return None
-            outcomes[waiting["id"]] = verdict.outcome
-            return waiting, verdict.status, verdict.note
-
-        settled = await self.ctx.store.settle_waiting_callbacks(task.id, CALLBACK_JOB, received_by, settle,
-                                                                self.ctx.clock.now())
-        for waiting, _, _ in settled:
-            metrics.CALLBACKS_PROCESSED.labels(waiting["provider"], outcomes[waiting["id"]]).inc()
+    async def _settle_waiting(self, task: Task, provider: Provider | None, callback: dict[str, Any], asked: Asked,
+                              *, received_by: float, trust_body: bool) -> None:
+        """Settle the task's callbacks received by `received_by` that no worker holds yet, with this task and
+        this answer, where the verdict is what a run of their own would reach: a lasting one, or the answer
+        this run has applied (which changes nothing more). Any other is left to its own run."""
+        update = await asked.answer()
+        waiting = await self.ctx.store.waiting_callbacks(task.id, CALLBACK_JOB, received_by)
+        settled: dict[str, tuple[dict[str, Any], Verdict]] = {}      # job id → its callback, its verdict
+        for job_id, payload in waiting:
+            other = carried_callback(task.id, payload)
+            verdict = judge(task, provider, other, update, trust_body)
+            if isinstance(verdict, TaskUpdate) and verdict is update and asked.applied:
+                verdict = _settled("ignored", f"no change (confirmed together with {callback['id']})", "duplicate")
+            if isinstance(verdict, Verdict) and verdict.lasting:
+                settled[job_id] = (other, verdict)
+        if not settled:
+            return
+        done = await self.ctx.store.settle_waiting_callbacks(
+            {job_id: (other, verdict.status, verdict.note) for job_id, (other, verdict) in settled.items()},
+            self.ctx.clock.now())
+        for job_id in done:
+            other, verdict = settled[job_id]
+            metrics.CALLBACKS_PROCESSED.labels(other["provider"], verdict.outcome).inc()
 
     async def _settle(self, callback: dict[str, Any], verdict: Verdict) -> None:
         """Record what processing made of the callback and count it."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from relay.clock import Clock
 from relay.models import TaskUpdate
@@ -30,18 +30,37 @@ from relay.models import TaskUpdate
 KEEP = 1024     # tasks whose newest request is remembered; older ones are forgotten first
 
 
-@dataclass(frozen=True)
-class Answer:
-    update: TaskUpdate
-    shared: bool          # another caller sent the request
-    sent_at: float        # when it was sent: it answers every callback of the task received by then
-
-
 @dataclass
 class _Request:
     ticket: str                          # the provider's task id asked about
     sent_at: float
     answer: asyncio.Future[TaskUpdate]
+    applied: bool = False                # a caller has applied the answer (committed)
+
+    def failed(self) -> bool:
+        return self.answer.done() and (self.answer.cancelled() or self.answer.exception() is not None)
+
+
+@dataclass(frozen=True)
+class Asked:
+    """The request that answers a callback: sent for it, or shared with the callbacks of its task."""
+    shared: bool          # another caller sent it
+    sent_at: float        # it answers every callback of the task received by then
+    _request: _Request = field(repr=False)
+
+    async def answer(self) -> TaskUpdate:
+        """The provider's answer; raises what the request raised (every caller sharing it sees it)."""
+        # shield: a caller that is cancelled (shutdown) leaves the request running for the others.
+        return await asyncio.shield(self._request.answer)
+
+    @property
+    def applied(self) -> bool:
+        """Whether a caller has applied the answer already: applying it again can change nothing (a state
+        machine update is a no-op when repeated, or when the task has moved on since)."""
+        return self._request.applied
+
+    def mark_applied(self) -> None:
+        self._request.applied = True
 
 
 class Confirmations:
@@ -50,20 +69,17 @@ class Confirmations:
         self._keep = keep
         self._newest: OrderedDict[str, _Request] = OrderedDict()    # task id → its newest request
 
-    async def ask(self, task_id: str, ticket: str, received_at: float,
-                  fetch: Callable[[], Awaitable[TaskUpdate]], *, fresh: bool = False) -> Answer:
-        """The provider's answer about `ticket` from a request sent no earlier than `received_at`: the newest
-        one for the task if it qualifies, else a new one made with `fetch`. `fresh`: always a new one.
-        Raises what `fetch` raised (every caller sharing the request sees it)."""
+    def ask(self, task_id: str, ticket: str, received_at: float, fetch: Callable[[], Awaitable[TaskUpdate]], *,
+            fresh: bool = False) -> Asked:
+        """The request for `ticket` that answers a callback received at `received_at`: the task's newest one if
+        it was sent no earlier (in flight or answered, not failed), else a new one made with `fetch`.
+        `fresh`: always a new one."""
         request = self._newest.get(task_id)
-        shared = not (fresh or request is None or request.ticket != ticket or request.sent_at < received_at or
-                      (request.answer.done() and request.answer.exception() is not None))
-        if not shared or request is None:
-            request = self._send(task_id, ticket, fetch)
-        # shield: a caller that is cancelled (shutdown) leaves the request running for the others.
-        return Answer(await asyncio.shield(request.answer), shared, request.sent_at)
+        if fresh or request is None or request.ticket != ticket or request.sent_at < received_at or request.failed():
+            return Asked(False, *self._send(task_id, ticket, fetch))
+        return Asked(True, request.sent_at, request)
 
-    def _send(self, task_id: str, ticket: str, fetch: Callable[[], Awaitable[TaskUpdate]]) -> _Request:
+    def _send(self, task_id: str, ticket: str, fetch: Callable[[], Awaitable[TaskUpdate]]) -> tuple[float, _Request]:
         answer = asyncio.ensure_future(fetch())
         answer.add_done_callback(_retrieved)
         request = _Request(ticket, self._clock.now(), answer)
@@ -71,7 +87,7 @@ class Confirmations:
         self._newest.move_to_end(task_id)
         while len(self._newest) > self._keep:
             self._newest.popitem(last=False)
-        return request
+        return request.sent_at, request
 
 
 def _retrieved(answer: asyncio.Future[TaskUpdate]) -> None:

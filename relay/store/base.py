@@ -126,7 +126,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         return await replay_or_claim(tx, idempotency, task.id, task.created_at,
                                      lambda owner: self._load_task(tx, owner))
 
-    async def get_task(self, task_id: str) -> Task | None:
+    async def get_task(self, task_id: str, *, images: bool = True) -> Task | None:
+        """The task; without its images (one read instead of two) when `images` is False."""
+        if not images:
+            row = await self._read(q.LOAD_TASK, (task_id,))
+            return None if row is None else task_from_row(row)
         return await self._one_with_images(q.LOAD_TASK, task_id, task_from_row)
 
     async def list_tasks(self, *, status: str | None, provider: str | None, limit: int,
@@ -217,23 +221,26 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         its inbox row, or the fields its job carried (id, provider, task_id, body, received_at)."""
         await self._write(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now))
 
-    async def settle_waiting_callbacks(self, task_id: str, kind: str, received_by: float,
-                                       settle: Callable[[dict[str, Any]], SettledCallback | None], now: float,
-                                       limit: int = 500) -> list[SettledCallback]:
-        """One transaction: the task's callback jobs (of `kind`) that no worker holds and that were received by
-        `received_by`, settled without a run of their own. `settle` gets each job's payload and returns the
-        callback it carries (id, provider, task_id, body, received_at) with its status and note, or None to
-        leave that job queued. The jobs settled are deleted with their inbox rows written; returns them."""
-        async def body(tx: Tx) -> list[SettledCallback]:
-            settled = []
-            for row in await tx.all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, limit)):
-                found = settle(loads(row["payload"]) or {})
-                if found is not None:
-                    settled.append((row["id"], found))
-            if settled:
-                await tx.many(q.DELETE_JOB, [(job_id,) for job_id, _ in settled])
-                await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*found, now) for _, found in settled])
-            return [found for _, found in settled]
+    async def waiting_callbacks(self, task_id: str, kind: str, received_by: float,
+                                limit: int = 200) -> list[tuple[str, dict[str, Any]]]:
+        """(job id, payload) of up to `limit` of the task's callback jobs (of `kind`) that no worker holds and
+        that were received by `received_by`."""
+        rows = await self._read_all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, limit))
+        return [(row["id"], loads(row["payload"]) or {}) for row in rows]
+
+    async def settle_waiting_callbacks(self, settled: dict[str, SettledCallback], now: float) -> list[str]:
+        """One transaction: each job (by id) that is still waiting (no worker took it meanwhile) is deleted and the
+        callback it carried gets its inbox row (fields of an inbox row, status, note). Returns the ids of the
+        jobs whose callback was settled by this call (not by a run of its own before)."""
+        async def body(tx: Tx) -> list[str]:
+            done = []
+            for job_id in sorted(settled):        # one lock order for every replica
+                if await tx.one(q.DELETE_WAITING_JOB, (job_id,)) is None:
+                    continue                      # a worker has claimed it since: its own run settles it
+                callback, status, note = settled[job_id]
+                if await tx.run(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now)):
+                    done.append(job_id)
+            return done
         return await self.transact(body)
 
     # ---- images ----------------------------------------------------------------------------------

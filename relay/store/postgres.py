@@ -69,7 +69,7 @@ def to_postgres(sql: str) -> str:
     """relay's shared SQL in PostgreSQL's spelling: `$n` placeholders, real row locks."""
     numbered = iter(range(1, 10_000))
     sql = _PLACEHOLDER.sub(lambda _m: f"${next(numbered)}", sql)
-    return sql.replace(q.FOR_UPDATE, " FOR UPDATE").replace(q.FOR_UPDATE_SKIP_LOCKED, " FOR UPDATE SKIP LOCKED")
+    return sql.replace(q.FOR_UPDATE, " FOR UPDATE")
 
 
 # Run with the claim, in its transaction: no plan that sorts. The claim must walk jobs_due in run_at order and

@@ -4,7 +4,6 @@ Written for SQLite and PostgreSQL alike: `?` placeholders (the PostgreSQL backen
 `$1, $2, …`), `IS NOT DISTINCT FROM` for a null-safe comparison, `ON CONFLICT … DO NOTHING`,
 `RETURNING`. `FOR_UPDATE` marks a row lock: PostgreSQL takes it (so a read-decide-write is atomic
 against other replicas), SQLite drops it (its one writer already serializes every write transaction).
-`FOR_UPDATE_SKIP_LOCKED` is the same lock that passes over rows another transaction holds.
 The few statements that differ by backend (the claim, migrations, the event log's visibility rule)
 live in that backend's module.
 """
@@ -12,7 +11,6 @@ live in that backend's module.
 from __future__ import annotations
 
 FOR_UPDATE = " /*FOR UPDATE*/"
-FOR_UPDATE_SKIP_LOCKED = " /*FOR UPDATE SKIP LOCKED*/"
 
 # ---- tasks -----------------------------------------------------------------------------------------
 INSERT_TASK = (
@@ -65,10 +63,10 @@ SETTLE_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at,
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
                    "note = excluded.note, processed_at = excluded.processed_at WHERE inbox.status = 'received'")
 # A task's callback jobs no worker holds, received by a time: a worker that has judged one callback of the task
-# settles them with it (relay.jobs.callback). Rows being claimed or taken by another worker are passed over.
+# settles them with it (relay.jobs.callback), each deleted only if still waiting when it does.
 WAITING_CALLBACK_JOBS = ("SELECT id, payload FROM jobs WHERE task_id = ? AND kind = ? AND state = 'queued' "
-                         "AND lease_token IS NULL AND created_at <= ? LIMIT ?" + FOR_UPDATE_SKIP_LOCKED)
-DELETE_JOB = "DELETE FROM jobs WHERE id = ?"
+                         "AND lease_token IS NULL AND created_at <= ? LIMIT ?")
+DELETE_WAITING_JOB = "DELETE FROM jobs WHERE id = ? AND state = 'queued' AND lease_token IS NULL RETURNING id"
 
 # ---- jobs ------------------------------------------------------------------------------------------
 INSERT_JOB = (
