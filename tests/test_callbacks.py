@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from relay.runtime import open_runtime
 from tests.harness import Harness, harness, settings_for, wait_for
@@ -286,11 +287,13 @@ def _on(database: str) -> dict[str, str]:
     return {"RELAY_STORAGE_DATABASE": f"sqlite:///{database}"}
 
 
-async def test_a_backlog_of_callbacks_is_settled_together(tmp_path: Path, database: str) -> None:
+async def test_a_backlog_of_callbacks_is_settled_together(tmp_path: Path, database: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hundred repeats of a callback queued while no worker ran (an outage): the first runs share one
-    confirmation, and the callbacks still waiting are settled with it, each with its own inbox row, instead
-    of two hundred runs and two hundred status requests. One callback in the backlog claims more than the
-    shared answer says: it is never settled with that answer, but asks the provider on its own."""
+    confirmation, and the callbacks still waiting are settled with it, each with its own inbox row, a page at
+    a time, instead of two hundred runs and two hundred status requests. One callback in the backlog claims
+    more than the shared answer says: it is never settled with that answer, but asks the provider on its own."""
+    monkeypatch.setattr("relay.jobs.callback.GATHER_PAGE", 40)     # several pages
     async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
         task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
         await h.runtime.worker.stop()

@@ -283,7 +283,7 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
         await store.receive_callback(made)
     held = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])
     assert [j.id for j in held] == [received[0].id]          # a worker has the oldest
-    waiting = await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now() + 4)     # received[5] is later
+    waiting = await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now() + 4, 100)     # received[5] is later
     assert sorted(job_id for job_id, _ in waiting) == sorted(j.id for j in received[1:5])
     assert {p["body"] for _, p in waiting} == {j.payload["body"] for j in received[1:5]}
 

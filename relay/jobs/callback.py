@@ -38,6 +38,10 @@ def _progress_rank(status: ProviderStatus) -> int:
 # during a rolling upgrade, claims "callback" jobs and would find no inbox row for these; it never claims
 # a kind it has no handler for. This relay handles both kinds.
 CALLBACK_JOB = "callback_body"
+# Waiting callbacks settled together with a shared answer: a page per transaction, at most this many pages
+# per run (a longer backlog is left to the next runs sharing an answer).
+GATHER_PAGE = 200
+GATHER_PAGES = 50
 LEGACY_CALLBACK_JOB = "callback"
 
 
@@ -153,9 +157,10 @@ class CallbackHandler:
             assert task is not None and provider is not None
             verdict = await self._apply(task, provider, verdict, asked)
         await self._settle(callback, verdict)
-        if task is not None and asked is not None and asked.shared:
+        if task is not None and asked is not None and asked.shared and asked.take_gathering():
             # A burst: other callbacks of the task shared this answer. Those still waiting for a worker are
-            # settled with it now rather than one run each (a backlog after an outage drains in a few runs).
+            # settled with it now rather than one run each (a backlog after an outage drains in a few runs),
+            # by one of the runs sharing it.
             await self._settle_waiting(task, provider, callback, asked, received_by=min(looked_at, asked.sent_at),
                                        trust_body=trust_body)
         return None
@@ -208,25 +213,34 @@ class CallbackHandler:
                               *, received_by: float, trust_body: bool) -> None:
         """Settle the task's callbacks received by `received_by` that no worker holds yet, with this task and
         this answer, where the verdict is what a run of their own would reach: a lasting one, or the answer
-        this run has applied (which changes nothing more). Any other is left to its own run."""
+        this run has applied (which changes nothing more). Any other is left to its own run. A page at a
+        time (one transaction each), until a page settles nothing or the backlog is through."""
         update = await asked.answer()
-        waiting = await self.ctx.store.waiting_callbacks(task.id, CALLBACK_JOB, received_by)
-        settled: dict[str, tuple[dict[str, Any], Verdict]] = {}      # job id → its callback, its verdict
-        for job_id, payload in waiting:
-            other = carried_callback(task.id, payload)
-            verdict = judge(task, provider, other, update, trust_body)
-            if isinstance(verdict, TaskUpdate) and verdict is update and asked.applied:
-                verdict = _settled("ignored", f"no change (confirmed together with {callback['id']})", "duplicate")
-            if isinstance(verdict, Verdict) and verdict.lasting:
-                settled[job_id] = (other, verdict)
-        if not settled:
-            return
-        done = await self.ctx.store.settle_waiting_callbacks(
-            {job_id: (other, verdict.status, verdict.note) for job_id, (other, verdict) in settled.items()},
-            self.ctx.clock.now())
-        for job_id in done:
-            other, verdict = settled[job_id]
-            metrics.CALLBACKS_PROCESSED.labels(other["provider"], verdict.outcome).inc()
+        judged: dict[tuple[str, str], Verdict | TaskUpdate | None] = {}  # repeats of a body are judged once
+        for _ in range(GATHER_PAGES):
+            waiting = await self.ctx.store.waiting_callbacks(task.id, CALLBACK_JOB, received_by, GATHER_PAGE)
+            settled: dict[str, tuple[dict[str, Any], Verdict]] = {}      # job id → its callback, its verdict
+            for job_id, payload in waiting:
+                other = carried_callback(task.id, payload)
+                key = (other["provider"], other["body"])
+                if key not in judged:
+                    judged[key] = judge(task, provider, other, update, trust_body)
+                verdict = judged[key]
+                if isinstance(verdict, TaskUpdate) and verdict is update and asked.applied:
+                    verdict = _settled("ignored", f"no change (confirmed together with {callback['id']})",
+                                       "duplicate")
+                if isinstance(verdict, Verdict) and verdict.lasting:
+                    settled[job_id] = (other, verdict)
+            if not settled:
+                return
+            done = await self.ctx.store.settle_waiting_callbacks(
+                {job_id: (other, verdict.status, verdict.note) for job_id, (other, verdict) in settled.items()},
+                self.ctx.clock.now())
+            for job_id in done:
+                other, verdict = settled[job_id]
+                metrics.CALLBACKS_PROCESSED.labels(other["provider"], verdict.outcome).inc()
+            if len(waiting) < GATHER_PAGE:
+                return
 
     async def _settle(self, callback: dict[str, Any], verdict: Verdict) -> None:
         """Record what processing made of the callback and count it."""

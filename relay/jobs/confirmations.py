@@ -36,6 +36,7 @@ class _Request:
     sent_at: float
     answer: asyncio.Future[TaskUpdate]
     applied: bool = False                # a caller has applied the answer (committed)
+    gathering: bool = False              # a caller is settling the callbacks still waiting with it
 
     def failed(self) -> bool:
         return self.answer.done() and (self.answer.cancelled() or self.answer.exception() is not None)
@@ -61,6 +62,12 @@ class Asked:
 
     def mark_applied(self) -> None:
         self._request.applied = True
+
+    def take_gathering(self) -> bool:
+        """True for the first caller only: it settles the task's waiting callbacks with this answer (the
+        others would find the same ones)."""
+        taken, self._request.gathering = self._request.gathering, True
+        return not taken
 
 
 class Confirmations:

@@ -222,7 +222,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         await self._write(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now))
 
     async def waiting_callbacks(self, task_id: str, kind: str, received_by: float,
-                                limit: int = 200) -> list[tuple[str, dict[str, Any]]]:
+                                limit: int) -> list[tuple[str, dict[str, Any]]]:
         """(job id, payload) of up to `limit` of the task's callback jobs (of `kind`) that no worker holds and
         that were received by `received_by`."""
         rows = await self._read_all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, limit))
