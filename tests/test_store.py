@@ -271,8 +271,9 @@ async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path:
 
 async def test_waiting_callbacks_are_settled_together(store: Store, clock: ManualClock) -> None:
     """waiting_callbacks lists only the task's callback jobs that no worker holds and that arrived by the cutoff;
-    settle_waiting_callbacks deletes each one still waiting and writes its inbox row, and passes over one a
-    worker claimed in between (its own run settles it) and one whose callback was settled already."""
+    settle_waiting_callbacks deletes each one still waiting and writes its inbox row, passes over one a worker
+    claimed in between (its own run settles it), and keeps the first outcome of one settled already (a run that
+    settled it and failed after)."""
     from relay.jobs.callback import CALLBACK_JOB, callback_job, carried_callback
     task, other = new_task(clock, "evolink"), new_task(clock, "evolink")
     await store.create_task(task, [])
@@ -293,8 +294,9 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
     already = carried_callback(task.id, received[2].payload)
     await store.settle_callback(already, "applied", "by its own run", clock.now())
     settled = {job_id: (carried_callback(task.id, payload), "ignored", "together") for job_id, payload in waiting}
-    done = await store.settle_waiting_callbacks(settled, clock.now())
-    assert sorted(done) == sorted([received[3].id, received[4].id])
+    cutoff = clock.now() - 6
+    done = await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, 100, settled, clock.now())
+    assert sorted(done) == sorted([received[2].id, received[3].id, received[4].id])
     for made, expected in ((received[1], None), (received[2], ("applied", "by its own run")),
                            (received[3], ("ignored", "together")), (received[4], ("ignored", "together")),
                            (received[5], None), (elsewhere, None)):
@@ -304,4 +306,4 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
             assert row["body"] == made.payload["body"] and row["task_id"] == task.id
     left = await store._read_all("SELECT id FROM jobs WHERE kind = ? ORDER BY id", (CALLBACK_JOB,))  # type: ignore[attr-defined]
     assert sorted(r["id"] for r in left) == sorted(j.id for j in (received[0], received[1], received[5], elsewhere))
-    assert await store.settle_waiting_callbacks(settled, clock.now()) == []
+    assert await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, 100, settled, clock.now()) == []

@@ -234,6 +234,7 @@ class CallbackHandler:
             if not settled:
                 return
             done = await self.ctx.store.settle_waiting_callbacks(
+                task.id, CALLBACK_JOB, received_by, GATHER_PAGE,
                 {job_id: (other, verdict.status, verdict.note) for job_id, (other, verdict) in settled.items()},
                 self.ctx.clock.now())
             for job_id in done:

@@ -223,23 +223,22 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def waiting_callbacks(self, task_id: str, kind: str, received_by: float,
                                 limit: int) -> list[tuple[str, dict[str, Any]]]:
-        """(job id, payload) of up to `limit` of the task's callback jobs (of `kind`) that no worker holds and
-        that were received by `received_by`."""
+        """(job id, payload) of the first `limit` (by id) of the task's callback jobs (of `kind`) that no worker
+        holds and that were received by `received_by`."""
         rows = await self._read_all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, limit))
         return [(row["id"], loads(row["payload"]) or {}) for row in rows]
 
-    async def settle_waiting_callbacks(self, settled: dict[str, SettledCallback], now: float) -> list[str]:
-        """One transaction: each job (by id) that is still waiting (no worker took it meanwhile) is deleted and the
-        callback it carried gets its inbox row (fields of an inbox row, status, note). Returns the ids of the
-        jobs whose callback was settled by this call (not by a run of its own before)."""
+    async def settle_waiting_callbacks(self, task_id: str, kind: str, received_by: float, limit: int,
+                                       settled: dict[str, SettledCallback], now: float) -> list[str]:
+        """One transaction: of the jobs `waiting_callbacks` listed (same arguments), those in `settled` that are
+        still waiting (no worker took one meanwhile) are deleted, and the callback each carried gets its inbox
+        row (fields of an inbox row, status, note). Returns their ids."""
         async def body(tx: Tx) -> list[str]:
-            done = []
-            for job_id in sorted(settled):        # one lock order for every replica
-                if await tx.one(q.DELETE_WAITING_JOB, (job_id,)) is None:
-                    continue                      # a worker has claimed it since: its own run settles it
-                callback, status, note = settled[job_id]
-                if await tx.run(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now)):
-                    done.append(job_id)
+            still = {row["id"] for row in await tx.all(q.LOCK_WAITING_CALLBACK_JOBS,
+                                                       (task_id, kind, received_by, limit))}
+            done = sorted(still.intersection(settled))
+            await tx.many(q.DELETE_JOB, [(job_id,) for job_id in done])
+            await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*settled[job_id], now) for job_id in done])
             return done
         return await self.transact(body)
 

@@ -63,10 +63,13 @@ SETTLE_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at,
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
                    "note = excluded.note, processed_at = excluded.processed_at WHERE inbox.status = 'received'")
 # A task's callback jobs no worker holds, received by a time: a worker that has judged one callback of the task
-# settles them with it (relay.jobs.callback), each deleted only if still waiting when it does.
-WAITING_CALLBACK_JOBS = ("SELECT id, payload FROM jobs WHERE task_id = ? AND kind = ? AND state = 'queued' "
-                         "AND lease_token IS NULL AND created_at <= ? LIMIT ?")
-DELETE_WAITING_JOB = "DELETE FROM jobs WHERE id = ? AND state = 'queued' AND lease_token IS NULL RETURNING id"
+# settles them with it (relay.jobs.callback). Read first (to judge them), then locked in the transaction that
+# settles them, in id order (one lock order for every replica): only those still waiting are settled.
+_WAITING_CALLBACKS = ("FROM jobs WHERE task_id = ? AND kind = ? AND state = 'queued' AND lease_token IS NULL "
+                      "AND created_at <= ? ORDER BY id LIMIT ?")
+WAITING_CALLBACK_JOBS = "SELECT id, payload " + _WAITING_CALLBACKS
+LOCK_WAITING_CALLBACK_JOBS = "SELECT id " + _WAITING_CALLBACKS + FOR_UPDATE
+DELETE_JOB = "DELETE FROM jobs WHERE id = ?"
 
 # ---- jobs ------------------------------------------------------------------------------------------
 INSERT_JOB = (
