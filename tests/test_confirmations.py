@@ -146,3 +146,15 @@ async def test_a_cancelled_request_is_not_reused() -> None:
     provider.release.set()
     again = await answered(confirmations, "tsk_a", "p1", 99.0, provider.fetch)
     assert not again.shared and again.update == RUNNING and provider.asked == 2
+
+
+async def test_one_caller_at_a_time_gathers_with_an_answer() -> None:
+    clock, provider = ManualClock(100.0), Provider()
+    confirmations = Confirmations(clock)
+    first = confirmations.ask("tsk_a", "p1", 99.0, provider.fetch)
+    second = confirmations.ask("tsk_a", "p1", 99.0, provider.fetch)
+    assert (first.ticket, second.shared) == ("p1", True)
+    assert first.take_gathering() and not second.take_gathering()
+    first.release_gathering()                 # stopped early: the next one goes on
+    assert second.take_gathering() and not first.take_gathering()
+    await first.answer()

@@ -284,7 +284,7 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
         await store.receive_callback(made)
     held = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])
     assert [j.id for j in held] == [received[0].id]          # a worker has the oldest
-    waiting = await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now() + 4, 100)     # received[5] is later
+    waiting = await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now() + 4, "", 100)     # received[5] is later
     assert sorted(job_id for job_id, _ in waiting) == sorted(j.id for j in received[1:5])
     assert {p["body"] for _, p in waiting} == {j.payload["body"] for j in received[1:5]}
 
@@ -294,9 +294,8 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
     already = carried_callback(task.id, received[2].payload)
     await store.settle_callback(already, "applied", "by its own run", clock.now())
     settled = {job_id: (carried_callback(task.id, payload), "ignored", "together") for job_id, payload in waiting}
-    cutoff = clock.now() - 6
-    done = await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, 100, settled, clock.now())
-    assert sorted(done) == sorted([received[2].id, received[3].id, received[4].id])
+    done = await store.settle_waiting_callbacks(settled, clock.now())
+    assert done == sorted([received[2].id, received[3].id, received[4].id])
     for made, expected in ((received[1], None), (received[2], ("applied", "by its own run")),
                            (received[3], ("ignored", "together")), (received[4], ("ignored", "together")),
                            (received[5], None), (elsewhere, None)):
@@ -306,4 +305,23 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
             assert row["body"] == made.payload["body"] and row["task_id"] == task.id
     left = await store._read_all("SELECT id FROM jobs WHERE kind = ? ORDER BY id", (CALLBACK_JOB,))  # type: ignore[attr-defined]
     assert sorted(r["id"] for r in left) == sorted(j.id for j in (received[0], received[1], received[5], elsewhere))
-    assert await store.settle_waiting_callbacks(task.id, CALLBACK_JOB, cutoff, 100, settled, clock.now()) == []
+    assert await store.settle_waiting_callbacks(settled, clock.now()) == []
+
+
+async def test_waiting_callbacks_come_a_page_at_a_time(store: Store, clock: ManualClock) -> None:
+    """waiting_callbacks pages by id after a cursor, so callbacks a page leaves waiting are not read again."""
+    from relay.jobs.callback import CALLBACK_JOB, callback_job
+    task = new_task(clock, "evolink")
+    await store.create_task(task, [])
+    made = [callback_job("evolink", task.id, f'{{"n": {n}}}', clock.now()) for n in range(5)]
+    for job in made:
+        await store.receive_callback(job)
+    ids, after, pages = [], "", []
+    while True:
+        page = [job_id for job_id, _ in await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now(), after, 2)]
+        pages.append(len(page))
+        ids += page
+        if len(page) < 2:
+            break
+        after = page[-1]
+    assert pages == [2, 2, 1] and ids == sorted(j.id for j in made)

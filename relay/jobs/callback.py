@@ -39,7 +39,7 @@ def _progress_rank(status: ProviderStatus) -> int:
 # a kind it has no handler for. This relay handles both kinds.
 CALLBACK_JOB = "callback_body"
 # Waiting callbacks settled together with a shared answer: a page per transaction, at most this many pages
-# per run (a longer backlog is left to the next runs sharing an answer).
+# per run (a run that stops there hands the rest to the next run sharing the answer).
 GATHER_PAGE = 200
 GATHER_PAGES = 50
 LEGACY_CALLBACK_JOB = "callback"
@@ -104,6 +104,18 @@ def judge(task: Task | None, provider: Provider | None, callback: dict[str, Any]
     return confirmed
 
 
+def stands(verdict: Verdict | TaskUpdate, asked: Asked) -> bool:
+    """Whether a verdict reached with `asked`'s answer stands: with an answer shared with other callbacks, only
+    a lasting one does (receipt times come from the replica that took the callback, and a clock running behind
+    must not let an older answer overrule a newer callback); the callback's own answer decides otherwise."""
+    return not (asked.shared and isinstance(verdict, Verdict) and not verdict.lasting)
+
+
+def _repeat(note: str) -> Verdict:
+    """A callback asking for an update already applied: it changes nothing."""
+    return _settled("ignored", note, "duplicate")
+
+
 def confirmation_ticket(task: Task, reported: TaskUpdate) -> str | None:
     """The provider task id a callback is confirmed with."""
     return task.provider_task_id or reported.provider_task_id
@@ -157,12 +169,20 @@ class CallbackHandler:
             assert task is not None and provider is not None
             verdict = await self._apply(task, provider, verdict, asked)
         await self._settle(callback, verdict)
-        if task is not None and asked is not None and asked.shared and asked.take_gathering():
+        if task is not None and asked is not None and asked.shared and task.provider_task_id == asked.ticket \
+                and asked.take_gathering():
             # A burst: other callbacks of the task shared this answer. Those still waiting for a worker are
             # settled with it now rather than one run each (a backlog after an outage drains in a few runs),
-            # by one of the runs sharing it.
-            await self._settle_waiting(task, provider, callback, asked, received_by=min(looked_at, asked.sent_at),
-                                       trust_body=trust_body)
+            # by one of the runs sharing it. Only an optimisation: what it leaves, their own runs settle.
+            try:
+                through = await self._settle_waiting(task, provider, callback, asked, trust_body=trust_body,
+                                                     received_by=min(looked_at, asked.sent_at))
+            except Exception:      # noqa: BLE001 - this callback is settled; the waiting ones have their runs
+                log.warning("settling the waiting callbacks of %s with %s failed; each gets its own run", task.id,
+                            callback["id"], exc_info=True)
+                through = False
+            if not through:
+                asked.release_gathering()     # the next run sharing the answer goes on where this one stopped
         return None
 
     async def _confirm(self, task: Task, provider: Provider, callback: dict[str, Any],
@@ -192,7 +212,7 @@ class CallbackHandler:
                 return None, _settled("ignored", f"provider refused the confirmation: {exc}")
             verdict = judge(task, provider, callback, update, trust_body)
             assert verdict is not None      # with the provider's answer, judge always decides
-            if asked.shared and isinstance(verdict, Verdict) and not verdict.lasting:
+            if not stands(verdict, asked):
                 fresh = True
                 continue
             return asked, verdict
@@ -200,25 +220,26 @@ class CallbackHandler:
     async def _apply(self, task: Task, provider: Provider, update: TaskUpdate, asked: Asked | None) -> Verdict:
         """Apply the update a callback asks for; not again when another callback sharing the answer has."""
         if asked is not None and asked.applied:
-            return _settled("ignored", "no change (repeated or stale)", "duplicate")
+            return _repeat("no change (repeated or stale)")
         applied = await self.ctx.store.apply(task.id, lambda t: on_update(t, update), self.ctx.clock.now(),
                                              default_expiry=provider.caps.default_expiry)
         if asked is not None:
             asked.mark_applied()
         if applied is None:
-            return _settled("ignored", "no change (repeated or stale)", "duplicate")
+            return _repeat("no change (repeated or stale)")
         return _settled("applied", f"applied {applied.transition.event}")
 
     async def _settle_waiting(self, task: Task, provider: Provider | None, callback: dict[str, Any], asked: Asked,
-                              *, received_by: float, trust_body: bool) -> None:
+                              *, received_by: float, trust_body: bool) -> bool:
         """Settle the task's callbacks received by `received_by` that no worker holds yet, with this task and
-        this answer, where the verdict is what a run of their own would reach: a lasting one, or the answer
-        this run has applied (which changes nothing more). Any other is left to its own run. A page at a
-        time (one transaction each), until a page settles nothing or the backlog is through."""
+        this answer, where the verdict is what a run of their own would reach: one that stands with a shared
+        answer, or the update this run's answer applied (which changes nothing more). Any other is left to its
+        own run. A page per transaction, in id order; False when it stopped at GATHER_PAGES pages."""
         update = await asked.answer()
         judged: dict[tuple[str, str], Verdict | TaskUpdate | None] = {}  # repeats of a body are judged once
+        after = ""
         for _ in range(GATHER_PAGES):
-            waiting = await self.ctx.store.waiting_callbacks(task.id, CALLBACK_JOB, received_by, GATHER_PAGE)
+            waiting = await self.ctx.store.waiting_callbacks(task.id, CALLBACK_JOB, received_by, after, GATHER_PAGE)
             settled: dict[str, tuple[dict[str, Any], Verdict]] = {}      # job id → its callback, its verdict
             for job_id, payload in waiting:
                 other = carried_callback(task.id, payload)
@@ -227,21 +248,19 @@ class CallbackHandler:
                     judged[key] = judge(task, provider, other, update, trust_body)
                 verdict = judged[key]
                 if isinstance(verdict, TaskUpdate) and verdict is update and asked.applied:
-                    verdict = _settled("ignored", f"no change (confirmed together with {callback['id']})",
-                                       "duplicate")
-                if isinstance(verdict, Verdict) and verdict.lasting:
+                    verdict = _repeat(f"no change (confirmed together with {callback['id']})")
+                if isinstance(verdict, Verdict) and stands(verdict, asked):
                     settled[job_id] = (other, verdict)
-            if not settled:
-                return
             done = await self.ctx.store.settle_waiting_callbacks(
-                task.id, CALLBACK_JOB, received_by, GATHER_PAGE,
                 {job_id: (other, verdict.status, verdict.note) for job_id, (other, verdict) in settled.items()},
                 self.ctx.clock.now())
             for job_id in done:
                 other, verdict = settled[job_id]
                 metrics.CALLBACKS_PROCESSED.labels(other["provider"], verdict.outcome).inc()
             if len(waiting) < GATHER_PAGE:
-                return
+                return True
+            after = waiting[-1][0]
+        return False
 
     async def _settle(self, callback: dict[str, Any], verdict: Verdict) -> None:
         """Record what processing made of the callback and count it."""

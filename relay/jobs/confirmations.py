@@ -47,6 +47,7 @@ class Asked:
     """The request that answers a callback: sent for it, or shared with the callbacks of its task."""
     shared: bool          # another caller sent it
     sent_at: float        # it answers every callback of the task received by then
+    ticket: str           # the provider task id it asked about
     _request: _Request = field(repr=False)
 
     async def answer(self) -> TaskUpdate:
@@ -64,10 +65,14 @@ class Asked:
         self._request.applied = True
 
     def take_gathering(self) -> bool:
-        """True for the first caller only: it settles the task's waiting callbacks with this answer (the
-        others would find the same ones)."""
+        """True for one caller at a time: it settles the task's waiting callbacks with this answer (the others
+        would find the same ones)."""
         taken, self._request.gathering = self._request.gathering, True
         return not taken
+
+    def release_gathering(self) -> None:
+        """The gathering stopped before the end (failed, or at its page limit): a later caller may go on."""
+        self._request.gathering = False
 
 
 class Confirmations:
@@ -83,10 +88,11 @@ class Confirmations:
         `fresh`: always a new one."""
         request = self._newest.get(task_id)
         if fresh or request is None or request.ticket != ticket or request.sent_at < received_at or request.failed():
-            return Asked(False, *self._send(task_id, ticket, fetch))
-        return Asked(True, request.sent_at, request)
+            request = self._send(task_id, ticket, fetch)
+            return Asked(False, request.sent_at, ticket, request)
+        return Asked(True, request.sent_at, ticket, request)
 
-    def _send(self, task_id: str, ticket: str, fetch: Callable[[], Awaitable[TaskUpdate]]) -> tuple[float, _Request]:
+    def _send(self, task_id: str, ticket: str, fetch: Callable[[], Awaitable[TaskUpdate]]) -> _Request:
         answer = asyncio.ensure_future(fetch())
         answer.add_done_callback(_retrieved)
         request = _Request(ticket, self._clock.now(), answer)
@@ -94,7 +100,7 @@ class Confirmations:
         self._newest.move_to_end(task_id)
         while len(self._newest) > self._keep:
             self._newest.popitem(last=False)
-        return request.sent_at, request
+        return request
 
 
 def _retrieved(answer: asyncio.Future[TaskUpdate]) -> None:

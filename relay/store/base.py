@@ -221,26 +221,25 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         its inbox row, or the fields its job carried (id, provider, task_id, body, received_at)."""
         await self._write(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now))
 
-    async def waiting_callbacks(self, task_id: str, kind: str, received_by: float,
+    async def waiting_callbacks(self, task_id: str, kind: str, received_by: float, after: str,
                                 limit: int) -> list[tuple[str, dict[str, Any]]]:
-        """(job id, payload) of the first `limit` (by id) of the task's callback jobs (of `kind`) that no worker
-        holds and that were received by `received_by`."""
-        rows = await self._read_all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, limit))
+        """(job id, payload) of the task's callback jobs (of `kind`) that no worker holds and that were received
+        by `received_by`: the first `limit` by id after the id `after` ("" for the first page)."""
+        rows = await self._read_all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, after, limit))
         return [(row["id"], loads(row["payload"]) or {}) for row in rows]
 
-    async def settle_waiting_callbacks(self, task_id: str, kind: str, received_by: float, limit: int,
-                                       settled: dict[str, SettledCallback], now: float) -> list[str]:
-        """One transaction: of the jobs `waiting_callbacks` listed (same arguments), those in `settled` that are
-        still waiting (no worker took one meanwhile) are deleted, and the callback each carried gets its inbox
-        row (fields of an inbox row, status, note). Returns their ids."""
+    async def settle_waiting_callbacks(self, settled: dict[str, SettledCallback], now: float) -> list[str]:
+        """One transaction: the jobs (by id) still waiting for a worker (none took one meanwhile) are deleted, and
+        the callback each carried gets its inbox row (fields of an inbox row, status, note; a callback settled
+        already keeps its first outcome). Returns the ids of the jobs deleted."""
         async def body(tx: Tx) -> list[str]:
-            still = {row["id"] for row in await tx.all(q.LOCK_WAITING_CALLBACK_JOBS,
-                                                       (task_id, kind, received_by, limit))}
-            done = sorted(still.intersection(settled))
-            await tx.many(q.DELETE_JOB, [(job_id,) for job_id in done])
-            await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*settled[job_id], now) for job_id in done])
+            ids = sorted(settled)
+            done = [row["id"] for row in await tx.all(q.lock_waiting_jobs(len(ids)), ids)]
+            if done:
+                await tx.run(q.delete_in("jobs", "id", len(done)), done)
+                await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*settled[job_id], now) for job_id in done])
             return done
-        return await self.transact(body)
+        return await self.transact(body) if settled else []
 
     # ---- images ----------------------------------------------------------------------------------
     async def get_image(self, image_id: str) -> ImageRecord | None:

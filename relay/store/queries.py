@@ -62,14 +62,10 @@ LOAD_CALLBACK = "SELECT * FROM inbox WHERE id = ?"
 SETTLE_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at, status, note, processed_at) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
                    "note = excluded.note, processed_at = excluded.processed_at WHERE inbox.status = 'received'")
-# A task's callback jobs no worker holds, received by a time: a worker that has judged one callback of the task
-# settles them with it (relay.jobs.callback). Read first (to judge them), then locked in the transaction that
-# settles them, in id order (one lock order for every replica): only those still waiting are settled.
-_WAITING_CALLBACKS = ("FROM jobs WHERE task_id = ? AND kind = ? AND state = 'queued' AND lease_token IS NULL "
-                      "AND created_at <= ? ORDER BY id LIMIT ?")
-WAITING_CALLBACK_JOBS = "SELECT id, payload " + _WAITING_CALLBACKS
-LOCK_WAITING_CALLBACK_JOBS = "SELECT id " + _WAITING_CALLBACKS + FOR_UPDATE
-DELETE_JOB = "DELETE FROM jobs WHERE id = ?"
+# A task's callback jobs no worker holds, received by a time, a page at a time after a cursor (an id): a worker
+# that has judged one callback of the task settles them with it (relay.jobs.callback, lock_waiting_jobs).
+WAITING_CALLBACK_JOBS = ("SELECT id, payload FROM jobs WHERE task_id = ? AND kind = ? AND state = 'queued' "
+                         "AND lease_token IS NULL AND created_at <= ? AND id > ? ORDER BY id LIMIT ?")
 
 # ---- jobs ------------------------------------------------------------------------------------------
 INSERT_JOB = (
@@ -304,6 +300,13 @@ def delete_in(table: str, column: str, count: int, *, returning: str = "") -> st
     """`DELETE FROM table WHERE column IN (…count…) [RETURNING …]` (table and column are fixed names)."""
     tail = f" RETURNING {returning}" if returning else ""
     return f"DELETE FROM {table} WHERE {column} IN ({_marks(count)}){tail}"
+
+
+def lock_waiting_jobs(count: int) -> str:
+    """Of `count` jobs (by id), those still waiting for a worker (queued, no lease), locked in id order (one lock
+    order for every replica)."""
+    return (f"SELECT id FROM jobs WHERE id IN ({_marks(count)}) AND state = 'queued' AND lease_token IS NULL "
+            "ORDER BY id" + FOR_UPDATE)
 
 
 def expire_images(count: int) -> str:
