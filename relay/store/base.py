@@ -230,14 +230,19 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def settle_waiting_callbacks(self, settled: dict[str, SettledCallback], now: float) -> list[str]:
         """One transaction: the jobs (by id) still waiting for a worker (none took one meanwhile) are deleted, and
-        the callback each carried gets its inbox row (fields of an inbox row, status, note; a callback settled
-        already keeps its first outcome). Returns the ids of the jobs deleted."""
+        the callback each carried gets its inbox row (fields of an inbox row, status, note). A callback settled
+        already (by a run that failed after settling it) keeps its first outcome. Returns the ids of the jobs
+        whose callback this call settled."""
         async def body(tx: Tx) -> list[str]:
             ids = sorted(settled)
-            done = [row["id"] for row in await tx.all(q.lock_waiting_jobs(len(ids)), ids)]
-            if done:
-                await tx.run(q.delete_in("jobs", "id", len(done)), done)
-                await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*settled[job_id], now) for job_id in done])
+            taken = [row["id"] for row in await tx.all(q.lock_waiting_jobs(len(ids)), ids)]
+            if not taken:
+                return []
+            await tx.run(q.delete_in("jobs", "id", len(taken)), taken)
+            inbox_ids = [settled[job_id][0]["id"] for job_id in taken]
+            before = {row["id"] for row in await tx.all(q.settled_callbacks(len(inbox_ids)), inbox_ids)}
+            done = [job_id for job_id in taken if settled[job_id][0]["id"] not in before]
+            await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*settled[job_id], now) for job_id in done])
             return done
         return await self.transact(body) if settled else []
 

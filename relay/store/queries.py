@@ -309,6 +309,11 @@ def lock_waiting_jobs(count: int) -> str:
             "ORDER BY id" + FOR_UPDATE)
 
 
+def settled_callbacks(count: int) -> str:
+    """Of `count` callbacks (inbox ids), those settled already."""
+    return f"SELECT id FROM inbox WHERE id IN ({_marks(count)}) AND status <> 'received'"
+
+
 def expire_images(count: int) -> str:
     """Mark `count` archived images expired (their file is to go); their sha256 and key."""
     return (f"UPDATE images SET status = 'expired', error = ? WHERE id IN ({_marks(count)}) "
