@@ -371,3 +371,30 @@ async def test_a_failing_gathering_leaves_every_callback_to_its_own_run(tmp_path
         assert tried >= 1 and ran == 60 and len(settled) == 60
         assert {r["status"] for r in settled} == {"ignored"} and await _inbox_settled(h)
         assert (await store.job_counts()).get("callback_body:dead", 0) == 0
+
+
+async def test_callbacks_received_after_the_shared_request_are_not_gathered_with_it(tmp_path: Path) -> None:
+    """A run gathers only the callbacks received before both its task read and the shared request: the ones
+    that arrived after the request was sent may bring news its answer predates, so they keep their own runs."""
+    async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
+        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
+        await h.runtime.worker.stop()
+        body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
+        for _ in range(20):
+            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        from relay.models import ProviderStatus, TaskUpdate
+
+        async def queued() -> TaskUpdate:
+            return TaskUpdate(status=ProviderStatus.QUEUED, provider_task_id=task["provider_task_id"])
+        confirmations = h.runtime.worker.handlers["callback_body"].confirmations     # type: ignore[attr-defined]
+        sent = confirmations.ask(task["id"], task["provider_task_id"], 0.0, queued)
+        await sent.answer()
+        for _ in range(20):
+            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        store = h.runtime.store
+        [first] = await store.claim(h.runtime.ctx.clock.now(), limit=1, lease_seconds=60, kinds=["callback_body"])
+        assert first.payload["received_at"] <= sent.sent_at
+        await h.runtime.worker.execute(first)           # joins the request and gathers
+        settled = await store._read_all("SELECT received_at FROM inbox WHERE task_id = ?", (task["id"],))
+        assert len(settled) == 20 and max(r["received_at"] for r in settled) <= sent.sent_at
+        assert (await store.job_counts()).get("callback_body:queued") == 20
