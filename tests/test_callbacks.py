@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,29 @@ async def test_callbacks_received_after_the_shared_request_are_not_gathered_with
         settled = await store._read_all("SELECT received_at FROM inbox WHERE task_id = ?", (task["id"],))
         assert len(settled) == 20 and max(r["received_at"] for r in settled) <= sent.sent_at
         assert (await store.job_counts()).get("callback_body:queued") == 20
+
+
+async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path: Path) -> None:
+    """Two relays on one PostgreSQL database drain one task's backlog at once: each shares its own answers and
+    gathers pages of the same waiting callbacks (locked in id order, deleted only while still waiting), so every
+    callback ends with exactly one inbox row, no job is left and none dies."""
+    from tests.pg import fresh_database
+    async with fresh_database() as database, \
+            harness(tmp_path / "a", sim_duration=30, **_on(database), **NO_SAFETY_NET) as a:
+        task = await submitted(a, (await a.create(provider="evolink", prompt="p"))["id"])
+        await a.runtime.worker.stop()
+        sim_url = str(a.sim.base_url).rstrip("/")
+        async with harness(tmp_path / "b", run_worker=False, RELAY_PROVIDERS_EVOLINK_BASE_URL=f"{sim_url}/evolink",
+                           **_on(database), **NO_SAFETY_NET) as b:
+            body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
+            for n in range(300):
+                replica = a if n % 2 else b
+                assert (await replica.api.post(callback_url(a, task["id"]), json=body)).status_code == 200
+            ran = await asyncio.gather(a.runtime.worker.drain(), b.runtime.worker.drain())
+            assert sum(ran) < 150, ran          # most were gathered, by both replicas' runs
+            store = a.runtime.store
+            settled = await store._read_all("SELECT id, status FROM inbox WHERE task_id = ?", (task["id"],))
+            assert len(settled) == 300 and len({r["id"] for r in settled}) == 300, ran
+            assert {r["status"] for r in settled} == {"ignored"}
+            counts = await store.job_counts()
+            assert not any(k.startswith("callback_body:") for k in counts), counts
