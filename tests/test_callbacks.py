@@ -350,7 +350,8 @@ async def test_a_shared_answer_that_does_not_confirm_a_callback_is_asked_again(t
 
 
 async def test_a_failing_gathering_leaves_every_callback_to_its_own_run(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Settling the waiting callbacks together is only an optimisation: when it fails, the run that tried still
     ends well (its own callback is settled), and every other callback is settled by a run of its own."""
     async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
@@ -372,6 +373,7 @@ async def test_a_failing_gathering_leaves_every_callback_to_its_own_run(tmp_path
         assert tried >= 1 and ran == 60 and len(settled) == 60
         assert {r["status"] for r in settled} == {"ignored"} and await _inbox_settled(h)
         assert (await store.job_counts()).get("callback_body:dead", 0) == 0
+        assert [r for r in caplog.records if "settling the waiting callbacks" in r.getMessage()]      # and said so
 
 
 async def test_callbacks_received_after_the_shared_request_are_not_gathered_with_it(tmp_path: Path) -> None:
@@ -401,7 +403,8 @@ async def test_callbacks_received_after_the_shared_request_are_not_gathered_with
         assert (await store.job_counts()).get("callback_body:queued") == 20
 
 
-async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path: Path) -> None:
+async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Two relays on one PostgreSQL database drain one task's backlog at once: each shares its own answers and
     gathers pages of the same waiting callbacks (locked in id order, deleted only while still waiting), so every
     callback ends with exactly one inbox row, no job is left and none dies."""
@@ -425,3 +428,4 @@ async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path
             assert {r["status"] for r in settled} == {"ignored"}
             counts = await store.job_counts()
             assert not any(k.startswith("callback_body:") for k in counts), counts
+            assert not [r for r in caplog.records if "settling the waiting callbacks" in r.getMessage()]
