@@ -288,6 +288,26 @@ def _on(database: str) -> dict[str, str]:
     return {"RELAY_STORAGE_DATABASE": f"sqlite:///{database}"}
 
 
+async def queued_task(h: Harness) -> dict[str, Any]:
+    """An EvoLink task the provider has queued (for the harness's 30 s), submitted, with relay's worker stopped:
+    the callbacks posted for it wait as a backlog."""
+    task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
+    await h.runtime.worker.stop()
+    return task
+
+
+def repeat(task: dict[str, Any]) -> dict[str, Any]:
+    """What EvoLink sends (again and again) for a task it has queued."""
+    return {"id": task["provider_task_id"], "status": "pending", "progress": 0}
+
+
+async def post_callbacks(task: dict[str, Any], body: dict[str, Any], count: int, *via: Harness) -> None:
+    """Post `body` to the task's callback URL `count` times, through the harnesses `via` in turn (all acked)."""
+    for n in range(count):
+        h = via[n % len(via)]
+        assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+
+
 async def test_a_backlog_of_callbacks_is_settled_together(tmp_path: Path, database: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hundred repeats of a callback queued while no worker ran (an outage): the first runs share one
@@ -296,13 +316,11 @@ async def test_a_backlog_of_callbacks_is_settled_together(tmp_path: Path, databa
     more than the shared answer says: it is never settled with that answer, but asks the provider on its own."""
     monkeypatch.setattr("relay.jobs.callback.GATHER_PAGE", 40)     # several pages
     async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
-        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
-        await h.runtime.worker.stop()
-        body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
-        ahead = {"id": task["provider_task_id"], "status": "processing", "progress": 5}
-        for n in range(201):
-            sent = ahead if n == 100 else body
-            assert (await h.api.post(callback_url(h, task["id"]), json=sent)).status_code == 200
+        task = await queued_task(h)
+        body, ahead = repeat(task), {"id": task["provider_task_id"], "status": "processing", "progress": 5}
+        await post_callbacks(task, body, 100, h)
+        await post_callbacks(task, ahead, 1, h)
+        await post_callbacks(task, body, 100, h)
         polls_before = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"]
         ran = await h.runtime.worker.drain()
         polls = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] - polls_before
@@ -355,11 +373,8 @@ async def test_a_failing_gathering_leaves_every_callback_to_its_own_run(tmp_path
     """Settling the waiting callbacks together is only an optimisation: when it fails, the run that tried still
     ends well (its own callback is settled), and every other callback is settled by a run of its own."""
     async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
-        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
-        await h.runtime.worker.stop()
-        body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
-        for _ in range(60):
-            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        task = await queued_task(h)
+        await post_callbacks(task, repeat(task), 60, h)
         store = h.runtime.store
         tried = 0
 
@@ -380,11 +395,8 @@ async def test_callbacks_received_after_the_shared_request_are_not_gathered_with
     """A run gathers only the callbacks received before both its task read and the shared request: the ones
     that arrived after the request was sent may bring news its answer predates, so they keep their own runs."""
     async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
-        task = await submitted(h, (await h.create(provider="evolink", prompt="p"))["id"])
-        await h.runtime.worker.stop()
-        body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
-        for _ in range(20):
-            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        task = await queued_task(h)
+        await post_callbacks(task, repeat(task), 20, h)
         from relay.models import ProviderStatus, TaskUpdate
 
         async def queued() -> TaskUpdate:
@@ -392,8 +404,7 @@ async def test_callbacks_received_after_the_shared_request_are_not_gathered_with
         confirmations = h.runtime.worker.handlers["callback_body"].confirmations     # type: ignore[attr-defined]
         sent = confirmations.ask(task["id"], task["provider_task_id"], 0.0, queued)
         await sent.answer()
-        for _ in range(20):
-            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        await post_callbacks(task, repeat(task), 20, h)
         store = h.runtime.store
         [first] = await store.claim(h.runtime.ctx.clock.now(), limit=1, lease_seconds=60, kinds=["callback_body"])
         assert first.payload["received_at"] <= sent.sent_at
@@ -411,15 +422,11 @@ async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path
     from tests.pg import fresh_database
     async with fresh_database() as database, \
             harness(tmp_path / "a", sim_duration=30, **_on(database), **NO_SAFETY_NET) as a:
-        task = await submitted(a, (await a.create(provider="evolink", prompt="p"))["id"])
-        await a.runtime.worker.stop()
+        task = await queued_task(a)
         sim_url = str(a.sim.base_url).rstrip("/")
         async with harness(tmp_path / "b", run_worker=False, RELAY_PROVIDERS_EVOLINK_BASE_URL=f"{sim_url}/evolink",
                            **_on(database), **NO_SAFETY_NET) as b:
-            body = {"id": task["provider_task_id"], "status": "pending", "progress": 0}
-            for n in range(300):
-                replica = a if n % 2 else b
-                assert (await replica.api.post(callback_url(a, task["id"]), json=body)).status_code == 200
+            await post_callbacks(task, repeat(task), 300, a, b)
             ran = await asyncio.gather(a.runtime.worker.drain(), b.runtime.worker.drain())
             assert sum(ran) < 150, ran          # most were gathered, by both replicas' runs
             store = a.runtime.store
