@@ -417,7 +417,7 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("fsync + rename into the image store", ("_put_sync", "_fsync_dir")),
     ("SQLite statements (aiosqlite thread)", ("aiosqlite/core.py",)),
     ("HTTP server (uvicorn, Starlette: API and callbacks)", ("uvicorn", "starlette")),
-    ("HTTP client (httpx/httpcore: providers, downloads, webhooks)", ("httpx", "httpcore")),
+    ("HTTP clients (httpx under the providers, aiohttp: every request)", ("httpx", "httpcore", "aiohttp")),
     ("store and delivery code (Python side)", ("relay/store", "relay/deliveries")),
 ]
 # Leaf frames of threads waiting for work (py-spy counts some blocking waits as active).

@@ -1,27 +1,32 @@
-"""The HTTP client for relay's bulk outbound traffic (webhook deliveries, image downloads): aiohttp, through
-the SSRF guard.
+"""relay's outbound HTTP, all through the SSRF guard (relay.netguard) on aiohttp: webhook deliveries and image
+downloads on a GuardedSession directly, provider calls through httpx clients whose transport is one
+(guarded_client, AiohttpTransport).
 
-Why aiohttp here when relay speaks httpx to providers: deliveries and downloads are relay's most frequent
-outbound requests, and httpx costs far more CPU per request. Measured on this machine at the same
+Why aiohttp: httpx's own transport costs far more CPU per request. Measured on this machine at the same
 concurrency: a webhook POST 0.7 ms of CPU through httpx against 0.1 ms through aiohttp (bench.fanout's
 sink, 8 at once), an image GET 1.6-1.7 ms against 0.12 ms (bench.archive's images, 32 at once): httpcore
 walks its whole pool and checks every idle socket on each request, anyio adds cancel scopes and locks;
-aiohttp has a C parser and a pool keyed by a dict. Provider calls are a few per task and keep httpx.
+aiohttp has a C parser and a pool keyed by a dict. The provider dialects keep httpx's API (its requests,
+responses and errors, and the tests' MockTransport); only the bytes go through aiohttp (AiohttpTransport).
 
-The guard holds as on httpx's GuardedTransport (relay.netguard): every name is resolved by GuardedResolver
-(each address vetted, with the guard's own resolver, and only vetted addresses are connected to), an IP
-literal (which aiohttp connects to without asking a resolver) is vetted before the request, no proxy from
-the environment, no redirect followed (a caller that follows them asks again per hop), no cookies, TCP only.
+How the guard holds: every name is resolved by GuardedResolver (each address vetted, with the guard's own
+resolver, and only vetted addresses are connected to), an IP literal (which aiohttp connects to without
+asking a resolver) is vetted before the request, no proxy from the environment, no redirect followed (a
+caller that follows them asks again per hop; httpx's follow_redirects sends each hop through here), no
+cookies kept by aiohttp, TCP only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.helpers import is_ip_address
 from yarl import URL
@@ -56,32 +61,134 @@ class GuardedSession:
     """One aiohttp session for every origin: its connector pools connections per origin (a dict lookup, so
     hundreds of origins cost nothing per request), each kept alive for reuse."""
 
-    def __init__(self, guard: NetGuard, tls: ssl.SSLContext, *, keepalive_seconds: float = 30.0) -> None:
+    def __init__(self, guard: NetGuard, tls: ssl.SSLContext, *, keepalive_seconds: float = 30.0,
+                 pooled: bool = True, max_connections: int = 0, decompress: bool = True) -> None:
+        """`pooled=False`: every request on a connection of its own, closed after its answer.
+        `max_connections`: 0 for no cap. `decompress=False`: bodies as sent (Content-Encoding left to the caller)."""
         self._guard = guard
         self._tls = tls
         self._keepalive = keepalive_seconds
+        self._pooled = pooled
+        self._max_connections = max_connections
+        self._decompress = decompress
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use, inside the running loop (aiohttp binds its connector to it).
-        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), ssl=self._tls, limit=0,
-                                         limit_per_host=0, keepalive_timeout=self._keepalive)
+        keepalive = {"keepalive_timeout": self._keepalive} if self._pooled else {"force_close": True}
+        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), ssl=self._tls,
+                                         limit=self._max_connections, limit_per_host=0, **keepalive)
         return aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                     headers={"User-Agent": f"relay/{__version__}"})
+                                     headers={"User-Agent": f"relay/{__version__}"},
+                                     auto_decompress=self._decompress)
 
-    def request(self, method: str, url: str, timeout: float, *, data: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Any:
+    def request(self, method: str, url: str | URL, timeout: float | aiohttp.ClientTimeout, *,
+                data: bytes | None = None, headers: Any = None) -> Any:
         """`async with session.request(...) as response`: one request, never redirected. Raises BlockedAddress
-        for an IP literal the guard refuses (a name is checked by the resolver when a connection is opened)."""
+        for an IP literal the guard refuses (a name is checked by the resolver when a connection is opened).
+        `timeout`: seconds for the whole exchange, or aiohttp's own timeouts."""
         host = URL(url).host
         if is_ip_address(host):      # aiohttp's own test for "connect to this without resolving"
             self._guard.check_ip(str(host))
         if self._session is None or self._session.closed:
             self._session = self._open()
+        if not isinstance(timeout, aiohttp.ClientTimeout):
+            timeout = aiohttp.ClientTimeout(total=timeout)
         return self._session.request(method, url, data=data, headers=headers, allow_redirects=False,
-                                     timeout=aiohttp.ClientTimeout(total=timeout))
+                                     timeout=timeout)
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+# Hop-by-hop and framing headers aiohttp sets itself from the body it sends and the connection it uses.
+_LEFT_TO_AIOHTTP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's requests sent through a GuardedSession: the provider clients keep httpx's API (requests, responses,
+    errors, the tests' MockTransport), and their bytes go over aiohttp's pool and C parser.
+
+    Why: under bench.throughput's end-to-end load, provider calls through httpx's own transport (httpcore, anyio,
+    h11) were about a fifth of the time relay's process held the GIL (py-spy --gil); httpcore also checks every
+    pooled connection of the client on each request. aiohttp's errors become the httpx errors httpcore would have
+    raised at the same point, so relay.providers.base tells "never sent" (ConnectError, ConnectTimeout: safe to
+    send again) from "sent, no answer" (ReadTimeout, ReadError, RemoteProtocolError: a submit's outcome unknown)
+    exactly as before. Bodies arrive as sent (no decompression here): httpx decodes Content-Encoding itself.
+    """
+
+    def __init__(self, session: GuardedSession) -> None:
+        self._session = session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        limits = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(total=None, connect=limits.get("pool"), sock_connect=limits.get("connect"),
+                                        sock_read=limits.get("read"))
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw
+                   if name.lower() not in _LEFT_TO_AIOHTTP]
+        body = b"".join([chunk async for chunk in request.stream])   # type: ignore[union-attr]
+        # Credentials in the URL are httpx's to send: it has made them the Authorization header already.
+        url = URL(str(request.url), encoded=True).with_user(None)
+        with _as_httpx_errors(request):
+            response = await self._session.request(request.method, url, timeout, data=body or None, headers=headers)
+        return httpx.Response(status_code=response.status, headers=response.raw_headers,
+                              stream=_Body(response, request),
+                              extensions={"http_version": b"HTTP/1.1",
+                                          "reason_phrase": (response.reason or "").encode("latin-1", "replace")})
+
+    async def aclose(self) -> None:
+        await self._session.aclose()
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _as_httpx_errors(self._request):
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+    async def aclose(self) -> None:
+        self._response.release()      # back to the pool when read to its end, else the connection is closed
+
+
+@contextlib.contextmanager
+def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
+    """aiohttp's errors as the httpx errors httpcore raises at the same point (see AiohttpTransport)."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:       # connecting, or waiting for a pooled connection
+        raise httpx.ConnectTimeout(str(exc) or type(exc).__name__, request=request) from exc
+    except TimeoutError as exc:                         # aiohttp's SocketTimeoutError is one: reading the answer
+        raise httpx.ReadTimeout(str(exc) or type(exc).__name__, request=request) from exc
+    except aiohttp.ClientConnectorError as exc:         # no connection was made: nothing was sent
+        raise httpx.ConnectError(str(exc), request=request) from exc
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
+    except (aiohttp.ClientError, OSError) as exc:       # reset, broken pipe: maybe after the request went out
+        raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+
+
+def guarded_client(guard: NetGuard, *, verify: ssl.SSLContext | None = None, pooled: bool = True,
+                   max_connections: int = 100, keepalive_seconds: float = 5.0,
+                   **client_kwargs: Any) -> httpx.AsyncClient:
+    """An httpx AsyncClient whose every connection goes through `guard` (AiohttpTransport over a GuardedSession).
+
+    `pooled=False`: every request on a connection of its own, closed after its answer. The keep-alive of an
+    idle pooled connection is httpx's default (5 s): the shorter it is, the rarer a request on a connection
+    the server has just given up. `transport`, `mounts`, `proxy` and `app` are refused: each would open
+    connections the guard never sees (and an explicit transport already keeps HTTP(S)_PROXY out).
+    """
+    for name in ("transport", "mounts", "proxy", "app"):
+        if client_kwargs.get(name) is not None:
+            raise ValueError(f"{name}= would bypass the SSRF guard; not supported")
+    session = GuardedSession(guard, verify if verify is not None else httpx.create_ssl_context(),
+                             keepalive_seconds=keepalive_seconds, pooled=pooled, max_connections=max_connections,
+                             decompress=False)
+    return httpx.AsyncClient(transport=AiohttpTransport(session), **client_kwargs)

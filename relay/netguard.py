@@ -1,22 +1,22 @@
 """The SSRF guard: which addresses relay may open a connection to.
 
-Every outbound request relay makes goes through a client that enforces it:
-provider calls through an httpx client built here, image downloads,
-reference-image fetches and webhook deliveries through relay.fastclient's
-aiohttp session (its resolver asks NetGuard.resolve_checked). The policy has
-two layers:
+Every outbound request relay makes goes through relay.fastclient's aiohttp
+sessions, which enforce it: image downloads, reference-image fetches and webhook
+deliveries directly, provider calls through httpx clients whose transport is such
+a session (fastclient.guarded_client). The policy has two layers:
 
     NetGuard.check_url(url)   early refusal with a clear message (registration
                               time, before a job is even queued)
-    GuardedBackend            the real enforcement: at connect time it resolves
-    (GuardedResolver)         the host itself, checks *every* address, and
-                              connects only to an address it just checked
+    GuardedResolver           the real enforcement: at connect time it resolves
+    (relay.fastclient)        the host itself through resolve_checked, checks
+                              *every* address, and the connection is opened only
+                              to an address it just checked
 
 Because the socket is opened to a vetted IP, not re-resolved by the network
 stack, DNS rebinding (a name that is public when checked and 127.0.0.1 when
 connected) cannot slip through. TLS still verifies and sends SNI for the
-*hostname*: httpcore passes the origin host to `start_tls` separately from the
-address `connect_tcp` was given.
+*hostname*: aiohttp keeps the URL's host for that, apart from the address
+the resolver answered.
 
 Refused: loopback, private (RFC 1918), link-local (incl. 169.254.169.254
 cloud metadata), CGNAT 100.64/10, multicast, unspecified, reserved and
@@ -40,7 +40,6 @@ import ssl
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 
-import httpcore
 import httpx
 
 from relay.errors import BlockedAddress, InvalidRequest
@@ -247,15 +246,6 @@ class NetGuard:
         except OSError as exc:
             raise BlockedAddress(f"cannot resolve {host}: {exc}") from None
 
-    def transport(self, **kwargs: typing.Any) -> httpx.AsyncBaseTransport:
-        """An httpx transport that checks the address it actually connects to.
-
-        Accepts AsyncHTTPTransport's arguments (verify, cert, trust_env, http1,
-        http2, limits, local_address, retries, socket_options); `proxy` and `uds`
-        are refused because they would route around the check.
-        """
-        return GuardedTransport(self, **kwargs)
-
 
 async def check_given_url(guard: NetGuard, field: str, url: str, *, name_url: bool = False) -> None:
     """`guard.check_url` for a URL a client gave in `field`: a refusal is InvalidRequest naming the field (and,
@@ -265,134 +255,3 @@ async def check_given_url(guard: NetGuard, field: str, url: str, *, name_url: bo
     except BlockedAddress as exc:
         where = f"{field} ({url})" if name_url else field
         raise InvalidRequest(f"{where} is refused: {exc}", field=field) from None
-
-
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """An httpcore network backend that resolves, checks and connects to vetted IPs only."""
-
-    def __init__(self, guard: NetGuard, *, resolver: Resolver | None = None,
-                 inner: httpcore.AsyncNetworkBackend | None = None) -> None:
-        self._guard = guard
-        self._resolver = resolver
-        # AnyIOBackend, not AutoBackend: relay runs on asyncio, and the anyio
-        # backend is the one that reports server_addr for the post-connect check.
-        self._inner = inner or httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                ips = await self._guard.resolve_checked(host, port, resolver=self._resolver)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        last: Exception | None = None
-        for ip in ips:
-            try:
-                stream = await self._inner.connect_tcp(
-                    ip, port, timeout=timeout, local_address=local_address, socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc  # try the next vetted address, like the OS resolver would
-                continue
-            await self._check_peer(stream, ip)
-            return stream
-        assert last is not None
-        raise last
-
-    async def _check_peer(self, stream: httpcore.AsyncNetworkStream, ip: str) -> None:
-        # Belt and braces: the peer must be the address we vetted, whatever the
-        # inner backend did. Only checked when the backend can tell us.
-        peer = stream.get_extra_info("server_addr")
-        if not peer:
-            return
-        peer_ip = str(peer[0])
-        same = _parse_ip(peer_ip) == _parse_ip(ip)
-        if not same:
-            try:
-                self._guard.check_ip(peer_ip)
-            except BlockedAddress:
-                await stream.aclose()
-                raise
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise BlockedAddress("Unix sockets are not allowed for outbound requests")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's own HTTP transport, with its connection pool opening sockets through GuardedBackend."""
-
-    def __init__(
-        self,
-        guard: NetGuard,
-        *,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: typing.Any = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits | None = None,
-        local_address: str | None = None,
-        retries: int = 0,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-        resolver: Resolver | None = None,
-        **refused: typing.Any,
-    ) -> None:
-        for name, value in refused.items():
-            if name in ("proxy", "uds"):
-                if value is not None:
-                    raise ValueError(f"{name}= would bypass the SSRF guard; not supported")
-            else:
-                raise TypeError(f"unexpected argument {name!r}")
-        # Deliberately not calling super().__init__: it would only build an
-        # unguarded pool for us to throw away. AsyncHTTPTransport's methods use
-        # nothing but self._pool (httpx 0.27/0.28); tests connect through this
-        # class for real, so a change there shows up as a failing test.
-        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=http1,
-            http2=http2,
-            retries=retries,
-            local_address=local_address,
-            socket_options=socket_options,
-            network_backend=GuardedBackend(guard, resolver=resolver),
-        )
-
-
-def guarded_client(guard: NetGuard, **client_kwargs: typing.Any) -> httpx.AsyncClient:
-    """An AsyncClient whose every connection goes through `guard`.
-
-    Transport options (verify, cert, http2, limits, trust_env) go to the guarded
-    transport; the rest to the client. `transport`, `mounts` and `proxy` are
-    refused: each would open connections the guard never sees.
-    """
-    for name in ("transport", "mounts", "proxy", "app"):
-        if client_kwargs.get(name) is not None:
-            raise ValueError(f"{name}= would bypass the SSRF guard; not supported")
-    transport_kwargs: dict[str, typing.Any] = {
-        k: client_kwargs.pop(k) for k in ("verify", "cert", "http1", "http2", "limits") if k in client_kwargs
-    }
-    if "trust_env" in client_kwargs:
-        transport_kwargs["trust_env"] = client_kwargs["trust_env"]
-    # With an explicit transport httpx ignores HTTP(S)_PROXY from the environment,
-    # which is what we want: a proxy would connect on our behalf, unchecked.
-    return httpx.AsyncClient(transport=guard.transport(**transport_kwargs), **client_kwargs)

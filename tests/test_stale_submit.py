@@ -11,7 +11,7 @@ small HTTP/1.1 server speaking just enough of the EvoLink (non-idempotent) and
 APIMart (Idempotency-Key) dialects. The server keeps connections alive and
 gives an idle one up after a short idle period, in one of two ways:
 
-    fin     closes it (FIN). httpcore's pool notices a readable idle socket and
+    fin     closes it (FIN). The client's pool notices the closed idle socket and
             drops it before reuse, so this case worked before the fix too.
     unseen  gives it up without relay being able to see it yet (its close crossed
             the next request on the wire, or a middlebox dropped the flow): it
@@ -40,6 +40,7 @@ import pytest
 
 from relay import ids
 from relay.clock import ManualClock
+from relay.fastclient import guarded_client
 from relay.models import Job, Task
 from relay.netguard import NetGuard
 from relay.runtime import Runtime, open_runtime
@@ -180,7 +181,7 @@ async def new_task(runtime: Runtime, provider: str) -> str:
 async def test_the_server_strands_a_pooled_connection(tmp_path: Path) -> None:
     """Control: in `unseen` mode a request reusing the idle pooled connection fails after it was sent."""
     async with IdleClosingServer(mode="unseen").serving() as server, \
-            httpx.AsyncClient(transport=NetGuard(["127.0.0.0/8"]).transport()) as client:
+            guarded_client(NetGuard(["127.0.0.0/8"])) as client:
         assert (await client.get(server.url("evolink") + "/v1/tasks/t0")).status_code == 200
         await server.wait("the idle connection given up", lambda: server.given_up == [1])
         with pytest.raises((httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)):

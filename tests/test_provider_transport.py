@@ -1,0 +1,234 @@
+"""Provider calls go out through aiohttp under httpx's API (relay.fastclient.AiohttpTransport), over real sockets.
+
+What the provider code relies on must hold exactly as it did on httpx's own transport: an error says whether
+the request could have reached the provider (ConnectError / ConnectTimeout: never sent; ReadTimeout, ReadError,
+RemoteProtocolError: sent, no answer, so a submit's outcome is unknown), bodies are decoded once, requests and
+responses arrive byte for byte (multipart uploads, repeated headers, encoded query strings, credentials in the
+base URL), and a client that must not reuse connections never does. Each server below is a raw asyncio server
+that does exactly one thing wrong (or right), so each case is the wire, not a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gzip
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from relay.errors import BlockedAddress, ProviderUnavailable, SubmitOutcomeUnknown
+from relay.fastclient import guarded_client
+from relay.netguard import NetGuard
+from relay.providers.base import map_transport_errors
+
+LOCAL = NetGuard(["127.0.0.0/8"])
+Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 running `handler` per connection; counts connections and the closes it saw."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed_by_client = 0
+        self.requests: list[tuple[bytes, dict[str, str], bytes]] = []
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
+    server = RawServer(handler)
+    listening = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+    server.port = listening.sockets[0].getsockname()[1]
+    try:
+        yield server
+    finally:
+        listening.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
+    """One HTTP/1.1 request: (request line, headers lower-cased, body by Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    line, *header_lines = head[:-4].split(b"\r\n")
+    headers: dict[str, str] = {}
+    for raw in header_lines:
+        name, _, value = raw.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return line, headers, body
+
+
+def answer(status: int, body: bytes, *extra: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} X", f"content-length: {len(body)}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@contextlib.asynccontextmanager
+async def answering_server(status: int = 200, body: bytes = b'{"ok":true}', *extra: str) -> AsyncIterator[RawServer]:
+    """A keep-alive server answering every request alike, recording each."""
+    async def handle(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                request = await read_request(reader)
+            except asyncio.IncompleteReadError:       # the client closed the connection
+                server.closed_by_client += 1
+                return
+            server.requests.append(request)
+            writer.write(answer(status, body, *extra))
+            await writer.drain()
+    async with raw_server(handle) as server:
+        yield server
+
+
+async def wait_until(what: str, check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+# ---------------------------------------------------------------- whether the request could have landed
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])       # nobody listens there once it is closed
+
+
+async def test_a_refused_connection_is_a_connect_error_so_a_submit_is_safe_to_resend() -> None:
+    async with guarded_client(LOCAL) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.post(f"http://127.0.0.1:{closed_port()}/v1/tasks", json={})
+        with pytest.raises(ProviderUnavailable):         # not SubmitOutcomeUnknown: nothing was sent
+            async with map_transport_errors(submit=True):
+                await client.post(f"http://127.0.0.1:{closed_port()}/v1/tasks", json={})
+
+
+async def test_a_server_that_reads_the_request_and_hangs_up_leaves_a_submit_unknown() -> None:
+    async def hang_up(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+    async with raw_server(hang_up) as server, guarded_client(LOCAL) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(server.url("/v1/tasks"), json={"prompt": "p"})
+        with pytest.raises(SubmitOutcomeUnknown):
+            async with map_transport_errors(submit=True):
+                await client.post(server.url("/v1/tasks"), json={"prompt": "p"})
+        with pytest.raises(ProviderUnavailable):       # a fetch is simply retried
+            async with map_transport_errors(submit=False):
+                await client.get(server.url("/v1/tasks/1"))
+
+
+async def test_no_answer_within_the_read_timeout_is_a_read_timeout() -> None:
+    release = asyncio.Event()
+
+    async def silent(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await release.wait()
+    async with raw_server(silent) as server, guarded_client(LOCAL, timeout=httpx.Timeout(5.0, read=0.2)) as client:
+        try:
+            with pytest.raises(SubmitOutcomeUnknown):
+                async with map_transport_errors(submit=True):
+                    await client.post(server.url("/v1/tasks"), json={})
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get(server.url("/v1/tasks/1"))
+        finally:
+            release.set()
+
+
+async def test_a_body_cut_short_is_a_protocol_error() -> None:
+    async def short(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+    async with raw_server(short) as server, guarded_client(LOCAL) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get(server.url("/v1/tasks/1"))
+
+
+async def test_a_refused_address_is_refused_before_any_connection() -> None:
+    async with answering_server() as server, guarded_client(NetGuard()) as client:
+        with pytest.raises(BlockedAddress):
+            await client.get(server.url())
+        with pytest.raises(BlockedAddress):
+            await client.get(f"http://localhost:{server.port}/")
+    assert server.connections == 0
+
+
+# ---------------------------------------------------------------- the bytes, both ways
+
+async def test_a_gzip_body_is_decoded_once() -> None:
+    payload = json.dumps({"status": "done", "pad": "x" * 2000}).encode()
+    async with answering_server(200, gzip.compress(payload), "content-encoding: gzip",
+                                "content-type: application/json") as server, guarded_client(LOCAL) as client:
+        response = await client.get(server.url())
+        assert response.json()["status"] == "done" and response.content == payload
+        assert "gzip" in server.requests[0][1]["accept-encoding"]
+
+
+async def test_a_multipart_upload_arrives_as_httpx_built_it() -> None:
+    image = bytes(range(256)) * 40
+    async with answering_server() as server, guarded_client(LOCAL) as client:
+        response = await client.post(server.url("/v1/images/edits"), data={"prompt": "a cat"},
+                                     files={"image": ("in.png", image, "image/png")})
+        assert response.status_code == 200
+        [(line, headers, body)] = server.requests
+        assert line == b"POST /v1/images/edits HTTP/1.1"
+        assert headers["content-type"].startswith("multipart/form-data; boundary=")
+        boundary = headers["content-type"].split("boundary=", 1)[1].encode()
+        assert int(headers["content-length"]) == len(body) and body.endswith(b"--" + boundary + b"--\r\n")
+        assert image in body and b'name="prompt"\r\n\r\na cat' in body
+
+
+async def test_paths_queries_headers_and_url_credentials_go_out_as_given() -> None:
+    async with answering_server(200, b"{}", "set-cookie: a=1", "set-cookie: b=2", "x-request-id: r1") as server, \
+            guarded_client(LOCAL) as client:
+        url = f"http://user:pa%40ss@127.0.0.1:{server.port}/v1/tasks/a%2Fb?cursor=x%2By&q=%C3%A9"
+        response = await client.get(url, headers={"x-api-key": "k"})
+        assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
+        assert response.headers["x-request-id"] == "r1"
+        [(line, headers, _)] = server.requests
+        assert line == b"GET /v1/tasks/a%2Fb?cursor=x%2By&q=%C3%A9 HTTP/1.1"        # not re-encoded
+        assert headers["x-api-key"] == "k"
+        assert headers["authorization"] == "Basic " + base64.b64encode(b"user:pa@ss").decode()
+        assert headers["host"] == f"127.0.0.1:{server.port}"
+
+
+# ---------------------------------------------------------------- connections
+
+async def test_a_pooled_client_reuses_its_connection() -> None:
+    async with answering_server() as server, guarded_client(LOCAL) as client:
+        for _ in range(3):
+            assert (await client.get(server.url())).status_code == 200
+        assert server.connections == 1
+
+
+async def test_an_unpooled_client_never_reuses_a_connection_and_closes_each() -> None:
+    """The submit client of a dialect without idempotency keys: a submit never rides a connection that sat idle."""
+    async with answering_server() as server, guarded_client(LOCAL, pooled=False) as client:
+        for _ in range(3):
+            assert (await client.post(server.url("/v1/tasks"), json={})).status_code == 200
+        assert server.connections == 3
+        await wait_until("the client to close all three", lambda: server.closed_by_client == 3)
+
+
+def test_options_that_would_bypass_the_guard_are_refused() -> None:
+    for name in ("transport", "mounts", "proxy", "app"):
+        with pytest.raises(ValueError, match="bypass"):
+            guarded_client(LOCAL, **{name: object()})
