@@ -18,6 +18,7 @@ cookies kept by aiohttp, TCP only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -83,7 +84,7 @@ class GuardedSession:
                                      auto_decompress=self._decompress)
 
     def request(self, method: str, url: str | URL, timeout: float | aiohttp.ClientTimeout, *,
-                data: bytes | None = None, headers: Any = None) -> Any:
+                data: bytes | AsyncIterator[bytes] | None = None, headers: Any = None) -> Any:
         """`async with session.request(...) as response`: one request, never redirected. Raises BlockedAddress
         for an IP literal the guard refuses (a name is checked by the resolver when a connection is opened).
         `timeout`: seconds for the whole exchange, or aiohttp's own timeouts."""
@@ -102,6 +103,8 @@ class GuardedSession:
             await self._session.close()
             self._session = None
 
+
+WRITE_CHUNK = 64 * 1024      # bodies larger than this are written a chunk at a time, each within the write timeout
 
 # Hop-by-hop and framing headers aiohttp sets itself from the body it sends and the connection it uses.
 _LEFT_TO_AIOHTTP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
@@ -126,20 +129,48 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         limits = request.extensions.get("timeout", {})
         timeout = aiohttp.ClientTimeout(total=None, connect=limits.get("pool"), sock_connect=limits.get("connect"),
                                         sock_read=limits.get("read"))
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw
-                   if name.lower() not in _LEFT_TO_AIOHTTP]
+        try:
+            # Sent as UTF-8 by aiohttp: decoded as such, the bytes go out as httpx made them.
+            headers = [(name.decode(), value.decode()) for name, value in request.headers.raw
+                       if name.lower() not in _LEFT_TO_AIOHTTP]
+        except UnicodeDecodeError:
+            raise httpx.LocalProtocolError("a header is not UTF-8", request=request) from None
         body = b"".join([chunk async for chunk in request.stream])   # type: ignore[union-attr]
         # Credentials in the URL are httpx's to send: it has made them the Authorization header already.
         url = URL(str(request.url), encoded=True).with_user(None)
-        with _as_httpx_errors(request):
-            response = await self._session.request(request.method, url, timeout, data=body or None, headers=headers)
+        data: bytes | AsyncIterator[bytes] | None = body or None
+        try:
+            async with asyncio.timeout(None) as write_deadline:
+                if len(body) > WRITE_CHUNK:
+                    # aiohttp bounds reading the answer (sock_read), not writing the request: a server that stops
+                    # reading a large body would hold it until the kernel gives up. Fed a chunk at a time, each
+                    # chunk must be taken within httpx's write timeout (as with httpcore's WriteTimeout).
+                    data = _paced(body, limits.get("write"), write_deadline)
+                    headers.append(("Content-Length", str(len(body))))
+                with _as_httpx_errors(request):    # turns aiohttp's own timeouts into httpx's
+                    response = await self._session.request(request.method, url, timeout, data=data, headers=headers)
+        except TimeoutError:        # only the write deadline is left to raise it: the body was partly sent
+            raise httpx.WriteTimeout("the request body was not taken in time", request=request) from None
         return httpx.Response(status_code=response.status, headers=response.raw_headers,
                               stream=_Body(response, request),
-                              extensions={"http_version": b"HTTP/1.1",
-                                          "reason_phrase": (response.reason or "").encode("latin-1", "replace")})
+                              extensions={"http_version": f"HTTP/{response.version.major}.{response.version.minor}"
+                                          .encode(), "reason_phrase": (response.reason or "").encode("latin-1",
+                                                                                                    "replace")})
 
     async def aclose(self) -> None:
         await self._session.aclose()
+
+
+async def _paced(body: bytes, limit: float | None, deadline: asyncio.Timeout) -> AsyncIterator[bytes]:
+    """`body` in WRITE_CHUNK pieces; the next piece is asked for once the previous one is written, so each must be
+    taken within `limit` seconds (None: no limit) or `deadline` expires. Cleared once the whole body is out."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(body)
+    for start in range(0, len(body), WRITE_CHUNK):
+        if limit is not None:
+            deadline.reschedule(loop.time() + limit)
+        yield bytes(view[start:start + WRITE_CHUNK])
+    deadline.reschedule(None)
 
 
 class _Body(httpx.AsyncByteStream):
@@ -173,6 +204,8 @@ def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
         raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
     except (aiohttp.ClientError, OSError) as exc:       # reset, broken pipe: maybe after the request went out
         raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+    except ValueError as exc:                           # a request aiohttp will not write (CR/LF in a header)
+        raise httpx.LocalProtocolError(str(exc), request=request) from exc
 
 
 def guarded_client(guard: NetGuard, *, verify: ssl.SSLContext | None = None, pooled: bool = True,
@@ -183,11 +216,15 @@ def guarded_client(guard: NetGuard, *, verify: ssl.SSLContext | None = None, poo
     `pooled=False`: every request on a connection of its own, closed after its answer. The keep-alive of an
     idle pooled connection is httpx's default (5 s): the shorter it is, the rarer a request on a connection
     the server has just given up. `transport`, `mounts`, `proxy` and `app` are refused: each would open
-    connections the guard never sees (and an explicit transport already keeps HTTP(S)_PROXY out).
+    connections the guard never sees (and an explicit transport already keeps HTTP(S)_PROXY out); so are httpx's
+    own transport options, which this transport would silently ignore.
     """
     for name in ("transport", "mounts", "proxy", "app"):
         if client_kwargs.get(name) is not None:
             raise ValueError(f"{name}= would bypass the SSRF guard; not supported")
+    for name in ("limits", "http1", "http2", "cert"):
+        if name in client_kwargs:
+            raise TypeError(f"{name}= is not an option of the guarded transport")
     session = GuardedSession(guard, verify if verify is not None else httpx.create_ssl_context(),
                              keepalive_seconds=keepalive_seconds, pooled=pooled, max_connections=max_connections,
                              decompress=False)

@@ -36,8 +36,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import ssl
-import typing
 from collections.abc import Awaitable, Callable, Sequence
 
 import httpx

@@ -16,7 +16,7 @@ import contextlib
 import gzip
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -106,19 +106,45 @@ async def wait_until(what: str, check: Callable[[], bool]) -> None:
 
 # ---------------------------------------------------------------- whether the request could have landed
 
-def closed_port() -> int:
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A port bound for the test and not listening: connecting to it is refused (held, so nobody else takes it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])       # nobody listens there once it is closed
+        yield int(sock.getsockname()[1])
 
 
 async def test_a_refused_connection_is_a_connect_error_so_a_submit_is_safe_to_resend() -> None:
-    async with guarded_client(LOCAL) as client:
-        with pytest.raises(httpx.ConnectError):
-            await client.post(f"http://127.0.0.1:{closed_port()}/v1/tasks", json={})
-        with pytest.raises(ProviderUnavailable):         # not SubmitOutcomeUnknown: nothing was sent
-            async with map_transport_errors(submit=True):
-                await client.post(f"http://127.0.0.1:{closed_port()}/v1/tasks", json={})
+    with closed_port() as port:
+        async with guarded_client(LOCAL) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.post(f"http://127.0.0.1:{port}/v1/tasks", json={})
+            with pytest.raises(ProviderUnavailable):         # not SubmitOutcomeUnknown: nothing was sent
+                async with map_transport_errors(submit=True):
+                    await client.post(f"http://127.0.0.1:{port}/v1/tasks", json={})
+
+
+async def test_no_free_connection_in_time_is_a_connect_timeout_so_a_submit_is_safe_to_resend() -> None:
+    """With every pooled connection busy, a request that waited its pool timeout out was never sent."""
+    release = asyncio.Event()
+
+    async def slow(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await release.wait()
+        writer.write(answer(200, b"{}"))
+        await writer.drain()
+    async with raw_server(slow) as server, \
+            guarded_client(LOCAL, max_connections=1, timeout=httpx.Timeout(5.0, pool=0.2)) as client:
+        first = asyncio.create_task(client.get(server.url("/v1/tasks/1")))
+        await wait_until("the first request to hold the only connection", lambda: server.connections == 1)
+        try:
+            with pytest.raises(ProviderUnavailable, match="ConnectTimeout"):
+                async with map_transport_errors(submit=True):
+                    await client.post(server.url("/v1/tasks"), json={})
+        finally:
+            release.set()
+        assert (await first).status_code == 200
+        assert server.connections == 1
 
 
 async def test_a_server_that_reads_the_request_and_hangs_up_leaves_a_submit_unknown() -> None:
@@ -150,6 +176,35 @@ async def test_no_answer_within_the_read_timeout_is_a_read_timeout() -> None:
                 await client.get(server.url("/v1/tasks/1"))
         finally:
             release.set()
+
+
+async def test_a_server_that_stops_reading_a_large_body_is_a_write_timeout() -> None:
+    """aiohttp bounds reading the answer, not writing the request: the transport bounds each chunk of a large body
+    by httpx's write timeout, and a submit cut off mid-body is one whose outcome is unknown."""
+    release = asyncio.Event()
+
+    async def deaf(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")      # the head, then never another byte read
+        await release.wait()
+    body = b"x" * (32 * 1024 * 1024)                 # far more than the socket buffers hold
+    async with raw_server(deaf) as server, guarded_client(LOCAL, timeout=httpx.Timeout(5.0, write=0.3)) as client:
+        try:
+            with pytest.raises(httpx.WriteTimeout):
+                await client.post(server.url("/v1/images/edits"), content=body)
+            with pytest.raises(SubmitOutcomeUnknown, match="WriteTimeout"):
+                async with map_transport_errors(submit=True):
+                    await client.post(server.url("/v1/images/edits"), content=body)
+        finally:
+            release.set()
+
+
+async def test_a_large_body_arrives_whole() -> None:
+    """A body of several MiB (reference images) is written a chunk at a time, with its Content-Length."""
+    body = bytes(range(256)) * (12 * 1024)          # 3 MiB
+    async with answering_server() as server, guarded_client(LOCAL) as client:
+        assert (await client.post(server.url("/v1/images/edits"), content=body)).status_code == 200
+        [(_, headers, received)] = server.requests
+        assert received == body and headers["content-length"] == str(len(body))
 
 
 async def test_a_body_cut_short_is_a_protocol_error() -> None:
@@ -200,12 +255,13 @@ async def test_paths_queries_headers_and_url_credentials_go_out_as_given() -> No
     async with answering_server(200, b"{}", "set-cookie: a=1", "set-cookie: b=2", "x-request-id: r1") as server, \
             guarded_client(LOCAL) as client:
         url = f"http://user:pa%40ss@127.0.0.1:{server.port}/v1/tasks/a%2Fb?cursor=x%2By&q=%C3%A9"
-        response = await client.get(url, headers={"x-api-key": "k"})
+        response = await client.get(url, headers={"x-api-key": "k", "x-label": "café".encode()})
         assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
         assert response.headers["x-request-id"] == "r1"
         [(line, headers, _)] = server.requests
         assert line == b"GET /v1/tasks/a%2Fb?cursor=x%2By&q=%C3%A9 HTTP/1.1"        # not re-encoded
         assert headers["x-api-key"] == "k"
+        assert headers["x-label"].encode("latin-1") == "café".encode()          # the bytes httpx made, once
         assert headers["authorization"] == "Basic " + base64.b64encode(b"user:pa@ss").decode()
         assert headers["host"] == f"127.0.0.1:{server.port}"
 
@@ -228,7 +284,10 @@ async def test_an_unpooled_client_never_reuses_a_connection_and_closes_each() ->
         await wait_until("the client to close all three", lambda: server.closed_by_client == 3)
 
 
-def test_options_that_would_bypass_the_guard_are_refused() -> None:
+def test_options_that_would_bypass_the_guard_or_be_ignored_are_refused() -> None:
     for name in ("transport", "mounts", "proxy", "app"):
         with pytest.raises(ValueError, match="bypass"):
             guarded_client(LOCAL, **{name: object()})
+    for name in ("limits", "http1", "http2", "cert"):       # httpx's own transport's: this one has none of them
+        with pytest.raises(TypeError, match="not an option"):
+            guarded_client(LOCAL, **{name: None})
