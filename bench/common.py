@@ -320,6 +320,17 @@ def cpu_seconds_or_none(pid: int | None) -> float | None:
         return None
 
 
+def loop_thread_cpu_or_none(pid: int | None) -> float | None:
+    """CPU seconds of a process's main thread (relay's event loop), or None when it is gone or unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def cpu_stat() -> list[int]:
     """The machine's CPU time counters (ticks): user nice system idle iowait irq softirq steal."""
     return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
@@ -392,6 +403,7 @@ async def closed_loop(one: Callable[[int], Awaitable[Any]], *, in_flight: int, w
             i += in_flight
 
     used: dict[str, float] = {}
+    used_by_loop: dict[str, float] = {}
     stats: list[list[int]] = []
 
     async def probe() -> None:
@@ -399,14 +411,20 @@ async def closed_loop(one: Callable[[int], Awaitable[Any]], *, in_flight: int, w
         pids = (cpu() if callable(cpu) else cpu) or {}
         read = {name: cpu_seconds_or_none(pid) for name, pid in pids.items()}
         before = {name: t for name, t in read.items() if t is not None}
+        loops = {name: loop_thread_cpu_or_none(pid) for name, pid in pids.items()}
         stats.append(cpu_stat())
         await asyncio.sleep(max(0.0, window_end - time.monotonic()))
         stats.append(cpu_stat())
         after = {name: cpu_seconds_or_none(pids[name]) for name in before}
         used.update({name: t - before[name] for name, t in after.items() if t is not None})
+        for name, began in loops.items():       # each process's main thread (relay's: its event loop)
+            ended = loop_thread_cpu_or_none(pids[name])
+            if began is not None and ended is not None:
+                used_by_loop[name] = ended - began
 
     await asyncio.gather(probe(), *(lane(k) for k in range(in_flight)))
-    return {**counts, "cpu": used, "cpu_stat": stats, "per_second": counts["completed"] / measure,
+    return {**counts, "cpu": used, "loop_cpu": used_by_loop, "cpu_stat": stats,
+            "per_second": counts["completed"] / measure,
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "errors": errors,
             "window": (window_start, window_end)}
 
@@ -430,7 +448,10 @@ def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes
     spy = Path(PYTHON).parent / "py-spy"
     if not spy.exists():
         return None
-    return subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100",
+    # --gil: only samples holding the GIL. relay's Python runs on about one core at a time whatever the machine
+    # has, so where the GIL goes is where its throughput goes; without it, threads blocked in the disk or in
+    # SQLite's C code (the GIL released) were counted as busy too.
+    return subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "--gil",
                              "--nonblocking", "--format", "raw", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

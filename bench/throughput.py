@@ -345,6 +345,12 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         lines.append(f"| {label} | {s['per_second']:.1f} | {s['p50']:.0f} | {s['p99']:.0f} | "
                      f"{s['failures']} / {s['timeouts']} | {per(relay_cpu) if relay_cpu is not None else '-'} | "
                      f"{per(s['cpu']['simulator'])} | {per(s['cpu']['driver'])} |")
+    relay_cpu, loop_cpu = through["cpu"].get("relay"), through["loop_cpu"].get("relay")
+    if relay_cpu is not None and loop_cpu is not None:
+        window = secs["relay"]
+        lines += ["", f"relay's process used {relay_cpu / window:.2f} cores during the window: its event loop's thread "
+                  f"{loop_cpu / window:.2f}, its other threads (SQLite connections, file and image work) "
+                  f"{(relay_cpu - loop_cpu) / window:.2f}."]
     lines += ["", f"Throughput ratio relay / baseline: **{r:.2f}**." if r is not None else "", "",
               "Per dialect (tasks finishing inside the window):", "",
               "| dialect | baseline n | baseline p50 ms | relay n | relay p50 ms | relay p99 ms |",
@@ -364,7 +370,7 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                   f"{done['ack_p50']:.0f} / {done['ack_p99']:.0f} ms, from the 200 to the receipt (confirm with the "
                   f"provider, apply, deliver) {done['after_p50']:.0f} / {done['after_p99']:.0f} ms."]
     if found["profile"]:
-        lines += ["", "py-spy on the relay process during the run (100 Hz, all threads, waiting threads left out):",
+        lines += ["", "py-spy on the relay process during the run (100 Hz, samples holding the GIL):",
                   "", "| where | share of samples |", "|---|---:|"]
         lines += [f"| {name} | {share:.0%} |" for name, share in found["profile"]]
     errors = {**plain["errors"], **through["errors"]}
@@ -375,11 +381,12 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         "Pillow (about 20-30 ms of CPU per 1024x1024 PNG, the simulator column), and relay, the simulator and "
         "the bench share the cores. relay's CPU per task is what its durability costs; the ratio is about how "
         "much of the simulator's rate is left once relay takes its share of the same cores.",
-        "Where relay's CPU goes (`python -m bench.throughput --profile`: py-spy on the relay process under this "
-        "load; the table above when run with --profile). Before image verification stopped fully decoding "
-        "every image (see the archive section) it was about 40 % of relay's busy samples; after it, httpx "
-        "(provider calls, downloads, webhooks), fsync + rename (threads waiting on the disk) and SQLite "
-        "statements lead.",
+        "relay is bound by the GIL, not by the cores: its Python runs on about one core at a time (the cores line "
+        "above: the loop's thread and the others add up to about one core while the machine has some left), so "
+        "its CPU per task sets its throughput, and its latency under this load is queueing for the GIL. Where the "
+        "GIL goes: `python -m bench.throughput --profile` (py-spy --gil on the relay process; the table above "
+        "when run with it). Provider calls through httpx's own transport were about a fifth of it until they "
+        "went through aiohttp (relay.fastclient.AiohttpTransport); see the issue-12 sections.",
         "The latency of the closed loop is mostly queueing: with 64 tasks in flight and the CPU saturated, "
         "p50 ≈ 64 / (tasks/s). Compare per-dialect p50s for relative cost, not absolute delay.",
         "The bench's own clients are one small httpx client per lane. One shared AsyncClient with a 128-connection "
