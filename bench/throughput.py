@@ -381,9 +381,10 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         "Pillow (about 20-30 ms of CPU per 1024x1024 PNG, the simulator column), and relay, the simulator and "
         "the bench share the cores. relay's CPU per task is what its durability costs; the ratio is about how "
         "much of the simulator's rate is left once relay takes its share of the same cores.",
-        "relay is bound by the GIL, not by the cores: its Python runs on about one core at a time (the cores line "
-        "above: the loop's thread and the others add up to about one core while the machine has some left), so "
-        "its CPU per task sets its throughput, and its latency under this load is queueing for the GIL. Where the "
+        "relay is serialized, not short of cores: its Python runs on one GIL and its writes on one SQLite writer "
+        "(the cores line above: the loop's thread and the others add up to about one core while the machine has "
+        "some left), so its latency under this load is queueing on those two and its cost per task on them sets "
+        "its throughput. Where the "
         "GIL goes: `python -m bench.throughput --profile` (py-spy --gil on the relay process; the table above "
         "when run with it). Provider calls through httpx's own transport were about a fifth of it until they "
         "went through aiohttp (relay.fastclient.AiohttpTransport); see the issue-12 sections.",

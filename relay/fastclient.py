@@ -139,18 +139,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # Credentials in the URL are httpx's to send: it has made them the Authorization header already.
         url = URL(str(request.url), encoded=True).with_user(None)
         data: bytes | AsyncIterator[bytes] | None = body or None
+        clock: _WriteClock | None = None
         try:
             async with asyncio.timeout(None) as write_deadline:
                 if len(body) > WRITE_CHUNK:
                     # aiohttp bounds reading the answer (sock_read), not writing the request: a server that stops
                     # reading a large body would hold it until the kernel gives up. Fed a chunk at a time, each
                     # chunk must be taken within httpx's write timeout (as with httpcore's WriteTimeout).
-                    data = _paced(body, limits.get("write"), write_deadline)
+                    clock = _WriteClock(write_deadline, limits.get("write"))
+                    data = _paced(body, clock)
                     headers.append(("Content-Length", str(len(body))))
                 with _as_httpx_errors(request):    # turns aiohttp's own timeouts into httpx's
                     response = await self._session.request(request.method, url, timeout, data=data, headers=headers)
         except TimeoutError:        # only the write deadline is left to raise it: the body was partly sent
             raise httpx.WriteTimeout("the request body was not taken in time", request=request) from None
+        finally:
+            if clock is not None:
+                clock.live = False
         return httpx.Response(status_code=response.status, headers=response.raw_headers,
                               stream=_Body(response, request),
                               extensions={"http_version": f"HTTP/{response.version.major}.{response.version.minor}"
@@ -161,16 +166,33 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         await self._session.aclose()
 
 
-async def _paced(body: bytes, limit: float | None, deadline: asyncio.Timeout) -> AsyncIterator[bytes]:
+class _WriteClock:
+    """The write deadline of one request: each chunk of its body rearms it, the end of the body clears it. Only while
+    the request is still waiting for its answer: aiohttp may go on asking for chunks after an early answer (a 413
+    sent before the body was read), when the deadline's block has ended and must not be touched."""
+
+    def __init__(self, deadline: asyncio.Timeout, limit: float | None) -> None:
+        self._deadline = deadline
+        self._limit = limit
+        self.live = True
+
+    def chunk_taken(self) -> None:
+        if self.live and self._limit is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time() + self._limit)
+
+    def body_done(self) -> None:
+        if self.live:
+            self._deadline.reschedule(None)
+
+
+async def _paced(body: bytes, clock: _WriteClock) -> AsyncIterator[bytes]:
     """`body` in WRITE_CHUNK pieces; the next piece is asked for once the previous one is written, so each must be
-    taken within `limit` seconds (None: no limit) or `deadline` expires. Cleared once the whole body is out."""
-    loop = asyncio.get_running_loop()
+    taken within the write timeout (see _WriteClock)."""
     view = memoryview(body)
     for start in range(0, len(body), WRITE_CHUNK):
-        if limit is not None:
-            deadline.reschedule(loop.time() + limit)
+        clock.chunk_taken()
         yield bytes(view[start:start + WRITE_CHUNK])
-    deadline.reschedule(None)
+    clock.body_done()
 
 
 class _Body(httpx.AsyncByteStream):

@@ -134,7 +134,7 @@ async def test_no_free_connection_in_time_is_a_connect_timeout_so_a_submit_is_sa
         writer.write(answer(200, b"{}"))
         await writer.drain()
     async with raw_server(slow) as server, \
-            guarded_client(LOCAL, max_connections=1, timeout=httpx.Timeout(5.0, pool=0.2)) as client:
+            guarded_client(LOCAL, max_connections=1, timeout=httpx.Timeout(5.0, pool=1.0)) as client:
         first = asyncio.create_task(client.get(server.url("/v1/tasks/1")))
         await wait_until("the first request to hold the only connection", lambda: server.connections == 1)
         try:
@@ -205,6 +205,25 @@ async def test_a_large_body_arrives_whole() -> None:
         assert (await client.post(server.url("/v1/images/edits"), content=body)).status_code == 200
         [(_, headers, received)] = server.requests
         assert received == body and headers["content-length"] == str(len(body))
+
+
+async def test_an_answer_before_the_body_is_read_is_the_answer() -> None:
+    """A gateway may refuse a large body (413) before reading it, then drain the rest: that answer is the result,
+    read in full, while aiohttp still writes the body out (and no write deadline is left behind to fire)."""
+    async def early(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 X\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo ")
+        await writer.drain()
+        left = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        while left > 0:                                  # drain the body, then finish the answer
+            left -= len(await reader.read(min(left, 1 << 16)))
+        writer.write(b"large")
+        await writer.drain()
+    body = b"x" * (8 * 1024 * 1024)
+    async with raw_server(early) as server, guarded_client(LOCAL, timeout=httpx.Timeout(5.0, write=0.5)) as client:
+        async with asyncio.timeout(10):      # with a write deadline left behind, the answer's read hung unbounded
+            response = await client.post(server.url("/v1/images/edits"), content=body)
+        assert response.status_code == 413 and response.content == b"too large"
 
 
 async def test_a_body_cut_short_is_a_protocol_error() -> None:
