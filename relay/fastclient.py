@@ -135,7 +135,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                        if name.lower() not in _LEFT_TO_AIOHTTP]
         except UnicodeDecodeError:
             raise httpx.LocalProtocolError("a header is not UTF-8", request=request) from None
-        body = b"".join([chunk async for chunk in request.stream])   # type: ignore[union-attr]
+        body = await request.aread()       # built by httpx in memory (JSON, form, multipart): read once, kept
         # Credentials in the URL are httpx's to send: it has made them the Authorization header already.
         url = URL(str(request.url), encoded=True).with_user(None)
         data: bytes | AsyncIterator[bytes] | None = body or None

@@ -285,6 +285,18 @@ async def test_paths_queries_headers_and_url_credentials_go_out_as_given() -> No
         assert headers["host"] == f"127.0.0.1:{server.port}"
 
 
+async def test_a_header_aiohttp_will_not_write_is_refused_before_anything_is_sent() -> None:
+    """CR/LF in a header value (httpx lets it through) would split the request: refused, nothing sent, so a
+    submit is safe to resend rather than unknown."""
+    async with answering_server() as server, guarded_client(LOCAL) as client:
+        with pytest.raises(httpx.LocalProtocolError):
+            await client.get(server.url(), headers={"x-a": "a\r\nx-injected: 1"})
+        with pytest.raises(ProviderUnavailable):
+            async with map_transport_errors(submit=True):
+                await client.post(server.url("/v1/tasks"), json={}, headers={"x-a": "a\r\nx-injected: 1"})
+    assert server.requests == []
+
+
 # ---------------------------------------------------------------- connections
 
 async def test_a_pooled_client_reuses_its_connection() -> None:
