@@ -43,7 +43,13 @@ class TokenBucket:
 
 
 class SharedTokenBucket:
-    """A token bucket kept in the store (see Store.take_token), shared by every process on the database."""
+    """A token bucket kept in the store (see Store.take_tokens), shared by every process on the database.
+
+    This process's callers queue here, not in the database, and whoever is at the head of the queue takes
+    tokens for everyone waiting at that moment in one transaction: a burst of requests costs a round trip
+    or two, not one each. Tokens taken for callers who gave up waiting are dropped once nobody waits, never
+    kept for later (so the account's rate is never exceeded by saved-up tokens).
+    """
 
     def __init__(self, store: Store, key: str, rate: float, clock: Clock, burst: float | None = None) -> None:
         self.store = store
@@ -51,13 +57,23 @@ class SharedTokenBucket:
         self.rate = rate
         self.capacity = burst if burst is not None else max(1.0, rate)
         self.clock = clock
-        self._lock = asyncio.Lock()     # this process's callers queue here, not in the database
+        self._lock = asyncio.Lock()
+        self._waiting = 0           # callers in acquire(), the one taking tokens included
+        self._granted = 0           # tokens taken and not yet handed to a caller
 
     async def acquire(self) -> None:
         """Wait until a request may be sent."""
-        async with self._lock:
-            while True:
-                wait = await self.store.take_token(self.key, self.rate, self.capacity, self.clock.now())
-                if wait <= 0:
-                    return
-                await asyncio.sleep(wait)
+        self._waiting += 1
+        try:
+            async with self._lock:
+                while self._granted == 0:
+                    taken, wait = await self.store.take_tokens(self.key, self.rate, self.capacity, self.clock.now(),
+                                                               self._waiting)
+                    self._granted += taken
+                    if not taken:
+                        await asyncio.sleep(wait)
+                self._granted -= 1
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._granted = 0

@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from relay.clock import ManualClock, SystemClock
 from relay.ratelimit import SharedTokenBucket
 from relay.store.base import Store
@@ -39,3 +41,55 @@ async def test_shared_token_bucket_paces_its_callers(store: Store) -> None:
     started = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*(bucket.acquire() for _ in range(3))), 10)
     assert time.monotonic() - started >= 2 / 200 * 0.99      # a lower bound: it cannot be beaten, only slowed
+
+
+async def test_callers_waiting_together_share_one_take(store: Store) -> None:
+    """Twenty requests at once cost the store a couple of takes, not twenty, and get only the bucket's tokens."""
+    bucket = SharedTokenBucket(store, "provider:gmicloud", rate=0.001, clock=SystemClock(), burst=20.0)
+    takes: list[int] = []
+    real = store.take_tokens
+
+    async def counted(key: str, rate: float, burst: float, now: float, wanted: int) -> tuple[int, float]:
+        takes.append(wanted)
+        return await real(key, rate, burst, now, wanted)
+    store.take_tokens = counted  # type: ignore[method-assign]
+    await asyncio.wait_for(asyncio.gather(*(bucket.acquire() for _ in range(20))), 10)
+    assert len(takes) <= 3, takes
+    assert sum(takes) >= 20
+    # The bucket is empty now: one more request would wait about 1/rate (1,000 s), so it is told to.
+    assert await real("provider:gmicloud", 0.001, 20.0, SystemClock().now(), 1) == (0, pytest.approx(1000, rel=0.01))
+
+
+async def test_tokens_taken_for_a_caller_who_gave_up_are_not_kept(store: Store) -> None:
+    """A caller cancelled after tokens were taken for it leaves one behind; once nobody waits it is dropped, so a
+    later request goes to the store again rather than bursting past the account's rate on a saved-up token."""
+    bucket = SharedTokenBucket(store, "provider:pixazo", rate=0.001, clock=SystemClock(), burst=4.0)
+    real = store.take_tokens
+    gates = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
+    asked: list[int] = []
+
+    async def gated(key: str, rate: float, burst: float, now: float, wanted: int) -> tuple[int, float]:
+        asked.append(wanted)
+        await gates[len(asked) - 1].wait()
+        return await real(key, rate, burst, now, wanted)
+    store.take_tokens = gated  # type: ignore[method-assign]
+
+    async def until(check: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not check():
+                await asyncio.sleep(0.005)
+    head = asyncio.create_task(bucket.acquire())
+    await until(lambda: len(asked) == 1)            # head asks alone, and holds the queue
+    second, third = asyncio.create_task(bucket.acquire()), asyncio.create_task(bucket.acquire())
+    await until(lambda: bucket._waiting == 3)
+    gates[0].set()
+    await asyncio.wait_for(head, 10)
+    await until(lambda: len(asked) == 2)            # second asks for itself and third
+    assert asked == [1, 2]
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    gates[1].set()
+    await asyncio.wait_for(second, 10)              # took 2, used 1
+    gates[2].set()
+    await asyncio.wait_for(bucket.acquire(), 10)    # the bucket still holds a fourth token: taken from the store
+    assert asked == [1, 2, 1], "the token left by the cancelled caller was kept for a later one"

@@ -31,8 +31,8 @@ async def test_the_callback_that_came_first_wins_over_a_stale_submit_job(tmp_pat
         handler = SubmitHandler(h.runtime.ctx)
         real_get_task = store.get_task
 
-        async def stale_get_task(wanted: str):  # type: ignore[no-untyped-def]
-            return before if wanted == task_id else await real_get_task(wanted)
+        async def stale_get_task(wanted: str, *, images: bool = True):  # type: ignore[no-untyped-def]
+            return before if wanted == task_id else await real_get_task(wanted, images=images)
 
         store.get_task = stale_get_task  # type: ignore[method-assign]
         try:
@@ -60,8 +60,8 @@ async def test_a_poll_past_the_deadline_never_fails_a_task_already_being_archive
 
         real_get_task = store.get_task
 
-        async def stale_get_task(wanted: str):  # type: ignore[no-untyped-def]
-            return before if wanted == task_id else await real_get_task(wanted)
+        async def stale_get_task(wanted: str, *, images: bool = True):  # type: ignore[no-untyped-def]
+            return before if wanted == task_id else await real_get_task(wanted, images=images)
 
         store.get_task = stale_get_task  # type: ignore[method-assign]
         try:

@@ -92,9 +92,12 @@ class DeliverHandler:
             sent = await svc.send(url, delivery.event_id, svc.body(target, now), keys, now)
             latency = sent.latency_ms
         finally:
-            wake = await svc.lanes.release(lane, latency)
-            if shared_slot is not None:
-                await svc.store.release_lane_slot(lane, shared_slot, delivery_id)
+            try:
+                # The store's slot first: a delivery handed this process's lane must find the slot free too.
+                if shared_slot is not None:
+                    await svc.store.release_lane_slot(lane, shared_slot, delivery_id)
+            finally:
+                wake = await svc.lanes.release(lane, latency)
         await self._hand_off(lane, wake)
         return await self._record(delivery_id, target.delivery, url, now, sent)
 

@@ -33,7 +33,7 @@ class PollHandler:
 
     async def run(self, job: Job) -> Again | None:
         ctx = self.ctx
-        task = await ctx.store.get_task(job.task_id or "")
+        task = await ctx.store.get_task(job.task_id or "", images=False)     # watching needs no images
         if task is None or task.status.terminal or task.status == TaskStatus.ARCHIVING:
             return None
         if not task.provider_task_id:

@@ -54,7 +54,7 @@ class SubmitHandler:
 
     async def run(self, job: Job) -> Again | None:
         ctx = self.ctx
-        task = await ctx.store.get_task(job.task_id or "")
+        task = await ctx.store.get_task(job.task_id or "", images=False)     # a task not submitted has none
         if task is None or task.status.terminal or task.provider_task_id:
             return None
         provider = ctx.provider(task.provider)

@@ -196,12 +196,13 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                                        delivery_delay=self.delivery_initial_delay, pricing=self.pricing)
         return Applied(task=task, transition=t, event=event)
 
-    async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
+    async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False, images: bool = True) -> Task | None:
         row = await tx.one(q.LOCK_TASK if lock else q.LOAD_TASK, (task_id,))
         if row is None:
             return None
         task = task_from_row(row)
-        task.images = await images_of(tx, task_id)
+        if images:
+            task.images = await images_of(tx, task_id)
         return task
 
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
@@ -290,7 +291,8 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                 archive = await self._settle_archive_image(tx, image["task_id"], sql, args, decide, now)
                 settled.extend([archive] if archive is not None else [])
                 return None
-            task = await self._load_task(tx, image["task_id"], lock=True)
+            # Its images are read once this one is settled.
+            task = await self._load_task(tx, image["task_id"], lock=True, images=False)
             if task is None or not await tx.run(sql, args):   # settled meanwhile by another run
                 return None
             task.images = await images_of(tx, task.id)
@@ -333,17 +335,25 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
     # ---- shared request rates --------------------------------------------------------------------
     async def take_token(self, key: str, rate: float, burst: float, now: float) -> float:
         """Take one request's token from the bucket `key` (refilled at `rate` per second up to `burst`):
-        0.0 when taken, else the seconds until one is due (nothing taken). Locks the bucket's row, so every
-        process sharing this database draws from one bucket."""
-        async def body(tx: Tx) -> float:
-            await tx.run(q.CLAIM_BUCKET, (key, float(burst), float(now)))
+        0.0 when taken, else the seconds until one is due (nothing taken)."""
+        taken, wait = await self.take_tokens(key, rate, burst, now, 1)
+        return 0.0 if taken else wait
+
+    async def take_tokens(self, key: str, rate: float, burst: float, now: float, wanted: int) -> tuple[int, float]:
+        """Take up to `wanted` tokens from the bucket `key`, as many as it holds: (how many were taken, and when
+        none were, the seconds until one is due). Locks the bucket's row, so every process sharing this database
+        draws from one bucket."""
+        async def body(tx: Tx) -> tuple[int, float]:
             row = await tx.one(q.LOCK_BUCKET, (key,))
-            assert row is not None
+            if row is None:      # the bucket's first use: it starts full
+                await tx.run(q.CLAIM_BUCKET, (key, float(burst), float(now)))
+                row = await tx.one(q.LOCK_BUCKET, (key,))
+                assert row is not None
             # A clock that stepped back refills nothing rather than draining the bucket.
             tokens = min(burst, row["tokens"] + max(0.0, now - row["updated_at"]) * rate)
-            taken = tokens >= 1.0
-            await tx.run(q.UPDATE_BUCKET, (tokens - 1.0 if taken else tokens, max(now, row["updated_at"]), key))
-            return 0.0 if taken else (1.0 - tokens) / rate
+            taken = max(0, min(wanted, math.floor(tokens)))
+            await tx.run(q.UPDATE_BUCKET, (tokens - taken, max(now, row["updated_at"]), key))
+            return taken, 0.0 if taken else (1.0 - tokens) / rate
         return await self.transact(body)
 
     # ---- jobs ------------------------------------------------------------------------------------

@@ -80,6 +80,15 @@ class DeliveryCases(StorePlumbing):
         """Hold one of the `cap` slots of `lane` for `holder` until `now + lease`: the slot's number, or None
         when all are held. A slot whose lease ran out (its holder's process died) is free again. Locks the
         lane's slots, so processes sharing the database never hold more than `cap` together."""
+        # Usually one statement: the lane's slots exist, one is free or none is.
+        taken = await self._change(q.TAKE_LANE_SLOT, (holder, now + lease, lane, lane, cap, holder, now))
+        if taken:
+            return int(taken[0]["slot"])
+        counted = await self._read(q.COUNT_LANE_SLOTS, (lane, cap))
+        if counted is not None and int(counted["n"]) >= cap:
+            return None
+
+        # A new lane, or a larger cap: its missing slots are made, then taken as before, under the lane's locks.
         async def body(tx: Tx) -> int | None:
             rows = await tx.all(q.LOCK_LANE_SLOTS, (lane,))
             if len(rows) < cap:
@@ -94,9 +103,7 @@ class DeliveryCases(StorePlumbing):
 
     async def release_lane_slot(self, lane: str, slot: int, holder: str) -> None:
         """Give a slot back (only if `holder` still holds it: a lease that ran out may have moved it on)."""
-        async def body(tx: Tx) -> None:
-            await tx.run(q.RELEASE_LANE_SLOT, (lane, slot, holder))
-        await self.transact(body)
+        await self._change(q.RELEASE_LANE_SLOT, (lane, slot, holder))
 
     # ---- deliveries -------------------------------------------------------------------------------
     async def get_delivery(self, delivery_id: str) -> Delivery | None:

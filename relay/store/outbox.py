@@ -59,7 +59,8 @@ async def images_of(tx: Tx, task_id: str) -> list[ImageRecord]:
 
 async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, default_expiry: float,
                            delivery_delay: float, pricing: Pricing | None = None) -> Event:
-    """Apply `t` to `task` (already read, locked, in this transaction) and write everything it causes."""
+    """Apply `t` to `task` (already read with its images, locked, in this transaction) and write everything it
+    causes."""
     task.status = t.status
     task.sequence += 1
     task.updated_at = now
@@ -74,12 +75,20 @@ async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, def
     await tx.run(q.UPDATE_TASK_STATE, (task.status.value, task.sequence, now, task.progress, task.provider_task_id,
                                        dumps(task.error), task.completed_at, task.id))
     if t.images:
-        rows = []
+        # task.images were read with the task's row lock, so they are the images there are: the new ones are
+        # added to them here rather than read back (a round trip less on PostgreSQL).
+        known = {image.index for image in task.images}
+        rows, added = [], []
         for index, source in enumerate(t.images):
+            if index in known:
+                continue
             expires = source.expires_at if source.expires_at is not None else now + default_expiry
-            rows.append((ids.new_id("img", now), task.id, index, source.url, source.b64, expires))
+            image = ImageRecord(id=ids.new_id("img", now), task_id=task.id, index=index, source_url=source.url,
+                                source_expires_at=expires)
+            rows.append((image.id, task.id, index, source.url, source.b64, expires))
+            added.append(image)
         await tx.many(q.INSERT_IMAGE, rows)
-        task.images = await images_of(tx, task.id)
+        task.images = sorted([*task.images, *added], key=lambda image: image.index)
         await insert_jobs(tx, [archive_job(img, now, task.provider) for img in task.images
                                if img.status == "pending"])
     if isinstance(task, Task):

@@ -67,6 +67,13 @@ class StorePlumbing(abc.ABC):
         if shared is not None:
             await shared.drain()
 
+    async def _change(self, sql: str, args: Sequence[Any]) -> list[Row]:
+        """One statement that is a whole transaction (it changes rows and returns what its RETURNING names).
+        PostgreSQL runs it without BEGIN and COMMIT: one round trip instead of three."""
+        async def body(tx: Tx) -> list[Row]:
+            return await tx.all(sql, args)
+        return await self.transact(body)
+
     @abc.abstractmethod
     async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
 
