@@ -322,3 +322,36 @@ def test_options_that_would_bypass_the_guard_or_be_ignored_are_refused() -> None
     for name in ("limits", "http1", "http2", "cert"):       # httpx's own transport's: this one has none of them
         with pytest.raises(TypeError, match="not an option"):
             guarded_client(LOCAL, **{name: None})
+
+
+async def test_what_the_direct_send_leaves_out_still_goes_httpx_s_whole_way() -> None:
+    """GuardedClient sends a plain request straight to its transport; redirects followed, an auth object, event hooks
+    and streams still work as httpx does them (they go its whole way), and a plain client returns a 3xx as it is."""
+    hooked: list[int] = []
+
+    async def handle(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, headers, body = await read_request(reader)
+            server.requests.append((line, headers, body))
+            if line.startswith(b"GET /old"):
+                writer.write(answer(302, b"", "location: /new"))
+            else:
+                writer.write(answer(200, json.dumps({"line": line.decode(), "auth": headers.get("authorization")})
+                                    .encode()))
+            await writer.drain()
+
+    async def hook(response: httpx.Response) -> None:
+        hooked.append(response.status_code)
+
+    async with raw_server(handle) as server:
+        async with guarded_client(LOCAL, follow_redirects=False) as plain:
+            assert (await plain.get(server.url("/old"))).status_code == 302        # not followed
+            followed = await plain.get(server.url("/old"), follow_redirects=True)
+            assert followed.json()["line"] == "GET /new HTTP/1.1" and len(followed.history) == 1
+            authed = await plain.get(server.url("/a"), auth=("user", "pw"))
+            assert authed.json()["auth"] == "Basic " + base64.b64encode(b"user:pw").decode()
+            async with plain.stream("GET", server.url("/streamed")) as streamed:
+                assert json.loads(await streamed.aread())["line"] == "GET /streamed HTTP/1.1"
+        async with guarded_client(LOCAL, event_hooks={"response": [hook]}) as hooking:
+            assert (await hooking.get(server.url("/h"))).status_code == 200
+        assert hooked == [200]
