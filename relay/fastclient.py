@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -255,6 +257,7 @@ class GuardedClient(httpx.AsyncClient):
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         request.extensions.setdefault("timeout", self.timeout.as_dict())
+        started = time.perf_counter()
         response = await self._direct.handle_async_request(request)
         response.request = request
         try:
@@ -262,6 +265,7 @@ class GuardedClient(httpx.AsyncClient):
         except BaseException:
             await response.aclose()
             raise
+        response.elapsed = datetime.timedelta(seconds=time.perf_counter() - started)
         return response
 
 

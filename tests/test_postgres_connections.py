@@ -191,6 +191,21 @@ async def test_a_read_whose_connection_dies_mid_statement_is_run_again(
     assert counts == {"poll:queued": 1}
 
 
+async def test_a_lane_slot_whose_connection_dies_mid_statement_is_taken_on_another(
+        stores: Callable[[], Awaitable[PostgresStore]], admin: asyncpg.Connection, clock: ManualClock) -> None:
+    """Taking and giving back a delivery lane's slot are single autocommitted statements (Store._change), safe to
+    run twice: killed under them, each runs again on another connection, and the cap still holds."""
+    store = await stores()
+    now = clock.now()
+    assert await store.take_lane_slot("sub_L", 2, "warm", now, 30.0) == 0      # the lane's slots exist now
+    await store.release_lane_slot("sub_L", 0, "warm")
+    assert await killed_mid_statement(admin, "lane_slots", store.take_lane_slot("sub_L", 2, "dlv_1", now, 30.0)) == 0
+    assert await store.take_lane_slot("sub_L", 2, "dlv_2", now, 30.0) == 1
+    assert await store.take_lane_slot("sub_L", 2, "dlv_3", now, 30.0) is None, "dlv_1 holds slot 0 once"
+    await killed_mid_statement(admin, "lane_slots", store.release_lane_slot("sub_L", 0, "dlv_1"))
+    assert await store.take_lane_slot("sub_L", 2, "dlv_3", now, 30.0) == 0
+
+
 async def test_a_transaction_whose_connection_dies_before_its_commit_is_run_again_once(
         stores: Callable[[], Awaitable[PostgresStore]], admin: asyncpg.Connection, clock: ManualClock) -> None:
     """An enqueue whose backend is terminated before COMMIT (nothing of it committed) is run again: the job

@@ -351,7 +351,21 @@ async def test_what_the_direct_send_leaves_out_still_goes_httpx_s_whole_way() ->
             authed = await plain.get(server.url("/a"), auth=("user", "pw"))
             assert authed.json()["auth"] == "Basic " + base64.b64encode(b"user:pw").decode()
             async with plain.stream("GET", server.url("/streamed")) as streamed:
+                assert not streamed.is_stream_consumed, "a stream is the caller's to read"
                 assert json.loads(await streamed.aread())["line"] == "GET /streamed HTTP/1.1"
         async with guarded_client(LOCAL, event_hooks={"response": [hook]}) as hooking:
             assert (await hooking.get(server.url("/h"))).status_code == 200
         assert hooked == [200]
+
+
+async def test_a_plain_request_goes_straight_to_the_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What GuardedClient is for: a plain request (no auth, no redirects followed, no hooks) never enters httpx's
+    auth and redirect machinery, and its answer is whole, with its request and how long it took."""
+    def machinery(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a plain request went through httpx's auth and redirect flow")
+    monkeypatch.setattr(httpx.AsyncClient, "_send_handling_auth", machinery)
+    async with answering_server() as server, guarded_client(LOCAL) as client:
+        response = await client.post(server.url("/v1/x"), json={"a": 1}, headers={"authorization": "Bearer k"})
+        assert response.json() == {"ok": True} and response.request.url == server.url("/v1/x")
+        assert response.elapsed.total_seconds() >= 0
+        assert server.requests[0][1]["authorization"] == "Bearer k"

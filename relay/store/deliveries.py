@@ -78,31 +78,28 @@ class DeliveryCases(StorePlumbing):
     # ---- the per-subscriber cap across processes ----------------------------------------------------
     async def take_lane_slot(self, lane: str, cap: int, holder: str, now: float, lease: float) -> int | None:
         """Hold one of the `cap` slots of `lane` for `holder` until `now + lease`: the slot's number, or None
-        when all are held. A slot whose lease ran out (its holder's process died) is free again. Locks the
-        lane's slots, so processes sharing the database never hold more than `cap` together."""
-        # Usually one statement: the lane's slots exist, one is free or none is.
-        taken = await self._change(q.TAKE_LANE_SLOT, (holder, now + lease, lane, lane, cap, holder, now))
+        when all are held. A slot whose lease ran out (its holder's process died) is free again. Locks the slot it
+        takes (TAKE_LANE_SLOT), so processes sharing the database never hold more than `cap` together."""
+        args = (holder, now + lease, lane, lane, cap, holder, now)
+        # Usually one statement: the lane's slots exist, and one is free or none is.
+        taken = await self._change(q.TAKE_LANE_SLOT, args)
         if taken:
             return int(taken[0]["slot"])
         counted = await self._read(q.COUNT_LANE_SLOTS, (lane, cap))
         if counted is not None and int(counted["n"]) >= cap:
             return None
 
-        # A new lane, or a larger cap: its missing slots are made, then taken as before, under the lane's locks.
+        # A new lane, or a larger cap: its missing slots are made, then one is taken by the same rule.
         async def body(tx: Tx) -> int | None:
-            rows = await tx.all(q.LOCK_LANE_SLOTS, (lane,))
-            if len(rows) < cap:
-                await tx.many(q.INSERT_LANE_SLOT, [(lane, slot) for slot in range(len(rows), cap)])
-                rows = await tx.all(q.LOCK_LANE_SLOTS, (lane,))
-            for row in rows[:cap]:
-                if row["holder"] in (None, holder) or row["expires_at"] <= now:
-                    await tx.run(q.HOLD_LANE_SLOT, (holder, now + lease, lane, row["slot"]))
-                    return int(row["slot"])
-            return None
+            await tx.many(q.INSERT_LANE_SLOT, [(lane, slot) for slot in range(cap)])
+            rows = await tx.all(q.TAKE_LANE_SLOT, args)
+            return int(rows[0]["slot"]) if rows else None
         return await self.transact(body)
 
     async def release_lane_slot(self, lane: str, slot: int, holder: str) -> None:
-        """Give a slot back (only if `holder` still holds it: a lease that ran out may have moved it on)."""
+        """Give a slot back (only if `holder` still holds it: a lease that ran out may have moved it on). Not through
+        the group commit (`_write`): the process's lane waits for this, and a commit shared under load kept lanes
+        held long enough to park deliveries (2.4 runs per delivery instead of 1.1 in bench.throughput)."""
         await self._change(q.RELEASE_LANE_SLOT, (lane, slot, holder))
 
     # ---- deliveries -------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ class StorePlumbing(abc.ABC):
 
     async def _change(self, sql: str, args: Sequence[Any]) -> list[Row]:
         """One statement that is a whole transaction (it changes rows and returns what its RETURNING names).
-        PostgreSQL runs it without BEGIN and COMMIT: one round trip instead of three."""
+        PostgreSQL runs it without BEGIN and COMMIT: one round trip instead of three. It must be safe to run twice:
+        PostgreSQL runs it again when the connection was lost before its answer (the outcome is then unknown)."""
         async def body(tx: Tx) -> list[Row]:
             return await tx.all(sql, args)
         return await self.transact(body)

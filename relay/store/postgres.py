@@ -69,7 +69,7 @@ def to_postgres(sql: str) -> str:
     """relay's shared SQL in PostgreSQL's spelling: `$n` placeholders, real row locks."""
     numbered = iter(range(1, 10_000))
     sql = _PLACEHOLDER.sub(lambda _m: f"${next(numbered)}", sql)
-    return sql.replace(q.FOR_UPDATE_SKIP_LOCKED, " FOR UPDATE SKIP LOCKED").replace(q.FOR_UPDATE, " FOR UPDATE")
+    return sql.replace(q.FOR_UPDATE, " FOR UPDATE")
 
 
 # Run with the claim, in its transaction: no plan that sorts. The claim must walk jobs_due in run_at order and
@@ -336,21 +336,13 @@ class PostgresStore(Store):
         raise AssertionError("unreachable")
 
     async def _change(self, sql: str, args: Sequence[Any]) -> list[Row]:
-        # Autocommit: one round trip instead of three (BEGIN, the statement, COMMIT). Run again after a lost race
-        # (nothing of it was kept), never after a lost connection (its outcome is unknown).
-        for attempt in range(1, TRANSACTION_RETRIES + 1):
-            try:
-                async with self.pool.acquire() as conn:
-                    return list(await conn.fetch(self._sql(sql), *args))
-            except _RETRYABLE as exc:
-                if attempt == TRANSACTION_RETRIES:
-                    raise
-                log.info("statement lost a race (%s); running it again", type(exc).__name__)
-                await asyncio.sleep(0.01 * attempt)
-        raise AssertionError("unreachable")
+        # Autocommit: one round trip instead of three (BEGIN, the statement, COMMIT). A _change statement is safe to
+        # run twice (see StorePlumbing._change), so it is tried once more if its connection was lost.
+        return list(await self._again_if_lost(lambda: self.pool.fetch(self._sql(sql), *args)))
 
     async def _again_if_lost(self, call: Callable[[], Awaitable[T]]) -> T:
-        """`call`, and once more on another connection if its connection was lost (reads and claims only)."""
+        """`call`, and once more on another connection if its connection was lost (reads, claims and _change
+        statements only: what may run twice)."""
         try:
             return await call()
         except _LOST as exc:

@@ -11,8 +11,6 @@ live in that backend's module.
 from __future__ import annotations
 
 FOR_UPDATE = " /*FOR UPDATE*/"
-# A row lock that passes over rows another transaction holds (a comment on SQLite, like FOR_UPDATE).
-FOR_UPDATE_SKIP_LOCKED = " /*FOR UPDATE SKIP LOCKED*/"
 
 # ---- tasks -----------------------------------------------------------------------------------------
 INSERT_TASK = (
@@ -97,15 +95,16 @@ LOCK_BUCKET = "SELECT tokens, updated_at FROM rate_buckets WHERE key = ?" + FOR_
 UPDATE_BUCKET = "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?"
 
 # ---- delivery lanes (the per-subscriber cap across processes) ----------------------------------------
-LOCK_LANE_SLOTS = "SELECT slot, holder, expires_at FROM lane_slots WHERE lane = ? ORDER BY slot" + FOR_UPDATE
 INSERT_LANE_SLOT = "INSERT INTO lane_slots (lane, slot) VALUES (?, ?) ON CONFLICT (lane, slot) DO NOTHING"
-HOLD_LANE_SLOT = "UPDATE lane_slots SET holder = ?, expires_at = ? WHERE lane = ? AND slot = ?"
-# One free slot below the cap taken in one statement: the subquery locks the slot it picks, passing over slots
-# another replica is taking at that moment, and is checked again against the slot's latest version.
+# The first free slot below the cap (free: no holder, this holder, or a lease run out), taken in one statement. The
+# subquery locks the slot it picks; one another replica is changing is waited for and looked at again as it is
+# then (PostgreSQL, READ COMMITTED), and passed over if taken meanwhile. Not SKIP LOCKED: a slot being released
+# would be passed over, and a lane with a free slot reported full. Run again (a lost answer), the holder's own slot
+# is free to it: at worst a lower slot freed meanwhile is taken and the first waits out its lease.
 TAKE_LANE_SLOT = (
     "UPDATE lane_slots SET holder = ?, expires_at = ? WHERE lane = ? AND slot = ("
     "SELECT slot FROM lane_slots WHERE lane = ? AND slot < ? AND (holder IS NULL OR holder = ? OR expires_at <= ?) "
-    "ORDER BY slot LIMIT 1" + FOR_UPDATE_SKIP_LOCKED + ") RETURNING slot")
+    "ORDER BY slot LIMIT 1" + FOR_UPDATE + ") RETURNING slot")
 COUNT_LANE_SLOTS = "SELECT count(*) AS n FROM lane_slots WHERE lane = ? AND slot < ?"
 RELEASE_LANE_SLOT = "UPDATE lane_slots SET holder = NULL, expires_at = NULL WHERE lane = ? AND slot = ? AND holder = ?"
 
