@@ -277,13 +277,29 @@ def relay_env(data: Path, port: int, sim_url: str, role: str = "all", **extra: s
     return env
 
 
+PROBES = Path(__file__).parent / "probes"
+
+
+def read_round_trips(path: Path) -> int | None:
+    """The round trips to PostgreSQL the probed relay has made so far (bench/probes), None if not written yet."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def start_relay(root: Path, sim_url: str, name: str = "relay", role: str = "all", processes: int | None = None,
-                **extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`relay serve [--processes N]` as a child process; returns it, its base URL and its data dir."""
+                round_trips: Path | None = None, **extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`relay serve [--processes N]` as a child process; returns it, its base URL and its data dir.
+    `round_trips`: the file its database round trips are counted into (bench/probes; one process only)."""
     port, data = free_port(), root / f"data-{name}"
+    env = relay_env(data, port, sim_url, role, **extra)
+    if round_trips is not None:
+        env.update({"PYTHONPATH": os.pathsep.join(filter(None, [str(PROBES), os.environ.get("PYTHONPATH")])),
+                    "BENCH_ROUND_TRIPS_FILE": str(round_trips)})
     proc = spawn([PYTHON, "-m", "relay", "serve", "--log-level", "warning",
                   *(["--processes", str(processes)] if processes is not None else [])],
-                 env=relay_env(data, port, sim_url, role, **extra), log=root / f"{name}.log")
+                 env=env, log=root / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz")
@@ -371,14 +387,16 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 async def closed_loop(one: Callable[[int], Awaitable[Any]], *, in_flight: int, warmup: float, measure: float,
                       cycle_timeout: float = 30.0,
-                      cpu: CpuPids | Callable[[], CpuPids] | None = None) -> dict[str, Any]:
+                      cpu: CpuPids | Callable[[], CpuPids] | None = None,
+                      at_window: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Keep `in_flight` calls of `one(i)` running; count those ending inside the measuring window.
 
     Returns completed (in the window), per_second, failures, and latency p50/p99 (ms) of calls that
     both started and ended inside the window; with `cpu` ({name: pid, None for this process}, or a
     function giving it, called when the window opens) also the CPU seconds each used during the window
     ("cpu"; a process gone by the window's end is left out) and the machine's cpu_stat() at the window's
-    start and end ("cpu_stat").
+    start and end ("cpu_stat"). `at_window("open")` and `at_window("close")` are called as the window opens and
+    closes (to read other counters over it).
     """
     start = time.monotonic()
     window_start, window_end = start + warmup, start + warmup + measure
@@ -417,8 +435,12 @@ async def closed_loop(one: Callable[[int], Awaitable[Any]], *, in_flight: int, w
         before = {name: t for name, t in read.items() if t is not None}
         loops = {name: loop_thread_cpu_or_none(pid) for name, pid in pids.items()}
         stats.append(cpu_stat())
+        if at_window is not None:
+            at_window("open")
         await asyncio.sleep(max(0.0, window_end - time.monotonic()))
         stats.append(cpu_stat())
+        if at_window is not None:
+            at_window("close")
         after = {name: cpu_seconds_or_none(pids[name]) for name in before}
         used.update({name: t - before[name] for name, t in after.items() if t is not None})
         for name, began in loops.items():       # each process's main thread (relay's: its event loop)

@@ -34,8 +34,8 @@ import httpx
 
 from bench import common
 from bench.common import (KEY, CpuPids, Figure, Section, add_database_argument, closed_loop, free_port, percentile,
-                          profile_breakdown, ratio, run_loop, start_profile, start_relay, start_simulator, stop, timed,
-                          use_database)
+                          postgres, profile_breakdown, ratio, read_round_trips, run_loop, start_profile, start_relay,
+                          start_simulator, stop, timed, use_database)
 
 MIX = ("gmicloud", "apimart", "pixazo", "openai", "evolink")
 IN_FLIGHT = 64
@@ -194,10 +194,12 @@ def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int],
 
 
 async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmup: float, seconds: float, *,
-                        fanout: int = 0, more_cpu: Callable[[], CpuPids] | None = None) -> dict[str, Any]:
+                        fanout: int = 0, more_cpu: Callable[[], CpuPids] | None = None,
+                        round_trips: Path | None = None) -> dict[str, Any]:
     """The closed loop through relay. `fanout`: that many more subscriptions on every task event (task.*),
     delivered to the same sink and only counted; "deliveries" in the result counts every delivery received
-    inside the window. `more_cpu`: more processes whose CPU to read over the window (called when it opens)."""
+    inside the window. `more_cpu`: more processes whose CPU to read over the window (called when it opens).
+    `round_trips`: the probe's file (bench/probes) whose count over the window goes in "round_trips"."""
     import uvicorn
 
     waiters: dict[str, asyncio.Future[str]] = {}
@@ -241,8 +243,16 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
                 by_provider[provider].append((began, time.monotonic()))
 
             fixed: CpuPids = {"relay": relay_pid, "simulator": sim_pid, "driver": None}
+            counted: dict[str, int | None] = {}
+
+            def at_window(mark: str) -> None:
+                if round_trips is not None:
+                    counted[mark] = read_round_trips(round_trips)
             stats = await closed_loop(one, in_flight=IN_FLIGHT, warmup=warmup, measure=seconds,
-                                      cpu=(lambda: {**fixed, **more_cpu()}) if more_cpu else fixed)
+                                      cpu=(lambda: {**fixed, **more_cpu()}) if more_cpu else fixed,
+                                      at_window=at_window)
+            opened, closed = counted.get("open"), counted.get("close")
+            stats["round_trips"] = closed - opened if opened is not None and closed is not None else None
             stats["by_provider"] = _by_provider(by_provider, stats["window"])
             stats["received"] = received
             stats["deliveries"] = sum(stats["window"][0] <= at <= stats["window"][1] for at in arrivals)
@@ -263,13 +273,15 @@ def measure(quick: bool, profile: bool = False, profile_out: Path | None = None)
         try:
             plain = run_loop(baseline(sim_url, sim.pid, base_warm, base_secs))
             httpx.post(f"{sim_url}/_sim/reset").raise_for_status()
+            round_trips = root / "round-trips" if postgres() else None
             relay, base, _ = start_relay(
-                root, sim_url, worker_concurrency=str(WORKER_CONCURRENCY), polling_initial_delay=str(POLL_EVERY),
-                polling_max_delay="0.5", callbacks_safety_net_seconds="5")
+                root, sim_url, round_trips=round_trips, worker_concurrency=str(WORKER_CONCURRENCY),
+                polling_initial_delay=str(POLL_EVERY), polling_max_delay="0.5", callbacks_safety_net_seconds="5")
             raw = profile_out or root / "relay.profile"
             spy = start_profile(relay.pid, relay_warm + relay_secs, raw) if profile else None
             try:
-                through = run_loop(through_relay(base, relay.pid, sim_url, sim.pid, relay_warm, relay_secs))
+                through = run_loop(through_relay(base, relay.pid, sim_url, sim.pid, relay_warm, relay_secs,
+                                                 round_trips=round_trips))
             finally:
                 if spy is not None:
                     spy.wait()
@@ -351,6 +363,10 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         lines += ["", f"relay's process used {relay_cpu / window:.2f} cores during the window: its event loop's thread "
                   f"{loop_cpu / window:.2f}, its other threads (SQLite connections, file and image work) "
                   f"{(relay_cpu - loop_cpu) / window:.2f}."]
+    if through.get("round_trips") is not None and through["completed"]:
+        lines += ["", f"relay's round trips to PostgreSQL during the window: {through['round_trips']:,}, "
+                  f"**{through['round_trips'] / through['completed']:.1f} per task** (counted in the relay process by "
+                  "bench/probes: each statement, BEGIN, COMMIT or pipelined executemany is one)."]
     lines += ["", f"Throughput ratio relay / baseline: **{r:.2f}**." if r is not None else "", "",
               "Per dialect (tasks finishing inside the window):", "",
               "| dialect | baseline n | baseline p50 ms | relay n | relay p50 ms | relay p99 ms |",
@@ -394,8 +410,8 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         "pool made the baseline driver the bottleneck (16.6 ms of CPU per task instead of 2.6 ms, half the "
         "baseline rate): on every request and every response close httpcore walks all pooled connections and "
         "asks each whether it has expired (`is_socket_readable`, a getpeername() and a poll per connection). "
-        "relay's own outbound client for providers and downloads is one pool of up to 100 connections (20 kept "
-        "alive); in relay's profile that pool bookkeeping was a few percent, not a hot spot.",
+        "relay's own provider calls, downloads and webhooks go through aiohttp (relay.fastclient), whose pool does "
+        "no such walk.",
     ]
     figures = {"relay_tasks_per_s": through["per_second"], "relay_p50_ms": through["p50"],
                "relay_p99_ms": through["p99"], "baseline_tasks_per_s": plain["per_second"],
@@ -403,6 +419,8 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                "relay_failures": through["failures"] + through["timeouts"]}
     if done and done["n"]:
         figures["completion_to_receipt_p99_ms"] = done["p99"]
+    if through.get("round_trips") is not None and through["completed"]:
+        figures["round_trips_per_task"] = through["round_trips"] / through["completed"]
     summary = [Figure(f"task throughput end to end ({IN_FLIGHT} in flight)",
                       f"{through['per_second']:.1f} tasks/s, p50 {through['p50']:.0f} / p99 {through['p99']:.0f} ms",
                       f"plain httpx → simulator: {plain['per_second']:.1f} tasks/s", r)]
