@@ -295,6 +295,7 @@ def start_relay(root: Path, sim_url: str, name: str = "relay", role: str = "all"
     port, data = free_port(), root / f"data-{name}"
     env = relay_env(data, port, sim_url, role, **extra)
     if round_trips is not None:
+        assert processes is None, "the probe counts in one process (forked children would not write it)"
         env.update({"PYTHONPATH": os.pathsep.join(filter(None, [str(PROBES), os.environ.get("PYTHONPATH")])),
                     "BENCH_ROUND_TRIPS_FILE": str(round_trips)})
     proc = spawn([PYTHON, "-m", "relay", "serve", "--log-level", "warning",

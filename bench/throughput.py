@@ -361,12 +361,14 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
     if relay_cpu is not None and loop_cpu is not None:
         window = secs["relay"]
         lines += ["", f"relay's process used {relay_cpu / window:.2f} cores during the window: its event loop's thread "
-                  f"{loop_cpu / window:.2f}, its other threads (SQLite connections, file and image work) "
+                  f"{loop_cpu / window:.2f}, its other threads ("
+                  f"{'file and image work' if postgres() else 'SQLite connections, file and image work'}) "
                   f"{(relay_cpu - loop_cpu) / window:.2f}."]
     if through.get("round_trips") is not None and through["completed"]:
         lines += ["", f"relay's round trips to PostgreSQL during the window: {through['round_trips']:,}, "
                   f"**{through['round_trips'] / through['completed']:.1f} per task** (counted in the relay process by "
-                  "bench/probes: each statement, BEGIN, COMMIT or pipelined executemany is one)."]
+                  "bench/probes: each statement, BEGIN, COMMIT or pipelined executemany is one; a statement's "
+                  "first use on each pooled connection also prepares it, one more round trip not counted)."]
     lines += ["", f"Throughput ratio relay / baseline: **{r:.2f}**." if r is not None else "", "",
               "Per dialect (tasks finishing inside the window):", "",
               "| dialect | baseline n | baseline p50 ms | relay n | relay p50 ms | relay p99 ms |",
@@ -397,10 +399,14 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         "Pillow (about 20-30 ms of CPU per 1024x1024 PNG, the simulator column), and relay, the simulator and "
         "the bench share the cores. relay's CPU per task is what its durability costs; the ratio is about how "
         "much of the simulator's rate is left once relay takes its share of the same cores.",
-        "relay is serialized, not short of cores: its Python runs on one GIL and its writes on one SQLite writer "
-        "(the cores line above: the loop's thread and the others add up to about one core while the machine has "
-        "some left), so its latency under this load is queueing on those two and its cost per task on them sets "
-        "its throughput. Where the "
+        ("On PostgreSQL relay's event loop's thread is the limit (the cores line above: it is nearly all of relay's "
+         "CPU), and about a third of its time holding the GIL goes to asyncpg's statements: the round trips per "
+         "task are what to cut. Where the "
+         if postgres() else
+         "relay is serialized, not short of cores: its Python runs on one GIL and its writes on one SQLite writer "
+         "(the cores line above: the loop's thread and the others add up to about one core while the machine has "
+         "some left), so its latency under this load is queueing on those two and its cost per task on them sets "
+         "its throughput. Where the ") +
         "GIL goes: `python -m bench.throughput --profile` (py-spy --gil on the relay process; the table above "
         "when run with it). Provider calls through httpx's own transport were about a fifth of it until they "
         "went through aiohttp (relay.fastclient.AiohttpTransport); see the issue-12 sections.",

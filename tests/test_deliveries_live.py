@@ -111,3 +111,50 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path, caplog: object) -> N
     text = caplog.text
     for secret in (sub["secret"], new["secret"], sub["secret"][6:], new["secret"][6:]):
         assert secret not in text
+
+
+async def test_a_shared_slot_the_database_fails_to_give_leaves_the_process_lane_free(tmp_path: Path) -> None:
+    """Replicas (shared lanes): taking the subscriber's slot in the database raises (the database is down). The
+    job fails to the worker's backoff, and this process's own lane is given back: with a cap of 1, the next run
+    sends at once instead of finding its lane held forever and parking."""
+    answers = iter([["93.184.216.34"]])     # public when the subscription is made, then refused by the guard:
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return next(answers, ["10.0.0.5"])      # the attempt fails at once, no network needed
+
+    settings = load_settings(None, {"RELAY_NETWORK_ALLOW": "", "RELAY_STORAGE_DATA_DIR": str(tmp_path),
+                                    "RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": "1"})
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    clock = ManualClock()
+    service = DeliveryService(settings, store, clock, guard=NetGuard((), resolver=resolver), signer=Signer("s" * 40),
+                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43, shared_lanes=True)
+    real_take = store.take_lane_slot
+
+    async def down(*args: object, **kwargs: object) -> int | None:
+        raise ConnectionError("the database went away")
+    try:
+        from relay.validation import parse_subscription_input
+        await service.create_subscription(parse_subscription_input({"url": "http://hooks.example/h"}, partial=False))
+        now = clock.now()
+        task = Task(id=ids.new_id("tsk", now), provider="evolink", request={"prompt": "p"}, created_at=now,
+                    updated_at=now)
+        await store.create_task(task, [])
+        await store.apply(task.id, lambda t: Transition(TaskStatus.QUEUED, "task.queued"), now)
+        [job] = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
+        handler = DeliverHandler(service)
+        store.take_lane_slot = down  # type: ignore[method-assign]
+        try:
+            await handler.run(job)
+        except ConnectionError:
+            pass
+        else:
+            raise AssertionError("the database's failure was swallowed")
+        store.take_lane_slot = real_take  # type: ignore[method-assign]
+        assert await handler.run(job) is None, "the lane was still held: the delivery parked"
+        [delivery] = (await store.list_deliveries(subscription_id=None, status=None, task_id=None, event_id=None,
+                                                  limit=10, cursor=None))[0]
+        assert delivery.status == "failed" and delivery.attempts == 1
+    finally:
+        await service.close()
+        await store.close()

@@ -55,3 +55,14 @@ async def test_replicas_racing_for_the_slots_of_a_known_lane_hold_at_most_cap(
             await second.release_lane_slot("sub_K", slot, "someone else")
             await first.release_lane_slot("sub_K", slot, holder)
     assert sorted([await first.take_lane_slot("sub_K", 3, f"after_{i}", now + 2, 30.0) for i in range(3)]) == [0, 1, 2]
+
+
+async def test_a_take_run_again_keeps_the_slot_its_holder_already_has(store: Store, clock: ManualClock) -> None:
+    """A take whose answer was lost is run again (PostgreSQL, a dropped connection): it finds the slot it already
+    got, not a lower one freed meanwhile, so one holder never sits on two slots until a lease runs out."""
+    now = clock.now()
+    assert await store.take_lane_slot("sub_R", 2, "dlv_a", now, 30.0) == 0
+    assert await store.take_lane_slot("sub_R", 2, "dlv_x", now, 30.0) == 1
+    await store.release_lane_slot("sub_R", 0, "dlv_a")
+    assert await store.take_lane_slot("sub_R", 2, "dlv_x", now, 30.0) == 1
+    assert await store.take_lane_slot("sub_R", 2, "dlv_b", now, 30.0) == 0, "slot 0 is still free for another"

@@ -81,7 +81,11 @@ class DeliverHandler:
         shared_slot = None
         if svc.shared_lanes:
             # Replicas on one database: the cap is the subscriber's, so a slot is also held in the store.
-            shared_slot = await svc.store.take_lane_slot(lane, cap, delivery_id, now, svc.lane_lease)
+            try:
+                shared_slot = await svc.store.take_lane_slot(lane, cap, delivery_id, now, svc.lane_lease)
+            except BaseException:
+                await svc.lanes.release(lane, None)     # the database failed us: this process's lane is not lost
+                raise
             if shared_slot is None:     # other replicas hold every slot: look again on the parked timer
                 await self._hand_off(lane, await svc.lanes.release(lane, None))
                 parked = int(job.payload.get("parked", 0))

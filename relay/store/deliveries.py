@@ -80,7 +80,7 @@ class DeliveryCases(StorePlumbing):
         """Hold one of the `cap` slots of `lane` for `holder` until `now + lease`: the slot's number, or None
         when all are held. A slot whose lease ran out (its holder's process died) is free again. Locks the slot it
         takes (TAKE_LANE_SLOT), so processes sharing the database never hold more than `cap` together."""
-        args = (holder, now + lease, lane, lane, cap, holder, now)
+        args = (holder, now + lease, lane, lane, cap, holder, now, holder)
         # Usually one statement: the lane's slots exist, and one is free or none is.
         taken = await self._change(q.TAKE_LANE_SLOT, args)
         if taken:

@@ -96,15 +96,15 @@ UPDATE_BUCKET = "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = 
 
 # ---- delivery lanes (the per-subscriber cap across processes) ----------------------------------------
 INSERT_LANE_SLOT = "INSERT INTO lane_slots (lane, slot) VALUES (?, ?) ON CONFLICT (lane, slot) DO NOTHING"
-# The first free slot below the cap (free: no holder, this holder, or a lease run out), taken in one statement. The
-# subquery locks the slot it picks; one another replica is changing is waited for and looked at again as it is
-# then (PostgreSQL, READ COMMITTED), and passed over if taken meanwhile. Not SKIP LOCKED: a slot being released
-# would be passed over, and a lane with a free slot reported full. Run again (a lost answer), the holder's own slot
-# is free to it: at worst a lower slot freed meanwhile is taken and the first waits out its lease.
+# The first free slot below the cap (free: no holder, this holder, or a lease run out; this holder's own first, so
+# a take run again after a lost answer keeps the slot it got), taken in one statement. The subquery locks the slot
+# it picks; one that another statement is taking is waited for and looked at again as it is then (PostgreSQL, READ
+# COMMITTED), and passed over if taken meanwhile: the lane is reported full only when every slot below the cap is
+# held. (SKIP LOCKED would not wait, and would also pass over a slot whose taker then fails.)
 TAKE_LANE_SLOT = (
     "UPDATE lane_slots SET holder = ?, expires_at = ? WHERE lane = ? AND slot = ("
     "SELECT slot FROM lane_slots WHERE lane = ? AND slot < ? AND (holder IS NULL OR holder = ? OR expires_at <= ?) "
-    "ORDER BY slot LIMIT 1" + FOR_UPDATE + ") RETURNING slot")
+    "ORDER BY holder IS NOT DISTINCT FROM ? DESC, slot LIMIT 1" + FOR_UPDATE + ") RETURNING slot")
 COUNT_LANE_SLOTS = "SELECT count(*) AS n FROM lane_slots WHERE lane = ? AND slot < ?"
 RELEASE_LANE_SLOT = "UPDATE lane_slots SET holder = NULL, expires_at = NULL WHERE lane = ? AND slot = ? AND holder = ?"
 
