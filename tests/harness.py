@@ -84,13 +84,17 @@ class Harness:
         assert response.status_code == 200, response.text
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll `predicate` until true; fail with `what` after `timeout` seconds."""
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
+    """Poll `predicate` (a coroutine function or a plain one) until true; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not await predicate():
+    while not await _truth(predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def _truth(value: Awaitable[bool] | bool) -> bool:
+    return bool(await value) if isinstance(value, Awaitable) else bool(value)
 
 
 def settings_for(data_dir: Path, **env: str) -> Any:

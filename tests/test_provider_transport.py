@@ -25,6 +25,7 @@ from relay.errors import BlockedAddress, ProviderUnavailable, SubmitOutcomeUnkno
 from relay.fastclient import guarded_client
 from relay.netguard import NetGuard
 from relay.providers.base import map_transport_errors
+from tests.harness import wait_for
 
 LOCAL = NetGuard(["127.0.0.0/8"])
 Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -98,12 +99,6 @@ async def answering_server(status: int = 200, body: bytes = b'{"ok":true}', *ext
         yield server
 
 
-async def wait_until(what: str, check: Callable[[], bool]) -> None:
-    async with asyncio.timeout(5):
-        while not check():
-            await asyncio.sleep(0.005)
-
-
 # ---------------------------------------------------------------- whether the request could have landed
 
 @contextlib.contextmanager
@@ -136,7 +131,7 @@ async def test_no_free_connection_in_time_is_a_connect_timeout_so_a_submit_is_sa
     async with raw_server(slow) as server, \
             guarded_client(LOCAL, max_connections=1, timeout=httpx.Timeout(5.0, pool=1.0)) as client:
         first = asyncio.create_task(client.get(server.url("/v1/tasks/1")))
-        await wait_until("the first request to hold the only connection", lambda: server.connections == 1)
+        await wait_for(lambda: server.connections == 1, 5, "the first request to hold the only connection")
         try:
             with pytest.raises(ProviderUnavailable, match="ConnectTimeout"):
                 async with map_transport_errors(submit=True):
@@ -312,7 +307,7 @@ async def test_an_unpooled_client_never_reuses_a_connection_and_closes_each() ->
         for _ in range(3):
             assert (await client.post(server.url("/v1/tasks"), json={})).status_code == 200
         assert server.connections == 3
-        await wait_until("the client to close all three", lambda: server.closed_by_client == 3)
+        await wait_for(lambda: server.closed_by_client == 3, 5, "the client to close all three")
 
 
 def test_options_that_would_bypass_the_guard_or_be_ignored_are_refused() -> None:

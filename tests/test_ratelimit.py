@@ -11,6 +11,7 @@ import pytest
 from relay.clock import ManualClock, SystemClock
 from relay.ratelimit import SharedTokenBucket
 from relay.store.base import Store
+from tests.harness import wait_for
 
 
 async def test_two_stores_on_one_database_draw_from_one_bucket(open_store: Callable[[], Awaitable[Store]],
@@ -73,18 +74,13 @@ async def test_tokens_taken_for_a_caller_who_gave_up_are_not_kept(store: Store) 
         await gates[len(asked) - 1].wait()
         return await real(key, rate, burst, now, wanted)
     store.take_tokens = gated  # type: ignore[method-assign]
-
-    async def until(check: Callable[[], bool]) -> None:
-        async with asyncio.timeout(5):
-            while not check():
-                await asyncio.sleep(0.005)
     head = asyncio.create_task(bucket.acquire())
-    await until(lambda: len(asked) == 1)            # head asks alone, and holds the queue
+    await wait_for(lambda: len(asked) == 1, 5, "the head to ask alone")    # and hold the queue
     second, third = asyncio.create_task(bucket.acquire()), asyncio.create_task(bucket.acquire())
-    await until(lambda: bucket._waiting == 3)
+    await wait_for(lambda: bucket._waiting == 3, 5, "two more callers to queue")
     gates[0].set()
     await asyncio.wait_for(head, 10)
-    await until(lambda: len(asked) == 2)            # second asks for itself and third
+    await wait_for(lambda: len(asked) == 2, 5, "the second to ask")    # for itself and the third
     assert asked == [1, 2]
     third.cancel()
     await asyncio.gather(third, return_exceptions=True)

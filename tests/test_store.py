@@ -10,7 +10,7 @@ from relay import ids
 from relay.clock import ManualClock
 from relay.errors import Conflict
 from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
-from relay.states import on_update
+from relay.states import Transition, on_update
 from relay.store.base import ArchiveResult, Store
 from relay.store.sqlite import WAL_SIZE_LIMIT, SQLiteStore
 from relay.store.tx import Tx
@@ -82,6 +82,31 @@ async def test_success_creates_images_and_archive_jobs_ordered_by_expiry(store: 
     assert applied is not None and applied.task.status == TaskStatus.ARCHIVING and len(applied.task.images) == 2
     claimed = await store.claim(now, limit=1, lease_seconds=30)
     assert claimed[0].payload["image_id"] == applied.task.images[1].id   # soon.png first
+
+
+async def test_images_a_transition_adds_are_the_rows_stored_with_the_ones_already_there(store: Store,
+                                                                                       clock: ManualClock) -> None:
+    """The transition builds its new images instead of reading them back: what it returns, what its event carries
+    and what the archive jobs name must be exactly the stored rows. An index the task already has keeps its row
+    (the insert skips it), and only the new index gets one."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    now = clock.now()
+    first = await store.apply(task.id, lambda t: on_update(t, TaskUpdate(
+        status=ProviderStatus.SUCCEEDED, images=(ProviderImage(url="https://x/0.png", expires_at=now + 600),))), now)
+    assert first is not None
+    [kept] = first.task.images
+    again = await store.apply(task.id, lambda t: Transition(TaskStatus.ARCHIVING, "task.generated", images=(
+        ProviderImage(url="https://x/other.png"), ProviderImage(url="https://x/1.png"))), now + 1, default_expiry=60)
+    assert again is not None
+    stored = await store.get_task(task.id)
+    assert stored is not None
+    assert again.task.images == stored.images, "the transition's images are not the stored rows"
+    assert [img.index for img in stored.images] == [0, 1] and stored.images[0] == kept
+    assert stored.images[1].source_url == "https://x/1.png" and stored.images[1].source_expires_at == now + 61
+    assert [img["id"] for img in again.event.data["images"]] == [img.id for img in stored.images]
+    jobs = await store.claim(now + 3600, limit=10, lease_seconds=30, kinds=["archive"])
+    assert sorted(job.payload["image_id"] for job in jobs) == sorted(img.id for img in stored.images)
 
 
 async def test_task_succeeds_when_last_image_archived(store: Store, clock: ManualClock) -> None:
