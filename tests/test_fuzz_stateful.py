@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import schemathesis
-from hypothesis import Phase, settings
+from hypothesis import Phase, seed, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.transport import Response
 from schemathesis.specs.openapi.checks import (
@@ -111,8 +111,18 @@ def test_linked_calls_keep_the_contract(tmp_path: Path) -> None:
     """Chains of linked calls with hostile values: never a 5xx, documented answers in API.md's shape, and what
     was just created can be read (what was deleted cannot)."""
     seen: Counter[tuple[str, int]] = Counter()
-    # No shrinking (as schemathesis' own runner): replaying scenarios against a fresh relay each is slow.
-    workflow(tmp_path, seen).run(settings=settings(FUZZ, max_examples=SCENARIOS, stateful_step_count=STEPS,
-                                                   phases=[Phase.explicit, Phase.generate]))
+    machine = workflow(tmp_path, seen)
+    # Which chains a run tries depends on relay's answers, not on the seed alone: the same fixed run tried other
+    # chains after another test file had run in this process, or after a change in the store, and once it
+    # never replayed on a live subscription. Then up to two more runs, each with a fixed seed of its own, try
+    # again; every answer of every run is checked all the same.
+    for extra_seed in (None, 1, 2):
+        if extra_seed is not None:
+            seed(extra_seed)(machine)
+        # No shrinking (as schemathesis' own runner): replaying scenarios against a fresh relay each is slow.
+        machine.run(settings=settings(FUZZ, max_examples=SCENARIOS, stateful_step_count=STEPS,
+                                      phases=[Phase.explicit, Phase.generate]))
+        if MUST_SEE <= set(seen):
+            break
     missing = MUST_SEE - set(seen)
     assert not missing, f"the links never reached {sorted(missing)}; seen: {sorted(seen)}"
