@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import Phase, seed, settings
 from schemathesis.checks import not_a_server_error
@@ -107,6 +108,7 @@ def workflow(tmp_path: Path, seen: Counter[tuple[str, int]]) -> type[Any]:
     return Workflow
 
 
+@pytest.mark.timeout(360)       # up to three runs of about 30 s each, on a busy machine
 def test_linked_calls_keep_the_contract(tmp_path: Path) -> None:
     """Chains of linked calls with hostile values: never a 5xx, documented answers in API.md's shape, and what
     was just created can be read (what was deleted cannot)."""

@@ -1,12 +1,16 @@
 """SQLite's small writes (job outcomes, received callbacks) and claims are committed on the event loop's own
 thread (relay.store.sqlite.SQLiteStore._tx_on_loop). What that must never cost: the loop waiting on another
-process's lock, a write lost or half-done, or the one writer connection left inside a transaction."""
+process's lock or on the writer's thread, a write lost or half-done, or the one writer connection left inside
+a transaction."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -18,12 +22,14 @@ from relay.models import Task
 from relay.store.sqlite import SQLiteStore
 from tests.harness import wait_for
 
+STALL_LIMIT = 2.0      # seconds the loop may go without a turn; a busy handler on it would sleep 10 s
+
 
 @pytest.fixture
-async def sqlite_store(tmp_path: Path) -> SQLiteStore:
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
-    yield store  # type: ignore[misc]
+    yield store
     await store.close()
 
 
@@ -36,7 +42,7 @@ async def _task(store: SQLiteStore, clock: ManualClock) -> Task:
 
 
 def _callback_jobs(path: Path) -> int:
-    with sqlite3.connect(path) as other:
+    with contextlib.closing(sqlite3.connect(path)) as other:
         return int(other.execute("SELECT count(*) FROM jobs WHERE kind = ?", (CALLBACK_JOB,)).fetchone()[0])
 
 
@@ -49,37 +55,100 @@ async def _claim(store: SQLiteStore, task: Task, clock: ManualClock) -> None:
     assert [job.kind for job in claimed] == [CALLBACK_JOB]
 
 
+Work = Callable[[SQLiteStore, Task, ManualClock], Awaitable[None]]
+
+
+class LoopWatch:
+    """Counts the loop's turns and keeps the longest gap between two: a loop blocked shows as a long gap."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.longest_gap = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.ticks, self.longest_gap, last = self.ticks + 1, max(self.longest_gap, now - last), now
+
+    async def __aenter__(self) -> LoopWatch:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def turns(self, n: int, what: str) -> None:
+        start = self.ticks
+        await wait_for(lambda: self.ticks >= start + n, timeout=10, what=what)
+
+
+@pytest.mark.parametrize("work", [_receive, _claim], ids=["small write", "claim"])
+async def test_work_on_the_loop_does_not_go_through_the_writers_thread(
+        sqlite_store: SQLiteStore, clock: ManualClock, work: Work) -> None:
+    """With the writer's thread busy (here: held on purpose, outside the store's lock), a callback is still
+    recorded and jobs still claimed: that work runs on the loop's own thread, not queued behind the thread."""
+    task = await _task(sqlite_store, clock)
+    if work is _claim:
+        await _receive(sqlite_store, task, clock)
+    assert sqlite_store._writer is not None
+    release = threading.Event()
+    held = asyncio.ensure_future(sqlite_store._writer._execute(release.wait, 10))  # type: ignore[no-untyped-call]
+    try:
+        await asyncio.wait_for(work(sqlite_store, task, clock), timeout=5)
+    finally:
+        release.set()
+        await held
+
+
 @pytest.mark.parametrize("work", [_receive, _claim], ids=["small write", "claim"])
 async def test_work_on_the_loop_waits_off_it_while_another_process_holds_the_write_lock(
-        sqlite_store: SQLiteStore, clock: ManualClock, tmp_path: Path,
-        work: Callable[[SQLiteStore, Task, ManualClock], Awaitable[None]]) -> None:
+        sqlite_store: SQLiteStore, clock: ManualClock, tmp_path: Path, work: Work) -> None:
     """`relay retention` beside the server holds the write lock: a callback is recorded (or jobs claimed) once
     the lock is free, and the event loop keeps running meanwhile (on the loop's thread, SQLite's busy handler
     would have slept the whole loop until the lock came free or busy_timeout ran out)."""
     task = await _task(sqlite_store, clock)
     if work is _claim:
         await _receive(sqlite_store, task, clock)
-    before = _callback_jobs(tmp_path / "relay.db")
-    other = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
-    try:
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db", isolation_level=None)) as other:
         other.execute("BEGIN IMMEDIATE")          # another process's write transaction, open
-        write = asyncio.create_task(work(sqlite_store, task, clock))
-        ticks = 0
+        async with LoopWatch() as loop:
+            done = asyncio.create_task(work(sqlite_store, task, clock))
+            await loop.turns(20, "the loop to run while the work waits for the lock")
+            assert not done.done(), "nothing can commit while another connection holds the write lock"
+            other.execute("COMMIT")
+            await asyncio.wait_for(done, timeout=10)
+        assert loop.longest_gap < STALL_LIMIT
+    assert _callback_jobs(tmp_path / "relay.db") == 1
 
-        async def ticking() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.01)
-        ticker = asyncio.create_task(ticking())
-        await wait_for(lambda: ticks >= 20, timeout=10, what="the loop to run while the write waits for the lock")
-        ticker.cancel()
-        assert not write.done(), "the write cannot have committed while another connection holds the write lock"
-        other.execute("COMMIT")
-        await asyncio.wait_for(write, timeout=10)
-    finally:
-        other.close()
-    assert _callback_jobs(tmp_path / "relay.db") == (before if work is _claim else 1)
+
+async def test_a_cancelled_transaction_keeps_the_writer_until_its_thread_is_done(
+        sqlite_store: SQLiteStore, clock: ManualClock, tmp_path: Path) -> None:
+    """A transaction waiting on the writer's thread for another process's lock is cancelled (a job's timeout,
+    shutdown): its thread still holds the connection, so a small write after it must wait for the thread
+    without blocking the loop, and then succeed (it must not run on the connection meanwhile: the loop would
+    sleep in the thread's busy wait, or BEGIN inside the thread's transaction)."""
+    task = await _task(sqlite_store, clock)
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db", isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        async with LoopWatch() as loop:
+            waiting = asyncio.create_task(_task(sqlite_store, clock))      # on the writer's thread, waiting
+            await wait_for(sqlite_store._lock.locked, timeout=10, what="the transaction to take the writer")
+            await loop.turns(5, "the transaction to reach the writer's thread")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            write = asyncio.create_task(_receive(sqlite_store, task, clock))
+            await loop.turns(20, "the loop to run while the write waits")
+            assert not write.done()
+            other.execute("COMMIT")
+            await asyncio.wait_for(write, timeout=15)
+        assert loop.longest_gap < STALL_LIMIT
+    assert _callback_jobs(tmp_path / "relay.db") == 1
 
 
 async def test_a_failed_batch_of_small_writes_leaves_the_writer_usable(
@@ -94,3 +163,41 @@ async def test_a_failed_batch_of_small_writes_leaves_the_writer_usable(
     await sqlite_store.receive_callback(callback_job("evolink", task.id, '{"status": "done"}', clock.now()))
     await _task(sqlite_store, clock)                          # a whole transaction on the writer's thread
     assert _callback_jobs(tmp_path / "relay.db") == 2
+
+
+async def test_a_commit_that_fails_is_rolled_back(sqlite_store: SQLiteStore, clock: ManualClock,
+                                                  tmp_path: Path) -> None:
+    """A COMMIT can fail and leave SQLite's transaction open (here: a deferred foreign key checked at COMMIT).
+    The batch is rolled back, so the one writer connection is not left inside a transaction, where every
+    later BEGIN would fail."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db", isolation_level=None)) as other:
+        other.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        other.execute("CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError):
+        await sqlite_store._write("INSERT INTO child VALUES (?)", (42,))
+    task = await _task(sqlite_store, clock)
+    await _receive(sqlite_store, task, clock)
+    assert _callback_jobs(tmp_path / "relay.db") == 1
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db")) as other:
+        assert other.execute("SELECT count(*) FROM child").fetchone()[0] == 0
+
+
+async def test_a_batch_of_large_values_goes_to_the_writers_thread(
+        sqlite_store: SQLiteStore, clock: ManualClock, tmp_path: Path) -> None:
+    """Callback bodies of a megabyte are not copied on the loop's thread: with the writer's thread held, such a
+    write waits for it (a small one does not: the first test), and is committed once the thread is free."""
+    task = await _task(sqlite_store, clock)
+    assert sqlite_store._writer is not None
+    release = threading.Event()
+    held = asyncio.ensure_future(sqlite_store._writer._execute(release.wait, 10))  # type: ignore[no-untyped-call]
+    try:
+        large = asyncio.create_task(sqlite_store.receive_callback(
+            callback_job("evolink", task.id, '{"status": "' + "x" * 1_000_000 + '"}', clock.now())))
+        async with LoopWatch() as loop:
+            await loop.turns(20, "the loop to run while the large write waits for the writer's thread")
+        assert not large.done()
+    finally:
+        release.set()
+        await held
+    await asyncio.wait_for(large, timeout=10)
+    assert _callback_jobs(tmp_path / "relay.db") == 1

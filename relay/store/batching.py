@@ -47,6 +47,10 @@ class GroupCommit(Generic[T]):
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
+            if self._pending:
+                # A flush may not suspend at all (SQLite's runs on the loop's thread): let the loop serve
+                # others between the batches of a backlog.
+                await asyncio.sleep(0)
 
     async def drain(self) -> None:
         """Wait for every queued write (before closing the connection)."""

@@ -53,6 +53,7 @@ def migrations() -> list[tuple[int, str]]:
 
 
 BUSY_TIMEOUT_MS = 10000              # how long a statement waits for a lock another connection holds
+LOOP_WRITE_BYTES = 256 * 1024        # a group commit carrying more goes to the writer's thread (_write_statements)
 
 
 def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -80,7 +81,7 @@ def _begun_without_waiting(conn: sqlite3.Connection) -> bool:
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc) and "busy" not in str(exc):
+        if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
             raise
         return False
     finally:
@@ -183,8 +184,7 @@ class SQLiteStore(Store):
         self._lock = asyncio.Lock()
         self._background: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        # Flushed on the event loop's thread (see _write_statements): a batch at most this big keeps each
-        # flush to a few milliseconds of the loop's time.
+        # Flushed on the event loop's thread when small (see _write_statements): at most this many writes.
         self._small_writes: GroupCommit[tuple[str, tuple[Any, ...]]] = GroupCommit(self._write_statements,
                                                                                    max_batch=128)
 
@@ -226,8 +226,8 @@ class SQLiteStore(Store):
                 delay = CHECKPOINT_INTERVAL
 
     async def _connect(self) -> aiosqlite.Connection:
-        # check_same_thread off: the writer's small writes also run on the event loop's thread (see
-        # _write_statements), never at the same time as on its own (the writer's lock serializes them).
+        # check_same_thread off: the writer's short work also runs on the event loop's thread (_tx_on_loop),
+        # never while its own thread uses it (the writer's lock is held until the thread's work is done).
         conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = aiosqlite.Row
@@ -268,10 +268,11 @@ class SQLiteStore(Store):
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
             self._checkpoints = None
-        for conn in (self._background, self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._background = self._reader = self._writer = None
+        async with self._lock:      # not while a transaction still runs on the writer's thread
+            for conn in (self._background, self._reader, self._writer):
+                if conn is not None:
+                    await conn.close()
+            self._background = self._reader = self._writer = None
 
     async def ping(self) -> None:
         await (await self._r.execute("SELECT 1")).fetchone()
@@ -306,13 +307,27 @@ class SQLiteStore(Store):
 
         Uses aiosqlite's `_execute` and `_conn` (private, stable since 0.17): aiosqlite has no public
         way to run a function on its thread. Cancel-safe: the transaction runs to its end (COMMIT or
-        ROLLBACK) on that thread whatever happens to the awaiting coroutine, and the thread's queue is
-        FIFO, so a later BEGIN always comes after it.
+        ROLLBACK) on that thread whatever happens to the awaiting coroutine, and the writer's lock is
+        held until it has: a caller cancelled meanwhile (a job's timeout, a heartbeat stopped, shutdown)
+        must not let _tx_on_loop use the connection while the thread still does.
         """
         assert self._writer is not None, "store is not open"
-        async with self._lock:
-            conn = self._writer._conn
-            return await self._writer._execute(_in_transaction, conn, work)  # type: ignore[no-any-return,no-untyped-call]
+        await self._lock.acquire()
+        try:
+            on_thread = asyncio.ensure_future(
+                self._writer._execute(_in_transaction, self._writer._conn, work))  # type: ignore[no-untyped-call]
+        except BaseException:
+            self._lock.release()
+            raise
+        on_thread.add_done_callback(self._thread_done)
+        return await asyncio.shield(on_thread)
+
+    def _thread_done(self, on_thread: asyncio.Future[Any]) -> None:
+        """The writer's thread has finished a transaction: the connection is free again. Its error is read
+        here too, so a transaction whose caller went away does not log "exception was never retrieved"."""
+        self._lock.release()
+        if not on_thread.cancelled():
+            on_thread.exception()
 
     @staticmethod
     async def _commit(db: aiosqlite.Connection) -> None:
@@ -349,34 +364,44 @@ class SQLiteStore(Store):
 
     async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         """One group commit of small writes, each one row found by its key (a callback's job, a job's outcome):
-        on the event loop's thread (_tx_on_loop)."""
+        on the event loop's thread (_tx_on_loop) unless its values are large. A callback job carries the raw
+        body, up to server.max_body_bytes: 128 bodies of 1 MB held the loop 211 ms, so a batch over
+        LOOP_WRITE_BYTES goes to the writer's thread, where SQLite copies them without the GIL."""
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
+        size = 0
         for sql, args in batch:
             by_statement.setdefault(sql, []).append(args)
+            size += sum(len(value) for value in args if isinstance(value, (str, bytes)))
 
         def write(conn: sqlite3.Connection) -> None:
             for sql, rows in by_statement.items():
                 conn.executemany(sql, rows)
-        await self._tx_on_loop(write)
+        if size > LOOP_WRITE_BYTES:
+            await self._tx_in_thread(write)
+        else:
+            await self._tx_on_loop(write)
 
     async def _tx_on_loop(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` in one write transaction right here on the event loop's thread; on the writer's thread
         (_tx_in_thread) if another connection holds the write lock. For short, bounded work only: a group
         commit of small writes, a claim (a walk of jobs_due that stops at its limit).
 
-        Such work costs the loop well under a millisecond (20 small writes, or a claim of 32 jobs at a million
-        rows: about 1 ms), and a hop to the writer's thread costs its callers about as much again in waiting:
+        Such work costs the loop about a millisecond or less (20 small writes: 0.7-0.8 ms; a claim of 32 jobs:
+        p50 0.6 ms at 10,000 rows, 1.2 ms at a million), and a hop to the writer's thread costs its callers
+        about as much again in waiting:
         the thread must get the GIL from a busy loop, and the answer must come back through the loop's queue.
         The callback acknowledgement waits on nothing else (bench.callbacks, API only: 0.36 / 0.33 → 0.50 /
-        0.46 of the bare endpoint, alternating runs), and a worker's claim and job ends are most of what a
-        processed callback costs (with workers: 3,874 / 4,672 → 5,598 / 4,838 processed/s). Longer or
+        0.46 of the bare endpoint, alternating runs); with workers, whose claims and job ends are most of
+        what a processed callback costs, 3,874 / 4,672 → 5,598 / 4,838 processed/s (one pair inside the
+        noise). Longer or
         many-statement transactions stay on the writer's thread, where SQLite works without the GIL while the
         loop goes on (every transaction and read on the loop, tried once: end-to-end tasks/s and CPU per task
         the same, p99 1.6 s against 0.85 s, the loop's thread at 0.88 cores against 0.58).
 
-        The loop never sleeps in SQLite's busy handler: BEGIN does not wait here, and work that finds the
-        write lock held by another connection (`relay retention` beside the server) goes to the writer's
-        thread, which waits for it as every transaction there does."""
+        The loop does not sleep in SQLite's busy handler for the write lock: BEGIN does not wait here, and
+        work that finds it held by another connection (`relay retention` beside the server) goes to the
+        writer's thread, which waits for it as every transaction there does. (In WAL mode, which _connect
+        sets, a commit waits for no reader.)"""
         assert self._writer is not None, "store is not open"
         async with self._lock:
             conn = self._writer._conn
