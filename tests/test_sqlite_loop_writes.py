@@ -10,7 +10,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -87,6 +87,36 @@ class LoopWatch:
         await wait_for(lambda: self.ticks >= start + n, timeout=10, what=what)
 
 
+@contextlib.contextmanager
+def _write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's write transaction on the database, open until the caller COMMITs it."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+
+
+@contextlib.asynccontextmanager
+async def _writers_thread_held(store: SQLiteStore) -> AsyncIterator[None]:
+    """The writer's thread busy (on purpose, outside the store's lock) until the block ends."""
+    assert store._writer is not None
+    release = threading.Event()
+    held = asyncio.ensure_future(store._writer._execute(release.wait, 10))  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        release.set()
+        await held
+
+
+async def _done_once_released(other: sqlite3.Connection, loop: LoopWatch, work: Awaitable[None]) -> None:
+    """`work` waits while `other` holds the write lock (the loop running meanwhile), and ends once it is released."""
+    done = asyncio.ensure_future(work)
+    await loop.turns(20, "the loop to run while the work waits for the lock")
+    assert not done.done(), "nothing can commit while another connection holds the write lock"
+    other.execute("COMMIT")
+    await asyncio.wait_for(done, timeout=15)
+
+
 @pytest.mark.parametrize("work", [_receive, _claim], ids=["small write", "claim"])
 async def test_work_on_the_loop_does_not_go_through_the_writers_thread(
         sqlite_store: SQLiteStore, clock: ManualClock, work: Work) -> None:
@@ -95,14 +125,8 @@ async def test_work_on_the_loop_does_not_go_through_the_writers_thread(
     task = await _task(sqlite_store, clock)
     if work is _claim:
         await _receive(sqlite_store, task, clock)
-    assert sqlite_store._writer is not None
-    release = threading.Event()
-    held = asyncio.ensure_future(sqlite_store._writer._execute(release.wait, 10))  # type: ignore[no-untyped-call]
-    try:
+    async with _writers_thread_held(sqlite_store):
         await asyncio.wait_for(work(sqlite_store, task, clock), timeout=5)
-    finally:
-        release.set()
-        await held
 
 
 @pytest.mark.parametrize("work", [_receive, _claim], ids=["small write", "claim"])
@@ -114,14 +138,9 @@ async def test_work_on_the_loop_waits_off_it_while_another_process_holds_the_wri
     task = await _task(sqlite_store, clock)
     if work is _claim:
         await _receive(sqlite_store, task, clock)
-    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db", isolation_level=None)) as other:
-        other.execute("BEGIN IMMEDIATE")          # another process's write transaction, open
+    with _write_lock_held(tmp_path / "relay.db") as other:
         async with LoopWatch() as loop:
-            done = asyncio.create_task(work(sqlite_store, task, clock))
-            await loop.turns(20, "the loop to run while the work waits for the lock")
-            assert not done.done(), "nothing can commit while another connection holds the write lock"
-            other.execute("COMMIT")
-            await asyncio.wait_for(done, timeout=10)
+            await _done_once_released(other, loop, work(sqlite_store, task, clock))
         assert loop.longest_gap < STALL_LIMIT
     assert _callback_jobs(tmp_path / "relay.db") == 1
 
@@ -133,8 +152,7 @@ async def test_a_cancelled_transaction_keeps_the_writer_until_its_thread_is_done
     without blocking the loop, and then succeed (it must not run on the connection meanwhile: the loop would
     sleep in the thread's busy wait, or BEGIN inside the thread's transaction)."""
     task = await _task(sqlite_store, clock)
-    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db", isolation_level=None)) as other:
-        other.execute("BEGIN IMMEDIATE")
+    with _write_lock_held(tmp_path / "relay.db") as other:
         async with LoopWatch() as loop:
             waiting = asyncio.create_task(_task(sqlite_store, clock))      # on the writer's thread, waiting
             await wait_for(sqlite_store._lock.locked, timeout=10, what="the transaction to take the writer")
@@ -142,11 +160,7 @@ async def test_a_cancelled_transaction_keeps_the_writer_until_its_thread_is_done
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
-            write = asyncio.create_task(_receive(sqlite_store, task, clock))
-            await loop.turns(20, "the loop to run while the write waits")
-            assert not write.done()
-            other.execute("COMMIT")
-            await asyncio.wait_for(write, timeout=15)
+            await _done_once_released(other, loop, _receive(sqlite_store, task, clock))
         assert loop.longest_gap < STALL_LIMIT
     assert _callback_jobs(tmp_path / "relay.db") == 1
 
@@ -187,17 +201,11 @@ async def test_a_batch_of_large_values_goes_to_the_writers_thread(
     """Callback bodies of a megabyte are not copied on the loop's thread: with the writer's thread held, such a
     write waits for it (a small one does not: the first test), and is committed once the thread is free."""
     task = await _task(sqlite_store, clock)
-    assert sqlite_store._writer is not None
-    release = threading.Event()
-    held = asyncio.ensure_future(sqlite_store._writer._execute(release.wait, 10))  # type: ignore[no-untyped-call]
-    try:
+    async with _writers_thread_held(sqlite_store):
         large = asyncio.create_task(sqlite_store.receive_callback(
             callback_job("evolink", task.id, '{"status": "' + "x" * 1_000_000 + '"}', clock.now())))
         async with LoopWatch() as loop:
             await loop.turns(20, "the loop to run while the large write waits for the writer's thread")
         assert not large.done()
-    finally:
-        release.set()
-        await held
     await asyncio.wait_for(large, timeout=10)
     assert _callback_jobs(tmp_path / "relay.db") == 1

@@ -388,15 +388,13 @@ class SQLiteStore(Store):
 
         Such work costs the loop about a millisecond or less (20 small writes: 0.7-0.8 ms; a claim of 32 jobs:
         p50 0.6 ms at 10,000 rows, 1.2 ms at a million), and a hop to the writer's thread costs its callers
-        about as much again in waiting:
-        the thread must get the GIL from a busy loop, and the answer must come back through the loop's queue.
-        The callback acknowledgement waits on nothing else (bench.callbacks, API only: 0.36 / 0.33 → 0.50 /
-        0.46 of the bare endpoint, alternating runs); with workers, whose claims and job ends are most of
-        what a processed callback costs, 3,874 / 4,672 → 5,598 / 4,838 processed/s (one pair inside the
-        noise). Longer or
-        many-statement transactions stay on the writer's thread, where SQLite works without the GIL while the
-        loop goes on (every transaction and read on the loop, tried once: end-to-end tasks/s and CPU per task
-        the same, p99 1.6 s against 0.85 s, the loop's thread at 0.88 cores against 0.58).
+        about as much again in waiting: the thread must get the GIL from a busy loop, and the answer must
+        come back through the loop's queue. The callback acknowledgement waits on nothing else (bench.callbacks,
+        API only, alternating runs: 0.38 / 0.33 → 0.63 / 0.39 of the bare endpoint); with workers, whose claims
+        and job ends are most of what a processed callback costs, 3,643 / 3,400 → 5,114 / 4,077 processed/s.
+        Longer or many-statement transactions stay on the writer's thread, where SQLite works without the GIL
+        while the loop goes on (every transaction and read on the loop, tried once: end-to-end tasks/s and CPU
+        per task the same, p99 1.6 s against 0.85 s, the loop's thread at 0.88 cores against 0.58).
 
         The loop does not sleep in SQLite's busy handler for the write lock: BEGIN does not wait here, and
         work that finds it held by another connection (`relay retention` beside the server) goes to the
