@@ -24,66 +24,57 @@ def _encode(value: int, length: int) -> str:
     return "".join(pairs)
 
 
-class _RandomPool:
-    """os.urandom read 4 KiB at a time: one system call per 409 ids instead of one per id (hot paths
-    such as callback receipt mint two ids per request). Same kernel CSPRNG bytes, never reused."""
+class _Minter:
+    """The ULIDs of this process: time, then a random part drawn from os.urandom, read 4 KiB at a time
+    (one system call per few hundred ids instead of one per id: callback receipt mints two per request).
 
-    def __init__(self, size: int = 4096) -> None:
-        self._size = size
-        self._buffer = b""
-        self._offset = 0
-        self._lock = threading.Lock()    # ids are minted on the event loop and in worker threads
-        # A forked child must not mint the parent's remaining bytes again.
+    Ids minted in the same millisecond still sort in minting order: the random part of each one is the
+    previous one's plus a random step (the monotonic ULID), so "newest first" by id is never a coin toss.
+    One lock covers the bytes and the step (ids are minted on the event loop and in worker threads); the
+    time digits of the last millisecond are kept, so an id minted in the same one encodes only its random
+    part."""
+
+    def __init__(self, pool_size: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._pool_size = pool_size
+        self._forget()
+        # A forked child must neither mint the parent's remaining bytes again nor continue its sequence.
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._buffer, self._offset = b"", 0
+        self._ms, self._rand, self._time_digits = -1, 0, ""
 
-    def take(self, n: int) -> bytes:
-        with self._lock:
-            if self._offset + n > len(self._buffer):
-                self._buffer, self._offset = os.urandom(self._size), 0
-            start = self._offset
-            self._offset += n
-            return self._buffer[start:start + n]
+    def _take(self, n: int) -> int:
+        """n fresh random bytes as an integer (the lock held)."""
+        if self._offset + n > len(self._buffer):
+            self._buffer, self._offset = os.urandom(self._pool_size), 0
+        start = self._offset
+        self._offset = start + n
+        return int.from_bytes(self._buffer[start:start + n], "big")
 
-
-_random = _RandomPool()
-
-
-class _Monotonic:
-    """Ids minted in the same millisecond still sort in minting order: the random part of each one is the
-    previous one's plus a random step (the monotonic ULID), so "newest first" by id is never a coin toss."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ms = -1
-        self._rand = 0
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._ms = -1
-
-    def next(self, ms: int) -> int:
+    def ulid(self, ms: int) -> str:
         with self._lock:
             if ms == self._ms and self._rand < _RAND_MAX - _STEP_MAX:
-                self._rand += 1 + int.from_bytes(_random.take(4), "big")
+                self._rand += 1 + self._take(4)
             else:
                 # A new millisecond (or the clock moved back, as injected test clocks do): a fresh random part.
-                self._ms = ms
-                self._rand = int.from_bytes(_random.take(10), "big")
-            return (ms << 80) | self._rand
+                self._ms, self._rand, self._time_digits = ms, self._take(10), _encode(ms, 10)
+            rand, time_digits = self._rand, self._time_digits
+        p = _PAIRS      # the 80 random bits as 16 digits, two per lookup, unrolled (ids are on every hot path)
+        return (time_digits + p[rand >> 70] + p[(rand >> 60) & 1023] + p[(rand >> 50) & 1023]
+                + p[(rand >> 40) & 1023] + p[(rand >> 30) & 1023] + p[(rand >> 20) & 1023]
+                + p[(rand >> 10) & 1023] + p[rand & 1023])
 
 
 _RAND_MAX = (1 << 80) - 1
 _STEP_MAX = 1 << 32
-_monotonic = _Monotonic()
+_minter = _Minter()
 
 
 def ulid(now: float | None = None) -> str:
     """A 26-character ULID string; sorts by creation time (ms), then by minting order within this process."""
-    ms = int((time.time() if now is None else now) * 1000)
-    return _encode(_monotonic.next(ms), 26)
+    return _minter.ulid(int((time.time() if now is None else now) * 1000))
 
 
 def new_id(prefix: str, now: float | None = None) -> str:

@@ -282,7 +282,7 @@ class Worker:
     async def _retry(self, job: Job, handler: Handler, after: float | None, reason: str) -> None:
         limit = min(job.max_attempts, self.options.max_attempts)
         if job.attempts >= limit:
-            metrics.JOB_FAILURES.labels(job.kind, "dead").inc()
+            metrics.labeled(metrics.JOB_FAILURES, job.kind, "dead").inc()
             log.warning("job %s (%s) gave up after %d attempts: %s", job.id, job.kind, job.attempts, reason,
                         extra={"outcome": "dead", "attempts": job.attempts})
             try:
@@ -298,7 +298,7 @@ class Worker:
             return
         if after is None:
             after = backoff(job.attempts, self.options.retry_base, self.options.retry_cap)
-        metrics.JOB_FAILURES.labels(job.kind, "retry").inc()
+        metrics.labeled(metrics.JOB_FAILURES, job.kind, "retry").inc()
         log.info("job %s (%s) retries in %.1fs: %s", job.id, job.kind, after, reason,
                  extra={"outcome": "retry", "attempts": job.attempts})
         await self.store.retry_job(job, self.clock.now() + after, reason[:1000])

@@ -124,8 +124,8 @@ class DeliverHandler:
     async def _record(self, delivery_id: str, delivery: Delivery, url: str, at: float, sent: Sent) -> Again | None:
         svc = self.service
         outcome = schedule.classify(sent.status_code, blocked=sent.blocked)
-        metrics.DELIVERY_ATTEMPTS.labels(outcome).inc()
-        metrics.DELIVERY_SECONDS.labels(outcome).observe(sent.latency_ms / 1000)
+        metrics.labeled(metrics.DELIVERY_ATTEMPTS, outcome).inc()
+        metrics.labeled(metrics.DELIVERY_SECONDS, outcome).observe(sent.latency_ms / 1000)
         # The URL is redacted by the log filter like any other (a subscriber's ?token= stays out).
         log.log(logging.INFO if outcome == schedule.SUCCEEDED else logging.WARNING,
                 "delivery %s attempt %d to %s: %s (%s) in %.0f ms", delivery_id, delivery.attempts + 1, url, outcome,

@@ -65,19 +65,19 @@ class ArchiveHandler:
         try:
             result = await self._save(image, inline, provider)
         except SourceGone as exc:
-            metrics.ARCHIVE_SECONDS.labels("failed").observe(time.perf_counter() - started)
+            metrics.labeled(metrics.ARCHIVE_SECONDS, "failed").observe(time.perf_counter() - started)
             await self._fail(image_id, *self._reason(job, exc))
             return None
         except BlockedAddress as exc:
-            metrics.ARCHIVE_SECONDS.labels("failed").observe(time.perf_counter() - started)
+            metrics.labeled(metrics.ARCHIVE_SECONDS, "failed").observe(time.perf_counter() - started)
             await self._fail(image_id, "blocked_address", str(exc))
             return None
         except ArchiveError as exc:
-            metrics.ARCHIVE_SECONDS.labels("retry").observe(time.perf_counter() - started)
+            metrics.labeled(metrics.ARCHIVE_SECONDS, "retry").observe(time.perf_counter() - started)
             return self._again_later(job, exc)
         self.outage.succeeded()
-        metrics.ARCHIVE_SECONDS.labels("archived").observe(time.perf_counter() - started)
-        metrics.ARCHIVE_BYTES.labels(provider).inc(result.bytes)
+        metrics.labeled(metrics.ARCHIVE_SECONDS, "archived").observe(time.perf_counter() - started)
+        metrics.labeled(metrics.ARCHIVE_BYTES, provider).inc(result.bytes)
         await ctx.store.image_archived(image_id, result, ctx.clock.now())
         return None
 

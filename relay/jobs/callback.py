@@ -256,7 +256,7 @@ class CallbackHandler:
                 self.ctx.clock.now())
             for job_id in done:
                 other, verdict = settled[job_id]
-                metrics.CALLBACKS_PROCESSED.labels(other["provider"], verdict.outcome).inc()
+                metrics.labeled(metrics.CALLBACKS_PROCESSED, other["provider"], verdict.outcome).inc()
             if len(waiting) < GATHER_PAGE:
                 return True
             after = waiting[-1][0]
@@ -265,7 +265,7 @@ class CallbackHandler:
     async def _settle(self, callback: dict[str, Any], verdict: Verdict) -> None:
         """Record what processing made of the callback and count it."""
         await self.ctx.store.settle_callback(callback, verdict.status, verdict.note, self.ctx.clock.now())
-        metrics.CALLBACKS_PROCESSED.labels(callback["provider"], verdict.outcome).inc()
+        metrics.labeled(metrics.CALLBACKS_PROCESSED, callback["provider"], verdict.outcome).inc()
 
     async def give_up(self, job: Job, reason: str) -> None:
         # The safety-net poll still watches the task; only this callback's confirmation is abandoned.

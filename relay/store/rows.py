@@ -13,8 +13,13 @@ from relay.deliveries.models import Attempt, Delivery, Subscription
 from relay.models import ImageRecord, Job, Task, TaskStatus
 
 
+# One encoder for every row: json.dumps with separators builds a new JSONEncoder on each call (a third of
+# the cost of dumping a callback job's payload).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else _COMPACT.encode(value)
 
 
 def loads(value: str | None) -> Any:

@@ -44,7 +44,7 @@ async def accept_callback(runtime: Runtime, provider_name: str, task_id: str, to
     if provider is None or not provider.caps.callbacks or \
             not ctx.signer.verify_callback_token(provider_name, task_id, token):
         # The label only ever names a configured provider: the path is anyone's to make up.
-        metrics.CALLBACKS.labels(provider_name if provider is not None else "unknown", "rejected").inc()
+        metrics.labeled(metrics.CALLBACKS, provider_name if provider is not None else "unknown", "rejected").inc()
         raise NotFound("not found")
     body = await _read_body(receive, runtime.settings.server.max_body_bytes, declared_size)
     try:
@@ -52,11 +52,11 @@ async def accept_callback(runtime: Runtime, provider_name: str, task_id: str, to
         json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         # RecursionError: JSON nested deeper than the parser's stack; it could not be processed later either.
-        metrics.CALLBACKS.labels(provider_name, "rejected").inc()
+        metrics.labeled(metrics.CALLBACKS, provider_name, "rejected").inc()
         raise BadRequestBody("the callback body must be JSON") from None
     await runtime.store.receive_callback(callback_job(provider_name, task_id, text, ctx.clock.now()))
-    metrics.CALLBACKS.labels(provider_name, "acked").inc()
-    metrics.CALLBACK_ACK_SECONDS.labels(provider_name).observe(time.perf_counter() - started)
+    metrics.labeled(metrics.CALLBACKS, provider_name, "acked").inc()
+    metrics.labeled(metrics.CALLBACK_ACK_SECONDS, provider_name).observe(time.perf_counter() - started)
 
 
 class _Gone(Exception):
