@@ -172,6 +172,8 @@ async def test_malformed_callbacks_never_crash_or_change_state(tmp_path: Path) -
         after = await h.task(task["id"])
         assert after["sequence"] == before["sequence"] and after["status"] == before["status"]
         assert (await h.api.get("/healthz")).status_code == 200
+        # Each one was read, judged and recorded as rejected, none left half-processed.
+        assert await h.runtime.store.callbacks_by_provider(0.0) == {"evolink": {"rejected": 8}}
 
 
 async def test_acknowledged_callback_survives_a_restart(tmp_path: Path) -> None:
