@@ -35,15 +35,17 @@ class _Minter:
     part."""
 
     def __init__(self, pool_size: int = 4096) -> None:
-        self._lock = threading.Lock()
         self._pool_size = pool_size
         self._forget()
         # A forked child must neither mint the parent's remaining bytes again nor continue its sequence.
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
+        # A new lock too: a fork taken while another thread held the lock would leave the child's held forever.
+        self._lock = threading.Lock()
         self._buffer, self._offset = b"", 0
-        self._ms, self._rand, self._time_digits = -1, 0, ""
+        self._ms: int | None = None        # no millisecond minted yet (any int, negative ones too, is one)
+        self._rand, self._time_digits = 0, ""
 
     def _take(self, n: int) -> int:
         """n fresh random bytes as an integer (the lock held)."""

@@ -175,7 +175,7 @@ def use_multiprocess_dir(path: str) -> None:
     # prometheus-client picks its value class when first imported; a labelled metric makes its values
     # when a label set is first used, so switching now covers every metric above.
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-    _children.clear()      # children made before now count in memory; the next ones are made anew
+    _children.clear()      # nothing is labelled before this switch; cleared so that stays true if it ever is
 
 
 def process_exited(pid: int) -> None:

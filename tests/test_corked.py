@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pytest
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from relay.cli import server_config
-from relay.web.corked import CorkedHttpToolsProtocol, CorkedTransport
+from relay.web.corked import HOLD_BYTES, CorkedHttpToolsProtocol, CorkedTransport
 from tests.harness import settings_for, wait_for
 from tests.serving import QuickServer, running
 
@@ -75,12 +78,27 @@ async def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
     corked = CorkedTransport(real, asyncio.get_running_loop())   # type: ignore[arg-type]
     corked.write(b"lost with the connection")
     corked.abort()
+    assert corked.get_write_buffer_size() == 7       # nothing held any more
     await asyncio.sleep(0)
     assert real.calls == [("abort", None)]
 
 
+class _CountedWrites:
+    """The real transport, its writes counted (a proxy: uvloop's transports take no new attributes)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        CountingProtocol.writes.append(len(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class CountingProtocol(CorkedHttpToolsProtocol):
-    """Counts the writes that reach the real socket transport, under the corked one."""
+    """Counts the writes that reach the real socket transport, under the corked one, and the pauses."""
 
     writes: list[int] = []
     paused = 0
@@ -90,14 +108,7 @@ class CountingProtocol(CorkedHttpToolsProtocol):
         super().pause_writing()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        real_write = transport.write
-
-        def counted(data: Any) -> None:
-            CountingProtocol.writes.append(len(data))
-            real_write(data)
-
-        transport.write = counted  # type: ignore[method-assign]
-        super().connection_made(transport)
+        super().connection_made(_CountedWrites(transport))  # type: ignore[arg-type]
 
 
 def _app() -> Starlette:
@@ -127,54 +138,89 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
-async def test_a_real_server_answers_keep_alive_pipelined_and_close_with_one_write_each() -> None:
-    CountingProtocol.writes = []
-    config = uvicorn.Config(_app(), log_level="warning", lifespan="off", http=CountingProtocol)
-    async with running(QuickServer(config), _listening()) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        # Keep-alive, one at a time: one write per response.
-        for n in range(5):
-            writer.write(f"GET /small?n={n} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
-            head, body = await asyncio.wait_for(_read_response(reader), 10)
-            assert head.startswith(b"HTTP/1.1 200") and body == b'{"ok":true,"n":"%d"}' % n
-        assert len(CountingProtocol.writes) == 5
-        # Pipelined: answered in order.
-        writer.write(b"".join(f"GET /small?n=p{n} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for n in range(3)))
-        for n in range(3):
-            _, body = await asyncio.wait_for(_read_response(reader), 10)
-            assert body == b'{"ok":true,"n":"p%d"}' % n
-        # Connection: close: the whole response arrives before the end of the stream.
-        writer.write(b"GET /small?n=last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        rest = await asyncio.wait_for(reader.read(), 10)
-        assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b'{"ok":true,"n":"last"}')
-        writer.close()
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}    # relay serve runs on uvloop
 
 
-async def test_a_streamed_response_to_a_slow_reader_arrives_whole() -> None:
-    """4 MiB in 64 chunks to a reader that reads nothing until the server's buffer is full: the real
-    transport's flow control pauses the producer as before, and every byte arrives in order."""
-    CountingProtocol.paused = 0
-    config = uvicorn.Config(_app(), log_level="warning", lifespan="off", http=CountingProtocol)
-    async with running(QuickServer(config), _listening()) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=4096)
-        writer.write(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
-        await wait_for(lambda: CountingProtocol.paused > 0, 10, "the server to pause writing")
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        received = bytearray()
-        while not received.endswith(b"\r\n0\r\n\r\n"):
-            data = await asyncio.wait_for(reader.read(65536), 10)
-            assert data, "the stream ended early"
-            received += data
-        payload, view = bytearray(), bytes(received)
-        while True:                    # undo the chunked framing
-            size_end = view.index(b"\r\n")
-            size = int(view[:size_end], 16)
-            if size == 0:
-                break
-            payload += view[size_end + 2:size_end + 2 + size]
-            view = view[size_end + 2 + size + 2:]
-        assert payload == b"".join(bytes([i]) * 65536 for i in range(64))
-        writer.close()
+def on_loop(kind: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:
+        runner.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_real_server_answers_keep_alive_pipelined_and_close_with_one_write_each(loop: str) -> None:
+    async def main() -> None:
+        CountingProtocol.writes = []
+        config = uvicorn.Config(_app(), log_level="warning", lifespan="off", http=CountingProtocol)
+        async with running(QuickServer(config), _listening()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # Keep-alive, one at a time: one write per response.
+            for n in range(5):
+                writer.write(f"GET /small?n={n} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+                head, body = await asyncio.wait_for(_read_response(reader), 10)
+                assert head.startswith(b"HTTP/1.1 200") and body == b'{"ok":true,"n":"%d"}' % n
+            assert len(CountingProtocol.writes) == 5
+            # Pipelined: answered in order, one write each at most.
+            writer.write(b"".join(f"GET /small?n=p{n} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for n in range(3)))
+            for n in range(3):
+                _, body = await asyncio.wait_for(_read_response(reader), 10)
+                assert body == b'{"ok":true,"n":"p%d"}' % n
+            assert len(CountingProtocol.writes) <= 8
+            # Connection: close: the whole response arrives before the end of the stream.
+            writer.write(b"GET /small?n=last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            rest = await asyncio.wait_for(reader.read(), 10)
+            assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b'{"ok":true,"n":"last"}')
+            assert len(CountingProtocol.writes) <= 9
+            writer.close()
+    on_loop(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_peer_that_half_closes_after_its_request_still_gets_the_answer(loop: str) -> None:
+    """A request followed by shutdown(SHUT_WR) (nc -N, some probes): uvicorn lets the real transport close
+    itself on the end of stream, and the answer written in that turn must be sent before it does."""
+    async def main() -> None:
+        config = uvicorn.Config(_app(), log_level="warning", lifespan="off", http=CorkedHttpToolsProtocol)
+        async with running(QuickServer(config), _listening()) as port:
+            for n in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"GET /small?n={n} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+                writer.write_eof()
+                answer = await asyncio.wait_for(reader.read(), 10)
+                assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'"n":"%d"}' % n), answer
+                writer.close()
+    on_loop(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_streamed_response_to_a_slow_reader_arrives_whole(loop: str) -> None:
+    """4 MiB in 64 chunks from a producer that never suspends, to a reader that reads nothing until the server
+    has paused writing: the held bytes are capped (no write gathers the whole body in memory), the real
+    transport's flow control pauses the producer, and every byte arrives in order."""
+    async def main() -> None:
+        CountingProtocol.writes, CountingProtocol.paused = [], 0
+        config = uvicorn.Config(_app(), log_level="warning", lifespan="off", http=CountingProtocol)
+        async with running(QuickServer(config), _listening()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=4096)
+            writer.write(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+            await wait_for(lambda: CountingProtocol.paused > 0, 10, "the server to pause writing")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            received = bytearray()
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the stream ended early"
+                received += data
+            payload, view = bytearray(), bytes(received)
+            while True:                    # undo the chunked framing
+                size_end = view.index(b"\r\n")
+                size = int(view[:size_end], 16)
+                if size == 0:
+                    break
+                payload += view[size_end + 2:size_end + 2 + size]
+                view = view[size_end + 2 + size + 2:]
+            assert payload == b"".join(bytes([i]) * 65536 for i in range(64))
+            assert max(CountingProtocol.writes) <= HOLD_BYTES + 65536 + 64     # one chunk past the cap at most
+            writer.close()
+    on_loop(loop, main)
 
 
 def test_relay_serve_uses_the_corked_protocol(tmp_path: Any) -> None:

@@ -45,3 +45,9 @@ def test_a_forked_child_never_mints_the_parents_next_id() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert child and child != ids.ulid(0.0)
+
+
+def test_the_first_id_of_any_millisecond_has_its_26_digits() -> None:
+    """Millisecond -1 (a test clock before 1970) is a millisecond like any other, not 'none minted yet'."""
+    ids._minter._forget()            # as in a fresh process
+    assert len(ids.ulid(-0.001)) == 26 and len(ids.ulid(-0.001)) == 26
