@@ -209,3 +209,45 @@ async def test_a_batch_of_large_values_goes_to_the_writers_thread(
         assert not large.done()
     await asyncio.wait_for(large, timeout=10)
     assert _callback_jobs(tmp_path / "relay.db") == 1
+
+
+async def test_small_writes_and_claims_go_ahead_of_queued_thread_transactions(
+        sqlite_store: SQLiteStore, clock: ManualClock) -> None:
+    """A claim and a callback's write do not wait behind every transaction queued for the writer's thread
+    (relay.store.writerlock): with one transaction running there and three queued, the claim goes first, then
+    one queued transaction, then the write, then the other two."""
+    task = await _task(sqlite_store, clock)
+    await _receive(sqlite_store, task, clock)          # a job for the claim to find
+    order: list[str] = []
+    running, release = threading.Event(), threading.Event()
+
+    def transaction(name: str, block: bool = False) -> Callable[..., Awaitable[None]]:
+        async def body(tx: object) -> None:
+            order.append(name)
+            if block:
+                running.set()
+                release.wait(10)
+        return body
+
+    async def claim() -> None:
+        await _claim(sqlite_store, task, clock)
+        order.append("claim")
+
+    async def small_write() -> None:
+        await _receive(sqlite_store, task, clock)
+        order.append("small write")
+
+    lock = sqlite_store._lock
+    try:
+        first = asyncio.ensure_future(sqlite_store.transact(transaction("running", block=True)))
+        await wait_for(running.is_set, 10, "the first transaction to run on the writer's thread")
+        queued = [asyncio.ensure_future(sqlite_store.transact(transaction(f"queued{i}"))) for i in range(3)]
+        await wait_for(lambda: lock.waiting() == 3, 10, "three transactions to queue")
+        ahead = [asyncio.ensure_future(claim())]
+        await wait_for(lambda: lock.waiting() == 4, 10, "the claim to queue")
+        ahead.append(asyncio.ensure_future(small_write()))
+        await wait_for(lambda: lock.waiting() == 5, 10, "the small write to queue")
+    finally:
+        release.set()
+    await asyncio.wait_for(asyncio.gather(first, *queued, *ahead), 15)
+    assert order == ["running", "claim", "queued0", "small write", "queued1", "queued2"]
