@@ -189,7 +189,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                 return False
             await tx.run(q.MARK_SUBMIT_STARTED, (now, task_id))
             return True
-        return await self.transact(body)
+        # Shared with concurrent transactions where the backend shares them (SQLite): a reservation is the most
+        # frequent transaction there is (bench.throughput: 60 % of the writer thread's transactions, each
+        # holding the one writer 1.2 ms at p50 for a few statements, hop included). Each body counts the marks
+        # made before it in the shared transaction, so the cap holds as it does alone.
+        return await self.transact_shared(body)
 
     async def _transition(self, tx: Tx, task: Task, t: Transition, now: float, default_expiry: float) -> Applied:
         event = await write_transition(tx, task, t, now, default_expiry=default_expiry,
