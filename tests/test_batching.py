@@ -74,6 +74,7 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_others_commit() -> No
 # ---- shared transactions -------------------------------------------------------------------------------
 from relay.store.batching import SharedTransactions  # noqa: E402
 from relay.store.tx import Tx  # noqa: E402
+from tests.harness import wait_for  # noqa: E402
 
 
 class Recording:
@@ -173,3 +174,28 @@ async def test_a_caller_gone_before_its_turn_is_left_out() -> None:
     assert isinstance(done[2], asyncio.CancelledError)
     await shared.drain()
     assert "row 2" not in db.table and len(db.table) == 3
+
+
+async def test_a_caller_gone_while_its_batch_waits_for_the_writer_is_left_out() -> None:
+    """The batch is formed, then waits for the writer; a caller cancelled meanwhile has no write committed."""
+    db, gate = Recording(), asyncio.Event()
+
+    async def transact_after_gate(body: object) -> object:
+        await gate.wait()                    # the writer is busy: the batch is formed and waits
+        return await db.transact(body)
+    shared = SharedTransactions(transact_after_gate)   # type: ignore[arg-type]
+
+    def writer(i: int) -> object:
+        async def body(tx: Tx) -> int:
+            await tx.run(f"row {i}")
+            return i
+        return body
+    calls = [asyncio.ensure_future(shared.run(writer(i))) for i in range(4)]  # type: ignore[arg-type]
+    # All four queue in one turn, then the runner takes them as one batch and waits at the gate.
+    await wait_for(lambda: shared._runner is not None and not shared._pending, 5, "the batch to form")
+    calls[2].cancel()
+    gate.set()
+    done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    assert isinstance(done[2], asyncio.CancelledError) and done[:2] == [0, 1] and done[3] == 3
+    await shared.drain()
+    assert sorted(db.table) == ["row 0", "row 1", "row 3"]

@@ -111,7 +111,9 @@ class SharedTransactions:
         async def all_of(tx: Tx) -> list[Any]:
             nonlocal ran_all
             ran_all = False
-            results = [await body(tx) for body, _ in batch]
+            # A caller gone while the batch waited for the writer (a job timed out or stopped at shutdown) is
+            # left out here too: its body would commit what it never learns of (a submit marked as started).
+            results = [None if future.done() else await body(tx) for body, future in batch]
             ran_all = True
             return results
         try:
