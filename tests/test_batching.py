@@ -158,15 +158,18 @@ async def test_a_failed_commit_is_not_run_again() -> None:
     assert sorted(runs) == [0, 1, 2, 3, 4, 5]
 
 
+def writer(i: int) -> object:
+    """A body writing row i and returning i."""
+    async def body(tx: Tx) -> int:
+        await tx.run(f"row {i}")
+        return i
+    return body
+
+
 async def test_a_caller_gone_before_its_turn_is_left_out() -> None:
     db = Recording()
     shared = SharedTransactions(db.transact)   # type: ignore[arg-type]
 
-    def writer(i: int) -> object:
-        async def body(tx: Tx) -> int:
-            await tx.run(f"row {i}")
-            return i
-        return body
     calls = [asyncio.ensure_future(shared.run(writer(i))) for i in range(4)]  # type: ignore[arg-type]
     await asyncio.sleep(0)
     calls[2].cancel()
@@ -185,11 +188,6 @@ async def test_a_caller_gone_while_its_batch_waits_for_the_writer_is_left_out() 
         return await db.transact(body)
     shared = SharedTransactions(transact_after_gate)   # type: ignore[arg-type]
 
-    def writer(i: int) -> object:
-        async def body(tx: Tx) -> int:
-            await tx.run(f"row {i}")
-            return i
-        return body
     calls = [asyncio.ensure_future(shared.run(writer(i))) for i in range(4)]  # type: ignore[arg-type]
     # All four queue in one turn, then the runner takes them as one batch and waits at the gate.
     await wait_for(lambda: shared._runner is not None and not shared._pending, 5, "the batch to form")
