@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+
+import pytest
 
 from relay import ids
 from relay.clock import ManualClock, SystemClock
@@ -12,6 +14,7 @@ from relay.errors import ArchiveError, RateLimited
 from relay.models import Job
 from relay.queue import Again, Retry, Worker, WorkerOptions, backoff
 from relay.store.base import Store
+from tests.harness import wait_for
 
 
 class Scripted:
@@ -219,3 +222,121 @@ async def test_a_long_job_keeps_its_lease_by_heartbeat(store: Store) -> None:
     release.set()
     await asyncio.wait_for(running, 5)
     assert await store.job_counts() == {}
+
+
+class Leases:
+    """A store whose extend_lease calls are counted, and may be held or refused (the rest goes to `store`)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.extended: list[str] = []
+        self.refuse: set[str] = set()      # job ids whose leases are lost
+        self.gate: asyncio.Event | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def extend_lease(self, job: Job, until: float) -> bool:
+        self.extended.append(job.id)
+        if self.gate is not None:
+            await self.gate.wait()
+        if job.id in self.refuse:
+            return False
+        return await self._store.extend_lease(job, until)
+
+
+class Held:
+    """A handler whose runs wait until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def run(self, job: Job) -> None:
+        self.started += 1
+        await self.release.wait()
+
+    async def give_up(self, job: Job, reason: str) -> None: ...
+
+
+def keepers() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "worker-leases" and not t.done()]
+
+
+async def wait_until(predicate: Callable[[], bool], what: str = "the condition") -> None:
+    await wait_for(predicate, 5, what)
+
+
+async def test_one_keeper_holds_the_leases_of_every_running_job(store: Store) -> None:
+    """Jobs started at different times all keep their leases, through one keeper task that ends with the jobs."""
+    clock = SystemClock()
+    handler = Held()
+    leases = Leases(store)
+    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=0.3))  # type: ignore[arg-type]
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now()) for _ in range(2)])
+    [first] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    running = [asyncio.create_task(worker.execute(first))]
+    await asyncio.sleep(0.15)        # the second starts halfway through the first's lease
+    [second] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    running.append(asyncio.create_task(worker.execute(second)))
+    deadline = clock.now() + 1.0
+    while clock.now() < deadline:          # three leases' worth of time: nobody else may claim either
+        assert await store.claim(clock.now(), limit=1, lease_seconds=0.3) == []
+        await asyncio.sleep(0.05)
+    assert len(keepers()) == 1
+    assert {first.id, second.id} <= set(leases.extended)
+    handler.release.set()
+    await asyncio.wait_for(asyncio.gather(*running), 5)
+    assert await store.job_counts() == {}
+    await wait_until(lambda: not keepers())          # nothing left to keep: the keeper ends
+
+
+async def test_a_lost_lease_is_warned_once_and_no_longer_extended(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A job whose lease is found lost is warned about once and left alone; the others go on being kept."""
+    clock = SystemClock()
+    handler = Held()
+    leases = Leases(store)
+    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=0.3))  # type: ignore[arg-type]
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now()) for _ in range(2)])
+    lost, kept = await store.claim(clock.now(), limit=2, lease_seconds=0.3)
+    leases.refuse.add(lost.id)
+    running = [asyncio.create_task(worker.execute(job)) for job in (lost, kept)]
+    await wait_until(lambda: leases.extended.count(kept.id) >= 4, "four extensions of the kept lease")
+    assert leases.extended.count(lost.id) == 1
+    assert [r.getMessage() for r in caplog.records if "lost its lease" in r.getMessage()] == \
+        [f"job {lost.id} lost its lease while running"]
+    handler.release.set()
+    await asyncio.wait_for(asyncio.gather(*running), 5)
+
+
+async def test_a_job_ending_while_its_lease_is_extended_is_not_warned(store: Store,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The job finished (its row gone) while an extension was on its way: that is no lost lease."""
+    clock = SystemClock()
+    handler = Held()
+    leases = Leases(store)
+    leases.gate = asyncio.Event()
+    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=0.3))  # type: ignore[arg-type]
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
+    [job] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    running = asyncio.create_task(worker.execute(job))
+    await wait_until(lambda: leases.extended == [job.id])     # held at the gate
+    handler.release.set()
+    await asyncio.wait_for(running, 5)
+    assert await store.job_counts() == {}
+    leases.gate.set()
+    await wait_until(lambda: not keepers())
+    assert not [r for r in caplog.records if "lost its lease" in r.getMessage()]
+
+
+async def test_stop_ends_the_keeper(store: Store) -> None:
+    clock = SystemClock()
+    handler = Held()
+    worker = Worker(store, {"k": handler}, clock, WorkerOptions(lease_seconds=60))
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
+    runner = asyncio.create_task(worker.run_forever())
+    await wait_until(lambda: handler.started == 1 and bool(keepers()))
+    handler.release.set()
+    await worker.stop(grace=5)
+    await asyncio.wait_for(runner, 5)
+    assert not keepers()       # not left sleeping out its interval (20 s here)
