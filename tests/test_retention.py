@@ -262,6 +262,27 @@ async def test_an_archive_is_refused_while_its_bytes_are_being_deleted(store: St
     assert image is not None and image.status == "archived" and image.path and await images.exists(image.path)
 
 
+async def test_images_held_at_once_are_each_refused_or_held_on_their_own(store: Store, clock: ManualClock,
+                                                                         images: LocalImageStore) -> None:
+    """Archives holding their bytes at once (SQLite: in one shared transaction): the one whose bytes are being
+    deleted is refused, the others hold theirs, and a later deletion of those keeps their files."""
+    old = await finished_task(store, clock, b"contested", images)
+    others = [await finished_task(store, clock, f"kept {n}".encode(), images) for n in range(3)]
+    clock.advance(31 * DAY)
+    swept = await store.delete_finished_tasks(clock.now() - 30 * DAY, 1, clock.now(), release_files=True)
+    assert [f.key for f in swept.files] == [old.images[0].path]       # a deletion of b"contested" is on
+    young = [await pending_image(store, clock) for _ in range(4)]
+    shas = [hashlib.sha256(data).hexdigest() for data in (b"kept 0", b"contested", b"kept 1", b"kept 2")]
+    results = await asyncio.gather(*(store.hold_image(image, sha, clock.now()) for image, sha in zip(young, shas)),
+                                   return_exceptions=True)
+    assert isinstance(results[1], ArchiveError) and results[1].code == IMAGE_BEING_DELETED
+    assert results[:1] + results[2:] == [None, None, None]
+    report = await sweeper(store, images, clock, FILES).sweep()
+    assert report.finished_tasks == 3 and report.files == 1        # only the contested file, never a held one
+    for task in others:
+        assert task.images[0].path is not None and await images.exists(task.images[0].path)
+
+
 async def test_an_image_held_before_the_deletion_decides_keeps_the_file(store: Store, clock: ManualClock,
                                                                          images: LocalImageStore) -> None:
     """An archive that took the sha256 (hold) before the old task's rows went keeps the file: the deletion

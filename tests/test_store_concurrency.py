@@ -280,6 +280,29 @@ async def test_one_idempotency_key_with_two_bodies_at_once_is_one_task_and_one_c
     assert await b.job_counts() == {"submit:queued": IDEMPOTENCY_ROUNDS}
 
 
+async def test_tasks_created_at_once_on_one_store_each_get_their_own_outcome(open_store: OpenStore,
+                                                                             clock: ManualClock) -> None:
+    """Requests racing on one store (SQLite: they share its transactions): plain tasks are all created, one key sent
+    with two bodies makes one task and one Conflict, and the Conflict undoes nothing of the others."""
+    store = await open_store()
+    for round_ in range(IDEMPOTENCY_ROUNDS):
+        plain = [new_task(clock) for _ in range(4)]
+        first, second = new_task(clock), new_task(clock)
+        results = await race(*(store.create_task(t, [submit_job(t)]) for t in plain[:2]),
+                             store.create_task(first, [submit_job(first)], idempotency=("s", f"k{round_}", "hash-a")),
+                             store.create_task(second, [submit_job(second)], idempotency=("s", f"k{round_}", "hash-b")),
+                             *(store.create_task(t, [submit_job(t)]) for t in plain[2:]))
+        assert no_errors(results[:2] + results[4:]) == [(t, True) for t in plain]
+        conflicts = [r for r in results[2:4] if isinstance(r, Conflict)]
+        made = [r for r in results[2:4] if isinstance(r, tuple)]
+        assert len(conflicts) == 1 and len(made) == 1, results[2:4]
+        assert made[0][1]
+        for t in plain:
+            assert await store.get_task(t.id) is not None
+        assert [await store.get_task(t.id) is not None for t in (first, second)].count(True) == 1
+    assert await store.job_counts() == {"submit:queued": IDEMPOTENCY_ROUNDS * 5}
+
+
 async def test_an_expired_idempotency_key_reused_at_once_from_two_stores_makes_one_new_task(
         open_store: OpenStore, clock: ManualClock) -> None:
     """A key older than 24 h is forgotten: reused by six requests at once on two replicas, it makes exactly one
