@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ class Worker:
         # next extended, on the loop's clock). One keeper task for all of them (see _keep_leases).
         self._held: dict[tuple[str, str | None], tuple[Job, float]] = {}
         self._keeper: asyncio.Task[None] | None = None
+        self._extending: dict[tuple[str, str | None], asyncio.Task[None]] = {}    # extensions on their way
         store.on_enqueue(self.wake)
 
     def wake(self) -> None:
@@ -190,9 +192,11 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        if self._keeper is not None:       # its jobs have ended: nothing left to keep
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        if not self._held:      # every job has ended: no lease left to keep (one started since keeps the keeper)
+            ending = [task for task in (self._keeper, *self._extending.values()) if task is not None]
+            for task in ending:
+                task.cancel()
+            await asyncio.gather(*ending, return_exceptions=True)
 
     async def drain(self, *, max_rounds: int = 10_000) -> int:
         """Run due jobs until none is due now (tests). Returns how many jobs ran."""
@@ -255,7 +259,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         held = (job.id, job.lease_token)
         self._held[held] = (job, loop.time() + self.options.lease_seconds / 3)
-        if self._keeper is None or self._keeper.done():
+        if self._keeper is None or self._keeper.done() or self._keeper.cancelling():
             self._keeper = loop.create_task(self._keep_leases(), name="worker-leases")
         try:
             async with asyncio.timeout(self.options.max_job_seconds):
@@ -270,17 +274,26 @@ class Worker:
 
         One task for all running jobs, not one per job: a task per job (started, and cancelled when the job
         ends) cost about 30 µs of the loop's time per job, for heartbeats that almost never beat. It ends when no
-        job runs and is started again by the next one."""
+        job runs and is started again by the next one. Each extension goes on its own and the keeper waits for
+        none: one hanging on a dead connection holds up that job's next extension only, as a heartbeat of its
+        own would, never the others'."""
         loop = asyncio.get_running_loop()
         interval = self.options.lease_seconds / 3
         while self._held:
             await asyncio.sleep(interval / 4)
-            now = loop.time()
-            due = [job for job, renew_at in self._held.values() if renew_at <= now]
-            for job in due:
-                self._held[job.id, job.lease_token] = (job, now + interval)
-            if due:
-                await asyncio.gather(*(self._extend_lease(job) for job in due))
+            try:
+                now = loop.time()
+                for held, (job, renew_at) in list(self._held.items()):
+                    if renew_at <= now and held not in self._extending:
+                        self._held[held] = (job, now + interval)
+                        extension = loop.create_task(self._extend_lease(job))
+                        self._extending[held] = extension
+                        extension.add_done_callback(functools.partial(self._extended, held))
+            except Exception:      # noqa: BLE001 - a bug here must not end the heartbeats of every running job
+                log.exception("keeping the leases of running jobs failed; trying again")
+
+    def _extended(self, held: tuple[str, str | None], _: asyncio.Task[None]) -> None:
+        self._extending.pop(held, None)
 
     async def _extend_lease(self, job: Job) -> None:
         try:

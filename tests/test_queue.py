@@ -211,13 +211,13 @@ async def test_a_long_job_keeps_its_lease_by_heartbeat(store: Store) -> None:
 
         async def give_up(self, job: Job, reason: str) -> None: ...
 
-    worker = Worker(store, {"k": Slow()}, clock, WorkerOptions(lease_seconds=0.3))
+    worker = Worker(store, {"k": Slow()}, clock, WorkerOptions(lease_seconds=0.6))
     await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
-    [job] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    [job] = await store.claim(clock.now(), limit=1, lease_seconds=0.6)
     running = asyncio.create_task(worker.execute(job))
-    deadline = clock.now() + 1.0
+    deadline = clock.now() + 1.8
     while clock.now() < deadline:          # three leases' worth of time: nobody else may claim it
-        assert await store.claim(clock.now(), limit=1, lease_seconds=0.3) == []
+        assert await store.claim(clock.now(), limit=1, lease_seconds=0.6) == []
         await asyncio.sleep(0.05)
     release.set()
     await asyncio.wait_for(running, 5)
@@ -232,13 +232,14 @@ class Leases:
         self.extended: list[str] = []
         self.refuse: set[str] = set()      # job ids whose leases are lost
         self.gate: asyncio.Event | None = None
+        self.gated: set[str] | None = None     # job ids whose extensions wait at the gate (None: every job's)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
     async def extend_lease(self, job: Job, until: float) -> bool:
         self.extended.append(job.id)
-        if self.gate is not None:
+        if self.gate is not None and (self.gated is None or job.id in self.gated):
             await self.gate.wait()
         if job.id in self.refuse:
             return False
@@ -272,16 +273,17 @@ async def test_one_keeper_holds_the_leases_of_every_running_job(store: Store) ->
     clock = SystemClock()
     handler = Held()
     leases = Leases(store)
-    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=0.3))  # type: ignore[arg-type]
+    lease = 1.0
+    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=lease))  # type: ignore[arg-type]
     await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now()) for _ in range(2)])
-    [first] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    [first] = await store.claim(clock.now(), limit=1, lease_seconds=lease)
     running = [asyncio.create_task(worker.execute(first))]
-    await asyncio.sleep(0.15)        # the second starts halfway through the first's lease
-    [second] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    await asyncio.sleep(lease / 2)        # the second starts halfway through the first's lease
+    [second] = await store.claim(clock.now(), limit=1, lease_seconds=lease)
     running.append(asyncio.create_task(worker.execute(second)))
-    deadline = clock.now() + 1.0
-    while clock.now() < deadline:          # three leases' worth of time: nobody else may claim either
-        assert await store.claim(clock.now(), limit=1, lease_seconds=0.3) == []
+    deadline = clock.now() + 2.5 * lease
+    while clock.now() < deadline:          # leases' worth of time: nobody else may claim either
+        assert await store.claim(clock.now(), limit=1, lease_seconds=lease) == []
         await asyncio.sleep(0.05)
     assert len(keepers()) == 1
     assert {first.id, second.id} <= set(leases.extended)
@@ -289,6 +291,26 @@ async def test_one_keeper_holds_the_leases_of_every_running_job(store: Store) ->
     await asyncio.wait_for(asyncio.gather(*running), 5)
     assert await store.job_counts() == {}
     await wait_until(lambda: not keepers())          # nothing left to keep: the keeper ends
+
+
+async def test_a_hanging_extension_holds_up_no_other_lease(store: Store) -> None:
+    """One job's extension hangs (a dead connection): the other job's lease is still extended on time, and the
+    hanging one is not asked again until it returns."""
+    clock = SystemClock()
+    handler = Held()
+    leases = Leases(store)
+    leases.gate = asyncio.Event()
+    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=0.6))  # type: ignore[arg-type]
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now()) for _ in range(2)])
+    hanging, kept = await store.claim(clock.now(), limit=2, lease_seconds=0.6)
+    leases.gated = {hanging.id}
+    running = [asyncio.create_task(worker.execute(job)) for job in (hanging, kept)]
+    await wait_until(lambda: leases.extended.count(kept.id) >= 4, "four extensions of the other lease")
+    assert leases.extended.count(hanging.id) == 1
+    leases.gate.set()
+    await wait_until(lambda: leases.extended.count(hanging.id) >= 2, "the next extension once the first returned")
+    handler.release.set()
+    await asyncio.wait_for(asyncio.gather(*running), 5)
 
 
 async def test_a_lost_lease_is_warned_once_and_no_longer_extended(store: Store, caplog: pytest.LogCaptureFixture) -> None:
@@ -340,3 +362,16 @@ async def test_stop_ends_the_keeper(store: Store) -> None:
     await worker.stop(grace=5)
     await asyncio.wait_for(runner, 5)
     assert not keepers()       # not left sleeping out its interval (20 s here)
+
+
+async def test_stop_ends_the_keeper_once_the_jobs_past_the_grace_are_stopped(store: Store) -> None:
+    clock = SystemClock()
+    handler = Held()       # never released: the job outlasts the grace and is stopped (its lease brings it back)
+    worker = Worker(store, {"k": handler}, clock, WorkerOptions(lease_seconds=60))
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
+    runner = asyncio.create_task(worker.run_forever())
+    await wait_until(lambda: handler.started == 1 and bool(keepers()))
+    await worker.stop(grace=0.1)
+    await asyncio.wait_for(runner, 5)
+    assert not keepers()
+    assert await store.job_counts() == {"k:queued": 1}

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relay.errors import Conflict
 from relay.models import Archive, Event, ImageRecord, Job, Task
 from relay.states import Transition, on_archived, on_failure
 from relay.stats import ProviderStats, StatsRow, merge_buckets, parse_buckets, summarize
@@ -107,8 +108,14 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         False; with another body raises Conflict. Keys older than 24 h are forgotten.
         Locks the key's row: the same key sent to two replicas at once makes one task.
         """
-        async def body(tx: Tx) -> tuple[Task, bool]:
-            existing = await self._replayed_task(tx, idempotency, task)
+        async def body(tx: Tx) -> tuple[Task, bool] | Conflict:
+            try:
+                existing = await self._replayed_task(tx, idempotency, task)
+            except Conflict as refused:
+                # Nothing written yet: refused once the transaction is over, so that a shared one goes on for the
+                # other bodies instead of rolling back and running each again alone (a client reusing a key
+                # with other bodies must not cost every concurrent request that).
+                return refused
             if existing is not None:
                 return existing, False
             await tx.run(q.INSERT_TASK, task_row(task))
@@ -119,7 +126,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         # Shared where the backend shares transactions (SQLite), as reservations and transitions are: after them
         # the most frequent transaction on its one writer (bench.throughput: 12 % of the writer thread's). A key
         # claimed by an earlier body of the same transaction is replayed here as if that one had committed.
-        return self._task_created(await self.transact_shared(body))
+        outcome = await self.transact_shared(body)
+        if isinstance(outcome, Conflict):
+            raise outcome
+        return self._task_created(outcome)
 
     async def _replayed_task(self, tx: Tx, idempotency: tuple[str, str, str] | None, task: Task) -> Task | None:
         """The task an Idempotency-Key already stands for (relay.store.idempotency.replay_or_claim); None: go on
