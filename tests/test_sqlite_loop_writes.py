@@ -251,3 +251,60 @@ async def test_small_writes_and_claims_go_ahead_of_queued_thread_transactions(
         release.set()
     await asyncio.wait_for(asyncio.gather(first, *queued, *ahead), 15)
     assert order == ["running", "claim", "queued0", "small write", "queued1", "queued2"]
+
+
+@contextlib.contextmanager
+def reader_thread_stuck(store: SQLiteStore) -> Iterator[threading.Event]:
+    """Hold the read connection's thread busy until the event is set (or the block ends)."""
+    assert store._reader is not None
+    release = threading.Event()
+    stuck = asyncio.ensure_future(store._reader._execute(release.wait, 30))
+    try:
+        yield release
+    finally:
+        release.set()
+        stuck.cancel()
+
+
+async def test_key_reads_are_served_on_the_loop_without_the_readers_thread(sqlite_store: SQLiteStore,
+                                                                           clock: ManualClock) -> None:
+    """The reads every job starts with (a task without images, a delivery's send target) need no hop to the
+    reader's thread: they are answered while that thread is busy, and see what was committed just before."""
+    task = await _task(sqlite_store, clock)
+    with reader_thread_stuck(sqlite_store):
+        found = await asyncio.wait_for(sqlite_store.get_task(task.id, images=False), 5)
+        assert found is not None and found.id == task.id
+        assert await asyncio.wait_for(sqlite_store.load_send_target("dlv_unknown"), 5) is None
+        other = await _task(sqlite_store, clock)        # written on the writer's thread, read at once here
+        assert (await asyncio.wait_for(sqlite_store.get_task(other.id, images=False), 5)) is not None
+
+
+class _Busy:
+    """A connection whose every statement meets another connection's lock (SQLITE_BUSY)."""
+
+    def execute(self, *_: object) -> None:
+        exc = sqlite3.OperationalError("database is locked")
+        exc.sqlite_errorcode = sqlite3.SQLITE_BUSY
+        raise exc
+
+
+async def test_a_key_read_meeting_a_lock_goes_through_the_readers_thread(sqlite_store: SQLiteStore,
+                                                                         clock: ManualClock) -> None:
+    """A lock on the loop's key reader (a WAL being recovered) is never waited out on the loop: the read goes
+    through the reader's thread instead and returns the row; any other error is raised."""
+    task = await _task(sqlite_store, clock)
+    assert sqlite_store._key_reader is not None
+    real = sqlite_store._key_reader._connection
+    sqlite_store._key_reader._connection = _Busy()  # type: ignore[assignment]
+    try:
+        found = await sqlite_store.get_task(task.id, images=False)
+        assert found is not None and found.id == task.id
+        with reader_thread_stuck(sqlite_store) as release:    # so it really waits for that thread
+            waiting = asyncio.ensure_future(sqlite_store.get_task(task.id, images=False))
+            for _ in range(5):      # a read answered on the loop would be done after one turn
+                await asyncio.sleep(0)
+            assert not waiting.done()
+            release.set()
+            assert (await asyncio.wait_for(waiting, 5)) is not None
+    finally:
+        sqlite_store._key_reader._connection = real

@@ -142,7 +142,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
     async def get_task(self, task_id: str, *, images: bool = True) -> Task | None:
         """The task; without its images (one read instead of two) when `images` is False."""
         if not images:
-            row = await self._read(q.LOAD_TASK, (task_id,))
+            row = await self._read_key(q.LOAD_TASK, (task_id,))
             return None if row is None else task_from_row(row)
         return await self._one_with_images(q.LOAD_TASK, task_id, task_from_row)
 

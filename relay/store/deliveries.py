@@ -129,7 +129,7 @@ class DeliveryCases(StorePlumbing):
 
     async def load_send_target(self, delivery_id: str) -> SendTarget | None:
         """A delivery with its event and subscription, for the deliver job (None if either is unknown)."""
-        row = await self._read(q.LOAD_SEND_TARGET, (delivery_id,))
+        row = await self._read_key(q.LOAD_SEND_TARGET, (delivery_id,))
         if row is None:
             return None
         sub = None

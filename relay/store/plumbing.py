@@ -81,6 +81,12 @@ class StorePlumbing(abc.ABC):
     @abc.abstractmethod
     async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
 
+    async def _read_key(self, sql: str, args: Sequence[Any]) -> Row | None:
+        """`_read` of one row found by its primary key, whose values are small (a task without its images, a
+        delivery with its event): the reads every job starts with. A backend may serve these more cheaply than
+        other reads (SQLite: on the event loop's thread, see SQLiteStore._read_key)."""
+        return await self._read(sql, args)
+
     @abc.abstractmethod
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         """One small write that needs no other statement with it (job outcomes, callback settles)."""
