@@ -157,6 +157,12 @@ class Worker:
             return 1
         jobs = await self.store.claim(self.clock.now(), limit=min(self._free_slots(), self.options.claim_batch),
                                       lease_seconds=self.options.lease_seconds, kinds=list(self.handlers))
+        if self._stopping:
+            # stop() came while the claim was on its way and waits only for the jobs it saw: these are handed
+            # back (due now, for whoever runs next) rather than started behind its back.
+            for job in jobs:
+                await self.store.retry_job(job, self.clock.now(), None)
+            return len(jobs)
         for job in jobs:
             await self._slots.acquire()
             self._active += 1
@@ -297,8 +303,10 @@ class Worker:
 
     async def _extend_lease(self, job: Job) -> None:
         try:
-            extended = await self.store.extend_lease(job, self.clock.now() + self.options.lease_seconds)
-        except Exception as exc:
+            # Bounded: one stuck on a dead connection is given up in time for the next try (on another one).
+            async with asyncio.timeout(self.options.lease_seconds / 3):
+                extended = await self.store.extend_lease(job, self.clock.now() + self.options.lease_seconds)
+        except Exception as exc:      # TimeoutError included
             # Not slowed down by the backoff: a heartbeat later than the lease would lose the job.
             self.store_outage.failed(exc, f"extending the lease of job {job.id}")
             return

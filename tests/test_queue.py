@@ -233,6 +233,7 @@ class Leases:
         self.refuse: set[str] = set()      # job ids whose leases are lost
         self.gate: asyncio.Event | None = None
         self.gated: set[str] | None = None     # job ids whose extensions wait at the gate (None: every job's)
+        self.returned: list[tuple[str, bool]] = []      # extensions that came back: (job id, extended)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
@@ -241,9 +242,9 @@ class Leases:
         self.extended.append(job.id)
         if self.gate is not None and (self.gated is None or job.id in self.gated):
             await self.gate.wait()
-        if job.id in self.refuse:
-            return False
-        return await self._store.extend_lease(job, until)
+        extended = False if job.id in self.refuse else await self._store.extend_lease(job, until)
+        self.returned.append((job.id, extended))
+        return extended
 
 
 class Held:
@@ -295,7 +296,7 @@ async def test_one_keeper_holds_the_leases_of_every_running_job(store: Store) ->
 
 async def test_a_hanging_extension_holds_up_no_other_lease(store: Store) -> None:
     """One job's extension hangs (a dead connection): the other job's lease is still extended on time, and the
-    hanging one is not asked again until it returns."""
+    hanging one is given up after a third of a lease and tried again."""
     clock = SystemClock()
     handler = Held()
     leases = Leases(store)
@@ -306,9 +307,10 @@ async def test_a_hanging_extension_holds_up_no_other_lease(store: Store) -> None
     leases.gated = {hanging.id}
     running = [asyncio.create_task(worker.execute(job)) for job in (hanging, kept)]
     await wait_until(lambda: leases.extended.count(kept.id) >= 4, "four extensions of the other lease")
-    assert leases.extended.count(hanging.id) == 1
+    await wait_until(lambda: leases.extended.count(hanging.id) >= 2, "the hanging extension given up and tried again")
+    assert (hanging.id, True) not in leases.returned
     leases.gate.set()
-    await wait_until(lambda: leases.extended.count(hanging.id) >= 2, "the next extension once the first returned")
+    await wait_until(lambda: (hanging.id, True) in leases.returned, "an extension of the hanging job's lease")
     handler.release.set()
     await asyncio.wait_for(asyncio.gather(*running), 5)
 
@@ -338,16 +340,18 @@ async def test_a_job_ending_while_its_lease_is_extended_is_not_warned(store: Sto
     handler = Held()
     leases = Leases(store)
     leases.gate = asyncio.Event()
-    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=0.3))  # type: ignore[arg-type]
+    # A longer lease: the held extension is given up only after a third of it (1 s, far more than the job's end).
+    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=3))  # type: ignore[arg-type]
     await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
-    [job] = await store.claim(clock.now(), limit=1, lease_seconds=0.3)
+    [job] = await store.claim(clock.now(), limit=1, lease_seconds=3)
     running = asyncio.create_task(worker.execute(job))
     await wait_until(lambda: leases.extended == [job.id])     # held at the gate
     handler.release.set()
     await asyncio.wait_for(running, 5)
     assert await store.job_counts() == {}
     leases.gate.set()
-    await wait_until(lambda: not keepers())
+    await wait_until(lambda: leases.returned == [(job.id, False)], "the extension to find the job gone")
+    await wait_until(lambda: not worker._extending, "the extension to end")
     assert not [r for r in caplog.records if "lost its lease" in r.getMessage()]
 
 
@@ -375,3 +379,29 @@ async def test_stop_ends_the_keeper_once_the_jobs_past_the_grace_are_stopped(sto
     await asyncio.wait_for(runner, 5)
     assert not keepers()
     assert await store.job_counts() == {"k:queued": 1}
+
+
+async def test_jobs_claimed_while_the_worker_stops_are_handed_back_not_started(store: Store) -> None:
+    """stop() waits for the jobs it sees; a claim still on its way then must not start jobs behind its back
+    (they would run on while the store closes): they go back to the queue, due now."""
+    clock = SystemClock()
+    handler = Held()
+    gate = asyncio.Event()
+    claims: list[int] = []
+
+    class SlowClaims(Leases):
+        async def claim(self, *args: object, **kwargs: object) -> list[Job]:
+            claims.append(1)
+            await gate.wait()
+            return await self._store.claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    worker = Worker(SlowClaims(store), {"k": handler}, clock, WorkerOptions(lease_seconds=60))  # type: ignore[arg-type]
+    await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
+    runner = asyncio.create_task(worker.run_forever())
+    await wait_until(lambda: bool(claims), "the claim to be on its way")
+    await worker.stop(grace=5)          # nothing runs yet: returns at once
+    gate.set()
+    await asyncio.wait_for(runner, 5)
+    assert handler.started == 0
+    [job] = await store.claim(clock.now(), limit=10, lease_seconds=60)     # back in the queue, due now
+    assert job.kind == "k"

@@ -253,17 +253,22 @@ async def test_small_writes_and_claims_go_ahead_of_queued_thread_transactions(
     assert order == ["running", "claim", "queued0", "small write", "queued1", "queued2"]
 
 
-@contextlib.contextmanager
-def reader_thread_stuck(store: SQLiteStore) -> Iterator[threading.Event]:
+@contextlib.asynccontextmanager
+async def reader_thread_stuck(store: SQLiteStore) -> AsyncIterator[threading.Event]:
     """Hold the read connection's thread busy until the event is set (or the block ends)."""
     assert store._reader is not None
-    release = threading.Event()
-    stuck = asyncio.ensure_future(store._reader._execute(release.wait, 30))
+    release, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(30)
+    stuck = asyncio.ensure_future(store._reader._execute(hold))
     try:
+        await wait_for(holding.is_set, 5, "the reader's thread to be held")
         yield release
     finally:
         release.set()
-        stuck.cancel()
+        await asyncio.wait_for(stuck, 5)
 
 
 async def test_key_reads_are_served_on_the_loop_without_the_readers_thread(sqlite_store: SQLiteStore,
@@ -271,7 +276,7 @@ async def test_key_reads_are_served_on_the_loop_without_the_readers_thread(sqlit
     """The reads every job starts with (a task without images, a delivery's send target) need no hop to the
     reader's thread: they are answered while that thread is busy, and see what was committed just before."""
     task = await _task(sqlite_store, clock)
-    with reader_thread_stuck(sqlite_store):
+    async with reader_thread_stuck(sqlite_store):
         found = await asyncio.wait_for(sqlite_store.get_task(task.id, images=False), 5)
         assert found is not None and found.id == task.id
         assert await asyncio.wait_for(sqlite_store.load_send_target("dlv_unknown"), 5) is None
@@ -299,12 +304,31 @@ async def test_a_key_read_meeting_a_lock_goes_through_the_readers_thread(sqlite_
     try:
         found = await sqlite_store.get_task(task.id, images=False)
         assert found is not None and found.id == task.id
-        with reader_thread_stuck(sqlite_store) as release:    # so it really waits for that thread
+        async with reader_thread_stuck(sqlite_store) as release:    # so it really waits for that thread
             waiting = asyncio.ensure_future(sqlite_store.get_task(task.id, images=False))
             for _ in range(5):      # a read answered on the loop would be done after one turn
                 await asyncio.sleep(0)
             assert not waiting.done()
             release.set()
             assert (await asyncio.wait_for(waiting, 5)) is not None
+    finally:
+        sqlite_store._key_reader._connection = real
+
+
+class _Broken:
+    def execute(self, *_: object) -> None:
+        exc = sqlite3.OperationalError("disk I/O error")
+        exc.sqlite_errorcode = sqlite3.SQLITE_IOERR
+        raise exc
+
+
+async def test_a_key_read_meeting_another_error_raises_it(sqlite_store: SQLiteStore, clock: ManualClock) -> None:
+    task = await _task(sqlite_store, clock)
+    assert sqlite_store._key_reader is not None
+    real = sqlite_store._key_reader._connection
+    sqlite_store._key_reader._connection = _Broken()  # type: ignore[assignment]
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+            await sqlite_store.get_task(task.id, images=False)
     finally:
         sqlite_store._key_reader._connection = real

@@ -272,11 +272,14 @@ class SQLiteStore(Store):
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
             self._checkpoints = None
+        key_reader, self._key_reader = self._key_reader, None     # key reads go through the reader meanwhile
+        if key_reader is not None:
+            await key_reader.close()
         async with self._lock:      # not while a transaction still runs on the writer's thread
-            for conn in (self._key_reader, self._background, self._reader, self._writer):
+            for conn in (self._background, self._reader, self._writer):
                 if conn is not None:
                     await conn.close()
-            self._key_reader = self._background = self._reader = self._writer = None
+            self._background = self._reader = self._writer = None
 
     async def ping(self) -> None:
         await (await self._r.execute("SELECT 1")).fetchone()
@@ -375,7 +378,8 @@ class SQLiteStore(Store):
         try:
             rows = conn._conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            # BUSY or LOCKED: another connection's lock; PROTOCOL: SQLite gave up its own retries to begin the read
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_PROTOCOL):
                 raise
             return await self._read(sql, args)
         return rows[0] if rows else None
