@@ -160,8 +160,8 @@ class Worker:
         if self._stopping:
             # stop() came while the claim was on its way and waits only for the jobs it saw: these are handed
             # back (due now, for whoever runs next) rather than started behind its back.
-            for job in jobs:
-                await self.store.retry_job(job, self.clock.now(), None)
+            now = self.clock.now()
+            await asyncio.gather(*(self.store.retry_job(job, now, None) for job in jobs))   # one group commit
             return len(jobs)
         for job in jobs:
             await self._slots.acquire()

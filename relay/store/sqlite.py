@@ -75,6 +75,12 @@ def _run_and_commit(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection
     return result
 
 
+def _met_a_lock(exc: sqlite3.OperationalError, *also: int) -> bool:
+    """Whether `exc` is another connection's lock (SQLITE_BUSY, SQLITE_LOCKED) or one of the codes in `also`:
+    what work on the loop's thread hands to a thread that may wait, instead of failing."""
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, *also)
+
+
 def _begun_without_waiting(conn: sqlite3.Connection) -> bool:
     """BEGIN IMMEDIATE if the database's write lock is free now; False (nothing begun) if another connection
     holds it. For the event loop's thread, which must not sleep in SQLite's busy handler."""
@@ -82,7 +88,7 @@ def _begun_without_waiting(conn: sqlite3.Connection) -> bool:
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        if not _met_a_lock(exc):
             raise
         return False
     finally:
@@ -378,8 +384,7 @@ class SQLiteStore(Store):
         try:
             rows = conn._conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
-            # BUSY or LOCKED: another connection's lock; PROTOCOL: SQLite gave up its own retries to begin the read
-            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_PROTOCOL):
+            if not _met_a_lock(exc, sqlite3.SQLITE_PROTOCOL):    # PROTOCOL: SQLite gave up its retries to begin a read
                 raise
             return await self._read(sql, args)
         return rows[0] if rows else None
