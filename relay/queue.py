@@ -272,6 +272,10 @@ class Worker:
                 return await handler.run(job)
         finally:
             self._held.pop(held, None)
+            if not self._held and self._keeper is not None:
+                # The last running job has ended: the keeper goes now rather than after its next look (a loop
+                # closed meanwhile, tests driving drain(), would find it pending); the next job starts another.
+                self._keeper.cancel()
 
     async def _keep_leases(self) -> None:
         """The heartbeat of every running job: each lease is extended a third of a lease after it was taken or
@@ -280,7 +284,7 @@ class Worker:
 
         One task for all running jobs, not one per job: a task per job (started, and cancelled when the job
         ends) cost about 30 µs of the loop's time per job, for heartbeats that almost never beat. It ends when no
-        job runs and is started again by the next one. Each extension goes on its own and the keeper waits for
+        job runs (cancelled by the last job's end) and is started again by the next one. Each extension goes on its own and the keeper waits for
         none: one hanging on a dead connection holds up that job's next extension only, as a heartbeat of its
         own would, never the others'."""
         loop = asyncio.get_running_loop()
