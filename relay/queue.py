@@ -23,9 +23,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from relay import metrics
 from relay.clock import Clock
@@ -36,9 +36,17 @@ from relay.outage import Outage, backoff, describe, is_unavailable
 from relay.store.base import Store
 
 # backoff lives in relay.outage now (the store's loops use it too) and is still importable from here.
-__all__ = ["Again", "Handler", "Retry", "Worker", "WorkerOptions", "backoff"]
+__all__ = ["Again", "GroupHandler", "Handler", "Outcome", "Retry", "Worker", "WorkerOptions", "backoff"]
 
 log = logging.getLogger("relay.worker")
+T = TypeVar("T")
+
+
+def _job_context(job: Job) -> contextlib.AbstractContextManager[None]:
+    """Every line logged about the job carries its id and kind, and its task's or delivery's id."""
+    delivery_id = job.payload.get("delivery_id")
+    return log_context(job_id=job.id, job_kind=job.kind, task_id=job.task_id,
+                       delivery_id=str(delivery_id) if delivery_id is not None else None)
 
 
 class Retry(Exception):
@@ -64,6 +72,23 @@ class Handler(Protocol):
     async def give_up(self, job: Job, reason: str) -> None: ...
 
 
+# What a job's run came to: done (None), run again (Again), or what it raised.
+Outcome = Again | Exception | None
+
+
+@runtime_checkable
+class GroupHandler(Handler, Protocol):
+    """A handler whose jobs of one group (the callbacks of one task), claimed together, run as one: what they
+    share (the task, the provider's answer, their writes) is done once. Each job keeps its own outcome."""
+
+    def group_of(self, job: Job) -> str | None:
+        """The group the job runs in when claimed with others of it; None: it always runs alone."""
+
+    async def run_group(self, jobs: list[Job]) -> list[Outcome]:
+        """Run the jobs of one group; their outcomes in order (an exception as a value is that job's failure,
+        one raised is every job's)."""
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     concurrency: int = 32
@@ -85,6 +110,9 @@ class Worker:
                  options: WorkerOptions | None = None) -> None:
         self.store = store
         self.handlers = dict(handlers)
+        # The kinds whose jobs claimed together run by group (GroupHandler), and their handlers.
+        self._grouping: dict[str, GroupHandler] = {kind: handler for kind, handler in handlers.items()
+                                                   if isinstance(handler, GroupHandler)}
         self.clock = clock
         self.options = options or WorkerOptions()
         self._wakeup = asyncio.Event()
@@ -163,29 +191,46 @@ class Worker:
             now = self.clock.now()
             await asyncio.gather(*(self.store.retry_job(job, now, None) for job in jobs))   # one group commit
             return len(jobs)
-        for job in jobs:
-            await self._slots.acquire()
-            self._active += 1
-            task = asyncio.create_task(self._execute_in_slot(job), name=f"job:{job.kind}:{job.id}")
+        for unit in self._units(jobs):
+            for _ in unit:      # a slot per job, a group's too: the claims are bounded by the jobs running
+                await self._slots.acquire()
+            self._active += len(unit)
+            task = asyncio.create_task(self._execute_in_slot(unit), name=f"job:{unit[0].kind}:{unit[0].id}")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return len(jobs)
+
+    def _units(self, jobs: list[Job]) -> list[list[Job]]:
+        """The claimed jobs as runs: alone, or with the others of their group (GroupHandler), in claim order."""
+        units: list[list[Job]] = []
+        groups: dict[tuple[str, str], list[Job]] = {}
+        for job in jobs:
+            handler = self._grouping.get(job.kind)
+            group = handler.group_of(job) if handler is not None else None
+            if group is None:
+                units.append([job])
+            elif (job.kind, group) in groups:
+                groups[(job.kind, group)].append(job)
+            else:
+                units.append(groups.setdefault((job.kind, group), [job]))
+        return units
 
     def _free_slots(self) -> int:
         # Counted with the semaphore (released in the job's own finally), not from `_running`, whose
         # done-callbacks run a loop iteration later: counting those made the claim loop spin forever.
         return self.options.concurrency - self._active
 
-    async def _execute_in_slot(self, job: Job) -> None:
+    async def _execute_in_slot(self, unit: list[Job]) -> None:
         try:
-            await self.execute(job)
+            await self._execute_unit(unit)
         except Exception as exc:
             # The store failed while recording the outcome: the lease brings the job back later.
-            self.store_outage.failed(exc, f"recording the outcome of job {job.id} ({job.kind}); "
+            self.store_outage.failed(exc, f"recording the outcome of job {unit[0].id} ({unit[0].kind}); "
                                           "its lease will bring it back")
         finally:
-            self._active -= 1
-            self._slots.release()
+            self._active -= len(unit)
+            for _ in unit:
+                self._slots.release()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; wait up to `grace` for running jobs (the rest are recovered by their lease)."""
@@ -212,66 +257,96 @@ class Worker:
                                           lease_seconds=self.options.lease_seconds, kinds=list(self.handlers))
             if not jobs:
                 return ran
-            await asyncio.gather(*(self.execute(job) for job in jobs))
+            await asyncio.gather(*(self._execute_unit(unit) for unit in self._units(jobs)))
             ran += len(jobs)
         return ran
 
-    # ---- one job ----------------------------------------------------------------------------------
+    # ---- one job, or a group of them ---------------------------------------------------------------
     async def execute(self, job: Job) -> None:
         """Run one claimed job and record its outcome. Never raises (except cancellation).
 
         Every line logged meanwhile carries the job's id and kind, and its task's or delivery's id.
         """
-        delivery_id = job.payload.get("delivery_id")
-        with log_context(job_id=job.id, job_kind=job.kind, task_id=job.task_id,
-                         delivery_id=str(delivery_id) if delivery_id is not None else None):
+        with _job_context(job):
             await self._execute(job)
+
+    async def _execute_unit(self, unit: list[Job]) -> None:
+        if len(unit) == 1:
+            await self.execute(unit[0])
+            return
+        handler = self._grouping[unit[0].kind]
+        with log_context(job_kind=unit[0].kind, task_id=unit[0].task_id):
+            try:
+                outcomes = await self._holding(unit, handler.run_group(unit))
+            except asyncio.CancelledError:
+                raise   # shutdown: the leases bring the jobs back
+            except Exception as exc:
+                outcomes = [exc] * len(unit)
+        done = [job for job, outcome in zip(unit, outcomes, strict=True) if outcome is None]
+        if done:
+            await self.store.finish_jobs(done)      # one write for the group's ends
+            self.store_outage.succeeded()
+        await asyncio.gather(*(self._record_in_context(job, handler, outcome)
+                               for job, outcome in zip(unit, outcomes, strict=True) if outcome is not None))
+
+    async def _record_in_context(self, job: Job, handler: Handler, outcome: Outcome) -> None:
+        with _job_context(job):
+            await self._record(job, handler, outcome)
 
     async def _execute(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
         if handler is None:
             await self.store.bury_job(job, f"no handler for job kind {job.kind!r}")
             return
+        outcome: Outcome
         try:
-            outcome = await self._run_with_heartbeat(handler, job)
-        except Retry as exc:
-            await self._retry(job, handler, exc.after, exc.reason)
-        except ProviderUnavailable as exc:
-            after = exc.retry_after
-            if after is not None:
-                after = min(after, self.options.retry_after_cap)
-            await self._retry(job, handler, after, f"{exc.code}: {exc}")
-        except ArchiveError as exc:
-            await self._retry(job, handler, None, f"{exc.code}: {exc}")
-        except TimeoutError:
-            await self._retry(job, handler, None, f"job ran longer than {self.options.max_job_seconds:.0f}s")
+            outcome = await self._holding([job], handler.run(job))
         except asyncio.CancelledError:
             raise   # shutdown: the lease brings the job back
         except Exception as exc:
-            if is_unavailable(exc):
-                await self._wait_out_store(job, exc)
+            outcome = exc
+        await self._record(job, handler, outcome)
+
+    async def _record(self, job: Job, handler: Handler, outcome: Outcome) -> None:
+        """Record what the job's run came to: done, run again, or retried (or given up) after its failure."""
+        if isinstance(outcome, Retry):
+            await self._retry(job, handler, outcome.after, outcome.reason)
+        elif isinstance(outcome, ProviderUnavailable):
+            after = outcome.retry_after
+            if after is not None:
+                after = min(after, self.options.retry_after_cap)
+            await self._retry(job, handler, after, f"{outcome.code}: {outcome}")
+        elif isinstance(outcome, ArchiveError):
+            await self._retry(job, handler, None, f"{outcome.code}: {outcome}")
+        elif isinstance(outcome, TimeoutError):
+            await self._retry(job, handler, None, f"job ran longer than {self.options.max_job_seconds:.0f}s")
+        elif isinstance(outcome, Exception):
+            if is_unavailable(outcome):
+                await self._wait_out_store(job, outcome)
                 return
-            log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
-            await self._retry(job, handler, None, f"internal error: {type(exc).__name__}: {exc}")
+            log.error("job %s (%s) failed unexpectedly", job.id, job.kind, exc_info=outcome)
+            await self._retry(job, handler, None, f"internal error: {type(outcome).__name__}: {outcome}")
+        elif isinstance(outcome, Again):
+            await self.store.retry_job(job, self.clock.now() + outcome.after, None,
+                                       payload=outcome.payload, reset_attempts=True)
         else:
-            if isinstance(outcome, Again):
-                await self.store.retry_job(job, self.clock.now() + outcome.after, None,
-                                           payload=outcome.payload, reset_attempts=True)
-            else:
-                await self.store.finish_job(job)
+            await self.store.finish_job(job)
         self.store_outage.succeeded()
 
-    async def _run_with_heartbeat(self, handler: Handler, job: Job) -> Again | None:
+    async def _holding(self, jobs: list[Job], run: Awaitable[T]) -> T:
+        """Await the jobs' run while the keeper extends their leases, bounded by max_job_seconds."""
         loop = asyncio.get_running_loop()
-        held = (job.id, job.lease_token)
-        self._held[held] = (job, loop.time() + self.options.lease_seconds / 3)
+        renew_at = loop.time() + self.options.lease_seconds / 3
+        for job in jobs:
+            self._held[(job.id, job.lease_token)] = (job, renew_at)
         if self._keeper is None or self._keeper.done() or self._keeper.cancelling():
             self._keeper = loop.create_task(self._keep_leases(), name="worker-leases")
         try:
             async with asyncio.timeout(self.options.max_job_seconds):
-                return await handler.run(job)
+                return await run
         finally:
-            self._held.pop(held, None)
+            for job in jobs:
+                self._held.pop((job.id, job.lease_token), None)
             if not self._held and self._keeper is not None:
                 # The last running job has ended: the keeper goes now rather than after its next look (a loop
                 # closed meanwhile, tests driving drain(), would find it pending); the next job starts another.

@@ -438,3 +438,76 @@ async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path
             counts = await store.job_counts()
             assert not any(k.startswith("callback_body:") for k in counts), counts
             assert not [r for r in caplog.records if "settling the waiting callbacks" in r.getMessage()]
+
+
+async def test_callbacks_of_one_task_claimed_together_run_as_one(tmp_path: Path, database: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callbacks of one task claimed together (a burst) run as one: the task is read once, the provider is
+    asked once, and their inbox rows are written in one go; each still gets its own row and its job ends."""
+    async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
+        task = await queued_task(h)
+        ahead = {"id": task["provider_task_id"], "status": "processing", "progress": 5}
+        await post_callbacks(task, repeat(task), 10, h)
+        await post_callbacks(task, ahead, 1, h)
+        await post_callbacks(task, repeat(task), 9, h)
+        store = h.runtime.store
+        reads: list[str] = []
+        writes: list[int] = []
+        get_task, settle_callbacks = store.get_task, store.settle_callbacks
+
+        async def counted_get_task(task_id: str, **kwargs: Any) -> Any:
+            reads.append(task_id)
+            return await get_task(task_id, **kwargs)
+
+        async def counted_settle(settled: list[Any], now: float) -> None:
+            writes.append(len(settled))
+            await settle_callbacks(settled, now)
+        monkeypatch.setattr(store, "get_task", counted_get_task)
+        monkeypatch.setattr(store, "settle_callbacks", counted_settle)
+        polls_before = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"]
+        assert await h.runtime.worker.drain() == 20         # all twenty claimed in one batch (claim_batch 32)
+        polls = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] - polls_before
+        assert reads == [task["id"]] and writes == [20]
+        assert polls == 2       # the shared answer, and the one the callback claiming more asked on its own
+        settled = await store._read_all("SELECT * FROM inbox WHERE task_id = ?", (task["id"],))
+        assert len(settled) == 20 and {r["status"] for r in settled} == {"ignored"}
+        [unconfirmed] = [r for r in settled if json.loads(r["body"]) == ahead]
+        assert unconfirmed["note"] == "provider reports queued, callback said running"
+        assert await _inbox_settled(h)
+
+
+async def test_a_group_of_callbacks_failing_midway_loses_none(tmp_path: Path, database: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider fails while a task's callbacks run as one: the callbacks judged before the failure are
+    settled; the one that met it and those after it are retried by the worker (an attempt each), and settled by
+    their next run once the provider answers again. None is lost, none is settled twice."""
+    async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
+        task = await queued_task(h)
+        ahead = {"id": task["provider_task_id"], "status": "processing", "progress": 5}
+        await post_callbacks(task, repeat(task), 5, h)
+        await post_callbacks(task, ahead, 1, h)        # asks the provider on its own: the request that fails
+        await post_callbacks(task, repeat(task), 4, h)
+        provider = h.runtime.ctx.provider("evolink")
+        fetch = provider.fetch
+        from relay.errors import ProviderUnavailable
+        answers = 0
+
+        async def failing_second(ticket: str) -> Any:
+            nonlocal answers
+            answers += 1
+            if answers == 2:
+                raise ProviderUnavailable("the provider is down", code="provider_unavailable")
+            return await fetch(ticket)
+        monkeypatch.setattr(provider, "fetch", failing_second)
+        store = h.runtime.store
+        [_] = [await h.runtime.worker.drain()]
+        settled = await store._read_all("SELECT body FROM inbox WHERE task_id = ?", (task["id"],))
+        assert len(settled) == 5 and all(json.loads(r["body"]) == repeat(task) for r in settled)
+        left = await store._read_all("SELECT attempts, last_error FROM jobs WHERE kind = 'callback_body'", ())
+        assert len(left) == 5 and {r["attempts"] for r in left} == {1}
+        assert all("the provider is down" in r["last_error"] for r in left)
+        await store._change("UPDATE jobs SET run_at = 0 WHERE kind = 'callback_body'", ())     # due now
+        await h.runtime.worker.drain()
+        settled = await store._read_all("SELECT id, body, note FROM inbox WHERE task_id = ?", (task["id"],))
+        assert len(settled) == 10 and len({r["id"] for r in settled}) == 10
+        assert await _inbox_settled(h)

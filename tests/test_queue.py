@@ -405,3 +405,93 @@ async def test_jobs_claimed_while_the_worker_stops_are_handed_back_not_started(s
     assert handler.started == 0
     [job] = await store.claim(clock.now(), limit=10, lease_seconds=60)     # back in the queue, due now
     assert job.kind == "k"
+
+
+class Grouped:
+    """A GroupHandler: jobs whose payload names a group run together, playing `outcomes` (per job id, a value
+    or an exception returned as that job's outcome); `fail` makes the run of that group raise."""
+
+    def __init__(self, outcomes: dict[str, object] | None = None, fail: set[str] | None = None) -> None:
+        self.outcomes = outcomes or {}
+        self.fail = fail or set()
+        self.groups: list[list[str]] = []
+        self.alone: list[str] = []
+        self.release: asyncio.Event | None = None      # when set: runs wait for it
+
+    def group_of(self, job: Job) -> str | None:
+        return job.payload.get("group")
+
+    async def run(self, job: Job) -> Again | None:
+        self.alone.append(job.id)
+        return None
+
+    async def run_group(self, jobs: list[Job]) -> list[object]:
+        self.groups.append([job.id for job in jobs])
+        if self.release is not None:
+            await self.release.wait()
+        if jobs[0].payload["group"] in self.fail:
+            raise RuntimeError("the group's run failed")
+        return [self.outcomes.get(job.id) for job in jobs]
+
+    async def give_up(self, job: Job, reason: str) -> None: ...
+
+
+def grouped_job(clock: ManualClock | SystemClock, group: str | None) -> Job:
+    return Job(id=ids.new_id("job", clock.now()), kind="k", run_at=clock.now(),
+               payload={} if group is None else {"group": group})
+
+
+async def test_jobs_of_one_group_claimed_together_run_as_one_and_keep_their_own_outcomes(store: Store,
+                                                                                          clock: ManualClock) -> None:
+    """Jobs claimed together that a GroupHandler puts in one group run in one call; a job without a group runs
+    alone. Each job's outcome is recorded as a run of its own would record it: done, run again, retried."""
+    a = [grouped_job(clock, "a") for _ in range(3)]
+    b = [grouped_job(clock, "b") for _ in range(2)]
+    lone = grouped_job(clock, None)
+    handler = Grouped(outcomes={a[1].id: Again(5.0), a[2].id: Retry(3.0, "not yet")}, fail={"b"})
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([a[0], b[0], lone, a[1], b[1], a[2]])
+    assert await worker.drain() == 6
+    assert sorted(handler.groups) == sorted([[j.id for j in a], [j.id for j in b]])
+    assert handler.alone == [lone.id]
+    rows = {r["id"]: r for r in await store._read_all("SELECT * FROM jobs", ())}  # type: ignore[attr-defined]
+    assert set(rows) == {a[1].id, a[2].id, b[0].id, b[1].id}         # a[0] and the lone job are done
+    assert rows[a[1].id]["attempts"] == 0 and rows[a[1].id]["run_at"] == pytest.approx(clock.now() + 5)
+    assert rows[a[2].id]["attempts"] == 1 and rows[a[2].id]["last_error"] == "not yet"
+    assert rows[a[2].id]["run_at"] == pytest.approx(clock.now() + 3)
+    for job in b:       # the group's run raised: every one of its jobs is retried
+        assert rows[job.id]["attempts"] == 1 and "the group's run failed" in rows[job.id]["last_error"]
+        assert rows[job.id]["state"] == "queued" and rows[job.id]["lease_token"] is None
+
+
+async def test_a_running_group_keeps_the_lease_of_every_job_in_it(store: Store) -> None:
+    """A group runs longer than its jobs' lease: the keeper extends every one of their leases, and each job
+    holds one of the worker's slots."""
+    clock = SystemClock()
+    handler = Grouped()
+    handler.release = asyncio.Event()
+    leases = Leases(store)
+    lease = 0.6
+    worker = Worker(leases, {"k": handler}, clock,  # type: ignore[arg-type]
+                    WorkerOptions(lease_seconds=lease, concurrency=4))
+    jobs = [grouped_job(clock, "a") for _ in range(3)]
+    await store.enqueue(jobs)
+    running = asyncio.create_task(worker.run_forever())
+    try:
+        await wait_until(lambda: len(handler.groups) == 1, "the group's run")
+        assert worker._free_slots() == 1
+        deadline = clock.now() + 3 * lease
+        while clock.now() < deadline:          # three leases' worth of time: nobody else may claim them
+            assert await store.claim(clock.now(), limit=3, lease_seconds=lease) == []
+            await asyncio.sleep(0.05)
+        assert {job.id for job in jobs} <= set(leases.extended)
+        handler.release.set()
+        await wait_for(lambda: _no_jobs(store), 5, "the group's jobs to be done")
+        assert worker._free_slots() == 4
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(running, 5)
+
+
+async def _no_jobs(store: Store) -> bool:
+    return await store.job_counts() == {}

@@ -20,6 +20,7 @@ from relay.jobs.confirmations import Asked, Confirmations
 from relay.jobs.context import JobContext
 from relay.models import Job, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.providers.base import Provider
+from relay.queue import Outcome
 from relay.states import on_update
 
 log = logging.getLogger("relay.jobs.callback")
@@ -148,32 +149,53 @@ class CallbackHandler:
         row = await self.ctx.store.get_callback(str(p.get("inbox_id")))
         return row if row is not None and row["status"] == "received" else None
 
+    def group_of(self, job: Job) -> str | None:
+        """Callbacks of one task claimed together run as one (relay.queue.GroupHandler): the task is read once,
+        the provider asked once, and their inbox rows written together."""
+        return job.task_id if job.kind == CALLBACK_JOB else None
+
     async def run(self, job: Job) -> None:
+        [outcome] = await self.run_group([job])
+        if isinstance(outcome, Exception):
+            raise outcome
+
+    async def run_group(self, jobs: list[Job]) -> list[Outcome]:
+        """Process the callbacks of one task's jobs in turn, as runs of their own would one after the other.
+        They stop at the first failure: that callback and those not judged yet fail with it (retried by the
+        worker, as runs of their own failing on a provider or a store that fails would be); those judged
+        already are settled."""
         ctx = self.ctx
-        callback = await self._callback_of(job)
-        if callback is None:
-            return None
+        outcomes: list[Outcome] = [None] * len(jobs)
+        callbacks: list[tuple[int, dict[str, Any]]] = []     # the job's place in `jobs`, its callback
+        for place, job in enumerate(jobs):
+            callback = await self._callback_of(job)
+            if callback is not None:
+                callbacks.append((place, callback))
+        if not callbacks:
+            return outcomes
         looked_at = ctx.clock.now()
-        task = await ctx.store.get_task(callback["task_id"], images=False)    # judging needs no images
-        # The provider is needed only for a task still at the callback's provider (raises if it is not
-        # configured any more: the job is retried, as any job whose provider went away).
-        provider = ctx.provider(callback["provider"]) if task is not None and task.provider == callback["provider"] \
-            else None
+        task = await ctx.store.get_task(callbacks[0][1]["task_id"], images=False)  # judging needs no images
         trust_body = ctx.settings.callbacks.trust_body
-        verdict = judge(task, provider, callback, None, trust_body)
-        asked: Asked | None = None
-        if verdict is None:
-            assert task is not None and provider is not None   # judge settles a callback without them
-            asked, verdict = await self._confirm(task, provider, callback, trust_body)
-        if isinstance(verdict, TaskUpdate):
-            assert task is not None and provider is not None
-            verdict = await self._apply(task, provider, verdict, asked)
-        await self._settle(callback, verdict)
-        if task is not None and asked is not None and asked.shared and task.provider_task_id == asked.ticket \
-                and asked.take_gathering():
+        settled: list[tuple[dict[str, Any], Verdict]] = []
+        gatherer: tuple[Provider | None, dict[str, Any], Asked] | None = None
+        for done, (place, callback) in enumerate(callbacks):
+            try:
+                provider, asked, verdict = await self._judge(task, callback, trust_body)
+            except Exception as exc:    # noqa: BLE001 - the worker handles it, for this job and the ones after it
+                for later, _ in callbacks[done:]:
+                    outcomes[later] = exc
+                break
+            settled.append((callback, verdict))
+            if gatherer is None and task is not None and asked is not None and asked.shared \
+                    and task.provider_task_id == asked.ticket:
+                gatherer = (provider, callback, asked)
+        await self._settle(settled)
+        if gatherer is not None and gatherer[2].take_gathering():
             # A burst: other callbacks of the task shared this answer. Those still waiting for a worker are
             # settled with it now rather than one run each (a backlog after an outage drains in a few runs),
             # by one of the runs sharing it. Only an optimisation: what it leaves, their own runs settle.
+            assert task is not None
+            provider, callback, asked = gatherer
             try:
                 through = await self._settle_waiting(task, provider, callback, asked, trust_body=trust_body,
                                                      received_by=min(looked_at, asked.sent_at))
@@ -183,7 +205,25 @@ class CallbackHandler:
                 through = False
             if not through:
                 asked.release_gathering()     # the next run sharing the answer goes on where this one stopped
-        return None
+        return outcomes
+
+    async def _judge(self, task: Task | None, callback: dict[str, Any],
+                     trust_body: bool) -> tuple[Provider | None, Asked | None, Verdict]:
+        """What processing makes of one callback (the update it asks for applied): the task's provider (None when
+        the callback is not from it), the provider's answer it was judged with (None: not asked), the verdict."""
+        # The provider is needed only for a task still at the callback's provider (raises if it is not
+        # configured any more: the job is retried, as any job whose provider went away).
+        provider = self.ctx.provider(callback["provider"]) \
+            if task is not None and task.provider == callback["provider"] else None
+        verdict = judge(task, provider, callback, None, trust_body)
+        asked: Asked | None = None
+        if verdict is None:
+            assert task is not None and provider is not None   # judge settles a callback without them
+            asked, verdict = await self._confirm(task, provider, callback, trust_body)
+        if isinstance(verdict, TaskUpdate):
+            assert task is not None and provider is not None
+            verdict = await self._apply(task, provider, verdict, asked)
+        return provider, asked, verdict
 
     async def _confirm(self, task: Task, provider: Provider, callback: dict[str, Any],
                        trust_body: bool) -> tuple[Asked | None, Verdict | TaskUpdate]:
@@ -262,10 +302,14 @@ class CallbackHandler:
             after = waiting[-1][0]
         return False
 
-    async def _settle(self, callback: dict[str, Any], verdict: Verdict) -> None:
-        """Record what processing made of the callback and count it."""
-        await self.ctx.store.settle_callback(callback, verdict.status, verdict.note, self.ctx.clock.now())
-        metrics.labeled(metrics.CALLBACKS_PROCESSED, callback["provider"], verdict.outcome).inc()
+    async def _settle(self, settled: list[tuple[dict[str, Any], Verdict]]) -> None:
+        """Record what processing made of the callbacks (one write each, committed together) and count them."""
+        if not settled:
+            return
+        await self.ctx.store.settle_callbacks([(callback, verdict.status, verdict.note)
+                                               for callback, verdict in settled], self.ctx.clock.now())
+        for callback, verdict in settled:
+            metrics.labeled(metrics.CALLBACKS_PROCESSED, callback["provider"], verdict.outcome).inc()
 
     async def give_up(self, job: Job, reason: str) -> None:
         # The safety-net poll still watches the task; only this callback's confirmation is abandoned.

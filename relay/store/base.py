@@ -239,6 +239,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         its inbox row, or the fields its job carried (id, provider, task_id, body, received_at)."""
         await self._write(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now))
 
+    async def settle_callbacks(self, settled: list[SettledCallback], now: float) -> None:
+        """settle_callback for several callbacks at once (sharing the group commit)."""
+        await self._write_many(q.SETTLE_CALLBACK, [_settled_callback(*one, now) for one in settled])
+
     async def waiting_callbacks(self, task_id: str, kind: str, received_by: float, after: str,
                                 limit: int) -> list[tuple[str, dict[str, Any]]]:
         """(job id, payload) of the task's callback jobs (of `kind`) that no worker holds and that were received
@@ -402,6 +406,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
     async def finish_job(self, job: Job) -> None:
         """The job is done: remove it (only if this lease still holds it)."""
         await self._write(q.FINISH_JOB, (job.id, job.lease_token))
+
+    async def finish_jobs(self, jobs: list[Job]) -> None:
+        """finish_job for several jobs at once (a group run: relay.queue.GroupHandler)."""
+        await self._write_many(q.FINISH_JOB, [(job.id, job.lease_token) for job in jobs])
 
     async def retry_job(self, job: Job, run_at: float, error: str | None, *,
                         payload: dict[str, Any] | None = None, reset_attempts: bool = False) -> None:

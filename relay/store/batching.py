@@ -34,6 +34,15 @@ class GroupCommit(Generic[T]):
         # that future; the batch it joined still commits for everyone else (see _run's done() checks).
         await future
 
+    async def submit_many(self, items: list[T]) -> None:
+        """`submit` for several items at once (one caller's writes): returns when every one is committed."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        await asyncio.gather(*futures)
+
     async def _run(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]

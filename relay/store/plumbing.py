@@ -91,6 +91,10 @@ class StorePlumbing(abc.ABC):
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         """One small write that needs no other statement with it (job outcomes, callback settles)."""
 
+    @abc.abstractmethod
+    async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """`_write` of several rows at once (the ends of a group of jobs): they share the group commit."""
+
     def on_enqueue(self, callback: Callable[[], None]) -> None:
         """Register a wake-up called after a transaction that enqueued due jobs commits."""
         self._wakeups = [*getattr(self, "_wakeups", []), callback]

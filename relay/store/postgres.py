@@ -367,6 +367,9 @@ class PostgresStore(Store):
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         await self._small_writes.submit((sql, tuple(args)))
 
+    async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._small_writes.submit_many([(sql, tuple(args)) for args in rows])
+
     async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
         for sql, args in batch:

@@ -395,6 +395,9 @@ class SQLiteStore(Store):
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         await self._small_writes.submit((sql, tuple(args)))
 
+    async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._small_writes.submit_many([(sql, tuple(args)) for args in rows])
+
     async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         """One group commit of small writes, each one row found by its key (a callback's job, a job's outcome):
         on the event loop's thread (_tx_on_loop) unless its values are large. A callback job carries the raw
