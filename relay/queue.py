@@ -282,12 +282,21 @@ class Worker:
                 raise   # shutdown: the leases bring the jobs back
             except Exception as exc:
                 outcomes = [exc] * len(unit)
+        if len(outcomes) != len(unit):      # a bug in the handler: no job's outcome is known
+            outcomes = [RuntimeError(f"run_group gave {len(outcomes)} outcomes for {len(unit)} jobs")] * len(unit)
         done = [job for job, outcome in zip(unit, outcomes, strict=True) if outcome is None]
-        if done:
-            await self.store.finish_jobs(done)      # one write for the group's ends
-            self.store_outage.succeeded()
-        await asyncio.gather(*(self._record_in_context(job, handler, outcome)
-                               for job, outcome in zip(unit, outcomes, strict=True) if outcome is not None))
+        recorded = await asyncio.gather(
+            *([self._finish(done)] if done else []),      # one write for the group's ends
+            *(self._record_in_context(job, handler, outcome)
+              for job, outcome in zip(unit, outcomes, strict=True) if outcome is not None),
+            return_exceptions=True)     # one failing write must not keep the other outcomes from being recorded
+        for failure in recorded:
+            if isinstance(failure, BaseException):
+                raise failure
+
+    async def _finish(self, jobs: list[Job]) -> None:
+        await self.store.finish_jobs(jobs)
+        self.store_outage.succeeded()
 
     async def _record_in_context(self, job: Job, handler: Handler, outcome: Outcome) -> None:
         with _job_context(job):

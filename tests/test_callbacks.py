@@ -443,7 +443,9 @@ async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path
 async def test_callbacks_of_one_task_claimed_together_run_as_one(tmp_path: Path, database: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The callbacks of one task claimed together (a burst) run as one: the task is read once, the provider is
-    asked once, and their inbox rows are written in one go; each still gets its own row and its job ends."""
+    asked once, and their inbox rows are written in one go; each still gets its own row and its job ends. The
+    callback that claims more than the answer says is judged with that same answer: asked during the run, it
+    was asked after every callback of the run had arrived, so it is that callback's own."""
     async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
         task = await queued_task(h)
         ahead = {"id": task["provider_task_id"], "status": "processing", "progress": 5}
@@ -468,7 +470,7 @@ async def test_callbacks_of_one_task_claimed_together_run_as_one(tmp_path: Path,
         assert await h.runtime.worker.drain() == 20         # all twenty claimed in one batch (claim_batch 32)
         polls = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] - polls_before
         assert reads == [task["id"]] and writes == [20]
-        assert polls == 2       # the shared answer, and the one the callback claiming more asked on its own
+        assert polls == 1
         settled = await store._read_all("SELECT * FROM inbox WHERE task_id = ?", (task["id"],))
         assert len(settled) == 20 and {r["status"] for r in settled} == {"ignored"}
         [unconfirmed] = [r for r in settled if json.loads(r["body"]) == ahead]
@@ -476,38 +478,48 @@ async def test_callbacks_of_one_task_claimed_together_run_as_one(tmp_path: Path,
         assert await _inbox_settled(h)
 
 
+async def processed_total(h: Harness) -> float:
+    """relay_callbacks_processed_total, summed over its labels."""
+    lines = (await h.api.get("/metrics")).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("relay_callbacks_processed_total{"))
+
+
 async def test_a_group_of_callbacks_failing_midway_loses_none(tmp_path: Path, database: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The provider fails while a task's callbacks run as one: the callbacks judged before the failure are
-    settled; the one that met it and those after it are retried by the worker (an attempt each), and settled by
-    their next run once the provider answers again. None is lost, none is settled twice."""
+    """The provider fails while a task's callbacks run as one: the callbacks that need its answer fail with it
+    (retried by the worker, an attempt each) without asking it again one after another; those judged without
+    it, before and after the failure, are settled. Once the provider answers, the next runs settle the rest.
+    None is lost, none is settled (or counted) twice."""
     async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
         task = await queued_task(h)
-        ahead = {"id": task["provider_task_id"], "status": "processing", "progress": 5}
+        elsewhere = {"id": "task-of-someone-else", "status": "completed"}      # rejected unread
+        await post_callbacks(task, elsewhere, 2, h)
         await post_callbacks(task, repeat(task), 5, h)
-        await post_callbacks(task, ahead, 1, h)        # asks the provider on its own: the request that fails
-        await post_callbacks(task, repeat(task), 4, h)
+        await post_callbacks(task, elsewhere, 2, h)
         provider = h.runtime.ctx.provider("evolink")
         fetch = provider.fetch
         from relay.errors import ProviderUnavailable
-        answers = 0
+        asked = 0
 
-        async def failing_second(ticket: str) -> Any:
-            nonlocal answers
-            answers += 1
-            if answers == 2:
+        async def failing_first(ticket: str) -> Any:
+            nonlocal asked
+            asked += 1
+            if asked == 1:
                 raise ProviderUnavailable("the provider is down", code="provider_unavailable")
             return await fetch(ticket)
-        monkeypatch.setattr(provider, "fetch", failing_second)
+        monkeypatch.setattr(provider, "fetch", failing_first)
         store = h.runtime.store
-        [_] = [await h.runtime.worker.drain()]
-        settled = await store._read_all("SELECT body FROM inbox WHERE task_id = ?", (task["id"],))
-        assert len(settled) == 5 and all(json.loads(r["body"]) == repeat(task) for r in settled)
+        counted = await processed_total(h)
+        assert await h.runtime.worker.drain() == 9
+        assert asked == 1
+        settled = await store._read_all("SELECT body, status FROM inbox WHERE task_id = ?", (task["id"],))
+        assert len(settled) == 4 and all(json.loads(r["body"]) == elsewhere for r in settled)
         left = await store._read_all("SELECT attempts, last_error FROM jobs WHERE kind = 'callback_body'", ())
         assert len(left) == 5 and {r["attempts"] for r in left} == {1}
         assert all("the provider is down" in r["last_error"] for r in left)
         await store._change("UPDATE jobs SET run_at = 0 WHERE kind = 'callback_body'", ())     # due now
         await h.runtime.worker.drain()
-        settled = await store._read_all("SELECT id, body, note FROM inbox WHERE task_id = ?", (task["id"],))
-        assert len(settled) == 10 and len({r["id"] for r in settled}) == 10
+        settled = await store._read_all("SELECT body, status FROM inbox WHERE task_id = ?", (task["id"],))
+        assert sorted(r["status"] for r in settled) == ["ignored"] * 5 + ["rejected"] * 4
+        assert await processed_total(h) - counted == 9
         assert await _inbox_settled(h)

@@ -495,3 +495,31 @@ async def test_a_running_group_keeps_the_lease_of_every_job_in_it(store: Store) 
 
 async def _no_jobs(store: Store) -> bool:
     return await store.job_counts() == {}
+
+
+class FailingFinishes:
+    """A store whose finish_jobs fails (the rest goes to `store`)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def finish_jobs(self, jobs: list[Job]) -> None:
+        raise RuntimeError("the write of the group's ends failed")
+
+
+async def test_a_failing_end_of_a_group_keeps_the_other_outcomes(store: Store, clock: ManualClock) -> None:
+    """The write ending a group's done jobs fails: the other jobs' outcomes are still recorded (a retry keeps its
+    delay and its error), and the done jobs stay leased, for their lease to bring back."""
+    a = [grouped_job(clock, "a") for _ in range(2)]
+    handler = Grouped(outcomes={a[1].id: Retry(3.0, "not yet")})
+    worker = Worker(FailingFinishes(store), {"k": handler}, clock, OPTS)  # type: ignore[arg-type]
+    await store.enqueue(a)
+    jobs = await store.claim(clock.now(), limit=5, lease_seconds=30)
+    with pytest.raises(RuntimeError, match="group's ends"):
+        await worker._execute_unit(jobs)
+    rows = {r["id"]: r for r in await store._read_all("SELECT * FROM jobs", ())}  # type: ignore[attr-defined]
+    assert rows[a[1].id]["last_error"] == "not yet" and rows[a[1].id]["lease_token"] is None
+    assert rows[a[0].id]["lease_token"] is not None

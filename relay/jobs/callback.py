@@ -160,15 +160,23 @@ class CallbackHandler:
             raise outcome
 
     async def run_group(self, jobs: list[Job]) -> list[Outcome]:
-        """Process the callbacks of one task's jobs in turn, as runs of their own would one after the other.
-        They stop at the first failure: that callback and those not judged yet fail with it (retried by the
-        worker, as runs of their own failing on a provider or a store that fails would be); those judged
-        already are settled."""
+        """Process the callbacks of one task's jobs in turn (in the order they were received), as runs of their
+        own would one after the other, except that the provider is asked at most once more for them all: a
+        request sent during this run was sent after every one of them was received (they were claimed before
+        it started), so its answer is each one's own, whatever the clocks of the replicas that took them say.
+
+        A callback that fails is that job's failure (the worker retries it). After one failed, the callbacks
+        that need the provider's answer fail with it rather than each waiting in turn on a provider or a store
+        that fails; the others are still judged. Those judged are settled."""
         ctx = self.ctx
         outcomes: list[Outcome] = [None] * len(jobs)
         callbacks: list[tuple[int, dict[str, Any]]] = []     # the job's place in `jobs`, its callback
-        for place, job in enumerate(jobs):
-            callback = await self._callback_of(job)
+        for place in sorted(range(len(jobs)), key=lambda place: jobs[place].id):      # ids grow with receipt
+            try:
+                callback = await self._callback_of(jobs[place])
+            except Exception as exc:    # noqa: BLE001 - this job's failure (a payload it cannot read); not the others'
+                outcomes[place] = exc
+                continue
             if callback is not None:
                 callbacks.append((place, callback))
         if not callbacks:
@@ -177,17 +185,23 @@ class CallbackHandler:
         task = await ctx.store.get_task(callbacks[0][1]["task_id"], images=False)  # judging needs no images
         trust_body = ctx.settings.callbacks.trust_body
         settled: list[tuple[dict[str, Any], Verdict]] = []
+        ours: dict[str, Asked] = {}     # ticket → the request this run sent for it (see above)
+        failed: Exception | None = None
         gatherer: tuple[Provider | None, dict[str, Any], Asked] | None = None
-        for done, (place, callback) in enumerate(callbacks):
+        for place, callback in callbacks:
             try:
-                provider, asked, verdict = await self._judge(task, callback, trust_body)
-            except Exception as exc:    # noqa: BLE001 - the worker handles it, for this job and the ones after it
-                for later, _ in callbacks[done:]:
-                    outcomes[later] = exc
-                break
+                provider, asked, verdict = await self._judge(task, callback, trust_body, ours, failed)
+            except Exception as exc:    # noqa: BLE001 - the worker handles it, as it would a run of its own
+                outcomes[place] = failed = exc
+                continue
             settled.append((callback, verdict))
-            if gatherer is None and task is not None and asked is not None and asked.shared \
-                    and task.provider_task_id == asked.ticket:
+            if verdict.status == "applied":
+                # Written at once: were the run stopped before its end (shutdown), the next run of this callback
+                # would find the update applied already and record it as a repeat.
+                await self._settle(settled)
+                settled = []
+            if gatherer is None and task is not None and asked is not None \
+                    and (asked.shared or len(callbacks) > 1) and task.provider_task_id == asked.ticket:
                 gatherer = (provider, callback, asked)
         await self._settle(settled)
         if gatherer is not None and gatherer[2].take_gathering():
@@ -197,8 +211,9 @@ class CallbackHandler:
             assert task is not None
             provider, callback, asked = gatherer
             try:
-                through = await self._settle_waiting(task, provider, callback, asked, trust_body=trust_body,
-                                                     received_by=min(looked_at, asked.sent_at))
+                # As an answer shared with them: they were received elsewhere, by other clocks.
+                through = await self._settle_waiting(task, provider, callback, asked.as_shared(),
+                                                     trust_body=trust_body, received_by=min(looked_at, asked.sent_at))
             except Exception:      # noqa: BLE001 - this callback is settled; the waiting ones have their runs
                 log.warning("settling the waiting callbacks of %s with %s failed; each gets its own run", task.id,
                             callback["id"], exc_info=True)
@@ -207,10 +222,11 @@ class CallbackHandler:
                 asked.release_gathering()     # the next run sharing the answer goes on where this one stopped
         return outcomes
 
-    async def _judge(self, task: Task | None, callback: dict[str, Any],
-                     trust_body: bool) -> tuple[Provider | None, Asked | None, Verdict]:
+    async def _judge(self, task: Task | None, callback: dict[str, Any], trust_body: bool, ours: dict[str, Asked],
+                     failed: Exception | None) -> tuple[Provider | None, Asked | None, Verdict]:
         """What processing makes of one callback (the update it asks for applied): the task's provider (None when
-        the callback is not from it), the provider's answer it was judged with (None: not asked), the verdict."""
+        the callback is not from it), the provider's answer it was judged with (None: not asked), the verdict.
+        `ours`, `failed`: see run_group."""
         # The provider is needed only for a task still at the callback's provider (raises if it is not
         # configured any more: the job is retried, as any job whose provider went away).
         provider = self.ctx.provider(callback["provider"]) \
@@ -218,20 +234,22 @@ class CallbackHandler:
         verdict = judge(task, provider, callback, None, trust_body)
         asked: Asked | None = None
         if verdict is None:
+            if failed is not None:
+                raise failed
             assert task is not None and provider is not None   # judge settles a callback without them
-            asked, verdict = await self._confirm(task, provider, callback, trust_body)
+            asked, verdict = await self._confirm(task, provider, callback, trust_body, ours)
         if isinstance(verdict, TaskUpdate):
             assert task is not None and provider is not None
             verdict = await self._apply(task, provider, verdict, asked)
         return provider, asked, verdict
 
-    async def _confirm(self, task: Task, provider: Provider, callback: dict[str, Any],
-                       trust_body: bool) -> tuple[Asked | None, Verdict | TaskUpdate]:
-        """Judge the callback with the provider's answer: one shared with the task's other callbacks when it was
-        asked for since this one arrived; asked afresh when a shared answer was a refusal or gives a verdict
-        that is not lasting (receipt times come from the replica that took the callback, and a clock running
-        behind must not let an older answer overrule a newer callback). ProviderUnavailable → the worker
-        retries the job."""
+    async def _confirm(self, task: Task, provider: Provider, callback: dict[str, Any], trust_body: bool,
+                       ours: dict[str, Asked]) -> tuple[Asked | None, Verdict | TaskUpdate]:
+        """Judge the callback with the provider's answer: the one its run sent already (`ours`); else one shared
+        with the task's other callbacks when it was asked for since this one arrived; asked afresh when a shared
+        answer was a refusal or gives a verdict that is not lasting (receipt times come from the replica that
+        took the callback, and a clock running behind must not let an older answer overrule a newer callback).
+        A request sent here goes into `ours`. ProviderUnavailable → the worker retries the job."""
         reported = provider.parse_callback(callback["body"].encode())    # judge has read it already
         ticket = confirmation_ticket(task, reported)
         assert ticket is not None
@@ -242,7 +260,10 @@ class CallbackHandler:
 
         fresh = False
         while True:
-            asked = self.confirmations.ask(task.id, ticket, callback["received_at"], fetch, fresh=fresh)
+            asked = ours.get(ticket) or self.confirmations.ask(task.id, ticket, callback["received_at"], fetch,
+                                                               fresh=fresh)
+            if not asked.shared:
+                ours[ticket] = asked
             try:
                 update = await asked.answer()
             except ProviderRejected as exc:

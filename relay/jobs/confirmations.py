@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relay.clock import Clock
 from relay.models import TaskUpdate
@@ -63,6 +63,10 @@ class Asked:
 
     def mark_applied(self) -> None:
         self._request.applied = True
+
+    def as_shared(self) -> Asked:
+        """This request, as an answer shared with callbacks it was not sent for."""
+        return replace(self, shared=True)
 
     def take_gathering(self) -> bool:
         """True for one caller at a time: it settles the task's waiting callbacks with this answer (the others
