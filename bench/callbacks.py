@@ -127,8 +127,8 @@ def run(quick: bool) -> Section:
         "the metrics and that write.",
         "\"+ workers\" shares the 2 cores with processing: the callbacks of one task share the provider's "
         "answer (one status request for all received before it was sent, relay.jobs.confirmations), and "
-        "those still waiting for a worker are settled together with it; each still costs its claim, its "
-        "inbox row and its job's end. Until 2026-11-29 the bench's body named another provider task, so "
+        "those still waiting for a worker are settled together with it; those claimed together run as one "
+        "(relay.queue.GroupHandler: one task read, their inbox rows and job ends written together). Until 2026-11-29 the bench's body named another provider task, so "
         "every callback was rejected unread and this row measured that shortcut.",
     ]
     figures = {"bare_rps": bare["rps"], "api_rps": api["rps"], "api_p50_ms": api.get("p50", 0),
