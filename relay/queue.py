@@ -290,9 +290,12 @@ class Worker:
             *(self._record_in_context(job, handler, outcome)
               for job, outcome in zip(unit, outcomes, strict=True) if outcome is not None),
             return_exceptions=True)     # one failing write must not keep the other outcomes from being recorded
-        for failure in recorded:
-            if isinstance(failure, BaseException):
-                raise failure
+        failures = [failure for failure in recorded if isinstance(failure, BaseException)]
+        for failure in failures[1:]:        # the first is raised, for _execute_in_slot to report
+            self.store_outage.failed(failure, f"recording the outcomes of a group of {unit[0].kind} jobs; "
+                                              "their leases will bring them back")
+        if failures:
+            raise failures[0]
 
     async def _finish(self, jobs: list[Job]) -> None:
         await self.store.finish_jobs(jobs)

@@ -523,3 +523,31 @@ async def test_a_group_of_callbacks_failing_midway_loses_none(tmp_path: Path, da
         assert sorted(r["status"] for r in settled) == ["ignored"] * 5 + ["rejected"] * 4
         assert await processed_total(h) - counted == 9
         assert await _inbox_settled(h)
+
+
+async def test_an_applied_callback_in_a_group_is_written_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a group, the callback whose update is applied gets its inbox row at once, before the others are judged:
+    were the run stopped in between (shutdown), its next run would find the update applied and record a repeat."""
+    async with harness(tmp_path, run_worker=False, **NO_SAFETY_NET) as h:
+        task = await h.create(provider="evolink", prompt="p")
+        await h.runtime.worker.drain()     # the submit only
+        await wait_for(lambda: _sim_done(h, task["id"]), 10, "the provider to finish")
+        provider_task_id = (await h.task(task["id"]))["provider_task_id"]
+        served = (await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()
+        body = {"id": provider_task_id, "status": "completed", "results": [i["url"] for i in served["images"]]}
+        for _ in range(3):
+            assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
+        store = h.runtime.store
+        writes: list[list[str]] = []
+        settle_callbacks = store.settle_callbacks
+
+        async def counted_settle(settled: list[Any], now: float) -> None:
+            writes.append([status for _, status, _ in settled])
+            await settle_callbacks(settled, now)
+        monkeypatch.setattr(store, "settle_callbacks", counted_settle)
+        jobs = await store.claim(h.runtime.ctx.clock.now(), limit=32, lease_seconds=60, kinds=["callback_body"])
+        assert len(jobs) >= 3       # ours, and those the provider sent
+        await h.runtime.worker._execute_unit(jobs)
+        assert writes == [["applied"], ["ignored"] * (len(jobs) - 1)]
+        assert (await h.task(task["id"]))["status"] in ("archiving", "succeeded")
+        assert await _inbox_settled(h)

@@ -60,7 +60,8 @@ class Verdict:
 
     `lasting`: a newer look at the task or the provider could not judge it otherwise. A verdict that is not
     lasting (the provider does not confirm the body yet; the task is at another provider) is reached only
-    with a look taken for this callback, never with one shared with others (see CallbackHandler)."""
+    with a look taken after this callback arrived (for it, or for a group of callbacks it is in), never with
+    one shared with others received elsewhere (see CallbackHandler)."""
     status: str          # applied | ignored | rejected
     note: str
     outcome: str
@@ -184,26 +185,30 @@ class CallbackHandler:
         looked_at = ctx.clock.now()
         task = await ctx.store.get_task(callbacks[0][1]["task_id"], images=False)  # judging needs no images
         trust_body = ctx.settings.callbacks.trust_body
-        settled: list[tuple[dict[str, Any], Verdict]] = []
+        settled: list[tuple[int, dict[str, Any], Verdict]] = []      # judged, not written yet
         ours: dict[str, Asked] = {}     # ticket → the request this run sent for it (see above)
         failed: Exception | None = None
         gatherer: tuple[Provider | None, dict[str, Any], Asked] | None = None
         for place, callback in callbacks:
             try:
-                provider, asked, verdict = await self._judge(task, callback, trust_body, ours, failed)
+                judged = await self._judge(task, callback, trust_body, ours, asking=failed is None)
             except Exception as exc:    # noqa: BLE001 - the worker handles it, as it would a run of its own
                 outcomes[place] = failed = exc
                 continue
-            settled.append((callback, verdict))
+            if judged is None:      # needs the provider's answer, after one callback failed: fails with it
+                outcomes[place] = failed
+                continue
+            provider, asked, verdict = judged
+            settled.append((place, callback, verdict))
             if verdict.status == "applied":
                 # Written at once: were the run stopped before its end (shutdown), the next run of this callback
                 # would find the update applied already and record it as a repeat.
-                await self._settle(settled)
+                await self._settle_in_turn(settled, outcomes)
                 settled = []
             if gatherer is None and task is not None and asked is not None \
                     and (asked.shared or len(callbacks) > 1) and task.provider_task_id == asked.ticket:
                 gatherer = (provider, callback, asked)
-        await self._settle(settled)
+        await self._settle_in_turn(settled, outcomes)
         if gatherer is not None and gatherer[2].take_gathering():
             # A burst: other callbacks of the task shared this answer. Those still waiting for a worker are
             # settled with it now rather than one run each (a backlog after an outage drains in a few runs),
@@ -222,11 +227,20 @@ class CallbackHandler:
                 asked.release_gathering()     # the next run sharing the answer goes on where this one stopped
         return outcomes
 
+    async def _settle_in_turn(self, settled: list[tuple[int, dict[str, Any], Verdict]],
+                              outcomes: list[Outcome]) -> None:
+        """Write the judged callbacks' inbox rows; if that fails, it is their jobs' failure, not the others'."""
+        try:
+            await self._settle([(callback, verdict) for _, callback, verdict in settled])
+        except Exception as exc:    # noqa: BLE001 - the worker handles it for these jobs
+            for place, _, _ in settled:
+                outcomes[place] = exc
+
     async def _judge(self, task: Task | None, callback: dict[str, Any], trust_body: bool, ours: dict[str, Asked],
-                     failed: Exception | None) -> tuple[Provider | None, Asked | None, Verdict]:
+                     *, asking: bool = True) -> tuple[Provider | None, Asked | None, Verdict] | None:
         """What processing makes of one callback (the update it asks for applied): the task's provider (None when
         the callback is not from it), the provider's answer it was judged with (None: not asked), the verdict.
-        `ours`, `failed`: see run_group."""
+        None when it needs the provider's answer and `asking` is False. `ours`: see run_group."""
         # The provider is needed only for a task still at the callback's provider (raises if it is not
         # configured any more: the job is retried, as any job whose provider went away).
         provider = self.ctx.provider(callback["provider"]) \
@@ -234,8 +248,8 @@ class CallbackHandler:
         verdict = judge(task, provider, callback, None, trust_body)
         asked: Asked | None = None
         if verdict is None:
-            if failed is not None:
-                raise failed
+            if not asking:
+                return None
             assert task is not None and provider is not None   # judge settles a callback without them
             asked, verdict = await self._confirm(task, provider, callback, trust_body, ours)
         if isinstance(verdict, TaskUpdate):

@@ -12,9 +12,9 @@ all answering the same question. Here the callbacks of one task share a request:
   earlier than the callback's receipt, in flight or answered; otherwise it sends a new one.
 
 What a shared answer means for each callback is still judged per callback (relay.jobs.callback), and a
-callback whose claim the shared answer does not confirm asks again on its own: receipt times come
-from whichever replica took the callback, and a clock running behind must not let an older answer
-overrule a newer callback.
+callback whose claim the shared answer does not confirm asks again (once for the callbacks of a task run
+together, whose request was sent after all of them arrived): receipt times come from whichever replica
+took the callback, and a clock running behind must not let an older answer overrule a newer callback.
 """
 
 from __future__ import annotations
