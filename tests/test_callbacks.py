@@ -176,15 +176,21 @@ async def test_malformed_callbacks_never_crash_or_change_state(tmp_path: Path) -
         assert await h.runtime.store.callbacks_by_provider(0.0) == {"evolink": {"rejected": 8}}
 
 
+async def finished_task(h: Harness) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An EvoLink task the provider has finished (submitted by the worker drained by hand, which must not be
+    running), and the callback body EvoLink sends for it."""
+    task = await h.create(provider="evolink", prompt="p")
+    await h.runtime.worker.drain()     # the submit only
+    await wait_for(lambda: _sim_done(h, task["id"]), 10, "the provider to finish")
+    provider_task_id = (await h.task(task["id"]))["provider_task_id"]
+    served = (await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()
+    return task, {"id": provider_task_id, "status": "completed", "results": [i["url"] for i in served["images"]]}
+
+
 async def test_acknowledged_callback_survives_a_restart(tmp_path: Path) -> None:
     """A callback acknowledged by a relay whose worker never ran is processed by the next relay on the same data."""
     async with harness(tmp_path, run_worker=False, **NO_SAFETY_NET) as h:
-        task = await h.create(provider="evolink", prompt="p")
-        await h.runtime.worker.drain()     # the submit only
-        await wait_for(lambda: _sim_done(h, task["id"]), 10, "the provider to finish")
-        provider_task_id = (await h.task(task["id"]))["provider_task_id"]
-        served = (await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()
-        body = {"id": provider_task_id, "status": "completed", "results": [i["url"] for i in served["images"]]}
+        task, body = await finished_task(h)
         assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
         assert (await h.task(task["id"]))["status"] == "queued"
         # This relay "dies" now without processing anything; a new one opens the same data directory.
@@ -529,12 +535,7 @@ async def test_an_applied_callback_in_a_group_is_written_at_once(tmp_path: Path,
     """In a group, the callback whose update is applied gets its inbox row at once, before the others are judged:
     were the run stopped in between (shutdown), its next run would find the update applied and record a repeat."""
     async with harness(tmp_path, run_worker=False, **NO_SAFETY_NET) as h:
-        task = await h.create(provider="evolink", prompt="p")
-        await h.runtime.worker.drain()     # the submit only
-        await wait_for(lambda: _sim_done(h, task["id"]), 10, "the provider to finish")
-        provider_task_id = (await h.task(task["id"]))["provider_task_id"]
-        served = (await h.sim.get(f"/_sim/tasks/evolink/{provider_task_id}")).json()
-        body = {"id": provider_task_id, "status": "completed", "results": [i["url"] for i in served["images"]]}
+        task, body = await finished_task(h)
         for _ in range(3):
             assert (await h.api.post(callback_url(h, task["id"]), json=body)).status_code == 200
         store = h.runtime.store
