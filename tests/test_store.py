@@ -310,17 +310,17 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
     held = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])
     assert [j.id for j in held] == [received[0].id]          # a worker has the oldest
     waiting = await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now() + 4, "", 100)     # received[5] is later
-    assert sorted(job_id for job_id, _ in waiting) == sorted(j.id for j in received[1:5])
-    assert {p["body"] for _, p in waiting} == {j.payload["body"] for j in received[1:5]}
+    assert sorted(job_id for job_id, _, _ in waiting) == sorted(j.id for j in received[1:5])
+    assert {(provider, body) for _, provider, body in waiting} == {("evolink", j.payload["body"]) for j in received[1:5]}
 
     clock.advance(10)
     claimed_meanwhile = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])
     assert [j.id for j in claimed_meanwhile] == [received[1].id]
     already = carried_callback(task.id, received[2].payload)
     await store.settle_callback(already, "applied", "by its own run", clock.now())
-    settled = {job_id: (carried_callback(task.id, payload), "ignored", "together") for job_id, payload in waiting}
+    settled = {job_id: ("evolink", "ignored", "together") for job_id, _, _ in waiting}
     done = await store.settle_waiting_callbacks(settled, clock.now())
-    assert done == sorted([received[3].id, received[4].id])          # received[2] was settled already
+    assert done == {("evolink", "ignored", "together"): 2}          # received[3] and [4]: [2] was settled already
     for made, expected in ((received[1], None), (received[2], ("applied", "by its own run")),
                            (received[3], ("ignored", "together")), (received[4], ("ignored", "together")),
                            (received[5], None), (elsewhere, None)):
@@ -328,9 +328,10 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
         assert (None if row is None else (row["status"], row["note"])) == expected, made.payload["body"]
         if row is not None:
             assert row["body"] == made.payload["body"] and row["task_id"] == task.id
+            assert row["provider"] == "evolink" and row["received_at"] == made.payload["received_at"]
     left = await store._read_all("SELECT id FROM jobs WHERE kind = ? ORDER BY id", (CALLBACK_JOB,))  # type: ignore[attr-defined]
     assert sorted(r["id"] for r in left) == sorted(j.id for j in (received[0], received[1], received[5], elsewhere))
-    assert await store.settle_waiting_callbacks(settled, clock.now()) == []
+    assert await store.settle_waiting_callbacks(settled, clock.now()) == {}
 
 
 async def test_waiting_callbacks_come_a_page_at_a_time(store: Store, clock: ManualClock) -> None:
@@ -343,7 +344,7 @@ async def test_waiting_callbacks_come_a_page_at_a_time(store: Store, clock: Manu
         await store.receive_callback(job)
     ids, after, pages = [], "", []
     while True:
-        page = [job_id for job_id, _ in await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now(), after, 2)]
+        page = [job_id for job_id, _, _ in await store.waiting_callbacks(task.id, CALLBACK_JOB, clock.now(), after, 2)]
         pages.append(len(page))
         ids += page
         if len(page) < 2:

@@ -312,26 +312,25 @@ class CallbackHandler:
         own run. A page per transaction, in id order; False when it stopped at GATHER_PAGES pages."""
         update = await asked.answer()
         judged: dict[tuple[str, str], Verdict | TaskUpdate | None] = {}  # repeats of a body are judged once
+        repeated = _repeat(f"no change (confirmed together with {callback['id']})")
         after = ""
         for _ in range(GATHER_PAGES):
             waiting = await self.ctx.store.waiting_callbacks(task.id, CALLBACK_JOB, received_by, after, GATHER_PAGE)
-            settled: dict[str, tuple[dict[str, Any], Verdict]] = {}      # job id → its callback, its verdict
-            for job_id, payload in waiting:
-                other = carried_callback(task.id, payload)
-                key = (other["provider"], other["body"])
+            settled: dict[str, tuple[str, str, str]] = {}      # job id → its provider, status, note
+            outcomes: dict[tuple[str, str, str], str] = {}     # (provider, status, note) → the outcome counted
+            for job_id, sender, body in waiting:
+                key = (sender, body)
                 if key not in judged:
-                    judged[key] = judge(task, provider, other, update, trust_body)
+                    judged[key] = judge(task, provider, {"provider": sender, "body": body}, update, trust_body)
                 verdict = judged[key]
                 if isinstance(verdict, TaskUpdate) and verdict is update and asked.applied:
-                    verdict = _repeat(f"no change (confirmed together with {callback['id']})")
+                    verdict = repeated
                 if isinstance(verdict, Verdict) and stands(verdict, asked):
-                    settled[job_id] = (other, verdict)
-            done = await self.ctx.store.settle_waiting_callbacks(
-                {job_id: (other, verdict.status, verdict.note) for job_id, (other, verdict) in settled.items()},
-                self.ctx.clock.now())
-            for job_id in done:
-                other, verdict = settled[job_id]
-                metrics.labeled(metrics.CALLBACKS_PROCESSED, other["provider"], verdict.outcome).inc()
+                    settled[job_id] = (sender, verdict.status, verdict.note)
+                    outcomes[settled[job_id]] = verdict.outcome
+            done = await self.ctx.store.settle_waiting_callbacks(settled, self.ctx.clock.now())
+            for (sender, status, note), count in done.items():
+                metrics.labeled(metrics.CALLBACKS_PROCESSED, sender, outcomes[(sender, status, note)]).inc(count)
             if len(waiting) < GATHER_PAGE:
                 return True
             after = waiting[-1][0]

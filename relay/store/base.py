@@ -244,29 +244,31 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         await self._write_many(q.SETTLE_CALLBACK, [_settled_callback(*one, now) for one in settled])
 
     async def waiting_callbacks(self, task_id: str, kind: str, received_by: float, after: str,
-                                limit: int) -> list[tuple[str, dict[str, Any]]]:
-        """(job id, payload) of the task's callback jobs (of `kind`) that no worker holds and that were received
-        by `received_by`: the first `limit` by id after the id `after` ("" for the first page)."""
+                                limit: int) -> list[tuple[str, str, str]]:
+        """(job id, provider, body) of the task's callback jobs (of `kind`) that no worker holds and that were
+        received by `received_by`: the first `limit` by id after the id `after` ("" for the first page)."""
         rows = await self._read_all(q.WAITING_CALLBACK_JOBS, (task_id, kind, received_by, after, limit))
-        return [(row["id"], loads(row["payload"]) or {}) for row in rows]
+        return [(row["id"], row["provider"], row["body"]) for row in rows]
 
-    async def settle_waiting_callbacks(self, settled: dict[str, SettledCallback], now: float) -> list[str]:
-        """One transaction: the jobs (by id) still waiting for a worker (none took one meanwhile) are deleted, and
-        the callback each carried gets its inbox row (fields of an inbox row, status, note). A callback settled
-        already (by a run that failed after settling it) keeps its first outcome. Returns the ids of the jobs
-        whose callback this call settled."""
-        async def body(tx: Tx) -> list[str]:
+    async def settle_waiting_callbacks(self, settled: dict[str, tuple[str, str, str]],
+                                       now: float) -> dict[tuple[str, str, str], int]:
+        """One transaction: the jobs (by id: their callback's provider, the status and note to settle it with)
+        still waiting for a worker (none took one meanwhile) are deleted, and the callback each carried gets its
+        inbox row, made from the job's payload. A callback settled already (by a run that failed after settling
+        it) keeps its first outcome. Returns how many callbacks this call settled, by (provider, status, note)."""
+        async def body(tx: Tx) -> dict[tuple[str, str, str], int]:
             ids = sorted(settled)
             taken = [row["id"] for row in await tx.all(q.lock_waiting_jobs(len(ids)), ids)]
             if not taken:
-                return []
+                return {}
+            alike: dict[tuple[str, str, str], list[str]] = {}
+            for job_id in taken:
+                alike.setdefault(settled[job_id], []).append(job_id)
+            done = {outcome: await tx.run(q.settle_carried_callbacks(len(jobs)), (outcome[1], outcome[2], now, *jobs))
+                    for outcome, jobs in alike.items()}
             await tx.run(q.delete_in("jobs", "id", len(taken)), taken)
-            inbox_ids = [settled[job_id][0]["id"] for job_id in taken]
-            before = {row["id"] for row in await tx.all(q.settled_callbacks(len(inbox_ids)), inbox_ids)}
-            done = [job_id for job_id in taken if settled[job_id][0]["id"] not in before]
-            await tx.many(q.SETTLE_CALLBACK, [_settled_callback(*settled[job_id], now) for job_id in done])
             return done
-        return await self.transact(body) if settled else []
+        return await self.transact(body) if settled else {}
 
     # ---- images ----------------------------------------------------------------------------------
     async def get_image(self, image_id: str) -> ImageRecord | None:

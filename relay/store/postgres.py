@@ -65,10 +65,15 @@ COLUMN_TYPES = ("SELECT c.relname AS tbl, a.attname AS col, format_type(a.atttyp
                 "AND NOT a.attisdropped")
 
 
+_JSON_EXTRACT = re.compile(r"json_extract\((\w+), '\$\.(\w+)'\)")
+
+
 def to_postgres(sql: str) -> str:
-    """relay's shared SQL in PostgreSQL's spelling: `$n` placeholders, real row locks."""
+    """relay's shared SQL in PostgreSQL's spelling: `$n` placeholders, real row locks, `->>` for a key of a
+    JSON text."""
     numbered = iter(range(1, 10_000))
     sql = _PLACEHOLDER.sub(lambda _m: f"${next(numbered)}", sql)
+    sql = _JSON_EXTRACT.sub(r"(\1::json ->> '\2')", sql)
     return sql.replace(q.FOR_UPDATE, " FOR UPDATE")
 
 

@@ -2,7 +2,7 @@
 
 Written for SQLite and PostgreSQL alike: `?` placeholders (the PostgreSQL backend numbers them
 `$1, $2, …`), `IS NOT DISTINCT FROM` for a null-safe comparison, `ON CONFLICT … DO NOTHING`,
-`RETURNING`. `FOR_UPDATE` marks a row lock: PostgreSQL takes it (so a read-decide-write is atomic
+`RETURNING`, `json_extract(column, '$.key')` for a key of a JSON text (PostgreSQL's `->>`). `FOR_UPDATE` marks a row lock: PostgreSQL takes it (so a read-decide-write is atomic
 against other replicas), SQLite drops it (its one writer already serializes every write transaction).
 The few statements that differ by backend (the claim, migrations, the event log's visibility rule)
 live in that backend's module.
@@ -64,8 +64,9 @@ SETTLE_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at,
                    "note = excluded.note, processed_at = excluded.processed_at WHERE inbox.status = 'received'")
 # A task's callback jobs no worker holds, received by a time, a page at a time after a cursor (an id): a worker
 # that has judged one callback of the task settles them with it (relay.jobs.callback, lock_waiting_jobs).
-WAITING_CALLBACK_JOBS = ("SELECT id, payload FROM jobs WHERE task_id = ? AND kind = ? AND state = 'queued' "
-                         "AND lease_token IS NULL AND created_at <= ? AND id > ? ORDER BY id LIMIT ?")
+WAITING_CALLBACK_JOBS = ("SELECT id, json_extract(payload, '$.provider') AS provider, "
+                         "json_extract(payload, '$.body') AS body FROM jobs WHERE task_id = ? AND kind = ? "
+                         "AND state = 'queued' AND lease_token IS NULL AND created_at <= ? AND id > ? ORDER BY id LIMIT ?")
 
 # ---- jobs ------------------------------------------------------------------------------------------
 INSERT_JOB = (
@@ -317,9 +318,13 @@ def lock_waiting_jobs(count: int) -> str:
             "ORDER BY id" + FOR_UPDATE)
 
 
-def settled_callbacks(count: int) -> str:
-    """Of `count` callbacks (inbox ids), those settled already."""
-    return f"SELECT id FROM inbox WHERE id IN ({_marks(count)}) AND status <> 'received'"
+def settle_carried_callbacks(count: int) -> str:
+    """The inbox rows of the callbacks `count` callback jobs (by id) carry, with one status, note and time (the
+    first three values), made from the jobs' payloads in SQL. A callback settled already keeps its first outcome."""
+    return ("INSERT INTO inbox (id, provider, task_id, body, received_at, status, note, processed_at) "
+            "SELECT json_extract(payload, '$.inbox_id'), json_extract(payload, '$.provider'), task_id, "
+            "json_extract(payload, '$.body'), CAST(json_extract(payload, '$.received_at') AS DOUBLE PRECISION), "
+            f"?, ?, ? FROM jobs WHERE id IN ({_marks(count)}) ON CONFLICT (id) DO NOTHING")
 
 
 def expire_images(count: int) -> str:
