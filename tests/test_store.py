@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -303,7 +304,11 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
     task, other = new_task(clock, "evolink"), new_task(clock, "evolink")
     await store.create_task(task, [])
     await store.create_task(other, [])
-    received = [callback_job("evolink", task.id, f'{{"n": {n}}}', clock.now() + n) for n in range(6)]
+    # Bodies as providers may send them (non-ASCII, an emoji, escapes), received at fractional times: the inbox
+    # rows are made from the jobs' payloads by the database, and must hold them exactly.
+    received = [callback_job("evolink", task.id, json.dumps({"n": n, "s": 'héllo 😀 "q" \\ \n\u2028'},
+                                                            ensure_ascii=False), clock.now() + n - 0.123456789)
+                for n in range(6)]
     elsewhere = callback_job("evolink", other.id, '{"n": 0}', clock.now() + 1)
     for made in (*received, elsewhere):
         await store.receive_callback(made)

@@ -74,6 +74,8 @@ def to_postgres(sql: str) -> str:
     numbered = iter(range(1, 10_000))
     sql = _PLACEHOLDER.sub(lambda _m: f"${next(numbered)}", sql)
     sql = _JSON_EXTRACT.sub(r"(\1::json ->> '\2')", sql)
+    if "json_extract" in sql:      # another spelling than `json_extract(column, '$.key')`: PostgreSQL has none
+        raise ValueError(f"json_extract the PostgreSQL backend cannot read: {sql}")
     return sql.replace(q.FOR_UPDATE, " FOR UPDATE")
 
 

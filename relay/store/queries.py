@@ -2,7 +2,8 @@
 
 Written for SQLite and PostgreSQL alike: `?` placeholders (the PostgreSQL backend numbers them
 `$1, $2, …`), `IS NOT DISTINCT FROM` for a null-safe comparison, `ON CONFLICT … DO NOTHING`,
-`RETURNING`, `json_extract(column, '$.key')` for a key of a JSON text (PostgreSQL's `->>`). `FOR_UPDATE` marks a row lock: PostgreSQL takes it (so a read-decide-write is atomic
+`RETURNING`, `json_extract(column, '$.key')` for a key of a JSON text (read as PostgreSQL's `->>`).
+`FOR_UPDATE` marks a row lock: PostgreSQL takes it (so a read-decide-write is atomic
 against other replicas), SQLite drops it (its one writer already serializes every write transaction).
 The few statements that differ by backend (the claim, migrations, the event log's visibility rule)
 live in that backend's module.
@@ -59,14 +60,16 @@ EVENT_EXISTS = "SELECT 1 FROM events WHERE id = ?"
 LOAD_CALLBACK = "SELECT * FROM inbox WHERE id = ?"
 # Inserted when a callback job settles. A job queued by an earlier relay, which wrote the row at receipt, updates
 # it; a job run twice (a crash between settling and finishing) keeps the first outcome.
+_KEEP_SETTLED = ("ON CONFLICT (id) DO UPDATE SET status = excluded.status, note = excluded.note, "
+                 "processed_at = excluded.processed_at WHERE inbox.status = 'received'")
 SETTLE_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at, status, note, processed_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-                   "note = excluded.note, processed_at = excluded.processed_at WHERE inbox.status = 'received'")
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?) " + _KEEP_SETTLED)
 # A task's callback jobs no worker holds, received by a time, a page at a time after a cursor (an id): a worker
 # that has judged one callback of the task settles them with it (relay.jobs.callback, lock_waiting_jobs).
 WAITING_CALLBACK_JOBS = ("SELECT id, json_extract(payload, '$.provider') AS provider, "
                          "json_extract(payload, '$.body') AS body FROM jobs WHERE task_id = ? AND kind = ? "
-                         "AND state = 'queued' AND lease_token IS NULL AND created_at <= ? AND id > ? ORDER BY id LIMIT ?")
+                         "AND state = 'queued' AND lease_token IS NULL AND created_at <= ? AND id > ? "
+                         "ORDER BY id LIMIT ?")
 
 # ---- jobs ------------------------------------------------------------------------------------------
 INSERT_JOB = (
@@ -320,11 +323,12 @@ def lock_waiting_jobs(count: int) -> str:
 
 def settle_carried_callbacks(count: int) -> str:
     """The inbox rows of the callbacks `count` callback jobs (by id) carry, with one status, note and time (the
-    first three values), made from the jobs' payloads in SQL. A callback settled already keeps its first outcome."""
+    first three values), made from the jobs' payloads in SQL. As SETTLE_CALLBACK: a callback settled already keeps
+    its first outcome."""
     return ("INSERT INTO inbox (id, provider, task_id, body, received_at, status, note, processed_at) "
             "SELECT json_extract(payload, '$.inbox_id'), json_extract(payload, '$.provider'), task_id, "
             "json_extract(payload, '$.body'), CAST(json_extract(payload, '$.received_at') AS DOUBLE PRECISION), "
-            f"?, ?, ? FROM jobs WHERE id IN ({_marks(count)}) ON CONFLICT (id) DO NOTHING")
+            f"?, ?, ? FROM jobs WHERE id IN ({_marks(count)}) " + _KEEP_SETTLED)
 
 
 def expire_images(count: int) -> str:
