@@ -371,9 +371,9 @@ class Worker:
 
         One task for all running jobs, not one per job: a task per job (started, and cancelled when the job
         ends) cost about 30 µs of the loop's time per job, for heartbeats that almost never beat. It ends when no
-        job runs (cancelled by the last job's end) and is started again by the next one. Each extension goes on its own and the keeper waits for
-        none: one hanging on a dead connection holds up that job's next extension only, as a heartbeat of its
-        own would, never the others'."""
+        job runs (cancelled by the last job's end) and is started again by the next one. Each extension goes on
+        its own and the keeper waits for none: one hanging on a dead connection holds up that job's next
+        extension only, as a heartbeat of its own would, never the others'."""
         loop = asyncio.get_running_loop()
         interval = self.options.lease_seconds / 3
         while self._held:

@@ -28,8 +28,7 @@ class GroupCommit(Generic[T]):
         """Queue `item` and wait until the batch holding it is committed (or raise its error)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run())
+        self._run_soon()
         # Each caller awaits its own future: a caller that goes away (client disconnect) cancels only
         # that future; the batch it joined still commits for everyone else (see _run's done() checks).
         await future
@@ -39,9 +38,13 @@ class GroupCommit(Generic[T]):
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._pending.extend(zip(items, futures, strict=True))
+        self._run_soon()
+        await asyncio.gather(*futures)
+
+    def _run_soon(self) -> None:
+        """Start committing what is pending, unless a run is under way (it takes what is queued meanwhile)."""
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run())
-        await asyncio.gather(*futures)
 
     async def _run(self) -> None:
         while self._pending:

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 from relay.models import Event, ImageRecord, Task, TaskStatus
 from relay.store import queries as q
-from relay.store.batching import SharedTransactions
+from relay.store.batching import GroupCommit, SharedTransactions
 from relay.store.rows import image_from_row
 from relay.store.tx import Row, Tx
 
@@ -87,13 +87,20 @@ class StorePlumbing(abc.ABC):
         other reads (SQLite: on the event loop's thread, see SQLiteStore._read_key)."""
         return await self._read(sql, args)
 
-    @abc.abstractmethod
+    # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a commit (group
+    # commit, with other small independent writes such as settling a callback), each caller still returning only
+    # once its own write is committed. The backend makes the group commit and flushes its batches
+    # (_write_statements). Not tried again when the connection is lost: the outcome is unknown, and the worker's
+    # lease brings the job back.
+    _small_writes: GroupCommit[tuple[str, tuple[Any, ...]]]
+
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         """One small write that needs no other statement with it (job outcomes, callback settles)."""
+        await self._small_writes.submit((sql, tuple(args)))
 
-    @abc.abstractmethod
     async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """`_write` of several rows at once (the ends of a group of jobs): they share the group commit."""
+        await self._small_writes.submit_many([(sql, tuple(args)) for args in rows])
 
     def on_enqueue(self, callback: Callable[[], None]) -> None:
         """Register a wake-up called after a transaction that enqueued due jobs commits."""

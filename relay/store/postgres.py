@@ -368,15 +368,6 @@ class PostgresStore(Store):
     async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         return list(await self._again_if_lost(lambda: self.pool.fetch(self._sql(sql), *args)))
 
-    # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a commit
-    # (group commit), each caller still returning only once its own write is committed. Not tried again when
-    # the connection is lost: the outcome is unknown, and the worker's lease brings the job back.
-    async def _write(self, sql: str, args: Sequence[Any]) -> None:
-        await self._small_writes.submit((sql, tuple(args)))
-
-    async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self._small_writes.submit_many([(sql, tuple(args)) for args in rows])
-
     async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
         for sql, args in batch:

@@ -389,15 +389,6 @@ class SQLiteStore(Store):
             return await self._read(sql, args)
         return rows[0] if rows else None
 
-    # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a
-    # transaction (group commit, with other small independent writes such as settling a callback),
-    # each caller still returning only once its own write is durable.
-    async def _write(self, sql: str, args: Sequence[Any]) -> None:
-        await self._small_writes.submit((sql, tuple(args)))
-
-    async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self._small_writes.submit_many([(sql, tuple(args)) for args in rows])
-
     async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         """One group commit of small writes, each one row found by its key (a callback's job, a job's outcome):
         on the event loop's thread (_tx_on_loop) unless its values are large. A callback job carries the raw
