@@ -449,7 +449,8 @@ async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path
 async def test_callbacks_of_one_task_claimed_together_run_as_one(tmp_path: Path, database: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The callbacks of one task claimed together (a burst) run as one: the task is read once, the provider is
-    asked once, and their inbox rows are written in one go; each still gets its own row and its job ends. The
+    asked once, its answer (no change) opens no transaction, and their inbox rows are written in one go; each
+    still gets its own row and its job ends. The
     callback that claims more than the answer says is judged with that same answer: asked during the run, it
     was asked after every callback of the run had arrived, so it is that callback's own."""
     async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
@@ -470,12 +471,23 @@ async def test_callbacks_of_one_task_claimed_together_run_as_one(tmp_path: Path,
         async def counted_settle(settled: list[Any], now: float) -> None:
             writes.append(len(settled))
             await settle_callbacks(settled, now)
+        applied: list[str] = []
+        apply = store.apply
+
+        async def counted_apply(task_id: str, decide: Any, now: float, **kwargs: Any) -> Any:
+            """The transactions apply opens: none when the update changes nothing on the task the run read."""
+            seen = kwargs.get("seen")
+            if seen is None or decide(seen) is not None:
+                applied.append(task_id)
+            return await apply(task_id, decide, now, **kwargs)
         monkeypatch.setattr(store, "get_task", counted_get_task)
         monkeypatch.setattr(store, "settle_callbacks", counted_settle)
+        monkeypatch.setattr(store, "apply", counted_apply)
         polls_before = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"]
         assert await h.runtime.worker.drain() == 20         # all twenty claimed in one batch (claim_batch 32)
         polls = (await h.sim.get("/_sim/stats")).json()["dialects"]["evolink"]["polls"] - polls_before
         assert reads == [task["id"]] and writes == [20]
+        assert applied == []        # the provider's answer changes nothing: no write transaction for it either
         assert polls == 1
         settled = await store._read_all("SELECT * FROM inbox WHERE task_id = ?", (task["id"],))
         assert len(settled) == 20 and {r["status"] for r in settled} == {"ignored"}

@@ -397,6 +397,27 @@ def test_state_machine_only_moves_forward(first: TaskUpdate | None, signals: lis
         assert all(decide(task, signal) is None for signal in script), "a terminal task accepted a signal"
 
 
+@settings(FUZZ, max_examples=400)
+@given(first=st.one_of(st.none(), UPDATES), late=UPDATES,
+       signals=st.lists(st.one_of(*[UPDATES.map(lambda u: ("update", u))] * 4, SIGNALS), max_size=12))
+def test_an_update_stale_for_a_task_is_stale_for_every_later_version(
+        first: TaskUpdate | None, late: TaskUpdate, signals: list[tuple[str, Any]]) -> None:
+    """Store.apply(seen=…) opens no transaction when an update changes nothing on the task as it was read: sound
+    only if every later version of the task, whatever moved it meanwhile, finds that update stale too. (Mostly
+    updates among the signals: the other signals end the task, after which everything is stale.)"""
+    task = Task(id="tsk_1", provider="evolink", request={"prompt": "p", "n": 1})
+    versions = [task]
+    for signal in ([("submitted", first)] if first is not None else []) + signals:
+        transition = decide(task, signal)
+        if transition is not None:
+            task = apply(task, transition)
+            versions.append(task)
+    for place, earlier in enumerate(versions):
+        if on_update(earlier, late) is None:
+            moved = [later for later in versions[place:] if on_update(later, late) is not None]
+            assert not moved, f"stale on {earlier.status}/{earlier.progress}, not on {moved[0].status}/{moved[0].progress}"
+
+
 @pytest.mark.parametrize("status", [TaskStatus.QUEUED, TaskStatus.RUNNING])
 def test_late_submit_answer_on_a_task_that_moved_on_emits_nothing(status: TaskStatus) -> None:
     """A stale submit answer (the task is already queued or running, no id yet) is a no-op: no event at all."""

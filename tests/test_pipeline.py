@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,6 +162,30 @@ async def test_stale_and_repeated_poll_results_change_nothing(tmp_path: Path) ->
         after = (await h.api.get("/v1/events", params={"task_id": task["id"]})).json()["data"]
         assert after == before and (await h.task(task["id"]))["sequence"] == final["sequence"]
         assert now <= h.runtime.ctx.clock.now()
+
+
+async def test_a_poll_answer_that_changes_nothing_writes_nothing(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polling a task the provider is still working on, answered as before: not even a transaction is opened."""
+    async with harness(tmp_path, sim_duration=3600) as h:
+        task = await h.create(provider="gmicloud", prompt="p")
+
+        async def seen_by_a_poll() -> bool:
+            return (await h.task(task["id"]))["status"] in ("queued", "running")
+        await wait_for(seen_by_a_poll, 10, "the first poll")
+        store = h.runtime.store
+        opened: list[Any] = []
+        shared = store.transact_shared
+
+        async def counted(body: Any) -> Any:      # what apply runs its transaction with
+            opened.append(body)
+            return await shared(body)
+        monkeypatch.setattr(store, "transact_shared", counted)
+        poll = h.runtime.worker.handlers["poll"]
+        for _ in range(3):
+            await poll.run(Job(id="job_x", kind="poll", task_id=task["id"]))
+        assert opened == []
+        assert (await h.task(task["id"]))["status"] in ("queued", "running")
 
 
 async def test_max_in_flight_holds_the_backlog_until_the_provider_has_room(tmp_path: Path) -> None:

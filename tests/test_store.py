@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +70,36 @@ async def test_apply_writes_one_event_per_transition(store: Store, clock: Manual
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.sequence == 2 and loaded.provider_task_id == "p1"
     assert events[0].sequence == 2 and events[0].data is not None and events[0].data["status"] == "running"
+
+
+async def test_apply_opens_no_transaction_for_an_update_stale_on_the_task_seen(store: Store, clock: ManualClock,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply(seen=task): an update that changes nothing on the task as the caller read it opens no transaction (a
+    task only moves forward, so it is stale on the row too); one that would change the task seen is decided again
+    on the locked row, as it is now."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    seen_pending = await store.get_task(task.id)
+    running = TaskUpdate(status=ProviderStatus.RUNNING, provider_task_id="p1")
+    assert seen_pending is not None
+    assert await store.apply(task.id, lambda t: on_update(t, running), clock.now(), seen=seen_pending) is not None
+    opened: list[str] = []
+    for name in ("transact", "transact_shared"):
+        def counted(original: Any, name: str = name) -> Any:
+            async def transaction(body: Any) -> Any:
+                opened.append(name)
+                return await original(body)
+            return transaction
+        monkeypatch.setattr(store, name, counted(getattr(store, name)))
+    seen_running = await store.get_task(task.id)
+    assert seen_running is not None and seen_running.status == TaskStatus.RUNNING
+    assert await store.apply(task.id, lambda t: on_update(t, running), clock.now(), seen=seen_running) is None
+    assert opened == []
+    # The pending task seen earlier would move: decided on the row, which is running already, nothing is written.
+    assert await store.apply(task.id, lambda t: on_update(t, running), clock.now(), seen=seen_pending) is None
+    assert opened       # (on PostgreSQL transact_shared is transact)
+    events = await store.list_events(after=None, type=None, task_id=task.id, limit=50)
+    assert [e.type for e in events] == ["task.running"]
 
 
 async def test_success_creates_images_and_archive_jobs_ordered_by_expiry(store: Store, clock: ManualClock) -> None:

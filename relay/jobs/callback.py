@@ -297,7 +297,7 @@ class CallbackHandler:
         if asked is not None and asked.applied:
             return _repeat("no change (repeated or stale)")
         applied = await self.ctx.store.apply(task.id, lambda t: on_update(t, update), self.ctx.clock.now(),
-                                             default_expiry=provider.caps.default_expiry)
+                                             default_expiry=provider.caps.default_expiry, seen=task)
         if asked is not None:
             asked.mark_applied()
         if applied is None:

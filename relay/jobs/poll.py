@@ -51,7 +51,7 @@ class PollHandler:
             await ctx.store.apply(task.id, _fail_while_watching(exc.code, exc.message), ctx.clock.now())
             return None
         await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
-                              default_expiry=provider.caps.default_expiry)
+                              default_expiry=provider.caps.default_expiry, seen=task)
         if update.status in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
             return None
         polls = int(job.payload.get("polls", 0)) + 1
