@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import platform
@@ -284,6 +285,14 @@ def read_round_trips(path: Path) -> int | None:
     """The round trips to PostgreSQL the probed relay has made so far (bench/probes), None if not written yet."""
     try:
         return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_round_trips_by_statement(path: Path) -> dict[str, int] | None:
+    """The probed relay's round trips so far by statement (bench/probes), None if not written yet."""
+    try:
+        return dict(json.loads(Path(f"{path}.statements").read_text()))
     except (OSError, ValueError):
         return None
 

@@ -35,7 +35,7 @@ import httpx
 
 from bench import common
 from bench.common import (KEY, CpuPids, Figure, Section, add_database_argument, closed_loop, free_port, percentile,
-                          postgres, profile_breakdown, ratio, read_round_trips, run_loop, start_profile, start_relay,
+                          postgres, profile_breakdown, ratio, read_round_trips, read_round_trips_by_statement, run_loop, start_profile, start_relay,
                           start_simulator, stop, timed, use_database)
 
 MIX = ("gmicloud", "apimart", "pixazo", "openai", "evolink")
@@ -247,15 +247,20 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
 
             fixed: CpuPids = {"relay": relay_pid, "simulator": sim_pid, "driver": None}
             counted: dict[str, int | None] = {}
+            tallied: dict[str, dict[str, int] | None] = {}
 
             def at_window(mark: str) -> None:
                 if round_trips is not None:
                     counted[mark] = read_round_trips(round_trips)
+                    tallied[mark] = read_round_trips_by_statement(round_trips)
             stats = await closed_loop(one, in_flight=IN_FLIGHT, warmup=warmup, measure=seconds,
                                       cpu=(lambda: {**fixed, **more_cpu()}) if more_cpu else fixed,
                                       at_window=at_window)
             opened, closed = counted.get("open"), counted.get("close")
             stats["round_trips"] = closed - opened if opened is not None and closed is not None else None
+            first, last = tallied.get("open"), tallied.get("close")
+            stats["round_trips_by_statement"] = ({sql: n - first.get(sql, 0) for sql, n in last.items()}
+                                                 if first is not None and last is not None else None)
             stats["by_provider"] = _by_provider(by_provider, stats["window"])
             stats["received"] = received
             stats["deliveries"] = sum(stats["window"][0] <= at <= stats["window"][1] for at in arrivals)
@@ -332,6 +337,9 @@ async def _completion_to_receipt(api: httpx.AsyncClient, sim: str, generated: di
     return out
 
 
+TALLY_ROWS = 12     # statements shown in the round-trip tally (PostgreSQL)
+
+
 def _per_task(stats: dict[str, Any], counter: str) -> float:
     done = stats["sim"]["submits"] or 1
     return stats["sim"][counter] / done
@@ -375,6 +383,12 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                   f"**{through['round_trips'] / through['completed']:.1f} per task** (counted in the relay process by "
                   "bench/probes: each statement, BEGIN, COMMIT or pipelined executemany is one; a statement's "
                   "first use on each pooled connection also prepares it, one more round trip not counted)."]
+        tally = through.get("round_trips_by_statement")
+        if tally:
+            lines += ["", "The most frequent of them, per task (a statement named by its first characters):", "",
+                      "| statement | round trips per task |", "|---|---:|"]
+            lines += [f"| `{sql.replace('|', '/')}` | {n / through['completed']:.2f} |"
+                      for sql, n in sorted(tally.items(), key=lambda kv: -kv[1])[:TALLY_ROWS] if n > 0]
     lines += ["", f"Throughput ratio relay / baseline: **{r:.2f}**." if r is not None else "", "",
               "Per dialect (tasks finishing inside the window):", "",
               "| dialect | baseline n | baseline p50 ms | relay n | relay p50 ms | relay p99 ms |",

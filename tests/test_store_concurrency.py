@@ -459,6 +459,11 @@ async def test_one_attempt_recorded_twice_at_once_changes_the_delivery_once(open
         assert loaded is not None and loaded.attempts == 1 and loaded.round_attempts == 1
         assert loaded.status == winner.status and loaded.last_status_code == winner.last_status_code
         assert len(await b.list_attempts(delivery.id)) == 2
+        # The failure clock follows the attempt that counted: a success stops it (a failure may have started it
+        # in an earlier round), a failure starts it or keeps it running.
+        clock_of = await b.get_subscription(sub.id)
+        assert clock_of is not None
+        assert (clock_of.failing_since is None) == (winner.status == "succeeded"), (winner.status, clock_of)
     current = await a.get_subscription(sub.id)
     assert current is not None and current.enabled
 

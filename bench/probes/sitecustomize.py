@@ -1,5 +1,6 @@
 """A probe for the relay processes the bench starts (their PYTHONPATH names this folder): counts relay's round
-trips to PostgreSQL and writes the running total to $BENCH_ROUND_TRIPS_FILE ten times a second.
+trips to PostgreSQL and writes the running total to $BENCH_ROUND_TRIPS_FILE ten times a second, and a tally by
+statement (its first characters) to that file's name + ".statements" (JSON).
 
 A round trip is one asyncpg call on a connection: a statement (execute, fetch, fetchrow, fetchval), a BEGIN or
 a COMMIT (asyncpg sends each as a statement of its own), or one executemany (pipelined: one wait for all its
@@ -14,19 +15,28 @@ import os
 _OUT = os.environ.get("BENCH_ROUND_TRIPS_FILE")
 
 
+STATEMENT_HEAD = 60     # characters of a statement that name it in the tally by statement
+
+
 def _install(out: str) -> None:
     import functools
+    import json
     import threading
     import time
 
     import asyncpg.connection
 
     count = [0]
+    by_statement: dict[str, int] = {}
 
     def counted(method):  # type: ignore[no-untyped-def]
+        prefix = "executemany: " if method.__name__ == "executemany" else ""
+
         @functools.wraps(method)
         async def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             count[0] += 1
+            head = prefix + " ".join(str(args[0] if args else "").split())[:STATEMENT_HEAD]
+            by_statement[head] = by_statement.get(head, 0) + 1
             return await method(self, *args, **kwargs)
         return call
 
@@ -39,6 +49,9 @@ def _install(out: str) -> None:
                 with open(out + ".tmp", "w") as fh:
                     fh.write(str(count[0]))
                 os.replace(out + ".tmp", out)
+                with open(out + ".statements.tmp", "w") as fh:
+                    json.dump(dict(by_statement), fh)
+                os.replace(out + ".statements.tmp", out + ".statements")
             except OSError:
                 pass        # tried again at the next tick; the bench reads whatever was written last
             time.sleep(0.1)

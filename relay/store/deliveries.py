@@ -149,15 +149,16 @@ class DeliveryCases(StorePlumbing):
         """
         async def body(tx: Tx) -> Recorded | None:
             await tx.run(q.INSERT_ATTEMPT, attempt_row(attempt))
-            row = await tx.one(q.LOCK_DELIVERY, (attempt.delivery_id,))
+            row = await tx.one(q.LOCK_DELIVERY_FOR_ATTEMPT, (attempt.delivery_id,))
             if row is None:
                 return None
             delivery = delivery_from_row(row)
             if delivery.status != "pending" or delivery.attempts != attempt.number - 1:
                 return None
             sub_id = delivery.subscription_id
+            failing = sub_id is not None and row["sub_failing_since"] is not None
             status, next_at, error, disabled = await _next_state(tx, attempt, outcome, next_attempt_at,
-                                                                 auto_disable_after, sub_id, now)
+                                                                 auto_disable_after, sub_id, failing, now)
             if disabled is not None and sub_id is not None:
                 await tx.run(q.DISABLE_SUBSCRIPTION, (disabled, now, sub_id))
                 why = ("the subscriber answered 410 Gone" if disabled == DISABLED_GONE
@@ -239,11 +240,12 @@ class DeliveryCases(StorePlumbing):
 
 
 async def _next_state(tx: Tx, attempt: Attempt, outcome: str, next_attempt_at: float | None,
-                      auto_disable_after: float, sub_id: str | None,
+                      auto_disable_after: float, sub_id: str | None, failing: bool,
                       now: float) -> tuple[str, float | None, str | None, str | None]:
-    """(status, next attempt, error, disabled reason) of a delivery after this attempt; moves the failure clock."""
+    """(status, next attempt, error, disabled reason) of a delivery after this attempt; moves the failure clock.
+    `failing`: the subscription's failure clock was running when the delivery was locked."""
     if outcome == "succeeded":
-        if sub_id:
+        if sub_id and failing:
             await tx.run(q.SUBSCRIPTION_HEALTHY, (sub_id,))
         return "succeeded", None, None, None
     if outcome == "gone":

@@ -138,6 +138,11 @@ INSERT_DELIVERY = (
     "ON CONFLICT (event_id, target) DO NOTHING")
 LOAD_DELIVERY = "SELECT * FROM deliveries WHERE id = ?"
 LOCK_DELIVERY = "SELECT * FROM deliveries WHERE id = ?" + FOR_UPDATE
+# With its subscription's failure clock, read with the lock: an attempt's success resets the clock only if it
+# runs (one statement fewer per successful delivery: a round trip on PostgreSQL). A failure another replica
+# commits after this read is ordered after this success, and its clock stands, as it would had it come later.
+LOCK_DELIVERY_FOR_ATTEMPT = ("SELECT d.*, (SELECT s.failing_since FROM subscriptions s WHERE s.id = d.subscription_id) "
+                             "AS sub_failing_since FROM deliveries d WHERE d.id = ?" + FOR_UPDATE)
 CANCEL_PENDING_DELIVERIES = (
     "UPDATE deliveries SET status = 'canceled', last_error = ?, next_attempt_at = NULL, completed_at = ?, "
     "updated_at = ? WHERE subscription_id = ? AND status = 'pending'")
