@@ -165,8 +165,8 @@ def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int],
              arrivals: list[float] | None = None, generated: dict[str, tuple[float, float]] | None = None) -> Any:
     """/hook: a terminal event resolves its task's waiter; /fan/{k}: fan-out subscriptions, only counted.
     `arrivals`: the monotonic time of every delivery received (both routes). `generated`: the wall-clock
-    receipt of each task.generated and the event's own time (relay committed it then), by the provider's task
-    id (to set against the provider's completion)."""
+    receipt of each task.generated and the event's own time (relay decided the transition then), by the
+    provider's task id (to set against the provider's completion)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -323,7 +323,8 @@ async def _completion_to_receipt(api: httpx.AsyncClient, sim: str, generated: di
         if first is not None and first.get("elapsed") is not None:
             # Its legs: the simulator sending the callback, relay acknowledging it (a durable write),
             # and from the 200 to the subscriber's receipt (confirm, apply, deliver); that last one split at the
-            # event's own time (when relay committed the transition; the two processes share the machine's clock).
+            # event's own time (when relay decided the transition, before its transaction waited for the writer
+            # and committed; the two processes share the machine's clock).
             legs["sent"].append((first["at"] - done_at) * 1000)
             legs["ack"].append(first["elapsed"] * 1000)
             legs["after"].append((at - first["at"] - first["elapsed"]) * 1000)
@@ -407,8 +408,9 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                   f"sending the callback {done['sent_p50']:.0f} / {done['sent_p99']:.0f} ms, relay acknowledging it "
                   f"{done['ack_p50']:.0f} / {done['ack_p99']:.0f} ms, from the 200 to the receipt (confirm with the "
                   f"provider, apply, deliver) {done['after_p50']:.0f} / {done['after_p99']:.0f} ms: to the event's "
-                  f"commit {done['apply_p50']:.0f} / {done['apply_p99']:.0f} ms, from it to the receipt "
-                  f"{done['deliver_p50']:.0f} / {done['deliver_p99']:.0f} ms."]
+                  f"time (relay deciding the transition) {done['apply_p50']:.0f} / {done['apply_p99']:.0f} ms, from "
+                  f"it to the receipt (its commit, the delivery) {done['deliver_p50']:.0f} / "
+                  f"{done['deliver_p99']:.0f} ms."]
     if found["profile"]:
         lines += ["", "py-spy on the relay process during the run (100 Hz, samples holding the GIL):",
                   "", "| where | share of samples |", "|---|---:|"]

@@ -468,6 +468,43 @@ async def test_one_attempt_recorded_twice_at_once_changes_the_delivery_once(open
     assert current is not None and current.enabled
 
 
+async def test_a_success_stops_the_failure_clock_a_failure_started(open_store: OpenStore, clock: ManualClock) -> None:
+    """One store, in turn: a failed attempt starts the subscription's failure clock, a later success stops it, and
+    a success while it is stopped leaves it stopped (the reset is skipped when the clock is not running)."""
+    store = await open_store()
+    now = clock.now()
+    sub = Subscription(id=ids.new_id("sub", now), url="https://subscriber.test/hook", events=["task.*"],
+                       keyring="sealed", created_at=now, updated_at=now)
+    await store.create_subscription(sub)
+    task = new_task(clock)
+    await store.create_task(task, [])
+
+    async def delivery_of(update: TaskUpdate) -> Delivery:
+        applied = await store.apply(task.id, moved_by(update), now)
+        assert applied is not None
+        [delivery], _ = await store.list_deliveries(subscription_id=sub.id, status=None, task_id=task.id,
+                                                     event_id=applied.event.id, limit=10, cursor=None)
+        return delivery
+
+    async def clock_after(delivery: Delivery, number: int, code: int) -> float | None:
+        attempt = Attempt(delivery_id=delivery.id, number=number, at=now, url=delivery.url, status_code=code,
+                          latency_ms=1.0, error=None if code == 200 else f"HTTP {code}")
+        ok = code == 200
+        recorded = await store.record_attempt(attempt, outcome="succeeded" if ok else "retry",
+                                              next_attempt_at=None if ok else now + 5,
+                                              auto_disable_after=AUTO_DISABLE_AFTER, now=now)
+        assert recorded is not None
+        state = await store.get_subscription(sub.id)
+        assert state is not None and state.enabled
+        return state.failing_since
+
+    first = await delivery_of(TaskUpdate(status=ProviderStatus.QUEUED))
+    assert await clock_after(first, 1, 500) == now
+    assert await clock_after(first, 2, 200) is None
+    second = await delivery_of(TaskUpdate(status=ProviderStatus.RUNNING))
+    assert await clock_after(second, 1, 200) is None
+
+
 def _first_attempt(delivery: Delivery, status_code: int, now: float) -> Attempt:
     return Attempt(delivery_id=delivery.id, number=1, at=now, url=delivery.url, status_code=status_code,
                    latency_ms=1.0, error=None if status_code == 200 else f"HTTP {status_code}")

@@ -404,14 +404,16 @@ class PostgresStore(Store):
 
         async def claim() -> list[Row]:
             async with self.pool.acquire() as conn:
-                await conn.execute(CLAIM_BEGIN)
                 try:
+                    await conn.execute(CLAIM_BEGIN)
                     rows = list(await conn.fetch(sql, *args))
+                    await conn.execute("COMMIT")
                 except BaseException:
-                    with contextlib.suppress(Exception):    # a lost connection is the pool's to throw away
+                    # Not handed back to the pool inside the transaction (asyncpg would roll it back, and log an
+                    # error for it); a lost connection is the pool's to throw away.
+                    with contextlib.suppress(Exception):
                         await conn.execute("ROLLBACK")
                     raise
-                await conn.execute("COMMIT")
                 return rows
         # Tried again if the connection is lost: a claim committed before the loss only holds its jobs until
         # their lease runs out (nothing is leased twice), and the next claim takes other jobs.

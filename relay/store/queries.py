@@ -139,8 +139,10 @@ INSERT_DELIVERY = (
 LOAD_DELIVERY = "SELECT * FROM deliveries WHERE id = ?"
 LOCK_DELIVERY = "SELECT * FROM deliveries WHERE id = ?" + FOR_UPDATE
 # With its subscription's failure clock, read with the lock: an attempt's success resets the clock only if it
-# runs (one statement fewer per successful delivery: a round trip on PostgreSQL). A failure another replica
-# commits after this read is ordered after this success, and its clock stands, as it would had it come later.
+# runs (one statement fewer per successful delivery: a round trip on PostgreSQL). The clock is read in this
+# statement's snapshot (PostgreSQL, READ COMMITTED: from before any wait for the delivery's lock), so a failure
+# another replica commits meanwhile is ordered after this success and its clock stands, as if it came later:
+# the old separate reset had the same window from its own statement to the commit, a little shorter.
 LOCK_DELIVERY_FOR_ATTEMPT = ("SELECT d.*, (SELECT s.failing_since FROM subscriptions s WHERE s.id = d.subscription_id) "
                              "AS sub_failing_since FROM deliveries d WHERE d.id = ?" + FOR_UPDATE)
 CANCEL_PENDING_DELIVERIES = (
