@@ -249,7 +249,10 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
             counted: dict[str, int | None] = {}
             tallied: dict[str, dict[str, int] | None] = {}
 
+            acks: dict[str, dict[float, float]] = {}
+
             def at_window(mark: str) -> None:
+                acks[mark] = ack_histogram(base)
                 if round_trips is not None:
                     counted[mark] = read_round_trips(round_trips)
                     tallied[mark] = read_round_trips_by_statement(round_trips)
@@ -258,6 +261,8 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
                                       at_window=at_window)
             opened, closed = counted.get("open"), counted.get("close")
             stats["round_trips"] = closed - opened if opened is not None and closed is not None else None
+            stats["relay_acks"] = {bound: acks["close"].get(bound, 0.0) - acks["open"].get(bound, 0.0)
+                                   for bound in acks.get("close", {})}
             first, last = tallied.get("open"), tallied.get("close")
             stats["round_trips_by_statement"] = ({sql: n - first.get(sql, 0) for sql, n in last.items()}
                                                  if first is not None and last is not None else None)
@@ -341,6 +346,23 @@ async def _completion_to_receipt(api: httpx.AsyncClient, sim: str, generated: di
 TALLY_ROWS = 12     # statements shown in the round-trip tally (PostgreSQL)
 
 
+def ack_histogram(base: str) -> dict[float, float]:
+    """relay's own callback acknowledgements so far, from its /metrics: how many took at most each bucket's bound
+    (seconds; inf for all), the providers summed. Read as the window opens and closes (a blocking GET: once each)."""
+    counts: dict[float, float] = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("relay_callback_ack_seconds_bucket{"):
+            bound = float(line.split('le="', 1)[1].split('"', 1)[0])
+            counts[bound] = counts.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def share_within(histogram: dict[float, float], seconds: float) -> float | None:
+    """The share of the histogram's acknowledgements that took at most `seconds` (a bucket bound)."""
+    total = histogram.get(float("inf"), 0.0)
+    return histogram.get(seconds, 0.0) / total if total else None
+
+
 def _per_task(stats: dict[str, Any], counter: str) -> float:
     done = stats["sim"]["submits"] or 1
     return stats["sim"][counter] / done
@@ -411,6 +433,12 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                   f"time (relay deciding the transition) {done['apply_p50']:.0f} / {done['apply_p99']:.0f} ms, from "
                   f"it to the receipt (its commit, the delivery) {done['deliver_p50']:.0f} / "
                   f"{done['deliver_p99']:.0f} ms."]
+        own = through.get("relay_acks") or {}
+        shares = [(ms, share_within(own, ms / 1000)) for ms in (10, 25, 50, 100)]
+        if all(share is not None for _, share in shares):
+            lines += ["", "The acknowledgement as relay itself timed it (relay_callback_ack_seconds, from the request "
+                      "reaching its handler to the 200; the leg above adds the simulator's client and both event "
+                      "loops' waits): " + ", ".join(f"{share:.1%} within {ms} ms" for ms, share in shares) + "."]
     if found["profile"]:
         lines += ["", "py-spy on the relay process during the run (100 Hz, samples holding the GIL):",
                   "", "| where | share of samples |", "|---|---:|"]
