@@ -261,8 +261,9 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
                                       at_window=at_window)
             opened, closed = counted.get("open"), counted.get("close")
             stats["round_trips"] = closed - opened if opened is not None and closed is not None else None
-            stats["relay_acks"] = {bound: acks["close"].get(bound, 0.0) - acks["open"].get(bound, 0.0)
-                                   for bound in acks.get("close", {})}
+            # (With several processes each scrape reads one of them: bench.scaling does not report these.)
+            stats["relay_acks"] = {bound: n - acks.get("open", {}).get(bound, 0.0)
+                                   for bound, n in acks.get("close", {}).items()}
             first, last = tallied.get("open"), tallied.get("close")
             stats["round_trips_by_statement"] = ({sql: n - first.get(sql, 0) for sql, n in last.items()}
                                                  if first is not None and last is not None else None)
