@@ -118,6 +118,8 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._looped = asyncio.Event()      # set while run_forever is not running (stop() waits for it)
+        self._looped.set()
         o = self.options
         self.store_outage = Outage("database", log, base=o.store_retry_base, cap=o.store_retry_cap,
                                    log_interval=o.store_log_interval)
@@ -138,21 +140,25 @@ class Worker:
     # ---- running --------------------------------------------------------------------------------
     async def run_forever(self) -> None:
         """Claim and run jobs until stop(); survives any error of the store (backs off, logs once per interval)."""
-        while not self._stopping:
-            await self._pause(self.store_outage.remaining())
-            if self._stopping:
-                break
-            # Cleared before the claim, never after: a wake-up arriving while the claim or the look for
-            # the next due job is in flight must survive, or its job would wait a whole idle poll.
-            self._wakeup.clear()
-            try:
-                claimed = await self._claim_and_start()
-            except Exception as exc:
-                self.store_outage.failed(exc, "claiming jobs")
-                continue
-            self.store_outage.succeeded()
-            if claimed == 0 and not self._stopping:
-                await self._idle()
+        self._looped.clear()
+        try:
+            while not self._stopping:
+                await self._pause(self.store_outage.remaining())
+                if self._stopping:
+                    break
+                # Cleared before the claim, never after: a wake-up arriving while the claim or the look for
+                # the next due job is in flight must survive, or its job would wait a whole idle poll.
+                self._wakeup.clear()
+                try:
+                    claimed = await self._claim_and_start()
+                except Exception as exc:
+                    self.store_outage.failed(exc, "claiming jobs")
+                    continue
+                self.store_outage.succeeded()
+                if claimed == 0 and not self._stopping:
+                    await self._idle()
+        finally:
+            self._looped.set()
 
     async def _pause(self, seconds: float) -> None:
         """Wait out a failing store. Only stop() cuts it short: an enqueue must not, or a store that fails
@@ -233,16 +239,21 @@ class Worker:
                 self._slots.release()
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop claiming; wait up to `grace` for running jobs (the rest are recovered by their lease)."""
+        """Stop claiming; wait up to `grace` for running jobs (the rest are recovered by their lease), then for
+        run_forever to end: a claim still on its way hands its jobs back first (see _claim_and_start), rather
+        than being cancelled with the loop and leaving them leased until their lease runs out."""
         self._stopping = True
         self._stopped.set()
         self._wakeup.set()
+        ends = asyncio.get_running_loop().time() + grace
         if self._running:
             _, pending = await asyncio.wait(set(self._running), timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._looped.wait(), max(0.0, ends - asyncio.get_running_loop().time()))
         if not self._held:      # every job has ended: no lease left to keep (one started since keeps the keeper)
             ending = [task for task in (self._keeper, *self._extending.values()) if task is not None]
             for task in ending:

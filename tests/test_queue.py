@@ -382,8 +382,9 @@ async def test_stop_ends_the_keeper_once_the_jobs_past_the_grace_are_stopped(sto
 
 
 async def test_jobs_claimed_while_the_worker_stops_are_handed_back_not_started(store: Store) -> None:
-    """stop() waits for the jobs it sees; a claim still on its way then must not start jobs behind its back
-    (they would run on while the store closes): they go back to the queue, due now."""
+    """stop() waits for the jobs it sees, then for the loop: a claim still on its way must not start jobs behind
+    its back (they would run on while the store closes) and is not cancelled with the loop either (its jobs would
+    stay leased until the lease runs out): they are back in the queue, due now, when stop() returns."""
     clock = SystemClock()
     handler = Held()
     gate = asyncio.Event()
@@ -399,9 +400,11 @@ async def test_jobs_claimed_while_the_worker_stops_are_handed_back_not_started(s
     await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
     runner = asyncio.create_task(worker.run_forever())
     await wait_until(lambda: bool(claims), "the claim to be on its way")
-    await worker.stop(grace=5)          # nothing runs yet: returns at once
+    stopping = asyncio.create_task(worker.stop(grace=5))    # nothing runs yet: it waits for the loop
+    await asyncio.sleep(0)
     gate.set()
-    await asyncio.wait_for(runner, 5)
+    await asyncio.wait_for(stopping, 5)
+    assert runner.done()                # the loop has ended: cancelling it now (as the app does) cuts nothing
     assert handler.started == 0
     [job] = await store.claim(clock.now(), limit=10, lease_seconds=60)     # back in the queue, due now
     assert job.kind == "k"
