@@ -564,3 +564,19 @@ async def test_an_applied_callback_in_a_group_is_written_at_once(tmp_path: Path,
         assert writes == [["applied"], ["ignored"] * (len(jobs) - 1)]
         assert (await h.task(task["id"]))["status"] in ("archiving", "succeeded")
         assert await _inbox_settled(h)
+
+
+async def test_a_callback_given_up_is_settled_rejected_and_counted(tmp_path: Path) -> None:
+    """A callback whose confirmation never succeeded (its job out of attempts) gets its inbox row, rejected with
+    the reason, and is counted among the processed ones like any other (the safety-net poll still watches the
+    task)."""
+    async with harness(tmp_path, sim_duration=30, **NO_SAFETY_NET) as h:
+        task = await queued_task(h)
+        await post_callbacks(task, repeat(task), 1, h)
+        store = h.runtime.store
+        counted = await processed_total(h)
+        [job] = await store.claim(h.runtime.ctx.clock.now(), limit=1, lease_seconds=60, kinds=["callback_body"])
+        await h.runtime.worker.handlers["callback_body"].give_up(job, "the provider kept failing")
+        [row] = await store._read_all("SELECT status, note FROM inbox WHERE task_id = ?", (task["id"],))
+        assert (row["status"], row["note"]) == ("rejected", "could not be confirmed: the provider kept failing")
+        assert await processed_total(h) - counted == 1

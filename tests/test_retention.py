@@ -66,8 +66,8 @@ async def finished_task(store: Store, clock: ManualClock, data: bytes, images: I
     await store.create_task(task, [], idempotency=("scope", uuid.uuid4().hex, "h"))
     callback = callback_job("gmicloud", task.id, "{}", now)
     await store.receive_callback(replace(callback, run_at=now + 3600))
-    await store.settle_callback({"id": callback.payload["inbox_id"], "provider": "gmicloud", "task_id": task.id,
-                                 "body": "{}", "received_at": now}, "applied", "applied task.succeeded", now)
+    await store.settle_callbacks([({"id": callback.payload["inbox_id"], "provider": "gmicloud", "task_id": task.id,
+                                    "body": "{}", "received_at": now}, "applied", "applied task.succeeded")], now)
     update = TaskUpdate(status=ProviderStatus.SUCCEEDED, images=(ProviderImage(url="https://x/1.png"),))
     applied = await store.apply(task.id, lambda t: on_update(t, update), now)
     assert applied is not None

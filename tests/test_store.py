@@ -353,7 +353,7 @@ async def test_waiting_callbacks_are_settled_together(store: Store, clock: Manua
     claimed_meanwhile = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[CALLBACK_JOB])
     assert [j.id for j in claimed_meanwhile] == [received[1].id]
     already = carried_callback(task.id, received[2].payload)
-    await store.settle_callback(already, "applied", "by its own run", clock.now())
+    await store.settle_callbacks([(already, "applied", "by its own run")], clock.now())
     settled = {job_id: ("evolink", "ignored", "together") for job_id, _, _ in waiting}
     done = await store.settle_waiting_callbacks(settled, clock.now())
     assert done == {("evolink", "ignored", "together"): 2}          # received[3] and [4]: [2] was settled already

@@ -348,6 +348,5 @@ class CallbackHandler:
     async def give_up(self, job: Job, reason: str) -> None:
         # The safety-net poll still watches the task; only this callback's confirmation is abandoned.
         row = await self._callback_of(job)
-        if row is not None:
-            await self.ctx.store.settle_callback(row, "rejected", f"could not be confirmed: {reason}",
-                                                 self.ctx.clock.now())
+        if row is not None:     # settled and counted as any other callback
+            await self._settle([(row, _settled("rejected", f"could not be confirmed: {reason}"))])

@@ -234,7 +234,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
     async def receive_callback(self, job: Job) -> None:
         """Durably record a received callback: its job, which carries the raw body (one row; group-committed
-        with concurrent small writes). Its inbox row is written when the job settles it (settle_callback)."""
+        with concurrent small writes). Its inbox row is written when the job settles it (settle_callbacks)."""
         await self._write(q.INSERT_JOB, job_row(job))
         self._wake()
 
@@ -243,13 +243,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         row = await self._read(q.LOAD_CALLBACK, (inbox_id,))
         return None if row is None else dict(row)
 
-    async def settle_callback(self, callback: dict[str, Any], status: str, note: str | None, now: float) -> None:
-        """Record what processing made of a callback (applied | ignored | rejected) in the inbox: `callback` is
-        its inbox row, or the fields its job carried (id, provider, task_id, body, received_at)."""
-        await self._write(q.SETTLE_CALLBACK, _settled_callback(callback, status, note, now))
-
     async def settle_callbacks(self, settled: list[SettledCallback], now: float) -> None:
-        """settle_callback for several callbacks at once (sharing the group commit)."""
+        """Record what processing made of callbacks (applied | ignored | rejected) in the inbox, one row each,
+        committed together (the group commit): each callback is its inbox row, or the fields its job carried (id,
+        provider, task_id, body, received_at), with its status and note."""
         await self._write_many(q.SETTLE_CALLBACK, [_settled_callback(*one, now) for one in settled])
 
     async def waiting_callbacks(self, task_id: str, kind: str, received_by: float, after: str,
