@@ -5,11 +5,13 @@
   planner otherwise sorted every queued job read through jobs_by_state_kind).
 - `Tx.many` of an INSERT is one statement over arrays and still counts what ON CONFLICT skipped.
 - Concurrent job outcomes share commits (group commit) and each keeps its lease check.
+- Held writes (`Tx.write`) of different tables go as one statement, one round trip; a transition's writes too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -142,3 +144,87 @@ async def test_concurrent_finishes_share_commits_and_keep_their_lease_check() ->
             assert await store.job_counts() == {"poll:queued": 1}             # only the re-leased job is left
         finally:
             await store.close()
+
+
+class _CountingConnection:
+    """A pooled connection that counts the statements sent on it (each one round trip)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn, self.sent = conn, []
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        self.sent.append(sql)
+        return await self.conn.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        self.sent.append(sql)
+        return await self.conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        self.sent.append(sql)
+        return await self.conn.fetchrow(sql, *args)
+
+    def transaction(self) -> Any:
+        return self.conn.transaction()
+
+
+class _CountingPool:
+    """Stands in for a PostgresStore's pool: the connections it hands out count their statements."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool, self.sent = pool, []
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_CountingConnection]:
+        async with self.pool.acquire() as conn:
+            counting = _CountingConnection(conn)
+            counting.sent = self.sent
+            yield counting
+
+
+async def test_held_writes_of_different_tables_are_one_round_trip(store: PostgresStore) -> None:
+    """Three held writes of three tables are sent as one statement when the transaction reads or ends; a write
+    to a table already held sends the held ones first."""
+    from relay.store.postgres import PostgresTx
+    now = time.time()
+    async with store.pool.acquire() as raw, raw.transaction():
+        conn = _CountingConnection(raw)
+        tx = PostgresTx(conn, store._sql)    # noqa: SLF001 - the store's translations of the shared SQL
+        await tx.write("INSERT INTO image_deletions (sha256, key, started_at) VALUES (?, ?, ?)", ("ab", "k", now))
+        await tx.write_many(q.INSERT_JOB, [
+            (f"job_held_{n}", "poll", None, "{}", now, f"held:{n}", 0, 5, now) for n in range(3)])
+        await tx.write("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, 1, ?)", ("held", now))
+        assert conn.sent == []
+        rows = await tx.all("SELECT COUNT(*) AS n FROM jobs")
+        assert len(conn.sent) == 2 and conn.sent[0].startswith("WITH w0 AS (INSERT INTO image_deletions")
+        assert rows[0]["n"] == 3
+        await tx.write("UPDATE jobs SET run_at = 0 WHERE dedupe_key = ?", ("held:0",))
+        await tx.write("DELETE FROM jobs WHERE dedupe_key = ?", ("held:1",))     # the same table: sent apart
+        await tx.flush()
+        assert len(conn.sent) == 4
+        left = await tx.all("SELECT dedupe_key, run_at FROM jobs ORDER BY dedupe_key")
+        assert [(r["dedupe_key"], r["run_at"]) for r in left] == [("held:0", 0), ("held:2", now)]
+
+
+async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresStore) -> None:
+    """Through the store: a task moving on reads its row (locked), its images and the subscriptions, then sends
+    its row's change and its event as one statement (besides BEGIN and COMMIT)."""
+    from relay.models import ProviderStatus, Task, TaskUpdate
+    from relay.states import on_update
+    now = time.time()
+    task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p", "n": 1}, created_at=now,
+                updated_at=now)
+    await store.create_task(task, [])
+    counting = _CountingPool(store._pool)   # noqa: SLF001 - counts what the store sends
+    store._pool = counting                  # noqa: SLF001
+    try:
+        applied = await store.apply(task.id, lambda t: on_update(t, TaskUpdate(status=ProviderStatus.RUNNING)), now)
+    finally:
+        store._pool = counting.pool         # noqa: SLF001
+    assert applied is not None
+    assert len(counting.sent) == 4, counting.sent
+    assert counting.sent[-1].startswith("WITH w0 AS (UPDATE tasks SET status")
+    events = await store.list_events(after=None, type=None, task_id=task.id, limit=10)
+    assert [e.id for e in events] == [applied.event.id]
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.status == applied.task.status and loaded.sequence == applied.task.sequence

@@ -387,3 +387,50 @@ async def test_waiting_callbacks_come_a_page_at_a_time(store: Store, clock: Manu
             break
         after = page[-1]
     assert pages == [2, 2, 1] and ids == sorted(j.id for j in made)
+
+
+HELD_INSERT = ("INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, max_attempts, "
+               "created_at) VALUES (?, ?, ?, '{}', ?, 'queued', ?, 0, 5, ?) ON CONFLICT (dedupe_key) DO NOTHING")
+
+
+async def test_held_writes_act_as_if_each_ran_at_once_in_order(store: Store, clock: ManualClock) -> None:
+    """Writes a transaction does not read back (Tx.write, held and sent together on PostgreSQL) act as if each
+    ran when it was made: of two inserts of one dedupe key the first stays, an update sees the row an earlier
+    write added, a write reading another table sees that table's held changes, a second update of one row adds
+    to the first, and a read in the transaction sees them all."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    now = clock.now()
+
+    async def body(tx: Tx) -> Any:
+        await tx.write(HELD_INSERT, ("job_held_1", "poll", task.id, now, "held:key", now))
+        await tx.write_many(HELD_INSERT, [("job_held_2", "archive", task.id, now, "held:key", now),
+                                          ("job_held_3", "archive", task.id, now, "held:other", now)])
+        await tx.write("UPDATE jobs SET run_at = run_at + 60 WHERE dedupe_key = ?", ("held:key",))
+        # Reads the jobs held before it: 10 only if it sees the run_at moved just above.
+        await tx.write("UPDATE tasks SET progress = 10 * (SELECT COUNT(*) FROM jobs WHERE task_id = ? AND run_at > ?) "
+                       "WHERE id = ?", (task.id, now, task.id))
+        await tx.write("UPDATE tasks SET progress = progress + 5 WHERE id = ?", (task.id,))
+        return await tx.all("SELECT id, kind, run_at FROM jobs WHERE task_id = ? ORDER BY id", (task.id,))
+    seen = await store.transact(body)
+    assert [(r["id"], r["kind"], r["run_at"]) for r in seen] == [
+        ("job_held_1", "poll", now + 60), ("job_held_3", "archive", now)]
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.progress == 15
+
+
+async def test_a_held_write_that_fails_fails_its_transaction(store: Store, clock: ManualClock) -> None:
+    """A held write's error surfaces by the commit at the latest, and nothing of the transaction is written."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    now = clock.now()
+
+    async def body(tx: Tx) -> None:
+        await tx.write("UPDATE tasks SET progress = 50 WHERE id = ?", (task.id,))
+        await tx.write(HELD_INSERT, ("job_held_ok", "poll", task.id, now, "held:ok", now))
+        await tx.write(HELD_INSERT, ("job_held_ok", "poll", task.id, now, "held:again", now))   # the same id
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        await store.transact(body)
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.progress != 50
+    assert await store.job_counts() == {}

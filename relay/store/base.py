@@ -34,7 +34,7 @@ from relay.store.archives import ArchiveCases, is_archive_id
 from relay.store.console import ConsoleCases
 from relay.store.deliveries import DeliveryCases
 from relay.store.idempotency import replay_or_claim
-from relay.store.outbox import Pricing, images_of, insert_jobs, write_transition
+from relay.store.outbox import Pricing, images_of, insert_jobs, write_jobs, write_transition
 from relay.store.plumbing import StorePlumbing
 from relay.store.retention import RetentionCases
 from relay.store.routing import RoutingCases
@@ -118,10 +118,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                 return refused
             if existing is not None:
                 return existing, False
-            await tx.run(q.INSERT_TASK, task_row(task))
+            await tx.write(q.INSERT_TASK, task_row(task))
             if task.candidates or task.route:
-                await tx.run(q.SET_TASK_ROUTE, (dumps(task.candidates), task.route, task.id))
-            await insert_jobs(tx, list(jobs))
+                await tx.write(q.SET_TASK_ROUTE, (dumps(task.candidates), task.route, task.id))
+            await write_jobs(tx, list(jobs))
             return task, True
         # Shared where the backend shares transactions (SQLite), as reservations and transitions are: after them
         # the most frequent transaction on its one writer (bench.throughput: 12 % of the writer thread's). A key
@@ -179,7 +179,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             if transition is None:
                 return None
             applied = await self._transition(tx, task, transition, now, default_expiry)
-            await insert_jobs(tx, list(jobs))
+            await write_jobs(tx, list(jobs))
             return applied
         applied = await self.transact_shared(body)
         self._wake()

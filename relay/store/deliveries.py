@@ -148,8 +148,10 @@ class DeliveryCases(StorePlumbing):
         attempt (a duplicate run): the attempt is still kept.
         """
         async def body(tx: Tx) -> Recorded | None:
-            await tx.run(q.INSERT_ATTEMPT, attempt_row(attempt))
             row = await tx.one(q.LOCK_DELIVERY_FOR_ATTEMPT, (attempt.delivery_id,))
+            # Kept whether or not it counts. After the lock's read, so that on PostgreSQL it goes with the
+            # delivery's new state, one round trip for both (Tx.write).
+            await tx.write(q.INSERT_ATTEMPT, attempt_row(attempt))
             if row is None:
                 return None
             delivery = delivery_from_row(row)
@@ -166,7 +168,7 @@ class DeliveryCases(StorePlumbing):
                 await _cancel_pending(tx, sub_id, f"{why}: subscription disabled", now)
                 if outcome != "gone":
                     error = f"{error}; {why}: subscription disabled"
-            await tx.run(q.RECORD_DELIVERY_ATTEMPT, (
+            await tx.write(q.RECORD_DELIVERY_ATTEMPT, (
                 status, next_at, attempt.at, attempt.status_code, error, attempt.url, now,
                 None if status == "pending" else now, delivery.id))
             delivery.status, delivery.next_attempt_at = status, next_at

@@ -20,7 +20,7 @@ from relay.present import archive_object, task_object
 from relay.states import Transition
 from relay.store import queries as q
 from relay.store.rows import dumps, image_from_row, job_row
-from relay.store.tx import Tx
+from relay.store.tx import Row, Tx
 
 # Archive jobs are ordered by how soon their source dies: run_at is moved back by the time a link
 # has less than this horizon, so a backlog saves the soonest-dying images first.
@@ -53,6 +53,13 @@ async def insert_jobs(tx: Tx, jobs: list[Job] | tuple[Job, ...]) -> int:
     return await tx.many(q.INSERT_JOB, [job_row(job) for job in jobs])
 
 
+async def write_jobs(tx: Tx, jobs: list[Job] | tuple[Job, ...]) -> None:
+    """insert_jobs where nobody reads how many were added: the inserts may be held and sent with the
+    transaction's other writes (Tx.write)."""
+    if jobs:
+        await tx.write_many(q.INSERT_JOB, [job_row(job) for job in jobs])
+
+
 async def images_of(tx: Tx, task_id: str) -> list[ImageRecord]:
     return [image_from_row(row) for row in await tx.all(q.IMAGES_OF_TASK, (task_id,))]
 
@@ -60,7 +67,12 @@ async def images_of(tx: Tx, task_id: str) -> list[ImageRecord]:
 async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, default_expiry: float,
                            delivery_delay: float, pricing: Pricing | None = None) -> Event:
     """Apply `t` to `task` (already read with its images, locked, in this transaction) and write everything it
-    causes."""
+    causes.
+
+    The subscriptions are read first, so that the writes after them may be held and sent together (Tx.write):
+    on PostgreSQL the task's row, its event, its deliveries and their jobs are one round trip when the task
+    goes on (two writes of one table, as when it ends, are sent apart)."""
+    subscriptions = await enabled_subscriptions(tx)
     task.status = t.status
     task.sequence += 1
     task.updated_at = now
@@ -72,7 +84,7 @@ async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, def
         task.error = t.error
     if t.status.terminal:
         task.completed_at = now
-    await tx.run(q.UPDATE_TASK_STATE, (task.status.value, task.sequence, now, task.progress, task.provider_task_id,
+    await tx.write(q.UPDATE_TASK_STATE, (task.status.value, task.sequence, now, task.progress, task.provider_task_id,
                                        dumps(task.error), task.completed_at, task.id))
     if t.images:
         # task.images were read with the task's row lock, so they are the images there are: the new ones are
@@ -87,18 +99,18 @@ async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, def
                                 source_expires_at=expires)
             rows.append((image.id, task.id, index, source.url, source.b64, expires))
             added.append(image)
-        await tx.many(q.INSERT_IMAGE, rows)
+        await tx.write_many(q.INSERT_IMAGE, rows)
         task.images = sorted([*task.images, *added], key=lambda image: image.index)
-        await insert_jobs(tx, [archive_job(img, now, task.provider) for img in task.images
-                               if img.status == "pending"])
+        await write_jobs(tx, [archive_job(img, now, task.provider) for img in task.images
+                              if img.status == "pending"])
     if isinstance(task, Task):
         await _write_usage_and_cost(tx, task, t, now, pricing)
     if t.status.terminal:
-        await tx.run(q.DELETE_WATCH_JOBS, (task.id,))    # nothing left to poll or confirm
+        await tx.write(q.DELETE_WATCH_JOBS, (task.id,))    # nothing left to poll or confirm
     event = Event(id=ids.new_id("evt", now), type=t.event, task_id=task.id, sequence=task.sequence,
                   created_at=now, data=task_object(task))
-    await tx.run(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
-    await fan_out(tx, event, task, now + delivery_delay, now)
+    await tx.write(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
+    await fan_out(tx, event, task, now + delivery_delay, now, subscriptions)
     return event
 
 
@@ -106,18 +118,24 @@ async def _write_usage_and_cost(tx: Tx, task: Task, t: Transition, now: float, p
     """The provider's usage report when it brings one, and the task's cost when it ends (relay.costs)."""
     if t.usage is not None and t.usage != task.usage:
         task.usage = t.usage
-        await tx.run(q.SET_TASK_USAGE, (dumps(task.usage), task.id))
+        await tx.write(q.SET_TASK_USAGE, (dumps(task.usage), task.id))
     if t.status.terminal and pricing is not None:
         task.cost = pricing(task)
         if task.cost is not None:
-            await tx.run(q.SET_TASK_COST, (dumps(task.cost), task.cost["amount"], task.cost["currency"],
+            await tx.write(q.SET_TASK_COST, (dumps(task.cost), task.cost["amount"], task.cost["currency"],
                                            cost_day(now), task.id))
 
 
-async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now: float) -> None:
-    """One delivery and its job per enabled subscription whose filter takes the event, and the task's own hook."""
+async def enabled_subscriptions(tx: Tx) -> list[Row]:
+    return await tx.all(q.ENABLED_SUBSCRIPTIONS)
+
+
+async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now: float,
+                  subscriptions: list[Row]) -> None:
+    """One delivery and its job per enabled subscription (`subscriptions`, read in this transaction) whose filter
+    takes the event, and the task's own hook."""
     targets: list[tuple[str, str | None, str]] = []   # (target, subscription id, url)
-    for row in await tx.all(q.ENABLED_SUBSCRIPTIONS):
+    for row in subscriptions:
         if matches(json.loads(row["events"]), event.type):
             targets.append((row["id"], row["id"], row["url"]))
     if task.webhook_url and matches(task.webhook_events, event.type):
@@ -129,14 +147,15 @@ async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now
         delivery_id = ids.new_id("dlv", now)
         values.append((delivery_id, event.id, event.type, task.id, subscription_id, target, url, run_at, now, now))
         jobs.append(deliver_job(delivery_id, run_at, now))
-    await tx.many(q.INSERT_DELIVERY, values)
-    await insert_jobs(tx, jobs)
+    await tx.write_many(q.INSERT_DELIVERY, values)
+    await write_jobs(tx, jobs)
 
 
 async def write_archive_transition(tx: Tx, archive: Archive, t: Transition, now: float, *,
                                    delivery_delay: float) -> Event:
     """An archive's `t` (relay.states decided it on the archive, read and locked in this transaction): its row,
     its event (`archive.succeeded` / `archive.failed`, the archive object as data) and the event's fan-out."""
+    subscriptions = await enabled_subscriptions(tx)
     archive.status = t.status
     archive.sequence += 1
     archive.updated_at = now
@@ -144,10 +163,10 @@ async def write_archive_transition(tx: Tx, archive: Archive, t: Transition, now:
         archive.error = t.error
     if t.status.terminal:
         archive.completed_at = now
-    await tx.run(q.UPDATE_ARCHIVE_STATE, (archive.status.value, archive.sequence, now, dumps(archive.error),
+    await tx.write(q.UPDATE_ARCHIVE_STATE, (archive.status.value, archive.sequence, now, dumps(archive.error),
                                           archive.completed_at, archive.id))
     event = Event(id=ids.new_id("evt", now), type="archive." + t.status.value, task_id=archive.id,
                   sequence=archive.sequence, created_at=now, data=archive_object(archive))
-    await tx.run(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
-    await fan_out(tx, event, archive, now + delivery_delay, now)
+    await tx.write(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
+    await fan_out(tx, event, archive, now + delivery_delay, now, subscriptions)
     return event

@@ -53,7 +53,10 @@ class StorePlumbing(abc.ABC):
 
         Only where the backend says sharing pays (SHARES_TRANSACTIONS): SQLite has one writer and every
         transaction is a hop to its thread. With several writers (PostgreSQL, replicas) a batch would lock
-        its rows in arrival order and could deadlock with another replica's: each body runs alone there."""
+        its rows in arrival order and could deadlock with another replica's: each body runs alone there. (A
+        backend that held writes to its commit (Tx.write) and shared transactions would first have to send
+        them at the end of each body: SharedTransactions tells a body's failure from the commit's by where
+        it is raised.)"""
         if not self.SHARES_TRANSACTIONS:
             return await self.transact(body)
         shared: SharedTransactions | None = getattr(self, "_shared", None)

@@ -66,6 +66,15 @@ COLUMN_TYPES = ("SELECT c.relname AS tbl, a.attname AS col, format_type(a.atttyp
                 "AND NOT a.attisdropped")
 
 
+# The table a plain INSERT, UPDATE or DELETE writes (PostgresTx holds such writes to send them together), and
+# what in the rest of one would read a table (a subquery, INSERT … SELECT, DELETE … USING): such a write is sent
+# at once, since held it would not see the rows the other held writes add or change.
+_WRITTEN_TABLE = re.compile(r"\s*(?:INSERT INTO|UPDATE|DELETE FROM)\s+(\w+)")
+_READS_A_TABLE = re.compile(r"\b(?:SELECT|FROM|USING|JOIN)\b", re.IGNORECASE)
+# asyncpg's cache of prepared statements per connection (its default is 100). Held writes add a statement text
+# for each mix of them a transaction sends (bench.throughput: about 50 texts in all); one evicted is prepared
+# again, a round trip more.
+STATEMENT_CACHE_SIZE = 500
 _JSON_EXTRACT = re.compile(r"json_extract\((\w+), '\$\.(\w+)'\)")
 
 
@@ -157,6 +166,8 @@ class _Statements:
     def __init__(self) -> None:
         self._cache: dict[str, str] = {}
         self._bulk: dict[str, str | None] = {}
+        self._bulk_shared: dict[str, str | None] = {}
+        self._combined: dict[tuple[str, ...], str] = {}
         self.column_types: dict[tuple[str, str], str] = {}
 
     def __call__(self, sql: str) -> str:
@@ -172,24 +183,63 @@ class _Statements:
             self._bulk[sql] = None if form is None else to_postgres(form)
         return self._bulk[sql]
 
+    def bulk_shared(self, sql: str) -> str | None:
+        """unnest_insert's form of an INSERT still in the shared spelling (`?` placeholders), or None."""
+        if sql not in self._bulk_shared:
+            self._bulk_shared[sql] = unnest_insert(sql, self.column_types)
+        return self._bulk_shared[sql]
+
+    def combined(self, writes: tuple[str, ...]) -> str:
+        """Several writes as one statement: every one but the last in a WITH clause, the last the statement."""
+        found = self._combined.get(writes)
+        if found is None:
+            head = ", ".join(f"w{n} AS ({sql})" for n, sql in enumerate(writes[:-1]))
+            found = self._combined[writes] = to_postgres(f"WITH {head} {writes[-1]}")
+        return found
+
+
+def _held_table(sql: str) -> str | None:
+    """The table of a write PostgresTx may hold: a plain INSERT … VALUES, UPDATE or DELETE that reads no other
+    table. None for any other statement (sent at once)."""
+    found = _WRITTEN_TABLE.match(sql)
+    if found is None or _READS_A_TABLE.search(sql, found.end()):
+        return None
+    return found.group(1)
+
 
 class PostgresTx(Tx):
-    """One transaction on one pooled connection; every call is a round trip."""
+    """One transaction on one pooled connection; every call is a round trip, except held writes.
+
+    `write` and `write_many` hold their statement; the next call of another kind, or the commit, first sends
+    every held write as one statement (data-modifying WITH clauses), one round trip for them all. A transition
+    that does not end its task writes the task's row, its event, its deliveries and their jobs in one round trip
+    where it took four (bench.throughput, pre-rendered: 72.9 → 60.5 round trips per task).
+
+    The writes of one statement all see the rows as they were before it, not each other's changes, and run in
+    no set order. So a write joins the held ones only when none of them writes its table (two INSERTs of one
+    key with ON CONFLICT DO NOTHING: PostgreSQL keeps the second); otherwise the held writes are sent first.
+    Writes of different tables commute, and foreign keys are checked at the statement's end.
+    """
 
     def __init__(self, conn: asyncpg.Connection | PoolConnectionProxy, sql: _Statements) -> None:
         self._conn = conn
         self._sql = sql
+        self._held: list[tuple[str, str, list[Any]]] = []      # (table, statement in the shared spelling, args)
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        await self.flush()
         return await self._conn.fetchrow(self._sql(sql), *args)
 
     async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        await self.flush()
         return list(await self._conn.fetch(self._sql(sql), *args))
 
     async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        await self.flush()
         return _rowcount(await self._conn.execute(self._sql(sql), *args))
 
     async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        await self.flush()
         rows = list(rows)
         bulk = self._sql.bulk(sql) if len(rows) > 1 else None
         if bulk is not None:
@@ -201,6 +251,43 @@ class PostgresTx(Tx):
         for args in rows:
             changed += _rowcount(await self._conn.execute(statement, *args))
         return changed
+
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        table = _held_table(sql)
+        if table is None:
+            await self.run(sql, args)
+        else:
+            await self._hold(table, sql, list(args))
+
+    async def write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        table = _held_table(sql)
+        bulk = self._sql.bulk_shared(sql) if len(rows) > 1 and table is not None else None
+        if not rows:
+            return
+        if table is None or (len(rows) > 1 and bulk is None):
+            await self.many(sql, rows)
+        elif bulk is None:
+            await self._hold(table, sql, list(rows[0]))
+        else:
+            await self._hold(table, bulk, [list(column) for column in zip(*rows)])
+
+    async def _hold(self, table: str, sql: str, args: list[Any]) -> None:
+        if any(held == table for held, _, _ in self._held):
+            await self.flush()
+        self._held.append((table, sql, args))
+
+    async def flush(self) -> None:
+        """Send the held writes (one statement, one round trip)."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        if len(held) == 1:
+            [(_, sql, args)] = held
+            await self._conn.execute(self._sql(sql), *args)
+            return
+        statement = self._sql.combined(tuple(sql for _, sql, _ in held))
+        await self._conn.execute(statement, *(arg for _, _, args in held for arg in args))
 
 
 class PostgresStore(Store):
@@ -232,7 +319,7 @@ class PostgresStore(Store):
         self._closing = False
         await self._migrate()
         self._pool = await asyncpg.create_pool(self.dsn, min_size=self._min, max_size=self._max,
-                                               reset=_keep_session)
+                                               reset=_keep_session, statement_cache_size=STATEMENT_CACHE_SIZE)
         try:
             self._sql.column_types = {(r["tbl"], r["col"]): r["type"] for r in await self._pool.fetch(COLUMN_TYPES)}
             await self._listen()
@@ -331,7 +418,9 @@ class PostgresStore(Store):
             committing = False
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    result = await body(PostgresTx(conn, self._sql))
+                    tx = PostgresTx(conn, self._sql)
+                    result = await body(tx)
+                    await tx.flush()
                     committing = True       # what fails from here on may have committed
                 return result
             except _RETRYABLE as exc:

@@ -3,8 +3,8 @@
 A backend hands its use cases a `Tx` over its own connection. On SQLite the transaction body runs on
 the writer's thread (one thread hop for the whole transaction), so a Tx method must never suspend:
 everything a body awaits is a Tx method, nothing else (checked: see relay.store.sqlite). On PostgreSQL
-each call is a round trip on the transaction's connection, and statements marked `FOR_UPDATE` in
-relay.store.queries lock the rows they read until the transaction ends.
+each call is a round trip on the transaction's connection, except writes held to go together (`write`),
+and statements marked `FOR_UPDATE` in relay.store.queries lock the rows they read until the transaction ends.
 """
 
 from __future__ import annotations
@@ -32,3 +32,15 @@ class Tx(abc.ABC):
     @abc.abstractmethod
     async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         """Run a statement once per row of arguments; how many rows they changed together."""
+
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """Run an INSERT, UPDATE or DELETE whose outcome this transaction never reads: no count, no rows, and no
+        error caught around the call. A backend may hold it and send it later together with other held
+        writes, always before the transaction's next statement of any other kind and before its commit (on
+        PostgreSQL several held writes are one statement, one round trip). An error it raises then surfaces
+        at that later call, and the transaction fails all the same."""
+        await self.run(sql, args)
+
+    async def write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """`many` whose count this transaction never reads; held like `write`."""
+        await self.many(sql, rows)
