@@ -236,21 +236,3 @@ async def test_claims_go_on_after_every_pooled_connection_is_terminated(
     await store.enqueue([a_job(clock)])
     assert await store.job_counts() == {"poll:queued": 1}
     assert store._listener is not None and store._listener.get_server_pid() == listener
-
-
-async def test_a_lone_statement_transaction_lost_mid_statement_is_not_run_again(
-        stores: Callable[[], Awaitable[PostgresStore]], admin: asyncpg.Connection, clock: ManualClock) -> None:
-    """A transaction of held writes only (a new task with no idempotency key) is one statement in autocommit,
-    its own commit: lost under it, its outcome is unknown, as a lost COMMIT's is, so it is not run again and
-    the caller gets the error (a task is never written twice by relay)."""
-    from relay.models import Task
-    from relay.store.postgres import _LOST
-    store = await stores()
-    now = clock.now()
-    task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p", "n": 1}, created_at=now,
-                updated_at=now)
-    with pytest.raises(_LOST):
-        await killed_mid_statement(admin, "tasks", store.create_task(task, [a_job(clock, "submit")]))
-    assert await store.get_task(task.id) is None       # killed while it waited on the lock: never ran
-    created, fresh = await store.create_task(task, [])
-    assert fresh and created.id == task.id

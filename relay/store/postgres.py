@@ -20,8 +20,7 @@ for the first statement that needs the transaction open (PostgresTx).
 Connections lost (the server restarted, a backend terminated, a network cut): a read or a claim is tried
 once more on another connection (a claim lost after its commit only leaves its jobs leased until the
 lease runs out); so is a transaction that failed before its COMMIT was sent (nothing of it was
-committed); a write lost during its commit is not, its outcome unknown (a transaction of held writes only is
-one statement in autocommit: that statement is its commit, as the COMMIT was, one round trip either way). The LISTEN connection is opened
+committed); a write lost during its commit is not, its outcome unknown. The LISTEN connection is opened
 again with capped backoff, then the worker is woken (a notification may have been missed meanwhile);
 `ping()` fails while it is down.
 """
