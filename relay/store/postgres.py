@@ -213,10 +213,7 @@ class PostgresTx(Tx):
     """One transaction on one pooled connection; every call is a round trip, except held writes.
 
     `write` and `write_many` hold their statement; the next call of another kind, or the commit, first sends
-    every held write as one statement (data-modifying WITH clauses), one round trip for them all. The
-    transaction itself opens (BEGIN) with its first statement that is not a held write: a body of held writes
-    only is one statement in autocommit, atomic on its own, with no BEGIN and COMMIT (a new task: its row and
-    first jobs, one round trip where it took four). A transition
+    every held write as one statement (data-modifying WITH clauses), one round trip for them all. A transition
     that does not end its task writes the task's row, its event, its deliveries and their jobs in one round trip
     where it took four (bench.throughput, pre-rendered: 72.9 → 60.5 round trips per task).
 
@@ -230,34 +227,21 @@ class PostgresTx(Tx):
         self._conn = conn
         self._sql = sql
         self._held: list[tuple[str, str, list[Any]]] = []      # (table, statement in the shared spelling, args)
-        self._begun = False
-
-    @property
-    def begun(self) -> bool:
-        """Whether BEGIN was sent: the transaction then ends with COMMIT or ROLLBACK (PostgresStore.transact)."""
-        return self._begun
-
-    async def _in_order(self) -> None:
-        """Before a statement that is not held: the transaction open, the held writes sent."""
-        if not self._begun:
-            await self._conn.execute("BEGIN")
-            self._begun = True
-        await self.flush()
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
-        await self._in_order()
+        await self.flush()
         return await self._conn.fetchrow(self._sql(sql), *args)
 
     async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        await self._in_order()
+        await self.flush()
         return list(await self._conn.fetch(self._sql(sql), *args))
 
     async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
-        await self._in_order()
+        await self.flush()
         return _rowcount(await self._conn.execute(self._sql(sql), *args))
 
     async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        await self._in_order()
+        await self.flush()
         rows = list(rows)
         bulk = self._sql.bulk(sql) if len(rows) > 1 else None
         if bulk is not None:
@@ -292,11 +276,11 @@ class PostgresTx(Tx):
 
     async def _hold(self, table: str, sql: str, args: list[Any]) -> None:
         if any(held == table for held, _, _ in self._held):
-            await self._in_order()
+            await self.flush()
         self._held.append((table, sql, args))
 
     async def flush(self) -> None:
-        """Send the held writes (one statement, one round trip), in the transaction if it is open."""
+        """Send the held writes (one statement, one round trip)."""
         if not self._held:
             return
         held, self._held = self._held, []
@@ -435,23 +419,11 @@ class PostgresStore(Store):
         for attempt in range(1, TRANSACTION_RETRIES + 1):
             committing = False
             try:
-                async with self.pool.acquire() as conn:
+                async with self.pool.acquire() as conn, conn.transaction():
                     tx = PostgresTx(conn, self._sql)
-                    try:
-                        result = await body(tx)
-                        if tx.begun:
-                            await tx.flush()
-                            committing = True       # what fails from here on may have committed
-                            await conn.execute("COMMIT")
-                        else:
-                            committing = True       # held writes only: one statement, committed as it runs
-                            await tx.flush()
-                    except BaseException:
-                        # Not handed back to the pool inside the transaction (see claim).
-                        if tx.begun:
-                            with contextlib.suppress(Exception):
-                                await conn.execute("ROLLBACK")
-                        raise
+                    result = await body(tx)
+                    await tx.flush()
+                    committing = True       # what fails from here on may have committed
                 return result
             except _RETRYABLE as exc:
                 if attempt == TRANSACTION_RETRIES:
