@@ -14,8 +14,7 @@ without asyncpg's reset query, a second round trip after every statement (safe: 
 state on them: no SET, no LISTEN, no cursors outside a transaction, and the one advisory lock taken on a
 pooled connection is transaction-scoped; an open transaction is still rolled back by asyncpg itself);
 concurrent small writes (job outcomes, callback settles) share one commit (group commit); a batch insert (`Tx.many`) is one statement over arrays (`unnest`);
-writes a transaction never reads back (`Tx.write`) are held and sent together as one statement, and BEGIN waits
-for the first statement that needs the transaction open (PostgresTx).
+writes a transaction never reads back (`Tx.write`) are held and sent together as one statement (PostgresTx).
 
 Connections lost (the server restarted, a backend terminated, a network cut): a read or a claim is tried
 once more on another connection (a claim lost after its commit only leaves its jobs leased until the
