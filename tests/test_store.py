@@ -434,3 +434,19 @@ async def test_a_held_write_that_fails_fails_its_transaction(store: Store, clock
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.progress != 50
     assert await store.job_counts() == {}
+
+
+async def test_held_writes_alone_are_all_or_nothing(store: Store, clock: ManualClock) -> None:
+    """A transaction of held writes only writes all of them or none: one that fails undoes those before it."""
+    task = new_task(clock)
+    await store.create_task(task, [job("poll", task.id, clock.now(), "held:taken")])
+    [taken] = await store.claim(clock.now(), limit=1, lease_seconds=60)
+    now = clock.now()
+
+    async def body(tx: Tx) -> None:
+        await tx.write("UPDATE tasks SET progress = 50 WHERE id = ?", (task.id,))
+        await tx.write(HELD_INSERT, (taken.id, "poll", task.id, now, "held:fresh", now))    # an id in use
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        await store.transact(body)
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.progress != 50
