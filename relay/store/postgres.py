@@ -166,7 +166,6 @@ class _Statements:
 
     def __init__(self) -> None:
         self._cache: dict[str, str] = {}
-        self._bulk: dict[str, str | None] = {}
         self._bulk_shared: dict[str, str | None] = {}
         self._combined: dict[tuple[str, ...], str] = {}
         self.column_types: dict[tuple[str, str], str] = {}
@@ -177,18 +176,17 @@ class _Statements:
             found = self._cache[sql] = to_postgres(sql)
         return found
 
-    def bulk(self, sql: str) -> str | None:
-        """The one-statement-for-many-rows form of an INSERT (see unnest_insert), or None."""
-        if sql not in self._bulk:
-            form = unnest_insert(sql, self.column_types)
-            self._bulk[sql] = None if form is None else to_postgres(form)
-        return self._bulk[sql]
-
     def bulk_shared(self, sql: str) -> str | None:
-        """unnest_insert's form of an INSERT still in the shared spelling (`?` placeholders), or None."""
+        """The one-statement-for-many-rows form of an INSERT (see unnest_insert) still in the shared spelling
+        (`?` placeholders: a held write joins others before it is numbered), or None."""
         if sql not in self._bulk_shared:
             self._bulk_shared[sql] = unnest_insert(sql, self.column_types)
         return self._bulk_shared[sql]
+
+    def bulk(self, sql: str) -> str | None:
+        """bulk_shared's form in PostgreSQL's spelling, or None."""
+        form = self.bulk_shared(sql)
+        return None if form is None else self(form)
 
     def combined(self, writes: tuple[str, ...]) -> str:
         """Several writes as one statement: every one but the last in a WITH clause, the last the statement."""
@@ -263,15 +261,16 @@ class PostgresTx(Tx):
     async def write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         table = _held_table(sql)
-        bulk = self._sql.bulk_shared(sql) if len(rows) > 1 and table is not None else None
         if not rows:
             return
-        if table is None or (len(rows) > 1 and bulk is None):
+        if table is None:
             await self.many(sql, rows)
-        elif bulk is None:
+        elif len(rows) == 1:
             await self._hold(table, sql, list(rows[0]))
-        else:
+        elif (bulk := self._sql.bulk_shared(sql)) is not None:
             await self._hold(table, bulk, [list(column) for column in zip(*rows)])
+        else:                   # no one-statement form: run now, in order
+            await self.many(sql, rows)
 
     async def _hold(self, table: str, sql: str, args: list[Any]) -> None:
         if any(held == table for held, _, _ in self._held):
