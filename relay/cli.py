@@ -21,6 +21,8 @@ from relay.cli_ops import add_commands as add_operator_commands
 from relay.cli_ops import task_summary
 from relay.config import ConfigError, Settings, load_settings
 
+GC_YOUNG_THRESHOLD = 10_000     # see _serve
+
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     """Settings from --config/$RELAY_CONFIG/defaults; command-line overrides go in as RELAY_* variables."""
@@ -85,6 +87,11 @@ async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket
         # Everything built so far (modules, settings, the app) lives as long as the process: move it out
         # of the garbage collector's sight so its full collections only walk what requests allocate.
         gc.freeze()
+        # And collect the young generation every 10,000 net allocations instead of 700: nearly everything a
+        # request or a job allocates is freed by its reference count long before, so the default threshold
+        # ran ~60 young collections a second under load, 4-5 % of relay's CPU (bench.throughput, pre-rendered,
+        # gc.callbacks timing: 0.63-0.74 s of GC in a run against 0.06-0.08 s). Cycles still go within seconds.
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         if parent_pid is None:
             await uvicorn.Server(config).serve(sockets=sockets)
         else:
