@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import random
 import tempfile
 import time
 from collections import defaultdict
@@ -44,6 +45,9 @@ SIM_DURATION = 0.2
 POLL_EVERY = 0.25
 WORKER_CONCURRENCY = 128
 TERMINAL = ("task.succeeded", "task.failed", "task.canceled")
+# After the closed loop: tasks arriving at this share of the rate relay just reached (an open loop, Poisson
+# arrivals), to time provider completion → subscriber receipt below saturation too.
+OPEN_LOAD = 0.7
 
 
 # ---- baseline: a plain httpx client against the simulator --------------------------------------------
@@ -198,11 +202,12 @@ def sink_app(waiters: dict[str, asyncio.Future[str]], counts: dict[str, int],
 
 async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmup: float, seconds: float, *,
                         fanout: int = 0, more_cpu: Callable[[], CpuPids] | None = None,
-                        round_trips: Path | None = None) -> dict[str, Any]:
+                        round_trips: Path | None = None, below_saturation: bool = False) -> dict[str, Any]:
     """The closed loop through relay. `fanout`: that many more subscriptions on every task event (task.*),
     delivered to the same sink and only counted; "deliveries" in the result counts every delivery received
     inside the window. `more_cpu`: more processes whose CPU to read over the window (called when it opens).
-    `round_trips`: the probe's file (bench/probes) whose count over the window goes in "round_trips"."""
+    `round_trips`: the probe's file (bench/probes) whose count over the window goes in "round_trips".
+    `below_saturation`: then an open loop at OPEN_LOAD of the rate reached ("open_loop")."""
     import uvicorn
 
     waiters: dict[str, asyncio.Future[str]] = {}
@@ -268,14 +273,50 @@ async def through_relay(base: str, relay_pid: int, sim: str, sim_pid: int, warmu
             stats["round_trips_by_statement"] = ({sql: n - first.get(sql, 0) for sql, n in last.items()}
                                                  if first is not None and last is not None else None)
             stats["by_provider"] = _by_provider(by_provider, stats["window"])
-            stats["received"] = received
+            stats["received"] = dict(received)
             stats["deliveries"] = sum(stats["window"][0] <= at <= stats["window"][1] for at in arrivals)
             stats["sim"] = (await api.get(f"{sim}/_sim/stats")).json()["totals"]
             stats["completion_to_receipt"] = await _completion_to_receipt(api, sim, generated, stats["window"])
+            if below_saturation and stats["per_second"] > 0:
+                rate = OPEN_LOAD * stats["per_second"]
+                opened = await open_loop(one, rate=rate, warmup=min(warmup, 3.0), measure=seconds * 0.6)
+                stats["open_loop"] = {**opened, "rate": rate, "completion_to_receipt": await _completion_to_receipt(
+                    api, sim, generated, opened["window"])}
     finally:
         server.should_exit = True
         await serving
     return stats
+
+
+async def open_loop(one: Callable[[int], Any], *, rate: float, warmup: float, measure: float,
+                    settle: float = 30.0) -> dict[str, Any]:
+    """Start `one(i)` at Poisson arrivals of `rate` per second, whatever is still running (an open loop: the load
+    does not ease when relay slows down), for `warmup` + `measure` seconds; then wait up to `settle` for the
+    calls still running. Returns the measuring window (monotonic) and how many calls started, failed or
+    were still running after `settle`."""
+    rng = random.Random(12)
+    start = time.monotonic()
+    window = (start + warmup, start + warmup + measure)
+    running: set[asyncio.Task[Any]] = set()
+    started = failed = 0
+    i = 10_000_000          # task numbers of their own (the closed loop's prompts stay unique)
+    next_at = start
+    while next_at < window[1]:
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        task = asyncio.create_task(one(i))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        started, i = started + 1, i + 1
+        next_at += rng.expovariate(rate)
+    unfinished = 0
+    if running:
+        done, pending = await asyncio.wait(set(running), timeout=settle)
+        failed = sum(1 for task in done if task.exception() is not None)
+        unfinished = len(pending)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return {"window": window, "started": started, "failed": failed, "unfinished": unfinished}
 
 
 def measure(quick: bool, profile: bool = False, profile_out: Path | None = None) -> dict[str, Any]:
@@ -295,7 +336,7 @@ def measure(quick: bool, profile: bool = False, profile_out: Path | None = None)
             spy = start_profile(relay.pid, relay_warm + relay_secs, raw) if profile else None
             try:
                 through = run_loop(through_relay(base, relay.pid, sim_url, sim.pid, relay_warm, relay_secs,
-                                                 round_trips=round_trips))
+                                                 round_trips=round_trips, below_saturation=True))
             finally:
                 if spy is not None:
                     spy.wait()
@@ -434,6 +475,17 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                   f"time (relay deciding the transition) {done['apply_p50']:.0f} / {done['apply_p99']:.0f} ms, from "
                   f"it to the receipt (its commit, the delivery) {done['deliver_p50']:.0f} / "
                   f"{done['deliver_p99']:.0f} ms."]
+        below = through.get("open_loop")
+        light = below["completion_to_receipt"] if below else None
+        if light and light["n"]:
+            lines += ["", f"Below saturation: tasks arriving at {OPEN_LOAD:.0%} of that rate ({below['rate']:.1f} "
+                      f"tasks/s, an open loop with Poisson arrivals; {below['started']} started, {below['failed']} "
+                      f"failed, {below['unfinished']} unfinished), completion → receipt p50 {light['p50']:.0f} ms, "
+                      f"**p99 {light['p99']:.0f} ms** ({light['n']:.0f} tasks; legs p50 / p99: sending "
+                      f"{light['sent_p50']:.0f} / {light['sent_p99']:.0f}, acknowledging {light['ack_p50']:.0f} / "
+                      f"{light['ack_p99']:.0f}, to the event's time {light['apply_p50']:.0f} / "
+                      f"{light['apply_p99']:.0f}, to the receipt {light['deliver_p50']:.0f} / "
+                      f"{light['deliver_p99']:.0f} ms)."]
         own = through.get("relay_acks") or {}
         shares = [(ms, share_within(own, ms / 1000)) for ms in (10, 25, 50, 100)]
         if all(share is not None for _, share in shares):
@@ -478,6 +530,9 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                "relay_failures": through["failures"] + through["timeouts"]}
     if done and done["n"]:
         figures["completion_to_receipt_p99_ms"] = done["p99"]
+        light = (through.get("open_loop") or {}).get("completion_to_receipt")
+        if light and light["n"]:
+            figures["completion_to_receipt_p99_ms_below_saturation"] = light["p99"]
     if through.get("round_trips") is not None and through["completed"]:
         figures["round_trips_per_task"] = through["round_trips"] / through["completed"]
     summary = [Figure(f"task throughput end to end ({IN_FLIGHT} in flight)",
