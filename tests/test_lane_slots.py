@@ -6,7 +6,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from relay.clock import ManualClock
+from relay.config import load_settings
+from relay.deliveries.handler import DeliverHandler
+from relay.deliveries.secrets import SecretBox
+from relay.deliveries.service import DeliveryService
+from relay.links import Signer
+from relay.netguard import NetGuard
 from relay.store.base import Store
+from tests.harness import wait_for
 
 
 async def test_replicas_together_hold_at_most_cap_slots(open_store: Callable[[], Awaitable[Store]],
@@ -66,3 +73,71 @@ async def test_a_take_run_again_keeps_the_slot_its_holder_already_has(store: Sto
     await store.release_lane_slot("sub_R", 0, "dlv_a")
     assert await store.take_lane_slot("sub_R", 2, "dlv_x", now, 30.0) == 1
     assert await store.take_lane_slot("sub_R", 2, "dlv_b", now, 30.0) == 0, "slot 0 is still free for another"
+
+
+async def test_a_slot_given_back_is_told_to_every_process_sharing_the_database(
+        open_store: Callable[[], Awaitable[Store]], clock: ManualClock) -> None:
+    """release_lane_slot tells the store's on_lane_freed listeners which lane freed: the releasing process's own,
+    and on PostgreSQL (NOTIFY relay_lanes) every other process's too; a take or a release by a non-holder does not."""
+    first, second = await open_store(), await open_store()
+    told: dict[str, list[str | None]] = {"first": [], "second": []}
+    first.on_lane_freed(told["first"].append)
+    second.on_lane_freed(told["second"].append)
+    now = clock.now()
+    assert await first.take_lane_slot("sub_T", 2, "dlv_1", now, 30.0) == 0
+    await first.release_lane_slot("sub_T", 0, "dlv_1")
+    await wait_for(lambda: told["first"] == ["sub_T"], 5.0, "the releasing process to be told")
+    if first.TELLS_LANE_RELEASES:
+        await wait_for(lambda: told["second"] == ["sub_T"], 5.0, "the other process to be told")
+    else:       # SQLite: one process; another store in it learns nothing from the file
+        assert told["second"] == []
+
+
+def _replica(store: Store, clock: ManualClock, *, cap: int = 2) -> DeliverHandler:
+    """A replica's deliver handler on `store`, its subscribers' slots shared in the store (replicas)."""
+    settings = load_settings(None, {"RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": str(cap)})
+    service = DeliveryService(settings, store, clock, guard=NetGuard(()), signer=Signer("s" * 40),
+                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43, shared_lanes=True)
+    return DeliverHandler(service)
+
+
+async def test_a_delivery_waiting_for_a_shared_slot_takes_the_one_another_replica_gives_back(
+        open_store: Callable[[], Awaitable[Store]], clock: ManualClock) -> None:
+    """Another replica holds every slot of a quick subscriber: the delivery waits, and the moment one is given back
+    (told through the store, not found by looking again at the end of the wait) it takes it instead of parking."""
+    holder = await open_store()
+    mine = await open_store() if holder.TELLS_LANE_RELEASES else holder    # SQLite: replicas are one process
+    handler = _replica(mine, clock)
+    try:
+        handler.service.lanes.wait_seconds = 60.0        # only being told can end the wait within the test's 10 s
+        now = clock.now()
+        assert [await holder.take_lane_slot("sub_W", 2, f"other_{i}", now, 30.0) for i in range(2)] == [0, 1]
+        taking = asyncio.create_task(handler._take_shared_slot("sub_W", 2, "dlv_mine", now))
+        await wait_for(lambda: handler.service.shared_releases.watchers("sub_W") == 1, 5.0, "the delivery to wait")
+        assert not taking.done()
+        await holder.release_lane_slot("sub_W", 1, "other_1")
+        assert await asyncio.wait_for(taking, 10.0) == 1
+        assert handler.service.shared_releases.watchers("sub_W") == 0
+    finally:
+        await handler.service.close()
+
+
+async def test_a_delivery_parks_when_no_shared_slot_comes_back_or_its_subscriber_is_slow(
+        store: Store, clock: ManualClock) -> None:
+    """Nobody gives a slot back within the lanes' wait: None (the caller parks). A slow subscriber, or a cap of one
+    (a failing subscriber), is not waited for at all."""
+    handler = _replica(store, clock)
+    try:
+        now = clock.now()
+        assert [await store.take_lane_slot("sub_S", 2, f"other_{i}", now, 30.0) for i in range(2)] == [0, 1]
+        handler.service.lanes.wait_seconds = 0.3
+        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 2, "dlv_a", now), 10.0) is None
+        handler.service.lanes.wait_seconds = 60.0
+        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 1, "dlv_b", now), 10.0) is None
+        lanes = handler.service.lanes
+        assert await lanes.acquire("sub_S", 2)
+        await lanes.release("sub_S", latency_ms=5_000.0)      # remembered as slow
+        assert not lanes.quick("sub_S")
+        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 2, "dlv_c", now), 10.0) is None
+    finally:
+        await handler.service.close()

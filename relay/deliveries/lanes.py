@@ -16,7 +16,9 @@ short, and cheaper than a round trip through the job queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 MAX_LANES = 10_000       # beyond this many keys, idle lanes are forgotten even if slow
@@ -74,6 +76,11 @@ class Lanes:
             lane.parked.pop(delivery_id, None)
         return True
 
+    def quick(self, key: str) -> bool:
+        """Whether `key` answers quickly enough (or is not known yet) that a short wait for its slot pays."""
+        lane = self._lanes.get(key)
+        return lane is None or lane.latency_ms is None or lane.latency_ms < self.fast_ms
+
     def park(self, key: str, delivery_id: str) -> bool:
         """Remember a delivery that found no slot, to hand it the next one that frees up.
 
@@ -115,3 +122,37 @@ class Lanes:
         if lane.in_flight <= 0 and lane.waiting <= 0 and not lane.parked and (
                 lane.latency_ms is None or lane.latency_ms < self.fast_ms or len(self._lanes) > MAX_LANES):
             self._lanes.pop(key, None)
+
+
+class SharedReleases:
+    """Waits for a slot of a key held in the store (replicas: relay.store's lane slots) to be given back by any
+    process; `freed` is the store's on_lane_freed callback."""
+
+    def __init__(self) -> None:
+        self._watching: dict[str, set[asyncio.Event]] = {}
+
+    def freed(self, key: str | None) -> None:
+        """A slot of `key` was given back (None: of any key, as far as anyone knows)."""
+        watchers = self._watching.get(key, ()) if key is not None else [
+            event for events in self._watching.values() for event in events]
+        for event in watchers:
+            event.set()
+
+    def watchers(self, key: str) -> int:
+        """How many wait for a slot of `key` now."""
+        return len(self._watching.get(key, ()))
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Event]:
+        """An event set on each release of `key` while inside (clear it before each look at the store: a release
+        between that look and the wait then still ends the wait)."""
+        event = asyncio.Event()
+        self._watching.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._watching.get(key)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._watching[key]

@@ -20,7 +20,7 @@ import httpx
 from relay import __version__, ids, signing
 from relay.clock import Clock, rfc3339
 from relay.config import Settings
-from relay.deliveries.lanes import Lanes
+from relay.deliveries.lanes import Lanes, SharedReleases
 from relay.deliveries.models import Attempt, Delivery, Keys, SendTarget, Subscription
 from relay.deliveries.schedule import parse_retry_after
 from relay.deliveries.secrets import SecretBox
@@ -83,6 +83,9 @@ class DeliveryService:
         # each held slot leased for longer than an attempt can last.
         self.shared_lanes = shared_lanes
         self.lane_lease = 2 * self.options.timeout + 10.0
+        self.shared_releases = SharedReleases()
+        if shared_lanes:
+            store.on_lane_freed(self.shared_releases.freed)
         self._keys: dict[tuple[str, str], Keys] = {}
         # The CA bundle takes ~30 ms to load: the runtime's, else loaded here once.
         self.client = GuardedSession(guard, tls or httpx.create_ssl_context())

@@ -101,6 +101,8 @@ class DeliveryCases(StorePlumbing):
         the group commit (`_write`): the process's lane waits for this, and a commit shared under load kept lanes
         held long enough to park deliveries (2.4 runs per delivery instead of 1.1 in bench.throughput)."""
         await self._change(q.RELEASE_LANE_SLOT, (lane, slot, holder))
+        if not self.TELLS_LANE_RELEASES:        # else the database tells every process, this one included
+            self._lane_freed(lane)
 
     # ---- deliveries -------------------------------------------------------------------------------
     async def get_delivery(self, delivery_id: str) -> Delivery | None:

@@ -41,6 +41,7 @@ class StorePlumbing(abc.ABC):
     """What every store use case speaks through; the abstract methods are a backend's."""
 
     SHARES_TRANSACTIONS = False     # see transact_shared
+    TELLS_LANE_RELEASES = False     # the database tells every process of a lane slot given back (see on_lane_freed)
 
     @abc.abstractmethod
     async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
@@ -112,6 +113,16 @@ class StorePlumbing(abc.ABC):
     def _wake(self) -> None:
         for callback in getattr(self, "_wakeups", []):
             callback()
+
+    def on_lane_freed(self, callback: Callable[[str | None], None]) -> None:
+        """Register a callback told of each lane slot given back (release_lane_slot), with the lane: by this process,
+        or, where the database tells every process sharing it (TELLS_LANE_RELEASES), by any of them. None: any
+        lane's may have been (releases went untold meanwhile)."""
+        self._lane_listeners = [*getattr(self, "_lane_listeners", []), callback]
+
+    def _lane_freed(self, lane: str | None) -> None:
+        for callback in getattr(self, "_lane_listeners", []):
+            callback(lane)
 
     def on_task_status(self, listener: StatusListener) -> None:
         """Register a listener told of each task created and each status change, after its commit

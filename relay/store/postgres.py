@@ -6,7 +6,8 @@ relay.store.queries becomes `FOR UPDATE`); `?` placeholders numbered `$1, $2, �
 claims with `FOR UPDATE SKIP LOCKED`, so replicas never lease one job twice and never wait on each
 other's claims; the in-flight cap under a per-provider advisory lock; migrations applied at start
 under a session advisory lock (several replicas may start at once); and `LISTEN relay_jobs`, so a job
-enqueued by any replica wakes this one's worker at once. A transaction that loses a deadlock or a
+enqueued by any replica wakes this one's worker at once (and `LISTEN relay_lanes`: a subscriber's slot given
+back by any replica wakes the deliveries waiting here for one). A transaction that loses a deadlock or a
 serialization race is run again from the start (its body only decides over what it reads).
 
 Speed (see docs/benchmarks.md, the queue and claims sections): pooled connections are handed back
@@ -50,6 +51,7 @@ log = logging.getLogger("relay.store")
 
 MIGRATION_LOCK = 0x72656C6179          # "relay": the advisory lock key held while migrating
 NOTIFY_CHANNEL = "relay_jobs"
+LANES_CHANNEL = "relay_lanes"           # a lane slot given back, the lane as payload (sql/postgres/017)
 TRANSACTION_RETRIES = 5
 LISTEN_RETRY_BASE = 0.1                # seconds before the LISTEN connection is opened again, doubling …
 LISTEN_RETRY_CAP = 5.0                 # … up to this
@@ -291,6 +293,7 @@ class PostgresTx(Tx):
 
 
 class PostgresStore(Store):
+    TELLS_LANE_RELEASES = True      # NOTIFY relay_lanes from sql/postgres/017, heard on the LISTEN connection
     # Only events whose writing transaction, and every transaction before it, has ended: seq is taken
     # at insert, so an event log paged by seq would otherwise skip one committed late.
     # Only this database's open transactions count: pg_snapshot_xmin alone would let one idle write transaction
@@ -331,6 +334,7 @@ class PostgresStore(Store):
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+            await conn.add_listener(LANES_CHANNEL, self._lane_notified)
         except BaseException:
             conn.terminate()
             raise
@@ -339,6 +343,9 @@ class PostgresStore(Store):
 
     def _notified(self, *_args: Any) -> None:
         self._wake()
+
+    def _lane_notified(self, _conn: Any, _pid: int, _channel: str, lane: object) -> None:
+        self._lane_freed(str(lane))
 
     def _listener_lost(self, conn: asyncpg.Connection | PoolConnectionProxy) -> None:
         if self._closing or conn is not self._listener:
@@ -360,6 +367,7 @@ class PostgresStore(Store):
                 continue
             self.listen_outage.succeeded()
             self._wake()
+            self._lane_freed(None)       # nor a slot given back: whoever waits for one looks again
             return
 
     async def _migrate(self) -> None:
