@@ -298,25 +298,31 @@ async def open_loop(one: Callable[[int], Any], *, rate: float, warmup: float, me
     start = time.monotonic()
     window = (start + warmup, start + warmup + measure)
     running: set[asyncio.Task[Any]] = set()
-    started = failed = 0
+    counts = {"started": 0, "failed": 0, "unfinished": 0}
+
+    def ended(task: asyncio.Task[Any]) -> None:
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None:      # read here, so none goes unretrieved
+            counts["failed"] += 1
     i = 10_000_000          # task numbers of their own (the closed loop's prompts stay unique)
     next_at = start
-    while next_at < window[1]:
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        task = asyncio.create_task(one(i))
-        running.add(task)
-        task.add_done_callback(running.discard)
-        started, i = started + 1, i + 1
-        next_at += rng.expovariate(rate)
-    unfinished = 0
-    if running:
-        done, pending = await asyncio.wait(set(running), timeout=settle)
-        failed = sum(1 for task in done if task.exception() is not None)
-        unfinished = len(pending)
-        for task in pending:
+    try:
+        while next_at < window[1]:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            task = asyncio.create_task(one(i))
+            running.add(task)
+            task.add_done_callback(ended)
+            counts["started"], i = counts["started"] + 1, i + 1
+            next_at += rng.expovariate(rate)
+        if running:
+            _, pending = await asyncio.wait(set(running), timeout=settle)
+            counts["unfinished"] = len(pending)
+    finally:
+        left = set(running)
+        for task in left:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    return {"window": window, "started": started, "failed": failed, "unfinished": unfinished}
+        await asyncio.gather(*left, return_exceptions=True)
+    return {"window": window, **counts}
 
 
 def measure(quick: bool, profile: bool = False, profile_out: Path | None = None) -> dict[str, Any]:

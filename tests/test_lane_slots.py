@@ -13,6 +13,7 @@ from relay.deliveries.service import DeliveryService
 from relay.links import Signer
 from relay.netguard import NetGuard
 from relay.store.base import Store
+from relay.store.deliveries import lane_notice
 from tests.harness import wait_for
 
 
@@ -75,22 +76,33 @@ async def test_a_take_run_again_keeps_the_slot_its_holder_already_has(store: Sto
     assert await store.take_lane_slot("sub_R", 2, "dlv_b", now, 30.0) == 0, "slot 0 is still free for another"
 
 
-async def test_a_slot_given_back_is_told_to_every_process_sharing_the_database(
+async def test_a_slot_given_back_is_told_to_every_process_that_asked(
         open_store: Callable[[], Awaitable[Store]], clock: ManualClock) -> None:
-    """release_lane_slot tells the store's on_lane_freed listeners which lane freed: the releasing process's own,
-    and on PostgreSQL (NOTIFY relay_lanes) every other process's too; a take or a release by a non-holder does not."""
+    """A process that finds every slot of a lane held asks to be told (want_lane_slot); the release is then told to
+    the store's on_lane_freed listeners by the lane's notice: the releasing process's own, and on PostgreSQL (NOTIFY
+    relay_lanes) every other process's too. A release nobody asked for is told to nobody else (a NOTIFY on each
+    one cost too much). A lane of a task webhook's origin longer than NOTIFY's 8000-byte payload is given back and
+    told like any other. Asking when a slot is free already says so (False)."""
     first, second = await open_store(), await open_store()
     told: dict[str, list[str | None]] = {"first": [], "second": []}
     first.on_lane_freed(told["first"].append)
     second.on_lane_freed(told["second"].append)
     now = clock.now()
-    assert await first.take_lane_slot("sub_T", 2, "dlv_1", now, 30.0) == 0
-    await first.release_lane_slot("sub_T", 0, "dlv_1")
-    await wait_for(lambda: told["first"] == ["sub_T"], 5.0, "the releasing process to be told")
+    long_lane = "url:https://" + "é" * 4100 + ".example"           # 8,000+ bytes in UTF-8
+    assert await first.take_lane_slot("sub_U", 1, "dlv_0", now, 30.0) == 0
+    await first.release_lane_slot("sub_U", 0, "dlv_0")             # nobody asked
+    for lane in ("sub_T", long_lane):
+        assert await first.take_lane_slot(lane, 1, "dlv_1", now, 30.0) == 0
+        assert await second.want_lane_slot(lane, 1, now), "every slot is held"
+        await first.release_lane_slot(lane, 0, "dlv_1")
+    asked = [lane_notice("sub_T"), lane_notice(long_lane)]
     if first.TELLS_LANE_RELEASES:
-        await wait_for(lambda: told["second"] == ["sub_T"], 5.0, "the other process to be told")
-    else:       # SQLite: one process; another store in it learns nothing from the file
-        assert told["second"] == []
+        # In commit order, the release nobody asked for left out (it would come first, so never equal).
+        await wait_for(lambda: told["first"] == asked and told["second"] == asked, 5.0, "both processes to be told")
+    else:       # SQLite: one process, which tells itself every release; another store learns nothing from the file
+        assert told["first"] == [lane_notice("sub_U"), *asked] and told["second"] == []
+    assert not await second.want_lane_slot("sub_T", 1, now), "its slot is free"
+    assert await second.take_lane_slot(long_lane, 1, "dlv_2", now, 30.0) == 0, "the slot was given back"
 
 
 def _replica(store: Store, clock: ManualClock, *, cap: int = 2) -> DeliverHandler:
@@ -109,7 +121,12 @@ async def test_a_delivery_waiting_for_a_shared_slot_takes_the_one_another_replic
     mine = await open_store() if holder.TELLS_LANE_RELEASES else holder    # SQLite: replicas are one process
     handler = _replica(mine, clock)
     try:
-        handler.service.lanes.wait_seconds = 60.0        # only being told can end the wait within the test's 10 s
+        lanes = handler.service.lanes
+        lanes.wait_seconds = 60.0        # only being told can end the wait within the test's 10 s
+        # This process has timed the subscriber answering quickly (an attempt of its own still in flight keeps the
+        # lane, and its timing, from being forgotten as idle).
+        assert await lanes.acquire("sub_W", 2) and await lanes.acquire("sub_W", 2)
+        await lanes.release("sub_W", latency_ms=5.0)
         now = clock.now()
         assert [await holder.take_lane_slot("sub_W", 2, f"other_{i}", now, 30.0) for i in range(2)] == [0, 1]
         taking = asyncio.create_task(handler._take_shared_slot("sub_W", 2, "dlv_mine", now))
@@ -124,19 +141,23 @@ async def test_a_delivery_waiting_for_a_shared_slot_takes_the_one_another_replic
 
 async def test_a_delivery_parks_when_no_shared_slot_comes_back_or_its_subscriber_is_slow(
         store: Store, clock: ManualClock) -> None:
-    """Nobody gives a slot back within the lanes' wait: None (the caller parks). A slow subscriber, or a cap of one
-    (a failing subscriber), is not waited for at all."""
+    """Nobody gives a slot back within the lanes' wait: None (the caller parks). A subscriber this process has not
+    timed yet (it may be slow), a slow one, or a cap of one (a failing subscriber) is not waited for at all."""
     handler = _replica(store, clock)
     try:
         now = clock.now()
         assert [await store.take_lane_slot("sub_S", 2, f"other_{i}", now, 30.0) for i in range(2)] == [0, 1]
-        handler.service.lanes.wait_seconds = 0.3
-        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 2, "dlv_a", now), 10.0) is None
-        handler.service.lanes.wait_seconds = 60.0
-        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 1, "dlv_b", now), 10.0) is None
         lanes = handler.service.lanes
-        assert await lanes.acquire("sub_S", 2)
-        await lanes.release("sub_S", latency_ms=5_000.0)      # remembered as slow
+        lanes.wait_seconds = 60.0
+        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 2, "dlv_u", now), 10.0) is None, "untimed"
+        assert await lanes.acquire("sub_S", 2) and await lanes.acquire("sub_S", 2)
+        await lanes.release("sub_S", latency_ms=5.0)             # timed quick, one attempt still in flight
+        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 1, "dlv_b", now), 10.0) is None
+        lanes.wait_seconds = 0.3
+        assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 2, "dlv_a", now), 10.0) is None
+        assert handler.service.shared_releases.watchers("sub_S") == 0
+        lanes.wait_seconds = 60.0
+        await lanes.release("sub_S", latency_ms=20_000.0)        # now slow on average
         assert not lanes.quick("sub_S")
         assert await asyncio.wait_for(handler._take_shared_slot("sub_S", 2, "dlv_c", now), 10.0) is None
     finally:

@@ -111,21 +111,29 @@ class DeliverHandler:
     async def _take_shared_slot(self, lane: str, cap: int, delivery_id: str, now: float) -> int | None:
         """One of the subscriber's slots in the store (replicas), or None when other replicas hold them all.
 
-        Then, for a subscriber that answers quickly (as for this process's own lane, Lanes.acquire), wait up to the
-        lanes' wait for any replica to give a slot back (the store tells every process: on_lane_freed) and look
-        again, instead of parking on a timer at once. With two replicas delivering to nine subscriptions, a fifth
+        Then, for a subscriber this process has timed answering quickly (as for its own lane, Lanes.acquire; one
+        it has not timed yet may be slow, and waiting for a slow one would hold worker slots for nothing), wait up
+        to the lanes' wait for any replica to give a slot back (the store tells every process: on_lane_freed) and
+        look again, instead of parking on a timer at once. With two replicas delivering to nine subscriptions, a fifth
         of the takes found every slot held; each became a parked run and another claim and run 50 ms or more later
         (bench.scaling's fan-out load)."""
         svc = self.service
         loop = asyncio.get_running_loop()
         deadline = loop.time() + svc.lanes.wait_seconds
+        looked_again = False
         with svc.shared_releases.watch(lane) as freed:
             while True:
                 freed.clear()       # before the look: a slot given back after it ends the wait below
                 slot = await svc.store.take_lane_slot(lane, cap, delivery_id, now, svc.lane_lease)
                 remaining = deadline - loop.time()
-                if slot is not None or remaining <= 0 or cap <= 1 or not svc.lanes.quick(lane):
+                if slot is not None or remaining <= 0 or cap <= 1 or not svc.lanes.quick(lane, unknown=False):
                     return slot
+                # Only releases of slots asked for are told (a NOTIFY on every one cost a single process 6-10 % of
+                # its deliveries/s). One given back between the look and the asking went untold: look again, once.
+                if not await svc.store.want_lane_slot(lane, cap, svc.clock.now()) and not looked_again:
+                    looked_again = True
+                    continue
+                looked_again = False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(freed.wait(), remaining)
                 now = svc.clock.now()

@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from relay.store.deliveries import lane_notice
+
 MAX_LANES = 10_000       # beyond this many keys, idle lanes are forgotten even if slow
 FAST_MS = 250.0          # below this recent latency a key counts as quick: worth a short wait for its slot
 WAIT_SECONDS = 1.0       # the longest a delivery waits for a slot before it is parked
@@ -56,8 +58,7 @@ class Lanes:
         lane.cap = cap
         if lane.in_flight < cap:
             return self._take(lane, delivery_id)
-        quick = lane.latency_ms is None or lane.latency_ms < self.fast_ms
-        if not (may_wait and quick and lane.waiting < cap):
+        if not (may_wait and self.quick(key) and lane.waiting < cap):
             return False
         lane.waiting += 1
         try:
@@ -76,10 +77,13 @@ class Lanes:
             lane.parked.pop(delivery_id, None)
         return True
 
-    def quick(self, key: str) -> bool:
-        """Whether `key` answers quickly enough (or is not known yet) that a short wait for its slot pays."""
+    def quick(self, key: str, *, unknown: bool = True) -> bool:
+        """Whether `key` answers quickly enough that a short wait for its slot pays; `unknown` when no attempt of
+        it has been timed yet (or it was forgotten while idle)."""
         lane = self._lanes.get(key)
-        return lane is None or lane.latency_ms is None or lane.latency_ms < self.fast_ms
+        if lane is None or lane.latency_ms is None:
+            return unknown
+        return lane.latency_ms < self.fast_ms
 
     def park(self, key: str, delivery_id: str) -> bool:
         """Remember a delivery that found no slot, to hand it the next one that frees up.
@@ -126,33 +130,34 @@ class Lanes:
 
 class SharedReleases:
     """Waits for a slot of a key held in the store (replicas: relay.store's lane slots) to be given back by any
-    process; `freed` is the store's on_lane_freed callback."""
+    process; `freed` is the store's on_lane_freed callback, told each release by the lane's notice."""
 
     def __init__(self) -> None:
-        self._watching: dict[str, set[asyncio.Event]] = {}
+        self._watching: dict[str, set[asyncio.Event]] = {}      # lane notice → the waits for it
 
-    def freed(self, key: str | None) -> None:
-        """A slot of `key` was given back (None: of any key, as far as anyone knows)."""
-        watchers = self._watching.get(key, ()) if key is not None else [
+    def freed(self, notice: str | None) -> None:
+        """A slot of the lane with this notice was given back (None: of any lane, as far as anyone knows)."""
+        watchers = self._watching.get(notice, ()) if notice is not None else [
             event for events in self._watching.values() for event in events]
         for event in watchers:
             event.set()
 
     def watchers(self, key: str) -> int:
         """How many wait for a slot of `key` now."""
-        return len(self._watching.get(key, ()))
+        return len(self._watching.get(lane_notice(key), ()))
 
     @contextlib.contextmanager
     def watch(self, key: str) -> Iterator[asyncio.Event]:
         """An event set on each release of `key` while inside (clear it before each look at the store: a release
         between that look and the wait then still ends the wait)."""
+        notice = lane_notice(key)
         event = asyncio.Event()
-        self._watching.setdefault(key, set()).add(event)
+        self._watching.setdefault(notice, set()).add(event)
         try:
             yield event
         finally:
-            events = self._watching.get(key)
+            events = self._watching.get(notice)
             if events is not None:
                 events.discard(event)
                 if not events:
-                    del self._watching[key]
+                    del self._watching[notice]

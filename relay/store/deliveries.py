@@ -8,6 +8,7 @@ but changes nothing; the delivery's row is locked while that is decided.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 
@@ -21,6 +22,12 @@ from relay.store.rows import (SUBSCRIPTION_COLUMNS, attempt_from_row, attempt_ro
 from relay.store.tx import Tx
 
 REPLAY_MAX = 10_000
+
+
+def lane_notice(lane: str) -> str:
+    """What a lane slot given back is told by (Store.on_lane_freed): the lane's md5 in hex, as PostgreSQL's trigger
+    sends it (sql/postgres/017): a fixed size whatever the lane (a task webhook's holds its URL's origin)."""
+    return hashlib.md5(lane.encode(), usedforsecurity=False).hexdigest()
 
 
 class DeliveryCases(StorePlumbing):
@@ -102,7 +109,13 @@ class DeliveryCases(StorePlumbing):
         held long enough to park deliveries (2.4 runs per delivery instead of 1.1 in bench.throughput)."""
         await self._change(q.RELEASE_LANE_SLOT, (lane, slot, holder))
         if not self.TELLS_LANE_RELEASES:        # else the database tells every process, this one included
-            self._lane_freed(lane)
+            self._lane_freed(lane_notice(lane))
+
+    async def want_lane_slot(self, lane: str, cap: int, now: float) -> bool:
+        """Ask to be told (on_lane_freed, in every process) when a slot of `lane` held now is given back: True, or
+        False when one of its `cap` slots is free by now (one given back before this asked was not told: look
+        again). Where the database does not tell other processes, the releasing process tells itself anyway."""
+        return len(await self._change(q.WANT_LANE_SLOT, (lane, cap, now))) >= cap
 
     # ---- deliveries -------------------------------------------------------------------------------
     async def get_delivery(self, delivery_id: str) -> Delivery | None:

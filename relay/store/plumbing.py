@@ -115,9 +115,10 @@ class StorePlumbing(abc.ABC):
             callback()
 
     def on_lane_freed(self, callback: Callable[[str | None], None]) -> None:
-        """Register a callback told of each lane slot given back (release_lane_slot), with the lane: by this process,
-        or, where the database tells every process sharing it (TELLS_LANE_RELEASES), by any of them. None: any
-        lane's may have been (releases went untold meanwhile)."""
+        """Register a callback told of lane slots given back (release_lane_slot), with the lane's notice
+        (relay.store.deliveries.lane_notice): each one this process gives back, or, where the database tells every
+        process sharing it (TELLS_LANE_RELEASES), each one any of them gives back after a process asked for it
+        (want_lane_slot). None: any lane's may have been (releases went untold meanwhile)."""
         self._lane_listeners = [*getattr(self, "_lane_listeners", []), callback]
 
     def _lane_freed(self, lane: str | None) -> None:

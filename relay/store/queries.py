@@ -110,7 +110,12 @@ TAKE_LANE_SLOT = (
     "SELECT slot FROM lane_slots WHERE lane = ? AND slot < ? AND (holder IS NULL OR holder = ? OR expires_at <= ?) "
     "ORDER BY holder IS NOT DISTINCT FROM ? DESC, slot LIMIT 1" + FOR_UPDATE + ") RETURNING slot")
 COUNT_LANE_SLOTS = "SELECT count(*) AS n FROM lane_slots WHERE lane = ? AND slot < ?"
-RELEASE_LANE_SLOT = "UPDATE lane_slots SET holder = NULL, expires_at = NULL WHERE lane = ? AND slot = ? AND holder = ?"
+RELEASE_LANE_SLOT = ("UPDATE lane_slots SET holder = NULL, expires_at = NULL, wanted = 0 "
+                     "WHERE lane = ? AND slot = ? AND holder = ?")
+# Mark the lane's held slots wanted (their release is then told to every replica); the slots it marked: fewer than
+# the cap means one is free (or its lease ran out) by now.
+WANT_LANE_SLOT = ("UPDATE lane_slots SET wanted = 1 WHERE lane = ? AND slot < ? AND holder IS NOT NULL "
+                  "AND expires_at > ? RETURNING slot")
 
 # ---- subscriptions ---------------------------------------------------------------------------------
 INSERT_SUBSCRIPTION = (

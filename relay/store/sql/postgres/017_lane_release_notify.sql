@@ -1,11 +1,17 @@
--- relay schema on PostgreSQL, v17: a lane slot given back is told to every replica (NOTIFY relay_lanes, the lane
--- as payload, delivered at commit), so a delivery another replica holds waiting for this subscriber's slot takes
--- it at once instead of parking on a timer (relay.deliveries.handler).
+-- relay schema on PostgreSQL, v17: a lane slot given back while a delivery on some replica waits for one (it marked
+-- the held slots `wanted`: relay.store.deliveries.want_lane_slot) is told to every replica (NOTIFY relay_lanes,
+-- delivered at commit), so the waiting delivery takes it at once instead of parking on a timer
+-- (relay.deliveries.handler). Only then: a NOTIFY on every release cost a single process 6-10 % of its deliveries/s
+-- (bench.fanout on PostgreSQL). The payload is the lane's md5 (relay.store.deliveries.lane_notice): a task
+-- webhook's lane holds its URL's origin, which may be longer than NOTIFY's 8000 bytes (the release would fail) and
+-- may carry credentials.
+ALTER TABLE lane_slots ADD COLUMN wanted INTEGER NOT NULL DEFAULT 0;
+
 CREATE FUNCTION relay_lane_freed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('relay_lanes', NEW.lane);
+    PERFORM pg_notify('relay_lanes', md5(NEW.lane));
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER lane_slots_freed AFTER UPDATE OF holder ON lane_slots FOR EACH ROW
-    WHEN (OLD.holder IS NOT NULL AND NEW.holder IS NULL) EXECUTE FUNCTION relay_lane_freed();
+    WHEN (OLD.holder IS NOT NULL AND NEW.holder IS NULL AND OLD.wanted = 1) EXECUTE FUNCTION relay_lane_freed();
