@@ -196,3 +196,17 @@ def test_bad_deliveries_config_names_the_key(env: dict[str, str], problem: str) 
         load_settings(None, env)
     assert any(line.startswith(problem) for line in caught.value.problems), caught.value.problems
     assert "whsec_nope!" not in str(caught.value) and "short'" not in str(caught.value)
+
+
+async def test_a_quick_lane_forgotten_while_idle_is_still_known_quick() -> None:
+    """Idle quick lanes are forgotten (keys come and go) but their timing is kept: a process whose every attempt finds
+    the store's slots held elsewhere is idle between them, and must still know its subscriber answers quickly."""
+    from relay.deliveries.lanes import Lanes
+    lanes = Lanes()
+    assert lanes.quick("sub_Q") and not lanes.quick("sub_Q", unknown=False), "untimed"
+    assert await lanes.acquire("sub_Q", 2)
+    await lanes.release("sub_Q", latency_ms=5.0)
+    assert lanes.in_flight("sub_Q") == 0 and lanes.quick("sub_Q", unknown=False)
+    assert await lanes.acquire("sub_Q", 2)          # made again, its timing with it
+    await lanes.release("sub_Q", latency_ms=2_000.0)
+    assert not lanes.quick("sub_Q"), "0.7 * 5 + 0.3 * 2000 ms: slow"

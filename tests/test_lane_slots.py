@@ -129,9 +129,18 @@ async def test_a_delivery_waiting_for_a_shared_slot_takes_the_one_another_replic
         await lanes.release("sub_W", latency_ms=5.0)
         now = clock.now()
         assert [await holder.take_lane_slot("sub_W", 2, f"other_{i}", now, 30.0) for i in range(2)] == [0, 1]
+        asked = asyncio.Event()
+        want = mine.want_lane_slot
+
+        async def asking(lane: str, cap: int, at: float) -> bool:
+            every_slot_held = await want(lane, cap, at)
+            if every_slot_held:
+                asked.set()
+            return every_slot_held
+        mine.want_lane_slot = asking  # type: ignore[method-assign]
         taking = asyncio.create_task(handler._take_shared_slot("sub_W", 2, "dlv_mine", now))
-        await wait_for(lambda: handler.service.shared_releases.watchers("sub_W") == 1, 5.0, "the delivery to wait")
-        assert not taking.done()
+        await asyncio.wait_for(asked.wait(), 5.0)      # the held slots are asked for: from here only a tell wakes it
+        assert not taking.done() and handler.service.shared_releases.watchers("sub_W") == 1
         await holder.release_lane_slot("sub_W", 1, "other_1")
         assert await asyncio.wait_for(taking, 10.0) == 1
         assert handler.service.shared_releases.watchers("sub_W") == 0

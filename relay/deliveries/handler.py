@@ -85,7 +85,7 @@ class DeliverHandler:
         if svc.shared_lanes:
             # Replicas on one database: the cap is the subscriber's, so a slot is also held in the store.
             try:
-                shared_slot = await self._take_shared_slot(lane, cap, delivery_id, now)
+                shared_slot = await self._take_shared_slot(lane, cap, delivery_id, svc.clock.now())
             except BaseException:
                 await svc.lanes.release(lane, None)     # the database failed us: this process's lane is not lost
                 raise
@@ -120,7 +120,6 @@ class DeliverHandler:
         svc = self.service
         loop = asyncio.get_running_loop()
         deadline = loop.time() + svc.lanes.wait_seconds
-        looked_again = False
         with svc.shared_releases.watch(lane) as freed:
             while True:
                 freed.clear()       # before the look: a slot given back after it ends the wait below
@@ -129,13 +128,11 @@ class DeliverHandler:
                 if slot is not None or remaining <= 0 or cap <= 1 or not svc.lanes.quick(lane, unknown=False):
                     return slot
                 # Only releases of slots asked for are told (a NOTIFY on every one cost a single process 6-10 % of
-                # its deliveries/s). One given back between the look and the asking went untold: look again, once.
-                if not await svc.store.want_lane_slot(lane, cap, svc.clock.now()) and not looked_again:
-                    looked_again = True
-                    continue
-                looked_again = False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(freed.wait(), remaining)
+                # its deliveries/s). A slot free by the time of the asking (given back untold after the look, or its
+                # lease run out) is looked for again instead: only a wait on slots all asked for is ended by a tell.
+                if await svc.store.want_lane_slot(lane, cap, svc.clock.now()):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(freed.wait(), remaining)
                 now = svc.clock.now()
 
     async def _hand_off(self, lane: str, delivery_id: str | None) -> None:

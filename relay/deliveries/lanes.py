@@ -41,6 +41,9 @@ class _Lane:
 class Lanes:
     def __init__(self, *, fast_ms: float = FAST_MS, wait_seconds: float = WAIT_SECONDS) -> None:
         self._lanes: dict[str, _Lane] = {}
+        # The recent latency of lanes forgotten while idle, newest last (at most MAX_LANES): a lane whose every
+        # attempt here finds the store's slots held elsewhere is idle between them, and must stay known as quick.
+        self._timings: OrderedDict[str, float] = OrderedDict()
         self.fast_ms = fast_ms
         self.wait_seconds = wait_seconds
 
@@ -54,7 +57,7 @@ class Lanes:
 
     async def acquire(self, key: str, cap: int, *, may_wait: bool = True, delivery_id: str | None = None) -> bool:
         """Take a slot of `key`; False if none came free. A delivery that gets a slot is no longer parked."""
-        lane = self._lanes.setdefault(key, _Lane())
+        lane = self._lane(key)
         lane.cap = cap
         if lane.in_flight < cap:
             return self._take(lane, delivery_id)
@@ -81,16 +84,23 @@ class Lanes:
         """Whether `key` answers quickly enough that a short wait for its slot pays; `unknown` when no attempt of
         it has been timed yet (or it was forgotten while idle)."""
         lane = self._lanes.get(key)
-        if lane is None or lane.latency_ms is None:
+        latency = lane.latency_ms if lane is not None else self._timings.get(key)
+        if latency is None:
             return unknown
-        return lane.latency_ms < self.fast_ms
+        return latency < self.fast_ms
+
+    def _lane(self, key: str) -> _Lane:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(latency_ms=self._timings.pop(key, None))
+        return lane
 
     def park(self, key: str, delivery_id: str) -> bool:
         """Remember a delivery that found no slot, to hand it the next one that frees up.
 
         False if a slot is free by now (it freed while the delivery was deciding): try again instead.
         """
-        lane = self._lanes.setdefault(key, _Lane())
+        lane = self._lane(key)
         if lane.in_flight < lane.cap:
             return False
         lane.parked[delivery_id] = None
@@ -122,10 +132,16 @@ class Lanes:
         return wake
 
     def _forget_if_idle(self, key: str, lane: _Lane) -> None:
-        # Keys come and go (task webhook origins): keep only lanes in use, and remember a slow key's latency.
+        # Keys come and go (task webhook origins): keep only lanes in use, and a slow key whole (its latency
+        # decides that its deliveries park); a quick one forgotten keeps its latency in _timings.
         if lane.in_flight <= 0 and lane.waiting <= 0 and not lane.parked and (
                 lane.latency_ms is None or lane.latency_ms < self.fast_ms or len(self._lanes) > MAX_LANES):
             self._lanes.pop(key, None)
+            if lane.latency_ms is not None:
+                self._timings[key] = lane.latency_ms
+                self._timings.move_to_end(key)
+                while len(self._timings) > MAX_LANES:
+                    self._timings.popitem(last=False)
 
 
 class SharedReleases:

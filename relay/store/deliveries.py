@@ -25,9 +25,10 @@ REPLAY_MAX = 10_000
 
 
 def lane_notice(lane: str) -> str:
-    """What a lane slot given back is told by (Store.on_lane_freed): the lane's md5 in hex, as PostgreSQL's trigger
-    sends it (sql/postgres/017): a fixed size whatever the lane (a task webhook's holds its URL's origin)."""
-    return hashlib.md5(lane.encode(), usedforsecurity=False).hexdigest()
+    """What a lane slot given back is told by (Store.on_lane_freed): the SHA-256 of the lane's UTF-8 in hex, as
+    PostgreSQL's trigger sends it (sql/postgres/017): a fixed size whatever the lane (a task webhook's holds its URL's
+    origin), the same bytes whatever the server's encoding."""
+    return hashlib.sha256(lane.encode()).hexdigest()
 
 
 class DeliveryCases(StorePlumbing):
