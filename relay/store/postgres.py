@@ -51,7 +51,7 @@ log = logging.getLogger("relay.store")
 
 MIGRATION_LOCK = 0x72656C6179          # "relay": the advisory lock key held while migrating
 NOTIFY_CHANNEL = "relay_jobs"
-LANES_CHANNEL = "relay_lanes"           # a lane slot given back, the lane as payload (sql/postgres/017)
+LANES_CHANNEL = "relay_lanes"           # a wanted lane slot given back, its lane_notice as payload (sql/postgres/017)
 TRANSACTION_RETRIES = 5
 LISTEN_RETRY_BASE = 0.1                # seconds before the LISTEN connection is opened again, doubling …
 LISTEN_RETRY_CAP = 5.0                 # … up to this
@@ -344,8 +344,8 @@ class PostgresStore(Store):
     def _notified(self, *_args: Any) -> None:
         self._wake()
 
-    def _lane_notified(self, _conn: Any, _pid: int, _channel: str, lane: object) -> None:
-        self._lane_freed(str(lane))
+    def _lane_notified(self, _conn: Any, _pid: int, _channel: str, notice: object) -> None:
+        self._lane_freed(str(notice))
 
     def _listener_lost(self, conn: asyncpg.Connection | PoolConnectionProxy) -> None:
         if self._closing or conn is not self._listener:
