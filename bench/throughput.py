@@ -411,6 +411,11 @@ def share_within(histogram: dict[float, float], seconds: float) -> float | None:
     return histogram.get(seconds, 0.0) / total if total else None
 
 
+def _leg(found: dict[str, float], leg: str) -> str:
+    """One leg of completion → receipt (see _completion_to_receipt) as "p50 / p99" in whole ms."""
+    return f"{found[leg + '_p50']:.0f} / {found[leg + '_p99']:.0f}"
+
+
 def _per_task(stats: dict[str, Any], counter: str) -> float:
     done = stats["sim"]["submits"] or 1
     return stats["sim"][counter] / done
@@ -475,12 +480,10 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         lines += ["", f"Provider completion → subscriber receipt of task.generated under this load (evolink, which "
                   f"calls back; the simulator's done_at → the bench sink's receipt, {done['n']:.0f} tasks in the "
                   f"window): p50 {done['p50']:.0f} ms, p99 {done['p99']:.0f} ms. Its legs (p50 / p99): the simulator "
-                  f"sending the callback {done['sent_p50']:.0f} / {done['sent_p99']:.0f} ms, relay acknowledging it "
-                  f"{done['ack_p50']:.0f} / {done['ack_p99']:.0f} ms, from the 200 to the receipt (confirm with the "
-                  f"provider, apply, deliver) {done['after_p50']:.0f} / {done['after_p99']:.0f} ms: to the event's "
-                  f"time (relay deciding the transition) {done['apply_p50']:.0f} / {done['apply_p99']:.0f} ms, from "
-                  f"it to the receipt (its commit, the delivery) {done['deliver_p50']:.0f} / "
-                  f"{done['deliver_p99']:.0f} ms."]
+                  f"sending the callback {_leg(done, 'sent')} ms, relay acknowledging it {_leg(done, 'ack')} ms, from "
+                  f"the 200 to the receipt (confirm with the provider, apply, deliver) {_leg(done, 'after')} ms: to "
+                  f"the event's time (relay deciding the transition) {_leg(done, 'apply')} ms, from it to the receipt "
+                  f"(its commit, the delivery) {_leg(done, 'deliver')} ms."]
         below = through.get("open_loop")
         light = below["completion_to_receipt"] if below else None
         if light and light["n"]:
@@ -488,10 +491,8 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
                       f"tasks/s, an open loop with Poisson arrivals; {below['started']} started, {below['failed']} "
                       f"failed, {below['unfinished']} unfinished), completion → receipt p50 {light['p50']:.0f} ms, "
                       f"**p99 {light['p99']:.0f} ms** ({light['n']:.0f} tasks; legs p50 / p99: sending "
-                      f"{light['sent_p50']:.0f} / {light['sent_p99']:.0f}, acknowledging {light['ack_p50']:.0f} / "
-                      f"{light['ack_p99']:.0f}, to the event's time {light['apply_p50']:.0f} / "
-                      f"{light['apply_p99']:.0f}, to the receipt {light['deliver_p50']:.0f} / "
-                      f"{light['deliver_p99']:.0f} ms)."]
+                      f"{_leg(light, 'sent')}, acknowledging {_leg(light, 'ack')}, to the event's time "
+                      f"{_leg(light, 'apply')}, to the receipt {_leg(light, 'deliver')} ms)."]
         own = through.get("relay_acks") or {}
         shares = [(ms, share_within(own, ms / 1000)) for ms in (10, 25, 50, 100)]
         if all(share is not None for _, share in shares):

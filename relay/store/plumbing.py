@@ -121,9 +121,9 @@ class StorePlumbing(abc.ABC):
         (want_lane_slot). None: any lane's may have been (releases went untold meanwhile)."""
         self._lane_listeners = [*getattr(self, "_lane_listeners", []), callback]
 
-    def _lane_freed(self, lane: str | None) -> None:
+    def _lane_freed(self, notice: str | None) -> None:
         for callback in getattr(self, "_lane_listeners", []):
-            callback(lane)
+            callback(notice)
 
     def on_task_status(self, listener: StatusListener) -> None:
         """Register a listener told of each task created and each status change, after its commit
