@@ -25,6 +25,18 @@ async def test_two_stores_on_one_database_draw_from_one_bucket(open_store: Calla
     assert all(w > 0 for w in waits if w != 0.0), "the others are told how long to wait"
 
 
+async def test_a_replica_never_takes_from_what_it_last_saw_of_the_bucket(
+        open_store: Callable[[], Awaitable[Store]], clock: ManualClock) -> None:
+    """Each store takes from the state it last left the bucket in (one compare-and-set): when another replica
+    took meanwhile, the swap misses and the take is worked out again from the row, not from the stale state."""
+    first, second = await open_store(), await open_store()
+    now = clock.now()
+    assert await first.take_tokens("provider:pixazo", 0.001, 5.0, now, 2) == (2, 0.0)     # first saw 3 left
+    assert await second.take_tokens("provider:pixazo", 0.001, 5.0, now, 2) == (2, 0.0)    # 1 left
+    assert (await first.take_tokens("provider:pixazo", 0.001, 5.0, now, 5))[0] == 1
+    assert (await second.take_tokens("provider:pixazo", 0.001, 5.0, now, 5))[0] == 0
+
+
 async def test_the_shared_bucket_refills_at_its_rate(store: Store, clock: ManualClock) -> None:
     """An empty bucket gives one token per 1/rate seconds, says how long until the next, and caps at burst."""
     now = clock.now()

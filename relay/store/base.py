@@ -53,6 +53,21 @@ def _settled_callback(callback: dict[str, Any], status: str, note: str | None, n
             status, note, now)
 
 
+BUCKET_SWAP_TRIES = 3      # compare-and-set takes of a rate bucket lost to other processes before locking it
+
+
+def take_from_bucket(seen: tuple[float, float], rate: float, burst: float, now: float,
+                     wanted: int) -> tuple[int, float, tuple[float, float]]:
+    """The token bucket's rule: from the bucket as seen (tokens, updated_at), refilled at `rate` per second up to
+    `burst`, take up to `wanted` whole tokens. Returns (taken, the seconds until one is due when none were, and
+    the bucket's (tokens, updated_at) after)."""
+    held, updated_at = seen
+    # A clock that stepped back refills nothing rather than draining the bucket.
+    tokens = min(burst, held + max(0.0, now - updated_at) * rate)
+    taken = max(0, min(wanted, math.floor(tokens)))
+    return taken, 0.0 if taken else (1.0 - tokens) / rate, (tokens - taken, max(now, updated_at))
+
+
 @dataclass(frozen=True)
 class Applied:
     """A transition that was written, with the task as it is now and the event it produced."""
@@ -370,20 +385,46 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def take_tokens(self, key: str, rate: float, burst: float, now: float, wanted: int) -> tuple[int, float]:
         """Take up to `wanted` tokens from the bucket `key`, as many as it holds: (how many were taken, and when
-        none were, the seconds until one is due). Locks the bucket's row, so every process sharing this database
-        draws from one bucket."""
-        async def body(tx: Tx) -> tuple[int, float]:
+        none were, the seconds until one is due). Every process sharing this database draws from one bucket.
+
+        The row changes only from the state the take was worked out from (a compare-and-set: one statement, one
+        round trip on PostgreSQL instead of four for BEGIN, a locking read, the write and COMMIT), starting from
+        the state this process last left it in. When another process changed it meanwhile, it is read again and
+        the take worked out again; after BUCKET_SWAP_TRIES such losses, or for a bucket not made yet, the row is
+        locked instead (a transaction). A swap that PostgreSQL runs again after losing its connection finds the
+        row changed and takes again: tokens may be wasted that way, never spent twice."""
+        seen = self._bucket_states().get(key)
+        for _ in range(BUCKET_SWAP_TRIES):
+            if seen is None:
+                row = await self._read(q.READ_BUCKET, (key,))
+                if row is None:     # the bucket's first use: made below, under the row's lock
+                    break
+                seen = (row["tokens"], row["updated_at"])
+            taken, wait, after = take_from_bucket(seen, rate, burst, now, wanted)
+            if await self._change(q.SWAP_BUCKET, (*after, key, *seen)):
+                self._bucket_states()[key] = after
+                return taken, wait
+            seen = None
+
+        async def body(tx: Tx) -> tuple[int, float, tuple[float, float]]:
             row = await tx.one(q.LOCK_BUCKET, (key,))
             if row is None:      # the bucket's first use: it starts full
                 await tx.run(q.CLAIM_BUCKET, (key, float(burst), float(now)))
                 row = await tx.one(q.LOCK_BUCKET, (key,))
                 assert row is not None
-            # A clock that stepped back refills nothing rather than draining the bucket.
-            tokens = min(burst, row["tokens"] + max(0.0, now - row["updated_at"]) * rate)
-            taken = max(0, min(wanted, math.floor(tokens)))
-            await tx.run(q.UPDATE_BUCKET, (tokens - taken, max(now, row["updated_at"]), key))
-            return taken, 0.0 if taken else (1.0 - tokens) / rate
-        return await self.transact(body)
+            taken, wait, after = take_from_bucket((row["tokens"], row["updated_at"]), rate, burst, now, wanted)
+            await tx.run(q.UPDATE_BUCKET, (*after, key))
+            return taken, wait, after
+        taken, wait, self._bucket_states()[key] = await self.transact(body)
+        return taken, wait
+
+    def _bucket_states(self) -> dict[str, tuple[float, float]]:
+        """(tokens, updated_at) of each rate bucket as this process last left it (see take_tokens)."""
+        states: dict[str, tuple[float, float]] | None = getattr(self, "_buckets_left", None)
+        if states is None:
+            states = {}
+            self._buckets_left: dict[str, tuple[float, float]] = states
+        return states
 
     # ---- jobs ------------------------------------------------------------------------------------
     async def enqueue(self, jobs: Sequence[Job]) -> int:

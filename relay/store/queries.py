@@ -97,6 +97,10 @@ WAKE_JOB = ("UPDATE jobs SET run_at = ? WHERE dedupe_key = ? AND state = 'queued
 CLAIM_BUCKET = "INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
 LOCK_BUCKET = "SELECT tokens, updated_at FROM rate_buckets WHERE key = ?" + FOR_UPDATE
 UPDATE_BUCKET = "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?"
+READ_BUCKET = "SELECT tokens, updated_at FROM rate_buckets WHERE key = ?"
+# Only from the state the take was worked out from (Store.take_tokens): exact, both are stored as 8-byte floats.
+SWAP_BUCKET = ("UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ? AND tokens = ? AND updated_at = ? "
+               "RETURNING key")
 
 # ---- delivery lanes (the per-subscriber cap across processes) ----------------------------------------
 INSERT_LANE_SLOT = "INSERT INTO lane_slots (lane, slot) VALUES (?, ?) ON CONFLICT (lane, slot) DO NOTHING"
