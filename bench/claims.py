@@ -310,15 +310,14 @@ SQLITE_NOTES = [
     "jobs_due holds each entry's rowid). It used to be `id IN (SELECT id …)`, which looked every job up in "
     "the index of ids first: one more page per job, at a million rows nearly always a page SQLite's cache "
     "does not hold (p50 ratio 1.52 with `id`, 1.28 with `rowid` in one scratch run on the same files).",
-    "What is left of the growth (timed with sqlite3 alone on the same files): the seeded table was filled by "
-    "appending, so its pages are full, and a claim writes a 26-character lease token into rows that had none. "
-    "Each of the 32 rows it takes lies on another full page, which must be split to make room: more pages "
-    "changed, read and written to the WAL per claim. At 1,000,000 rows the UPDATE … RETURNING of 32 rows took "
-    "0.42-0.45 ms and its COMMIT 0.21-0.22 ms; on the same table with room in its pages (every row given a "
-    "token's bytes once before timing) 0.28-0.32 and 0.11-0.12 ms; at 10,000 rows 0.20 and 0.10 ms, the warm-up "
-    "claims having split its few pages already. A jobs table grown under relay, where finished jobs are "
-    "deleted all the time, has room in its pages. A larger page cache (64 MB) or mmap (1 GB) did not help "
-    "(same or slower).",
+    "What is left of the growth: each of the 32 rows a claim takes lies on a page no claim touched before, read "
+    "from the operating system's cache rather than SQLite's (at 10,000 rows the whole table stays in SQLite's), "
+    "and jobs_due is a level deeper (a WAL-frame tally: 35 pages written per claim at 1,000,000 rows, 31 at "
+    "10,000). The seeded rows are appended to full pages, as relay's are; a claim writing its 8-character lease "
+    "token where there was NULL split those pages (47 pages per claim at 1,000,000 rows) until every new row "
+    "carried 9 bytes of lease_room that the claim gives up as it writes the token (migration 018): p50 ratio "
+    "1.48-1.58 before, 1.26-1.32 after, four alternating pairs. A larger page cache (4,000 pages, 200 MB) or "
+    "mmap (1 GB) did not help (same or slower, with the room and without).",
     "What would make it grow: a large due backlog of kinds the worker does not claim (it would be "
     "walked and skipped each time); relay's worker claims every kind it has a handler for, so that "
     "does not happen with one worker role.",
