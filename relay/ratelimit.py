@@ -1,9 +1,10 @@
 """Per-provider request-rate limits: a token bucket per provider account.
 
 `TokenBucket` lives in this process's memory: right for the embedded default (one process on SQLite).
-`SharedTokenBucket` keeps the bucket in the store, one row per provider, taken under a row lock: with
-several replicas on PostgreSQL the provider's `rate_limit` is the account's, however many processes
-send to it. A provider 429 is still honoured through Retry-After either way.
+`SharedTokenBucket` keeps the bucket in the store, one row per provider, changed only from the state a take
+was worked out from (Store.take_tokens): with several replicas on PostgreSQL the provider's `rate_limit` is
+the account's, however many processes send to it. A provider 429 is still honoured through Retry-After
+either way.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class SharedTokenBucket:
     """A token bucket kept in the store (see Store.take_tokens), shared by every process on the database.
 
     This process's callers queue here, not in the database, and whoever is at the head of the queue takes
-    tokens for everyone waiting at that moment in one transaction: a burst of requests costs a round trip
-    or two, not one each. Tokens taken for callers who gave up waiting are dropped once nobody waits, never
+    tokens for everyone waiting at that moment in one take: a burst of requests costs a round trip or a
+    few, not one each. Tokens taken for callers who gave up waiting are dropped once nobody waits, never
     kept for later (so the account's rate is never exceeded by saved-up tokens).
     """
 

@@ -10,7 +10,7 @@ import pytest
 
 from relay.clock import ManualClock, SystemClock
 from relay.ratelimit import SharedTokenBucket
-from relay.store.base import Store
+from relay.store.base import BUCKETS_REMEMBERED, Store
 from tests.harness import wait_for
 
 
@@ -25,7 +25,7 @@ async def test_two_stores_on_one_database_draw_from_one_bucket(open_store: Calla
     assert all(w > 0 for w in waits if w != 0.0), "the others are told how long to wait"
 
 
-async def test_a_replica_never_takes_from_what_it_last_saw_of_the_bucket(
+async def test_a_replica_never_takes_from_a_stale_view_of_the_bucket(
         open_store: Callable[[], Awaitable[Store]], clock: ManualClock) -> None:
     """Each store takes from the state it last left the bucket in (one compare-and-set): when another replica
     took meanwhile, the swap misses and the take is worked out again from the row, not from the stale state."""
@@ -35,6 +35,16 @@ async def test_a_replica_never_takes_from_what_it_last_saw_of_the_bucket(
     assert await second.take_tokens("provider:pixazo", 0.001, 5.0, now, 2) == (2, 0.0)    # 1 left
     assert (await first.take_tokens("provider:pixazo", 0.001, 5.0, now, 5))[0] == 1
     assert (await second.take_tokens("provider:pixazo", 0.001, 5.0, now, 5))[0] == 0
+
+
+async def test_a_store_remembers_a_bounded_number_of_buckets(store: Store, clock: ManualClock) -> None:
+    """The console's login limit makes a bucket per client address: the states a store keeps to take with one
+    statement stay bounded, and a forgotten bucket is read again, never taken from twice."""
+    now = clock.now()
+    for n in range(BUCKETS_REMEMBERED + 50):
+        assert await store.take_token(f"login:10.0.{n // 256}.{n % 256}", 0.001, 1.0, now) == 0.0
+    assert len(store._bucket_states()) == BUCKETS_REMEMBERED     # noqa: SLF001 - the bound is the point
+    assert await store.take_token("login:10.0.0.0", 0.001, 1.0, now) > 0       # forgotten, read again: empty
 
 
 async def test_the_shared_bucket_refills_at_its_rate(store: Store, clock: ManualClock) -> None:

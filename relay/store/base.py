@@ -13,8 +13,9 @@ declared once, in relay.store.plumbing, the base of Store and of every use-case 
     lock_provider(tx, p) serialize in-flight counting per provider (PostgreSQL: an advisory lock)
 
 No correctness rests on a single writer: where two replicas could race, the use case reads the row it
-decides on with a row lock (`FOR_UPDATE` in relay.store.queries) or takes the provider's lock, and the
-concurrent contract tests run every such case against two store instances on one database.
+decides on with a row lock (`FOR_UPDATE` in relay.store.queries), takes the provider's lock, or changes the
+row only from the state it decided on (a compare-and-set: the shared rate buckets), and the concurrent
+contract tests run every such case against two store instances on one database.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _settled_callback(callback: dict[str, Any], status: str, note: str | None, n
 
 
 BUCKET_SWAP_TRIES = 3      # compare-and-set takes of a rate bucket lost to other processes before locking it
+BUCKETS_REMEMBERED = 256   # rate buckets whose last state a store keeps (login limits make one per address)
 
 
 def take_from_bucket(seen: tuple[float, float], rate: float, burst: float, now: float,
@@ -389,8 +391,9 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
         The row changes only from the state the take was worked out from (a compare-and-set: one statement, one
         round trip on PostgreSQL instead of four for BEGIN, a locking read, the write and COMMIT), starting from
-        the state this process last left it in. When another process changed it meanwhile, it is read again and
-        the take worked out again; after BUCKET_SWAP_TRIES such losses, or for a bucket not made yet, the row is
+        the state this process last left it in: one round trip while no other process takes from the bucket.
+        When another did meanwhile, the swap misses, the row is read and the take worked out again (three round
+        trips); after BUCKET_SWAP_TRIES misses, the first included, or for a bucket not made yet, the row is
         locked instead (a transaction). A swap that PostgreSQL runs again after losing its connection finds the
         row changed and takes again: tokens may be wasted that way, never spent twice."""
         seen = self._bucket_states().get(key)
@@ -402,7 +405,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                 seen = (row["tokens"], row["updated_at"])
             taken, wait, after = take_from_bucket(seen, rate, burst, now, wanted)
             if await self._change(q.SWAP_BUCKET, (*after, key, *seen)):
-                self._bucket_states()[key] = after
+                self._remember_bucket(key, after)
                 return taken, wait
             seen = None
 
@@ -415,11 +418,21 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             taken, wait, after = take_from_bucket((row["tokens"], row["updated_at"]), rate, burst, now, wanted)
             await tx.run(q.UPDATE_BUCKET, (*after, key))
             return taken, wait, after
-        taken, wait, self._bucket_states()[key] = await self.transact(body)
+        taken, wait, after = await self.transact(body)
+        self._remember_bucket(key, after)
         return taken, wait
 
+    def _remember_bucket(self, key: str, state: tuple[float, float]) -> None:
+        """Keep the bucket's state as this process left it, the most recently used BUCKETS_REMEMBERED of them: a
+        forgotten one costs its next take a read, never a wrong take."""
+        states = self._bucket_states()
+        states.pop(key, None)
+        if len(states) >= BUCKETS_REMEMBERED:
+            del states[next(iter(states))]      # the one used longest ago
+        states[key] = state
+
     def _bucket_states(self) -> dict[str, tuple[float, float]]:
-        """(tokens, updated_at) of each rate bucket as this process last left it (see take_tokens)."""
+        """(tokens, updated_at) of rate buckets as this process last left them (see take_tokens)."""
         states: dict[str, tuple[float, float]] | None = getattr(self, "_buckets_left", None)
         if states is None:
             states = {}
