@@ -312,12 +312,14 @@ SQLITE_NOTES = [
     "does not hold (p50 ratio 1.52 with `id`, 1.28 with `rowid` in one scratch run on the same files).",
     "What is left of the growth: each of the 32 rows a claim takes lies on a page no claim touched before, read "
     "from the operating system's cache rather than SQLite's (at 10,000 rows the whole table stays in SQLite's), "
-    "and jobs_due is a level deeper (a WAL-frame tally: 35 pages written per claim at 1,000,000 rows, 31 at "
-    "10,000). The seeded rows are appended to full pages, as relay's are; a claim writing its 8-character lease "
-    "token where there was NULL split those pages (47 pages per claim at 1,000,000 rows) until every new row "
-    "carried 9 bytes of lease_room that the claim gives up as it writes the token (migration 018): p50 ratio "
-    "1.48-1.58 before, 1.26-1.32 after, four alternating pairs. A larger page cache (4,000 pages, 200 MB) or "
-    "mmap (1 GB) did not help (same or slower, with the room and without).",
+    "and the seeded rows were appended to full pages, as relay's are: a claim writing its 8-character lease token "
+    "where there was NULL outgrows the page and SQLite splits it (a WAL-frame tally: 47 pages written per claim "
+    "at 1,000,000 rows, 31 at 10,000, where the warm-up claims split the few pages already). Rows given 9 bytes "
+    "of room that the claim gives up as it writes the token took the ratio from 1.48-1.58 to 1.26-1.32 (four "
+    "alternating pairs), but were not kept: claims then succeed on a full database while every other write "
+    "fails, so the worker leases due jobs that cannot record their outcome and they come back only when the "
+    "lease runs out (tests/test_outages.py). A larger page cache (4,000 pages, 200 MB) or mmap (1 GB) did not "
+    "help (same or slower).",
     "What would make it grow: a large due backlog of kinds the worker does not claim (it would be "
     "walked and skipped each time); relay's worker claims every kind it has a handler for, so that "
     "does not happen with one worker role.",

@@ -173,12 +173,10 @@ def claim_sql(kinds: int) -> str:
     about 1.3×, see docs/benchmarks.md). The lease token (the second argument, see SQLiteStore.claim) is 8
     random characters, not a 26-character ULID: a claim writes it into a row that had none, and on a full page
     (a table filled by appending) the longer token split the page for most jobs claimed (bench.claims, p50 at a
-    million rows 1.07-1.14 ms with the ULID, 0.81-0.96 ms with 8 characters). Even 8 characters outgrow a full
-    page where there was NULL: a new row carries 9 bytes of lease_room (migration 018), which the claim gives up
-    as it writes the token, so the row keeps its size and is rewritten in place.
+    million rows 1.07-1.14 ms with the ULID, 0.81-0.96 ms with 8 characters).
     """
     kind_filter = f" AND kind IN ({','.join('?' * kinds)})" if kinds else ""
-    return ("UPDATE jobs SET run_at = ?, lease_token = ?, lease_room = NULL, attempts = attempts + 1 WHERE rowid IN ("
+    return ("UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE rowid IN ("
             f" SELECT rowid FROM jobs INDEXED BY jobs_due WHERE state = 'queued' AND run_at <= ?{kind_filter}"
             " ORDER BY run_at LIMIT ?) RETURNING *")
 
