@@ -13,6 +13,7 @@ from relay.clock import ManualClock
 from relay.errors import Conflict
 from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.states import Transition, on_update
+from relay.store import queries as q
 from relay.store.base import ArchiveResult, Store
 from relay.store.sqlite import WAL_SIZE_LIMIT, SQLiteStore
 from relay.store.tx import Tx
@@ -114,6 +115,27 @@ async def test_success_creates_images_and_archive_jobs_ordered_by_expiry(store: 
     assert applied is not None and applied.task.status == TaskStatus.ARCHIVING and len(applied.task.images) == 2
     claimed = await store.claim(now, limit=1, lease_seconds=30)
     assert claimed[0].payload["image_id"] == applied.task.images[1].id   # soon.png first
+
+
+async def test_a_task_is_read_without_its_images_inline_sources(store: Store, clock: ManualClock) -> None:
+    """OpenAI's images arrive as base64, megabytes each, kept in the image's row until it is archived: every read
+    of the task or of its images leaves them out; only the archive job's read of the one image carries its own."""
+    task = new_task(clock)
+    await store.create_task(task, [])
+    now = clock.now()
+    sources = ["aGVsbG8=" * 4096, "d29ybGQ=" * 4096]
+    applied = await store.apply(task.id, lambda t: on_update(t, TaskUpdate(
+        status=ProviderStatus.SUCCEEDED, images=tuple(ProviderImage(b64=b64) for b64 in sources))), now)
+    assert applied is not None and len(applied.task.images) == 2
+    for sql, args in ((q.IMAGES_OF_TASK, (task.id,)), (q.images_of_tasks(1), (task.id,)),
+                      (q.LOAD_IMAGE, (applied.task.images[0].id,))):
+        rows = await store._read_all(sql, args)     # noqa: SLF001 - what the task's reads fetch is the point
+        assert rows and all("source_data" not in row.keys() and row["status"] == "pending" for row in rows), sql
+    stored = await store.get_task(task.id)
+    assert stored is not None and [image.id for image in stored.images] == [image.id for image in applied.task.images]
+    for image, b64 in zip(applied.task.images, sources, strict=True):
+        found = await store.get_image_source(image.id)
+        assert found is not None and found[0].id == image.id and found[1] == b64
 
 
 async def test_images_a_transition_adds_are_the_rows_stored_with_the_ones_already_there(store: Store,

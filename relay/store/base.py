@@ -300,7 +300,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def get_image_source(self, image_id: str) -> tuple[ImageRecord, str | None] | None:
         """The image and its inline base64 source, if any."""
-        row = await self._read(q.LOAD_IMAGE, (image_id,))
+        row = await self._read(q.LOAD_IMAGE_WITH_SOURCE, (image_id,))
         return None if row is None else (image_from_row(row), row["source_data"])
 
     async def image_archived(self, image_id: str, result: ArchiveResult, now: float) -> Applied | None:

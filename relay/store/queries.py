@@ -45,8 +45,14 @@ REPLACE_IDEMPOTENCY_KEY = (
 INSERT_IMAGE = (
     "INSERT INTO images (id, task_id, idx, source_url, source_data, source_expires_at, status) "
     "VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (task_id, idx) DO NOTHING")
-IMAGES_OF_TASK = "SELECT * FROM images WHERE task_id = ? ORDER BY idx"
-LOAD_IMAGE = "SELECT * FROM images WHERE id = ?"
+# Every column of an image but its inline source (OpenAI's base64, megabytes per image until it is archived): what
+# a task's images are read with each time the task is (IMAGE_COLUMNS), and the one image with its source for the
+# archive job that saves it (LOAD_IMAGE_WITH_SOURCE).
+IMAGE_COLUMNS = ("id, task_id, idx, source_url, source_expires_at, status, sha256, content_type, width, height, bytes, "
+                 "path, archived_at, error")
+IMAGES_OF_TASK = f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id = ? ORDER BY idx"
+LOAD_IMAGE = f"SELECT {IMAGE_COLUMNS} FROM images WHERE id = ?"
+LOAD_IMAGE_WITH_SOURCE = "SELECT * FROM images WHERE id = ?"
 IMAGE_ARCHIVED = (
     "UPDATE images SET status = 'archived', sha256 = ?, content_type = ?, width = ?, height = ?, bytes = ?, "
     "path = ?, archived_at = ?, source_data = NULL WHERE id = ? AND status = 'pending'")
@@ -252,7 +258,7 @@ def replay_candidates(statuses: int) -> str:
 
 def images_of_tasks(tasks: int) -> str:
     marks = ",".join("?" * tasks)
-    return f"SELECT * FROM images WHERE task_id IN ({marks}) ORDER BY idx"
+    return f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id IN ({marks}) ORDER BY idx"
 
 
 def filtered(table: str, filters: list[str], *, order: str) -> str:
