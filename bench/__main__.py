@@ -78,7 +78,8 @@ def document(sections: list[Section], total: float, command: str) -> str:
              f"(total {total / 60:.1f} min; `python -m bench --quick` is a smoke run with smaller sizes, about "
              "1.5 min, whose figures are not kept here). Every figure is set against a baseline measured in the "
              "same run on the same machine. Each section also runs alone: `python -m bench.callbacks`, "
-             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.reads`, `bench.queue`, `bench.memory`, "
+             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.reads`, `bench.queue`, "
+             "`bench.memory`, "
              "`bench.chaos`, `bench.scaling`, `bench.retention`; `--database postgresql` runs them on PostgreSQL, `--prerendered` "
              "with pre-rendered simulator images (the PgQueuer baseline needs the `bench` extra: `pip install -e '.[bench]'`).",
              "", "## Summary", "",

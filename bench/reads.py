@@ -43,46 +43,51 @@ async def _timed_reads(store: Any, task_id: str, reads: int) -> dict[str, float]
 
 
 async def _measure(reads: int, source_bytes: int) -> dict[str, dict[str, float]]:
+    """Both tasks in a store of their own (a fresh PostgreSQL database, dropped after, or a temp SQLite file)."""
+    folder = tempfile.TemporaryDirectory()
+    dsn = create_database() if postgres() else None
+    try:
+        if dsn is not None:
+            from relay.store.postgres import PostgresStore
+            store: Any = PostgresStore(dsn)
+        else:
+            from relay.store.sqlite import SQLiteStore
+            store = SQLiteStore(Path(folder.name) / "relay.db")
+        await store.open()
+        try:
+            return await _read_both(store, reads, source_bytes)
+        finally:
+            await store.close()
+    finally:
+        if dsn is not None:
+            drop_database(dsn)
+        folder.cleanup()
+
+
+async def _read_both(store: Any, reads: int, source_bytes: int) -> dict[str, dict[str, float]]:
     from relay import ids
     from relay.models import Task
     from relay.store import queries as q
 
-    dsn = None
-    if postgres():
-        from relay.store.postgres import PostgresStore
-        dsn = create_database()
-        store: Any = PostgresStore(dsn)
-    else:
-        from relay.store.sqlite import SQLiteStore
-        folder = tempfile.TemporaryDirectory()
-        store = SQLiteStore(Path(folder.name) / "relay.db")
-    await store.open()
-    try:
-        found = {}
-        for label, inline in (("waiting", True), ("archived", False)):
-            now = time.time()
-            task = Task(id=ids.new_id("tsk", now), provider="openai", request={"prompt": "bench", "n": IMAGES},
-                        created_at=now, updated_at=now)
-            await store.create_task(task, [])
+    found = {}
+    for label, inline in (("waiting", True), ("archived", False)):
+        now = time.time()
+        task = Task(id=ids.new_id("tsk", now), provider="openai", request={"prompt": "bench", "n": IMAGES},
+                    created_at=now, updated_at=now)
+        await store.create_task(task, [])
 
-            async def images(tx: Any, task_id: str = task.id, inline: bool = inline) -> None:
-                for index in range(IMAGES):
-                    image_id = ids.new_id("img", time.time())
-                    source = base64.b64encode(os.urandom(source_bytes)).decode() if inline else None
-                    await tx.run(q.INSERT_IMAGE, (image_id, task_id, index, None, source, None))
-                    if not inline:
-                        await tx.run(q.IMAGE_ARCHIVED, ("ab" * 32, "image/png", 1024, 1024, source_bytes,
-                                                         f"ab/{image_id}.png", time.time(), image_id))
-            await store.transact(images)
-            await _timed_reads(store, task.id, 5)        # warm: statements prepared, pages cached
-            found[label] = await _timed_reads(store, task.id, reads)
-        return found
-    finally:
-        await store.close()
-        if dsn is not None:
-            drop_database(dsn)
-        else:
-            folder.cleanup()
+        async def images(tx: Any, task_id: str = task.id, inline: bool = inline) -> None:
+            for index in range(IMAGES):
+                image_id = ids.new_id("img", time.time())
+                source = base64.b64encode(os.urandom(source_bytes)).decode() if inline else None
+                await tx.run(q.INSERT_IMAGE, (image_id, task_id, index, None, source, None))
+                if not inline:
+                    await tx.run(q.IMAGE_ARCHIVED, ("ab" * 32, "image/png", 1024, 1024, source_bytes,
+                                                     f"ab/{image_id}.png", time.time(), image_id))
+        await store.transact(images)
+        await _timed_reads(store, task.id, 5)        # warm: statements prepared, pages cached
+        found[label] = await _timed_reads(store, task.id, reads)
+    return found
 
 
 @timed
@@ -106,7 +111,7 @@ def run(quick: bool) -> Section:
         "reads the one image it saves with its source. Before 2026-11-30 every read took every source along: "
         "20 ms per read on PostgreSQL and 6-9 ms on SQLite for this task, on each transition and archived image.",
         "On SQLite a value this large lives on a chain of overflow pages, and reading any column stored after it "
-        "walks the chain: source_data is the last column of images (migration 018), so the columns read with the "
+        "walks the chain: source_data is the last column of images (migration 019), so the columns read with the "
         "task come before it (1.9 ms per read with the source left out of the SELECT but stored mid-row). "
         "PostgreSQL keeps such values out of line (TOAST) whatever their place.",
     ]

@@ -1,5 +1,5 @@
-"""Upgrading an existing SQLite database keeps its rows: a database made by an earlier relay, with the rows an
-OpenAI task leaves while its images wait to be archived, opened by this one."""
+"""Upgrading an existing SQLite database keeps its rows: a database at an earlier schema, holding the rows an
+OpenAI task leaves while its images wait to be archived, opened by this relay."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ def _database_at(path: Path, version: int) -> None:
 
 async def test_an_image_waiting_with_its_inline_source_survives_the_rebuild_that_stores_it_last(
         tmp_path: Path) -> None:
-    """Migration 018 rebuilds images with source_data last (SQLite walks a large value's overflow pages to read any
+    """Migration 019 rebuilds images with source_data last (SQLite walks a large value's overflow pages to read any
     column after it): every row and column comes through, and the task reads back with its images."""
     path = tmp_path / "relay.db"
     _database_at(path, 17)
+    before = _schema_of_images(path)
     now = time.time()
     task_id, image_ids = ids.new_id("tsk", now), [ids.new_id("img", now), ids.new_id("img", now)]
     source = "aW1hZ2U=" * 200_000      # 1.6 MB of base64: kept on overflow pages
@@ -56,8 +57,21 @@ async def test_an_image_waiting_with_its_inline_source_survives_the_rebuild_that
         assert found is not None and found[1] == source
     finally:
         await store.close()
+    after = _schema_of_images(path)
+    assert after["order"][-1] == "source_data" and before["order"][-1] != "source_data"
+    assert {k: v for k, v in after.items() if k != "order"} == {k: v for k, v in before.items() if k != "order"}
+
+
+def _schema_of_images(path: Path) -> dict[str, object]:
+    """The images table as SQLite describes it: each column (type, NOT NULL, default, key), each index (its
+    columns, uniqueness and definition) and the columns' order."""
     with contextlib.closing(sqlite3.connect(path)) as db:
-        columns = [row[1] for row in db.execute("PRAGMA table_info(images)")]
-        indexes = {row[1] for row in db.execute("PRAGMA index_list(images)")}
-    assert columns[-1] == "source_data" and len(columns) == 15
-    assert {"images_by_sha256", "images_archived"} <= indexes
+        columns = list(db.execute("PRAGMA table_info(images)"))
+        indexes = {}
+        for _, name, unique, origin, partial in db.execute("PRAGMA index_list(images)"):
+            key = name if origin == "c" else f"{origin}:{[r[2] for r in db.execute(f'PRAGMA index_info({name})')]}"
+            definition = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+            indexes[key] = (unique, partial, [r[2] for r in db.execute(f"PRAGMA index_info({name})")], definition)
+        foreign = list(db.execute("PRAGMA foreign_key_list(images)"))
+    return {"columns": {c[1]: (c[2], c[3], c[4], c[5]) for c in columns}, "indexes": indexes, "foreign": foreign,
+            "order": [c[1] for c in columns]}

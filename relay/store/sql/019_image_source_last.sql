@@ -1,4 +1,5 @@
--- relay schema v18 (SQLite only): an image's inline source is the last column of its row.
+-- relay schema v19 (SQLite only): an image's inline source is the last column of its row. (No v18: a migration
+-- that had that number was reverted, and databases opened meanwhile have it recorded.)
 -- OpenAI's images arrive as base64, megabytes each, kept in the row until the image is archived. SQLite keeps
 -- such a value on a chain of overflow pages, and reading any column stored after it walks the whole chain: a
 -- task's four pending images of 2.1 MB each cost every read of the task 1.9 ms with the source left out of the
