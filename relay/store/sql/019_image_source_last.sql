@@ -4,7 +4,9 @@
 -- such a value on a chain of overflow pages, and reading any column stored after it walks the whole chain: a
 -- task's four pending images of 2.1 MB each cost every read of the task 1.9 ms with the source left out of the
 -- SELECT (6.1 ms with it). Stored last, the columns read with the task come before it. (PostgreSQL keeps large
--- values out of line, TOAST, and is not rebuilt.) The table is rebuilt as 012 rebuilt it.
+-- values out of line, TOAST, and is not rebuilt.) The table is rebuilt as 012 rebuilt it, in the migrations'
+-- transaction: the first start after the upgrade copies every image row (waiting sources included), needs about
+-- the table's size again in free disk, and holds the write lock until it is done.
 CREATE TABLE images_source_last (
     id                TEXT PRIMARY KEY,
     task_id           TEXT NOT NULL,   -- the owner: a task (tsk_…) or an archive (arc_…)
