@@ -108,7 +108,27 @@ class CountingProtocol(CorkedHttpToolsProtocol):
         super().pause_writing()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        _small_buffer(transport.get_extra_info("socket"), socket.SO_SNDBUF)
         super().connection_made(_CountedWrites(transport))  # type: ignore[arg-type]
+
+
+SOCKET_BUFFER = 64 * 1024
+
+
+def _small_buffer(sock: Any, option: int) -> None:
+    """Cap a socket's kernel buffer: left to autotuning, loopback buffers grow to what the machine allows (32 MB
+    of receive buffer here), enough to swallow the whole streamed body without the server ever pausing."""
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+async def _open_small(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection whose receive buffer is capped before it connects (the window is set at the handshake)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _small_buffer(sock, socket.SO_RCVBUF)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock, limit=4096)
 
 
 def _app() -> Starlette:
@@ -200,26 +220,28 @@ def test_a_streamed_response_to_a_slow_reader_arrives_whole(loop: str) -> None:
         CountingProtocol.writes, CountingProtocol.paused = [], 0
         config = uvicorn.Config(_app(), log_level="warning", lifespan="off", http=CountingProtocol)
         async with running(QuickServer(config), _listening()) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=4096)
-            writer.write(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
-            await wait_for(lambda: CountingProtocol.paused > 0, 10, "the server to pause writing")
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            received = bytearray()
-            while not received.endswith(b"\r\n0\r\n\r\n"):
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data, "the stream ended early"
-                received += data
-            payload, view = bytearray(), bytes(received)
-            while True:                    # undo the chunked framing
-                size_end = view.index(b"\r\n")
-                size = int(view[:size_end], 16)
-                if size == 0:
-                    break
-                payload += view[size_end + 2:size_end + 2 + size]
-                view = view[size_end + 2 + size + 2:]
-            assert payload == b"".join(bytes([i]) * 65536 for i in range(64))
-            assert max(CountingProtocol.writes) <= HOLD_BYTES + 65536 + 64     # one chunk past the cap at most
-            writer.close()
+            reader, writer = await _open_small(port)
+            try:
+                writer.write(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+                await wait_for(lambda: CountingProtocol.paused > 0, 10, "the server to pause writing")
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                received = bytearray()
+                while not received.endswith(b"\r\n0\r\n\r\n"):
+                    data = await asyncio.wait_for(reader.read(65536), 10)
+                    assert data, "the stream ended early"
+                    received += data
+                payload, view = bytearray(), bytes(received)
+                while True:                    # undo the chunked framing
+                    size_end = view.index(b"\r\n")
+                    size = int(view[:size_end], 16)
+                    if size == 0:
+                        break
+                    payload += view[size_end + 2:size_end + 2 + size]
+                    view = view[size_end + 2 + size + 2:]
+                assert payload == b"".join(bytes([i]) * 65536 for i in range(64))
+                assert max(CountingProtocol.writes) <= HOLD_BYTES + 65536 + 64     # one chunk past the cap at most
+            finally:     # a failure must not leave the connection to be finalized in a later test
+                writer.close()
     on_loop(loop, main)
 
 
