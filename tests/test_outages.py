@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,19 +81,33 @@ async def fill_database(store: SQLiteStore, clock: Clock) -> None:
                 await store.enqueue([Job(id=ids.new_id("job", clock.now()), kind=FILLER, run_at=clock.now() + 1e9,
                                          payload={"x": "y" * size} if size else {},
                                          dedupe_key=ids.new_id("fill", clock.now()))])
-    # And the pages of the jobs already there: rows appended later never land on them, and a claim whose rows
-    # still fit in what is left of their page (how much depends on the layout, e.g. pages a migration freed)
-    # would not meet the full disk at all.
+    # And the pages of the jobs already there: once a page has overflowed, rows appended later never land on it,
+    # and a claim whose rows still fit in the room left there (how much depends on the layout, e.g. on pages a
+    # migration freed) would not meet the full disk at all. Grown until a whole pass grows none of them: growing
+    # one row can move others to a page with room again.
     async with store._lock:     # white-box, as set_max_pages
         db = store._writer
         assert db is not None
         live = [row[0] for row in await db.execute_fetchall("SELECT id FROM jobs WHERE kind != ?", (FILLER,))]
-        for job_id in live:
-            for size in (1000, 100, 10, 1):
-                with contextlib.suppress(sqlite3.OperationalError):
-                    while True:
-                        await db.execute("UPDATE jobs SET last_error = COALESCE(last_error, '') || ? WHERE id = ?",
-                                         ("x" * size, job_id))
+        grew = True
+        while grew:
+            grew = False
+            for job_id in live:
+                for size in (1000, 100, 10, 1):
+                    while await _grown(db, job_id, size):
+                        grew = True
+
+
+async def _grown(db: Any, job_id: str, size: int) -> bool:
+    """Grow the job's last_error by `size` bytes; False when the database is full."""
+    try:
+        await db.execute("UPDATE jobs SET last_error = COALESCE(last_error, '') || ? WHERE id = ?",
+                         ("x" * size, job_id))
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+            raise
+        return False
+    return True
 
 
 class CountingClaims(SQLiteStore):
