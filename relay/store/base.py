@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -426,17 +427,18 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         """Keep the bucket's state as this process left it, the most recently used BUCKETS_REMEMBERED of them: a
         forgotten one costs its next take a read, never a wrong take."""
         states = self._bucket_states()
-        states.pop(key, None)
-        if len(states) >= BUCKETS_REMEMBERED:
-            del states[next(iter(states))]      # the one used longest ago
         states[key] = state
+        states.move_to_end(key)
+        while len(states) > BUCKETS_REMEMBERED:
+            states.popitem(last=False)      # the one used longest ago
 
-    def _bucket_states(self) -> dict[str, tuple[float, float]]:
-        """(tokens, updated_at) of rate buckets as this process last left them (see take_tokens)."""
-        states: dict[str, tuple[float, float]] | None = getattr(self, "_buckets_left", None)
+    def _bucket_states(self) -> OrderedDict[str, tuple[float, float]]:
+        """(tokens, updated_at) of rate buckets as this process last left them, least recently used first (see
+        take_tokens)."""
+        states: OrderedDict[str, tuple[float, float]] | None = getattr(self, "_buckets_left", None)
         if states is None:
-            states = {}
-            self._buckets_left: dict[str, tuple[float, float]] = states
+            states = OrderedDict()
+            self._buckets_left: OrderedDict[str, tuple[float, float]] = states
         return states
 
     # ---- jobs ------------------------------------------------------------------------------------
