@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from relay import ids
@@ -184,10 +185,10 @@ class _CountingPool:
 
 async def test_held_writes_of_different_tables_are_one_round_trip(store: PostgresStore) -> None:
     """Three held writes of three tables are sent as one statement when the transaction reads or ends; a write
-    to a table already held sends the held ones first."""
+    to a table already held sends the held ones first. BEGIN goes with the first round trip."""
     from relay.store.postgres import PostgresTx
     now = time.time()
-    async with store.pool.acquire() as raw, raw.transaction():
+    async with store.pool.acquire() as raw:
         conn = _CountingConnection(raw)
         tx = PostgresTx(conn, store._sql)    # noqa: SLF001 - the store's translations of the shared SQL
         await tx.write("INSERT INTO image_deletions (sha256, key, started_at) VALUES (?, ?, ?)", ("ab", "k", now))
@@ -196,14 +197,70 @@ async def test_held_writes_of_different_tables_are_one_round_trip(store: Postgre
         await tx.write("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, 1, ?)", ("held", now))
         assert conn.sent == []
         rows = await tx.all("SELECT COUNT(*) AS n FROM jobs")
-        assert len(conn.sent) == 2 and conn.sent[0].startswith("WITH w0 AS (INSERT INTO image_deletions")
-        assert rows[0]["n"] == 3
+        assert conn.sent[0] == "BEGIN" and conn.sent[1].startswith("WITH w0 AS (INSERT INTO image_deletions")
+        assert len(conn.sent) == 3 and rows[0]["n"] == 3
         await tx.write("UPDATE jobs SET run_at = 0 WHERE dedupe_key = ?", ("held:0",))
         await tx.write("DELETE FROM jobs WHERE dedupe_key = ?", ("held:1",))     # the same table: sent apart
         await tx.flush()
-        assert len(conn.sent) == 4
+        assert len(conn.sent) == 5
         left = await tx.all("SELECT dedupe_key, run_at FROM jobs ORDER BY dedupe_key")
         assert [(r["dedupe_key"], r["run_at"]) for r in left] == [("held:0", 0), ("held:2", now)]
+        await tx.rollback()
+        assert not raw.is_in_transaction()
+
+
+async def test_a_write_takes_the_held_writes_of_other_tables_along(store: PostgresStore) -> None:
+    """A write the body sends itself carries the held writes of other tables as its WITH clauses: one round trip,
+    its own row count and RETURNING rows; a write of a held table, or one that reads a table, goes after them."""
+    from relay.store.postgres import PostgresTx
+    now = time.time()
+    async with store.pool.acquire() as raw:
+        conn = _CountingConnection(raw)
+        tx = PostgresTx(conn, store._sql)    # noqa: SLF001
+        await tx.write_many(q.INSERT_JOB, [
+            (f"job_ride_{n}", "poll", None, "{}", now, f"ride:{n}", 0, 5, now) for n in range(2)])
+        await tx.write("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, 1, ?)", ("ride", now))
+        changed = await tx.run("INSERT INTO image_deletions (sha256, key, started_at) VALUES (?, ?, ?)",
+                               ("cd", "k", now))
+        assert changed == 1 and len(conn.sent) == 2 and conn.sent[1].startswith("WITH w0 AS (INSERT INTO jobs")
+        await tx.write("UPDATE rate_buckets SET tokens = 5 WHERE key = ?", ("ride",))
+        row = await tx.one("UPDATE jobs SET attempts = 7 WHERE dedupe_key = ? RETURNING id", ("ride:1",))
+        assert row is not None and row["id"] == "job_ride_1" and len(conn.sent) == 3
+        await tx.write("UPDATE rate_buckets SET tokens = 6 WHERE key = ?", ("ride",))
+        assert await tx.run("UPDATE rate_buckets SET updated_at = 1 WHERE key = ?", ("ride",)) == 1   # its table
+        assert len(conn.sent) == 5
+        await tx.write("UPDATE jobs SET attempts = 8 WHERE dedupe_key = ?", ("ride:0",))
+        assert await tx.run("DELETE FROM image_deletions WHERE sha256 IN (SELECT ?)", ("cd",)) == 1   # reads
+        assert len(conn.sent) == 7
+        found = await tx.all("SELECT j.attempts, b.tokens FROM jobs j, rate_buckets b WHERE b.key = ? "
+                             "AND j.dedupe_key LIKE 'ride:%' ORDER BY j.dedupe_key", ("ride",))
+        assert [(r["attempts"], r["tokens"]) for r in found] == [(8, 6), (7, 6)]
+        await tx.rollback()
+
+
+async def test_a_body_of_held_writes_is_one_statement_without_begin(store: PostgresStore) -> None:
+    """A transaction whose body only holds writes sends them as one statement, no BEGIN or COMMIT; it is atomic
+    all the same: a failing part leaves nothing of the others."""
+    now = time.time()
+
+    def body(bucket: str, job: str) -> Any:
+        async def write(tx: Any) -> None:
+            await tx.write("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, 1, ?)", (bucket, now))
+            await tx.write_many(q.INSERT_JOB, [(f"job_{job}", "poll", None, "{}", now, job, 0, 5, now)])
+        return write
+
+    counting = _CountingPool(store._pool)   # noqa: SLF001 - counts what the store sends
+    store._pool = counting                  # noqa: SLF001
+    try:
+        await store.transact(body("alone", "first"))
+        assert len(counting.sent) == 1 and counting.sent[0].startswith("WITH w0 AS (INSERT INTO rate_buckets")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await store.transact(body("alone", "second"))       # the bucket's key is taken
+        assert len(counting.sent) == 2
+    finally:
+        store._pool = counting.pool         # noqa: SLF001
+    keys = await store.pool.fetch("SELECT dedupe_key FROM jobs WHERE dedupe_key IN ('first', 'second')")
+    assert [r["dedupe_key"] for r in keys] == ["first"]
 
 
 async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresStore) -> None:
@@ -222,8 +279,9 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
     finally:
         store._pool = counting.pool         # noqa: SLF001
     assert applied is not None
-    assert len(counting.sent) == 4, counting.sent
-    assert counting.sent[-1].startswith("WITH w0 AS (UPDATE tasks SET status")
+    assert len(counting.sent) == 6, counting.sent
+    assert counting.sent[0] == "BEGIN" and counting.sent[-1] == "COMMIT"
+    assert counting.sent[-2].startswith("WITH w0 AS (UPDATE tasks SET status")
     events = await store.list_events(after=None, type=None, task_id=task.id, limit=10)
     assert [e.id for e in events] == [applied.event.id]
     loaded = await store.get_task(task.id)

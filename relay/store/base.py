@@ -196,9 +196,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             transition = decide(task)
             if transition is None:
                 return None
-            applied = await self._transition(tx, task, transition, now, default_expiry)
-            await write_jobs(tx, list(jobs))
-            return applied
+            return await self._transition(tx, task, transition, now, default_expiry, jobs)
         applied = await self.transact_shared(body)
         self._wake()
         self._applied(applied)
@@ -235,9 +233,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         # made before it in the shared transaction, so the cap holds as it does alone.
         return await self.transact_shared(body)
 
-    async def _transition(self, tx: Tx, task: Task, t: Transition, now: float, default_expiry: float) -> Applied:
+    async def _transition(self, tx: Tx, task: Task, t: Transition, now: float, default_expiry: float,
+                          jobs: Sequence[Job] = ()) -> Applied:
         event = await write_transition(tx, task, t, now, default_expiry=default_expiry,
-                                       delivery_delay=self.delivery_initial_delay, pricing=self.pricing)
+                                       delivery_delay=self.delivery_initial_delay, pricing=self.pricing,
+                                       jobs=tuple(jobs))
         return Applied(task=task, transition=t, event=event)
 
     async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False, images: bool = True) -> Task | None:

@@ -65,13 +65,16 @@ async def images_of(tx: Tx, task_id: str) -> list[ImageRecord]:
 
 
 async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, default_expiry: float,
-                           delivery_delay: float, pricing: Pricing | None = None) -> Event:
+                           delivery_delay: float, pricing: Pricing | None = None,
+                           jobs: list[Job] | tuple[Job, ...] = ()) -> Event:
     """Apply `t` to `task` (already read with its images, locked, in this transaction) and write everything it
-    causes.
+    causes, and `jobs` along.
 
     The subscriptions are read first, so that the writes after them may be held and sent together (Tx.write):
-    on PostgreSQL the task's row, its event, its deliveries and their jobs are one round trip when the task
-    goes on (two writes of one table, as when it ends, are sent apart)."""
+    on PostgreSQL the task's row, its event, its deliveries and every job are one round trip when the task
+    goes on, two when it ends (its watch jobs are deleted first). So the row is written once, usage and cost
+    with it, and the jobs (archive, delivery and `jobs`) in one write: two writes of one table would be sent
+    apart."""
     subscriptions = await enabled_subscriptions(tx)
     task.status = t.status
     task.sequence += 1
@@ -84,8 +87,7 @@ async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, def
         task.error = t.error
     if t.status.terminal:
         task.completed_at = now
-    await tx.write(q.UPDATE_TASK_STATE, (task.status.value, task.sequence, now, task.progress, task.provider_task_id,
-                                       dumps(task.error), task.completed_at, task.id))
+    new_jobs = list(jobs)
     if t.images:
         # task.images were read with the task's row lock, so they are the images there are: the new ones are
         # added to them here rather than read back (a round trip less on PostgreSQL).
@@ -101,29 +103,36 @@ async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, def
             added.append(image)
         await tx.write_many(q.INSERT_IMAGE, rows)
         task.images = sorted([*task.images, *added], key=lambda image: image.index)
-        await write_jobs(tx, [archive_job(img, now, task.provider) for img in task.images
-                              if img.status == "pending"])
-    if isinstance(task, Task):
-        await _write_usage_and_cost(tx, task, t, now, pricing)
+        new_jobs += [archive_job(img, now, task.provider) for img in task.images if img.status == "pending"]
+    await _write_task_state(tx, task, t, now, pricing)
     if t.status.terminal:
         await tx.write(q.DELETE_WATCH_JOBS, (task.id,))    # nothing left to poll or confirm
     event = Event(id=ids.new_id("evt", now), type=t.event, task_id=task.id, sequence=task.sequence,
                   created_at=now, data=task_object(task))
     await tx.write(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
-    await fan_out(tx, event, task, now + delivery_delay, now, subscriptions)
+    new_jobs += await fan_out(tx, event, task, now + delivery_delay, now, subscriptions)
+    await write_jobs(tx, new_jobs)
     return event
 
 
-async def _write_usage_and_cost(tx: Tx, task: Task, t: Transition, now: float, pricing: Pricing | None) -> None:
-    """The provider's usage report when it brings one, and the task's cost when it ends (relay.costs)."""
-    if t.usage is not None and t.usage != task.usage:
+async def _write_task_state(tx: Tx, task: Task, t: Transition, now: float, pricing: Pricing | None) -> None:
+    """The task row's new state, with the provider's usage report when it brings one and the task's cost when it
+    ends (relay.costs), in one statement."""
+    args: list[Any] = [task.status.value, task.sequence, now, task.progress, task.provider_task_id,
+                       dumps(task.error), task.completed_at]
+    usage = t.usage is not None and t.usage != task.usage
+    if usage:
         task.usage = t.usage
-        await tx.write(q.SET_TASK_USAGE, (dumps(task.usage), task.id))
+        args.append(dumps(task.usage))
+    cost = False
     if t.status.terminal and pricing is not None:
         task.cost = pricing(task)
         if task.cost is not None:
-            await tx.write(q.SET_TASK_COST, (dumps(task.cost), task.cost["amount"], task.cost["currency"],
-                                           cost_day(now), task.id))
+            cost = True
+            args += [dumps(task.cost), task.cost["amount"], task.cost["currency"], cost_day(now)]
+    sql = {(False, False): q.UPDATE_TASK_STATE, (True, False): q.UPDATE_TASK_STATE_USAGE,
+           (False, True): q.UPDATE_TASK_STATE_COST, (True, True): q.UPDATE_TASK_STATE_USAGE_COST}[usage, cost]
+    await tx.write(sql, (*args, task.id))
 
 
 async def enabled_subscriptions(tx: Tx) -> list[Row]:
@@ -131,9 +140,10 @@ async def enabled_subscriptions(tx: Tx) -> list[Row]:
 
 
 async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now: float,
-                  subscriptions: list[Row]) -> None:
-    """One delivery and its job per enabled subscription (`subscriptions`, read in this transaction) whose filter
-    takes the event, and the task's own hook."""
+                  subscriptions: list[Row]) -> list[Job]:
+    """One delivery per enabled subscription (`subscriptions`, read in this transaction) whose filter takes the
+    event, and the task's own hook: the deliveries are written, their jobs returned for the caller to write
+    with its others (write_jobs)."""
     targets: list[tuple[str, str | None, str]] = []   # (target, subscription id, url)
     for row in subscriptions:
         if matches(json.loads(row["events"]), event.type):
@@ -141,14 +151,14 @@ async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now
     if task.webhook_url and matches(task.webhook_events, event.type):
         targets.append((TASK_TARGET, None, task.webhook_url))
     if not targets:
-        return
+        return []
     jobs, values = [], []
     for target, subscription_id, url in targets:
         delivery_id = ids.new_id("dlv", now)
         values.append((delivery_id, event.id, event.type, task.id, subscription_id, target, url, run_at, now, now))
         jobs.append(deliver_job(delivery_id, run_at, now))
     await tx.write_many(q.INSERT_DELIVERY, values)
-    await write_jobs(tx, jobs)
+    return jobs
 
 
 async def write_archive_transition(tx: Tx, archive: Archive, t: Transition, now: float, *,
@@ -168,5 +178,5 @@ async def write_archive_transition(tx: Tx, archive: Archive, t: Transition, now:
     event = Event(id=ids.new_id("evt", now), type="archive." + t.status.value, task_id=archive.id,
                   sequence=archive.sequence, created_at=now, data=archive_object(archive))
     await tx.write(q.INSERT_EVENT, (event.id, event.type, event.task_id, event.sequence, dumps(event.data), now))
-    await fan_out(tx, event, archive, now + delivery_delay, now, subscriptions)
+    await write_jobs(tx, await fan_out(tx, event, archive, now + delivery_delay, now, subscriptions))
     return event

@@ -211,42 +211,50 @@ def _held_table(sql: str) -> str | None:
 class PostgresTx(Tx):
     """One transaction on one pooled connection; every call is a round trip, except held writes.
 
-    `write` and `write_many` hold their statement; the next call of another kind, or the commit, first sends
-    every held write as one statement (data-modifying WITH clauses), one round trip for them all. A transition
-    that does not end its task writes the task's row, its event, its deliveries and their jobs in one round trip
-    where it took four (bench.throughput, pre-rendered: 72.9 → 60.5 round trips per task).
+    `write` and `write_many` hold their statement. The next write of another table the body sends itself (`run`,
+    `one`, `many`) takes the held writes along as its WITH clauses; any other call, or the commit, first sends
+    them as one statement of their own (data-modifying WITH clauses). A transition that does not end its task
+    writes the task's row, its event, its deliveries and their jobs in one round trip where it took four
+    (bench.throughput, pre-rendered: 72.9 → 60.5 round trips per task).
 
     The writes of one statement all see the rows as they were before it, not each other's changes, and run in
     no set order. So a write joins the held ones only when none of them writes its table (two INSERTs of one
-    key with ON CONFLICT DO NOTHING: PostgreSQL keeps the second); otherwise the held writes are sent first.
-    Writes of different tables commute, and foreign keys are checked at the statement's end.
+    key with ON CONFLICT DO NOTHING: PostgreSQL keeps the second) and it reads no table; otherwise the held
+    writes are sent first. Writes of different tables commute, and foreign keys are checked at the statement's
+    end. A statement's row count and RETURNING rows are its own, not its WITH clauses'.
+
+    BEGIN goes out with the body's first round trip, not before it: a body that only holds writes (a new task
+    and its first job) is sent as one statement, atomic on its own, and committed with it: one round trip
+    instead of three. `committing` turns true just before the round trip that commits.
     """
 
     def __init__(self, conn: asyncpg.Connection | PoolConnectionProxy, sql: _Statements) -> None:
         self._conn = conn
         self._sql = sql
         self._held: list[tuple[str, str, list[Any]]] = []      # (table, statement in the shared spelling, args)
+        self.begun = False
+        self.committing = False
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
-        await self.flush()
-        return await self._conn.fetchrow(self._sql(sql), *args)
+        return await self._conn.fetchrow(*await self._statement(sql, args))
 
     async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        await self.flush()
-        return list(await self._conn.fetch(self._sql(sql), *args))
+        return list(await self._conn.fetch(*await self._statement(sql, args)))
 
     async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
-        await self.flush()
-        return _rowcount(await self._conn.execute(self._sql(sql), *args))
+        return _rowcount(await self._conn.execute(*await self._statement(sql, args)))
 
     async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        await self.flush()
         rows = list(rows)
-        bulk = self._sql.bulk(sql) if len(rows) > 1 else None
+        if len(rows) == 1:
+            return await self.run(sql, rows[0])
+        bulk = self._sql.bulk_shared(sql) if rows else None
         if bulk is not None:
             # One statement over one array per column: a round trip and one run of the jobs trigger for the
             # whole batch (executemany pipelines, but runs the statement once per row and reports no count).
-            return _rowcount(await self._conn.execute(bulk, *(list(column) for column in zip(*rows))))
+            joined = await self._statement(bulk, [list(column) for column in zip(*rows)], table=_held_table(sql))
+            return _rowcount(await self._conn.execute(*joined))
+        await self.flush()
         statement = self._sql(sql)
         changed = 0
         for args in rows:
@@ -279,17 +287,57 @@ class PostgresTx(Tx):
             await self.flush()
         self._held.append((table, sql, args))
 
+    async def _statement(self, sql: str, args: Sequence[Any], *,
+                         table: str | None = None) -> tuple[str, Any]:
+        """What to send for `sql` (shared spelling) and its arguments: with the held writes as its WITH clauses
+        when it may join them (a write of a table none of them writes, reading no table: `table`, or found from
+        `sql`), else after them. The transaction is begun first."""
+        held = self._held
+        if held and (table := table or _held_table(sql)) is not None and all(t != table for t, _, _ in held):
+            self._held = []
+            await self._begin()
+            statement = self._sql.combined((*(s for _, s, _ in held), sql))
+            return statement, *(arg for _, _, values in held for arg in values), *args
+        await self.flush()
+        await self._begin()
+        return self._sql(sql), *args
+
+    async def _begin(self) -> None:
+        if not self.begun:
+            self.begun = True       # before the round trip: a BEGIN that fails may still have begun
+            await self._conn.execute("BEGIN")
+
     async def flush(self) -> None:
         """Send the held writes (one statement, one round trip)."""
-        if not self._held:
-            return
+        if self._held:
+            await self._begin()
+            await self._send_held()
+
+    async def _send_held(self) -> None:
         held, self._held = self._held, []
         if len(held) == 1:
             [(_, sql, args)] = held
             await self._conn.execute(self._sql(sql), *args)
-            return
-        statement = self._sql.combined(tuple(sql for _, sql, _ in held))
-        await self._conn.execute(statement, *(arg for _, _, args in held for arg in args))
+        else:
+            statement = self._sql.combined(tuple(sql for _, sql, _ in held))
+            await self._conn.execute(statement, *(arg for _, _, args in held for arg in args))
+
+    async def commit(self) -> None:
+        """End the body: its held writes and the COMMIT, or, if nothing was sent yet, the held writes alone."""
+        if self.begun:
+            await self.flush()
+            self.committing = True
+            await self._conn.execute("COMMIT")
+        elif self._held:
+            self.committing = True
+            await self._send_held()
+
+    async def rollback(self) -> None:
+        """After a failure: the transaction ended, if one was begun and not committed (the connection may be lost
+        or busy with a cancelled statement: asyncpg then rolls back as it takes the connection back)."""
+        if self.begun and not self.committing:
+            with contextlib.suppress(Exception):
+                await self._conn.execute("ROLLBACK")
 
 
 class PostgresStore(Store):
@@ -423,13 +471,16 @@ class PostgresStore(Store):
     async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
         lost_once = False
         for attempt in range(1, TRANSACTION_RETRIES + 1):
-            committing = False
+            tx: PostgresTx | None = None
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
+                async with self.pool.acquire() as conn:
                     tx = PostgresTx(conn, self._sql)
-                    result = await body(tx)
-                    await tx.flush()
-                    committing = True       # what fails from here on may have committed
+                    try:
+                        result = await body(tx)
+                        await tx.commit()
+                    except BaseException:
+                        await tx.rollback()
+                        raise
                 return result
             except _RETRYABLE as exc:
                 if attempt == TRANSACTION_RETRIES:
@@ -437,7 +488,7 @@ class PostgresStore(Store):
                 log.info("transaction lost a race (%s); running it again", type(exc).__name__)
                 await asyncio.sleep(0.01 * attempt)
             except _LOST as exc:
-                if committing or lost_once:
+                if lost_once or (tx is not None and tx.committing):      # what fails from its commit on may have committed
                     raise
                 lost_once = True
                 await self._connection_lost(exc, "running the transaction again (it never reached its commit)")

@@ -23,6 +23,13 @@ LOCK_TASK = "SELECT * FROM tasks WHERE id = ?" + FOR_UPDATE
 UPDATE_TASK_STATE = (
     "UPDATE tasks SET status = ?, sequence = ?, updated_at = ?, progress = ?, provider_task_id = ?, error = ?, "
     "completed_at = ? WHERE id = ?")
+# UPDATE_TASK_STATE writing the usage a provider reported and/or the cost the task ended with as well: one
+# write of the row (two writes of one table are two statements on PostgreSQL, see PostgresTx).
+UPDATE_TASK_STATE_USAGE = UPDATE_TASK_STATE.replace(" WHERE id", ", usage = ? WHERE id")
+UPDATE_TASK_STATE_COST = UPDATE_TASK_STATE.replace(
+    " WHERE id", ", cost = ?, cost_amount = ?, cost_currency = ?, cost_day = ? WHERE id")
+UPDATE_TASK_STATE_USAGE_COST = UPDATE_TASK_STATE.replace(
+    " WHERE id", ", usage = ?, cost = ?, cost_amount = ?, cost_currency = ?, cost_day = ? WHERE id")
 MARK_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ?"
 CLEAR_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL"
 COUNT_IN_FLIGHT = (
@@ -365,8 +372,6 @@ SET_TASK_ROUTE = "UPDATE tasks SET candidates = ?, route = ? WHERE id = ?"
 FAIL_OVER_TASK = (
     "UPDATE tasks SET provider = ?, attempts = ?, submit_started_at = NULL, updated_at = ? "
     "WHERE id = ? AND provider = ? AND status = 'pending' AND provider_task_id IS NULL")
-SET_TASK_USAGE = "UPDATE tasks SET usage = ? WHERE id = ?"
-SET_TASK_COST = "UPDATE tasks SET cost = ?, cost_amount = ?, cost_currency = ?, cost_day = ? WHERE id = ?"
 COST_TOTALS_SINCE = (
     "SELECT provider, cost_day, cost_currency, COUNT(*) AS tasks, SUM(cost_amount) AS amount FROM tasks "
     "WHERE cost_day >= ? GROUP BY provider, cost_day, cost_currency")

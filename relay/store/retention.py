@@ -136,8 +136,9 @@ class RetentionCases(StorePlumbing):
         async def body(tx: Tx) -> bool:
             if not await tx.run(q.START_IMAGE_DELETION, (sha256, "", now)):
                 return False
-            await tx.run(q.END_IMAGE_DELETION, (sha256,))
-            await tx.run(q.HOLD_IMAGE, (sha256, image_id))
+            # Sent together at the commit on PostgreSQL (Tx.write): one round trip.
+            await tx.write(q.END_IMAGE_DELETION, (sha256,))
+            await tx.write(q.HOLD_IMAGE, (sha256, image_id))
             return True
         # Shared where the backend shares transactions (SQLite): one per archived image, 15 % of the writer
         # thread's transactions under bench.throughput, each independent of the others.
