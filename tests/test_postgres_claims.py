@@ -264,8 +264,8 @@ async def test_a_body_of_held_writes_is_one_statement_without_begin(store: Postg
 
 
 async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresStore) -> None:
-    """Through the store: a task moving on reads its row (locked), its images and the subscriptions, then sends
-    its row's change and its event as one statement (besides BEGIN and COMMIT)."""
+    """Through the store: a task moving on reads its row (locked) with its images in one statement and the
+    subscriptions, then sends its row's change and its event as one statement (besides BEGIN and COMMIT)."""
     from relay.models import ProviderStatus, Task, TaskUpdate
     from relay.states import on_update
     now = time.time()
@@ -279,10 +279,41 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
     finally:
         store._pool = counting.pool         # noqa: SLF001
     assert applied is not None
-    assert len(counting.sent) == 6, counting.sent
+    assert len(counting.sent) == 5, counting.sent
     assert counting.sent[0] == "BEGIN" and counting.sent[-1] == "COMMIT"
     assert counting.sent[-2].startswith("WITH w0 AS (UPDATE tasks SET status")
     events = await store.list_events(after=None, type=None, task_id=task.id, limit=10)
     assert [e.id for e in events] == [applied.event.id]
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.status == applied.task.status and loaded.sequence == applied.task.sequence
+
+
+async def test_a_task_read_with_its_images_locks_the_task_row_only(store: PostgresStore) -> None:
+    """The locked read of a task with its images (one statement) holds the task's row lock until the end of the
+    transaction, and no lock on its images (an archive of one of them goes on meanwhile)."""
+    from relay.models import Task
+    from relay.store.plumbing import owner_with_images
+    from relay.store.rows import task_from_row
+    now = time.time()
+    task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p", "n": 2}, created_at=now,
+                updated_at=now)
+    await store.create_task(task, [])
+    async with store.pool.acquire() as conn:
+        for index in (1, 0):
+            await conn.execute(to_postgres(q.INSERT_IMAGE), f"img_{task.id}_{index}", task.id, index,
+                               f"https://example.com/{index}.png", None, now + 60)
+    async with store.pool.acquire() as holder, store.pool.acquire() as other:
+        async with holder.transaction():
+            rows = await holder.fetch(to_postgres(q.LOCK_TASK_WITH_IMAGES), task.id)
+            locked = owner_with_images(rows, task_from_row)
+            assert locked is not None and [image.index for image in locked.images] == [0, 1]
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await other.fetch("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id)
+            free = await other.fetch("SELECT id FROM images WHERE task_id = $1 FOR UPDATE NOWAIT", task.id)
+            assert len(free) == 2
+        assert await other.fetch("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id)
+    bare = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p"}, created_at=now,
+                updated_at=now)
+    await store.create_task(bare, [])
+    loaded = await store.get_task(bare.id)
+    assert loaded is not None and loaded.images == [] and await store.get_task("tsk_unknown") is None

@@ -109,7 +109,7 @@ class ArchiveCases(StorePlumbing):
         return result
 
     async def get_archive(self, archive_id: str) -> Archive | None:
-        return await self._one_with_images(q.LOAD_ARCHIVE, archive_id, archive_from_row)
+        return await self._one_with_images(q.LOAD_ARCHIVE_WITH_IMAGES, archive_id, archive_from_row)
 
     async def list_archives(self, *, status: str | None, limit: int,
                             cursor: str | None) -> tuple[list[Archive], str | None]:

@@ -37,7 +37,7 @@ from relay.store.console import ConsoleCases
 from relay.store.deliveries import DeliveryCases
 from relay.store.idempotency import replay_or_claim
 from relay.store.outbox import Pricing, images_of, insert_jobs, write_jobs, write_transition
-from relay.store.plumbing import StorePlumbing
+from relay.store.plumbing import StorePlumbing, owner_with_images
 from relay.store.retention import RetentionCases
 from relay.store.routing import RoutingCases
 from relay.store.rows import dumps, image_from_row, job_from_row, job_row, loads, task_from_row, task_row
@@ -162,7 +162,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         if not images:
             row = await self._read_key(q.LOAD_TASK, (task_id,))
             return None if row is None else task_from_row(row)
-        return await self._one_with_images(q.LOAD_TASK, task_id, task_from_row)
+        return await self._one_with_images(q.LOAD_TASK_WITH_IMAGES, task_id, task_from_row)
 
     async def list_tasks(self, *, status: str | None, provider: str | None, limit: int,
                          cursor: str | None) -> tuple[list[Task], str | None]:
@@ -241,13 +241,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         return Applied(task=task, transition=t, event=event)
 
     async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False, images: bool = True) -> Task | None:
-        row = await tx.one(q.LOCK_TASK if lock else q.LOAD_TASK, (task_id,))
-        if row is None:
-            return None
-        task = task_from_row(row)
         if images:
-            task.images = await images_of(tx, task_id)
-        return task
+            sql = q.LOCK_TASK_WITH_IMAGES if lock else q.LOAD_TASK_WITH_IMAGES
+            return owner_with_images(await tx.all(sql, (task_id,)), task_from_row)
+        row = await tx.one(q.LOCK_TASK if lock else q.LOAD_TASK, (task_id,))
+        return None if row is None else task_from_row(row)
 
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
     async def receive_callback(self, job: Job) -> None:

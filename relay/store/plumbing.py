@@ -37,6 +37,15 @@ I = TypeVar("I", bound=Identified)
 W = TypeVar("W", bound=WithImages)
 
 
+def owner_with_images(rows: Sequence[Row], build: Callable[[Row], W]) -> W | None:
+    """The task (or archive) a queries.with_images statement read, built, with its images; None if unknown."""
+    if not rows:
+        return None
+    owner = build(rows[0])
+    owner.images.extend(image_from_row(row, "image_") for row in rows if row["image_id"] is not None)
+    return owner
+
+
 class StorePlumbing(abc.ABC):
     """What every store use case speaks through; the abstract methods are a backend's."""
 
@@ -143,13 +152,9 @@ class StorePlumbing(abc.ABC):
         return result
 
     async def _one_with_images(self, sql: str, owner_id: str, build: Callable[[Row], W]) -> W | None:
-        """The row `sql` loads by `owner_id`, built, with its images (a task's or an archive's); None if unknown."""
-        row = await self._read(sql, (owner_id,))
-        if row is None:
-            return None
-        owner = build(row)
-        owner.images.extend(image_from_row(r) for r in await self._read_all(q.IMAGES_OF_TASK, (owner_id,)))
-        return owner
+        """The owner a queries.with_images statement loads by `owner_id`, built, with its images (a task's or an
+        archive's); None if unknown."""
+        return owner_with_images(await self._read_all(sql, (owner_id,)), build)
 
     async def _page(self, table: str, filters: list[str], args: list[Any], *, cursor: str | None, limit: int,
                     build: Callable[[Row], I]) -> tuple[list[I], str | None]:

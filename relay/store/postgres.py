@@ -78,6 +78,7 @@ _READS_A_TABLE = re.compile(r"\b(?:SELECT|FROM|USING|JOIN)\b", re.IGNORECASE)
 # for each mix of them a transaction sends (bench.throughput: about 50 texts in all); one evicted is prepared
 # again, a round trip more.
 STATEMENT_CACHE_SIZE = 500
+_ROW_LOCK = re.compile(r" /\*(FOR UPDATE[\w ]*)\*/")     # queries.FOR_UPDATE, queries.for_update_of
 _JSON_EXTRACT = re.compile(r"json_extract\((\w+), '\$\.(\w+)'\)")
 
 
@@ -89,7 +90,7 @@ def to_postgres(sql: str) -> str:
     sql = _JSON_EXTRACT.sub(r"(\1::json ->> '\2')", sql)
     if "json_extract" in sql:      # another spelling than `json_extract(column, '$.key')`: PostgreSQL has none
         raise ValueError(f"json_extract the PostgreSQL backend cannot read: {sql}")
-    return sql.replace(q.FOR_UPDATE, " FOR UPDATE")
+    return _ROW_LOCK.sub(r" \1", sql)
 
 
 # Run with the claim, in its transaction: no plan that sorts. The claim must walk jobs_due in run_at order and

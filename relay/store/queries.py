@@ -13,6 +13,13 @@ from __future__ import annotations
 
 FOR_UPDATE = " /*FOR UPDATE*/"
 
+
+def for_update_of(alias: str) -> str:
+    """FOR_UPDATE for a read of several tables: only `alias`'s rows are locked (PostgreSQL locks no row on the
+    side of an outer join that may be missing)."""
+    return f" /*FOR UPDATE OF {alias}*/"
+
+
 # ---- tasks -----------------------------------------------------------------------------------------
 INSERT_TASK = (
     "INSERT INTO tasks (id, provider, provider_task_id, status, progress, request, error, metadata, webhook_url, "
@@ -58,6 +65,20 @@ INSERT_IMAGE = (
 IMAGE_COLUMNS = ("id, task_id, idx, source_url, source_expires_at, status, sha256, content_type, width, height, bytes, "
                  "path, archived_at, error")
 IMAGES_OF_TASK = f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id = ? ORDER BY idx"
+
+
+def with_images(table: str, *, lock: bool = False) -> str:
+    """A task's (or an archive's) row with its images in one statement instead of two: a row per image, the
+    owner's columns repeated and the image's named image_<column>; one row with NULL images when it has none.
+    rows.owner_with_images builds it. `lock`: the owner's row is locked (FOR_UPDATE), not its images'."""
+    columns = ", ".join(f"i.{name.strip()} AS image_{name.strip()}" for name in IMAGE_COLUMNS.split(","))
+    return (f"SELECT o.*, {columns} FROM {table} o LEFT JOIN images i ON i.task_id = o.id WHERE o.id = ? "
+            f"ORDER BY i.idx{for_update_of('o') if lock else ''}")
+
+
+LOAD_TASK_WITH_IMAGES = with_images("tasks")
+LOCK_TASK_WITH_IMAGES = with_images("tasks", lock=True)
+LOAD_ARCHIVE_WITH_IMAGES = with_images("archives")
 LOAD_IMAGE = f"SELECT {IMAGE_COLUMNS} FROM images WHERE id = ?"
 LOAD_IMAGE_WITH_SOURCE = "SELECT * FROM images WHERE id = ?"
 IMAGE_ARCHIVED = (

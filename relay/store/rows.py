@@ -44,12 +44,15 @@ def task_row(task: Task) -> tuple[Any, ...]:
             task.created_at, task.updated_at, task.completed_at, task.deadline_at, task.submit_started_at)
 
 
-def image_from_row(row: Any) -> ImageRecord:
+def image_from_row(row: Any, prefix: str = "") -> ImageRecord:
+    """`prefix`: the image's columns are named so in the row (queries.with_images: image_)."""
     return ImageRecord(
-        id=row["id"], task_id=row["task_id"], index=row["idx"], source_url=row["source_url"],
-        source_expires_at=row["source_expires_at"], status=row["status"], sha256=row["sha256"],
-        content_type=row["content_type"], width=row["width"], height=row["height"], bytes=row["bytes"],
-        path=row["path"], archived_at=row["archived_at"], error=row["error"])
+        id=row[prefix + "id"], task_id=row[prefix + "task_id"], index=row[prefix + "idx"],
+        source_url=row[prefix + "source_url"], source_expires_at=row[prefix + "source_expires_at"],
+        status=row[prefix + "status"], sha256=row[prefix + "sha256"], content_type=row[prefix + "content_type"],
+        width=row[prefix + "width"], height=row[prefix + "height"], bytes=row[prefix + "bytes"],
+        path=row[prefix + "path"], archived_at=row[prefix + "archived_at"], error=row[prefix + "error"])
+
 
 
 def job_from_row(row: Any) -> Job:
