@@ -230,11 +230,26 @@ async def test_a_write_takes_the_held_writes_of_other_tables_along(store: Postgr
         assert await tx.run("UPDATE rate_buckets SET updated_at = 1 WHERE key = ?", ("ride",)) == 1   # its table
         assert len(conn.sent) == 5
         await tx.write("UPDATE jobs SET attempts = 8 WHERE dedupe_key = ?", ("ride:0",))
-        assert await tx.run("DELETE FROM image_deletions WHERE sha256 IN (SELECT ?)", ("cd",)) == 1   # reads
+        # Reading a table a held write writes: it would not see their changes, so they go first.
+        assert await tx.run("DELETE FROM image_deletions WHERE sha256 IN (SELECT ? FROM jobs WHERE attempts = 8)",
+                            ("cd",)) == 1
         assert len(conn.sent) == 7
+        # Reading only tables no held write writes: along with them. A held write reading a table a later one
+        # writes reads it as it was before, as it would have alone.
+        await tx.write("UPDATE jobs SET attempts = 9 WHERE dedupe_key = ? AND EXISTS (SELECT 1 FROM rate_buckets "
+                       "WHERE key = ? AND tokens = 6)", ("ride:0", "ride"))
+        assert await tx.run("UPDATE rate_buckets SET tokens = 7 WHERE key = ? AND NOT EXISTS (SELECT 1 FROM images WHERE id = 'none')",
+                            ("ride",)) == 1
+        assert len(conn.sent) == 8 and conn.sent[-1].startswith("WITH w0 AS (UPDATE jobs SET attempts = 9")
+        # A list of tables after FROM is not read apart: never held.
+        await tx.write("UPDATE jobs SET attempts = 8 WHERE dedupe_key = ?", ("ride:0",))
+        await tx.write("UPDATE rate_buckets SET tokens = 6 WHERE key = ? AND EXISTS (SELECT 1 FROM images i, jobs j "
+                       "WHERE j.attempts = 9)", ("ride",))
+        assert len(conn.sent) == 10
+        assert (await tx.one("SELECT tokens FROM rate_buckets WHERE key = ?", ("ride",)))["tokens"] == 7
         found = await tx.all("SELECT j.attempts, b.tokens FROM jobs j, rate_buckets b WHERE b.key = ? "
                              "AND j.dedupe_key LIKE 'ride:%' ORDER BY j.dedupe_key", ("ride",))
-        assert [(r["attempts"], r["tokens"]) for r in found] == [(8, 6), (7, 6)]
+        assert [(r["attempts"], r["tokens"]) for r in found] == [(8, 7), (7, 7)]
         await tx.rollback()
 
 

@@ -69,11 +69,12 @@ COLUMN_TYPES = ("SELECT c.relname AS tbl, a.attname AS col, format_type(a.atttyp
                 "AND NOT a.attisdropped")
 
 
-# The table a plain INSERT, UPDATE or DELETE writes (PostgresTx holds such writes to send them together), and
-# what in the rest of one would read a table (a subquery, INSERT … SELECT, DELETE … USING): such a write is sent
-# at once, since held it would not see the rows the other held writes add or change.
+# The table a plain INSERT, UPDATE or DELETE writes and the tables it reads (PostgresTx holds such writes to send
+# them together, see _plain_write); a list of tables after FROM (a comma join) is not told apart from other
+# commas, so a write with one is never held.
 _WRITTEN_TABLE = re.compile(r"\s*(?:INSERT INTO|UPDATE|DELETE FROM)\s+(\w+)")
-_READS_A_TABLE = re.compile(r"\b(?:SELECT|FROM|USING|JOIN)\b", re.IGNORECASE)
+_READ_TABLE = re.compile(r"\b(?:FROM|JOIN|USING)\s+(\w+)", re.IGNORECASE)
+_TABLE_LIST = re.compile(r"\bFROM\s+\w+(?:\s+(?:AS\s+)?\w+)?\s*,", re.IGNORECASE)
 # asyncpg's cache of prepared statements per connection (its default is 100). Held writes add a statement text
 # for each mix of them a transaction sends (bench.throughput: about 50 texts in all); one evicted is prepared
 # again, a round trip more.
@@ -200,13 +201,14 @@ class _Statements:
         return found
 
 
-def _held_table(sql: str) -> str | None:
-    """The table of a write PostgresTx may hold: a plain INSERT … VALUES, UPDATE or DELETE that reads no other
-    table. None for any other statement (sent at once)."""
+def _plain_write(sql: str) -> tuple[str, frozenset[str]] | None:
+    """The table a plain INSERT, UPDATE or DELETE writes and the tables it reads (after FROM, JOIN or USING:
+    subqueries, INSERT … SELECT, DELETE … USING), which PostgresTx may hold or send with held writes. None for
+    any other statement, and for one whose reads it cannot tell (a list of tables after FROM)."""
     found = _WRITTEN_TABLE.match(sql)
-    if found is None or _READS_A_TABLE.search(sql, found.end()):
+    if found is None or _TABLE_LIST.search(sql, found.end()):
         return None
-    return found.group(1)
+    return found.group(1), frozenset(_READ_TABLE.findall(sql, found.end()))
 
 
 class PostgresTx(Tx):
@@ -220,9 +222,11 @@ class PostgresTx(Tx):
 
     The writes of one statement all see the rows as they were before it, not each other's changes, and run in
     no set order. So a write joins the held ones only when none of them writes its table (two INSERTs of one
-    key with ON CONFLICT DO NOTHING: PostgreSQL keeps the second) and it reads no table; otherwise the held
-    writes are sent first. Writes of different tables commute, and foreign keys are checked at the statement's
-    end. A statement's row count and RETURNING rows are its own, not its WITH clauses'.
+    key with ON CONFLICT DO NOTHING: PostgreSQL keeps the second) or a table it reads (it would not see their
+    changes); otherwise the held writes are sent first. What a held write reads may be written by a later one:
+    it reads the rows as they were before, as it would have sent alone. Writes of different tables commute, and
+    foreign keys are checked at the statement's end. A statement's row count and RETURNING rows are its own,
+    not its WITH clauses'.
 
     BEGIN goes out with the body's first round trip, not before it: a body that only holds writes (a new task
     and its first job) is sent as one statement, atomic on its own, and committed with it: one round trip
@@ -232,7 +236,9 @@ class PostgresTx(Tx):
     def __init__(self, conn: asyncpg.Connection | PoolConnectionProxy, sql: _Statements) -> None:
         self._conn = conn
         self._sql = sql
-        self._held: list[tuple[str, str, list[Any]]] = []      # (table, statement in the shared spelling, args)
+        # (table written, statement in the shared spelling, args), and every table the held writes write
+        self._held: list[tuple[str, str, list[Any]]] = []
+        self._held_tables: set[str] = set()
         self.begun = False
         self.committing = False
 
@@ -245,6 +251,15 @@ class PostgresTx(Tx):
     async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
         return _rowcount(await self._conn.execute(*await self._statement(sql, args)))
 
+    async def last(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        if self.begun or (self._held and not self._joins_held(_plain_write(sql))):
+            return await self.all(sql, args)
+        # Nothing sent yet: this statement, with the held writes as its WITH clauses, is the whole transaction.
+        held = self._take_held()
+        self.committing = True
+        statement = self._sql.combined((*(s for _, s, _ in held), sql)) if held else self._sql(sql)
+        return list(await self._conn.fetch(statement, *(arg for _, _, values in held for arg in values), *args))
+
     async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         rows = list(rows)
         if len(rows) == 1:
@@ -253,7 +268,7 @@ class PostgresTx(Tx):
         if bulk is not None:
             # One statement over one array per column: a round trip and one run of the jobs trigger for the
             # whole batch (executemany pipelines, but runs the statement once per row and reports no count).
-            joined = await self._statement(bulk, [list(column) for column in zip(*rows)], table=_held_table(sql))
+            joined = await self._statement(bulk, [list(column) for column in zip(*rows)], write=_plain_write(sql))
             return _rowcount(await self._conn.execute(*joined))
         await self.flush()
         statement = self._sql(sql)
@@ -263,45 +278,60 @@ class PostgresTx(Tx):
         return changed
 
     async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
-        table = _held_table(sql)
-        if table is None:
+        write = _plain_write(sql)
+        if write is None:
             await self.run(sql, args)
         else:
-            await self._hold(table, sql, list(args))
+            await self._hold(write, sql, list(args))
 
     async def write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
-        table = _held_table(sql)
+        write = _plain_write(sql)
         if not rows:
             return
-        if table is None:
+        if write is None:
             await self.many(sql, rows)
         elif len(rows) == 1:
-            await self._hold(table, sql, list(rows[0]))
+            await self._hold(write, sql, list(rows[0]))
         elif (bulk := self._sql.bulk_shared(sql)) is not None:
-            await self._hold(table, bulk, [list(column) for column in zip(*rows)])
+            await self._hold(write, bulk, [list(column) for column in zip(*rows)])
         else:                   # no one-statement form: run now, in order
             await self.many(sql, rows)
 
-    async def _hold(self, table: str, sql: str, args: list[Any]) -> None:
-        if any(held == table for held, _, _ in self._held):
+    async def _hold(self, write: tuple[str, frozenset[str]], sql: str, args: list[Any]) -> None:
+        if not self._joins_held(write):
             await self.flush()
-        self._held.append((table, sql, args))
+        self._held.append((write[0], sql, args))
+        self._held_tables.add(write[0])
+
+    def _take_held(self) -> list[tuple[str, str, list[Any]]]:
+        held, self._held = self._held, []
+        self._held_tables.clear()
+        return held
 
     async def _statement(self, sql: str, args: Sequence[Any], *,
-                         table: str | None = None) -> tuple[str, Any]:
+                         write: tuple[str, frozenset[str]] | None = None) -> tuple[str, Any]:
         """What to send for `sql` (shared spelling) and its arguments: with the held writes as its WITH clauses
-        when it may join them (a write of a table none of them writes, reading no table: `table`, or found from
-        `sql`), else after them. The transaction is begun first."""
-        held = self._held
-        if held and (table := table or _held_table(sql)) is not None and all(t != table for t, _, _ in held):
-            self._held = []
+        when it may join them (_joins_held; `write`: the plain write it is, if not `sql`'s own), else after
+        them. The transaction is begun first."""
+        if self.committing:
+            raise RuntimeError("a statement after the transaction's last one (Tx.last)")
+        if self._held and self._joins_held(write or _plain_write(sql)):
+            held = self._take_held()
             await self._begin()
             statement = self._sql.combined((*(s for _, s, _ in held), sql))
             return statement, *(arg for _, _, values in held for arg in values), *args
         await self.flush()
         await self._begin()
         return self._sql(sql), *args
+
+    def _joins_held(self, write: tuple[str, frozenset[str]] | None) -> bool:
+        """Whether a plain write (its table and the tables it reads; None: not one) may go in one statement with
+        the held writes: none of them writes a table it writes or reads."""
+        if write is None:
+            return False
+        table, reads = write
+        return table not in self._held_tables and self._held_tables.isdisjoint(reads)
 
     async def _begin(self) -> None:
         if not self.begun:
@@ -315,7 +345,7 @@ class PostgresTx(Tx):
             await self._send_held()
 
     async def _send_held(self) -> None:
-        held, self._held = self._held, []
+        held = self._take_held()
         if len(held) == 1:
             [(_, sql, args)] = held
             await self._conn.execute(self._sql(sql), *args)

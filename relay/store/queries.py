@@ -197,6 +197,12 @@ RECORD_DELIVERY_ATTEMPT = (
     "UPDATE deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
     "next_attempt_at = ?, last_attempt_at = ?, last_status_code = ?, last_error = ?, url = ?, updated_at = ?, "
     "completed_at = ? WHERE id = ?")
+# A success recorded without reading the delivery first: only if it is still at this attempt (the attempts it
+# had before it, the last argument); the row as it is now returned with its subscription's failure clock, none
+# when another run moved it on.
+RECORD_DELIVERY_SUCCESS = (
+    RECORD_DELIVERY_ATTEMPT + " AND status = 'pending' AND attempts = ? RETURNING *, (SELECT s.failing_since "
+    "FROM subscriptions s WHERE s.id = deliveries.subscription_id) AS sub_failing_since")
 SETTLE_DELIVERY = (
     "UPDATE deliveries SET status = ?, last_error = ?, next_attempt_at = NULL, completed_at = ?, updated_at = ? "
     "WHERE id = ? AND status = 'pending'")

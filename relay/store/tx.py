@@ -33,6 +33,12 @@ class Tx(abc.ABC):
     async def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         """Run a statement once per row of arguments; how many rows they changed together."""
 
+    async def last(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """The body's last statement (nothing is sent after it), its rows returned: a write with RETURNING,
+        typically. A backend may send it with the held writes as the commit: on PostgreSQL a body that sent
+        nothing before it is then one statement, one round trip instead of three."""
+        return await self.all(sql, args)
+
     async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
         """Run an INSERT, UPDATE or DELETE whose outcome this transaction never reads: no count, no rows, and no
         error caught around the call. A backend may hold it and send it later together with other held
