@@ -175,6 +175,10 @@ class _CountingPool:
     def __init__(self, pool: Any) -> None:
         self.pool, self.sent = pool, []
 
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        self.sent.append(sql)
+        return await self.pool.fetch(sql, *args)
+
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[_CountingConnection]:
         async with self.pool.acquire() as conn:
@@ -279,8 +283,8 @@ async def test_a_body_of_held_writes_is_one_statement_without_begin(store: Postg
 
 
 async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresStore) -> None:
-    """Through the store: a task moving on reads its row (locked) with its images in one statement and the
-    subscriptions, then sends its row's change and its event as one statement (besides BEGIN and COMMIT)."""
+    """Through the store: a task moving on reads its row (locked), its images and the subscriptions, then sends
+    its row's change and its event as one statement (besides BEGIN and COMMIT)."""
     from relay.models import ProviderStatus, Task, TaskUpdate
     from relay.states import on_update
     now = time.time()
@@ -294,7 +298,7 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
     finally:
         store._pool = counting.pool         # noqa: SLF001
     assert applied is not None
-    assert len(counting.sent) == 5, counting.sent
+    assert len(counting.sent) == 6, counting.sent
     assert counting.sent[0] == "BEGIN" and counting.sent[-1] == "COMMIT"
     assert counting.sent[-2].startswith("WITH w0 AS (UPDATE tasks SET status")
     events = await store.list_events(after=None, type=None, task_id=task.id, limit=10)
@@ -303,32 +307,59 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
     assert loaded is not None and loaded.status == applied.task.status and loaded.sequence == applied.task.sequence
 
 
-async def test_a_task_read_with_its_images_locks_the_task_row_only(store: PostgresStore) -> None:
-    """The locked read of a task with its images (one statement) holds the task's row lock until the end of the
-    transaction, and no lock on its images (an archive of one of them goes on meanwhile)."""
+async def test_a_task_is_read_with_its_images_in_one_statement(store: PostgresStore) -> None:
+    """get_task reads the task's row and its images (in their order) in one statement; none, or no task."""
     from relay.models import Task
-    from relay.store.plumbing import owner_with_images
-    from relay.store.rows import task_from_row
     now = time.time()
     task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p", "n": 2}, created_at=now,
                 updated_at=now)
     await store.create_task(task, [])
-    async with store.pool.acquire() as conn:
-        for index in (1, 0):
-            await conn.execute(to_postgres(q.INSERT_IMAGE), f"img_{task.id}_{index}", task.id, index,
-                               f"https://example.com/{index}.png", None, now + 60)
-    async with store.pool.acquire() as holder, store.pool.acquire() as other:
-        async with holder.transaction():
-            rows = await holder.fetch(to_postgres(q.LOCK_TASK_WITH_IMAGES), task.id)
-            locked = owner_with_images(rows, task_from_row)
-            assert locked is not None and [image.index for image in locked.images] == [0, 1]
-            with pytest.raises(asyncpg.LockNotAvailableError):
-                await other.fetch("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id)
-            free = await other.fetch("SELECT id FROM images WHERE task_id = $1 FOR UPDATE NOWAIT", task.id)
-            assert len(free) == 2
-        assert await other.fetch("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id)
+    for index in (1, 0):
+        await store.pool.execute(to_postgres(q.INSERT_IMAGE), f"img_{task.id}_{index}", task.id, index,
+                                 f"https://example.com/{index}.png", None, now + 60)
+    counting = _CountingPool(store._pool)   # noqa: SLF001 - counts what the store sends
+    store._pool = counting                  # noqa: SLF001
+    try:
+        loaded = await store.get_task(task.id)
+    finally:
+        store._pool = counting.pool         # noqa: SLF001
+    assert loaded is not None and [image.id for image in loaded.images] == [f"img_{task.id}_0", f"img_{task.id}_1"]
+    assert len(counting.sent) == 1
     bare = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p"}, created_at=now,
                 updated_at=now)
     await store.create_task(bare, [])
     loaded = await store.get_task(bare.id)
     assert loaded is not None and loaded.images == [] and await store.get_task("tsk_unknown") is None
+
+
+async def test_a_transition_that_waited_for_the_task_lock_sees_the_images_as_then_committed(
+        store: PostgresStore) -> None:
+    """A transition waits for the task's row lock, then reads the images: it sees what the transaction holding
+    the lock changed in them (an image archived meanwhile). Read in the same statement as the locked row,
+    PostgreSQL would re-read only the task's row after the wait and keep the images as they were before it."""
+    from relay.models import Task
+    from tests.harness import wait_for
+    now = time.time()
+    task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p"}, created_at=now,
+                updated_at=now)
+    await store.create_task(task, [])
+    await store.pool.execute(to_postgres(q.INSERT_IMAGE), f"img_{task.id}", task.id, 0, "https://example.com/0.png",
+                             None, now + 60)
+    seen: list[list[str]] = []
+
+    def decide(current: Any) -> None:
+        seen.append([image.status for image in current.images])
+        return None
+
+    async def waiting_for_the_lock() -> bool:
+        return bool(await store.pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"))
+
+    async with store.pool.acquire() as holder:
+        async with holder.transaction():
+            await holder.execute("SELECT id FROM tasks WHERE id = $1 FOR UPDATE", task.id)
+            waiting = asyncio.create_task(store.apply(task.id, decide, now))
+            await wait_for(waiting_for_the_lock, 10, "the transition to wait for the task's lock")
+            await holder.execute("UPDATE images SET status = 'archived' WHERE task_id = $1", task.id)
+        assert await asyncio.wait_for(waiting, 10) is None
+    assert seen == [["archived"]]

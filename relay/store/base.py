@@ -241,11 +241,15 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         return Applied(task=task, transition=t, event=event)
 
     async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False, images: bool = True) -> Task | None:
-        if images:
-            sql = q.LOCK_TASK_WITH_IMAGES if lock else q.LOAD_TASK_WITH_IMAGES
-            return owner_with_images(await tx.all(sql, (task_id,)), task_from_row)
+        if images and not lock:
+            return owner_with_images(await tx.all(q.LOAD_TASK_WITH_IMAGES, (task_id,)), task_from_row)
         row = await tx.one(q.LOCK_TASK if lock else q.LOAD_TASK, (task_id,))
-        return None if row is None else task_from_row(row)
+        if row is None:
+            return None
+        task = task_from_row(row)
+        if images:      # after the lock, in a statement of its own: as committed by whoever held it (with_images)
+            task.images = await images_of(tx, task_id)
+        return task
 
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
     async def receive_callback(self, job: Job) -> None:

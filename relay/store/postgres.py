@@ -79,7 +79,6 @@ _TABLE_LIST = re.compile(r"\bFROM\s+\w+(?:\s+(?:AS\s+)?\w+)?\s*,", re.IGNORECASE
 # for each mix of them a transaction sends (bench.throughput: about 50 texts in all); one evicted is prepared
 # again, a round trip more.
 STATEMENT_CACHE_SIZE = 500
-_ROW_LOCK = re.compile(r" /\*(FOR UPDATE[\w ]*)\*/")     # queries.FOR_UPDATE, queries.for_update_of
 _JSON_EXTRACT = re.compile(r"json_extract\((\w+), '\$\.(\w+)'\)")
 
 
@@ -91,7 +90,7 @@ def to_postgres(sql: str) -> str:
     sql = _JSON_EXTRACT.sub(r"(\1::json ->> '\2')", sql)
     if "json_extract" in sql:      # another spelling than `json_extract(column, '$.key')`: PostgreSQL has none
         raise ValueError(f"json_extract the PostgreSQL backend cannot read: {sql}")
-    return _ROW_LOCK.sub(r" \1", sql)
+    return sql.replace(q.FOR_UPDATE, " FOR UPDATE")
 
 
 # Run with the claim, in its transaction: no plan that sorts. The claim must walk jobs_due in run_at order and

@@ -14,12 +14,6 @@ from __future__ import annotations
 FOR_UPDATE = " /*FOR UPDATE*/"
 
 
-def for_update_of(alias: str) -> str:
-    """FOR_UPDATE for a read of several tables: only `alias`'s rows are locked (PostgreSQL locks no row on the
-    side of an outer join that may be missing)."""
-    return f" /*FOR UPDATE OF {alias}*/"
-
-
 # ---- tasks -----------------------------------------------------------------------------------------
 INSERT_TASK = (
     "INSERT INTO tasks (id, provider, provider_task_id, status, progress, request, error, metadata, webhook_url, "
@@ -67,17 +61,18 @@ IMAGE_COLUMNS = ("id, task_id, idx, source_url, source_expires_at, status, sha25
 IMAGES_OF_TASK = f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id = ? ORDER BY idx"
 
 
-def with_images(table: str, *, lock: bool = False) -> str:
+def with_images(table: str) -> str:
     """A task's (or an archive's) row with its images in one statement instead of two: a row per image, the
     owner's columns repeated and the image's named image_<column>; one row with NULL images when it has none.
-    rows.owner_with_images builds it. `lock`: the owner's row is locked (FOR_UPDATE), not its images'."""
+    plumbing.owner_with_images builds it. Never with a row lock: after waiting for the lock PostgreSQL (READ
+    COMMITTED) reads the locked row again but keeps the images as they were before the wait, so a locked read
+    reads the images in a statement of its own (Store._load_task)."""
     columns = ", ".join(f"i.{name.strip()} AS image_{name.strip()}" for name in IMAGE_COLUMNS.split(","))
     return (f"SELECT o.*, {columns} FROM {table} o LEFT JOIN images i ON i.task_id = o.id WHERE o.id = ? "
-            f"ORDER BY i.idx{for_update_of('o') if lock else ''}")
+            f"ORDER BY i.idx")
 
 
 LOAD_TASK_WITH_IMAGES = with_images("tasks")
-LOCK_TASK_WITH_IMAGES = with_images("tasks", lock=True)
 LOAD_ARCHIVE_WITH_IMAGES = with_images("archives")
 LOAD_IMAGE = f"SELECT {IMAGE_COLUMNS} FROM images WHERE id = ?"
 LOAD_IMAGE_WITH_SOURCE = "SELECT * FROM images WHERE id = ?"
