@@ -363,3 +363,21 @@ async def test_a_transition_that_waited_for_the_task_lock_sees_the_images_as_the
             await holder.execute("UPDATE images SET status = 'archived' WHERE task_id = $1", task.id)
         assert await asyncio.wait_for(waiting, 10) is None
     assert seen == [["archived"]]
+
+
+async def test_statements_run_once_per_row_are_inside_the_transaction(store: PostgresStore) -> None:
+    """A batch with no one-statement form (a DELETE per row) runs in the body's transaction: when the body then
+    fails, none of its rows is deleted."""
+    now = time.time()
+    for key in ("del:1", "del:2"):
+        await store.pool.execute("INSERT INTO image_deletions (sha256, key, started_at) VALUES ($1, 'k', $2)", key,
+                                 now)
+
+    async def body(tx: Any) -> None:
+        assert await tx.many(q.END_IMAGE_DELETION, [("del:1",), ("del:2",)]) == 2
+        raise RuntimeError("the body fails after its batch")
+
+    with pytest.raises(RuntimeError):
+        await store.transact(body)
+    left = await store.pool.fetch("SELECT sha256 FROM image_deletions WHERE sha256 LIKE 'del:%' ORDER BY sha256")
+    assert [r["sha256"] for r in left] == ["del:1", "del:2"]

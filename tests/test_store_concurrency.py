@@ -501,6 +501,8 @@ async def test_a_success_stops_the_failure_clock_a_failure_started(open_store: O
     first = await delivery_of(TaskUpdate(status=ProviderStatus.QUEUED))
     assert await clock_after(first, 1, 500) == now
     assert await clock_after(first, 2, 200) is None
+    # The success met the running clock and was recorded under the delivery's lock: each attempt kept once.
+    assert [a.number for a in await store.list_attempts(first.id)] == [2, 1]
     second = await delivery_of(TaskUpdate(status=ProviderStatus.RUNNING))
     assert await clock_after(second, 1, 200) is None
 

@@ -162,15 +162,23 @@ class DeliveryCases(StorePlumbing):
         schedule; refused (the SSRF guard would not connect) fails it at once. Either counts as a failure of
         the subscription (its failure clock, auto-disable). None when the delivery is no longer at this
         attempt (a duplicate run): the attempt is still kept.
+
+        A success is first recorded without the locked read (_record_success); only when that finds the delivery
+        moved on or its subscription's failure clock running does it go this way too, its attempt kept already.
         """
+        kept = False
         if outcome == "succeeded":
-            return await self._record_success(attempt, now)
+            recorded = await self._record_success(attempt, now)
+            if recorded is not None:
+                return recorded
+            kept = True
 
         async def body(tx: Tx) -> Recorded | None:
             row = await tx.one(q.LOCK_DELIVERY_FOR_ATTEMPT, (attempt.delivery_id,))
             # Kept whether or not it counts. After the lock's read, so that on PostgreSQL it goes with the
             # delivery's new state, one round trip for both (Tx.write).
-            await tx.write(q.INSERT_ATTEMPT, attempt_row(attempt))
+            if not kept:
+                await tx.write(q.INSERT_ATTEMPT, attempt_row(attempt))
             if row is None:
                 return None
             delivery = delivery_from_row(row)
@@ -201,23 +209,19 @@ class DeliveryCases(StorePlumbing):
         return await self.transact_shared(body)
 
     async def _record_success(self, attempt: Attempt, now: float) -> Recorded | None:
-        """record_attempt of a success, without reading the delivery first: the attempt, and the delivery's new
-        state only if it is still at this attempt. On PostgreSQL one statement, one round trip (Tx.last), where
-        the read under lock, the writes, BEGIN and COMMIT were four: the most frequent outcome by far. The
-        subscription's failure clock, read by that statement, is stopped after it if it was running (rare: the
-        first success after failures), in a transaction of its own, as the clock of a success that counted."""
+        """record_attempt of a success without reading the delivery first: the attempt (kept in any case), and
+        the delivery's new state only if it is still at this attempt and its subscription's failure clock is not
+        running (the clock is then left alone, as the locked path would). None: not recorded so (moved on, or the
+        clock must be stopped with the delivery locked): record_attempt takes the locked path. On PostgreSQL one
+        statement, one round trip (Tx.last), where BEGIN, the locked read, the writes and COMMIT were four, for
+        the most frequent outcome by far."""
         async def body(tx: Tx) -> list[Row]:
             await tx.write(q.INSERT_ATTEMPT, attempt_row(attempt))
             return await tx.last(q.RECORD_DELIVERY_SUCCESS, (
                 "succeeded", None, attempt.at, attempt.status_code, None, attempt.url, now, now, attempt.delivery_id,
                 attempt.number - 1))
         rows = await self.transact_shared(body)
-        if not rows:
-            return None
-        row = rows[0]
-        if row["subscription_id"] is not None and row["sub_failing_since"] is not None:
-            await self._change(q.SUBSCRIPTION_HEALTHY, (row["subscription_id"],))
-        return Recorded(delivery=delivery_from_row(row), disabled=None)
+        return Recorded(delivery=delivery_from_row(rows[0]), disabled=None) if rows else None
 
     async def settle_delivery(self, delivery_id: str, status: str, reason: str, now: float) -> None:
         """End a pending delivery without an attempt (canceled: nobody to send to; failed: gave up)."""

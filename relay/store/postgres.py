@@ -227,9 +227,10 @@ class PostgresTx(Tx):
     foreign keys are checked at the statement's end. A statement's row count and RETURNING rows are its own,
     not its WITH clauses'.
 
-    BEGIN goes out with the body's first round trip, not before it: a body that only holds writes (a new task
-    and its first job) is sent as one statement, atomic on its own, and committed with it: one round trip
-    instead of three. `committing` turns true just before the round trip that commits.
+    BEGIN is sent when the body first sends a statement, not before: a body that only holds writes (a new task
+    and its first job), or holds writes and ends with `last` (a delivery's success), is sent as one statement,
+    atomic on its own and committed with it: one round trip instead of three or four. `committing` turns true
+    just before the round trip that commits.
     """
 
     def __init__(self, conn: asyncpg.Connection | PoolConnectionProxy, sql: _Statements) -> None:
@@ -270,6 +271,7 @@ class PostgresTx(Tx):
             joined = await self._statement(bulk, [list(column) for column in zip(*rows)], write=_plain_write(sql))
             return _rowcount(await self._conn.execute(*joined))
         await self.flush()
+        await self._begin()
         statement = self._sql(sql)
         changed = 0
         for args in rows:

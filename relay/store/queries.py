@@ -193,11 +193,11 @@ RECORD_DELIVERY_ATTEMPT = (
     "next_attempt_at = ?, last_attempt_at = ?, last_status_code = ?, last_error = ?, url = ?, updated_at = ?, "
     "completed_at = ? WHERE id = ?")
 # A success recorded without reading the delivery first: only if it is still at this attempt (the attempts it
-# had before it, the last argument); the row as it is now returned with its subscription's failure clock, none
-# when another run moved it on.
+# had before it, the last argument) and its subscription's failure clock is not running (a success stops a running
+# clock, under the delivery's lock); the row as it is now returned, none when it was not changed.
 RECORD_DELIVERY_SUCCESS = (
-    RECORD_DELIVERY_ATTEMPT + " AND status = 'pending' AND attempts = ? RETURNING *, (SELECT s.failing_since "
-    "FROM subscriptions s WHERE s.id = deliveries.subscription_id) AS sub_failing_since")
+    RECORD_DELIVERY_ATTEMPT + " AND status = 'pending' AND attempts = ? AND NOT EXISTS (SELECT 1 FROM subscriptions s "
+    "WHERE s.id = deliveries.subscription_id AND s.failing_since IS NOT NULL) RETURNING *")
 SETTLE_DELIVERY = (
     "UPDATE deliveries SET status = ?, last_error = ?, next_attempt_at = NULL, completed_at = ?, updated_at = ? "
     "WHERE id = ? AND status = 'pending'")
