@@ -32,10 +32,15 @@ def _install(out: str) -> None:
     def counted(method):  # type: ignore[no-untyped-def]
         prefix = "executemany: " if method.__name__ == "executemany" else ""
 
+        heads: dict[object, str] = {}      # statement → its name in the tally, made once per statement text
+
         @functools.wraps(method)
         async def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             count[0] += 1
-            head = prefix + " ".join(str(args[0] if args else "").split())[:STATEMENT_HEAD]
+            sql = args[0] if args else ""
+            head = heads.get(sql)
+            if head is None:
+                head = heads[sql] = prefix + " ".join(str(sql).split())[:STATEMENT_HEAD]
             by_statement[head] = by_statement.get(head, 0) + 1
             return await method(self, *args, **kwargs)
         return call

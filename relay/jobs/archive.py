@@ -78,7 +78,7 @@ class ArchiveHandler:
         self.outage.succeeded()
         metrics.labeled(metrics.ARCHIVE_SECONDS, "archived").observe(time.perf_counter() - started)
         metrics.labeled(metrics.ARCHIVE_BYTES, provider).inc(result.bytes)
-        await ctx.store.image_archived(image_id, result, ctx.clock.now())
+        await ctx.store.image_archived(image_id, result, ctx.clock.now(), owner_id=image.task_id)
         return None
 
     async def _save(self, image: ImageRecord, inline: str | None, provider: str) -> ArchiveResult:

@@ -306,18 +306,20 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         row = await self._read(q.LOAD_IMAGE_WITH_SOURCE, (image_id,))
         return None if row is None else (image_from_row(row), row["source_data"])
 
-    async def image_archived(self, image_id: str, result: ArchiveResult, now: float) -> Applied | None:
+    async def image_archived(self, image_id: str, result: ArchiveResult, now: float, *,
+                             owner_id: str | None = None) -> Applied | None:
         """Record the saved image; if it was the task's last, the task succeeds (same transaction).
 
         Locks the task row before looking at its images, so two images finishing at once on two
-        replicas cannot both see the other still pending.
+        replicas cannot both see the other still pending. `owner_id`: the image's task (or archive), when the
+        caller read the image: the transaction does not read it again to find it.
         """
         args = (result.sha256, result.content_type, result.width, result.height, result.bytes, result.path, now,
                 image_id)
 
         async def settle(task: Task | Archive) -> Transition | None:
             return on_archived(task, all(img.status == "archived" for img in task.images))
-        return await self._settle_image(image_id, q.IMAGE_ARCHIVED, args, settle, now)
+        return await self._settle_image(image_id, q.IMAGE_ARCHIVED, args, settle, now, owner_id)
 
     async def image_failed(self, image_id: str, code: str, message: str, now: float) -> Applied | None:
         """Record a permanently failed image; the task fails with that reason (same transaction)."""
@@ -327,21 +329,25 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def _settle_image(self, image_id: str, sql: str, args: Sequence[Any],
                             decide: Callable[[Task | Archive], Awaitable[Transition | None]],
-                            now: float) -> Applied | None:
-        """The image's owner decides: a task (below), or an archive (relay.store.archives; None is returned)."""
+                            now: float, owner_id: str | None = None) -> Applied | None:
+        """The image's owner decides: a task (below), or an archive (relay.store.archives; None is returned).
+        `sql` settles the image only while it is pending; `owner_id`: its owner, if the caller knows it."""
         settled: list[Archive] = []
 
         async def body(tx: Tx) -> Applied | None:
             settled.clear()
-            image = await tx.one(q.LOAD_IMAGE, (image_id,))
-            if image is None or image["status"] != "pending":
-                return None
-            if is_archive_id(image["task_id"]):
-                archive = await self._settle_archive_image(tx, image["task_id"], sql, args, decide, now)
+            owner = owner_id
+            if owner is None:
+                image = await tx.one(q.LOAD_IMAGE, (image_id,))
+                if image is None or image["status"] != "pending":
+                    return None
+                owner = str(image["task_id"])
+            if is_archive_id(owner):
+                archive = await self._settle_archive_image(tx, owner, sql, args, decide, now)
                 settled.extend([archive] if archive is not None else [])
                 return None
             # Its images are read once this one is settled.
-            task = await self._load_task(tx, image["task_id"], lock=True, images=False)
+            task = await self._load_task(tx, owner, lock=True, images=False)
             if task is None or not await tx.run(sql, args):   # settled meanwhile by another run
                 return None
             task.images = await images_of(tx, task.id)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -200,6 +201,7 @@ class _Statements:
         return found
 
 
+@functools.lru_cache(maxsize=4096)     # statement texts are few; the regexes cost 2 % of the loop (py-spy)
 def _plain_write(sql: str) -> tuple[str, frozenset[str]] | None:
     """The table a plain INSERT, UPDATE or DELETE writes and the tables it reads (after FROM, JOIN or USING:
     subqueries, INSERT … SELECT, DELETE … USING), which PostgresTx may hold or send with held writes. None for
