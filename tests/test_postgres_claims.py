@@ -242,8 +242,8 @@ async def test_a_write_takes_the_held_writes_of_other_tables_along(store: Postgr
         # writes reads it as it was before, as it would have alone.
         await tx.write("UPDATE jobs SET attempts = 9 WHERE dedupe_key = ? AND EXISTS (SELECT 1 FROM rate_buckets "
                        "WHERE key = ? AND tokens = 6)", ("ride:0", "ride"))
-        assert await tx.run("UPDATE rate_buckets SET tokens = 7 WHERE key = ? AND NOT EXISTS (SELECT 1 FROM images WHERE id = 'none')",
-                            ("ride",)) == 1
+        assert await tx.run("UPDATE rate_buckets SET tokens = 7 WHERE key = ? AND NOT EXISTS "
+                            "(SELECT 1 FROM images WHERE id = 'none')", ("ride",)) == 1
         assert len(conn.sent) == 8 and conn.sent[-1].startswith("WITH w0 AS (UPDATE jobs SET attempts = 9")
         # A list of tables after FROM is not read apart: never held.
         await tx.write("UPDATE jobs SET attempts = 8 WHERE dedupe_key = ?", ("ride:0",))
@@ -381,3 +381,23 @@ async def test_statements_run_once_per_row_are_inside_the_transaction(store: Pos
         await store.transact(body)
     left = await store.pool.fetch("SELECT sha256 FROM image_deletions WHERE sha256 LIKE 'del:%' ORDER BY sha256")
     assert [r["sha256"] for r in left] == ["del:1", "del:2"]
+
+
+@pytest.mark.parametrize("key", ["relay.provider:gmi-cloud_2", "relay.provider:o'brien; DROP TABLE jobs"])
+async def test_an_advisory_lock_first_goes_with_begin_and_holds(store: PostgresStore, key: str) -> None:
+    """The transaction's first statement, an advisory lock on a key of plain characters, goes in one message with
+    BEGIN; any other key as a statement of its own, with its text as an argument. Either way the lock is held
+    until the transaction ends."""
+    from relay.store.postgres import PostgresTx
+    async with store.pool.acquire() as raw, store.pool.acquire() as other:
+        conn = _CountingConnection(raw)
+        tx = PostgresTx(conn, store._sql)    # noqa: SLF001
+        await tx.advisory_lock(key)
+        plain = "'" not in key
+        assert conn.sent == ([f"BEGIN; SELECT pg_advisory_xact_lock(hashtext('{key}'))"] if plain
+                             else ["BEGIN", "SELECT pg_advisory_xact_lock(hashtext($1)) AS locked"])
+        assert await other.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", key) is False
+        await tx.commit()
+        assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key) is True
+        await other.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+    assert await store.pool.fetchval("SELECT count(*) FROM jobs") is not None      # the table is still there

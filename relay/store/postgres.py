@@ -80,6 +80,7 @@ _TABLE_LIST = re.compile(r"\bFROM\s+\w+(?:\s+(?:AS\s+)?\w+)?\s*,", re.IGNORECASE
 # for each mix of them a transaction sends (bench.throughput: about 50 texts in all); one evicted is prepared
 # again, a round trip more.
 STATEMENT_CACHE_SIZE = 500
+_LOCK_KEY = re.compile(r"[\w.:-]+", re.ASCII)     # a lock key safe as a literal (PostgresTx.advisory_lock)
 _JSON_EXTRACT = re.compile(r"json_extract\((\w+), '\$\.(\w+)'\)")
 
 
@@ -336,10 +337,19 @@ class PostgresTx(Tx):
         table, reads = write
         return table not in self._held_tables and self._held_tables.isdisjoint(reads)
 
-    async def _begin(self) -> None:
+    async def _begin(self, then: str = "") -> None:
         if not self.begun:
             self.begun = True       # before the round trip: a BEGIN that fails may still have begun
-            await self._conn.execute("BEGIN")
+            await self._conn.execute(f"BEGIN; {then}" if then else "BEGIN")
+
+    async def advisory_lock(self, key: str) -> None:
+        """A lock on `key` held until the transaction ends (pg_advisory_xact_lock over hashtext(key)). As the
+        transaction's first statement it goes in one message with BEGIN (the simple query protocol runs both,
+        the key a literal: only keys of word characters, dots, colons and dashes), a round trip fewer."""
+        if not self.begun and _LOCK_KEY.fullmatch(key):
+            await self._begin(f"SELECT pg_advisory_xact_lock(hashtext('{key}'))")
+        else:
+            await self.one("SELECT pg_advisory_xact_lock(hashtext(?)) AS locked", (key,))
 
     async def flush(self) -> None:
         """Send the held writes (one statement, one round trip)."""
@@ -522,7 +532,8 @@ class PostgresStore(Store):
                 log.info("transaction lost a race (%s); running it again", type(exc).__name__)
                 await asyncio.sleep(0.01 * attempt)
             except _LOST as exc:
-                if lost_once or (tx is not None and tx.committing):      # what fails from its commit on may have committed
+                # What fails from its commit on may have committed: not run again.
+                if lost_once or (tx is not None and tx.committing):
                     raise
                 lost_once = True
                 await self._connection_lost(exc, "running the transaction again (it never reached its commit)")
@@ -577,7 +588,8 @@ class PostgresStore(Store):
 
     async def lock_provider(self, tx: Tx, provider: str) -> None:
         # Held until the transaction ends: replicas count and mark one at a time per provider account.
-        await tx.one("SELECT pg_advisory_xact_lock(hashtext(?)) AS locked", (f"relay.provider:{provider}",))
+        assert isinstance(tx, PostgresTx)
+        await tx.advisory_lock(f"relay.provider:{provider}")
 
     async def claim(self, now: float, *, limit: int, lease_seconds: float,
                     kinds: Sequence[str] | None = None) -> list[Job]:
