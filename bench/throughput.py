@@ -512,8 +512,10 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         "the bench share the cores. relay's CPU per task is what its durability costs; the ratio is about how "
         "much of the simulator's rate is left once relay takes its share of the same cores.",
         ("On PostgreSQL relay's event loop's thread is the limit (the cores line above: it is nearly all of relay's "
-         "CPU), and about a third of its time holding the GIL goes to asyncpg's statements: the round trips per "
-         "task are what to cut. Where the "
+         "CPU), and asyncpg's statements are about two fifths of its time holding the GIL, mostly the socket "
+         "write of each round trip (py-spy --native: a third of the loop's samples are in write(), HTTP's "
+         "included); on this loopback a round trip costs the loop roughly 20 µs, and where the database is on "
+         "another host each is also a wait. Where the "
          if postgres() else
          "relay is serialized, not short of cores: its Python runs on one GIL and its writes on one SQLite writer "
          "(the cores line above: the loop's thread and the others add up to about one core while the machine has "
