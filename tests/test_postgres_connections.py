@@ -216,6 +216,22 @@ async def test_a_transaction_whose_connection_dies_before_its_commit_is_run_agai
     assert await store.job_counts() == {"poll:queued": 1}
 
 
+async def test_a_transaction_sent_as_one_statement_is_not_run_again_when_its_connection_dies(
+        stores: Callable[[], Awaitable[PostgresStore]], admin: asyncpg.Connection, clock: ManualClock) -> None:
+    """A new task with its first job is one statement without BEGIN (its writes held to the end): that statement
+    is its commit, so a connection that dies under it leaves the outcome unknown and it is not sent again; the
+    error reaches the caller (here nothing was written: the backend died waiting for the table's lock)."""
+    from relay.models import Task
+    from relay.store.postgres import _LOST
+    store = await stores()
+    now = clock.now()
+    task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p"}, created_at=now,
+                updated_at=now)
+    with pytest.raises(_LOST):
+        await killed_mid_statement(admin, "tasks", store.create_task(task, [a_job(clock, "submit")]))
+    assert await store.get_task(task.id) is None and await store.job_counts() == {}
+
+
 async def test_claims_go_on_after_every_pooled_connection_is_terminated(
         stores: Callable[[], Awaitable[PostgresStore]], admin: asyncpg.Connection, clock: ManualClock) -> None:
     """All the pool's connections are killed while idle (a server restart): the next claims, enqueues and
