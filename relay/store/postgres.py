@@ -20,7 +20,8 @@ writes a transaction never reads back (`Tx.write`) are held and sent together as
 Connections lost (the server restarted, a backend terminated, a network cut): a read or a claim is tried
 once more on another connection (a claim lost after its commit only leaves its jobs leased until the
 lease runs out); so is a transaction that failed before its COMMIT was sent (nothing of it was
-committed); a write lost during its commit is not, its outcome unknown. The LISTEN connection is opened
+committed); a write lost during its commit is not, its outcome unknown, nor a transaction sent as one
+statement without BEGIN (PostgresTx), which is its own commit. The LISTEN connection is opened
 again with capped backoff, then the worker is woken (a notification may have been missed meanwhile);
 `ping()` fails while it is down.
 """
