@@ -130,9 +130,7 @@ async def _write_task_state(tx: Tx, task: Task, t: Transition, now: float, prici
         if task.cost is not None:
             cost = True
             args += [dumps(task.cost), task.cost["amount"], task.cost["currency"], cost_day(now)]
-    sql = {(False, False): q.UPDATE_TASK_STATE, (True, False): q.UPDATE_TASK_STATE_USAGE,
-           (False, True): q.UPDATE_TASK_STATE_COST, (True, True): q.UPDATE_TASK_STATE_USAGE_COST}[usage, cost]
-    await tx.write(sql, (*args, task.id))
+    await tx.write(q.update_task_state(usage=usage, cost=cost), (*args, task.id))
 
 
 async def enabled_subscriptions(tx: Tx) -> list[Row]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 FOR_UPDATE = " /*FOR UPDATE*/"
 
-
 # ---- tasks -----------------------------------------------------------------------------------------
 INSERT_TASK = (
     "INSERT INTO tasks (id, provider, provider_task_id, status, progress, request, error, metadata, webhook_url, "
@@ -24,13 +23,16 @@ LOCK_TASK = "SELECT * FROM tasks WHERE id = ?" + FOR_UPDATE
 UPDATE_TASK_STATE = (
     "UPDATE tasks SET status = ?, sequence = ?, updated_at = ?, progress = ?, provider_task_id = ?, error = ?, "
     "completed_at = ? WHERE id = ?")
-# UPDATE_TASK_STATE writing the usage a provider reported and/or the cost the task ended with as well: one
-# write of the row (two writes of one table are two statements on PostgreSQL, see PostgresTx).
-UPDATE_TASK_STATE_USAGE = UPDATE_TASK_STATE.replace(" WHERE id", ", usage = ? WHERE id")
-UPDATE_TASK_STATE_COST = UPDATE_TASK_STATE.replace(
-    " WHERE id", ", cost = ?, cost_amount = ?, cost_currency = ?, cost_day = ? WHERE id")
-UPDATE_TASK_STATE_USAGE_COST = UPDATE_TASK_STATE.replace(
-    " WHERE id", ", usage = ?, cost = ?, cost_amount = ?, cost_currency = ?, cost_day = ? WHERE id")
+TASK_USAGE_COLUMNS = ("usage",)
+TASK_COST_COLUMNS = ("cost", "cost_amount", "cost_currency", "cost_day")
+
+
+def update_task_state(*, usage: bool, cost: bool) -> str:
+    """UPDATE_TASK_STATE also writing the usage a provider reported and/or the cost the task ended with (their
+    values after the state's, before the id): one write of the row, as two writes of one table are two
+    statements on PostgreSQL (PostgresTx)."""
+    extra = (*(TASK_USAGE_COLUMNS if usage else ()), *(TASK_COST_COLUMNS if cost else ()))
+    return UPDATE_TASK_STATE.replace(" WHERE id", "".join(f", {column} = ?" for column in extra) + " WHERE id")
 MARK_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ?"
 CLEAR_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL"
 COUNT_IN_FLIGHT = (

@@ -54,7 +54,6 @@ def image_from_row(row: Any, prefix: str = "") -> ImageRecord:
         path=row[prefix + "path"], archived_at=row[prefix + "archived_at"], error=row[prefix + "error"])
 
 
-
 def job_from_row(row: Any) -> Job:
     return Job(id=row["id"], kind=row["kind"], task_id=row["task_id"], payload=loads(row["payload"]) or {},
                run_at=row["run_at"], dedupe_key=row["dedupe_key"], attempts=row["attempts"],
