@@ -283,8 +283,8 @@ async def test_a_body_of_held_writes_is_one_statement_without_begin(store: Postg
 
 
 async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresStore) -> None:
-    """Through the store: a task moving on reads its row (locked), its images and the subscriptions, then sends
-    its row's change and its event as one statement (besides BEGIN and COMMIT)."""
+    """Through the store: a task moving on locks its row (in one message with BEGIN), reads it with its images
+    and the subscriptions, then sends its row's change and its event as one statement, then COMMIT."""
     from relay.models import ProviderStatus, Task, TaskUpdate
     from relay.states import on_update
     now = time.time()
@@ -298,8 +298,9 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
     finally:
         store._pool = counting.pool         # noqa: SLF001
     assert applied is not None
-    assert len(counting.sent) == 6, counting.sent
-    assert counting.sent[0] == "BEGIN" and counting.sent[-1] == "COMMIT"
+    assert len(counting.sent) == 5, counting.sent
+    assert counting.sent[0] == f"BEGIN; SELECT * FROM tasks WHERE id = '{task.id}' FOR UPDATE"
+    assert counting.sent[1] == to_postgres(q.LOAD_TASK_WITH_IMAGES) and counting.sent[-1] == "COMMIT"
     assert counting.sent[-2].startswith("WITH w0 AS (UPDATE tasks SET status")
     events = await store.list_events(after=None, type=None, task_id=task.id, limit=10)
     assert [e.id for e in events] == [applied.event.id]
@@ -400,4 +401,31 @@ async def test_an_advisory_lock_first_goes_with_begin_and_holds(store: PostgresS
         await tx.commit()
         assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key) is True
         await other.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+    assert await store.pool.fetchval("SELECT count(*) FROM jobs") is not None      # the table is still there
+
+
+@pytest.mark.parametrize("plain", [True, False])
+async def test_a_row_lock_first_goes_with_begin_and_holds(store: PostgresStore, plain: bool) -> None:
+    """Tx.lock as the transaction's first statement: for a key of plain characters one message with BEGIN, its
+    status telling whether the row is there; any other key (a quote in it) as a statement of its own with the key
+    as an argument. Either way the row stays locked until the transaction ends, and an unknown key locks nothing."""
+    from relay.models import Task
+    from relay.store.postgres import PostgresTx
+    now = time.time()
+    task = Task(id=ids.new_id("tsk", now) + ("" if plain else "o'brien; DROP TABLE jobs; --"), provider="gmicloud",
+                request={"prompt": "p"}, created_at=now, updated_at=now)
+    await store.create_task(task, [])
+    async with store.pool.acquire() as raw, store.pool.acquire() as other:
+        conn = _CountingConnection(raw)
+        tx = PostgresTx(conn, store._sql)    # noqa: SLF001
+        assert await tx.lock(q.LOCK_TASK, task.id) is True
+        assert conn.sent == ([f"BEGIN; SELECT * FROM tasks WHERE id = '{task.id}' FOR UPDATE"] if plain
+                             else ["BEGIN", "SELECT * FROM tasks WHERE id = $1 FOR UPDATE"])
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await other.execute("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id)
+        await tx.commit()
+        assert await other.fetchval("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id) == task.id
+        unknown = PostgresTx(_CountingConnection(raw), store._sql)    # noqa: SLF001
+        assert await unknown.lock(q.LOCK_TASK, "tsk_" + ("unknown" if plain else "o'unknown")) is False
+        await unknown.commit()
     assert await store.pool.fetchval("SELECT count(*) FROM jobs") is not None      # the table is still there

@@ -22,7 +22,7 @@ from relay.states import Transition
 from relay.store import queries as q
 from relay.store.idempotency import replay_or_claim
 from relay.store.outbox import archive_job, images_of, insert_jobs, write_archive_transition
-from relay.store.plumbing import StorePlumbing
+from relay.store.plumbing import StorePlumbing, owner_with_images
 from relay.store.rows import dumps, loads, task_row
 from relay.store.tx import Row, Tx
 
@@ -134,11 +134,10 @@ class ArchiveCases(StorePlumbing):
         """Store._settle_image for an image an archive owns: record the image, let `decide` judge the archive
         (locked), write its transition. Inside the caller's transaction. The archive if its status changed (the
         caller tells _archive_told after the commit)."""
-        row = await tx.one(q.LOCK_ARCHIVE, (archive_id,))
-        if row is None or not await tx.run(sql, args):    # settled meanwhile by another run
+        if not await tx.lock(q.LOCK_ARCHIVE, archive_id) or not await tx.run(sql, args):   # settled meanwhile
             return None
-        archive = archive_from_row(row)
-        archive.images = await images_of(tx, archive.id)
+        archive = owner_with_images(await tx.all(q.LOAD_ARCHIVE_WITH_IMAGES, (archive_id,)), archive_from_row)
+        assert archive is not None      # locked: nobody removed it since
         if archive.status == TaskStatus.PENDING:
             archive.status = TaskStatus.ARCHIVING     # the job saved it before it could say it started
         transition = await decide(archive)

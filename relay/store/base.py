@@ -36,7 +36,7 @@ from relay.store.archives import ArchiveCases, is_archive_id
 from relay.store.console import ConsoleCases
 from relay.store.deliveries import DeliveryCases
 from relay.store.idempotency import replay_or_claim
-from relay.store.outbox import Pricing, images_of, insert_jobs, write_jobs, write_transition
+from relay.store.outbox import Pricing, insert_jobs, write_jobs, write_transition
 from relay.store.plumbing import StorePlumbing, owner_with_images
 from relay.store.retention import RetentionCases
 from relay.store.routing import RoutingCases
@@ -240,16 +240,12 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                                        jobs=tuple(jobs))
         return Applied(task=task, transition=t, event=event)
 
-    async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False, images: bool = True) -> Task | None:
-        if images and not lock:
-            return owner_with_images(await tx.all(q.LOAD_TASK_WITH_IMAGES, (task_id,)), task_from_row)
-        row = await tx.one(q.LOCK_TASK if lock else q.LOAD_TASK, (task_id,))
-        if row is None:
+    async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
+        """The task with its images; `lock`: locked first (Tx.lock), then read in a statement of its own, which
+        sees the row and its images as whoever held the lock committed them (see queries.with_images)."""
+        if lock and not await tx.lock(q.LOCK_TASK, task_id):
             return None
-        task = task_from_row(row)
-        if images:      # after the lock, in a statement of its own: as committed by whoever held it (with_images)
-            task.images = await images_of(tx, task_id)
-        return task
+        return owner_with_images(await tx.all(q.LOAD_TASK_WITH_IMAGES, (task_id,)), task_from_row)
 
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
     async def receive_callback(self, job: Job) -> None:
@@ -346,11 +342,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                 archive = await self._settle_archive_image(tx, owner, sql, args, decide, now)
                 settled.extend([archive] if archive is not None else [])
                 return None
-            # Its images are read once this one is settled.
-            task = await self._load_task(tx, owner, lock=True, images=False)
-            if task is None or not await tx.run(sql, args):   # settled meanwhile by another run
+            # The task is read, with its images, once this one is settled.
+            if not await tx.lock(q.LOCK_TASK, owner) or not await tx.run(sql, args):   # settled meanwhile
                 return None
-            task.images = await images_of(tx, task.id)
+            task = await self._load_task(tx, owner)
+            assert task is not None     # locked: nobody removed it since
             transition = await decide(task)
             if transition is None:
                 return None

@@ -338,10 +338,12 @@ class PostgresTx(Tx):
         table, reads = write
         return table not in self._held_tables and self._held_tables.isdisjoint(reads)
 
-    async def _begin(self, then: str = "") -> None:
-        if not self.begun:
-            self.begun = True       # before the round trip: a BEGIN that fails may still have begun
-            await self._conn.execute(f"BEGIN; {then}" if then else "BEGIN")
+    async def _begin(self, then: str = "") -> str:
+        """BEGIN, if not yet, and `then` (a statement without arguments) in the same message; `then`'s status."""
+        if self.begun:
+            return ""
+        self.begun = True       # before the round trip: a BEGIN that fails may still have begun
+        return str(await self._conn.execute(f"BEGIN; {then}" if then else "BEGIN"))
 
     async def advisory_lock(self, key: str) -> None:
         """A lock on `key` held until the transaction ends (pg_advisory_xact_lock over hashtext(key)). As the
@@ -351,6 +353,13 @@ class PostgresTx(Tx):
             await self._begin(f"SELECT pg_advisory_xact_lock(hashtext('{key}'))")
         else:
             await self.one("SELECT pg_advisory_xact_lock(hashtext(?)) AS locked", (key,))
+
+    async def lock(self, sql: str, key: str) -> bool:
+        """As the transaction's first statement (nothing held either: held writes go first) the lock goes in one
+        message with BEGIN, as advisory_lock's does: its status, `SELECT n`, tells whether there is the row."""
+        if self.begun or self._held or not _LOCK_KEY.fullmatch(key) or sql.count("?") != 1:
+            return await super().lock(sql, key)
+        return _rowcount(await self._begin(to_postgres(sql.replace("?", "'" + key + "'")))) > 0
 
     async def flush(self) -> None:
         """Send the held writes (one statement, one round trip)."""

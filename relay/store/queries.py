@@ -67,8 +67,8 @@ def with_images(table: str) -> str:
     """A task's (or an archive's) row with its images in one statement instead of two: a row per image, the
     owner's columns repeated and the image's named image_<column>; one row with NULL images when it has none.
     plumbing.owner_with_images builds it. Never with a row lock: after waiting for the lock PostgreSQL (READ
-    COMMITTED) reads the locked row again but keeps the images as they were before the wait, so a locked read
-    reads the images in a statement of its own (Store._load_task)."""
+    COMMITTED) reads the locked row again but keeps the images as they were before the wait, so the row is
+    locked first (Tx.lock) and read with its images by this statement after (Store._load_task)."""
     columns = ", ".join(f"i.{name.strip()} AS image_{name.strip()}" for name in IMAGE_COLUMNS.split(","))
     return (f"SELECT o.*, {columns} FROM {table} o LEFT JOIN images i ON i.task_id = o.id WHERE o.id = ? "
             f"ORDER BY i.idx")

@@ -39,6 +39,13 @@ class Tx(abc.ABC):
         nothing before it is then one statement, one round trip instead of three."""
         return await self.all(sql, args)
 
+    async def lock(self, sql: str, key: str) -> bool:
+        """Lock the row the `FOR_UPDATE` query `sql` finds by its one argument, `key`, until the transaction ends;
+        whether there is one. Its columns are read after, by another statement, which sees the row (and whatever
+        else the lock guards) as the last holder committed it. A backend may send the lock with BEGIN: on
+        PostgreSQL, as the body's first statement, one round trip for both."""
+        return await self.one(sql, (key,)) is not None
+
     async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
         """Run an INSERT, UPDATE or DELETE whose outcome this transaction never reads: no count, no rows, and no
         error caught around the call. A backend may hold it and send it later together with other held
