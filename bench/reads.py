@@ -8,8 +8,8 @@ image's row until the archive job has saved it. Meanwhile the task is read by ev
 through. A store (a SQLiteStore on a temp file, or a PostgresStore on a fresh database) holds two tasks with
 IMAGES images each: one whose images wait with their sources (SOURCE_BYTES of random bytes each, as base64), one
 whose images are archived (nothing inline). Each is read READS times with store.get_task (what GET /v1/tasks/{id}
-and the jobs read) and with the locked read every transition and archived image makes (Store._load_task with
-lock=True, inside a transaction). Ratio: waiting / archived, get_task p50.
+and the jobs read) and with the locked read every transition and archived image makes (Tx.lock, then
+Store._locked_task, inside a transaction). Ratio: waiting / archived, get_task p50.
 """
 
 from __future__ import annotations
@@ -23,10 +23,17 @@ from typing import Any
 
 from bench.common import (Figure, Section, create_database, drop_database, percentile, postgres, ratio, run_loop,
                           run_standalone, timed)
+from relay.store import queries as q
 
 IMAGES = 4
 SOURCE_BYTES = 2_100_000       # a 1024x1024 PNG as gpt-image-1.5 returns it, about; 2.8 MB of base64
 READS = 50
+
+
+async def _locked_read(store: Any, tx: Any, task_id: str) -> Any:
+    """What a transition reads: the task's lock, then the task with its images (Store.apply)."""
+    assert await tx.lock(q.LOCK_TASK, task_id)
+    return await store._locked_task(tx, task_id)    # noqa: SLF001 - the read timed
 
 
 async def _timed_reads(store: Any, task_id: str, reads: int) -> dict[str, float]:
@@ -37,7 +44,7 @@ async def _timed_reads(store: Any, task_id: str, reads: int) -> dict[str, float]
         gets.append((time.perf_counter() - began) * 1000)
         assert task is not None and len(task.images) == IMAGES
         began = time.perf_counter()
-        await store.transact(lambda tx: store._load_task(tx, task_id, lock=True))   # noqa: SLF001 - the read timed
+        await store.transact(lambda tx: _locked_read(store, tx, task_id))
         locked.append((time.perf_counter() - began) * 1000)
     return {"get_p50": percentile(gets, 50), "get_p99": percentile(gets, 99), "locked_p50": percentile(locked, 50)}
 

@@ -302,10 +302,21 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
     assert counting.sent[0] == f"BEGIN; SELECT * FROM tasks WHERE id = '{task.id}' FOR UPDATE"
     assert counting.sent[1] == to_postgres(q.LOAD_TASK_WITH_IMAGES) and counting.sent[-1] == "COMMIT"
     assert counting.sent[-2].startswith("WITH w0 AS (UPDATE tasks SET status")
+    assert counting.sent[2] == to_postgres(q.ENABLED_SUBSCRIPTIONS)
     events = await store.list_events(after=None, type=None, task_id=task.id, limit=10)
     assert [e.id for e in events] == [applied.event.id]
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.status == applied.task.status and loaded.sequence == applied.task.sequence
+    # The next one finds the subscriptions unchanged (their stamp, read with the task): it does not read them.
+    counting.sent.clear()
+    store._pool = counting                  # noqa: SLF001
+    try:
+        again = await store.apply(task.id, lambda t: on_update(t, TaskUpdate(status=ProviderStatus.RUNNING,
+                                                                              progress=50)), now)
+    finally:
+        store._pool = counting.pool         # noqa: SLF001
+    assert again is not None and again.transition.progress == 50, again
+    assert len(counting.sent) == 4 and to_postgres(q.ENABLED_SUBSCRIPTIONS) not in counting.sent, counting.sent
 
 
 async def test_a_task_is_read_with_its_images_in_one_statement(store: PostgresStore) -> None:

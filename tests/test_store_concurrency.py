@@ -509,6 +509,51 @@ async def test_a_success_stops_the_failure_clock_a_failure_started(open_store: O
     assert await clock_after(second, 1, 200) is None
 
 
+async def test_fan_out_follows_each_subscription_change_another_replica_makes(open_store: OpenStore,
+                                                                              clock: ManualClock) -> None:
+    """A replica keeps the enabled subscriptions from one transition to the next (outbox.Subscribers), and every
+    change another replica makes reaches its very next transition: a subscription added, its events changed,
+    disabled, enabled again, deleted."""
+    a, b = await replicas(open_store)
+    now = clock.now()
+
+    async def fanned_out_to() -> set[str | None]:
+        task = new_task(clock)
+        await a.create_task(task, [])
+        applied = await a.apply(task.id, moved_by(TaskUpdate(status=ProviderStatus.QUEUED)), now)
+        assert applied is not None
+        found, _ = await a.list_deliveries(subscription_id=None, status=None, task_id=task.id,
+                                           event_id=applied.event.id, limit=10, cursor=None)
+        return {delivery.subscription_id for delivery in found}
+
+    def subscription(events: list[str]) -> Subscription:
+        return Subscription(id=ids.new_id("sub", now), url="https://subscriber.test/hook", events=events,
+                            keyring="sealed", created_at=now, updated_at=now)
+
+    def changed(**fields: Any) -> Callable[[Subscription], Subscription]:
+        def change(sub: Subscription) -> Subscription:
+            for name, value in fields.items():
+                setattr(sub, name, value)
+            return sub
+        return change
+
+    assert await fanned_out_to() == set()
+    first = await b.create_subscription(subscription(["task.*"]))
+    assert await fanned_out_to() == {first.id}
+    assert await fanned_out_to() == {first.id}
+    await b.update_subscription(first.id, changed(events=["archive.*"]), now)
+    assert await fanned_out_to() == set()
+    await b.update_subscription(first.id, changed(events=["task.queued"]), now)
+    second = await b.create_subscription(subscription(["*"]))
+    assert await fanned_out_to() == {first.id, second.id}
+    await b.update_subscription(second.id, changed(enabled=False), now)
+    assert await fanned_out_to() == {first.id}
+    await b.update_subscription(second.id, changed(enabled=True), now)
+    assert await fanned_out_to() == {first.id, second.id}
+    assert await b.delete_subscription(first.id, now)
+    assert await fanned_out_to() == {second.id}
+
+
 def _first_attempt(delivery: Delivery, status_code: int, now: float) -> Attempt:
     return Attempt(delivery_id=delivery.id, number=1, at=now, url=delivery.url, status_code=status_code,
                    latency_ms=1.0, error=None if status_code == 200 else f"HTTP {status_code}")

@@ -21,7 +21,7 @@ from relay.models import Archive, ImageRecord, Job, Task, TaskStatus
 from relay.states import Transition
 from relay.store import queries as q
 from relay.store.idempotency import replay_or_claim
-from relay.store.outbox import archive_job, images_of, insert_jobs, write_archive_transition
+from relay.store.outbox import archive_job, images_of, insert_jobs, subscriptions_stamp, write_archive_transition
 from relay.store.plumbing import StorePlumbing, owner_with_images
 from relay.store.rows import dumps, loads, task_row
 from relay.store.tx import Row, Tx
@@ -56,7 +56,7 @@ class ArchiveCases(StorePlumbing):
     delivery_initial_delay: float
 
     @abc.abstractmethod
-    async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False) -> Task | None: ...
+    async def _load_task(self, tx: Tx, task_id: str) -> Task | None: ...
 
     @abc.abstractmethod
     async def _replayed_task(self, tx: Tx, idempotency: tuple[str, str, str] | None, task: Task) -> Task | None: ...
@@ -136,14 +136,17 @@ class ArchiveCases(StorePlumbing):
         caller tells _archive_told after the commit)."""
         if not await tx.lock(q.LOCK_ARCHIVE, archive_id) or not await tx.run(sql, args):   # settled meanwhile
             return None
-        archive = owner_with_images(await tx.all(q.LOAD_ARCHIVE_WITH_IMAGES, (archive_id,)), archive_from_row)
+        rows = await tx.all(q.LOAD_ARCHIVE_WITH_IMAGES, (archive_id,))
+        archive = owner_with_images(rows, archive_from_row)
         assert archive is not None      # locked: nobody removed it since
         if archive.status == TaskStatus.PENDING:
             archive.status = TaskStatus.ARCHIVING     # the job saved it before it could say it started
         transition = await decide(archive)
         if transition is None:
             return None
-        await write_archive_transition(tx, archive, transition, now, delivery_delay=self.delivery_initial_delay)
+        await write_archive_transition(tx, archive, transition, now,
+                                       subscriptions=await self.subscribers.enabled(tx, subscriptions_stamp(rows)),
+                                       delivery_delay=self.delivery_initial_delay)
         return archive
 
     # ---- adopted tasks ---------------------------------------------------------------------------

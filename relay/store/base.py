@@ -36,7 +36,7 @@ from relay.store.archives import ArchiveCases, is_archive_id
 from relay.store.console import ConsoleCases
 from relay.store.deliveries import DeliveryCases
 from relay.store.idempotency import replay_or_claim
-from relay.store.outbox import Pricing, insert_jobs, write_jobs, write_transition
+from relay.store.outbox import Pricing, insert_jobs, subscriptions_stamp, write_jobs, write_transition
 from relay.store.plumbing import StorePlumbing, owner_with_images
 from relay.store.retention import RetentionCases
 from relay.store.routing import RoutingCases
@@ -190,13 +190,13 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             assert seen.id == task_id
             return None
         async def body(tx: Tx) -> Applied | None:
-            task = await self._load_task(tx, task_id, lock=True)
-            if task is None:
+            if not await tx.lock(q.LOCK_TASK, task_id):
                 return None
+            task, stamp = await self._locked_task(tx, task_id)
             transition = decide(task)
             if transition is None:
                 return None
-            return await self._transition(tx, task, transition, now, default_expiry, jobs)
+            return await self._transition(tx, task, stamp, transition, now, default_expiry, jobs)
         applied = await self.transact_shared(body)
         self._wake()
         self._applied(applied)
@@ -233,19 +233,26 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         # made before it in the shared transaction, so the cap holds as it does alone.
         return await self.transact_shared(body)
 
-    async def _transition(self, tx: Tx, task: Task, t: Transition, now: float, default_expiry: float,
-                          jobs: Sequence[Job] = ()) -> Applied:
-        event = await write_transition(tx, task, t, now, default_expiry=default_expiry,
-                                       delivery_delay=self.delivery_initial_delay, pricing=self.pricing,
-                                       jobs=tuple(jobs))
+    async def _transition(self, tx: Tx, task: Task, stamp: int | None, t: Transition, now: float,
+                          default_expiry: float, jobs: Sequence[Job] = ()) -> Applied:
+        """Write `t` of `task` (_locked_task, which read `stamp` with it)."""
+        event = await write_transition(tx, task, t, now, subscriptions=await self.subscribers.enabled(tx, stamp),
+                                       default_expiry=default_expiry, delivery_delay=self.delivery_initial_delay,
+                                       pricing=self.pricing, jobs=tuple(jobs))
         return Applied(task=task, transition=t, event=event)
 
-    async def _load_task(self, tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
-        """The task with its images; `lock`: locked first (Tx.lock), then read in a statement of its own, which
-        sees the row and its images as whoever held the lock committed them (see queries.with_images)."""
-        if lock and not await tx.lock(q.LOCK_TASK, task_id):
-            return None
+    async def _load_task(self, tx: Tx, task_id: str) -> Task | None:
+        """The task with its images."""
         return owner_with_images(await tx.all(q.LOAD_TASK_WITH_IMAGES, (task_id,)), task_from_row)
+
+    async def _locked_task(self, tx: Tx, task_id: str) -> tuple[Task, int | None]:
+        """The task whose row this transaction has locked (Tx.lock), read after the lock in a statement of its own,
+        so with its row and images as whoever held the lock before committed them (see queries.with_images), and
+        the subscriptions' stamp (outbox.Subscribers)."""
+        rows = await tx.all(q.LOAD_TASK_WITH_IMAGES, (task_id,))
+        task = owner_with_images(rows, task_from_row)
+        assert task is not None     # locked: nobody removed it since
+        return task, subscriptions_stamp(rows)
 
     # ---- provider callbacks (the inbox) ----------------------------------------------------------
     async def receive_callback(self, job: Job) -> None:
@@ -345,12 +352,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             # The task is read, with its images, once this one is settled.
             if not await tx.lock(q.LOCK_TASK, owner) or not await tx.run(sql, args):   # settled meanwhile
                 return None
-            task = await self._load_task(tx, owner)
-            assert task is not None     # locked: nobody removed it since
+            task, stamp = await self._locked_task(tx, owner)
             transition = await decide(task)
             if transition is None:
                 return None
-            return await self._transition(tx, task, transition, now, 0.0)
+            return await self._transition(tx, task, stamp, transition, now, 0.0)
         applied = await self.transact_shared(body)
         self._wake()
         self._applied(applied)

@@ -8,12 +8,14 @@ this one class, so the plumbing is declared once; relay.store.sqlite and relay.s
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from relay.models import Event, ImageRecord, Task, TaskStatus
 from relay.store import queries as q
 from relay.store.batching import GroupCommit, SharedTransactions
+from relay.store.outbox import Subscribers
 from relay.store.rows import image_from_row
 from relay.store.tx import Row, Tx
 
@@ -51,6 +53,11 @@ class StorePlumbing(abc.ABC):
 
     SHARES_TRANSACTIONS = False     # see transact_shared
     TELLS_LANE_RELEASES = False     # the database tells every process of a lane slot given back (see on_lane_freed)
+
+    @functools.cached_property
+    def subscribers(self) -> Subscribers:
+        """The enabled subscriptions transitions fan out to, kept while they are unchanged (outbox.Subscribers)."""
+        return Subscribers()
 
     @abc.abstractmethod
     async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:

@@ -63,6 +63,10 @@ IMAGE_COLUMNS = ("id, task_id, idx, source_url, source_expires_at, status, sha25
 IMAGES_OF_TASK = f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id = ? ORDER BY idx"
 
 
+# The subscriptions' stamp (sql/020), read along with a task or an archive: see relay.store.outbox.Subscribers.
+SUBSCRIPTIONS_STAMP = "(SELECT stamp FROM subscriptions_stamp)"
+
+
 def with_images(table: str) -> str:
     """A task's (or an archive's) row with its images in one statement instead of two: a row per image, the
     owner's columns repeated and the image's named image_<column>; one row with NULL images when it has none.
@@ -70,8 +74,8 @@ def with_images(table: str) -> str:
     COMMITTED) reads the locked row again but keeps the images as they were before the wait, so the row is
     locked first (Tx.lock) and read with its images by this statement after (Store._load_task)."""
     columns = ", ".join(f"i.{name.strip()} AS image_{name.strip()}" for name in IMAGE_COLUMNS.split(","))
-    return (f"SELECT o.*, {columns} FROM {table} o LEFT JOIN images i ON i.task_id = o.id WHERE o.id = ? "
-            f"ORDER BY i.idx")
+    return (f"SELECT o.*, {columns}, {SUBSCRIPTIONS_STAMP} AS subscriptions_stamp FROM {table} o "
+            f"LEFT JOIN images i ON i.task_id = o.id WHERE o.id = ? ORDER BY i.idx")
 
 
 LOAD_TASK_WITH_IMAGES = with_images("tasks")
@@ -159,7 +163,9 @@ INSERT_SUBSCRIPTION = (
     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 LOAD_SUBSCRIPTION = "SELECT * FROM subscriptions WHERE id = ?"
 LOCK_SUBSCRIPTION = "SELECT * FROM subscriptions WHERE id = ?" + FOR_UPDATE
-ENABLED_SUBSCRIPTIONS = "SELECT id, url, events FROM subscriptions WHERE enabled = 1"
+# With their stamp: one row with a NULL id when none is enabled.
+ENABLED_SUBSCRIPTIONS = ("SELECT s.id, s.url, s.events, z.stamp FROM subscriptions_stamp z "
+                         "LEFT JOIN subscriptions s ON s.enabled = 1")
 UPDATE_SUBSCRIPTION = (
     "UPDATE subscriptions SET url = ?, events = ?, description = ?, enabled = ?, disabled_reason = ?, keyring = ?, "
     "public_key = ?, previous_public_key = ?, previous_expires_at = ?, failing_since = ?, updated_at = ? "

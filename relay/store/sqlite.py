@@ -464,9 +464,19 @@ class SQLiteStore(Store):
 
 
 def _split_sql(sql: str) -> list[str]:
-    """Statements of a migration file. Our files keep `--` and `;` out of string literals."""
+    """Statements of a migration file. Our files keep `--` and `;` out of string literals; a `;` inside a
+    trigger's BEGIN … END does not end its statement (sqlite3.complete_statement tells)."""
     lines = [line.split("--", 1)[0] for line in sql.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    statements, pending = [], ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip().removesuffix(";").strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip().removesuffix(";").strip())
+    return statements
 
 
 def sqlite_path_from_url(url: str) -> str:
