@@ -32,7 +32,8 @@ READS = 50
 
 async def _locked_read(store: Any, tx: Any, task_id: str) -> Any:
     """What a transition reads: the task's lock, then the task with its images (Store.apply)."""
-    assert await tx.lock(q.LOCK_TASK, task_id)
+    locked = await tx.lock(q.LOCK_TASK_ROW, task_id)
+    assert locked
     return await store._locked_task(tx, task_id)    # noqa: SLF001 - the read timed
 
 

@@ -299,7 +299,7 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
         store._pool = counting.pool         # noqa: SLF001
     assert applied is not None
     assert len(counting.sent) == 5, counting.sent
-    assert counting.sent[0] == f"BEGIN; SELECT * FROM tasks WHERE id = '{task.id}' FOR UPDATE"
+    assert counting.sent[0] == f"BEGIN; SELECT 1 FROM tasks WHERE id = '{task.id}' FOR UPDATE"
     assert counting.sent[1] == to_postgres(q.LOAD_TASK_WITH_IMAGES) and counting.sent[-1] == "COMMIT"
     assert counting.sent[-2].startswith("WITH w0 AS (UPDATE tasks SET status")
     assert counting.sent[2] == to_postgres(q.ENABLED_SUBSCRIPTIONS)
@@ -429,14 +429,37 @@ async def test_a_row_lock_first_goes_with_begin_and_holds(store: PostgresStore, 
     async with store.pool.acquire() as raw, store.pool.acquire() as other:
         conn = _CountingConnection(raw)
         tx = PostgresTx(conn, store._sql)    # noqa: SLF001
-        assert await tx.lock(q.LOCK_TASK, task.id) is True
-        assert conn.sent == ([f"BEGIN; SELECT * FROM tasks WHERE id = '{task.id}' FOR UPDATE"] if plain
-                             else ["BEGIN", "SELECT * FROM tasks WHERE id = $1 FOR UPDATE"])
+        assert await tx.lock(q.LOCK_TASK_ROW, task.id) is True
+        assert conn.sent == ([f"BEGIN; SELECT 1 FROM tasks WHERE id = '{task.id}' FOR UPDATE"] if plain
+                             else ["BEGIN", "SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE"])
         with pytest.raises(asyncpg.LockNotAvailableError):
             await other.execute("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id)
         await tx.commit()
         assert await other.fetchval("SELECT id FROM tasks WHERE id = $1 FOR UPDATE NOWAIT", task.id) == task.id
         unknown = PostgresTx(_CountingConnection(raw), store._sql)    # noqa: SLF001
-        assert await unknown.lock(q.LOCK_TASK, "tsk_" + ("unknown" if plain else "o'unknown")) is False
+        assert await unknown.lock(q.LOCK_TASK_ROW, "tsk_" + ("unknown" if plain else "o'unknown")) is False
         await unknown.commit()
     assert await store.pool.fetchval("SELECT count(*) FROM jobs") is not None      # the table is still there
+
+
+async def test_subscriptions_truncated_are_not_fanned_out_to(store: PostgresStore) -> None:
+    """TRUNCATE fires no row trigger: its own trigger gives the subscriptions a new stamp, so a replica that kept
+    them reads them again at its next transition."""
+    from relay.deliveries.models import Subscription
+    from relay.models import ProviderStatus, Task, TaskUpdate
+    from relay.states import on_update
+    now = time.time()
+    await store.create_subscription(Subscription(id=ids.new_id("sub", now), url="https://subscriber.test/hook",
+                                                 events=["*"], keyring="sealed", created_at=now, updated_at=now))
+
+    async def deliveries_of_a_transition() -> int:
+        task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p"}, created_at=now,
+                    updated_at=now)
+        await store.create_task(task, [])
+        applied = await store.apply(task.id, lambda t: on_update(t, TaskUpdate(status=ProviderStatus.QUEUED)), now)
+        assert applied is not None
+        return int(await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE event_id = $1", applied.event.id))
+
+    assert await deliveries_of_a_transition() == 1
+    await store.pool.execute("TRUNCATE subscriptions CASCADE")
+    assert await deliveries_of_a_transition() == 0

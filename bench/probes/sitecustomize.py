@@ -21,10 +21,13 @@ STATEMENT_HEAD = 60     # characters of a statement that name it in the tally by
 def _install(out: str) -> None:
     import functools
     import json
+    import re
     import threading
     import time
 
     import asyncpg.connection
+
+    literal = re.compile(r"'[^']*'")
 
     count = [0]
     by_statement: dict[str, int] = {}
@@ -33,6 +36,7 @@ def _install(out: str) -> None:
         prefix = "executemany: " if method.__name__ == "executemany" else ""
 
         heads: dict[object, str] = {}      # statement → its name in the tally, made once per statement text
+        shapes: dict[str, str] = {}        # the same by the text with its literals blanked
 
         @functools.wraps(method)
         async def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -40,7 +44,13 @@ def _install(out: str) -> None:
             sql = args[0] if args else ""
             head = heads.get(sql)
             if head is None:
-                head = heads[sql] = prefix + " ".join(str(sql).split())[:STATEMENT_HEAD]
+                # A literal (a row lock sent with BEGIN inlines its key: PostgresTx.lock) must not make every key
+                # a statement of its own in the tally: it is named with its literals blanked.
+                shape = literal.sub("'…'", str(sql))
+                head = shapes.get(shape)
+                if head is None:
+                    head = shapes[shape] = prefix + " ".join(shape.split())[:STATEMENT_HEAD]
+                heads[sql] = head
             by_statement[head] = by_statement.get(head, 0) + 1
             return await method(self, *args, **kwargs)
         return call

@@ -134,7 +134,7 @@ class ArchiveCases(StorePlumbing):
         """Store._settle_image for an image an archive owns: record the image, let `decide` judge the archive
         (locked), write its transition. Inside the caller's transaction. The archive if its status changed (the
         caller tells _archive_told after the commit)."""
-        if not await tx.lock(q.LOCK_ARCHIVE, archive_id) or not await tx.run(sql, args):   # settled meanwhile
+        if not await tx.lock(q.LOCK_ARCHIVE_ROW, archive_id) or not await tx.run(sql, args):   # settled meanwhile
             return None
         rows = await tx.all(q.LOAD_ARCHIVE_WITH_IMAGES, (archive_id,))
         archive = owner_with_images(rows, archive_from_row)

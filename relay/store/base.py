@@ -190,7 +190,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             assert seen.id == task_id
             return None
         async def body(tx: Tx) -> Applied | None:
-            if not await tx.lock(q.LOCK_TASK, task_id):
+            if not await tx.lock(q.LOCK_TASK_ROW, task_id):
                 return None
             task, stamp = await self._locked_task(tx, task_id)
             transition = decide(task)
@@ -350,7 +350,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                 settled.extend([archive] if archive is not None else [])
                 return None
             # The task is read, with its images, once this one is settled.
-            if not await tx.lock(q.LOCK_TASK, owner) or not await tx.run(sql, args):   # settled meanwhile
+            if not await tx.lock(q.LOCK_TASK_ROW, owner) or not await tx.run(sql, args):   # settled meanwhile
                 return None
             task, stamp = await self._locked_task(tx, owner)
             transition = await decide(task)

@@ -9,7 +9,7 @@ Backend-neutral: it speaks only through a Tx and the named statements of relay.s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from relay import ids
@@ -75,14 +75,14 @@ class Subscribers:
     transaction that rolled back (its stamp never committed) cannot pass for those of a later change."""
 
     def __init__(self) -> None:
-        self._kept: tuple[int | None, list[Row]] = (None, [])     # (stamp, rows): replaced in one assignment
+        self._kept: tuple[int | None, tuple[Row, ...]] = (None, ())     # (stamp, rows): replaced in one assignment
 
-    async def enabled(self, tx: Tx, stamp: int | None) -> list[Row]:
+    async def enabled(self, tx: Tx, stamp: int | None) -> tuple[Row, ...]:
         """The enabled subscriptions, given the stamp this transaction read (None: unknown, read them)."""
         kept_stamp, rows = self._kept
         if stamp is None or stamp != kept_stamp:
             read = await tx.all(q.ENABLED_SUBSCRIPTIONS)
-            rows = [row for row in read if row["id"] is not None]
+            rows = tuple(row for row in read if row["id"] is not None)
             self._kept = (read[0]["stamp"] if read else None, rows)
         return rows
 
@@ -92,7 +92,7 @@ def subscriptions_stamp(rows: list[Row]) -> int | None:
     return int(rows[0]["subscriptions_stamp"]) if rows else None
 
 
-async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, subscriptions: list[Row],
+async def write_transition(tx: Tx, task: Task, t: Transition, now: float, *, subscriptions: Sequence[Row],
                            default_expiry: float, delivery_delay: float, pricing: Pricing | None = None,
                            jobs: list[Job] | tuple[Job, ...] = ()) -> Event:
     """Apply `t` to `task` (already read with its images, locked, in this transaction) and write everything it
@@ -161,7 +161,7 @@ async def _write_task_state(tx: Tx, task: Task, t: Transition, now: float, prici
 
 
 async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now: float,
-                  subscriptions: list[Row]) -> list[Job]:
+                  subscriptions: Sequence[Row]) -> list[Job]:
     """One delivery per enabled subscription (`subscriptions`, read in this transaction) whose filter takes the
     event, and the task's own hook: the deliveries are written, their jobs returned for the caller to write
     with its others (write_jobs)."""
@@ -182,8 +182,8 @@ async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now
     return jobs
 
 
-async def write_archive_transition(tx: Tx, archive: Archive, t: Transition, now: float, *, subscriptions: list[Row],
-                                   delivery_delay: float) -> Event:
+async def write_archive_transition(tx: Tx, archive: Archive, t: Transition, now: float, *,
+                                   subscriptions: Sequence[Row], delivery_delay: float) -> Event:
     """An archive's `t` (relay.states decided it on the archive, read and locked in this transaction): its row,
     its event (`archive.succeeded` / `archive.failed`, the archive object as data) and the event's fan-out to
     `subscriptions` (Subscribers.enabled, in this transaction)."""

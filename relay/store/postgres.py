@@ -359,7 +359,7 @@ class PostgresTx(Tx):
         message with BEGIN, as advisory_lock's does: its status, `SELECT n`, tells whether there is the row."""
         if self.begun or self._held or not _LOCK_KEY.fullmatch(key) or sql.count("?") != 1:
             return await super().lock(sql, key)
-        return _rowcount(await self._begin(to_postgres(sql.replace("?", "'" + key + "'")))) > 0
+        return _rowcount(await self._begin(self._sql(sql).replace("$1", f"'{key}'"))) > 0
 
     async def flush(self) -> None:
         """Send the held writes (one statement, one round trip)."""

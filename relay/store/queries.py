@@ -20,6 +20,7 @@ INSERT_TASK = (
     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 LOAD_TASK = "SELECT * FROM tasks WHERE id = ?"
 LOCK_TASK = "SELECT * FROM tasks WHERE id = ?" + FOR_UPDATE
+LOCK_TASK_ROW = "SELECT 1 FROM tasks WHERE id = ?" + FOR_UPDATE        # the lock alone (Tx.lock)
 UPDATE_TASK_STATE = (
     "UPDATE tasks SET status = ?, sequence = ?, updated_at = ?, progress = ?, provider_task_id = ?, error = ?, "
     "completed_at = ? WHERE id = ?")
@@ -72,7 +73,7 @@ def with_images(table: str) -> str:
     owner's columns repeated and the image's named image_<column>; one row with NULL images when it has none.
     plumbing.owner_with_images builds it. Never with a row lock: after waiting for the lock PostgreSQL (READ
     COMMITTED) reads the locked row again but keeps the images as they were before the wait, so the row is
-    locked first (Tx.lock) and read with its images by this statement after (Store._load_task)."""
+    locked first (Tx.lock) and read with its images by this statement after (Store._locked_task)."""
     columns = ", ".join(f"i.{name.strip()} AS image_{name.strip()}" for name in IMAGE_COLUMNS.split(","))
     return (f"SELECT o.*, {columns}, {SUBSCRIPTIONS_STAMP} AS subscriptions_stamp FROM {table} o "
             f"LEFT JOIN images i ON i.task_id = o.id WHERE o.id = ? ORDER BY i.idx")
@@ -423,6 +424,7 @@ INSERT_ARCHIVE = (
     "created_at, updated_at, completed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (url_key) DO NOTHING")
 LOAD_ARCHIVE = "SELECT * FROM archives WHERE id = ?"
 LOCK_ARCHIVE = "SELECT * FROM archives WHERE id = ?" + FOR_UPDATE
+LOCK_ARCHIVE_ROW = "SELECT 1 FROM archives WHERE id = ?" + FOR_UPDATE  # the lock alone (Tx.lock)
 ARCHIVE_BY_URL_KEY = "SELECT * FROM archives WHERE url_key = ?"
 # A failed archive gives its link back (its key gets the archive's id appended), so asking again tries again.
 RETIRE_FAILED_ARCHIVE = "UPDATE archives SET url_key = url_key || ':' || id WHERE url_key = ? AND status = 'failed'"

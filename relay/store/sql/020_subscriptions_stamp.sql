@@ -3,8 +3,9 @@
 -- random stamp in the change's own transaction; a transition reads the stamp with its task and reads the
 -- subscriptions again only when it differs from the stamp of the ones it kept. Random, not counted up: a stamp
 -- written by a transaction that rolled back is never written again by another.
-CREATE TABLE subscriptions_stamp (stamp INTEGER NOT NULL);
-INSERT INTO subscriptions_stamp (stamp) VALUES (0);
+-- One row, held to one by its key.
+CREATE TABLE subscriptions_stamp (id INTEGER PRIMARY KEY CHECK (id = 1), stamp INTEGER NOT NULL);
+INSERT INTO subscriptions_stamp (id, stamp) VALUES (1, 0);
 CREATE TRIGGER subscriptions_added AFTER INSERT ON subscriptions
 BEGIN
     UPDATE subscriptions_stamp SET stamp = random();
