@@ -514,8 +514,9 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
         ("On PostgreSQL relay's event loop's thread is the limit (the cores line above: it is nearly all of relay's "
          "CPU), and asyncpg's statements are about two fifths of its time holding the GIL, mostly the socket "
          "write of each round trip (py-spy --native: a third of the loop's samples are in write(), HTTP's "
-         "included); on this loopback a round trip costs the loop roughly 20 µs, and where the database is on "
-         "another host each is also a wait. Where the "
+         "included); a loopback round trip costs relay's process 20 µs to 170 µs of CPU depending on the machine "
+         "(docs/benchmarks.md, thirteenth and fourteenth rounds), and where the database is on another host each "
+         "is also a wait. Where the "
          if postgres() else
          "relay is serialized, not short of cores: its Python runs on one GIL and its writes on one SQLite writer "
          "(the cores line above: the loop's thread and the others add up to about one core while the machine has "

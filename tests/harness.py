@@ -97,6 +97,22 @@ async def _truth(value: Awaitable[bool] | bool) -> bool:
     return bool(await value) if isinstance(value, Awaitable) else bool(value)
 
 
+async def listed_events(store: Any, count: int, *, task_id: str | None = None, type: str | None = None,
+                        timeout: float = 10.0) -> list[Any]:
+    """store.list_events (oldest first, of the task and type if given) once it lists at least `count` events.
+
+    Waited for, not read once: on PostgreSQL the log holds back events while a transaction that began before them
+    may be open, and one of another database (another test's) that ends between a listing's snapshot and its look
+    at pg_stat_activity counts as such (PostgresStore._visible_events: a delay, never a skipped event)."""
+    found: list[Any] = []
+
+    async def enough() -> bool:
+        found[:] = await store.list_events(after=None, type=type, task_id=task_id, limit=max(1000, count))
+        return len(found) >= count
+    await wait_for(enough, timeout, f"{count} events listed")
+    return found
+
+
 def settings_for(data_dir: Path, **env: str) -> Any:
     environ = {"RELAY_STORAGE_DATA_DIR": str(data_dir), "RELAY_AUTH_API_KEYS": API_KEY,
                "RELAY_POLLING_INITIAL_DELAY": "0.05", "RELAY_POLLING_MAX_DELAY": "0.2",

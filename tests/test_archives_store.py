@@ -14,6 +14,7 @@ from relay.errors import Conflict
 from relay.models import Archive, Task, TaskStatus
 from relay.sourcelinks import url_key
 from relay.store.base import ArchiveResult, Store
+from tests.harness import listed_events
 
 RESULT = ArchiveResult(sha256="ab" * 32, content_type="image/png", width=8, height=8, bytes=100, path="ab/x.png")
 
@@ -86,7 +87,7 @@ async def test_archived_image_succeeds_the_archive_with_one_event(store: Store, 
     done = await store.get_archive(arc.id)
     assert done is not None and done.status == TaskStatus.SUCCEEDED and done.completed_at == clock.now()
     assert done.images[0].status == "archived" and done.images[0].sha256 == RESULT.sha256
-    events = await store.list_events(after=None, type=None, task_id=arc.id, limit=10)
+    events = await listed_events(store, 1, task_id=arc.id)
     assert [e.type for e in events] == ["archive.succeeded"]
     assert events[0].data is not None and events[0].data["object"] == "archive"
     assert events[0].data["images"][0]["sha256"] == RESULT.sha256
@@ -95,7 +96,7 @@ async def test_archived_image_succeeds_the_archive_with_one_event(store: Store, 
     assert sorted(d.url for d in deliveries) == ["https://hook.test/h", "https://sub.test/a"]
     # A repeated outcome changes nothing.
     await store.image_archived(arc.images[0].id, RESULT, clock.now())
-    assert len(await store.list_events(after=None, type=None, task_id=arc.id, limit=10)) == 1
+    assert len(await listed_events(store, 1, task_id=arc.id)) == 1
 
 
 async def test_failed_image_fails_the_archive_with_the_reason(store: Store, clock: ManualClock) -> None:
@@ -105,8 +106,7 @@ async def test_failed_image_fails_the_archive_with_the_reason(store: Store, cloc
     failed = await store.get_archive(arc.id)
     assert failed is not None and failed.status == TaskStatus.FAILED
     assert failed.error == {"code": "source_gone", "message": "the link answered 410"}
-    assert [e.type for e in await store.list_events(after=None, type="archive.failed", task_id=None, limit=10)] == [
-        "archive.failed"]
+    assert [e.type for e in await listed_events(store, 1, type="archive.failed")] == ["archive.failed"]
     listed, _ = await store.list_archives(status="failed", limit=10, cursor=None)
     assert [a.id for a in listed] == [arc.id]
     assert (await store.list_archives(status="succeeded", limit=10, cursor=None))[0] == []

@@ -23,6 +23,7 @@ from relay import ids
 from relay.models import Job
 from relay.store import queries as q
 from relay.store.postgres import CLAIM_SETTINGS, PostgresStore, claim_sql, to_postgres, unnest_insert
+from tests.harness import listed_events
 from tests.pg import fresh_database
 
 KINDS = ["submit", "poll", "archive", "callback", "deliver"]
@@ -303,7 +304,7 @@ async def test_a_transition_sends_its_writes_in_one_round_trip(store: PostgresSt
     assert counting.sent[1] == to_postgres(q.LOAD_TASK_WITH_IMAGES) and counting.sent[-1] == "COMMIT"
     assert counting.sent[-2].startswith("WITH w0 AS (UPDATE tasks SET status")
     assert counting.sent[2] == to_postgres(q.ENABLED_SUBSCRIPTIONS)
-    events = await store.list_events(after=None, type=None, task_id=task.id, limit=10)
+    events = await listed_events(store, 1, task_id=task.id)
     assert [e.id for e in events] == [applied.event.id]
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.status == applied.task.status and loaded.sequence == applied.task.sequence
@@ -443,8 +444,8 @@ async def test_a_row_lock_first_goes_with_begin_and_holds(store: PostgresStore, 
 
 
 async def test_subscriptions_truncated_are_not_fanned_out_to(store: PostgresStore) -> None:
-    """TRUNCATE fires no row trigger: its own trigger gives the subscriptions a new stamp, so a replica that kept
-    them reads them again at its next transition."""
+    """TRUNCATE fires no DELETE trigger: its own trigger gives the subscriptions a new stamp, so a replica that
+    kept them reads them again at its next transition."""
     from relay.deliveries.models import Subscription
     from relay.models import ProviderStatus, Task, TaskUpdate
     from relay.states import on_update

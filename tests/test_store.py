@@ -17,7 +17,7 @@ from relay.store import queries as q
 from relay.store.base import ArchiveResult, Store
 from relay.store.sqlite import WAL_SIZE_LIMIT, SQLiteStore
 from relay.store.tx import Tx
-from tests.harness import wait_for
+from tests.harness import listed_events, wait_for
 
 
 def new_task(clock: ManualClock, provider: str = "gmicloud") -> Task:
@@ -66,7 +66,7 @@ async def test_apply_writes_one_event_per_transition(store: Store, clock: Manual
     update = TaskUpdate(status=ProviderStatus.RUNNING, provider_task_id="p1")
     results = [await store.apply(task.id, lambda t: on_update(t, update), clock.now()) for _ in range(3)]
     assert results[0] is not None and results[1] is None and results[2] is None
-    events = await store.list_events(after=None, type=None, task_id=task.id, limit=50)
+    events = await listed_events(store, 1, task_id=task.id)
     assert [e.type for e in events] == ["task.running"]
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.sequence == 2 and loaded.provider_task_id == "p1"
@@ -99,7 +99,7 @@ async def test_apply_opens_no_transaction_for_an_update_stale_on_the_task_seen(s
     # The pending task seen earlier would move: decided on the row, which is running already, nothing is written.
     assert await store.apply(task.id, lambda t: on_update(t, running), clock.now(), seen=seen_pending) is None
     assert opened       # (on PostgreSQL transact_shared is transact)
-    events = await store.list_events(after=None, type=None, task_id=task.id, limit=50)
+    events = await listed_events(store, 1, task_id=task.id)
     assert [e.type for e in events] == ["task.running"]
 
 
@@ -177,7 +177,7 @@ async def test_task_succeeds_when_last_image_archived(store: Store, clock: Manua
     done = await store.image_archived(second.id, result, clock.now())
     assert done is not None and done.task.status == TaskStatus.SUCCEEDED
     assert await store.image_archived(second.id, result, clock.now()) is None   # a rerun changes nothing
-    types = [e.type for e in await store.list_events(after=None, type=None, task_id=task.id, limit=50)]
+    types = [e.type for e in await listed_events(store, 2, task_id=task.id)]
     assert types == ["task.generated", "task.succeeded"]
 
 

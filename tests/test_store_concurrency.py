@@ -33,6 +33,7 @@ from relay.errors import Conflict
 from relay.models import Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.states import PROGRESS_STEP, on_update
 from relay.store.base import Applied, ArchiveResult, Decide, Store
+from tests.harness import listed_events
 
 T = TypeVar("T")
 OpenStore = Callable[[], Awaitable[Store]]
@@ -76,8 +77,9 @@ def submit_job(task: Task) -> Job:
                dedupe_key=f"submit:{task.id}")
 
 
-async def events_of(store: Store, task_id: str) -> list[Any]:
-    return await store.list_events(after=None, type=None, task_id=task_id, limit=1000)
+async def events_of(store: Store, task_id: str, count: int) -> list[Any]:
+    """The task's events, once at least `count` are listed (tests.harness.listed_events)."""
+    return await listed_events(store, count, task_id=task_id)
 
 
 # ---- opening -------------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ async def test_apply_from_two_stores_makes_every_decision_on_the_latest_row(open
         assert loaded is not None and loaded.status == TaskStatus.RUNNING
         assert loaded.sequence == 2 + APPLY_DECISIONS
         assert loaded.progress == APPLY_DECISIONS * PROGRESS_STEP
-        events = await events_of(a, task.id)
+        events = await events_of(a, task.id, 1 + APPLY_DECISIONS)
         progress = [e for e in events if e.type == "task.progress"]
         assert [e.sequence for e in progress] == list(range(3, 3 + APPLY_DECISIONS))
         assert [e.data["progress"] for e in progress] == [PROGRESS_STEP * (k + 1) for k in range(APPLY_DECISIONS)]
@@ -186,7 +188,7 @@ async def test_duplicated_signals_from_two_stores_change_the_task_once_per_trans
         results = no_errors(await race(*calls))
         applied = [r for r in results if r is not None]
 
-        events = await events_of(b, task.id)
+        events = await events_of(b, task.id, len(applied))
         assert len(applied) == len(events)
         types = [e.type for e in events]
         assert len(types) == len(set(types)) and types[-1] == "task.generated", types
@@ -420,7 +422,7 @@ async def test_two_images_archived_at_once_on_two_stores_succeed_the_task_once(
         loaded = await b.get_task(applied.task.id)
         assert loaded is not None and loaded.status == TaskStatus.SUCCEEDED
         assert [img.status for img in loaded.images] == ["archived", "archived"]
-        types = [e.type for e in await events_of(a, applied.task.id)]
+        types = [e.type for e in await events_of(a, applied.task.id, 2)]
         assert types == ["task.generated", "task.succeeded"], types
 
 

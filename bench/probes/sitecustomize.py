@@ -50,7 +50,8 @@ def _install(out: str) -> None:
                 head = shapes.get(shape)
                 if head is None:
                     head = shapes[shape] = prefix + " ".join(shape.split())[:STATEMENT_HEAD]
-                heads[sql] = head
+                if shape == sql:    # a text with a literal in it may be one of a kind (a task's id): not kept
+                    heads[sql] = head
             by_statement[head] = by_statement.get(head, 0) + 1
             return await method(self, *args, **kwargs)
         return call

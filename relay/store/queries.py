@@ -20,7 +20,7 @@ INSERT_TASK = (
     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 LOAD_TASK = "SELECT * FROM tasks WHERE id = ?"
 LOCK_TASK = "SELECT * FROM tasks WHERE id = ?" + FOR_UPDATE
-LOCK_TASK_ROW = "SELECT 1 FROM tasks WHERE id = ?" + FOR_UPDATE        # the lock alone (Tx.lock)
+LOCK_TASK_ROW = "SELECT 1 FROM tasks WHERE id = ?" + FOR_UPDATE     # the lock alone (Tx.lock)
 UPDATE_TASK_STATE = (
     "UPDATE tasks SET status = ?, sequence = ?, updated_at = ?, progress = ?, provider_task_id = ?, error = ?, "
     "completed_at = ? WHERE id = ?")
@@ -423,8 +423,7 @@ INSERT_ARCHIVE = (
     "INSERT INTO archives (id, source_url, url_key, expires_at, status, error, metadata, webhook_url, sequence, "
     "created_at, updated_at, completed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (url_key) DO NOTHING")
 LOAD_ARCHIVE = "SELECT * FROM archives WHERE id = ?"
-LOCK_ARCHIVE = "SELECT * FROM archives WHERE id = ?" + FOR_UPDATE
-LOCK_ARCHIVE_ROW = "SELECT 1 FROM archives WHERE id = ?" + FOR_UPDATE  # the lock alone (Tx.lock)
+LOCK_ARCHIVE_ROW = "SELECT 1 FROM archives WHERE id = ?" + FOR_UPDATE     # the lock alone (Tx.lock)
 ARCHIVE_BY_URL_KEY = "SELECT * FROM archives WHERE url_key = ?"
 # A failed archive gives its link back (its key gets the archive's id appended), so asking again tries again.
 RETIRE_FAILED_ARCHIVE = "UPDATE archives SET url_key = url_key || ':' || id WHERE url_key = ? AND status = 'failed'"

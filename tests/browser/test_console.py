@@ -32,7 +32,7 @@ def test_a_wrong_password_is_refused(console: Console) -> None:
 def test_password_guessing_is_throttled_per_client(console: Console) -> None:
     """Ten wrong tries from one address, then even the right password waits (429, Retry-After): guessing is
     held to one try every few seconds, across replicas (the bucket is in the store). The ten are the login form's
-    POST sent back to back by the browser's own request API: as page loads they took over six seconds on a slow
+    POST sent back to back by Playwright's request API (it shares the page's cookies): as page loads they took over six seconds on a slow
     machine, and a token came back (one does every six) before the right password was tried."""
     console.goto("/")
     nonce = console.page.locator("input[name=nonce]").get_attribute("value")

@@ -5,7 +5,7 @@
 -- written by a transaction that rolled back is never written again by another.
 -- One row, held to one by its key.
 CREATE TABLE subscriptions_stamp (id INTEGER PRIMARY KEY CHECK (id = 1), stamp INTEGER NOT NULL);
-INSERT INTO subscriptions_stamp (id, stamp) VALUES (1, 0);
+INSERT INTO subscriptions_stamp (id, stamp) VALUES (1, random());     -- random from the start: no two databases alike
 CREATE TRIGGER subscriptions_added AFTER INSERT ON subscriptions
 BEGIN
     UPDATE subscriptions_stamp SET stamp = random();
