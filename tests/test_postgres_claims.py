@@ -407,7 +407,7 @@ async def test_an_advisory_lock_first_goes_with_begin_and_holds(store: PostgresS
         tx = PostgresTx(conn, store._sql)    # noqa: SLF001
         await tx.advisory_lock(key)
         plain = "'" not in key
-        assert conn.sent == ([f"BEGIN; SELECT pg_advisory_xact_lock(hashtext('{key}'))"] if plain
+        assert conn.sent == ([f"BEGIN; SELECT pg_advisory_xact_lock(hashtext('{key}')) AS locked"] if plain
                              else ["BEGIN", "SELECT pg_advisory_xact_lock(hashtext($1)) AS locked"])
         assert await other.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", key) is False
         await tx.commit()
@@ -464,3 +464,19 @@ async def test_subscriptions_truncated_are_not_fanned_out_to(store: PostgresStor
     assert await deliveries_of_a_transition() == 1
     await store.pool.execute("TRUNCATE subscriptions CASCADE")
     assert await deliveries_of_a_transition() == 0
+
+
+async def test_a_lock_after_a_held_write_goes_after_it(store: PostgresStore) -> None:
+    """Held writes are sent before the transaction's next statement of another kind: a lock that follows one is
+    not sent with BEGIN ahead of it, but after it, with its key as an argument (advisory lock and row lock)."""
+    from relay.store.postgres import PostgresTx
+    async with store.pool.acquire() as raw:
+        for name, take in (("advisory", lambda tx: tx.advisory_lock("relay.provider:x")),
+                           ("row", lambda tx: tx.lock(q.LOCK_TASK_ROW, "tsk_unknown"))):
+            conn = _CountingConnection(raw)
+            tx = PostgresTx(conn, store._sql)    # noqa: SLF001
+            await tx.write(q.START_IMAGE_DELETION, (f"held:{name}", "", time.time()))
+            await take(tx)
+            assert conn.sent[:2] == ["BEGIN", to_postgres(q.START_IMAGE_DELETION)], (name, conn.sent)
+            assert len(conn.sent) == 3 and "$1" in conn.sent[2], (name, conn.sent)
+            await tx.rollback()

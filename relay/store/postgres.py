@@ -81,7 +81,8 @@ _TABLE_LIST = re.compile(r"\bFROM\s+\w+(?:\s+(?:AS\s+)?\w+)?\s*,", re.IGNORECASE
 # for each mix of them a transaction sends (bench.throughput: about 50 texts in all); one evicted is prepared
 # again, a round trip more.
 STATEMENT_CACHE_SIZE = 500
-_LOCK_KEY = re.compile(r"[\w.:-]+", re.ASCII)     # a lock key safe as a literal (PostgresTx.advisory_lock)
+_LOCK_KEY = re.compile(r"[\w.:-]+", re.ASCII)     # a lock key safe as a literal (PostgresTx._first_with_key)
+ADVISORY_LOCK = "SELECT pg_advisory_xact_lock(hashtext(?)) AS locked"
 _JSON_EXTRACT = re.compile(r"json_extract\((\w+), '\$\.(\w+)'\)")
 
 
@@ -345,21 +346,25 @@ class PostgresTx(Tx):
         self.begun = True       # before the round trip: a BEGIN that fails may still have begun
         return str(await self._conn.execute(f"BEGIN; {then}" if then else "BEGIN"))
 
+    async def _first_with_key(self, sql: str, key: str) -> str | None:
+        """`sql` (its one `?` the key) in one message with BEGIN, when it is the transaction's first statement
+        (nothing begun, nothing held: held writes go first) and the key is safe as a literal (word characters,
+        dots, colons and dashes): the simple query protocol runs both and answers `sql`'s status, a round trip
+        fewer. None when not: the caller sends it as any statement, the key an argument."""
+        if self.begun or self._held or not _LOCK_KEY.fullmatch(key) or sql.count("?") != 1:
+            return None
+        return await self._begin(self._sql(sql).replace("$1", f"'{key}'"))
+
     async def advisory_lock(self, key: str) -> None:
-        """A lock on `key` held until the transaction ends (pg_advisory_xact_lock over hashtext(key)). As the
-        transaction's first statement it goes in one message with BEGIN (the simple query protocol runs both,
-        the key a literal: only keys of word characters, dots, colons and dashes), a round trip fewer."""
-        if not self.begun and _LOCK_KEY.fullmatch(key):
-            await self._begin(f"SELECT pg_advisory_xact_lock(hashtext('{key}'))")
-        else:
-            await self.one("SELECT pg_advisory_xact_lock(hashtext(?)) AS locked", (key,))
+        """A lock on `key` held until the transaction ends (pg_advisory_xact_lock over hashtext(key)); with BEGIN
+        when it comes first (_first_with_key)."""
+        if await self._first_with_key(ADVISORY_LOCK, key) is None:
+            await self.one(ADVISORY_LOCK, (key,))
 
     async def lock(self, sql: str, key: str) -> bool:
-        """As the transaction's first statement (nothing held either: held writes go first) the lock goes in one
-        message with BEGIN, as advisory_lock's does: its status, `SELECT n`, tells whether there is the row."""
-        if self.begun or self._held or not _LOCK_KEY.fullmatch(key) or sql.count("?") != 1:
-            return await super().lock(sql, key)
-        return _rowcount(await self._begin(self._sql(sql).replace("$1", f"'{key}'"))) > 0
+        """With BEGIN when it comes first (_first_with_key): its status, `SELECT n`, tells whether there is the row."""
+        status = await self._first_with_key(sql, key)
+        return await super().lock(sql, key) if status is None else _rowcount(status) > 0
 
     async def flush(self) -> None:
         """Send the held writes (one statement, one round trip)."""
