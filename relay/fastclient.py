@@ -19,6 +19,7 @@ cookies kept by aiohttp, TCP only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import socket
@@ -26,7 +27,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -38,9 +38,14 @@ from relay import __version__
 from relay.netguard import NetGuard
 
 
-def origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
+def basic_auth(url: URL) -> str:
+    """The Basic credentials of a URL's userinfo, in UTF-8 (RFC 7617's charset, what browsers send).
+
+    aiohttp would encode them in Latin-1 and fail before sending for anything else: a webhook_url or image link
+    with a user name in Chinese was accepted and then never sent. Its ValueError for a `:` in the user name (one
+    written %3A) is not ours either: the user name ends at the first `:` of what is sent, as RFC 7617 reads it."""
+    credentials = f"{url.user or ''}:{url.password or ''}".encode()
+    return "Basic " + base64.b64encode(credentials).decode("ascii")
 
 
 class GuardedResolver(AbstractResolver):
@@ -90,9 +95,11 @@ class GuardedSession:
         """`async with session.request(...) as response`: one request, never redirected. Raises BlockedAddress
         for an IP literal the guard refuses (a name is checked by the resolver when a connection is opened).
         `timeout`: seconds for the whole exchange, or aiohttp's own timeouts."""
-        host = URL(url).host
-        if is_ip_address(host):      # aiohttp's own test for "connect to this without resolving"
-            self._guard.check_ip(str(host))
+        url = URL(url)
+        if is_ip_address(url.host):      # aiohttp's own test for "connect to this without resolving"
+            self._guard.check_ip(str(url.host))
+        if url.user is not None or url.password is not None:
+            url, headers = url.with_user(None), {**dict(headers or {}), "Authorization": basic_auth(url)}
         if self._session is None or self._session.closed:
             self._session = self._open()
         if not isinstance(timeout, aiohttp.ClientTimeout):

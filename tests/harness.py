@@ -113,6 +113,14 @@ async def listed_events(store: Any, count: int, *, task_id: str | None = None, t
     return found
 
 
+def database_env(database: str) -> dict[str, str]:
+    """The harness settings for a test's database (the `database` fixture: a SQLite path or a PostgreSQL DSN);
+    PostgreSQL, a shared database, wants an explicit signing secret."""
+    if database.startswith("postgresql"):
+        return {"RELAY_STORAGE_DATABASE": database, "RELAY_AUTH_SIGNING_SECRET": "s" * 32}
+    return {"RELAY_STORAGE_DATABASE": f"sqlite:///{database}"}
+
+
 def settings_for(data_dir: Path, **env: str) -> Any:
     environ = {"RELAY_STORAGE_DATA_DIR": str(data_dir), "RELAY_AUTH_API_KEYS": API_KEY,
                "RELAY_POLLING_INITIAL_DELAY": "0.05", "RELAY_POLLING_MAX_DELAY": "0.2",

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from relay.runtime import open_runtime
-from tests.harness import Harness, harness, settings_for, wait_for
+from tests.harness import Harness, database_env, harness, settings_for, wait_for
 
 NO_SAFETY_NET = {"RELAY_CALLBACKS_SAFETY_NET_SECONDS": "3600"}
 
@@ -289,13 +289,6 @@ async def test_a_callback_received_by_an_earlier_relay_is_processed(tmp_path: Pa
         assert again == row
 
 
-def _on(database: str) -> dict[str, str]:
-    """The harness settings for the test's database (PostgreSQL wants an explicit signing secret)."""
-    if database.startswith("postgresql"):
-        return {"RELAY_STORAGE_DATABASE": database, "RELAY_AUTH_SIGNING_SECRET": "s" * 32}
-    return {"RELAY_STORAGE_DATABASE": f"sqlite:///{database}"}
-
-
 async def queued_task(h: Harness) -> dict[str, Any]:
     """An EvoLink task the provider has queued (for the harness's 30 s), submitted, with relay's worker stopped:
     the callbacks posted for it wait as a backlog."""
@@ -323,7 +316,7 @@ async def test_a_backlog_of_callbacks_is_settled_together(tmp_path: Path, databa
     a time, instead of two hundred runs and two hundred status requests. One callback in the backlog claims
     more than the shared answer says: it is never settled with that answer, but asks the provider on its own."""
     monkeypatch.setattr("relay.jobs.callback.GATHER_PAGE", 40)     # several pages
-    async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
+    async with harness(tmp_path, sim_duration=30, **database_env(database), **NO_SAFETY_NET) as h:
         task = await queued_task(h)
         body, ahead = repeat(task), {"id": task["provider_task_id"], "status": "processing", "progress": 5}
         await post_callbacks(task, body, 100, h)
@@ -429,11 +422,11 @@ async def test_replicas_gathering_one_backlog_settle_each_callback_once(tmp_path
     callback ends with exactly one inbox row, no job is left and none dies."""
     from tests.pg import fresh_database
     async with fresh_database() as database, \
-            harness(tmp_path / "a", sim_duration=30, **_on(database), **NO_SAFETY_NET) as a:
+            harness(tmp_path / "a", sim_duration=30, **database_env(database), **NO_SAFETY_NET) as a:
         task = await queued_task(a)
         sim_url = str(a.sim.base_url).rstrip("/")
         async with harness(tmp_path / "b", run_worker=False, RELAY_PROVIDERS_EVOLINK_BASE_URL=f"{sim_url}/evolink",
-                           **_on(database), **NO_SAFETY_NET) as b:
+                           **database_env(database), **NO_SAFETY_NET) as b:
             await post_callbacks(task, repeat(task), 300, a, b)
             ran = await asyncio.gather(a.runtime.worker.drain(), b.runtime.worker.drain())
             assert sum(ran) < 150, ran          # most were gathered, by both replicas' runs
@@ -453,7 +446,7 @@ async def test_callbacks_of_one_task_claimed_together_run_as_one(tmp_path: Path,
     still gets its own row and its job ends. The
     callback that claims more than the answer says is judged with that same answer: asked during the run, it
     was asked after every callback of the run had arrived, so it is that callback's own."""
-    async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
+    async with harness(tmp_path, sim_duration=30, **database_env(database), **NO_SAFETY_NET) as h:
         task = await queued_task(h)
         ahead = {"id": task["provider_task_id"], "status": "processing", "progress": 5}
         await post_callbacks(task, repeat(task), 10, h)
@@ -508,7 +501,7 @@ async def test_a_group_of_callbacks_failing_midway_loses_none(tmp_path: Path, da
     (retried by the worker, an attempt each) without asking it again one after another; those judged without
     it, before and after the failure, are settled. Once the provider answers, the next runs settle the rest.
     None is lost, none is settled (or counted) twice."""
-    async with harness(tmp_path, sim_duration=30, **_on(database), **NO_SAFETY_NET) as h:
+    async with harness(tmp_path, sim_duration=30, **database_env(database), **NO_SAFETY_NET) as h:
         task = await queued_task(h)
         elsewhere = {"id": "task-of-someone-else", "status": "completed"}      # rejected unread
         await post_callbacks(task, elsewhere, 2, h)

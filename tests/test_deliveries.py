@@ -7,14 +7,18 @@ schedule pass in milliseconds. See tests/delivery_harness.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 
+import asyncpg
+
 from relay import __version__
+from relay.deliveries.lanes import url_lane
 from relay.deliveries.schedule import DEFAULT_SCHEDULE
 from relay.models import Job
 from tests.delivery_harness import DeliveryHarness, delivery_harness
-from tests.harness import wait_for
+from tests.harness import database_env, wait_for
 
 
 async def delivered_once(d: DeliveryHarness, path: str) -> None:
@@ -548,3 +552,30 @@ async def test_an_address_refused_at_connect_fails_at_once_and_a_dns_failure_kee
         assert d.sink.received == [] and event_id
         # Only the unresolved subscriber's job is left; the refused one is done.
         assert await d.h.runtime.store.job_counts() == {"deliver:queued": 1}
+
+
+async def test_a_webhook_url_with_a_long_userinfo_is_delivered_and_its_lane_holds_no_credentials(
+        tmp_path: Path, database: str) -> None:
+    """A webhook_url may be 2,048 characters, userinfo included. Its lane (the per-server cap; lane_slots, which
+    replicas share, on PostgreSQL) is the server alone: named by the whole netloc, 1,900 CJK characters here
+    (5.7 kB of UTF-8), PostgreSQL refused the lane's index entry (over 2,704 bytes) and the webhook was never sent."""
+    userinfo = "".join(chr(0x4E00 + (i * 7919) % 20_000) for i in range(1_900))     # varied: it does not compress
+    async with delivery_harness(tmp_path, **database_env(database)) as d:
+        url = d.sink.url("/task").replace("http://", f"http://{userinfo}:pw@", 1)
+        created = await d.h.api.post("/v1/tasks", json={"provider": "evolink", "prompt": "p", "webhook_url": url,
+                                                         "webhook_events": ["task.queued"]})
+        assert created.status_code == 202, created.json().get("error")
+        await d.drain()
+        [got] = d.sink.on("/task")
+        assert got.verify((await d.h.api.get("/v1/webhook-secret")).json()["secret"])["data"]["id"] == \
+            created.json()["id"]
+        # The userinfo is sent as Basic credentials in UTF-8 (aiohttp's Latin-1 failed before sending anything).
+        assert got.headers["authorization"] == "Basic " + base64.b64encode(f"{userinfo}:pw".encode()).decode()
+        assert url_lane(url) == "url:" + d.sink.url("").rstrip("/") and userinfo not in url_lane(url)
+        if database.startswith("postgresql"):
+            conn = await asyncpg.connect(database)
+            try:
+                lanes = {row["lane"] for row in await conn.fetch("SELECT lane FROM lane_slots")}
+            finally:
+                await conn.close()
+            assert lanes == {url_lane(url)}

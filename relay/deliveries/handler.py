@@ -30,9 +30,9 @@ import random
 
 from relay import metrics
 from relay.deliveries import schedule
+from relay.deliveries.lanes import url_lane
 from relay.deliveries.models import Delivery
 from relay.deliveries.service import DeliveryService, Sent
-from relay.fastclient import origin
 from relay.logs import redact_text
 from relay.models import Job
 from relay.queue import Again
@@ -75,7 +75,7 @@ class DeliverHandler:
             if sub.failing_since is not None:
                 cap = 1      # a failing subscriber gets one attempt at a time: it cannot hog the workers
         else:
-            url, lane = delivery.url, "url:" + origin(delivery.url)
+            url, lane = delivery.url, url_lane(delivery.url)
             keys = [svc.task_secret]
         while not await svc.lanes.acquire(lane, cap, may_wait=cap > 1, delivery_id=delivery_id):
             if svc.lanes.park(lane, delivery_id):

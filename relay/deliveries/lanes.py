@@ -1,6 +1,6 @@
 """Per-subscriber concurrency caps in this process: how many attempts may be in flight to one key.
 
-A key is a subscription id (or the origin of a task's webhook_url). When a
+A key is a subscription id (or url_lane of a task's webhook_url). When a
 key is at its cap, a delivery either waits briefly for a slot or is parked:
 the caller reschedules its job (freeing the worker slot) and the lane
 remembers it. When a slot frees up, the lane hands it to the oldest parked
@@ -21,11 +21,26 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import httpx
+
 from relay.store.deliveries import lane_notice
 
 MAX_LANES = 10_000       # beyond this many keys, idle lanes are forgotten even if slow
 FAST_MS = 250.0          # below this recent latency a key counts as quick: worth a short wait for its slot
 WAIT_SECONDS = 1.0       # the longest a delivery waits for a slot before it is parked
+
+
+def url_lane(url: str) -> str:
+    """The lane of a task's own webhook_url: `url:` and the server it reaches (scheme, host as IDNA, port).
+
+    Not the URL's userinfo: credentials stay out of lane_slots, the table processes share, and the key stays
+    short whatever the userinfo holds (a host is at most 253 characters, relay.validation). The lane used to be
+    the URL's netloc: PostgreSQL refuses an index entry over 2,704 bytes, so a webhook_url with 2,000 CJK
+    characters of userinfo (2,048 characters are allowed) never got its shared slot and was never sent."""
+    parsed = httpx.URL(url)      # the parser relay.validation accepted the URL with
+    host = parsed.raw_host.decode("ascii").lower()
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"url:{parsed.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 @dataclass
