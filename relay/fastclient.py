@@ -32,6 +32,7 @@ import aiohttp
 import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.helpers import is_ip_address
+from multidict import CIMultiDict
 from yarl import URL
 
 from relay import __version__
@@ -39,13 +40,18 @@ from relay.netguard import NetGuard
 
 
 def basic_auth(url: URL) -> str:
-    """The Basic credentials of a URL's userinfo, in UTF-8 (RFC 7617's charset, what browsers send).
+    """The Basic credentials of a URL's userinfo: in Latin-1 where it can say them, as aiohttp sent them (so a
+    subscriber that worked keeps working), else in UTF-8 (RFC 7617's one named charset, what browsers send).
 
-    aiohttp would encode them in Latin-1 and fail before sending for anything else: a webhook_url or image link
-    with a user name in Chinese was accepted and then never sent. Its ValueError for a `:` in the user name (one
-    written %3A) is not ours either: the user name ends at the first `:` of what is sent, as RFC 7617 reads it."""
-    credentials = f"{url.user or ''}:{url.password or ''}".encode()
-    return "Basic " + base64.b64encode(credentials).decode("ascii")
+    aiohttp itself fails before sending for anything beyond Latin-1: a webhook_url or image link with a user name
+    in Chinese was accepted and then never sent. Its ValueError for a `:` in the user name (one written %3A) is
+    not ours either: the user name ends at the first `:` of what is sent, as RFC 7617 reads it."""
+    credentials = f"{url.user or ''}:{url.password or ''}"
+    try:
+        encoded = credentials.encode("latin-1")
+    except UnicodeEncodeError:
+        encoded = credentials.encode()
+    return "Basic " + base64.b64encode(encoded).decode("ascii")
 
 
 class GuardedResolver(AbstractResolver):
@@ -99,7 +105,9 @@ class GuardedSession:
         if is_ip_address(url.host):      # aiohttp's own test for "connect to this without resolving"
             self._guard.check_ip(str(url.host))
         if url.user is not None or url.password is not None:
-            url, headers = url.with_user(None), {**dict(headers or {}), "Authorization": basic_auth(url)}
+            headers = CIMultiDict(headers or ())
+            headers["Authorization"] = basic_auth(url)         # in place of any the caller set, whatever its case
+            url = url.with_user(None)
         if self._session is None or self._session.closed:
             self._session = self._open()
         if not isinstance(timeout, aiohttp.ClientTimeout):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from relay import __version__
 from relay.deliveries.lanes import url_lane
@@ -571,6 +573,13 @@ async def test_a_webhook_url_with_a_long_userinfo_is_delivered_and_its_lane_hold
             created.json()["id"]
         # The userinfo is sent as Basic credentials in UTF-8 (aiohttp's Latin-1 failed before sending anything).
         assert got.headers["authorization"] == "Basic " + base64.b64encode(f"{userinfo}:pw".encode()).decode()
+        # Credentials Latin-1 can say still go out in Latin-1, as they did (a subscriber that worked keeps working).
+        latin = d.sink.url("/latin").replace("http://", "http://m%C3%BCller:p%C3%A9@", 1)
+        created = await d.h.api.post("/v1/tasks", json={"provider": "evolink", "prompt": "p", "webhook_url": latin,
+                                                         "webhook_events": ["task.queued"]})
+        await d.drain()
+        [got] = d.sink.on("/latin")
+        assert got.headers["authorization"] == "Basic " + base64.b64encode("müller:pé".encode("latin-1")).decode()
         assert url_lane(url) == "url:" + d.sink.url("").rstrip("/") and userinfo not in url_lane(url)
         if database.startswith("postgresql"):
             conn = await asyncpg.connect(database)
@@ -579,3 +588,15 @@ async def test_a_webhook_url_with_a_long_userinfo_is_delivered_and_its_lane_hold
             finally:
                 await conn.close()
             assert lanes == {url_lane(url)}
+
+
+@pytest.mark.parametrize(("url", "lane"), [
+    ("https://user:pw@Example.COM/hook?x=1", "url:https://example.com:443"),
+    ("http://[::1]:8080/h", "url:http://[::1]:8080"),
+    ("http://bücher.de/a", "url:http://xn--bcher-kva.de:80"),
+    ("https://a.b:443/", "url:https://a.b:443"),
+    # Stored by a relay that checked URLs less strictly: a lane of its own, and the attempt fails as sent.
+    ("http://ex.com:abc/", "url:sha256:" + hashlib.sha256(b"http://ex.com:abc/").hexdigest()),
+])
+def test_the_lane_of_a_webhook_url_is_the_server_it_reaches(url: str, lane: str) -> None:
+    assert url_lane(url) == lane

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,11 +34,16 @@ WAIT_SECONDS = 1.0       # the longest a delivery waits for a slot before it is 
 def url_lane(url: str) -> str:
     """The lane of a task's own webhook_url: `url:` and the server it reaches (scheme, host as IDNA, port).
 
-    Not the URL's userinfo: credentials stay out of lane_slots, the table processes share, and the key stays
-    short whatever the userinfo holds (a host is at most 253 characters, relay.validation). The lane used to be
-    the URL's netloc: PostgreSQL refuses an index entry over 2,704 bytes, so a webhook_url with 2,000 CJK
-    characters of userinfo (2,048 characters are allowed) never got its shared slot and was never sent."""
-    parsed = httpx.URL(url)      # the parser relay.validation accepted the URL with
+    Not the URL's userinfo: the key stays short whatever the userinfo holds (a host is at most 253 characters,
+    relay.validation), and credentials stay out of the key. The lane used to be the URL's netloc: PostgreSQL
+    refuses an index entry over 2,704 bytes (lane_slots, the table processes share), so a webhook_url with 2,000
+    CJK characters of userinfo (2,048 characters are allowed) never got its shared slot and was never sent.
+    A URL that httpx cannot parse (stored by a relay that checked URLs less strictly) gets a lane of its own,
+    named by its digest: the attempt then fails as a connection error, recorded like any other."""
+    try:
+        parsed = httpx.URL(url)      # the parser relay.validation accepts URLs with
+    except (httpx.InvalidURL, ValueError):
+        return "url:sha256:" + hashlib.sha256(url.encode()).hexdigest()
     host = parsed.raw_host.decode("ascii").lower()
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     return f"url:{parsed.scheme}://{f'[{host}]' if ':' in host else host}:{port}"

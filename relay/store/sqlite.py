@@ -346,17 +346,26 @@ class SQLiteStore(Store):
                 with contextlib.suppress(RuntimeError):       # the loop is closed: nobody is left to wait
                     loop.call_soon_threadsafe(free)
 
+        writer = self._writer
+        queued = False
+
+        async def on_writer_thread() -> T:
+            nonlocal queued
+            if not (writer._running and writer._connection):
+                raise ValueError("the writer connection is closed")
+            queued = True       # _execute queues the work in this same step (no await before its put)
+            return await writer._execute(run_then_free, writer._conn)  # type: ignore[no-any-return,no-untyped-call]
+
         def done(on_thread: asyncio.Future[Any]) -> None:
-            free()      # the work never ran (the thread was stopped): the connection is free all the same
+            if not queued:
+                # Never queued (closed, or cancelled before its first step): the thread will not free the lock.
+                # Queued work frees it from the thread alone, even when this task is cancelled (the loop torn
+                # down): the connection is the thread's until the transaction has ended.
+                free()
             # Read here, so a transaction whose caller went away does not log "exception was never retrieved".
             if not on_thread.cancelled():
                 on_thread.exception()
-        try:
-            on_thread = asyncio.ensure_future(
-                self._writer._execute(run_then_free, self._writer._conn))  # type: ignore[no-untyped-call]
-        except BaseException:
-            free()
-            raise
+        on_thread = asyncio.ensure_future(on_writer_thread())
         on_thread.add_done_callback(done)
         return await asyncio.shield(on_thread)
 

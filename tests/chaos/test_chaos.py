@@ -1,7 +1,7 @@
 """Proof under fire: the chaos scenario (tests/chaos/scenario.py) at a modest size, in the normal test run.
 
     .venv/bin/python -m pytest -m chaos                       # just this
-    CHAOS_SEED=1234 .venv/bin/python -m pytest -m chaos -s    # replay a seed, see the report
+    CHAOS_SEED=1234 .venv/bin/python -m pytest -n 0 -m chaos -s    # replay a seed, see the report (one process)
     CHAOS_SIZE=400 CHAOS_KILLS=10 …                           # bigger (bench/chaos.py runs it large)
     CHAOS_REPLICAS=3 CHAOS_REPLICAS_SIZE=100 …                # the replicas-on-PostgreSQL mode, bigger
 
