@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -13,7 +14,8 @@ async def test_concurrent_writes_share_flushes() -> None:
     """100 concurrent submits are written in far fewer flushes, and every item is written once."""
     flushed: list[list[int]] = []
 
-    async def flush(batch: list[int]) -> None:
+    async def flush(take: Callable[[], list[int]]) -> None:
+        batch = take()
         await asyncio.sleep(0)     # the commit takes a moment; more writes queue meanwhile
         flushed.append(batch)
 
@@ -27,8 +29,8 @@ async def test_a_lone_write_is_flushed_at_once() -> None:
     """With nothing else pending a write commits alone, without waiting for company."""
     flushed: list[list[str]] = []
 
-    async def flush(batch: list[str]) -> None:
-        flushed.append(batch)
+    async def flush(take: Callable[[], list[str]]) -> None:
+        flushed.append(take())
 
     group: GroupCommit[str] = GroupCommit(flush)
     await asyncio.wait_for(group.submit("a"), timeout=1)
@@ -37,7 +39,7 @@ async def test_a_lone_write_is_flushed_at_once() -> None:
 
 async def test_a_failed_flush_fails_every_caller_in_it() -> None:
     """If the transaction fails, each caller in that batch sees the error (nothing is acknowledged)."""
-    async def flush(batch: list[int]) -> None:
+    async def flush(take: Callable[[], list[int]]) -> None:
         raise RuntimeError("disk full")
 
     group: GroupCommit[int] = GroupCommit(flush)
@@ -52,7 +54,8 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_others_commit() -> No
     started, release = asyncio.Event(), asyncio.Event()
     flushed: list[list[int]] = []
 
-    async def flush(batch: list[int]) -> None:
+    async def flush(take: Callable[[], list[int]]) -> None:
+        batch = take()
         started.set()
         await release.wait()
         flushed.append(batch)
@@ -70,6 +73,26 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_others_commit() -> No
         await leaving
     assert flushed[0] == [0] and {1, 2} <= set(flushed[1])
 
+
+async def test_writes_that_come_while_a_flush_waits_to_write_join_it() -> None:
+    """The batch is taken when the flush is ready to write (its connection or the writer's lock held): writes
+    submitted while it waited for that are committed with it, not a whole commit later."""
+    ready, flushed = asyncio.Event(), []
+    waiting = asyncio.Event()
+
+    async def flush(take: Callable[[], list[int]]) -> None:
+        waiting.set()
+        await ready.wait()          # e.g. the writer's lock, held by another transaction
+        flushed.append(take())
+
+    group: GroupCommit[int] = GroupCommit(flush)
+    first = asyncio.create_task(group.submit(0))
+    await asyncio.wait_for(waiting.wait(), timeout=1)
+    later = [asyncio.create_task(group.submit(i)) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    ready.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), timeout=1)
+    assert flushed == [[0, 1, 2, 3]]
 
 # ---- shared transactions -------------------------------------------------------------------------------
 from relay.store.batching import SharedTransactions  # noqa: E402

@@ -18,7 +18,10 @@ T = TypeVar("T")
 
 
 class GroupCommit(Generic[T]):
-    def __init__(self, flush: Callable[[list[T]], Awaitable[None]], max_batch: int = 512) -> None:
+    def __init__(self, flush: Callable[[Callable[[], list[T]]], Awaitable[None]], max_batch: int = 512) -> None:
+        """`flush(take)` commits the batch `take()` returns. It calls take once, when it is ready to write (its
+        connection or the writer's lock held), so writes that arrived while it waited for that join this commit
+        rather than wait for a whole commit more."""
         self._flush = flush
         self._max_batch = max_batch
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
@@ -48,14 +51,22 @@ class GroupCommit(Generic[T]):
 
     async def _run(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
+            batch: list[tuple[T, asyncio.Future[None]]] = []
+
+            def take() -> list[T]:
+                nonlocal batch
+                if not batch:
+                    batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
+                return [item for item, _ in batch]
             try:
-                await self._flush([item for item, _ in batch])
+                await self._flush(take)
             except Exception as exc:
+                take()          # failed before taking: what it would have written fails with it
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
             else:
+                take()          # a flush that took nothing has nothing pending ahead of the next round
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)

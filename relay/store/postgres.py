@@ -580,11 +580,11 @@ class PostgresStore(Store):
     async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         return list(await self._again_if_lost(lambda: self.pool.fetch(self._sql(sql), *args)))
 
-    async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+    async def _write_statements(self, take: Callable[[], list[tuple[str, tuple[Any, ...]]]]) -> None:
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
-        for sql, args in batch:
-            by_statement.setdefault(sql, []).append(args)
         async with self.pool.acquire() as conn:
+            for sql, args in take():        # taken once a connection is ours (GroupCommit)
+                by_statement.setdefault(sql, []).append(args)
             if len(by_statement) == 1:      # autocommit: one round trip (executemany is atomic on its own)
                 [(sql, rows)] = by_statement.items()
                 await self._write_rows(conn, sql, rows)

@@ -416,26 +416,28 @@ class SQLiteStore(Store):
             return await self._read(sql, args)
         return rows[0] if rows else None
 
-    async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+    async def _write_statements(self, take: Callable[[], list[tuple[str, tuple[Any, ...]]]]) -> None:
         """One group commit of small writes, each one row found by its key (a callback's job, a job's outcome):
         on the event loop's thread (_tx_on_loop) unless its values are large. A callback job carries the raw
         body, up to server.max_body_bytes: 128 bodies of 1 MB held the loop 211 ms, so a batch over
-        LOOP_WRITE_BYTES goes to the writer's thread, where SQLite copies them without the GIL."""
+        LOOP_WRITE_BYTES goes to the writer's thread, where SQLite copies them without the GIL. The batch is
+        taken once the writer's lock is held (GroupCommit), so writes that came during the wait join it."""
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
-        size = 0
-        for sql, args in batch:
-            by_statement.setdefault(sql, []).append(args)
-            size += sum(len(value) for value in args if isinstance(value, (str, bytes)))
+
+        def fits_on_loop() -> bool:
+            size = 0
+            for sql, args in take():
+                by_statement.setdefault(sql, []).append(args)
+                size += sum(len(value) for value in args if isinstance(value, (str, bytes)))
+            return size <= LOOP_WRITE_BYTES
 
         def write(conn: sqlite3.Connection) -> None:
             for sql, rows in by_statement.items():
                 conn.executemany(sql, rows)
-        if size > LOOP_WRITE_BYTES:
-            await self._tx_in_thread(write)
-        else:
-            await self._tx_on_loop(write)
+        await self._tx_on_loop(write, fits=fits_on_loop)
 
-    async def _tx_on_loop(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _tx_on_loop(self, work: Callable[[sqlite3.Connection], T], *,
+                          fits: Callable[[], bool] = lambda: True) -> T:
         """`work` in one write transaction right here on the event loop's thread; on the writer's thread
         (_tx_in_thread) if another connection holds the write lock. For short, bounded work only: a group
         commit of small writes, a claim (a walk of jobs_due that stops at its limit).
@@ -464,7 +466,8 @@ class SQLiteStore(Store):
         await self._lock.acquire(short=True)        # ahead of queued thread transactions (relay.store.writerlock)
         try:
             conn = self._writer._conn
-            if _begun_without_waiting(conn):
+            # `fits`, asked with the lock held: whether the work is short after all (else: the thread).
+            if fits() and _begun_without_waiting(conn):
                 return _run_and_commit(conn, work)
         finally:
             self._lock.release()
