@@ -94,6 +94,15 @@ async def test_writes_that_come_while_a_flush_waits_to_write_join_it() -> None:
     await asyncio.wait_for(asyncio.gather(first, *later), timeout=1)
     assert flushed == [[0, 1, 2, 3]]
 
+async def test_a_flush_that_returns_without_taking_its_batch_fails_it() -> None:
+    """Nothing is acknowledged that no flush took (and so wrote): its callers get an error instead."""
+    async def flush(take: Callable[[], list[int]]) -> None:
+        return None
+
+    group: GroupCommit[int] = GroupCommit(flush)
+    with pytest.raises(RuntimeError, match="without taking"):
+        await asyncio.wait_for(group.submit(1), timeout=1)
+
 # ---- shared transactions -------------------------------------------------------------------------------
 from relay.store.batching import SharedTransactions  # noqa: E402
 from relay.store.tx import Tx  # noqa: E402

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -122,9 +122,12 @@ class CountingStore(PostgresStore):
 
     batches: list[int]
 
-    async def _write_statements(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
-        self.batches.append(len(batch))
-        await super()._write_statements(batch)
+    async def _write_statements(self, take: Callable[[], list[tuple[str, tuple[Any, ...]]]]) -> None:
+        def counted() -> list[tuple[str, tuple[Any, ...]]]:
+            batch = take()
+            self.batches.append(len(batch))
+            return batch
+        await super()._write_statements(counted)
 
 
 async def test_concurrent_finishes_share_commits_and_keep_their_lease_check() -> None:

@@ -51,22 +51,18 @@ class GroupCommit(Generic[T]):
 
     async def _run(self) -> None:
         while self._pending:
-            batch: list[tuple[T, asyncio.Future[None]]] = []
-
-            def take() -> list[T]:
-                nonlocal batch
-                if not batch:
-                    batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
-                return [item for item, _ in batch]
+            take, batch = self._round()
             try:
                 await self._flush(take)
+                if not batch:       # a flush must write what it takes: acknowledging what it never took would lose it
+                    take()
+                    raise RuntimeError("a group commit's flush returned without taking its batch")
             except Exception as exc:
                 take()          # failed before taking: what it would have written fails with it
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
             else:
-                take()          # a flush that took nothing has nothing pending ahead of the next round
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
@@ -74,6 +70,20 @@ class GroupCommit(Generic[T]):
                 # A flush may not suspend at all (SQLite's runs on the loop's thread): let the loop serve
                 # others between the batches of a backlog.
                 await asyncio.sleep(0)
+
+    def _round(self) -> tuple[Callable[[], list[T]], list[tuple[T, asyncio.Future[None]]]]:
+        """One round's take() and the batch it fills (its own list: a take kept past its round takes nothing)."""
+        batch: list[tuple[T, asyncio.Future[None]]] = []
+        taken = False
+
+        def take() -> list[T]:
+            nonlocal taken
+            if not taken:
+                taken = True
+                batch.extend(self._pending[:self._max_batch])
+                del self._pending[:len(batch)]
+            return [item for item, _ in batch]
+        return take, batch
 
     async def drain(self) -> None:
         """Wait for every queued write (before closing the connection)."""

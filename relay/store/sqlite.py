@@ -326,6 +326,12 @@ class SQLiteStore(Store):
         """
         assert self._writer is not None, "store is not open"
         await self._lock.acquire()
+        return await self._on_thread_holding_lock(work)
+
+    async def _on_thread_holding_lock(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """_tx_in_thread with the writer's lock already held (by the caller, who hands it over: it is freed when
+        the thread has ended the transaction)."""
+        assert self._writer is not None, "store is not open"
         loop = asyncio.get_running_loop()
         freed = False
 
@@ -467,11 +473,17 @@ class SQLiteStore(Store):
         try:
             conn = self._writer._conn
             # `fits`, asked with the lock held: whether the work is short after all (else: the thread).
-            if fits() and _begun_without_waiting(conn):
-                return _run_and_commit(conn, work)
-        finally:
+            on_loop = fits() and _begun_without_waiting(conn)
+        except BaseException:
             self._lock.release()
-        return await self._tx_in_thread(work)
+            raise
+        if on_loop:
+            try:
+                return _run_and_commit(conn, work)
+            finally:
+                self._lock.release()
+        # The thread takes the work over with the lock: not queued again behind the transactions waiting for it.
+        return await self._on_thread_holding_lock(work)
 
     async def claim(self, now: float, *, limit: int, lease_seconds: float,
                     kinds: Sequence[str] | None = None) -> list[Job]:
