@@ -100,7 +100,8 @@ class GuardedSession:
                 data: bytes | AsyncIterator[bytes] | None = None, headers: Any = None) -> Any:
         """`async with session.request(...) as response`: one request, never redirected. Raises BlockedAddress
         for an IP literal the guard refuses (a name is checked by the resolver when a connection is opened).
-        `timeout`: seconds for the whole exchange, or aiohttp's own timeouts."""
+        `timeout`: seconds for the whole exchange, or aiohttp's own timeouts. Credentials in the URL's userinfo
+        go as the Authorization header (basic_auth), the URL sent without them."""
         url = URL(url)
         if is_ip_address(url.host):      # aiohttp's own test for "connect to this without resolving"
             self._guard.check_ip(str(url.host))

@@ -238,11 +238,19 @@ class NetGuard:
             raise BlockedAddress(f"{host} looks like an IP address but is not one in standard form")
         if self.host_allowed(host):
             return  # allowed by name: whatever it resolves to, no need to ask DNS now
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        port = connect_port(parsed)
         try:
             await self.resolve_checked(host, port)
         except OSError as exc:
             raise BlockedAddress(f"cannot resolve {host}: {exc}") from None
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def connect_port(parsed: httpx.URL) -> int:
+    """The port a URL's request goes to: its own, else its scheme's default."""
+    return parsed.port or DEFAULT_PORTS.get(parsed.scheme, 80)
 
 
 async def check_given_url(guard: NetGuard, field: str, url: str, *, name_url: bool = False) -> None:

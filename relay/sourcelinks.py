@@ -19,7 +19,8 @@ import re
 import time
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
+from relay.netguard import DEFAULT_PORTS
+
 # Far-off or nonsensical values are not an expiry anyone meant (an Expires in milliseconds, a year 9999).
 MAX_LIFETIME = 10 * 365 * 86400.0
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from relay.netguard import connect_port
 from relay.store.deliveries import lane_notice
 
 MAX_LANES = 10_000       # beyond this many keys, idle lanes are forgotten even if slow
@@ -45,8 +46,7 @@ def url_lane(url: str) -> str:
     except (httpx.InvalidURL, ValueError):
         return "url:sha256:" + hashlib.sha256(url.encode()).hexdigest()
     host = parsed.raw_host.decode("ascii").lower()
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    return f"url:{parsed.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    return f"url:{parsed.scheme}://{f'[{host}]' if ':' in host else host}:{connect_port(parsed)}"
 
 
 @dataclass

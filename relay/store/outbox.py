@@ -162,9 +162,9 @@ async def _write_task_state(tx: Tx, task: Task, t: Transition, now: float, prici
 
 async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now: float,
                   subscriptions: Sequence[Row]) -> list[Job]:
-    """One delivery per enabled subscription (`subscriptions`: Subscribers.enabled, as of this transaction's stamp)
-    whose filter takes the event, and the task's own hook: the deliveries are written, their jobs returned for the caller to write
-    with its others (write_jobs)."""
+    """One delivery per enabled subscription (`subscriptions`: Subscribers.enabled, as of this transaction's
+    stamp) whose filter takes the event, and the task's own hook: the deliveries are written, their jobs
+    returned for the caller to write with its others (write_jobs)."""
     targets: list[tuple[str, str | None, str]] = []   # (target, subscription id, url)
     for row in subscriptions:
         if matches(json.loads(row["events"]), event.type):
