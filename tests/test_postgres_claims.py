@@ -43,7 +43,7 @@ async def store() -> AsyncIterator[PostgresStore]:
 async def plan_of_claim(store: PostgresStore, *, generic: bool) -> str:
     """EXPLAIN of the claim as PostgresStore.claim runs it, in a transaction rolled back after."""
     now = time.time()
-    args = (now + 60, "token", now, KINDS, 32)
+    args = (now + 60, "token", now, now, KINDS, 32)
     async with store.pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
@@ -52,7 +52,7 @@ async def plan_of_claim(store: PostgresStore, *, generic: bool) -> str:
             if generic:
                 await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
                 await conn.execute("PREPARE claim AS " + to_postgres(claim_sql(True)))
-                rows = await conn.fetch(f"EXPLAIN EXECUTE claim({now + 60}, 'token', {now}, "
+                rows = await conn.fetch(f"EXPLAIN EXECUTE claim({now + 60}, 'token', {now}, {now}, "
                                         "ARRAY['submit','poll','archive','callback','deliver'], 32)")
             else:
                 rows = await conn.fetch("EXPLAIN " + to_postgres(claim_sql(True)), *args)
@@ -88,6 +88,27 @@ async def test_a_claim_without_kinds_leases_every_kind(store: PostgresStore) -> 
     oldest = await store.claim(time.time(), limit=2, lease_seconds=60)
     assert {j.kind for j in oldest} == {"other", "deliver"}
     assert [j.kind for j in await store.claim(time.time(), limit=10, lease_seconds=60)] == ["poll"]
+
+
+async def test_a_claim_is_a_hot_update_that_touches_no_index(store: PostgresStore) -> None:
+    """A claim changes no indexed column (its lease is lease_until and the token, not run_at), so PostgreSQL
+    writes every claimed row as a HOT update: no new entry in any of jobs' indexes, one heap page per job in the
+    WAL (see claim_sql). Counted by PostgreSQL itself for the claim's own transaction."""
+    now = time.time()
+    await store.enqueue([Job(id=ids.new_id("job", now), kind=KINDS[n % 5], run_at=now - n) for n in range(20)])
+    async with store.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute(CLAIM_SETTINGS)
+            claimed = await conn.fetch(to_postgres(claim_sql(True)), now + 60, "token", now, now, KINDS, 16)
+            counted = await conn.fetchrow("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                                          "WHERE relname = 'jobs'")
+        finally:
+            await tx.rollback()
+    assert len(claimed) == 16
+    assert (counted["n_tup_upd"], counted["n_tup_hot_upd"]) == (16, 16)
+    assert {row["run_at"] for row in claimed} == {now - n for n in range(4, 20)}   # the oldest 16, run_at left alone
 
 
 def test_an_insert_becomes_one_statement_over_arrays() -> None:

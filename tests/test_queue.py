@@ -73,7 +73,7 @@ async def test_rate_limited_honours_retry_after(store: Store, clock: ManualClock
     worker = Worker(store, {"k": handler}, clock, OPTS)
     await store.enqueue([make_job(clock)])
     await worker.drain()
-    assert await store.next_run_at() == clock.now() + 42.0
+    assert await store.next_run_at(clock.now()) == clock.now() + 42.0
 
 
 async def test_unexpected_exception_never_crashes_and_is_retried(store: Store, clock: ManualClock) -> None:
@@ -178,9 +178,9 @@ async def test_a_wake_up_during_the_idle_look_is_not_lost(store: Store) -> None:
     looked = store.next_run_at
     raced = False
 
-    async def stale_look() -> float | None:
+    async def stale_look(now: float) -> float | None:
         nonlocal raced
-        due = await looked()            # read before the enqueue commits ...
+        due = await looked(now)         # read before the enqueue commits ...
         if not raced:
             raced = True
             now = SystemClock().now()

@@ -217,6 +217,29 @@ async def test_claim_leases_and_expired_lease_is_reclaimed(store: Store, clock: 
     assert (await store.job_counts()) == {}
 
 
+async def test_held_jobs_are_not_due_until_their_lease_runs_out(store: Store, clock: ManualClock) -> None:
+    """A claimed job keeps its run_at but is not what the worker waits for, nor queue lag, nor due on the
+    console, until its lease runs out; a retry or a job brought forward ends the lease."""
+    now = clock.now()
+    await store.enqueue([job("a", None, now - 10), job("b", None, now + 100, "b")])
+    [held] = await store.claim(now, limit=1, lease_seconds=30)
+    assert held.kind == "a" and held.run_at == now - 10
+    assert await store.next_run_at(now) == now + 100
+    assert await store.oldest_due_jobs(now) == {}
+    assert await store.extend_lease(held, now + 60)
+    assert await store.next_run_at(now + 31) == now + 100         # extended: still held
+    assert await store.next_run_at(now + 61) == now - 10          # the lease ran out: due again, as it was
+    assert await store.oldest_due_jobs(now + 61) == {"a": now - 10}
+    await store.retry_job(held, now + 5, None)
+    assert await store.next_run_at(now) == now + 5
+    [again] = await store.claim(now + 5, limit=1, lease_seconds=30)
+    assert again.attempts == 2
+    # A held job brought forward (a delivery retried from the console: queries.JOB_DUE_NOW) is due at once.
+    [b] = await store.claim(now + 100, limit=1, lease_seconds=30, kinds=["b"])
+    await store.transact(lambda tx: tx.run(q.JOB_DUE_NOW, (now + 100, now + 100, "b")))
+    assert [j.id for j in await store.claim(now + 100, limit=1, lease_seconds=30, kinds=["b"])] == [b.id]
+
+
 async def test_claim_respects_run_at_and_limit(store: Store, clock: ManualClock) -> None:
     """Only due jobs are claimed, oldest first, at most `limit`."""
     now = clock.now()
@@ -345,7 +368,7 @@ async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path:
     await store.open()
     try:
         inner = claim_sql(kinds).split("WHERE rowid IN (", 1)[1].rsplit(") RETURNING", 1)[0]
-        args = (0.0, *(["poll"] * kinds), 32)
+        args = (0.0, 0.0, *(["poll"] * kinds), 32)
         plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + inner, args))
         assert "jobs_due" in plan and "TEMP B-TREE" not in plan, plan
@@ -353,6 +376,28 @@ async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path:
         whole = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + claim_sql(kinds), (1.0, "token", *args)))
         assert "INTEGER PRIMARY KEY (rowid=?)" in whole and "autoindex" not in whole, whole
+    finally:
+        await store.close()
+
+
+async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path) -> None:
+    """next_run_at (the worker's sleep) and oldest_due_jobs (queue lag on /metrics) read jobs_due from its head
+    as SQLiteStore runs them. Left to the planner they went through jobs_by_state_kind and read every queued
+    job: 0.6 s per look at a million rows (queries.BY_DUE)."""
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    try:
+        sent: list[str] = []
+        store._reader._conn.set_trace_callback(sent.append)        # type: ignore[union-attr]
+        await store.next_run_at(1.0)
+        await store.oldest_due_jobs(1.0)
+        store._reader._conn.set_trace_callback(None)               # type: ignore[union-attr]
+        looks = [sql for sql in sent if "FROM jobs" in sql]
+        assert len(looks) == 2, sent
+        for sql in looks:
+            plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
+                "EXPLAIN QUERY PLAN " + sql))
+            assert "USING INDEX jobs_due" in plan and "jobs_by_state_kind" not in plan, (sql, plan)
     finally:
         await store.close()
 

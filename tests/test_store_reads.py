@@ -23,7 +23,7 @@ async def test_a_read_after_a_commit_sees_it_while_other_reads_run(tmp_path: Pat
 
     async def other_reads() -> None:
         while not stop.is_set():
-            await store.next_run_at()
+            await store.next_run_at(time.time())
             await store.job_counts()
             await store.list_tasks(status=None, provider=None, limit=5, cursor=None)
 

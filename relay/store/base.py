@@ -468,7 +468,8 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                     kinds: Sequence[str] | None = None) -> list[Job]:
         """Lease up to `limit` due jobs (oldest run_at first), counting an attempt for each.
 
-        A job leased here is leased nowhere else until its lease runs out.
+        A job leased here is leased nowhere else until its lease runs out: its lease_until, which the claim sets
+        (and extend_lease moves); run_at stays what it was (queries.NOT_LEASED).
         """
 
     async def extend_lease(self, job: Job, until: float) -> bool:
@@ -502,9 +503,9 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         """Jobs by kind and state, e.g. {"poll:queued": 3, "archive:dead": 1}."""
         return {f"{r['kind']}:{r['state']}": int(r["n"]) for r in await self._read_all(q.JOB_COUNTS)}
 
-    async def next_run_at(self) -> float | None:
-        """When the earliest queued job is due (for the worker's sleep)."""
-        row = await self._read(q.NEXT_RUN_AT)
+    async def next_run_at(self, now: float) -> float | None:
+        """When the earliest queued job no worker holds is due (for the worker's sleep)."""
+        row = await self._read(q.NEXT_RUN_AT, (float(now),))
         return None if row is None or row["due"] is None else float(row["due"])
 
     async def task_counts(self) -> dict[tuple[str, str], int]:
@@ -513,7 +514,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def oldest_due_jobs(self, now: float) -> dict[str, float]:
         """Per job kind, the run_at of the oldest job due by `now` that no worker holds (queue lag)."""
-        return {r["kind"]: float(r["due"]) for r in await self._read_all(q.OLDEST_DUE_JOBS, (float(now),))}
+        return {r["kind"]: float(r["due"]) for r in await self._read_all(q.OLDEST_DUE_JOBS, (float(now), float(now)))}
 
     # ---- provider request stats (relay.stats) ----------------------------------------------------
     async def add_provider_stats(self, rows: Sequence[StatsRow]) -> None:

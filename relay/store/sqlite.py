@@ -165,7 +165,8 @@ def _run_to_end(body: Coroutine[Any, Any, T]) -> T:
 def claim_sql(kinds: int) -> str:
     """The claim: lease up to `limit` due jobs (of `kinds` kinds, if any), oldest due first.
 
-    run_at doubles as the lease: a claimed job is due again when its lease runs out. INDEXED BY: the claim
+    A claimed job is held until its lease_until and keeps its run_at, so it stays at the head of jobs_due, passed
+    over by the claims after it (queries.NOT_LEASED), due again when its lease runs out. INDEXED BY: the claim
     must walk the due jobs in run_at order and stop after `limit`; left to itself the planner may pick
     jobs_by_state_kind and sort every queued job (0.5 s at a million rows, seen in bench.claims). By rowid,
     which jobs_due holds, not by id: `id IN` looked each job up in the id index first, one more page per job
@@ -176,8 +177,9 @@ def claim_sql(kinds: int) -> str:
     million rows 1.07-1.14 ms with the ULID, 0.81-0.96 ms with 8 characters).
     """
     kind_filter = f" AND kind IN ({','.join('?' * kinds)})" if kinds else ""
-    return ("UPDATE jobs SET run_at = ?, lease_token = ?, attempts = attempts + 1 WHERE rowid IN ("
-            f" SELECT rowid FROM jobs INDEXED BY jobs_due WHERE state = 'queued' AND run_at <= ?{kind_filter}"
+    return ("UPDATE jobs SET lease_until = ?, lease_token = ?, attempts = attempts + 1 WHERE rowid IN ("
+            " SELECT rowid FROM jobs INDEXED BY jobs_due WHERE state = 'queued' AND run_at <= ? "
+            f"AND {q.NOT_LEASED}{kind_filter}"
             " ORDER BY run_at LIMIT ?) RETURNING *")
 
 
@@ -400,6 +402,8 @@ class SQLiteStore(Store):
     async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         # execute and fetch in one hop (see _Reader)
         assert self._reader is not None, "store is not open"
+        if q.BY_DUE in sql:
+            sql = sql.replace(q.BY_DUE, " INDEXED BY jobs_due")
         return list(await self._reader.execute_fetchall(sql, args))
 
     async def _read_key(self, sql: str, args: Sequence[Any]) -> Row | None:
@@ -489,7 +493,7 @@ class SQLiteStore(Store):
                     kinds: Sequence[str] | None = None) -> list[Job]:
         # The token only fences this job's holders from each other (with its id): 48 random bits make two claims
         # of one job sharing a token a 1-in-2**48 chance, and keep the row small (see claim_sql).
-        args: list[Any] = [now + lease_seconds, secrets.token_urlsafe(6), now, *(kinds or ()), limit]
+        args: list[Any] = [now + lease_seconds, secrets.token_urlsafe(6), now, now, *(kinds or ()), limit]
         sql = claim_sql(len(kinds or ()))
 
         def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
