@@ -9,7 +9,7 @@ COPY through asyncpg, then VACUUM (ANALYZE) and a CHECKPOINT (the state of a tab
 autovacuum, not of a bulk load still settling). The same rows either
 way, a mix like a busy relay's: mostly future polls and delivery retries, a small due backlog, some
 dead jobs. Then store.claim(now, limit=32, lease_seconds=60, kinds=<the worker's five kinds>) is timed
-CLAIMS times; each claimed batch is handed back with retry_job(run_at=now) so the due backlog stays the
+CLAIMS times on each size, the sizes taking turns in ROUNDS blocks; each claimed batch is handed back with retry_job(run_at=now) so the due backlog stays the
 same size (the jobs go to the back of it). Baseline: the same at the small size; ratio = large / small.
 On PostgreSQL the claim statement relay sent is also run under EXPLAIN (ANALYZE, BUFFERS) (rolled back).
 """
@@ -43,6 +43,7 @@ KINDS = ["submit", "poll", "archive", "callback_body", "callback", "deliver"]   
 MIX = (("poll", 0.35), ("deliver", 0.45), ("archive", 0.08), ("submit", 0.06), ("callback_body", 0.06))
 DUE_SHARE, DEAD_SHARE = 0.02, 0.05
 CLAIMS = 200
+ROUNDS = 10       # blocks of CLAIMS // ROUNDS claims per size, the sizes taking turns
 BATCH = 50_000
 
 
@@ -95,42 +96,56 @@ def seed(path: Path, rows: int, now: float, rng: random.Random) -> dict[str, int
     return counts
 
 
-async def time_claims(store: Any, claims: int) -> dict[str, Any]:
-    """Claim 32 and hand the batch back (retry_job, run_at = now) `claims` times after 10 warm-up rounds."""
-    claim_ms, retry_ms, claimed = [], [], 0
-    for _ in range(10):       # warm the caches (pages, statements)
-        jobs = await store.claim(time.time(), limit=32, lease_seconds=60, kinds=KINDS)
-        for job in jobs:
-            await store.retry_job(job, time.time(), None)
-    for _ in range(claims):
-        now = time.time()
-        began = time.perf_counter()
-        jobs = await store.claim(now, limit=32, lease_seconds=60, kinds=KINDS)
-        claim_ms.append((time.perf_counter() - began) * 1000)
-        claimed += len(jobs)
-        began = time.perf_counter()
-        for job in jobs:
-            await store.retry_job(job, now, None)
-        retry_ms.append((time.perf_counter() - began) * 1000 / max(1, len(jobs)))
-    return {"p50": percentile(claim_ms, 50), "p99": percentile(claim_ms, 99), "mean_batch": claimed / claims,
-            "retry_p50": percentile(retry_ms, 50)}
+async def time_claims(stores: list[Any], claims: int) -> list[dict[str, Any]]:
+    """Claim 32 and hand the batch back (retry_job, run_at = now) `claims` times on each store, after 10 warm-up
+    rounds each, the stores taking turns (ROUNDS blocks, the order flipped every block) so that whatever else
+    the machine does meanwhile falls on every size alike: measured one size after the other, the ratio moved
+    by ±40 % between runs here."""
+    claim_ms: list[list[float]] = [[] for _ in stores]
+    retry_ms: list[list[float]] = [[] for _ in stores]
+    claimed = [0 for _ in stores]
+    for store in stores:
+        for _ in range(10):       # warm the caches (pages, statements)
+            jobs = await store.claim(time.time(), limit=32, lease_seconds=60, kinds=KINDS)
+            for job in jobs:
+                await store.retry_job(job, time.time(), None)
+    order = list(range(len(stores)))
+    for block in range(ROUNDS):
+        for n in (order if block % 2 == 0 else order[::-1]):
+            for _ in range(claims // ROUNDS):
+                now = time.time()
+                began = time.perf_counter()
+                jobs = await stores[n].claim(now, limit=32, lease_seconds=60, kinds=KINDS)
+                claim_ms[n].append((time.perf_counter() - began) * 1000)
+                claimed[n] += len(jobs)
+                began = time.perf_counter()
+                for job in jobs:
+                    await stores[n].retry_job(job, now, None)
+                retry_ms[n].append((time.perf_counter() - began) * 1000 / max(1, len(jobs)))
+    return [{"p50": percentile(claim_ms[n], 50), "p99": percentile(claim_ms[n], 99),
+             "mean_batch": claimed[n] / len(claim_ms[n]), "retry_p50": percentile(retry_ms[n], 50)}
+            for n in order]
 
 
-async def claim_latency(path: Path, claims: int, pragmas: tuple[str, ...] = ()) -> dict[str, Any]:
+async def claim_latency(paths: list[Path], claims: int, pragmas: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     from relay.store.sqlite import SQLiteStore, claim_sql
 
-    store = SQLiteStore(path)
-    await store.open()
-    for pragma in pragmas:     # diagnosis only: relay itself runs with its own settings
-        await store._writer.execute(pragma)   # type: ignore[union-attr]  # noqa: SLF001
+    stores = [SQLiteStore(path) for path in paths]
     try:
-        found = await time_claims(store, claims)
+        for store in stores:
+            await store.open()
+            for pragma in pragmas:     # diagnosis only: relay itself runs with its own settings
+                await store._writer.execute(pragma)   # type: ignore[union-attr]  # noqa: SLF001
+        found = await time_claims(stores, claims)
         inner = claim_sql(len(KINDS)).split("WHERE rowid IN (", 1)[1].rsplit(") RETURNING", 1)[0]
-        plan = await (await store._r.execute(   # noqa: SLF001 - the bench reads the plan of relay's claim query
-            "EXPLAIN QUERY PLAN " + inner, (time.time(), *KINDS, 32))).fetchall()
+        for store, result in zip(stores, found):
+            plan = await (await store._r.execute(   # noqa: SLF001 - the bench reads the plan of relay's claim query
+                "EXPLAIN QUERY PLAN " + inner, (time.time(), time.time(), *KINDS, 32))).fetchall()
+            result["plan"] = " / ".join(str(row[3]) for row in plan)
     finally:
-        await store.close()
-    return {**found, "plan": " / ".join(str(row[3]) for row in plan)}
+        for store in stores:
+            await store.close()
+    return found
 
 
 class _StatementSpy:
@@ -213,40 +228,50 @@ async def explain(conn: Any, sql: str, args: tuple[Any, ...], settings: list[str
     return "\n".join(row[0] for row in rows)
 
 
-async def pg_claim_latency(dsn: str, rows: int, claims: int) -> dict[str, Any]:
-    """Seed a fresh database with COPY, ANALYZE, then time claims as on SQLite; the plans of the claim."""
+async def pg_claim_latency(dsns: list[str], sizes: list[int], claims: int) -> list[dict[str, Any]]:
+    """Seed each database (one per size) with COPY, ANALYZE, checkpoint, then time claims as on SQLite, the sizes
+    taking turns; the plans of the claim."""
     from relay.store.postgres import PostgresStore
 
-    store = PostgresStore(dsn)
-    await store.open()     # migrations
+    stores = [PostgresStore(dsn) for dsn in dsns]
+    results: list[dict[str, Any]] = []
     try:
-        counts = {"due": 0, "future": 0, "dead": 0}
-        began = time.monotonic()
-        async with store.pool.acquire() as conn:
-            for batch in job_batches(rows, time.time(), random.Random(rows), counts):
-                await conn.copy_records_to_table("jobs", records=batch, columns=COLUMNS)
-            seeded = time.monotonic() - began
-            # A table that grew to this size under relay has been vacuumed and analyzed along the way, its pages
-            # written out: not a bulk load whose first readers set every row's hint bits (dirtying each page),
-            # with an autovacuum of a million fresh rows and a checkpoint of their WAL still to come (those put
-            # 58 ms into the p99 when they ran during the timed claims). As on SQLite (checkpointed after seeding).
-            await conn.execute("VACUUM (ANALYZE) jobs")
-            await conn.execute("CHECKPOINT")
-        found = await time_claims(store, claims)
-        settings, sql, args = await sent_claim(store)
-        args = (args[0], args[1], time.time(), *args[3:])
-        async with store.pool.acquire() as conn:
-            custom = await explain(conn, sql, args, settings)
-            generic = await explain(conn, sql, args, settings, generic=True)
-            size = await conn.fetchval("SELECT pg_database_size(current_database())")
-            tables = await conn.fetchval("SELECT pg_total_relation_size('jobs')")
-            stats = await conn.fetchrow("SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables "
-                                        "WHERE relname = 'jobs'")
+        for store, rows in zip(stores, sizes):
+            await store.open()     # migrations
+            counts = {"due": 0, "future": 0, "dead": 0}
+            began = time.monotonic()
+            async with store.pool.acquire() as conn:
+                for batch in job_batches(rows, time.time(), random.Random(rows), counts):
+                    await conn.copy_records_to_table("jobs", records=batch, columns=COLUMNS)
+                seeded = time.monotonic() - began
+                # A table that grew to this size under relay has been vacuumed and analyzed along the way, its
+                # pages written out: not a bulk load whose first readers set every row's hint bits (dirtying each
+                # page), with an autovacuum of a million fresh rows and a checkpoint of their WAL still to come
+                # (those put 58 ms into the p99 when they ran during the timed claims). As on SQLite
+                # (checkpointed after seeding).
+                await conn.execute("VACUUM (ANALYZE) jobs")
+            results.append({**counts, "rows": rows, "seed_seconds": seeded})
+        async with stores[0].pool.acquire() as conn:
+            await conn.execute("CHECKPOINT")       # the whole cluster's: every size's pages written out
+        for result, found in zip(results, await time_claims(stores, claims)):
+            result.update(found)
+        for store, result in zip(stores, results):
+            settings, sql, args = await sent_claim(store)
+            args = (args[0], args[1], time.time(), time.time(), *args[4:])
+            async with store.pool.acquire() as conn:
+                custom = await explain(conn, sql, args, settings)
+                generic = await explain(conn, sql, args, settings, generic=True)
+                size = await conn.fetchval("SELECT pg_database_size(current_database())")
+                tables = await conn.fetchval("SELECT pg_total_relation_size('jobs')")
+                stats = await conn.fetchrow("SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables "
+                                            "WHERE relname = 'jobs'")
+            result.update(file_mb=size / 1e6, jobs_mb=tables / 1e6, dead_tuples=stats["n_dead_tup"],
+                          statement="; ".join([*settings, sql]), explain=custom, explain_generic=generic,
+                          plan=_plan_line(custom))
     finally:
-        await store.close()
-    return {**found, **counts, "seed_seconds": seeded, "file_mb": size / 1e6, "jobs_mb": tables / 1e6,
-            "dead_tuples": stats["n_dead_tup"], "statement": "; ".join([*settings, sql]), "explain": custom, "explain_generic": generic,
-            "plan": _plan_line(custom)}
+        for store in stores:
+            await store.close()
+    return results
 
 
 def _plan_line(explain_text: str) -> str:
@@ -266,32 +291,27 @@ def _plan_line(explain_text: str) -> str:
 def measure(sizes: list[int]) -> list[dict[str, Any]]:
     if postgres():
         return measure_postgres(sizes)
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for rows in sizes:
-            path = Path(tmp) / f"jobs-{rows}.db"
+        paths, seeded = [Path(tmp) / f"jobs-{rows}.db" for rows in sizes], []
+        for path, rows in zip(paths, sizes):
             run_loop(_migrate(path))
             began = time.monotonic()
             counts = seed(path, rows, time.time(), random.Random(rows))
-            seeded = time.monotonic() - began
-            found = run_loop(claim_latency(path, CLAIMS))
-            found.update(rows=rows, seed_seconds=seeded, file_mb=path.stat().st_size / 1e6, **counts)
-            results.append(found)
-            path.unlink()
-    return results
+            seeded.append({"rows": rows, "seed_seconds": time.monotonic() - began,
+                           "file_mb": path.stat().st_size / 1e6, **counts})
+        found = run_loop(claim_latency(paths, CLAIMS))
+    return [{**made, **timed} for made, timed in zip(seeded, found)]
 
 
 def measure_postgres(sizes: list[int]) -> list[dict[str, Any]]:
-    results = []
-    for rows in sizes:
-        dsn = create_database()     # a fresh database per size, dropped right after
-        try:
-            found = run_loop(pg_claim_latency(dsn, rows, CLAIMS))
-        finally:
+    dsns: list[str] = []
+    try:
+        for _ in sizes:
+            dsns.append(create_database())     # a fresh database per size, dropped after
+        return run_loop(pg_claim_latency(dsns, sizes, CLAIMS))
+    finally:
+        for dsn in dsns:
             drop_database(dsn)
-        found["rows"] = rows
-        results.append(found)
-    return results
 
 
 async def _migrate(path: Path) -> None:
@@ -313,7 +333,7 @@ SQLITE_NOTES = [
     "What is left of the growth: each of the 32 rows a claim takes lies on a page no claim touched before, read "
     "from the operating system's cache rather than SQLite's (at 10,000 rows the whole table stays in SQLite's), "
     "and the seeded rows were appended to full pages, as relay's are: a claim writing its 8-character lease token "
-    "where there was NULL outgrows the page and SQLite splits it (a WAL-frame tally: 47 pages written per claim "
+    "and its lease_until where there were NULLs outgrows the page and SQLite splits it (a WAL-frame tally: 47 pages written per claim "
     "at 1,000,000 rows, 31 at 10,000, where the warm-up claims split the few pages already). Rows given 9 bytes "
     "of room that the claim gives up as it writes the token took the ratio from 1.48-1.58 to 1.26-1.32 (four "
     "alternating pairs), but were not kept: claims then succeed on a full database while every other write "
@@ -322,7 +342,9 @@ SQLITE_NOTES = [
     "help (same or slower).",
     "What would make it grow: a large due backlog of kinds the worker does not claim (it would be "
     "walked and skipped each time); relay's worker claims every kind it has a handler for, so that "
-    "does not happen with one worker role.",
+    "does not happen with one worker role. The jobs workers hold are walked and skipped too (a claim leaves "
+    "run_at alone since 2026-11-30): as many as are running, whatever the table's size; bench.queue, whose "
+    "workers hold up to 32 each, did not move (relay / PgQueuer 2.52 and 2.47 before, 2.76 and 2.54 after).",
     "WAL checkpoints run on a connection of their own every second (PASSIVE), not inside commits: left "
     "automatic, a checkpoint ran inside the COMMIT of whichever transaction crossed 1000 WAL pages and "
     "was most of the p99 (15.3 ms at 1,000,000 rows when this was diagnosed, 2.7 ms without).",
@@ -339,24 +361,21 @@ POSTGRES_NOTES = [
     "every queued job of the kinds through jobs_by_state_kind to sort them (6 ms per claim with 20,000 due; see "
     "the queue section); that setting leaves it no plan but the walk of jobs_due. It costs the claim two more "
     "round trips: BEGIN and the SET go in one message, then COMMIT (three, about 0.15 ms here, before 2026-11-29).",
-    "Why the p50 still grows with the table: not the buffer cache. On a private server with shared_buffers = "
-    "1 GB (every page a hit) the ratio was the same (1.66). It is the WAL: the first change to a page after a "
-    "checkpoint writes the whole 8 kB page into the WAL (full_page_writes), and the bench checkpoints right "
-    "after seeding. A claim changes run_at, which jobs_due indexes, so no claim is a HOT update: every claimed "
-    "row gets a new heap tuple and a new entry in each of the five indexes of jobs, about six pages per job. "
-    "At 10,000 rows the warm-up claims have already touched every page; at 1,000,000 every claim touches pages "
-    "untouched since the checkpoint. Measured (claim + its 32 retry_job): 50 kB of WAL at 10,000 rows, 603 kB "
-    "at 1,000,000; `wal_compression = pglz` cut that to 216 kB but made the claim slower (CPU). Between "
-    "checkpoints (5 min by default) a busy queue touches the same pages again and pays this once per page; a "
-    "flat claim right after a checkpoint needs claims that are HOT updates (the lease kept in a column no index "
-    "covers), a change of the queue's schema left for later.",
-    "retry_job and finish_job go through the store's group commit: concurrent ones share one transaction, "
-    "each kind of statement sent once with executemany (pipelined). Here they run one at a time, so each is "
-    "still a round trip and a commit. Pooled connections go back to the pool without asyncpg's reset query "
-    "(`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`): a pooled `SELECT 1` took 0.048 ms "
-    "instead of 0.086 ms (medians of 6 × 1,000, same run).",
-    "The time per section's \"other cores\" counts the PostgreSQL server's own processes (they are not the "
-    "bench's children), so on PostgreSQL it is not a measure of outside load.",
+    "Why the p50 still grows with the table: the WAL. The first change to a page after a checkpoint writes the "
+    "whole 8 kB page into the WAL (full_page_writes), and the bench checkpoints right after seeding: at 10,000 "
+    "rows the warm-up claims have already touched every page, at 1,000,000 each claimed job lies on a page "
+    "untouched since the checkpoint. Until 2026-11-30 a claim moved run_at, which jobs_due indexes, so no claim "
+    "was a HOT update: every claimed row got a new heap tuple and an entry in each of the five indexes of jobs, "
+    "about six pages per job, 773 kB of WAL per claim at 1,000,000 rows (p50 2.75-2.93 ms, ratio 1.35-1.60 in "
+    "three runs). The lease is now lease_until, which no index covers, and jobs has fillfactor 90: a claim is a "
+    "HOT update (tests/test_postgres_claims.py counts it), one heap page per job, 234 kB per claim (p50 "
+    "1.77-2.05 ms, ratio 1.26-1.45 in the three runs alternating with those). What is left is that one page: a "
+    "lease written into the job's row dirties it, and a lease kept anywhere else would only move the page to "
+    "the job's end (its DELETE or retry writes the row anyway). The retry_job column pays the index entries "
+    "now (a new run_at), and a job that ends pays none. `wal_compression = pglz` cut the WAL by two thirds but "
+    "made the claim slower (CPU); with shared_buffers = 1 GB (every page a hit) the ratio was the same (1.66, "
+    "before HOT claims). Between checkpoints (5 min by default) a busy queue touches the same pages again and "
+    "pays this once per page.",
 ]
 
 
@@ -378,7 +397,8 @@ def run(quick: bool) -> Section:
         seed_text = "seeded directly with sqlite3"
     lines = [
         "store.claim(now, limit=32, lease_seconds=60, kinds=[submit, poll, archive, callback, deliver]) on "
-        f"{store_text}, timed over {CLAIMS} claims after 10 warm-up claims. The jobs table is {seed_text}: "
+        f"{store_text}, timed over {CLAIMS} claims after 10 warm-up claims, the sizes taking turns in blocks of "
+        f"{CLAIMS // ROUNDS} (both open at once). The jobs table is {seed_text}: "
         f"{DUE_SHARE:.0%} due (a backlog), {DEAD_SHARE:.0%} dead, the rest queued for later (polls and delivery "
         "retries up to 10 h ahead); kinds 45 % deliver, 35 % poll, 8 % archive, 6 % submit, 6 % callback. Each "
         "claimed batch is handed back with retry_job(run_at=now), so the backlog keeps its size.", "",
