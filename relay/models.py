@@ -193,7 +193,7 @@ class Job:
     kind: str                                      # submit | poll | archive | … (see relay.jobs)
     task_id: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
-    run_at: float = 0.0                            # due time; while leased, the lease expiry
+    run_at: float = 0.0                            # due time (a claim leaves it; the lease ends at lease_until)
     dedupe_key: str | None = None                  # at most one live job per key
     attempts: int = 0
     max_attempts: int = 10

@@ -80,6 +80,10 @@ async def test_queue_by_kind_counts_depth_due_running_dead_and_the_oldest_due(st
     assert stats["archive"].queued == 3 and stats["archive"].due == 2 and stats["archive"].running == 0
     assert stats["archive"].oldest_due_at == pytest.approx(now - 30)
     assert stats["poll"].dead == 1 and stats["poll"].queued == 0
+    [held] = await store.claim(now, limit=1, lease_seconds=60, kinds=["archive"])       # the oldest, now held
+    stats = {k.kind: k for k in await store.queue_by_kind(now)}
+    assert stats["archive"].queued == 3 and stats["archive"].due == 1 and stats["archive"].running == 1
+    assert stats["archive"].oldest_due_at == pytest.approx(now - 10)
 
 
 async def test_delivery_health_gives_success_rate_and_nearest_rank_percentiles(store: Store) -> None:

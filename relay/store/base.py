@@ -504,8 +504,9 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         return {f"{r['kind']}:{r['state']}": int(r["n"]) for r in await self._read_all(q.JOB_COUNTS)}
 
     async def next_run_at(self, now: float) -> float | None:
-        """When the earliest queued job no worker holds is due (for the worker's sleep)."""
-        row = await self._read(q.NEXT_RUN_AT, (float(now),))
+        """When the earliest queued job no worker holds is due, or a held one's lease runs out (the worker's
+        sleep)."""
+        row = await self._read(q.NEXT_RUN_AT, (float(now), float(now), float(now)))
         return None if row is None or row["due"] is None else float(row["due"])
 
     async def task_counts(self) -> dict[tuple[str, str], int]:

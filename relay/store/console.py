@@ -38,7 +38,8 @@ class JobInfo:
     max_attempts: int
     last_error: str | None
     created_at: float
-    leased: bool
+    leased: bool                    # a worker claimed it and has not ended it (retried, buried, finished)
+    lease_until: float | None = None     # when that claim's lease runs out (the job is due again after)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def job_info(row: Row) -> JobInfo:
     return JobInfo(id=row["id"], kind=row["kind"], task_id=row["task_id"], state=row["state"],
                    payload=payload, run_at=row["run_at"], attempts=row["attempts"],
                    max_attempts=row["max_attempts"], last_error=row["last_error"], created_at=row["created_at"],
-                   leased=row["lease_token"] is not None)
+                   leased=row["lease_token"] is not None, lease_until=row["lease_until"])
 
 
 def _like(text: str) -> str:

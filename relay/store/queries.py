@@ -128,9 +128,13 @@ RETRY_JOB = (
 BURY_JOB = ("UPDATE jobs SET state = 'dead', dead_key = dedupe_key, dedupe_key = NULL, last_error = ?, "
             "lease_token = NULL, lease_until = NULL WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
 JOB_COUNTS = "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"
-# The earliest run_at of the jobs no worker holds (now the argument): the jobs held stay at the head of jobs_due,
-# due again when their lease runs out (the worker looks again every idle_poll_seconds).
-NEXT_RUN_AT = f"SELECT MIN(run_at) AS due FROM jobs{BY_DUE} WHERE state = 'queued' AND {NOT_LEASED}"
+# When the worker should look again (arguments: now, now, now): the earliest run_at of the jobs no worker holds,
+# or the earliest end of a lease on a job already due (a replica that died holding it), whichever is first.
+# Held jobs stay at the head of jobs_due: the second walk reads just those when the worker is idle.
+NEXT_RUN_AT = (
+    f"SELECT MIN(due) AS due FROM (SELECT MIN(run_at) AS due FROM jobs{BY_DUE} WHERE state = 'queued' "
+    f"AND {NOT_LEASED} UNION ALL SELECT MIN(lease_until) FROM jobs{BY_DUE} WHERE state = 'queued' "
+    "AND run_at <= ? AND lease_until > ?) AS looks")
 # A job brought forward loses its lease: whatever a run holding it does next cannot finish the job.
 JOB_DUE_NOW = ("UPDATE jobs SET run_at = CASE WHEN run_at < ? THEN run_at ELSE ? END, lease_token = NULL, "
                "lease_until = NULL "

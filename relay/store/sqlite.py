@@ -41,6 +41,7 @@ CHECKPOINT_INTERVAL = 1.0            # seconds between WAL checkpoints (see SQLi
 CHECKPOINT_RETRY_CAP = 30.0          # a failing checkpoint (a full disk) is tried again this rarely at most
 WAL_SIZE_LIMIT = 4 * 1024 * 1024     # bytes the WAL file is cut back to after a checkpoint
 WAL_RESTART_AT = 32 * 1024 * 1024    # a WAL this big is checkpointed to its end, the writer held (_checkpoint)
+WAL_RESTART_WAIT_MS = 50             # how long that round waits for reads still in the WAL
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -243,22 +244,28 @@ class SQLiteStore(Store):
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database file, holding up no one (PASSIVE); once the WAL is over WAL_RESTART_AT,
-        copy the rest holding the writer, so that the next write starts the WAL over.
+        copy the rest and start it over, holding the writer.
 
-        SQLite starts the WAL over at a write transaction that began with all of the WAL copied, and under a
-        steady stream of writes none does: one is always open, or frames are appended, while a checkpoint
-        copies. The WAL then only grows (7.8 GB in a minute of back-to-back claims at a million jobs, every
-        checkpoint copying all it saw), and so does every read's search through it. The second round copies
-        only what was written during the first, with no write transaction open (SQLite here is one process and
-        every write goes through the writer's lock); the next one starts the WAL over."""
-        assert self._background is not None
+        SQLite starts the WAL over at a write transaction that began with all of the WAL copied and no read
+        still in it, and under a steady stream of writes none does: one is always open, or frames are appended,
+        while a checkpoint copies. The WAL then only grows (7.8 GB in a minute of back-to-back claims at a
+        million jobs, every checkpoint copying all it saw), and so does every read's search through it. The
+        second round runs on the writer's own connection, idle while its lock is held (the background one may
+        be busy with a long count for /metrics), and is a RESTART: it copies only what the first left, keeps
+        writers of other processes out (`relay retention`), waits up to WAL_RESTART_WAIT_MS for reads still in
+        the WAL, and starts it over. Reads that outlast that leave it for the next round."""
+        assert self._background is not None and self._writer is not None
         row = await (await self._background.execute("PRAGMA wal_checkpoint(PASSIVE)")).fetchone()
         frames = row[1] if row is not None else 0
         if frames * self._page_size <= WAL_RESTART_AT:
             return
         await self._lock.acquire()
         try:
-            await self._background.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await self._writer.execute(f"PRAGMA busy_timeout={WAL_RESTART_WAIT_MS}")
+            try:
+                await self._writer.execute("PRAGMA wal_checkpoint(RESTART)")
+            finally:
+                await self._writer.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         finally:
             self._lock.release()
 

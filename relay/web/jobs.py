@@ -23,6 +23,7 @@ def job_object(job: JobInfo) -> dict[str, Any]:
     return {"id": job.id, "object": "job", "kind": job.kind, "task_id": job.task_id, "state": job.state,
             "payload": job.payload, "run_at": rfc3339(job.run_at), "attempts": job.attempts,
             "max_attempts": job.max_attempts, "last_error": job.last_error, "leased": job.leased,
+            "lease_until": None if job.lease_until is None else rfc3339(job.lease_until),
             "created_at": rfc3339(job.created_at)}
 
 
@@ -108,4 +109,7 @@ def openapi_schemas() -> dict[str, Any]:
         "task_id": {"type": ["string", "null"]}, "state": {"type": "string", "enum": list(JOB_STATES)},
         "payload": {"type": "object"}, "run_at": when, "attempts": {"type": "integer"},
         "max_attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
-        "leased": {"type": "boolean", "description": "a worker holds it right now"}, "created_at": when}}}
+        "leased": {"type": "boolean", "description": "a worker claimed it (held until lease_until)"},
+        "lease_until": {"type": ["string", "null"], "format": "date-time",
+                        "description": "when the lease runs out: a job still queued then is due again"},
+        "created_at": when}}}

@@ -3,4 +3,4 @@
 -- A job is leased while lease_until is in the future; a claimed job keeps its run_at, so the jobs a worker holds
 -- stay at the head of jobs_due and the claim passes over them. Leases held when this runs keep their end.
 ALTER TABLE jobs ADD COLUMN lease_until REAL;
-UPDATE jobs SET lease_until = run_at WHERE lease_token IS NOT NULL AND state = 'queued';
+UPDATE jobs SET lease_until = run_at WHERE lease_token IS NOT NULL;
