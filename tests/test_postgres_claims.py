@@ -113,17 +113,26 @@ async def test_a_claim_is_a_hot_update_that_touches_no_index(store: PostgresStor
 
 async def test_a_claim_of_an_earlier_version_is_refused(store: PostgresStore) -> None:
     """During a rolling upgrade a replica of an earlier version claims by moving run_at and setting a token:
-    that claim fails (jobs_lease_has_an_end) instead of taking a job whose run_at, left in the past by a new
-    replica's claim, shows it as due. The new replica's claim of the same job then goes ahead."""
+    that claim fails (the trigger jobs_claimed_the_earlier_way), for a job nobody holds and above all for one a
+    new replica holds, whose run_at, left in the past by the new claim, shows it as due. The new replica's
+    claims, heartbeats and outcomes go through."""
     now = time.time()
     await store.enqueue([Job(id=ids.new_id("job", now), kind="poll", run_at=now - 1)])
     earlier = ("UPDATE jobs SET run_at = $1, lease_token = $2, attempts = attempts + 1 WHERE id = ANY(ARRAY("
                "SELECT id FROM jobs WHERE state = 'queued' AND run_at <= $3 ORDER BY run_at LIMIT $4 "
                "FOR UPDATE SKIP LOCKED)) RETURNING *")
-    async with store.pool.acquire() as conn:
-        with pytest.raises(asyncpg.CheckViolationError):
-            await conn.fetch(earlier, now + 60, "old-replica", now, 32)
-    assert len(await store.claim(now, limit=32, lease_seconds=60)) == 1
+
+    async def claim_the_earlier_way() -> None:
+        async with store.pool.acquire() as conn:
+            with pytest.raises(asyncpg.CheckViolationError, match="older than schema v21"):
+                await conn.fetch(earlier, now + 60, "old-replica", now, 32)
+    await claim_the_earlier_way()                          # a job nobody holds
+    [held] = await store.claim(now, limit=32, lease_seconds=60)
+    await claim_the_earlier_way()                          # the job the new replica holds
+    assert await store.extend_lease(held, now + 90)
+    await store.retry_job(held, now, None)
+    [again] = await store.claim(now, limit=32, lease_seconds=60)
+    assert again.id == held.id and again.lease_token != held.lease_token
 
 
 def test_an_insert_becomes_one_statement_over_arrays() -> None:

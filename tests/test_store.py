@@ -358,7 +358,8 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Pat
         wal = tmp_path / "relay.db-wal"
 
         def started_over() -> int:
-            return int.from_bytes(wal.read_bytes()[12:16], "big")      # the WAL header's checkpoint sequence
+            with wal.open("rb") as header:                       # the WAL header's checkpoint sequence
+                return int.from_bytes(header.read(16)[12:16], "big")
 
         before, writing = started_over(), True
 

@@ -197,6 +197,9 @@ class SQLiteStore(Store):
         self._key_reader: aiosqlite.Connection | None = None     # used on the event loop's thread (_read_key)
         self._checkpoints: asyncio.Task[None] | None = None
         self._page_size = 4096           # read at open: the WAL's frames are pages
+        self._restarted_frames = -1      # the WAL's length when a RESTART last started it over (_checkpoint)
+        self._restart_pause = CHECKPOINT_INTERVAL
+        self._restart_again_at = 0.0
         # Flushed on the event loop's thread when small (see _write_statements): at most this many writes.
         self._small_writes: GroupCommit[tuple[str, tuple[Any, ...]]] = GroupCommit(self._write_statements,
                                                                                    max_batch=128)
@@ -253,21 +256,33 @@ class SQLiteStore(Store):
         second round runs on the writer's own connection, idle while its lock is held (the background one may
         be busy with a long count for /metrics), and is a RESTART: it copies only what the first left, keeps
         writers of other processes out (`relay retention`), waits up to WAL_RESTART_WAIT_MS for reads still in
-        the WAL, and starts it over. Reads that outlast that leave it for the next round."""
-        assert self._background is not None and self._writer is not None
+        the WAL, and starts it over. Reads that outlast that (a backup, a long scan) leave it for a later round,
+        tried again after a doubling pause (up to CHECKPOINT_RETRY_CAP) rather than holding the writer every
+        second; a WAL started over and not written since is left alone."""
+        assert self._background is not None
         row = await (await self._background.execute("PRAGMA wal_checkpoint(PASSIVE)")).fetchone()
         frames = row[1] if row is not None else 0
-        if frames * self._page_size <= WAL_RESTART_AT:
+        now = asyncio.get_running_loop().time()
+        if (frames * self._page_size <= WAL_RESTART_AT or frames == self._restarted_frames
+                or now < self._restart_again_at):
             return
-        await self._lock.acquire()
-        try:
-            await self._writer.execute(f"PRAGMA busy_timeout={WAL_RESTART_WAIT_MS}")
+
+        def restart(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            conn.execute(f"PRAGMA busy_timeout={WAL_RESTART_WAIT_MS}")
             try:
-                await self._writer.execute("PRAGMA wal_checkpoint(RESTART)")
+                busy, log_frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             finally:
-                await self._writer.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        finally:
-            self._lock.release()
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            return int(busy), int(log_frames), int(copied)
+        await self._lock.acquire()
+        busy, log_frames, _ = await self._on_thread_holding_lock(restart, transaction=False)
+        if busy:
+            self._restart_pause = min(CHECKPOINT_RETRY_CAP, self._restart_pause * 2)
+            self._restart_again_at = now + self._restart_pause
+            log.warning("the WAL (%d MB) could not start over: a read stayed in it for over %d ms; trying again "
+                        "in %.0f s", frames * self._page_size // 1_000_000, WAL_RESTART_WAIT_MS, self._restart_pause)
+        else:
+            self._restart_pause, self._restarted_frames = CHECKPOINT_INTERVAL, log_frames
 
     async def _connect(self) -> aiosqlite.Connection:
         # check_same_thread off: the writer's short work also runs on the event loop's thread (_tx_on_loop),
@@ -362,9 +377,10 @@ class SQLiteStore(Store):
         await self._lock.acquire()
         return await self._on_thread_holding_lock(work)
 
-    async def _on_thread_holding_lock(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _on_thread_holding_lock(self, work: Callable[[sqlite3.Connection], T], *,
+                                      transaction: bool = True) -> T:
         """_tx_in_thread with the writer's lock already held (by the caller, who hands it over: it is freed when
-        the thread has ended the transaction)."""
+        the thread has ended the transaction). `transaction=False`: `work` runs outside one (a checkpoint)."""
         assert self._writer is not None, "store is not open"
         loop = asyncio.get_running_loop()
         freed = False
@@ -381,7 +397,7 @@ class SQLiteStore(Store):
             # two more turns, each several ms on a busy loop, with the writer idle and short work queued for it
             # (bench.throughput, writer-lock waits).
             try:
-                return _in_transaction(conn, work)
+                return _in_transaction(conn, work) if transaction else work(conn)
             finally:
                 with contextlib.suppress(RuntimeError):       # the loop is closed: nobody is left to wait
                     loop.call_soon_threadsafe(free)

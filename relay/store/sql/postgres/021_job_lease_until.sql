@@ -9,6 +9,18 @@ ALTER TABLE jobs ADD COLUMN lease_until DOUBLE PRECISION;
 ALTER TABLE jobs SET (fillfactor = 90);
 UPDATE jobs SET lease_until = run_at WHERE lease_token IS NOT NULL;
 -- A replica of an earlier version still running during a rolling upgrade claims by moving run_at and setting a
--- token, lease_until untouched: this refuses that claim (its worker backs off as from a failing store) rather
--- than letting it take a job a new replica holds, which its run_at in the past would show as due.
-ALTER TABLE jobs ADD CONSTRAINT jobs_lease_has_an_end CHECK (lease_token IS NULL OR lease_until IS NOT NULL);
+-- new token, lease_until untouched; a job a new replica holds keeps its run_at in the past, due as that replica
+-- sees it. The trigger refuses such a claim (its worker backs off as from a failing store) instead of letting
+-- it take the job and run it twice. Its WHEN is checked without calling the function, so relay's own claims
+-- pay next to nothing, and a trigger does not keep an update from being HOT. Going back to an earlier version
+-- of relay after this migration: DROP TRIGGER jobs_claimed_the_earlier_way ON jobs first.
+CREATE FUNCTION relay_refuse_earlier_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'job % claimed without lease_until: a relay older than schema v21 is running on this database',
+        NEW.id USING ERRCODE = 'check_violation';
+END
+$$;
+CREATE TRIGGER jobs_claimed_the_earlier_way BEFORE UPDATE OF lease_token ON jobs FOR EACH ROW
+    WHEN (NEW.lease_token IS NOT NULL AND NEW.lease_token IS DISTINCT FROM OLD.lease_token
+          AND NEW.lease_until IS NOT DISTINCT FROM OLD.lease_until)
+    EXECUTE FUNCTION relay_refuse_earlier_claim();
