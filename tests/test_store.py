@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,7 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Pat
     import relay.store.sqlite as sqlite_store
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL", 0.02)
     monkeypatch.setattr(sqlite_store, "WAL_RESTART_AT", 2 * 1024 * 1024)
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_RETRY_CAP", 0.1)     # a round kept out by a read: soon again
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
     try:
@@ -378,6 +380,50 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Pat
             await reader
         assert started_over() - before >= 3
     finally:
+        await store.close()
+
+
+async def test_a_read_kept_in_the_wal_puts_off_its_start_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A read that stays in the WAL (a backup, a long scan) keeps the second round from starting it over: that
+    is logged, and tried again after a pause rather than with the writer held every round; once the read has
+    ended, the WAL starts over."""
+    import relay.store.sqlite as sqlite_store
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL", 0.02)
+    monkeypatch.setattr(sqlite_store, "WAL_RESTART_AT", 1024 * 1024)
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_RETRY_CAP", 0.2)
+    path = tmp_path / "relay.db"
+    store = SQLiteStore(path)
+    await store.open()
+    pin = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
+        wal = tmp_path / "relay.db-wal"
+
+        def started_over() -> int:
+            with wal.open("rb") as header:                       # the WAL header's checkpoint sequence
+                return int.from_bytes(header.read(16)[12:16], "big")
+
+        async def write(megabytes: int) -> None:
+            for _ in range(megabytes * 25):         # 40 kB per transaction
+                await store.transact(lambda tx: tx.many("INSERT INTO filler VALUES (randomblob(4000))", [()] * 10))
+        await write(2)
+        pin.execute("BEGIN")
+        pin.execute("SELECT COUNT(*) FROM filler").fetchone()      # a read transaction left open: in the WAL
+        await write(2)
+
+        async def warned() -> bool:
+            return "could not start over" in caplog.text
+        await wait_for(warned, 10, "the round kept out by the read to be logged")
+        before = started_over()
+        pin.execute("ROLLBACK")
+
+        async def started() -> bool:
+            await store.transact(lambda tx: tx.run("INSERT INTO filler VALUES (x'00')"))
+            return started_over() > before
+        await wait_for(started, 10, "the WAL to start over once the read has ended")
+    finally:
+        pin.close()
         await store.close()
 
 

@@ -262,9 +262,11 @@ class SQLiteStore(Store):
         assert self._background is not None
         row = await (await self._background.execute("PRAGMA wal_checkpoint(PASSIVE)")).fetchone()
         frames = row[1] if row is not None else 0
-        now = asyncio.get_running_loop().time()
-        if (frames * self._page_size <= WAL_RESTART_AT or frames == self._restarted_frames
-                or now < self._restart_again_at):
+        loop = asyncio.get_running_loop()
+        if frames * self._page_size <= WAL_RESTART_AT:      # started over on its own: no pause carried over
+            self._restart_pause, self._restart_again_at = CHECKPOINT_INTERVAL, 0.0
+            return
+        if frames == self._restarted_frames or loop.time() < self._restart_again_at:
             return
 
         def restart(conn: sqlite3.Connection) -> tuple[int, int, int]:
@@ -278,9 +280,10 @@ class SQLiteStore(Store):
         busy, log_frames, _ = await self._on_thread_holding_lock(restart, transaction=False)
         if busy:
             self._restart_pause = min(CHECKPOINT_RETRY_CAP, self._restart_pause * 2)
-            self._restart_again_at = now + self._restart_pause
-            log.warning("the WAL (%d MB) could not start over: a read stayed in it for over %d ms; trying again "
-                        "in %.0f s", frames * self._page_size // 1_000_000, WAL_RESTART_WAIT_MS, self._restart_pause)
+            self._restart_again_at = loop.time() + self._restart_pause
+            log.warning("the WAL (%d MB) could not start over: a read, or another process's write or checkpoint, "
+                        "held it for over %d ms; trying again in %.1f s", frames * self._page_size // 1_000_000,
+                        WAL_RESTART_WAIT_MS, self._restart_pause)
         else:
             self._restart_pause, self._restarted_frames = CHECKPOINT_INTERVAL, log_frames
 

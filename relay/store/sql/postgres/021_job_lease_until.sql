@@ -13,7 +13,8 @@ UPDATE jobs SET lease_until = run_at WHERE lease_token IS NOT NULL;
 -- sees it. The trigger refuses such a claim (its worker backs off as from a failing store) instead of letting
 -- it take the job and run it twice. Its WHEN is checked without calling the function, so relay's own claims
 -- pay next to nothing, and a trigger does not keep an update from being HOT. Going back to an earlier version
--- of relay after this migration: DROP TRIGGER jobs_claimed_the_earlier_way ON jobs first.
+-- of relay after this migration: stop every replica, DROP TRIGGER jobs_claimed_the_earlier_way ON jobs, start
+-- the earlier version (and create the trigger again before upgrading again: v21 is not applied twice).
 CREATE FUNCTION relay_refuse_earlier_claim() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'job % claimed without lease_until: a relay older than schema v21 is running on this database',
