@@ -9,8 +9,9 @@ COPY through asyncpg, then VACUUM (ANALYZE) and a CHECKPOINT (the state of a tab
 autovacuum, not of a bulk load still settling). The same rows either
 way, a mix like a busy relay's: mostly future polls and delivery retries, a small due backlog, some
 dead jobs. Then store.claim(now, limit=32, lease_seconds=60, kinds=<the worker's five kinds>) is timed
-CLAIMS times on each size, the sizes taking turns in ROUNDS blocks; each claimed batch is handed back with retry_job(run_at=now) so the due backlog stays the
-same size (the jobs go to the back of it). Baseline: the same at the small size; ratio = large / small.
+CLAIMS times on each size, the sizes taking turns in ROUNDS blocks; each claimed batch is handed back with
+retry_job(run_at=now) so the due backlog stays the same size (the jobs go to the back of it). Baseline: the same
+at the small size; ratio = large / small.
 On PostgreSQL the claim statement relay sent is also run under EXPLAIN (ANALYZE, BUFFERS) (rolled back).
 """
 
@@ -333,8 +334,9 @@ SQLITE_NOTES = [
     "What is left of the growth: each of the 32 rows a claim takes lies on a page no claim touched before, read "
     "from the operating system's cache rather than SQLite's (at 10,000 rows the whole table stays in SQLite's), "
     "and the seeded rows were appended to full pages, as relay's are: a claim writing its 8-character lease token "
-    "and its lease_until where there were NULLs outgrows the page and SQLite splits it (a WAL-frame tally: 47 pages written per claim "
-    "at 1,000,000 rows, 31 at 10,000, where the warm-up claims split the few pages already). Rows given 9 bytes "
+    "and its lease_until where there were NULLs outgrows the page and SQLite splits it (a WAL-frame tally: 47 "
+    "pages written per claim at 1,000,000 rows, 31 at 10,000, where the warm-up claims split the few pages "
+    "already; counted before the lease had a column of its own). Rows given 9 bytes "
     "of room that the claim gives up as it writes the token took the ratio from 1.48-1.58 to 1.26-1.32 (four "
     "alternating pairs), but were not kept: claims then succeed on a full database while every other write "
     "fails, so the worker leases due jobs that cannot record their outcome and they come back only when the "

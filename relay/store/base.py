@@ -515,7 +515,8 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def oldest_due_jobs(self, now: float) -> dict[str, float]:
         """Per job kind, the run_at of the oldest job due by `now` that no worker holds (queue lag)."""
-        return {r["kind"]: float(r["due"]) for r in await self._read_all(q.OLDEST_DUE_JOBS, (float(now), float(now)))}
+        rows = await self._read_all(q.OLDEST_DUE_JOBS, (float(now), float(now)))
+        return {r["kind"]: float(r["due"]) for r in rows}
 
     # ---- provider request stats (relay.stats) ----------------------------------------------------
     async def add_provider_stats(self, rows: Sequence[StatsRow]) -> None:

@@ -615,7 +615,8 @@ class PostgresStore(Store):
     async def claim(self, now: float, *, limit: int, lease_seconds: float,
                     kinds: Sequence[str] | None = None) -> list[Job]:
         sql = self._sql(claim_sql(bool(kinds)))
-        args = (float(now + lease_seconds), ids.ulid(now), float(now), float(now), *([list(kinds)] if kinds else []), limit)
+        args = (float(now + lease_seconds), ids.ulid(now), float(now), float(now),
+                *([list(kinds)] if kinds else []), limit)
 
         async def claim() -> list[Row]:
             async with self.pool.acquire() as conn:
