@@ -340,6 +340,18 @@ async def test_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> None:
         await store.close()
 
 
+def wal_started_over(wal: Path) -> int:
+    """How many times the WAL has started over: its header's checkpoint sequence number (bytes 12-15)."""
+    with wal.open("rb") as header:
+        return int.from_bytes(header.read(16)[12:16], "big")
+
+
+async def write_filler(store: SQLiteStore, megabytes: int) -> None:
+    """`megabytes` of 40 kB transactions into a table `filler (x BLOB)`, back to back."""
+    for _ in range(megabytes * 25):
+        await store.transact(lambda tx: tx.many("INSERT INTO filler VALUES (randomblob(4000))", [()] * 10))
+
+
 async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Writers that never pause (four at once, back to back) and a reader that never pauses either: a checkpoint
@@ -358,27 +370,18 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Pat
     try:
         await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
         wal = tmp_path / "relay.db-wal"
-
-        def started_over() -> int:
-            with wal.open("rb") as header:                       # the WAL header's checkpoint sequence
-                return int.from_bytes(header.read(16)[12:16], "big")
-
-        before, writing = started_over(), True
-
-        async def write(megabytes: int) -> None:
-            for _ in range(megabytes * 25):         # 40 kB per transaction
-                await store.transact(lambda tx: tx.many("INSERT INTO filler VALUES (randomblob(4000))", [()] * 10))
+        before, writing = wal_started_over(wal), True
 
         async def read() -> None:
             while writing:
                 await store._read_all("SELECT rowid FROM filler ORDER BY rowid DESC LIMIT 1")
         reader = asyncio.create_task(read())
         try:
-            await asyncio.gather(*(write(10) for _ in range(4)))
+            await asyncio.gather(*(write_filler(store, 10) for _ in range(4)))
         finally:
             writing = False
             await reader
-        assert started_over() - before >= 3
+        assert wal_started_over(wal) - before >= 3
     finally:
         await store.close()
 
@@ -399,28 +402,20 @@ async def test_a_read_kept_in_the_wal_puts_off_its_start_over(tmp_path: Path, mo
     try:
         await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
         wal = tmp_path / "relay.db-wal"
-
-        def started_over() -> int:
-            with wal.open("rb") as header:                       # the WAL header's checkpoint sequence
-                return int.from_bytes(header.read(16)[12:16], "big")
-
-        async def write(megabytes: int) -> None:
-            for _ in range(megabytes * 25):         # 40 kB per transaction
-                await store.transact(lambda tx: tx.many("INSERT INTO filler VALUES (randomblob(4000))", [()] * 10))
-        await write(2)
+        await write_filler(store, 2)
         pin.execute("BEGIN")
         pin.execute("SELECT COUNT(*) FROM filler").fetchone()      # a read transaction left open: in the WAL
-        await write(2)
+        await write_filler(store, 2)
 
         async def warned() -> bool:
             return "could not start over" in caplog.text
         await wait_for(warned, 10, "the round kept out by the read to be logged")
-        before = started_over()
+        before = wal_started_over(wal)
         pin.execute("ROLLBACK")
 
         async def started() -> bool:
             await store.transact(lambda tx: tx.run("INSERT INTO filler VALUES (x'00')"))
-            return started_over() > before
+            return wal_started_over(wal) > before
         await wait_for(started, 10, "the WAL to start over once the read has ended")
     finally:
         pin.close()
