@@ -170,7 +170,7 @@ class Worker:
     async def _idle(self) -> None:
         timeout = self.options.idle_poll_seconds
         try:
-            due = await self.store.next_run_at(self.clock.now())
+            due = await self.store.next_run_at(self.clock.now(), list(self.handlers))
         except Exception as exc:
             self.store_outage.failed(exc, "looking for the next due job")
             return

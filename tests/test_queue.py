@@ -76,6 +76,22 @@ async def test_rate_limited_honours_retry_after(store: Store, clock: ManualClock
     assert await store.next_run_at(clock.now()) == clock.now() + 42.0
 
 
+async def test_an_idle_worker_waits_for_its_own_kinds(store: Store, clock: ManualClock) -> None:
+    """The worker asks when a job of the kinds it has handlers for is next due: a due job of another kind does
+    not make it look again at once."""
+    asked: list[list[str] | None] = []
+    looked = store.next_run_at
+
+    async def spy(now: float, kinds: list[str] | None = None) -> float | None:
+        asked.append(kinds)
+        return await looked(now, kinds)
+    store.next_run_at = spy             # type: ignore[method-assign]
+    worker = Worker(store, {"k": Scripted(None)}, clock, OPTS)
+    await store.enqueue([Job(id=ids.new_id("job"), kind="other", run_at=clock.now() - 1)])
+    await worker._idle()
+    assert asked == [["k"]]
+
+
 async def test_unexpected_exception_never_crashes_and_is_retried(store: Store, clock: ManualClock) -> None:
     """A bug in a handler (KeyError) is logged and retried with backoff, not lost."""
     handler = Scripted(KeyError("boom"), None)
@@ -178,9 +194,9 @@ async def test_a_wake_up_during_the_idle_look_is_not_lost(store: Store) -> None:
     looked = store.next_run_at
     raced = False
 
-    async def stale_look(now: float) -> float | None:
+    async def stale_look(now: float, kinds: list[str] | None = None) -> float | None:
         nonlocal raced
-        due = await looked(now)         # read before the enqueue commits ...
+        due = await looked(now, kinds)  # read before the enqueue commits ...
         if not raced:
             raced = True
             now = SystemClock().now()

@@ -242,6 +242,18 @@ async def test_held_jobs_are_not_due_until_their_lease_runs_out(store: Store, cl
     assert [j.id for j in await store.claim(now + 100, limit=1, lease_seconds=30, kinds=["b"])] == [b.id]
 
 
+async def test_the_worker_looks_for_the_kinds_it_runs(store: Store, clock: ManualClock) -> None:
+    """next_run_at of the worker's kinds passes over a due job of another kind (one a later version added, or an
+    earlier one left), which would have an idle worker look again at once, forever; so does a held one's lease."""
+    now = clock.now()
+    await store.enqueue([job("other", None, now - 5), job("k", None, now + 50), job("k2", None, now - 1)])
+    assert await store.next_run_at(now) == now - 5
+    assert await store.next_run_at(now, ["k"]) == now + 50
+    [held] = await store.claim(now, limit=1, lease_seconds=30, kinds=["k2"])
+    assert await store.next_run_at(now, ["k", "k2"]) == now + 30          # its lease's end, before now + 50
+    assert await store.next_run_at(now, ["k"]) == now + 50
+
+
 async def test_claim_respects_run_at_and_limit(store: Store, clock: ManualClock) -> None:
     """Only due jobs are claimed, oldest first, at most `limit`."""
     now = clock.now()
@@ -474,10 +486,11 @@ async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path) -> None
         sent: list[str] = []
         store._reader._conn.set_trace_callback(sent.append)        # type: ignore[union-attr]
         await store.next_run_at(1.0)
+        await store.next_run_at(1.0, ["poll", "submit"])
         await store.oldest_due_jobs(1.0)
         store._reader._conn.set_trace_callback(None)               # type: ignore[union-attr]
         looks = [sql for sql in sent if "FROM jobs" in sql]
-        assert len(looks) == 2, sent
+        assert len(looks) == 3, sent
         for sql in looks:
             plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
                 "EXPLAIN QUERY PLAN " + sql))

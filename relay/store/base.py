@@ -503,10 +503,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         """Jobs by kind and state, e.g. {"poll:queued": 3, "archive:dead": 1}."""
         return {f"{r['kind']}:{r['state']}": int(r["n"]) for r in await self._read_all(q.JOB_COUNTS)}
 
-    async def next_run_at(self, now: float) -> float | None:
+    async def next_run_at(self, now: float, kinds: Sequence[str] | None = None) -> float | None:
         """When the earliest queued job no worker holds is due, or a held one's lease runs out (the worker's
-        sleep)."""
-        row = await self._read(q.NEXT_RUN_AT, (float(now), float(now), float(now)))
+        sleep); of these kinds, if given (queries.next_run_at_sql)."""
+        picked = list(kinds or ())
+        row = await self._read(q.next_run_at_sql(len(picked)), (float(now), *picked, float(now), float(now), *picked))
         return None if row is None or row["due"] is None else float(row["due"])
 
     async def task_counts(self) -> dict[tuple[str, str], int]:

@@ -129,13 +129,19 @@ RETRY_JOB = (
 BURY_JOB = ("UPDATE jobs SET state = 'dead', dead_key = dedupe_key, dedupe_key = NULL, last_error = ?, "
             "lease_token = NULL, lease_until = NULL WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
 JOB_COUNTS = "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"
-# When the worker should look again (arguments: now, now, now): the earliest run_at of the jobs no worker holds,
-# or the earliest end of a lease on a job already due (a replica that died holding it), whichever is first.
-# Held jobs stay at the head of jobs_due: the second walk reads just those when the worker is idle.
-NEXT_RUN_AT = (
-    f"SELECT MIN(due) AS due FROM (SELECT MIN(run_at) AS due FROM jobs{BY_DUE} WHERE state = 'queued' "
-    f"AND {NOT_LEASED} UNION ALL SELECT MIN(lease_until) FROM jobs{BY_DUE} WHERE state = 'queued' "
-    "AND run_at <= ? AND lease_until > ?) AS looks")
+
+
+def next_run_at_sql(kinds: int) -> str:
+    """When the worker should look again: the earliest run_at of the jobs no worker holds, or the earliest end
+    of a lease on a job already due (a replica that died holding it), whichever is first; of `kinds` kinds, if
+    any. Arguments: now, *kinds, now, now, *kinds. Held jobs stay at the head of jobs_due: the second walk reads
+    just those when the worker is idle. Only the kinds the worker has handlers for: a due job of another kind (a
+    kind a later version added, or an earlier one left) would have it look again at once, forever."""
+    kind_filter = f" AND kind IN ({_marks(kinds)})" if kinds else ""
+    return (f"SELECT MIN(due) AS due FROM (SELECT MIN(run_at) AS due FROM jobs{BY_DUE} WHERE state = 'queued' "
+            f"AND {NOT_LEASED}{kind_filter} UNION ALL SELECT MIN(lease_until) FROM jobs{BY_DUE} "
+            f"WHERE state = 'queued' AND run_at <= ? AND lease_until > ?{kind_filter}) AS looks")
+
 # A job brought forward loses its lease: whatever a run holding it does next cannot finish the job.
 JOB_DUE_NOW = ("UPDATE jobs SET run_at = CASE WHEN run_at < ? THEN run_at ELSE ? END, lease_token = NULL, "
                "lease_until = NULL "
