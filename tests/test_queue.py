@@ -86,7 +86,7 @@ async def test_an_idle_worker_waits_for_its_own_kinds(store: Store, clock: Manua
         asked.append(kinds)
         return await looked(now, kinds)
     store.next_run_at = spy             # type: ignore[method-assign]
-    worker = Worker(store, {"k": Scripted(None)}, clock, OPTS)
+    worker = Worker(store, {"k": Scripted(None)}, clock, WorkerOptions(idle_poll_seconds=0.05))
     await store.enqueue([Job(id=ids.new_id("job"), kind="other", run_at=clock.now() - 1)])
     await worker._idle()
     assert asked == [["k"]]

@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,18 +83,26 @@ def _met_a_lock(exc: sqlite3.OperationalError, *also: int) -> bool:
     return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, *also)
 
 
+@contextlib.contextmanager
+def _waiting_at_most(conn: sqlite3.Connection, milliseconds: int) -> Iterator[None]:
+    """What runs inside waits at most `milliseconds` for another connection's lock; then BUSY_TIMEOUT_MS again."""
+    conn.execute(f"PRAGMA busy_timeout={milliseconds}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
 def _begun_without_waiting(conn: sqlite3.Connection) -> bool:
     """BEGIN IMMEDIATE if the database's write lock is free now; False (nothing begun) if another connection
     holds it. For the event loop's thread, which must not sleep in SQLite's busy handler."""
-    conn.execute("PRAGMA busy_timeout=0")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if not _met_a_lock(exc):
-            raise
-        return False
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    with _waiting_at_most(conn, 0):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _met_a_lock(exc):
+                raise
+            return False
     return True
 
 
@@ -270,11 +278,8 @@ class SQLiteStore(Store):
             return
 
         def restart(conn: sqlite3.Connection) -> tuple[int, int, int]:
-            conn.execute(f"PRAGMA busy_timeout={WAL_RESTART_WAIT_MS}")
-            try:
+            with _waiting_at_most(conn, WAL_RESTART_WAIT_MS):
                 busy, log_frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            finally:
-                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             return int(busy), int(log_frames), int(copied)
         await self._lock.acquire()
         busy, log_frames, _ = await self._on_thread_holding_lock(restart, transaction=False)
