@@ -40,10 +40,12 @@ log = logging.getLogger("relay.store")
 CHECKPOINT_INTERVAL = 1.0            # seconds between WAL checkpoints (see SQLiteStore.open)
 CHECKPOINT_RETRY_CAP = 30.0          # a failing checkpoint (a full disk) is tried again this rarely at most
 WAL_RESTART_AT = 32 * 1024 * 1024    # a WAL this big is checkpointed to its end, the writer held (_checkpoint)
-# A WAL file larger than this is cut back to it when the WAL starts over; one no larger is written again in place.
-# Twice WAL_RESTART_AT: under steady writes the WAL starts over at 32-70 MB about once a second, and cut back to
-# 4 MB each time, the cut ran inside the next commit (on the event loop's thread for callback acks) and the file
-# grew again block by block: ack p99 17-24 ms against 5.5-9.7 ms, end-to-end CPU per task 10 % more.
+# The WAL file's size after it starts over: the first commit after a start-over cuts a larger file back to this
+# (or to that commit's own frames); a file no larger is written again in place and keeps its size while idle.
+# Twice WAL_RESTART_AT: under steady writes the WAL starts over at 32-70 MB about once a second. Cut back to
+# 4 MB each time, the cut ran inside that commit (on the event loop's thread for callback acks) and the file then
+# grew again block by block (bench.callbacks ack p99, API only, 23.5-24.0 ms against 5.5-9.7; end-to-end CPU per
+# task 10 % more). Start-overs past it (a burst beyond a second's checkpoint, seen at up to 188 MB) are still cut.
 WAL_SIZE_LIMIT = 2 * WAL_RESTART_AT
 WAL_RESTART_WAIT_MS = 50             # how long that round waits for reads still in the WAL
 
@@ -231,7 +233,7 @@ class SQLiteStore(Store):
                 # connection of their own, off the write path (PASSIVE: never blocks writers or readers),
                 # which also serves the slow whole-table counts of /metrics (see job_counts).
                 await self._writer.execute("PRAGMA wal_autocheckpoint=0")
-                # And a WAL grown by a burst is cut back once it restarts, instead of staying that size.
+                # The WAL file's size once it starts over: see WAL_SIZE_LIMIT.
                 await self._writer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
                 self._background = await self._connect()
                 row = await (await self._background.execute("PRAGMA page_size")).fetchone()
