@@ -506,9 +506,11 @@ def run(quick: bool, profile: bool = False, profile_out: Path | None = None) -> 
     errors = {**plain["errors"], **through["errors"]}
     if errors:
         lines += ["", "Errors seen: " + "; ".join(f"{k} ×{v}" for k, v in errors.items())]
+    simulator_ms = plain["cpu"]["simulator"] / plain["completed"] * 1000 if plain["completed"] else 0.0
     notes = [
         "Both paths are CPU-bound on 2 cores when the machine is quiet: the simulator draws every image with "
-        "Pillow (about 20-30 ms of CPU per 1024x1024 PNG, the simulator column), and relay, the simulator and "
+        f"Pillow ({simulator_ms:.0f} ms of CPU per 1024x1024 PNG in this run, the simulator column), and relay, the "
+        "simulator and "
         "the bench share the cores. relay's CPU per task is what its durability costs; the ratio is about how "
         "much of the simulator's rate is left once relay takes its share of the same cores.",
         ("On PostgreSQL relay's event loop's thread is the limit (the cores line above: it is nearly all of relay's "
