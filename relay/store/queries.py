@@ -137,7 +137,7 @@ def next_run_at_sql(kinds: int) -> str:
     any. Arguments: now, *kinds, now, now, *kinds. Held jobs stay at the head of jobs_due: the second walk reads
     just those when the worker is idle. Only the kinds the worker has handlers for: a due job of another kind (a
     kind a later version added, or an earlier one left) would have it look again at once, forever."""
-    kind_filter = f" AND kind IN ({_marks(kinds)})" if kinds else ""
+    kind_filter = f" AND kind IN ({marks(kinds)})" if kinds else ""
     return (f"SELECT MIN(due) AS due FROM (SELECT MIN(run_at) AS due FROM jobs{BY_DUE} WHERE state = 'queued' "
             f"AND {NOT_LEASED}{kind_filter} UNION ALL SELECT MIN(lease_until) FROM jobs{BY_DUE} "
             f"WHERE state = 'queued' AND run_at <= ? AND lease_until > ?{kind_filter}) AS looks")
@@ -311,14 +311,12 @@ REQUEUE_DEAD_JOB = (
 
 def replay_candidates(statuses: int) -> str:
     """A subscription's deliveries created in [since, until) with one of `statuses` statuses, oldest first."""
-    marks = ",".join("?" * statuses)
-    return (f"SELECT id FROM deliveries WHERE subscription_id = ? AND status IN ({marks}) AND created_at >= ? "
-            "AND created_at < ? ORDER BY id LIMIT ?")
+    return (f"SELECT id FROM deliveries WHERE subscription_id = ? AND status IN ({marks(statuses)}) "
+            "AND created_at >= ? AND created_at < ? ORDER BY id LIMIT ?")
 
 
 def images_of_tasks(tasks: int) -> str:
-    marks = ",".join("?" * tasks)
-    return f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id IN ({marks}) ORDER BY idx"
+    return f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id IN ({marks(tasks)}) ORDER BY idx"
 
 
 def filtered(table: str, filters: list[str], *, order: str) -> str:
@@ -374,32 +372,33 @@ COUNT_OLD_PROVIDER_STATS = "SELECT COUNT(*) AS n FROM provider_stats WHERE minut
 INSERT_UPLOAD = "INSERT INTO uploads (sha256, key, created_at) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING"
 
 
-def _marks(count: int) -> str:
+def marks(count: int) -> str:
+    """`count` placeholders for an IN list: "?,?,?"."""
     return ",".join("?" * count)
 
 
 def settled_deliveries_of(column: str, count: int) -> str:
     """Delete the deliveries of `count` tasks or events (`column`: task_id | event_id) that are no longer
     pending; their ids. A delivery made pending again meanwhile (a retry) stays, and keeps its event."""
-    return (f"DELETE FROM deliveries WHERE {column} IN ({_marks(count)}) AND status <> 'pending' "
+    return (f"DELETE FROM deliveries WHERE {column} IN ({marks(count)}) AND status <> 'pending' "
             "RETURNING id")
 
 
 def still_delivered(column: str, count: int) -> str:
     """Which of `count` tasks or events still have a delivery (one made pending again since they were picked)."""
-    return f"SELECT DISTINCT {column} AS id FROM deliveries WHERE {column} IN ({_marks(count)})"
+    return f"SELECT DISTINCT {column} AS id FROM deliveries WHERE {column} IN ({marks(count)})"
 
 
 def delete_in(table: str, column: str, count: int, *, returning: str = "") -> str:
     """`DELETE FROM table WHERE column IN (…count…) [RETURNING …]` (table and column are fixed names)."""
     tail = f" RETURNING {returning}" if returning else ""
-    return f"DELETE FROM {table} WHERE {column} IN ({_marks(count)}){tail}"
+    return f"DELETE FROM {table} WHERE {column} IN ({marks(count)}){tail}"
 
 
 def lock_waiting_jobs(count: int) -> str:
     """Of `count` jobs (by id), those still waiting for a worker (queued, no lease), locked in id order (one lock
     order for every replica)."""
-    return (f"SELECT id FROM jobs WHERE id IN ({_marks(count)}) AND state = 'queued' AND lease_token IS NULL "
+    return (f"SELECT id FROM jobs WHERE id IN ({marks(count)}) AND state = 'queued' AND lease_token IS NULL "
             "ORDER BY id" + FOR_UPDATE)
 
 
@@ -410,12 +409,12 @@ def settle_carried_callbacks(count: int) -> str:
     return ("INSERT INTO inbox (id, provider, task_id, body, received_at, status, note, processed_at) "
             "SELECT json_extract(payload, '$.inbox_id'), json_extract(payload, '$.provider'), task_id, "
             "json_extract(payload, '$.body'), CAST(json_extract(payload, '$.received_at') AS DOUBLE PRECISION), "
-            f"?, ?, ? FROM jobs WHERE id IN ({_marks(count)}) " + _KEEP_SETTLED)
+            f"?, ?, ? FROM jobs WHERE id IN ({marks(count)}) " + _KEEP_SETTLED)
 
 
 def expire_images(count: int) -> str:
     """Mark `count` archived images expired (their file is to go); their sha256 and key."""
-    return (f"UPDATE images SET status = 'expired', error = ? WHERE id IN ({_marks(count)}) "
+    return (f"UPDATE images SET status = 'expired', error = ? WHERE id IN ({marks(count)}) "
             "AND status = 'archived' RETURNING sha256, path")
 
 
