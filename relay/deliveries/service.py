@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from relay import __version__, ids, signing
+from relay import __version__, ids, jsontext, signing
 from relay.clock import Clock, rfc3339
 from relay.config import Settings
 from relay.deliveries.lanes import Lanes, SharedReleases
@@ -219,7 +219,7 @@ class DeliveryService:
 
         payload = {"type": target.delivery.event_type, "timestamp": rfc3339(target.event_created_at),
                    "data": with_image_urls(target.event_data or {}, image_url)}
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        return jsontext.http_body(payload)
 
     async def send(self, url: str, msg_id: str, body: bytes, keys: list[str], now: float) -> Sent:
         """POST one signed attempt; never raises for anything the network or the subscriber does."""

@@ -9,9 +9,9 @@ but changes nothing; the delivery's row is locked while that is decided.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 
+from relay import jsontext
 from relay.deliveries.models import (DISABLED_FAILING, DISABLED_GONE, DISABLED_MANUAL, Attempt, Delivery, Recorded,
                                      SendTarget, Subscription)
 from relay.store import queries as q
@@ -68,7 +68,7 @@ class DeliveryCases(StorePlumbing):
                 await _cancel_pending(tx, subscription_id, "the subscription was disabled", now)
             after.updated_at = now
             await tx.run(q.UPDATE_SUBSCRIPTION, (
-                after.url, json.dumps(after.events), after.description, int(after.enabled), after.disabled_reason,
+                after.url, jsontext.dumps(after.events), after.description, int(after.enabled), after.disabled_reason,
                 after.keyring, after.public_key, after.previous_public_key, after.previous_expires_at,
                 after.failing_since, now, subscription_id))
             return after
@@ -151,7 +151,7 @@ class DeliveryCases(StorePlumbing):
         sub = None
         if row["sub_id"] is not None:
             sub = subscription_from_row({key: row[f"sub_{key}"] for key in SUBSCRIPTION_COLUMNS})
-        return SendTarget(delivery=delivery_from_row(row), event_data=json.loads(row["event_data"]),
+        return SendTarget(delivery=delivery_from_row(row), event_data=jsontext.loads(row["event_data"]),
                           event_created_at=row["event_created_at"], subscription=sub)
 
     async def record_attempt(self, attempt: Attempt, *, outcome: str, next_attempt_at: float | None,

@@ -8,11 +8,10 @@ Backend-neutral: it speaks only through a Tx and the named statements of relay.s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from relay import ids
+from relay import ids, jsontext
 from relay.costs import cost_day
 from relay.deliveries.models import matches
 from relay.models import Archive, Event, ImageRecord, Job, Task
@@ -167,7 +166,7 @@ async def fan_out(tx: Tx, event: Event, task: Task | Archive, run_at: float, now
     returned for the caller to write with its others (write_jobs)."""
     targets: list[tuple[str, str | None, str]] = []   # (target, subscription id, url)
     for row in subscriptions:
-        if matches(json.loads(row["events"]), event.type):
+        if matches(jsontext.loads(row["events"]), event.type):
             targets.append((row["id"], row["id"], row["url"]))
     if task.webhook_url and matches(task.webhook_events, event.type):
         targets.append((TASK_TARGET, None, task.webhook_url))

@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay import metrics
+from relay import jsontext, metrics
 from relay.errors import ApiError, BadRequestBody, NotFound, PayloadTooLarge
 from relay.jobs.callback import callback_job
 from relay.runtime import Runtime
@@ -128,7 +128,7 @@ class CallbackDoor:
 
 async def _answer(send: Send, status: int, payload: dict[str, Any],
                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    body = jsontext.http_body(payload)
     start: Message = {"type": "http.response.start", "status": status,
                       "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]}
     await send(start)

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import ids
+from relay import ids, jsontext
 from relay.errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from relay.runtime import Runtime
 from relay.validation import parse_json_object
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    try:
-        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        # A lone surrogate (from a provider's "\ud800" escape) has no UTF-8 form: send it escaped, as it came.
-        body = json.dumps(data, separators=(",", ":")).encode()
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(jsontext.http_body(data), status_code=status, media_type="application/json", headers=headers)
 
 
 def runtime_of(request: Request) -> Runtime:
