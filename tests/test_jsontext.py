@@ -56,3 +56,32 @@ def test_http_bodies_are_compact_utf8_without_the_mark() -> None:
     assert jsontext.http_body({"n": BIG}) == b'{"n":18446744073709551616}'
     # A lone surrogate has no UTF-8 form: escaped, as it came.
     assert jsontext.http_body({"s": "\ud800", "t": "é"}) == b'{"s":"\\ud800","t":"\\u00e9"}'
+
+
+def test_the_sign_of_zero_survives() -> None:
+    assert math.copysign(1, jsontext.loads(jsontext.dumps({"z": -0.0}))["z"]) == -1
+
+
+def test_a_body_with_a_big_integer_is_still_utf8() -> None:
+    """The middle way of http_body: the standard library, without \\u escapes, when orjson cannot write the value."""
+    assert jsontext.http_body({"n": BIG, "t": "é"}) == '{"n":18446744073709551616,"t":"é"}'.encode()
+
+
+def test_what_the_standard_library_refuses_is_refused() -> None:
+    """orjson would write a dataclass or a datetime; relay's stored rows and bodies must not take them silently."""
+    import dataclasses
+    import datetime
+
+    @dataclasses.dataclass
+    class Thing:
+        a: int
+
+    for value in (Thing(1), {"at": datetime.datetime(2026, 1, 1)}):
+        with pytest.raises(TypeError):
+            jsontext.dumps(value)
+        with pytest.raises(TypeError):
+            jsontext.http_body(value)
+
+
+def test_subscription_events_stored_by_earlier_versions_read_back() -> None:
+    assert jsontext.loads('["task.*", "archive.succeeded"]') == ["task.*", "archive.succeeded"]
