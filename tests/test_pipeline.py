@@ -236,6 +236,31 @@ async def test_a_provider_refusing_submits_more_often_than_max_attempts_still_ge
         assert stats["faults"]["500"] == 5 and stats["submits"] == 6
 
 
+@pytest.mark.parametrize("fault", [{"fault": "500"}, {"fault": "429", "retry_after": 0}, {"fault": "malformed"}])
+async def test_a_provider_failing_polls_more_often_than_max_attempts_still_finishes_the_task(
+        tmp_path: Path, fault: dict[str, Any]) -> None:
+    """Polls the provider does not answer are asked again until the task's deadline, not max_attempts times (chaos:
+    a finished task failed as provider_unavailable after ten one-shot poll faults in a row, 429s among them)."""
+    async with harness(tmp_path, RELAY_WORKER_MAX_ATTEMPTS="2") as h:
+        await h.faults(next=[{"dialect": "apimart", "op": "poll", "count": 6, **fault}])
+        task = await h.create(provider="apimart", prompt="p")
+        final = await h.wait_status(task["id"], timeout=30)
+        assert final["status"] == "succeeded", final
+        await assert_archived_matches_simulator(h, final)
+        stats = (await h.sim.get("/_sim/stats")).json()["dialects"]["apimart"]
+        assert stats["faults"][fault["fault"]] == 6
+
+
+async def test_polls_stop_at_the_task_deadline_with_the_last_reason(tmp_path: Path) -> None:
+    """A provider that never answers a poll: the task fails at its deadline as provider_unavailable, saying why."""
+    async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="1") as h:
+        await h.faults(next=[{"dialect": "pixazo", "op": "poll", "fault": "500", "count": 10_000}])
+        task = await h.create(provider="pixazo", prompt="[sim:duration=0.1] p")
+        final = await h.wait_status(task["id"], timeout=30)
+        assert final["status"] == "failed" and final["error"]["code"] == "provider_unavailable", final
+        assert "deadline" in final["error"]["message"] and "500" in final["error"]["message"], final
+
+
 async def test_submits_stop_at_the_task_deadline_with_the_last_reason(tmp_path: Path) -> None:
     """A provider that never accepts: the task fails at its deadline as provider_unavailable, saying why."""
     async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="1") as h:

@@ -8,15 +8,19 @@ from dataclasses import dataclass, field
 
 from relay.clock import Clock
 from relay.config import Settings
-from relay.errors import RelayError
+from relay.errors import ProviderUnavailable, RelayError
 from relay.fastclient import GuardedSession
 from relay.images.store import ImageStore
 from relay.links import Signer
 from relay.models import Job
+from relay.outage import backoff
 from relay.providers.base import Provider
 from relay.ratelimit import RateLimiter
 from relay import ids
 from relay.store.base import Store
+
+
+RETRY_AFTER_CAP = 3600.0        # a provider's Retry-After is honoured up to an hour
 
 
 @dataclass
@@ -69,6 +73,16 @@ class JobContext:
         p = self.settings.polling
         delay = min(p.max_delay, p.initial_delay * (p.backoff ** polls))
         return delay * random.uniform(1 - p.jitter, 1 + p.jitter)
+
+    def unavailable_delay(self, failures: int, exc: ProviderUnavailable) -> float:
+        """When to ask a provider again after `failures` answers in a row that were not answers (429, 5xx, a
+        timeout, junk): its Retry-After (up to an hour), else backoff by those failures (the worker's retry_base
+        and retry_cap). Submits and polls re-run on it until the task's deadline, not for the worker's few
+        attempts: a provider down for twenty minutes must not fail tasks whose deadline is thirty away."""
+        if exc.retry_after is not None:
+            return min(exc.retry_after, RETRY_AFTER_CAP)
+        worker = self.settings.worker
+        return backoff(failures, worker.retry_base, worker.retry_cap)
 
     def poll_job(self, task_id: str, delay: float, polls: int = 0) -> Job:
         now = self.clock.now()

@@ -3,17 +3,26 @@
 One poll job per task (dedupe key `poll:{task id}`) re-runs itself with
 backoff until the task is terminal or archiving. Past the task's deadline it
 fails the task as `timeout`. Also the safety net for callback providers.
+
+A poll the provider does not answer (429, 5xx, a timeout, junk) is asked again with backoff or its Retry-After
+until the task's deadline, not for the worker's few attempts: chaos found a task the provider had finished
+failed as provider_unavailable after ten one-shot faults in a row (429s asking for 0.5 s each among them), long
+before its deadline. Past the deadline after such failures the task fails as provider_unavailable,
+with the last of them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
-from relay.errors import ProviderRejected
+from relay.errors import ProviderRejected, ProviderUnavailable
 from relay.jobs.context import JobContext
 from relay.models import Job, ProviderStatus, Task, TaskStatus
 from relay.queue import Again
 from relay.states import Transition, on_failure, on_update
+
+log = logging.getLogger("relay.jobs.poll")
 
 
 def _fail_while_watching(code: str, message: str) -> Callable[[Task], Transition | None]:
@@ -40,8 +49,11 @@ class PollHandler:
             return None     # not submitted yet: the submit job schedules the first poll
         now = ctx.clock.now()
         if task.deadline_at is not None and now >= task.deadline_at:
-            await ctx.store.apply(task.id, _fail_while_watching(
-                "timeout", "the provider did not finish the task before the deadline"), now)
+            last_error = job.payload.get("last_error")
+            failure = (("provider_unavailable", f"the provider could not be polled before the task's deadline: "
+                        f"{last_error}") if last_error else
+                       ("timeout", "the provider did not finish the task before the deadline"))
+            await ctx.store.apply(task.id, _fail_while_watching(*failure), now)
             return None
         provider = ctx.provider(task.provider)
         await ctx.throttle(task.provider)
@@ -50,6 +62,8 @@ class PollHandler:
         except ProviderRejected as exc:
             await ctx.store.apply(task.id, _fail_while_watching(exc.code, exc.message), ctx.clock.now())
             return None
+        except ProviderUnavailable as exc:
+            return self._again_later(job, task, exc)
         await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
                               default_expiry=provider.caps.default_expiry, seen=task)
         if update.status in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
@@ -61,6 +75,18 @@ class PollHandler:
         if task.deadline_at is not None:
             delay = min(delay, max(0.0, task.deadline_at - ctx.clock.now()))
         return Again(after=delay, payload={"polls": polls})
+
+    def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable) -> Again:
+        """Poll again after the provider's Retry-After or backoff by the failures in a row (a planned re-run: the
+        worker's attempts are left for errors of relay's own), never past the task's deadline."""
+        failures = int(job.payload.get("failures", 0)) + 1
+        delay = self.ctx.unavailable_delay(failures, exc)
+        if task.deadline_at is not None:
+            delay = min(delay, max(0.0, task.deadline_at - self.ctx.clock.now()))
+        log.info("task %s: poll of %s not answered (%s: %s); again in %.1fs", task.id, task.provider, exc.code,
+                 exc, delay)
+        return Again(delay, payload={**job.payload, "failures": failures,
+                                     "last_error": f"{exc.code}: {exc}"[:500]})
 
     async def give_up(self, job: Job, reason: str) -> None:
         await self.ctx.store.apply(job.task_id or "", _fail_while_watching(

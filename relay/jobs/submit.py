@@ -35,7 +35,6 @@ from relay.errors import (
 )
 from relay.jobs.context import JobContext
 from relay.models import GenerationRequest, Job, ProviderStatus, Task
-from relay.outage import backoff
 from relay.providers.base import Provider
 from relay.queue import Again
 from relay.states import Transition, on_failure, on_submitted
@@ -43,7 +42,6 @@ from relay.states import Transition, on_failure, on_submitted
 log = logging.getLogger("relay.jobs.submit")
 
 IN_FLIGHT_RECHECK_SECONDS = 1.0
-RETRY_AFTER_CAP = 3600.0        # a provider's Retry-After is honoured up to an hour
 UNKNOWN_MESSAGE = ("the submit request reached the provider but no answer came back (timeout or crash); "
                    "it was not resent, to avoid a second charge")
 
@@ -151,11 +149,7 @@ class SubmitHandler:
 
     def _delay(self, job: Job, exc: ProviderUnavailable) -> float:
         """The provider's Retry-After (up to an hour), else backoff by the submit failures so far."""
-        worker = self.ctx.settings.worker
-        failures = int(job.payload.get("failures", 0)) + 1
-        delay = exc.retry_after if exc.retry_after is not None else backoff(failures, worker.retry_base,
-                                                                           worker.retry_cap)
-        return min(delay, RETRY_AFTER_CAP)
+        return self.ctx.unavailable_delay(int(job.payload.get("failures", 0)) + 1, exc)
 
     def _moves_on(self, job: Job, exc: ProviderError) -> str | None:
         """relay.routing's verdict on this error, with the time the provider's 429s have asked for so far."""
