@@ -23,8 +23,11 @@
         ├── UnsupportedMediaType  415 unsupported_media_type
         └── RateLimitedApi   429 rate_limited
 
-Job handlers raise `Retry(after=…)` (from relay.queue) to run again later; any
-ProviderUnavailable / ArchiveError is turned into a Retry by the worker.
+Job handlers raise `Retry(after=…)` (from relay.queue) to run again later; a ProviderUnavailable /
+ArchiveError a handler lets through is turned into a Retry by the worker (using up an attempt). Submits,
+polls and archives catch theirs and run again as planned (relay.jobs.context.unavailable_delay, the archive's
+own backoff) until the task's deadline or the image link's end, so a provider or source down for a while
+does not use up the worker's attempts.
 """
 
 from __future__ import annotations

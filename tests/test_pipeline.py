@@ -253,7 +253,7 @@ async def test_a_provider_failing_polls_more_often_than_max_attempts_still_finis
 
 async def test_polls_stop_at_the_task_deadline_with_the_last_reason(tmp_path: Path) -> None:
     """A provider that never answers a poll: the task fails at its deadline as provider_unavailable, saying why."""
-    async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="1") as h:
+    async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="2") as h:
         await h.faults(next=[{"dialect": "pixazo", "op": "poll", "fault": "500", "count": 10_000}])
         task = await h.create(provider="pixazo", prompt="[sim:duration=0.1] p")
         final = await h.wait_status(task["id"], timeout=30)

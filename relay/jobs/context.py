@@ -76,13 +76,17 @@ class JobContext:
 
     def unavailable_delay(self, failures: int, exc: ProviderUnavailable) -> float:
         """When to ask a provider again after `failures` answers in a row that were not answers (429, 5xx, a
-        timeout, junk): its Retry-After (up to an hour), else backoff by those failures (the worker's retry_base
-        and retry_cap). Submits and polls re-run on it until the task's deadline, not for the worker's few
-        attempts: a provider down for twenty minutes must not fail tasks whose deadline is thirty away."""
-        if exc.retry_after is not None:
-            return min(exc.retry_after, RETRY_AFTER_CAP)
+        timeout, junk): backoff by those failures (the worker's retry_base and retry_cap), or the provider's
+        Retry-After (up to an hour) when it asks for longer. Submits and polls re-run on it until the task's
+        deadline, not for the worker's few attempts: a provider down for twenty minutes must not fail tasks
+        whose deadline is thirty away. Never sooner than the backoff: a provider answering every call with a
+        429 and `Retry-After: 0` (or a date its clock puts in the past) would otherwise be asked again at once,
+        by every task it holds, until their deadlines."""
         worker = self.settings.worker
-        return backoff(failures, worker.retry_base, worker.retry_cap)
+        delay = backoff(failures, worker.retry_base, worker.retry_cap)
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, RETRY_AFTER_CAP))
+        return delay
 
     def poll_job(self, task_id: str, delay: float, polls: int = 0) -> Job:
         now = self.clock.now()

@@ -1,14 +1,13 @@
 """The poll job: ask the provider where a task stands, apply it, and plan the next poll.
 
 One poll job per task (dedupe key `poll:{task id}`) re-runs itself with
-backoff until the task is terminal or archiving. Past the task's deadline it
-fails the task as `timeout`. Also the safety net for callback providers.
+backoff until the task is terminal or archiving. Also the safety net for callback providers.
 
 A poll the provider does not answer (429, 5xx, a timeout, junk) is asked again with backoff or its Retry-After
 until the task's deadline, not for the worker's few attempts: chaos found a task the provider had finished
 failed as provider_unavailable after ten one-shot faults in a row (429s asking for 0.5 s each among them), long
-before its deadline. Past the deadline after such failures the task fails as provider_unavailable,
-with the last of them.
+before its deadline. Past the deadline the task fails as `timeout`, or as `provider_unavailable` with the last
+error when the provider had stopped answering (no answer for a whole max_delay of polling).
 """
 
 from __future__ import annotations
@@ -49,11 +48,7 @@ class PollHandler:
             return None     # not submitted yet: the submit job schedules the first poll
         now = ctx.clock.now()
         if task.deadline_at is not None and now >= task.deadline_at:
-            last_error = job.payload.get("last_error")
-            failure = (("provider_unavailable", f"the provider could not be polled before the task's deadline: "
-                        f"{last_error}") if last_error else
-                       ("timeout", "the provider did not finish the task before the deadline"))
-            await ctx.store.apply(task.id, _fail_while_watching(*failure), now)
+            await ctx.store.apply(task.id, _fail_while_watching(*self._past_deadline(job, now)), now)
             return None
         provider = ctx.provider(task.provider)
         await ctx.throttle(task.provider)
@@ -63,6 +58,8 @@ class PollHandler:
             await ctx.store.apply(task.id, _fail_while_watching(exc.code, exc.message), ctx.clock.now())
             return None
         except ProviderUnavailable as exc:
+            if task.deadline_at is None:    # a row from before deadlines: the worker's attempts bound it
+                raise
             return self._again_later(job, task, exc)
         await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
                               default_expiry=provider.caps.default_expiry, seen=task)
@@ -79,14 +76,27 @@ class PollHandler:
     def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable) -> Again:
         """Poll again after the provider's Retry-After or backoff by the failures in a row (a planned re-run: the
         worker's attempts are left for errors of relay's own), never past the task's deadline."""
+        now = self.ctx.clock.now()
         failures = int(job.payload.get("failures", 0)) + 1
         delay = self.ctx.unavailable_delay(failures, exc)
         if task.deadline_at is not None:
-            delay = min(delay, max(0.0, task.deadline_at - self.ctx.clock.now()))
+            delay = min(delay, max(0.0, task.deadline_at - now))
         log.info("task %s: poll of %s not answered (%s: %s); again in %.1fs", task.id, task.provider, exc.code,
                  exc, delay)
-        return Again(delay, payload={**job.payload, "failures": failures,
-                                     "last_error": f"{exc.code}: {exc}"[:500]})
+        return Again(delay, payload={**job.payload, "failures": failures, "last_error": f"{exc.code}: {exc}"[:500],
+                                     "failing_since": float(job.payload.get("failing_since", now))})
+
+    def _past_deadline(self, job: Job, now: float) -> tuple[str, str]:
+        """Why the task fails at its deadline: the provider never finished it (timeout), or stopped answering
+        (provider_unavailable, with the last error: no answer for at least a whole max_delay of polling; a
+        single failed poll just before the deadline does not make a slow task an unavailable provider)."""
+        last_error = job.payload.get("last_error")
+        failing_since = job.payload.get("failing_since")
+        if last_error and failing_since is not None and now - float(failing_since) >= (
+                self.ctx.settings.polling.max_delay):
+            return "provider_unavailable", f"the provider could not be polled before the task's deadline: {last_error}"
+        message = "the provider did not finish the task before the deadline"
+        return "timeout", f"{message}; the last poll failed: {last_error}" if last_error else message
 
     async def give_up(self, job: Job, reason: str) -> None:
         await self.ctx.store.apply(job.task_id or "", _fail_while_watching(
