@@ -19,7 +19,7 @@ from relay import ids
 from relay.clock import ManualClock
 from relay.jobs.callback import CALLBACK_JOB, callback_job
 from relay.models import Task
-from relay.store.sqlite import SQLiteStore
+from relay.store.sqlite import LOOP_WRITE_BYTES, SQLiteStore, _utf8_bound
 from tests.harness import wait_for
 
 STALL_LIMIT = 2.0      # seconds the loop may go without a turn; a busy handler on it would sleep 10 s
@@ -332,3 +332,27 @@ async def test_a_key_read_meeting_another_error_raises_it(sqlite_store: SQLiteSt
             await sqlite_store.get_task(task.id, images=False)
     finally:
         sqlite_store._key_reader._connection = real
+
+
+async def test_a_large_write_of_non_ascii_text_goes_to_the_writers_thread(
+        sqlite_store: SQLiteStore, clock: ManualClock) -> None:
+    """A callback body of 100,000 CJK characters is 300 KB of UTF-8 (stored as such, relay.jsontext): over
+    LOOP_WRITE_BYTES, so it is copied on the writer's thread, not on the loop, though its len() is under it."""
+    assert _utf8_bound("é" * 10) == 40 and _utf8_bound("e" * 10) == 10 and _utf8_bound(b"\xff" * 10) == 10
+    task = await _task(sqlite_store, clock)
+    body = '{"status": "pending", "note": "%s"}' % ("雨" * 100_000)
+    assert len(body) < LOOP_WRITE_BYTES < len(body.encode())
+    assert sqlite_store._writer is not None
+    release = threading.Event()
+    held = asyncio.ensure_future(sqlite_store._writer._execute(release.wait, 10))  # type: ignore[no-untyped-call]
+    try:
+        async with LoopWatch() as loop:
+            receiving = asyncio.ensure_future(
+                sqlite_store.receive_callback(callback_job("evolink", task.id, body, clock.now())))
+            await loop.turns(20, "the loop to run while the write waits for the writer's thread")
+            assert not receiving.done(), "a write this large must wait for the writer's thread, not run on the loop"
+    finally:
+        release.set()
+        await held
+    await asyncio.wait_for(receiving, timeout=15)
+    assert _callback_jobs(Path(sqlite_store.path)) == 1

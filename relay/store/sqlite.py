@@ -66,6 +66,13 @@ BUSY_TIMEOUT_MS = 10000              # how long a statement waits for a lock ano
 LOOP_WRITE_BYTES = 256 * 1024        # a group commit carrying more goes to the writer's thread (_write_statements)
 
 
+def _utf8_bound(value: str | bytes) -> int:
+    """At least the bytes SQLite copies for a value: a str's UTF-8 takes up to 4 bytes a character. Stored JSON
+    holds non-ASCII as UTF-8 (relay.jsontext), no longer as 6-character escapes that len() over-counted; isascii()
+    on a str is a flag CPython keeps, not a scan."""
+    return len(value) if isinstance(value, bytes) or value.isascii() else 4 * len(value)
+
+
 def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
     conn.execute("BEGIN IMMEDIATE")
     return _run_and_commit(conn, work)
@@ -501,7 +508,7 @@ class SQLiteStore(Store):
             size = 0
             for sql, args in take():
                 by_statement.setdefault(sql, []).append(args)
-                size += sum(len(value) for value in args if isinstance(value, (str, bytes)))
+                size += sum(_utf8_bound(value) for value in args if isinstance(value, (str, bytes)))
             return size <= LOOP_WRITE_BYTES
 
         def write(conn: sqlite3.Connection) -> None:
