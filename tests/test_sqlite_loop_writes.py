@@ -338,7 +338,7 @@ async def test_a_large_write_of_non_ascii_text_goes_to_the_writers_thread(
         sqlite_store: SQLiteStore, clock: ManualClock) -> None:
     """A callback body of 100,000 CJK characters is 300 KB of UTF-8 (stored as such, relay.jsontext): over
     LOOP_WRITE_BYTES, so it is copied on the writer's thread, not on the loop, though its len() is under it."""
-    assert _utf8_bound("é" * 10) == 40 and _utf8_bound("e" * 10) == 10 and _utf8_bound(b"\xff" * 10) == 10
+    assert _utf8_bound(("é" * 10, "e" * 10, b"\xff" * 10, 12345, 1.5, None)) == 40 + 10 + 10
     task = await _task(sqlite_store, clock)
     body = '{"status": "pending", "note": "%s"}' % ("雨" * 100_000)
     assert len(body) < LOOP_WRITE_BYTES < len(body.encode())
