@@ -251,21 +251,14 @@ async def test_a_provider_failing_polls_more_often_than_max_attempts_still_finis
         assert stats["faults"][fault["fault"]] == 6
 
 
-async def test_polls_stop_at_the_task_deadline_with_the_last_reason(tmp_path: Path) -> None:
-    """A provider that never answers a poll: the task fails at its deadline as provider_unavailable, saying why."""
+@pytest.mark.parametrize("dialect,op,prompt", [("gmicloud", "submit", "p"), ("pixazo", "poll", "[sim:duration=0.1] p")])
+async def test_a_provider_that_never_answers_fails_the_task_at_its_deadline_with_the_last_reason(
+        tmp_path: Path, dialect: str, op: str, prompt: str) -> None:
+    """A provider that never accepts the task, or never answers its polls: the task fails at its deadline as
+    provider_unavailable, saying why."""
     async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="2") as h:
-        await h.faults(next=[{"dialect": "pixazo", "op": "poll", "fault": "500", "count": 10_000}])
-        task = await h.create(provider="pixazo", prompt="[sim:duration=0.1] p")
+        await h.faults(next=[{"dialect": dialect, "op": op, "fault": "500", "count": 10_000}])
+        task = await h.create(provider=dialect, prompt=prompt)
         final = await h.wait_status(task["id"], timeout=30)
         assert final["status"] == "failed" and final["error"]["code"] == "provider_unavailable", final
         assert "deadline" in final["error"]["message"] and "500" in final["error"]["message"], final
-
-
-async def test_submits_stop_at_the_task_deadline_with_the_last_reason(tmp_path: Path) -> None:
-    """A provider that never accepts: the task fails at its deadline as provider_unavailable, saying why."""
-    async with harness(tmp_path, RELAY_POLLING_TASK_TIMEOUT="1") as h:
-        await h.faults(next=[{"dialect": "gmicloud", "op": "submit", "fault": "500", "count": 10_000}])
-        task = await h.create(provider="gmicloud", prompt="p")
-        final = await h.wait_status(task["id"], timeout=30)
-        assert final["status"] == "failed" and final["error"]["code"] == "provider_unavailable", final
-        assert "deadline" in final["error"]["message"] and "500" in final["error"]["message"]
