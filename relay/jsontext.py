@@ -14,6 +14,7 @@ What differs from `json.dumps(value, separators=(",", ":"))`, and why it is safe
 - A value orjson cannot write exactly (an integer beyond 64 bits, a lone surrogate, a key that is not a string) is
   written by the standard library, byte for byte as before; so is one the standard library refuses (a dataclass,
   a datetime: orjson is told to pass them on), which still raises TypeError: a bug is not stored as a dict.
+  orjson has no such switch for a plain Enum or a UUID, which it writes by value; relay passes neither here.
 - orjson reads integers beyond 64 bits as floats and refuses NaN and lone surrogates, so `loads` gives it only text
   that `dumps` wrote with orjson, which it marks with a trailing newline (whitespace JSON allows after a value; the
   standard library never leaves one). Any other text (the standard library's, rows written by earlier versions of

@@ -39,6 +39,20 @@ def backoff(attempt: int, base: float, cap: float, jitter: float = 0.2) -> float
     return delay * random.uniform(1 - jitter, 1 + jitter)
 
 
+RETRY_AFTER_CAP = 3600.0        # the other side's Retry-After is honoured up to an hour
+
+
+def retry_delay(failures: int, retry_after: float | None, base: float, cap: float) -> float:
+    """When to try again after `failures` failures in a row: the backoff, or the other side's Retry-After (up to
+    RETRY_AFTER_CAP) when it asks for longer. Never sooner than the backoff: a provider answering every call with
+    a 429 and `Retry-After: 0` (or a date its clock puts in the past) would otherwise be asked again at once, by
+    every job waiting on it."""
+    delay = backoff(failures, base, cap)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
+    return delay
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True if `exc` says a store or disk of ours cannot be used now (full, read-only, I/O error, busy)."""
     if isinstance(exc, sqlite3.Error):

@@ -32,7 +32,7 @@ from relay.clock import Clock
 from relay.errors import ArchiveError, ProviderUnavailable
 from relay.logs import log_context
 from relay.models import Job
-from relay.outage import Outage, backoff, describe, is_unavailable
+from relay.outage import Outage, backoff, describe, is_unavailable, retry_delay
 from relay.store.base import Store
 
 # backoff lives in relay.outage now (the store's loops use it too) and is still importable from here.
@@ -98,7 +98,6 @@ class WorkerOptions:
     retry_base: float = 2.0
     retry_cap: float = 300.0
     claim_batch: int = 32
-    retry_after_cap: float = 3600.0     # a provider's Retry-After is honoured up to this
     max_job_seconds: float = 1800.0     # a job running longer than this is stopped and retried
     store_retry_base: float = 0.1       # a failing store is tried again after this, doubling …
     store_retry_cap: float = 5.0        # … up to this
@@ -335,9 +334,7 @@ class Worker:
         if isinstance(outcome, Retry):
             await self._retry(job, handler, outcome.after, outcome.reason)
         elif isinstance(outcome, ProviderUnavailable):
-            after = outcome.retry_after
-            if after is not None:
-                after = min(after, self.options.retry_after_cap)
+            after = retry_delay(job.attempts, outcome.retry_after, self.options.retry_base, self.options.retry_cap)
             await self._retry(job, handler, after, f"{outcome.code}: {outcome}")
         elif isinstance(outcome, ArchiveError):
             await self._retry(job, handler, None, f"{outcome.code}: {outcome}")

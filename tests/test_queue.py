@@ -76,6 +76,17 @@ async def test_rate_limited_honours_retry_after(store: Store, clock: ManualClock
     assert await store.next_run_at(clock.now()) == clock.now() + 42.0
 
 
+async def test_a_retry_after_of_zero_still_waits_the_backoff(store: Store, clock: ManualClock) -> None:
+    """`Retry-After: 0` on every answer (a callback's confirmation, say) must not run the job again at once
+    until its attempts are gone: the backoff (1 s ± 20 % here) is the least it waits."""
+    handler = Scripted(RateLimited(retry_after=0.0), None)
+    worker = Worker(store, {"k": handler}, clock, OPTS)
+    await store.enqueue([make_job(clock)])
+    await worker.drain()
+    due = await store.next_run_at(clock.now())
+    assert due is not None and clock.now() + 0.8 <= due <= clock.now() + 1.2
+
+
 async def test_an_idle_worker_waits_for_its_own_kinds(store: Store, clock: ManualClock) -> None:
     """The worker asks when a job of the kinds it has handlers for is next due: a due job of another kind does
     not make it look again at once."""

@@ -342,17 +342,11 @@ async def test_a_large_write_of_non_ascii_text_goes_to_the_writers_thread(
     task = await _task(sqlite_store, clock)
     body = '{"status": "pending", "note": "%s"}' % ("雨" * 100_000)
     assert len(body) < LOOP_WRITE_BYTES < len(body.encode())
-    assert sqlite_store._writer is not None
-    release = threading.Event()
-    held = asyncio.ensure_future(sqlite_store._writer._execute(release.wait, 10))  # type: ignore[no-untyped-call]
-    try:
-        async with LoopWatch() as loop:
+    async with LoopWatch() as loop:
+        async with _writers_thread_held(sqlite_store):
             receiving = asyncio.ensure_future(
                 sqlite_store.receive_callback(callback_job("evolink", task.id, body, clock.now())))
             await loop.turns(20, "the loop to run while the write waits for the writer's thread")
             assert not receiving.done(), "a write this large must wait for the writer's thread, not run on the loop"
-    finally:
-        release.set()
-        await held
-    await asyncio.wait_for(receiving, timeout=15)
+        await asyncio.wait_for(receiving, timeout=15)
     assert _callback_jobs(Path(sqlite_store.path)) == 1

@@ -13,14 +13,12 @@ from relay.fastclient import GuardedSession
 from relay.images.store import ImageStore
 from relay.links import Signer
 from relay.models import Job
-from relay.outage import backoff
+from relay.outage import retry_delay
 from relay.providers.base import Provider
 from relay.ratelimit import RateLimiter
 from relay import ids
 from relay.store.base import Store
 
-
-RETRY_AFTER_CAP = 3600.0        # a provider's Retry-After is honoured up to an hour
 
 
 @dataclass
@@ -76,17 +74,11 @@ class JobContext:
 
     def unavailable_delay(self, failures: int, exc: ProviderUnavailable) -> float:
         """When to ask a provider again after `failures` answers in a row that were not answers (429, 5xx, a
-        timeout, junk): backoff by those failures (the worker's retry_base and retry_cap), or the provider's
-        Retry-After (up to an hour) when it asks for longer. Submits and polls re-run on it until the task's
-        deadline, not for the worker's few attempts: a provider down for twenty minutes must not fail tasks
-        whose deadline is thirty away. Never sooner than the backoff: a provider answering every call with a
-        429 and `Retry-After: 0` (or a date its clock puts in the past) would otherwise be asked again at once,
-        by every task it holds, until their deadlines."""
+        timeout, junk): relay.outage.retry_delay with the worker's retry_base and retry_cap. Submits and polls
+        re-run on it until the task's deadline, not for the worker's few attempts: a provider down for twenty
+        minutes must not fail tasks whose deadline is thirty away."""
         worker = self.settings.worker
-        delay = backoff(failures, worker.retry_base, worker.retry_cap)
-        if exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, RETRY_AFTER_CAP))
-        return delay
+        return retry_delay(failures, exc.retry_after, worker.retry_base, worker.retry_cap)
 
     def poll_job(self, task_id: str, delay: float, polls: int = 0) -> Job:
         now = self.clock.now()

@@ -105,9 +105,10 @@ class SubmitHandler:
             await self._circuit_failed(task.provider, exc)
             if not uncertain:       # this send certainly was not accepted; an earlier unanswered one may have been
                 await ctx.store.clear_submit_started(task.id)
-            if following is not None and (outcome := self._moves_on(job, exc)) is not None:
+            delay = self._delay(job, task, exc)      # once: the failover's patience counts the wait it plans
+            if following is not None and (outcome := self._moves_on(job, exc, delay)) is not None:
                 return await self._fail_over(task, following, outcome, f"{exc.code}: {exc.message}")
-            return await self._again_later(job, task, exc)
+            return await self._again_later(job, task, exc, delay)
         await ctx.store.circuit_succeeded(task.provider, ctx.clock.now())
         now = ctx.clock.now()
         jobs = []
@@ -125,7 +126,8 @@ class SubmitHandler:
             await ctx.store.enqueue(jobs)
         return None
 
-    async def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable) -> Again | None:
+    async def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable,
+                           delay: float | None = None) -> Again | None:
         """The provider is unavailable (429, 5xx, no connection, junk): submit again later, with backoff (or
         its Retry-After), until the task's deadline; then fail it with the last reason.
 
@@ -139,7 +141,8 @@ class SubmitHandler:
             await self._fail(task.id, "provider_unavailable",
                              f"could not submit to the provider before the task's deadline: {exc}")
             return None
-        delay = self._delay(job, exc)
+        if delay is None:
+            delay = self._delay(job, task, exc)
         log.info("task %s: submit to %s not accepted (%s: %s); again in %.1fs", task.id, task.provider, exc.code,
                  exc, delay)
         payload = {**job.payload, "failures": failures, "last_error": f"{exc.code}: {exc}"[:500]}
@@ -147,15 +150,20 @@ class SubmitHandler:
             payload["rate_limited_for"] = float(job.payload.get("rate_limited_for", 0.0)) + delay
         return Again(delay, payload=payload)
 
-    def _delay(self, job: Job, exc: ProviderUnavailable) -> float:
-        """The provider's Retry-After (up to an hour), else backoff by the submit failures so far."""
-        return self.ctx.unavailable_delay(int(job.payload.get("failures", 0)) + 1, exc)
+    def _delay(self, job: Job, task: Task, exc: ProviderUnavailable) -> float:
+        """The backoff by the submit failures so far, or the provider's Retry-After when longer (up to an hour);
+        never past the task's deadline, where the task fails with the last reason."""
+        delay = self.ctx.unavailable_delay(int(job.payload.get("failures", 0)) + 1, exc)
+        if task.deadline_at is not None:
+            delay = min(delay, max(0.0, task.deadline_at - self.ctx.clock.now()))
+        return delay
 
-    def _moves_on(self, job: Job, exc: ProviderError) -> str | None:
-        """relay.routing's verdict on this error, with the time the provider's 429s have asked for so far."""
+    def _moves_on(self, job: Job, exc: ProviderError, delay: float = 0.0) -> str | None:
+        """relay.routing's verdict on this error, with the time the provider's 429s have held the task back so far
+        (`delay`: the wait planned after this one)."""
         waited = 0.0
         if isinstance(exc, RateLimited):
-            waited = float(job.payload.get("rate_limited_for", 0.0)) + self._delay(job, exc)
+            waited = float(job.payload.get("rate_limited_for", 0.0)) + delay
         return routing.moves_on(exc, waited_for_rate_limit=waited,
                                 patience=self.ctx.settings.failover.rate_limit_patience)
 
