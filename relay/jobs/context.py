@@ -20,7 +20,6 @@ from relay import ids
 from relay.store.base import Store
 
 
-
 @dataclass
 class JobContext:
     settings: Settings
