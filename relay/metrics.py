@@ -94,6 +94,12 @@ PROVIDER_REQUEST_SECONDS = Histogram("relay_provider_request_seconds", "Latency 
                                      ["provider", "kind"], buckets=LATENCY_BUCKETS)
 PROVIDER_RATE_LIMITED = Counter("relay_provider_rate_limited", "Provider answers 429 (Too Many Requests).",
                                 ["provider", "kind"])
+# Submits and polls run again as planned after these, so relay_job_failures_total no longer sees them; and junk at
+# HTTP 200 counts as "ok" among the requests above (the body is read after the count). By the error's code:
+# rate_limited, provider_unavailable (5xx, no connection, no answer), provider_protocol_error (junk).
+PROVIDER_UNANSWERED = Counter("relay_provider_unanswered", "Submits and polls a provider did not answer usably "
+                              "(each asked again later, or a submit moved to another provider), by the error's "
+                              "code.", ["provider", "kind", "code"])
 ARCHIVE_BYTES = Counter("relay_archive_bytes", "Bytes of images saved to the image store.", ["provider"])
 ARCHIVE_SECONDS = Histogram("relay_archive_seconds", "Time to fetch, verify and store one image, by outcome "
                             "(archived, retry, failed).", ["outcome"], buckets=ARCHIVE_BUCKETS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from relay import metrics
 from relay.errors import ProviderRejected, ProviderUnavailable
 from relay.jobs.context import JobContext
 from relay.models import Job, ProviderStatus, Task, TaskStatus
@@ -58,6 +59,7 @@ class PollHandler:
             await ctx.store.apply(task.id, _fail_while_watching(exc.code, exc.message), ctx.clock.now())
             return None
         except ProviderUnavailable as exc:
+            metrics.labeled(metrics.PROVIDER_UNANSWERED, task.provider, "poll", exc.code).inc()
             if task.deadline_at is None:    # a row from before deadlines: the worker's attempts bound it
                 raise
             return self._again_later(job, task, exc)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from relay import routing
+from relay import metrics, routing
 from relay.clock import rfc3339
 from relay.errors import (
     ProviderError,
@@ -102,6 +102,7 @@ class SubmitHandler:
             await self._fail(task.id, exc.code, exc.message)
             return None
         except ProviderUnavailable as exc:
+            metrics.labeled(metrics.PROVIDER_UNANSWERED, task.provider, "submit", exc.code).inc()
             await self._circuit_failed(task.provider, exc)
             if not uncertain:       # this send certainly was not accepted; an earlier unanswered one may have been
                 await ctx.store.clear_submit_started(task.id)

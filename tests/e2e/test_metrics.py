@@ -93,6 +93,9 @@ def test_metrics_count_what_relay_did(sim: Simulator, relay_factory: RelayFactor
     assert value(after, "relay_provider_requests_total", provider="apimart", kind="poll", outcome="server_error") == 1
     assert value(after, "relay_provider_requests_total", provider="apimart", kind="poll", outcome="ok") >= 1
     assert value(after, "relay_job_failures_total", kind="poll", outcome="retry") == 0
+    assert value(after, "relay_provider_unanswered_total", provider="apimart", kind="poll",
+                 code="provider_unavailable") == 1
+    assert value(after, "relay_provider_unanswered_total", provider="apimart", kind="submit", code="rate_limited") == 1
     requests = value(after, "relay_provider_requests_total")
     assert value(after, "relay_provider_request_seconds_count") == requests
     assert value(after, "relay_archive_seconds_count", outcome="archived") == 2
