@@ -63,6 +63,7 @@ def test_at_the_deadline_one_failed_poll_does_not_make_a_slow_task_an_unavailabl
 def poll_handler(now: float) -> PollHandler:
     ctx: Any = SimpleNamespace(settings=SETTINGS, clock=ManualClock(now))
     ctx.unavailable_delay = lambda failures, exc: JobContext.unavailable_delay(ctx, failures, exc)
+    ctx.before_deadline = lambda task, delay: JobContext.before_deadline(ctx, task, delay)
     return PollHandler(ctx)
 
 

@@ -12,7 +12,7 @@ from relay.errors import ProviderUnavailable, RelayError
 from relay.fastclient import GuardedSession
 from relay.images.store import ImageStore
 from relay.links import Signer
-from relay.models import Job
+from relay.models import Job, Task
 from relay.outage import retry_delay
 from relay.providers.base import Provider
 from relay.ratelimit import RateLimiter
@@ -78,6 +78,12 @@ class JobContext:
         minutes must not fail tasks whose deadline is thirty away."""
         worker = self.settings.worker
         return retry_delay(failures, exc.retry_after, worker.retry_base, worker.retry_cap)
+
+    def before_deadline(self, task: Task, delay: float) -> float:
+        """`delay`, shortened so that the task's next run comes no later than its deadline (where it fails)."""
+        if task.deadline_at is None:
+            return delay
+        return min(delay, max(0.0, task.deadline_at - self.clock.now()))
 
     def poll_job(self, task_id: str, delay: float, polls: int = 0) -> Job:
         now = self.clock.now()

@@ -71,18 +71,14 @@ class PollHandler:
         delay = ctx.next_poll_delay(polls)
         if update.estimated_seconds and polls == 1:
             delay = max(delay, min(update.estimated_seconds, ctx.settings.polling.max_delay))
-        if task.deadline_at is not None:
-            delay = min(delay, max(0.0, task.deadline_at - ctx.clock.now()))
-        return Again(after=delay, payload={"polls": polls})
+        return Again(after=ctx.before_deadline(task, delay), payload={"polls": polls})
 
     def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable) -> Again:
         """Poll again after the provider's Retry-After or backoff by the failures in a row (a planned re-run: the
         worker's attempts are left for errors of relay's own), never past the task's deadline."""
         now = self.ctx.clock.now()
         failures = int(job.payload.get("failures", 0)) + 1
-        delay = self.ctx.unavailable_delay(failures, exc)
-        if task.deadline_at is not None:
-            delay = min(delay, max(0.0, task.deadline_at - now))
+        delay = self.ctx.before_deadline(task, self.ctx.unavailable_delay(failures, exc))
         log.info("task %s: poll of %s not answered (%s: %s); again in %.1fs", task.id, task.provider, exc.code,
                  exc, delay)
         return Again(delay, payload={**job.payload, "failures": failures, "last_error": f"{exc.code}: {exc}"[:500],

@@ -154,10 +154,7 @@ class SubmitHandler:
     def _delay(self, job: Job, task: Task, exc: ProviderUnavailable) -> float:
         """The backoff by the submit failures so far, or the provider's Retry-After when longer (up to an hour);
         never past the task's deadline, where the task fails with the last reason."""
-        delay = self.ctx.unavailable_delay(int(job.payload.get("failures", 0)) + 1, exc)
-        if task.deadline_at is not None:
-            delay = min(delay, max(0.0, task.deadline_at - self.ctx.clock.now()))
-        return delay
+        return self.ctx.before_deadline(task, self.ctx.unavailable_delay(int(job.payload.get("failures", 0)) + 1, exc))
 
     def _moves_on(self, job: Job, exc: ProviderError, delay: float = 0.0) -> str | None:
         """relay.routing's verdict on this error, with the time the provider's 429s have held the task back so far
