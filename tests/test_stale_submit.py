@@ -62,6 +62,7 @@ class IdleClosingServer:
     """HTTP/1.1 with keep-alive over asyncio.start_server; idle connections are given up after IDLE seconds."""
 
     mode: str = "unseen"                                   # fin | unseen (see the module docstring)
+    idle: float = IDLE                                     # seconds before an idle connection is given up
     requests: list[Seen] = field(default_factory=list)
     given_up: list[int] = field(default_factory=list)      # connections the server gave up while idle
     reset: list[int] = field(default_factory=list)         # given-up connections reset when bytes arrived
@@ -95,7 +96,7 @@ class IdleClosingServer:
         try:
             while True:
                 try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle)
                 except TimeoutError:
                     await self._give_up(conn, reader, writer)
                     return
@@ -198,6 +199,9 @@ async def test_a_submit_after_a_pause_goes_out_once_on_a_fresh_connection(tmp_pa
         assert not evolink.caps.idempotent_submit
         await evolink.fetch("task-unified-0")                       # a poll leaves a pooled connection idle
         await server.wait("the idle connection given up", lambda: server.given_up == [1])
+        # From here the server keeps idle connections open (longer than any wait below), so whatever closes
+        # the submit's connection is relay, however slow a loaded machine makes the steps in between.
+        server.idle = 60.0
         task_id = await new_task(runtime, "evolink")
         await runtime.worker.drain()
         task = await runtime.store.get_task(task_id)
