@@ -439,7 +439,9 @@ async def test_pending_delivery_without_a_job_gets_one_at_start(tmp_path: Path) 
 
 async def test_per_subscription_cap_parks_the_excess(tmp_path: Path) -> None:
     """With a cap of 2, a subscriber that holds requests never has more than 2 in flight; the rest wait."""
-    async with delivery_harness(tmp_path, RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION="2") as d:
+    # The held requests must outlast the test however slow the machine: the delivery timeout is real time.
+    async with delivery_harness(tmp_path, RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION="2",
+                                RELAY_DELIVERIES_TIMEOUT="60") as d:
         await d.subscribe("/held")
         await d.subscribe("/free")
         d.sink.default("/held", hang=True)

@@ -191,7 +191,9 @@ async def test_a_poll_answer_that_changes_nothing_writes_nothing(tmp_path: Path,
 async def test_max_in_flight_holds_the_backlog_until_the_provider_has_room(tmp_path: Path) -> None:
     """With max_in_flight = 2, the provider never holds more than two unfinished tasks; the rest wait, then run."""
     async with harness(tmp_path, RELAY_PROVIDERS_GMICLOUD_MAX_IN_FLIGHT="2") as h:
-        slow = [await h.create(provider="gmicloud", prompt="[sim:duration=1.5] slow") for _ in range(2)]
+        # 5 s: the held submit is re-checked a second later, and the assertions below must come before the slow
+        # tasks end however slow the machine (at 1.5 s a loaded one let the held task through first).
+        slow = [await h.create(provider="gmicloud", prompt="[sim:duration=5] slow") for _ in range(2)]
         for task in slow:
             await h.wait_status(task["id"], ("queued", "running"))
         held = await h.create(provider="gmicloud", prompt="waits its turn")

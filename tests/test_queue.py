@@ -227,6 +227,12 @@ def test_backoff_grows_to_cap_with_jitter() -> None:
         assert expected * 0.8 <= value <= expected * 1.2
 
 
+# The leases of the tests below that claim while the worker holds jobs, in real time: long enough that a pause
+# of a loaded machine (a second or so) cannot let one run out between two of the keeper's extensions (a third of
+# a lease apart), which the test's next claim would take as a lease not kept; short enough to keep them quick.
+REAL_LEASE = 2.0
+
+
 async def test_a_long_job_keeps_its_lease_by_heartbeat(store: Store) -> None:
     """A job running longer than its lease extends it, so no other worker claims it meanwhile."""
     clock = SystemClock()
@@ -238,13 +244,13 @@ async def test_a_long_job_keeps_its_lease_by_heartbeat(store: Store) -> None:
 
         async def give_up(self, job: Job, reason: str) -> None: ...
 
-    worker = Worker(store, {"k": Slow()}, clock, WorkerOptions(lease_seconds=0.6))
+    worker = Worker(store, {"k": Slow()}, clock, WorkerOptions(lease_seconds=REAL_LEASE))
     await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
-    [job] = await store.claim(clock.now(), limit=1, lease_seconds=0.6)
+    [job] = await store.claim(clock.now(), limit=1, lease_seconds=REAL_LEASE)
     running = asyncio.create_task(worker.execute(job))
-    deadline = clock.now() + 1.8
-    while clock.now() < deadline:          # three leases' worth of time: nobody else may claim it
-        assert await store.claim(clock.now(), limit=1, lease_seconds=0.6) == []
+    deadline = clock.now() + 1.5 * REAL_LEASE
+    while clock.now() < deadline:          # more than a lease's worth of time: nobody else may claim it
+        assert await store.claim(clock.now(), limit=1, lease_seconds=REAL_LEASE) == []
         await asyncio.sleep(0.05)
     release.set()
     await asyncio.wait_for(running, 5)
@@ -301,7 +307,7 @@ async def test_one_keeper_holds_the_leases_of_every_running_job(store: Store) ->
     clock = SystemClock()
     handler = Held()
     leases = Leases(store)
-    lease = 1.0
+    lease = REAL_LEASE
     worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=lease))  # type: ignore[arg-type]
     await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now()) for _ in range(2)])
     [first] = await store.claim(clock.now(), limit=1, lease_seconds=lease)
@@ -309,7 +315,7 @@ async def test_one_keeper_holds_the_leases_of_every_running_job(store: Store) ->
     await asyncio.sleep(lease / 2)        # the second starts halfway through the first's lease
     [second] = await store.claim(clock.now(), limit=1, lease_seconds=lease)
     running.append(asyncio.create_task(worker.execute(second)))
-    deadline = clock.now() + 2.5 * lease
+    deadline = clock.now() + 1.5 * lease
     while clock.now() < deadline:          # leases' worth of time: nobody else may claim either
         assert await store.claim(clock.now(), limit=1, lease_seconds=lease) == []
         await asyncio.sleep(0.05)
@@ -367,10 +373,11 @@ async def test_a_job_ending_while_its_lease_is_extended_is_not_warned(store: Sto
     handler = Held()
     leases = Leases(store)
     leases.gate = asyncio.Event()
-    # A longer lease: the held extension is given up only after a third of it (1 s, far more than the job's end).
-    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=3))  # type: ignore[arg-type]
+    # A longer lease: the held extension is given up only after a third of it (2 s, far more than the job's end
+    # takes even on a loaded machine; given up first, it would never come back to be seen finding the job gone).
+    worker = Worker(leases, {"k": handler}, clock, WorkerOptions(lease_seconds=6))  # type: ignore[arg-type]
     await store.enqueue([Job(id=ids.new_id("job"), kind="k", run_at=clock.now())])
-    [job] = await store.claim(clock.now(), limit=1, lease_seconds=3)
+    [job] = await store.claim(clock.now(), limit=1, lease_seconds=6)
     running = asyncio.create_task(worker.execute(job))
     await wait_until(lambda: leases.extended == [job.id])     # held at the gate
     handler.release.set()
@@ -501,7 +508,7 @@ async def test_a_running_group_keeps_the_lease_of_every_job_in_it(store: Store) 
     handler = Grouped()
     handler.release = asyncio.Event()
     leases = Leases(store)
-    lease = 0.6
+    lease = REAL_LEASE
     worker = Worker(leases, {"k": handler}, clock,  # type: ignore[arg-type]
                     WorkerOptions(lease_seconds=lease, concurrency=4))
     jobs = [grouped_job(clock, "a") for _ in range(3)]
@@ -510,8 +517,8 @@ async def test_a_running_group_keeps_the_lease_of_every_job_in_it(store: Store) 
     try:
         await wait_until(lambda: len(handler.groups) == 1, "the group's run")
         assert worker._free_slots() == 1
-        deadline = clock.now() + 3 * lease
-        while clock.now() < deadline:          # three leases' worth of time: nobody else may claim them
+        deadline = clock.now() + 1.5 * lease
+        while clock.now() < deadline:          # more than a lease's worth of time: nobody else may claim them
             assert await store.claim(clock.now(), limit=3, lease_seconds=lease) == []
             await asyncio.sleep(0.05)
         assert {job.id for job in jobs} <= set(leases.extended)

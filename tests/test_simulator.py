@@ -87,7 +87,11 @@ async def poll_until(fetch: Callable[[], Awaitable[dict[str, Any]]], done: Calla
 
 # --- gmicloud ---------------------------------------------------------------
 
-async def test_gmicloud_queue_flow(client: httpx.AsyncClient) -> None:
+async def test_gmicloud_queue_flow(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The simulator's clock moves 10 ms per poll: on the wall clock a pause of a loaded machine could step over
+    # the whole processing phase (105 ms of it) and the poll would never see it.
+    clock = [time.time()]
+    monkeypatch.setattr(sim_tasks, "now", lambda: clock[0])
     body = {"model": "gpt-image-1.5", "payload": {"prompt": "a fox [sim:duration=0.15]", "n": 2,
                                                   "size": "1536x1024", "output_format": "jpeg"}}
     submitted = (await client.post(GMI, json=body, headers=AUTH)).json()
@@ -96,6 +100,7 @@ async def test_gmicloud_queue_flow(client: httpx.AsyncClient) -> None:
     seen: list[dict[str, Any]] = []
 
     async def fetch() -> dict[str, Any]:
+        clock[0] += 0.01
         return (await client.get(f"{GMI}/{rid}", headers=AUTH)).json()
 
     final = await poll_until(fetch, lambda b: b["status"] == "success", seen)

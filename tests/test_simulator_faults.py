@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from relay.simulator import SimulatorConfig, create_simulator_app
+from relay.simulator import tasks as sim_tasks
 
 BASE = "http://sim.test"
 AUTH = {"Authorization": "Bearer test-key"}
@@ -139,12 +140,13 @@ async def test_timeout_on_submit_still_creates_the_task(client: httpx.AsyncClien
 async def test_timeout_over_a_real_socket() -> None:
     app = make_app()
     async with serve(app, lifespan="on") as url:
-        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=0.3) as http:
+        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=10) as http:
             await http.post("/_sim/faults", json={"timeout_seconds": 30, "next": [{"op": "submit",
                                                                                      "fault": "timeout"}]})
             started = time.monotonic()
-            with pytest.raises(httpx.ReadTimeout):
-                await http.post(GMI, json={"model": "gpt-image-1.5", "payload": {"prompt": "x"}}, headers=AUTH)
+            with pytest.raises(httpx.ReadTimeout):   # the short timeout for the held submit alone
+                await http.post(GMI, json={"model": "gpt-image-1.5", "payload": {"prompt": "x"}}, headers=AUTH,
+                                timeout=0.3)
             tasks = (await http.get("/_sim/tasks")).json()["tasks"]
             assert len(tasks) == 1 and tasks[0]["dialect"] == "gmicloud"
     # The held request noticed the client leave, so shutdown did not wait 30 s.
@@ -210,14 +212,15 @@ async def test_latency_knob(client: httpx.AsyncClient) -> None:
     assert time.monotonic() - started >= 0.2
 
 
-async def test_links_really_expire(client: httpx.AsyncClient) -> None:
-    task_id, url = await _completed_image_url(client, "short [sim:ttl=0.2]")
+async def test_links_really_expire(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The simulator's clock is moved past the link's life rather than waited out: a short real TTL raced a
+    # loaded machine (a pause between seeing the task completed and the first download made that one 410).
+    ahead = [0.0]
+    monkeypatch.setattr(sim_tasks, "now", lambda: time.time() + ahead[0])
+    task_id, url = await _completed_image_url(client, "short [sim:ttl=60]")
     assert (await client.get(url)).status_code == 200
-
-    async def gone() -> bool:
-        return (await client.get(url)).status_code == 410
-
-    await until(gone, timeout=3)
+    ahead[0] = 61.0
+    assert (await client.get(url)).status_code == 410
     assert (await client.get(f"/_sim/tasks/evolink/{task_id}")).json()["link_expired"] is True
     # APIMart announces the short life in expires_at; the global knob works too.
     await knobs(client, link_ttl=5)
@@ -254,17 +257,18 @@ async def test_faults_endpoint_validates_and_reset_clears(client: httpx.AsyncCli
 class Receiver:
     """A callback endpoint that answers from a script of status codes (then 200) and records calls."""
 
-    def __init__(self, *script: int, stall: float = 0.0) -> None:
+    def __init__(self, *script: int, stall_first: bool = False) -> None:
         self.script = list(script)
-        self.stall = stall
+        self.stall_first = stall_first     # hold the first call until `released` (past any client timeout)
+        self.released = asyncio.Event()
         self.calls: list[tuple[str, dict[str, Any], float]] = []
         self.app = Starlette(routes=[Route("/{path:path}", self.endpoint, methods=["POST"])])
 
     async def endpoint(self, request: Request) -> Response:
         body = await request.json()
         self.calls.append((request.url.path, body, time.monotonic()))
-        if self.stall and len(self.calls) == 1:
-            await asyncio.sleep(self.stall)
+        if self.stall_first and len(self.calls) == 1:
+            await self.released.wait()
         return Response(status_code=self.script.pop(0) if self.script else 200)
 
     async def wait_for(self, count: int) -> None:
@@ -294,7 +298,7 @@ async def test_callback_retries_until_2xx_without_any_poll() -> None:
         await receiver.wait_for(3)
         times = [t for _, _, t in receiver.calls]
         assert times[1] - times[0] >= RETRY_DELAYS[0] * 0.9 and times[2] - times[1] >= RETRY_DELAYS[1] * 0.9
-        assert times[2] - times[0] < 1.0
+        assert times[2] - times[0] < 2.5      # the configured delays, not the dialect's own 1 s + 2 s
         path, body, _ = receiver.calls[-1]
         assert path == "/callbacks/evolink/tok-123" and body["status"] == "completed"
         assert body == (await client.get(f"/evolink/v1/tasks/{task_id}", headers=AUTH)).json()
@@ -325,17 +329,22 @@ async def test_callback_gives_up_after_three_retries() -> None:
 
 
 async def test_callback_timeout_is_retried() -> None:
-    receiver = Receiver(stall=0.5)
-    async with callback_rig(receiver, callback_timeout=0.2) as (client, callback_url):
-        task_id = await _submit(client, callback_url)
-        await receiver.wait_for(2)
+    # The first call is held until the end, so it times out however long the timeout; the timeout is long
+    # enough (2 s) that the retry, answered at once, does not time out too on a loaded machine.
+    receiver = Receiver(stall_first=True)
+    async with callback_rig(receiver, callback_timeout=2.0) as (client, callback_url):
+        try:
+            task_id = await _submit(client, callback_url)
+            await receiver.wait_for(2)
 
-        async def recorded() -> list[dict[str, Any]] | None:
-            attempts = (await client.get(f"/_sim/tasks/evolink/{task_id}")).json()["callbacks"]
-            return attempts if len(attempts) == 2 else None
+            async def recorded() -> list[dict[str, Any]] | None:
+                attempts = (await client.get(f"/_sim/tasks/evolink/{task_id}")).json()["callbacks"]
+                return attempts if len(attempts) == 2 else None
 
-        attempts = await until(recorded)
-        assert "Timeout" in attempts[0]["error"] and attempts[1]["status_code"] == 200
+            attempts = await until(recorded)
+            assert "Timeout" in attempts[0]["error"] and attempts[1]["status_code"] == 200
+        finally:
+            receiver.released.set()
 
 
 async def test_callback_on_failure() -> None:

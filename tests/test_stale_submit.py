@@ -221,6 +221,7 @@ async def test_an_idempotent_submit_on_a_stale_connection_is_resent_with_the_sam
         assert apimart.caps.idempotent_submit and apimart.submit_http is apimart.http
         await apimart.fetch("task-0")
         await server.wait("the idle connection given up", lambda: server.given_up == [1])
+        server.idle = 60.0      # the retry's new connection is kept, however long relay takes to send on it
         task_id = await new_task(runtime, "apimart")
         await runtime.worker.drain()                  # the first attempt: sent on the stale connection, reset
         assert server.reset == [1] and server.submits("apimart") == []

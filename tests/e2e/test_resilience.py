@@ -41,7 +41,7 @@ def test_worker_killed_mid_job_recovers(sim: Simulator, relay: Relay) -> None:
     # apimart's first download is held open far beyond the kill, so its archive job is mid-flight;
     # gmicloud's task takes long enough to be running (and polled) at the kill.
     sim.faults(timeout_seconds=30, next=[{"dialect": "apimart", "op": "download", "fault": "timeout"}])
-    running = relay.create({"provider": "gmicloud", "prompt": "crash while running [sim:duration=2.5]"})
+    running = relay.create({"provider": "gmicloud", "prompt": "crash while running [sim:duration=6]"})
     archiving = relay.create({"provider": "apimart", "prompt": "crash while archiving"})
     relay.wait_status(archiving["id"], ("archiving",))
     wait_for(lambda: sim.stats("apimart")["faults"]["timeout"] == 1, 5, "the held download to start")

@@ -75,7 +75,8 @@ def test_a_slow_subscriber_does_not_delay_a_fast_one(relays: RelayFactory, sink:
     for received in sink.delivered("/fast"):
         payload = received.verify(fast["secret"])
         lag = received.at - parse_rfc3339(payload["timestamp"])
-        assert lag < 2.0, f"{payload['type']} reached the fast subscriber {lag:.2f} s after it happened"
+        # held behind the slow one, an event would wait for its 60 s timeout; the bound leaves a loaded machine room
+        assert lag < 10.0, f"{payload['type']} reached the fast subscriber {lag:.2f} s after it happened"
     assert sink.max_in_flight("/slow") <= 2
     assert len(relay.deliveries(subscription_id=slow["id"], status="succeeded")) == 0
     sink.release()
