@@ -8,6 +8,7 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,14 @@ def write(tmp: Path, name: str, data: bytes) -> Path:
 # ---------------------------------------------------------------- verify
 
 
+@pytest.fixture(params=["path", "bytes"])
+def source(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[bytes], Path | bytes]:
+    """inspect_image's input both ways: a file's path, or the bytes themselves (a body held in memory)."""
+    if request.param == "bytes":
+        return lambda data: data
+    return lambda data: write(tmp_path, "img", data)
+
+
 @pytest.mark.parametrize(("data", "expected"), [
     (PNG, "image/png"), (JPEG, "image/jpeg"), (WEBP, "image/webp"), (GIF, "image/gif"),
     (b"<html>", None), (b"", None), (b"RIFF\0\0\0\0WAVE", None),
@@ -64,47 +73,48 @@ def test_sniff_image_reads_magic_bytes(data: bytes, expected: str | None) -> Non
 @pytest.mark.parametrize(("data", "ctype", "size"), [
     (PNG, "image/png", (64, 48)), (JPEG, "image/jpeg", (40, 30)), (WEBP, "image/webp", (32, 32)),
 ])
-def test_inspect_image_reports_type_and_size(tmp_path: Path, data: bytes, ctype: str, size: tuple[int, int]) -> None:
+def test_inspect_image_reports_type_and_size(source: Callable[[bytes], Path | bytes], data: bytes, ctype: str,
+                                             size: tuple[int, int]) -> None:
     """Real Pillow-made images are accepted with their true type and dimensions."""
-    info = inspect_image(write(tmp_path, "img", data), expected=ctype)
+    info = inspect_image(source(data), expected=ctype)
     assert (info.content_type, info.width, info.height) == (ctype, *size)
 
 
-def test_inspect_image_accepts_jpeg_aliases(tmp_path: Path) -> None:
+def test_inspect_image_accepts_jpeg_aliases(source: Callable[[bytes], Path | bytes]) -> None:
     """'image/jpg' and 'jpeg' both mean image/jpeg when claimed."""
-    path = write(tmp_path, "img", JPEG)
+    path = source(JPEG)
     assert inspect_image(path, expected="image/jpg").ext == "jpg"
     assert inspect_image(path, expected="jpeg; q=1").content_type == "image/jpeg"
 
 
-def test_png_claimed_as_jpeg_is_refused(tmp_path: Path) -> None:
+def test_png_claimed_as_jpeg_is_refused(source: Callable[[bytes], Path | bytes]) -> None:
     """Bytes of another type than the claimed one are refused."""
     with pytest.raises(InvalidImage, match="expected image/jpeg but the bytes are image/png"):
-        inspect_image(write(tmp_path, "img", PNG), expected="image/jpeg")
+        inspect_image(source(PNG), expected="image/jpeg")
 
 
-def test_garbage_is_refused(tmp_path: Path) -> None:
+def test_garbage_is_refused(source: Callable[[bytes], Path | bytes]) -> None:
     """Non-image bytes are refused with code invalid_image (a permanent SourceGone)."""
     with pytest.raises(InvalidImage) as info:
-        inspect_image(write(tmp_path, "img", b"<html>expired</html>"))
+        inspect_image(source(b"<html>expired</html>"))
     assert info.value.code == "invalid_image" and isinstance(info.value, SourceGone)
 
 
 @pytest.mark.parametrize("data", [PNG[: len(PNG) // 2], PNG[:-12], JPEG[: len(JPEG) // 2],
                                   JPEG[: len(JPEG) * 9 // 10], WEBP[: len(WEBP) // 2], WEBP[:-1],
                                   b"\x89PNG\r\n\x1a\nnot really"])
-def test_truncated_or_corrupt_image_is_refused(tmp_path: Path, data: bytes) -> None:
+def test_truncated_or_corrupt_image_is_refused(source: Callable[[bytes], Path | bytes], data: bytes) -> None:
     """Right magic bytes but cut-off or corrupt data are refused (PNG by its chunk CRCs and IEND, JPEG and
     WebP by decoding; a PNG that lost its IEND chunk too)."""
     with pytest.raises(InvalidImage):
-        inspect_image(write(tmp_path, "img", data))
+        inspect_image(source(data))
 
 
 @pytest.mark.parametrize("dims", [(10_000, 8_000), (30_000, 30_000)])
-def test_decompression_bomb_header_is_refused(tmp_path: Path, dims: tuple[int, int]) -> None:
+def test_decompression_bomb_header_is_refused(source: Callable[[bytes], Path | bytes], dims: tuple[int, int]) -> None:
     """A tiny file announcing a huge image is refused before any pixels are decoded."""
     with pytest.raises(InvalidImage, match="pixel limit|too large"):
-        inspect_image(write(tmp_path, "bomb.png", png_header_only(*dims)))
+        inspect_image(source(png_header_only(*dims)))
 
 
 async def test_ainspect_image_runs_off_the_loop(tmp_path: Path) -> None:
@@ -126,6 +136,20 @@ async def test_store_is_content_addressed_and_idempotent(tmp_path: Path) -> None
     second = write(store.tmp_dir(), "b.part", PNG)
     assert await store.put_file(second, sha, "png") == key
     assert not second.exists() and await store.exists(key)
+    assert list(store.tmp_dir().iterdir()) == []
+
+
+async def test_store_puts_bytes_under_the_same_key_once(tmp_path: Path) -> None:
+    """A body held in memory is stored under the key put_file gives the same bytes, whole, once; no temp file
+    is left behind."""
+    store = LocalImageStore(tmp_path / "images")
+    sha = hashlib.sha256(PNG).hexdigest()
+    key = await store.put_bytes(PNG, sha, "png")
+    assert key == image_key(sha, "png") and store.open_path(key).read_bytes() == PNG
+    stored = store.open_path(key).stat()
+    assert await store.put_bytes(PNG, sha, "png") == key
+    assert store.open_path(key).stat().st_mtime_ns == stored.st_mtime_ns      # not written again
+    assert await store.put_file(write(store.tmp_dir(), "a.part", PNG), sha, "png") == key
     assert list(store.tmp_dir().iterdir()) == []
 
 
@@ -156,10 +180,10 @@ async def test_store_sweeps_old_temp_files_only(tmp_path: Path) -> None:
     assert not old.exists() and fresh.exists()
 
 
-def test_a_flipped_byte_inside_png_pixel_data_is_refused(tmp_path: Path) -> None:
+def test_a_flipped_byte_inside_png_pixel_data_is_refused(source: Callable[[bytes], Path | bytes]) -> None:
     """A PNG is not decoded, so its chunk CRCs are what must catch corrupt pixel data."""
     data = bytearray(PNG)
     idat = data.index(b"IDAT")
     data[idat + 4 + 10] ^= 0xFF     # a byte inside the IDAT payload; its CRC no longer matches
     with pytest.raises(InvalidImage):
-        inspect_image(write(tmp_path, "img", bytes(data)))
+        inspect_image(source(bytes(data)))

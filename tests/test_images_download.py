@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from relay.errors import ArchiveError, BlockedAddress, InvalidImage, SourceGone
-from relay.images.download import decode_b64_to_file, download_to_file, fetch_bytes
+from relay.images import download as download_module
+from relay.images.download import Downloaded, SpoolBudget, decode_b64, download, fetch_bytes
 from relay.images.store import LocalImageStore
 from relay.images.verify import ainspect_image
 from relay.fastclient import GuardedSession
@@ -118,26 +119,75 @@ def dl_dir(tmp_path: Path) -> Path:
     return d
 
 
+# Where a body goes: "memory", a budget with room; "file", a budget of nothing, so it spills from its first chunk.
+MODES = ["memory", "file"]
+
+
+def budget_for(mode: str) -> SpoolBudget:
+    return SpoolBudget(1 << 30 if mode == "memory" else 0)
+
+
+async def fetch(http: GuardedSession, url: str, tmp_path: Path, *, mode: str = "memory", max_bytes: int = 1 << 20,
+                timeout: float = 5, budget: SpoolBudget | None = None) -> Downloaded:
+    return await download(http, url, lambda: dl_dir(tmp_path), max_bytes=max_bytes, timeout=timeout,
+                          budget=budget if budget is not None else budget_for(mode))
+
+
 # ---------------------------------------------------------------- downloads
 
 
-async def test_download_good_image(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
-    """A good image arrives whole, with its sha256, size and Content-Type header."""
+async def test_download_good_image_into_memory(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
+    """A good image arrives whole, with its sha256, size and Content-Type header; held in memory (no file at
+    all), counted in the budget until released."""
     http, base = site
-    got = await download_to_file(http, f"{base}/good.png", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
-    assert got.path.read_bytes() == PNG
+    budget = budget_for("memory")
+    got = await fetch(http, f"{base}/good.png", tmp_path, budget=budget)
+    assert got.data == PNG and got.path is None and list(dl_dir(tmp_path).iterdir()) == []
     assert got.sha256 == hashlib.sha256(PNG).hexdigest() and got.bytes == len(PNG)
     assert got.content_type_header == "image/png"
+    assert budget.held == len(PNG)
+    got.release()
+    got.release()           # twice is harmless
+    assert budget.held == 0
 
 
-async def test_download_verify_store_end_to_end(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
-    """Download into the store's temp dir, verify, move in: the stored file is the source's bytes."""
+async def test_a_body_past_the_spool_or_the_budget_goes_to_a_file(site: tuple[GuardedSession, str], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Larger than SPOOL_BYTES, or more than the budget has left: the body is written to a temp file (what was
+    held so far first) and nothing stays counted; release() deletes the file."""
+    http, base = site
+    budget = budget_for("memory")
+    monkeypatch.setattr(download_module, "SPOOL_BYTES", len(PNG) - 1)
+    past_spool = await fetch(http, f"{base}/good.png", tmp_path, budget=budget)
+    monkeypatch.undo()
+    past_budget = await fetch(http, f"{base}/good.png", tmp_path, budget=SpoolBudget(len(PNG) - 1))
+    for got in (past_spool, past_budget):
+        assert got.data is None and got.path is not None and got.path.read_bytes() == PNG
+        assert got.sha256 == hashlib.sha256(PNG).hexdigest() and got.bytes == len(PNG)
+    assert budget.held == 0
+    for got in (past_spool, past_budget):
+        got.release()
+    assert list(dl_dir(tmp_path).iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_download_verify_store_end_to_end(site: tuple[GuardedSession, str], tmp_path: Path, mode: str) -> None:
+    """Download, verify, put in (from memory or from the temp file): the stored file is the source's bytes."""
     http, base = site
     store = LocalImageStore(tmp_path / "images")
-    got = await download_to_file(http, f"{base}/good.png", store.tmp_dir(), max_bytes=1 << 20, timeout=5)
-    info = await ainspect_image(got.path, expected=got.content_type_header)
-    key = await store.put_file(got.path, got.sha256, info.ext)
+    got = await download(http, f"{base}/good.png", store.tmp_dir, max_bytes=1 << 20, timeout=5,
+                         budget=budget_for(mode))
+    body = got.data if got.data is not None else got.path
+    assert body is not None
+    info = await ainspect_image(body, expected=got.content_type_header)
+    if got.data is not None:
+        key = await store.put_bytes(got.data, got.sha256, info.ext)
+    else:
+        assert got.path is not None
+        key = await store.put_file(got.path, got.sha256, info.ext)
+    got.release()
     assert store.open_path(key).read_bytes() == PNG and (info.width, info.height) == (64, 48)
+    assert list(store.tmp_dir().iterdir()) == []
 
 
 @pytest.mark.parametrize("status", [410, 404, 403])
@@ -145,7 +195,7 @@ async def test_dead_link_is_source_gone(site: tuple[GuardedSession, str], tmp_pa
     """404/410/403 mean the link is gone for good: SourceGone naming the status, no temp file left."""
     http, base = site
     with pytest.raises(SourceGone, match=f"HTTP {status}") as info:
-        await download_to_file(http, f"{base}/status/{status}", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
+        await fetch(http, f"{base}/status/{status}", tmp_path)
     assert info.value.code == "source_gone"
     assert list(dl_dir(tmp_path).iterdir()) == []
 
@@ -155,46 +205,54 @@ async def test_server_trouble_is_retryable(site: tuple[GuardedSession, str], tmp
     """5xx and 429 are retryable ArchiveErrors, not SourceGone."""
     http, base = site
     with pytest.raises(ArchiveError) as info:
-        await download_to_file(http, f"{base}/status/{status}", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
+        await fetch(http, f"{base}/status/{status}", tmp_path)
     assert not isinstance(info.value, SourceGone) and info.value.code == "source_unavailable"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("path", ["/big", "/big-chunked"])
-async def test_oversize_body_is_refused(site: tuple[GuardedSession, str], tmp_path: Path, path: str) -> None:
-    """Over max_bytes, by Content-Length up front or while streaming: permanent image_too_large."""
+async def test_oversize_body_is_refused(site: tuple[GuardedSession, str], tmp_path: Path, path: str,
+                                        mode: str) -> None:
+    """Over max_bytes, by Content-Length up front or while streaming: permanent image_too_large, nothing left
+    behind (no file, nothing counted)."""
     http, base = site
+    budget = budget_for(mode)
     with pytest.raises(SourceGone) as info:
-        await download_to_file(http, f"{base}{path}", dl_dir(tmp_path), max_bytes=1500, timeout=5)
+        await fetch(http, f"{base}{path}", tmp_path, max_bytes=1500, budget=budget)
     assert info.value.code == "image_too_large"
-    assert list(dl_dir(tmp_path).iterdir()) == []
+    assert list(dl_dir(tmp_path).iterdir()) == [] and budget.held == 0
 
 
-async def test_truncated_body_is_retryable(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
-    """A body cut short of its Content-Length is ArchiveError(truncated), and the partial file is gone."""
+@pytest.mark.parametrize("mode", MODES)
+async def test_truncated_body_is_retryable(site: tuple[GuardedSession, str], tmp_path: Path, mode: str) -> None:
+    """A body cut short of its Content-Length is ArchiveError(truncated); the partial body is gone."""
     http, base = site
+    budget = budget_for(mode)
     with pytest.raises(ArchiveError) as info:
-        await download_to_file(http, f"{base}/truncated", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
+        await fetch(http, f"{base}/truncated", tmp_path, budget=budget)
     assert info.value.code == "truncated" and not isinstance(info.value, SourceGone)
-    assert list(dl_dir(tmp_path).iterdir()) == []
+    assert list(dl_dir(tmp_path).iterdir()) == [] and budget.held == 0
 
 
-async def test_slow_body_hits_the_deadline(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
-    """A body that stalls past the overall deadline is a retryable timeout, the partial file removed."""
+@pytest.mark.parametrize("mode", MODES)
+async def test_slow_body_hits_the_deadline(site: tuple[GuardedSession, str], tmp_path: Path, mode: str) -> None:
+    """A body that stalls past the overall deadline is a retryable timeout, the partial body removed."""
     http, base = site
+    budget = budget_for(mode)
     with pytest.raises(ArchiveError) as info:
-        await download_to_file(http, f"{base}/slow", dl_dir(tmp_path), max_bytes=1 << 20, timeout=0.3)
+        await fetch(http, f"{base}/slow", tmp_path, timeout=0.3, budget=budget)
     assert info.value.code == "timeout"
-    assert list(dl_dir(tmp_path).iterdir()) == []
+    assert list(dl_dir(tmp_path).iterdir()) == [] and budget.held == 0
 
 
 async def test_redirects_are_followed_up_to_three(site: tuple[GuardedSession, str], tmp_path: Path) -> None:
     """Three redirects lead to the image; a fourth is refused as too many."""
     http, base = site
-    got = await download_to_file(http, f"{base}/hop/3", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
+    got = await fetch(http, f"{base}/hop/3", tmp_path)
     assert got.sha256 == hashlib.sha256(PNG).hexdigest()
-    got.path.unlink()
+    got.release()
     with pytest.raises(SourceGone) as info:
-        await download_to_file(http, f"{base}/hop/4", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
+        await fetch(http, f"{base}/hop/4", tmp_path)
     assert info.value.code == "too_many_redirects"
     assert list(dl_dir(tmp_path).iterdir()) == []
 
@@ -203,7 +261,7 @@ async def test_redirect_to_non_http_is_source_gone(site: tuple[GuardedSession, s
     """A redirect to file:// is refused permanently."""
     http, base = site
     with pytest.raises(SourceGone) as info:
-        await download_to_file(http, f"{base}/to-file", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
+        await fetch(http, f"{base}/to-file", tmp_path)
     assert info.value.code == "invalid_url"
 
 
@@ -211,7 +269,7 @@ async def test_redirect_to_private_address_is_blocked(site: tuple[GuardedSession
     """Each redirect hop is checked by the guard: a hop to 10.x raises BlockedAddress."""
     http, base = site
     with pytest.raises(BlockedAddress):
-        await download_to_file(http, f"{base}/to-private", dl_dir(tmp_path), max_bytes=1 << 20, timeout=5)
+        await fetch(http, f"{base}/to-private", tmp_path)
     assert list(dl_dir(tmp_path).iterdir()) == []
 
 
@@ -220,11 +278,9 @@ async def test_blocked_source_propagates(tmp_path: Path) -> None:
     http = GuardedSession(NetGuard(), httpx.create_ssl_context())
     async with serve(image_app) as port:
         with pytest.raises(BlockedAddress):
-            await download_to_file(http, f"http://127.0.0.1:{port}/good.png", dl_dir(tmp_path),
-                                   max_bytes=1 << 20, timeout=5)
+            await fetch(http, f"http://127.0.0.1:{port}/good.png", tmp_path)
         with pytest.raises(BlockedAddress):     # a name resolving to loopback, refused by the resolver
-            await download_to_file(http, f"http://localhost:{port}/good.png", dl_dir(tmp_path),
-                                   max_bytes=1 << 20, timeout=5)
+            await fetch(http, f"http://localhost:{port}/good.png", tmp_path)
     await http.aclose()
     assert list(dl_dir(tmp_path).iterdir()) == []
 
@@ -237,8 +293,7 @@ async def test_connection_refused_is_retryable(tmp_path: Path) -> None:
     sock.close()  # the port is now (almost certainly) closed
     http = GuardedSession(NetGuard(["127.0.0.0/8"]), httpx.create_ssl_context())
     with pytest.raises(ArchiveError) as info:
-        await download_to_file(http, f"http://127.0.0.1:{port}/x.png", dl_dir(tmp_path),
-                               max_bytes=1 << 20, timeout=5)
+        await fetch(http, f"http://127.0.0.1:{port}/x.png", tmp_path)
     await http.aclose()
     assert info.value.code == "connection_failed"
 
@@ -254,27 +309,34 @@ async def test_fetch_bytes_returns_body_and_sniffed_type(site: tuple[GuardedSess
 # ---------------------------------------------------------------- base64
 
 
-async def test_decode_b64_to_file(tmp_path: Path) -> None:
-    """Inline base64 (bare or as a data: URL, line-wrapped or not) becomes a hashed temp file."""
+async def test_decode_b64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inline base64 (bare or as a data: URL, line-wrapped or not) becomes hashed bytes in memory, or a temp file
+    past SPOOL_BYTES."""
     encoded = base64.b64encode(JPEG).decode()
-    got = await decode_b64_to_file(encoded, tmp_path, max_bytes=1 << 20)
-    assert got.path.read_bytes() == JPEG and got.sha256 == hashlib.sha256(JPEG).hexdigest()
+    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20)
+    assert got.data == JPEG and got.path is None and got.sha256 == hashlib.sha256(JPEG).hexdigest()
     assert got.content_type_header is None and got.bytes == len(JPEG)
     wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
-    got = await decode_b64_to_file(f"data:image/jpeg;base64,{wrapped}", tmp_path, max_bytes=1 << 20)
-    assert got.content_type_header == "image/jpeg" and got.path.read_bytes() == JPEG
+    got = await decode_b64(f"data:image/jpeg;base64,{wrapped}", lambda: tmp_path, max_bytes=1 << 20)
+    assert got.content_type_header == "image/jpeg" and got.data == JPEG
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(download_module, "SPOOL_BYTES", len(JPEG) - 1)
+    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20)
+    assert got.data is None and got.path is not None and got.path.read_bytes() == JPEG
+    got.release()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("data", ["not base64 at all!", "QUJD$", "data:image/png,QUJD"])
 async def test_bad_base64_is_invalid_image(tmp_path: Path, data: str) -> None:
     """Undecodable base64 is a permanent InvalidImage, and no file is written."""
     with pytest.raises(InvalidImage):
-        await decode_b64_to_file(data, tmp_path, max_bytes=1 << 20)
+        await decode_b64(data, lambda: tmp_path, max_bytes=1 << 20)
     assert list(tmp_path.iterdir()) == []
 
 
 async def test_oversize_base64_is_refused(tmp_path: Path) -> None:
     """Inline images over max_bytes are image_too_large."""
     with pytest.raises(SourceGone) as info:
-        await decode_b64_to_file(base64.b64encode(PNG).decode(), tmp_path, max_bytes=len(PNG) - 1)
+        await decode_b64(base64.b64encode(PNG).decode(), lambda: tmp_path, max_bytes=len(PNG) - 1)
     assert info.value.code == "image_too_large"

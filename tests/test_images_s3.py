@@ -126,11 +126,31 @@ async def test_the_same_bytes_are_uploaded_once(moto: MotoS3, tmp_path: Path) ->
     assert len(versions) == 1, versions     # every PUT to a versioned bucket makes a version: there was one
 
 
+async def test_put_bytes_uploads_from_memory_once(moto: MotoS3, tmp_path: Path) -> None:
+    """A body held in memory goes up as it is (typed, immutable), under the same key put_file would give it,
+    with no temp file; the same bytes again, from memory or from a file, upload nothing."""
+    store = store_for(moto, tmp_path, bucket=VERSIONED)
+    data = os.urandom(70_000)
+    sha = hashlib.sha256(data).hexdigest()
+    key = await store.put_bytes(data, sha, "jpg")
+    assert key == image_key(sha, "jpg") and list(store.tmp_dir().iterdir()) == []
+    head = moto.client().head_object(Bucket=VERSIONED, Key=f"{store.prefix}/{key}")
+    assert (head["ContentLength"], head["ContentType"]) == (len(data), "image/jpeg")
+    assert head["CacheControl"] == "public, max-age=31536000, immutable"
+    body = await store.open(key)
+    assert body is not None and b"".join([chunk async for chunk in body.chunks]) == data
+    assert await store.put_bytes(data, sha, "jpg") == key
+    path, _ = temp_file(store, data)
+    assert await store.put_file(path, sha, "jpg") == key and not path.exists()
+    versions = moto.client().list_object_versions(Bucket=VERSIONED, Prefix=f"{store.prefix}/")["Versions"]
+    assert len(versions) == 1, versions
+
+
 async def test_a_missing_bucket_is_image_store_unavailable(moto: MotoS3, tmp_path: Path) -> None:
     """No such bucket: retryable image_store_unavailable naming the bucket and the fix; the temp file stays."""
     store = store_for(moto, tmp_path, bucket="no-such-bucket")
     path, sha = temp_file(store, b"bytes")
-    for attempt in (lambda: store.put_file(path, sha, "png"), store.check):
+    for attempt in (lambda: store.put_file(path, sha, "png"), lambda: store.put_bytes(b"x", sha, "png"), store.check):
         with pytest.raises(ArchiveError) as raised:
             await attempt()
         assert raised.value.code == "image_store_unavailable"
@@ -149,16 +169,16 @@ async def test_wrong_credentials_are_image_store_unavailable(moto: MotoS3, tmp_p
              else store_for(moto, tmp_path, secret=bad_secret))
     path, sha = temp_file(store, b"bytes")
     messages = []
-    for attempt in (lambda: store.put_file(path, sha, "png"), lambda: store.stat(image_key(sha, "png")),
-                    store.check):
+    for attempt in (lambda: store.put_file(path, sha, "png"), lambda: store.put_bytes(b"x", sha, "png"),
+                    lambda: store.stat(image_key(sha, "png")), store.check):
         with pytest.raises(ArchiveError) as raised:
             await attempt()
         assert raised.value.code == "image_store_unavailable"
         messages.append(raised.value.message)
         assert "refused relay's credentials (403 " in messages[-1] and "storage.s3.access_key_id" in messages[-1]
         assert bad_secret not in messages[-1] and moto.secret_access_key not in messages[-1]
-    assert "(403 Forbidden)" in messages[1]     # a HEAD: no body to name the cause; the list request's does
-    assert ("403 InvalidAccessKeyId" if wrong == "key" else "403 SignatureDoesNotMatch") in messages[2]
+    assert "(403 Forbidden)" in messages[2]     # a HEAD: no body to name the cause; the list request's does
+    assert ("403 InvalidAccessKeyId" if wrong == "key" else "403 SignatureDoesNotMatch") in messages[3]
 
 
 async def test_a_server_that_is_down_is_unavailable_then_works_when_back(tmp_path: Path) -> None:
@@ -170,7 +190,8 @@ async def test_a_server_that_is_down_is_unavailable_then_works_when_back(tmp_pat
                              access_key_id="any", secret_access_key="any")
         server.kill()
         path, sha = temp_file(store, b"image bytes")
-        for attempt in (lambda: store.put_file(path, sha, "png"), store.check):
+        for attempt in (lambda: store.put_file(path, sha, "png"), lambda: store.put_bytes(b"x", sha, "png"),
+                        store.check):
             with pytest.raises(ArchiveError) as raised:
                 await attempt()
             assert raised.value.code == "image_store_unavailable"

@@ -148,10 +148,17 @@ class FullImageDisk(LocalImageStore):
         self.refused = 0
 
     async def put_file(self, tmp_path: Path, sha256: str, ext: str) -> str:
+        self._refuse_while_full(str(tmp_path))
+        return await super().put_file(tmp_path, sha256, ext)
+
+    async def put_bytes(self, data: bytes, sha256: str, ext: str) -> str:
+        self._refuse_while_full(sha256)
+        return await super().put_bytes(data, sha256, ext)
+
+    def _refuse_while_full(self, what: str) -> None:
         if self.full:
             self.refused += 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path))
-        return await super().put_file(tmp_path, sha256, ext)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
 
 
 def records(caplog: pytest.LogCaptureFixture, logger: str) -> list[logging.LogRecord]:

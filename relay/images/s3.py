@@ -4,10 +4,11 @@ Chosen by `storage.images_url = "s3://BUCKET/PREFIX"` with `[storage.s3]` endpoi
 access_key_id, secret_access_key (see relay.config). Objects are named like the local store's files,
 `PREFIX/ab/cd/<sha256>.<ext>`, so a key in the database means the same bytes on every replica.
 
-Downloads still land on local disk first (`tmp_dir()`, under the data directory): the archive job
-verifies the temp file (size cap, magic bytes, dimensions, sha256) before `put_file` uploads it, so
-nothing unverified ever reaches the bucket. An object already under the key (same name, same size) is
-not uploaded again: content addressing makes a retried job or a second task with the same image free.
+Large downloads land on local disk first (`tmp_dir()`, under the data directory), smaller ones are held
+in memory (relay.images.download): the archive job verifies the body (size cap, magic bytes, dimensions,
+sha256) before `put_file` or `put_bytes` uploads it, so nothing unverified ever reaches the bucket. An
+object already under the key (same name, same size) is not uploaded again: content addressing makes a
+retried job or a second task with the same image free.
 Requests are SigV4-signed with the payload's sha256, so the service itself refuses a body damaged on
 the way; objects carry their Content-Type and an immutable Cache-Control.
 
@@ -123,15 +124,24 @@ class S3ImageStore(ImageStore):
         tmp_path = Path(tmp_path)
         with unavailable_on_oserror():
             size = tmp_path.stat().st_size
+        await self._upload(key, tmp_path, size)
+        tmp_path.unlink(missing_ok=True)
+        return key
+
+    async def put_bytes(self, data: bytes, sha256: str, ext: str) -> str:
+        """Uploaded from memory: no temp file on local disk at all."""
+        key = image_key(sha256, ext)
+        await self._upload(key, data, len(data))
+        return key
+
+    async def _upload(self, key: str, body: Path | bytes, size: int) -> None:
         try:
             if await self._size(key) != size:   # absent (or, never expected, not these bytes): upload
                 attributes = {"Content-Type": CONTENT_TYPES.get(key.rpartition(".")[2], "application/octet-stream"),
                               "Cache-Control": CACHE_CONTROL}
-                await obstore.put_async(self._store, key, tmp_path, attributes=attributes)
+                await obstore.put_async(self._store, key, body, attributes=attributes)
         except _STORE_ERRORS as exc:
             raise self._unavailable("written", exc) from exc
-        tmp_path.unlink(missing_ok=True)
-        return key
 
     async def stat(self, key: str) -> int | None:
         check_key(key)

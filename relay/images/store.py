@@ -4,9 +4,11 @@ Keys are relative and content-addressed: `ab/cd/<sha256>.<ext>`. The same
 bytes always get the same key, so storing twice (a retried archive job, two
 tasks with one image) is a no-op, and a key never changes meaning.
 
-`ImageStore` is the interface, backend-neutral: downloads land in a local
-`tmp_dir()`, `put_file` takes the verified temp file in, `stat`/`open` serve it
-back (size, then the bytes as a stream), `check` is /readyz's probe.
+`ImageStore` is the interface, backend-neutral: large downloads land in a local
+`tmp_dir()` and `put_file` takes the verified temp file in; `put_bytes` takes a
+verified body that was small enough to be held in memory (most images: see
+relay.images.download); `stat`/`open` serve it back (size, then the bytes as a
+stream), `check` is /readyz's probe.
 `LocalImageStore` keeps files under one directory (temp files on the same
 filesystem, so the final move is an atomic rename: readers see a whole file or
 none); `relay.images.s3.S3ImageStore` keeps objects in an S3-compatible bucket
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import re
+import tempfile
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
@@ -98,6 +101,13 @@ class ImageStore(abc.ABC):
 
         The temp file is consumed (moved or deleted) on success. Raises ArchiveError
         (retryable) if the store cannot take it.
+        """
+
+    @abc.abstractmethod
+    async def put_bytes(self, data: bytes, sha256: str, ext: str) -> str:
+        """Store `data` (verified, whose sha256 is `sha256`) and return its key. Idempotent.
+
+        Raises ArchiveError (retryable) if the store cannot take it. Blocks the event loop in no file-system call.
         """
 
     @abc.abstractmethod
@@ -180,6 +190,32 @@ class LocalImageStore(ImageStore):
         with tmp_path.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
+        _fsync_dir(dest.parent)
+
+    async def put_bytes(self, data: bytes, sha256: str, ext: str) -> str:
+        key = image_key(sha256, ext)
+        dest = self.root / key
+        with unavailable_on_oserror():
+            # One trip to a thread for the whole of it: temp file, write, fsync, rename, directory fsync.
+            await asyncio.to_thread(self._put_bytes_sync, data, dest)
+        return key
+
+    def _put_bytes_sync(self, data: bytes, dest: Path) -> None:
+        if dest.exists():
+            return          # same name, same bytes
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside the other temp files and renamed in whole, as put_file's are: readers see all or nothing.
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir(), prefix="put-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
         _fsync_dir(dest.parent)
 
     async def exists(self, key: str) -> bool:

@@ -10,6 +10,7 @@ differs from the claimed one, and decompression bombs are refused with
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,17 +67,23 @@ def normalize_content_type(value: str | None) -> str | None:
     return _ALIASES.get(base, base) or None
 
 
-def inspect_image(path: str | Path, *, expected: str | None = None, max_pixels: int = MAX_PIXELS) -> ImageInfo:
-    """Decode the file at `path` and return its real type and size.
+def inspect_image(source: str | Path | bytes, *, expected: str | None = None,
+                  max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Decode the image in `source` (a file's path, or the bytes themselves) and return its real type and size.
 
     Blocking (a full decode): call it through `asyncio.to_thread` or `ainspect_image`.
     Raises InvalidImage if the file is not a supported image, is corrupt or
     truncated, has more than `max_pixels` pixels, or is not of the `expected`
     content type (when one is given; "image/jpg" and "jpeg" count as image/jpeg).
     """
-    path = Path(path)
-    with path.open("rb") as f:
-        sniffed = sniff_image(f.read(16))
+    def opened(fmt: str) -> Image.Image:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source), formats=[fmt])
+
+    if isinstance(source, bytes):
+        sniffed = sniff_image(source[:16])
+    else:
+        with Path(source).open("rb") as f:
+            sniffed = sniff_image(f.read(16))
     if sniffed is None:
         raise InvalidImage("not a PNG, JPEG, WebP or GIF image")
     claimed = normalize_content_type(expected)
@@ -85,10 +92,10 @@ def inspect_image(path: str | Path, *, expected: str | None = None, max_pixels: 
     fmt = TYPES[sniffed][0]
     try:
         # Two opens, as Pillow requires: verify() leaves the image unusable.
-        with Image.open(path, formats=[fmt]) as im:
+        with opened(fmt) as im:
             _check_pixels(im.size, max_pixels)
             im.verify()
-        with Image.open(path, formats=[fmt]) as im:
+        with opened(fmt) as im:
             width, height = im.size
             # A full decode cost 5-30 ms per image, the largest CPU cost of archiving, so each format
             # is checked as cheaply as still catches a cut or damaged body:
@@ -97,7 +104,7 @@ def inspect_image(path: str | Path, *, expected: str | None = None, max_pixels: 
             # - JPEG (no checksums, no length): decoded at 1/8 scale (draft), which still reads every
             #   entropy-coded byte, so truncation is caught at half the cost.
             if fmt == "WEBP":
-                _check_riff(path)
+                _check_riff(source if isinstance(source, bytes) else Path(source).read_bytes())
             elif fmt != "PNG":
                 if fmt == "JPEG":
                     im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
@@ -119,9 +126,8 @@ async def ainspect_image(path: str | Path, *, expected: str | None = None,
     return await asyncio.to_thread(inspect_image, path, expected=expected, max_pixels=max_pixels)
 
 
-def _check_riff(path: Path) -> None:
+def _check_riff(data: bytes) -> None:
     """A WebP file's RIFF size and its chunks' sizes must add up to exactly the file's length."""
-    data = path.read_bytes()
     declared = int.from_bytes(data[4:8], "little") + 8
     if declared != len(data):
         raise InvalidImage(f"corrupt or truncated image/webp: RIFF says {declared} bytes, file has {len(data)}")

@@ -1,8 +1,9 @@
 """The archive job: save one image before its source link dies, verified and content-addressed.
 
-Streams the source (or decodes inline base64) to a temp file with a size cap
-and a timeout, checks it is a real image of the type it claims, moves it into
-the image store under its sha256, and records it; the task succeeds when its
+Streams the source (or decodes inline base64) into memory, or a temp file when
+large (relay.images.download), with a size cap and a timeout, checks it is a
+real image of the type it claims, puts it into the image store under its
+sha256, and records it; the task succeeds when its
 last image is saved. A dead or invalid source fails the task with the reason.
 
 A transient failure of the source (5xx, 429, a timeout, a cut body) is tried again with
@@ -18,15 +19,13 @@ saying the store was why ("the image store could not be written: …").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 
 from relay import metrics
 from relay.clock import rfc3339
 from relay.errors import ArchiveError, BlockedAddress, SourceGone
-from relay.images.download import Downloaded, decode_b64_to_file, download_to_file
+from relay.images.download import Downloaded, decode_b64, download
 from relay.images.store import IMAGE_STORE_UNAVAILABLE, unavailable_on_oserror
 from relay.images.verify import inspect_image
 from relay.jobs.context import JobContext
@@ -82,35 +81,41 @@ class ArchiveHandler:
         return None
 
     async def _save(self, image: ImageRecord, inline: str | None, provider: str) -> ArchiveResult:
-        """Fetch into the store's temp dir, verify, move in. The temp file never outlives this call."""
+        """Fetch (into memory or the store's temp dir), verify, put in. A temp file never outlives this call."""
         with unavailable_on_oserror():   # any OSError here is our disk's: relay.images.download maps the network's
             downloaded = await self._fetch(image, inline, provider)
             try:
-                info = await asyncio.to_thread(inspect_image, downloaded.path)
+                body = downloaded.data if downloaded.data is not None else downloaded.path
+                assert body is not None
+                info = await asyncio.to_thread(inspect_image, body)
                 # Before the file is put: retention must not delete it meanwhile (relay.store.retention).
                 await self.ctx.store.hold_image(image.id, downloaded.sha256, self.ctx.clock.now())
-                key = await self.ctx.image_store.put_file(downloaded.path, downloaded.sha256,
-                                                          EXTENSIONS.get(info.content_type, "bin"))
+                ext = EXTENSIONS.get(info.content_type, "bin")
+                if downloaded.data is not None:
+                    key = await self.ctx.image_store.put_bytes(downloaded.data, downloaded.sha256, ext)
+                else:
+                    assert downloaded.path is not None
+                    key = await self.ctx.image_store.put_file(downloaded.path, downloaded.sha256, ext)
+                    downloaded.path = None      # the store took the file
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(downloaded.path)
+                downloaded.release()
         return ArchiveResult(sha256=downloaded.sha256, content_type=info.content_type, width=info.width,
                              height=info.height, bytes=downloaded.bytes, path=key)
 
     async def _fetch(self, image: ImageRecord, inline: str | None, provider: str) -> Downloaded:
         ctx = self.ctx
         settings = ctx.settings.archive
-        tmp_dir = ctx.image_store.tmp_dir()
+        tmp_dir = ctx.image_store.tmp_dir     # called only for a body that goes to a file
         if inline:
-            return await decode_b64_to_file(inline, tmp_dir, max_bytes=settings.max_bytes)
+            return await decode_b64(inline, tmp_dir, max_bytes=settings.max_bytes)
         if image.source_url:
             if image.source_expires_at is not None and ctx.clock.now() > image.source_expires_at:
                 raise SourceGone(f"the source link expired at {rfc3339(image.source_expires_at)} "
                                  "before it could be archived", code="source_expired")
             started, status = time.perf_counter(), None
             try:
-                downloaded = await download_to_file(ctx.http, image.source_url, tmp_dir,
-                                                    max_bytes=settings.max_bytes, timeout=settings.timeout)
+                downloaded = await download(ctx.http, image.source_url, tmp_dir,
+                                            max_bytes=settings.max_bytes, timeout=settings.timeout)
                 status = 200
             except ArchiveError as exc:
                 status = exc.status
