@@ -8,9 +8,9 @@ bytes). Baseline: a plain httpx client in this process GETs every URL into memor
 once. relay, in this process: the real runtime (store, guarded HTTP client, image store) and the real
 worker with CONCURRENCY slots; one task per image is put in `archiving` through the store (as a
 provider completion would: image row + archive job, one transaction), then the worker runs until
-every archive job is done: claim, stream to a temp file with sha256, verify the image (Pillow), fsync
-and rename into the content-addressed store, record it and let the task succeed (task.succeeded
-event), finish the job.
+every archive job is done: claim, download with sha256 (into memory, these bodies being under
+relay.images.download.SPOOL_BYTES), verify the image (Pillow), write, fsync and rename into the
+content-addressed store, record it and let the task succeed (task.succeeded event), finish the job.
 """
 
 from __future__ import annotations
@@ -210,7 +210,8 @@ def run(quick: bool) -> Section:
         f"Measured in process (`bench/archive.py`), relay's own code path: the real runtime and worker "
         f"({CONCURRENCY} slots) run the archive jobs of {through['images'] + through['failed']} tasks (one "
         f"1024x1024 PNG each, {mean_kb:.0f} KiB on average, served from the simulator's cache): download "
-        "streamed to a temp file with sha256, image verified, fsync + rename into the content-addressed store, "
+        "with sha256 into memory (under relay.images.download.SPOOL_BYTES), image verified, written, fsync + "
+        "rename into the content-addressed store, "
         "the image recorded and the task moved to `succeeded` (with its event), the job finished. Baseline: "
         f"the same URLs with a plain httpx client, {CONCURRENCY} at once, bodies read into memory.", "",
         "| path | images | failed | seconds | images/s | MB/s | CPU ms per image |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import io
 import socket
@@ -170,6 +171,28 @@ async def test_a_body_past_the_spool_or_the_budget_goes_to_a_file(site: tuple[Gu
     assert list(dl_dir(tmp_path).iterdir()) == []
 
 
+async def test_a_full_disk_while_spilling_leaves_no_temp_file(site: tuple[GuardedSession, str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temp file's disk fills up mid-body: the download fails with that OSError (the image store's outage to
+    the archive job), not with the one closing the file raises again, and neither the file nor any memory stays."""
+    http, base = site
+
+    class FullFile(io.BufferedWriter):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device (first)")
+
+        def close(self) -> None:
+            super().close()
+            raise OSError(errno.ENOSPC, "No space left on device (at close)")
+
+    monkeypatch.setattr(download_module.os, "fdopen", lambda fd, mode: FullFile(io.FileIO(fd, "wb")))
+    budget = budget_for("file")
+    with pytest.raises(OSError, match=r"\(first\)") as raised:
+        await fetch(http, f"{base}/good.png", tmp_path, budget=budget)
+    assert raised.value.errno == errno.ENOSPC
+    assert list(dl_dir(tmp_path).iterdir()) == [] and budget.held == 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_download_verify_store_end_to_end(site: tuple[GuardedSession, str], tmp_path: Path, mode: str) -> None:
     """Download, verify, put in (from memory or from the temp file): the stored file is the source's bytes."""
@@ -320,11 +343,23 @@ async def test_decode_b64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     got = await decode_b64(f"data:image/jpeg;base64,{wrapped}", lambda: tmp_path, max_bytes=1 << 20)
     assert got.content_type_header == "image/jpeg" and got.data == JPEG
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(download_module, "SPOOL_BYTES", len(JPEG) - 1)
-    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20)
+    budget = budget_for("memory")                 # counted like a download's body, until released
+    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20, budget=budget)
+    assert got.data == JPEG and budget.held >= len(JPEG)
+    got.release()
+    assert budget.held == 0
+    with pytest.raises(InvalidImage):
+        await decode_b64("QUJD$", lambda: tmp_path, max_bytes=1 << 20, budget=budget)
+    assert budget.held == 0
+    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20, budget=budget_for("file"))  # no room
     assert got.data is None and got.path is not None and got.path.read_bytes() == JPEG
     got.release()
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(download_module, "SPOOL_BYTES", len(JPEG) - 1)      # past the spool
+    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20, budget=budget)
+    assert got.data is None and got.path is not None and got.path.read_bytes() == JPEG
+    got.release()
+    assert list(tmp_path.iterdir()) == [] and budget.held == 0
 
 
 @pytest.mark.parametrize("data", ["not base64 at all!", "QUJD$", "data:image/png,QUJD"])

@@ -25,6 +25,7 @@ import pytest
 from relay import ids
 from relay.clock import Clock, ManualClock, SystemClock
 from relay.errors import ArchiveError
+from relay.images import download as download_module
 from relay.images.store import LocalImageStore
 from relay.models import Job
 from relay.outage import Outage, is_unavailable
@@ -146,18 +147,20 @@ class FullImageDisk(LocalImageStore):
         super().__init__(root)
         self.full = True
         self.refused = 0
+        self.refused_by: set[str] = set()     # which put was refused: put_file (a temp file) or put_bytes
 
     async def put_file(self, tmp_path: Path, sha256: str, ext: str) -> str:
-        self._refuse_while_full(str(tmp_path))
+        self._refuse_while_full("put_file", str(tmp_path))
         return await super().put_file(tmp_path, sha256, ext)
 
     async def put_bytes(self, data: bytes, sha256: str, ext: str) -> str:
-        self._refuse_while_full(sha256)
+        self._refuse_while_full("put_bytes", sha256)
         return await super().put_bytes(data, sha256, ext)
 
-    def _refuse_while_full(self, what: str) -> None:
+    def _refuse_while_full(self, put: str, what: str) -> None:
         if self.full:
             self.refused += 1
+            self.refused_by.add(put)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
 
 
@@ -332,7 +335,8 @@ async def test_readyz_reports_a_full_database_and_every_task_completes_once_spac
 
 
 # ---- images on a full disk --------------------------------------------------------------------------
-async def test_a_write_the_filesystem_refuses_is_image_store_unavailable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("put", ["put_file", "put_bytes"])
+async def test_a_write_the_filesystem_refuses_is_image_store_unavailable(tmp_path: Path, put: str) -> None:
     """LocalImageStore turns a real OSError of the move into a retryable ArchiveError that names the cause."""
     store = LocalImageStore(tmp_path / "images")
     tmp = store.tmp_dir() / "a.part"
@@ -340,14 +344,18 @@ async def test_a_write_the_filesystem_refuses_is_image_store_unavailable(tmp_pat
     sha = hashlib.sha256(b"x").hexdigest()
     (store.root / sha[:2]).write_bytes(b"")      # a file where the shard directory must go: mkdir fails
     with pytest.raises(ArchiveError) as raised:
-        await store.put_file(tmp, sha, "png")
+        await (store.put_file(tmp, sha, "png") if put == "put_file" else store.put_bytes(b"x", sha, "png"))
     assert raised.value.code == "image_store_unavailable"
     assert raised.value.message.startswith("the image store could not be written: ")
 
 
+@pytest.mark.parametrize("body", ["in memory", "in a temp file"])
 async def test_a_full_image_disk_is_waited_out_and_the_image_archived_when_space_returns(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """ENOSPC on the image store keeps the task archiving (no internal error, no temp files), then it succeeds."""
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    """ENOSPC on the image store keeps the task archiving (no internal error, no temp files), then it succeeds;
+    whether the download was held in memory or, past the spool, written to a temp file."""
+    if body == "in a temp file":
+        monkeypatch.setattr(download_module, "SPOOL_BYTES", 0)
     caplog.set_level(logging.INFO, logger="relay")
     async with harness(tmp_path) as h:
         disk = FullImageDisk(Path(h.runtime.settings.storage.images_dir))
@@ -355,6 +363,7 @@ async def test_a_full_image_disk_is_waited_out_and_the_image_archived_when_space
         task = await h.create(provider="gmicloud", prompt="a lighthouse")
         await wait_for(until(lambda: disk.refused >= 3), 15, "three refused writes")
         assert (await h.task(task["id"]))["status"] == "archiving"
+        assert disk.refused_by == ({"put_bytes"} if body == "in memory" else {"put_file"})
         disk.full = False
         final = await h.wait_status(task["id"])
         assert final["status"] == "succeeded", final

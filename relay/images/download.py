@@ -91,10 +91,11 @@ class Downloaded:
     data: builtins.bytes | None = None      # (`bytes` is the size field's name here)
     path: Path | None = None
     budget: SpoolBudget | None = None       # the budget `data` is counted in, until released
+    held: int = 0                           # how much of it
 
     def release(self) -> None:
         if self.budget is not None:
-            self.budget.give(self.bytes)
+            self.budget.give(self.held)
             self.budget = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
@@ -141,7 +142,7 @@ class _Spool:
     def finish(self, content_type: str | None) -> Downloaded:
         found = Downloaded(sha256=self._digest.hexdigest(), bytes=self._size, content_type_header=content_type)
         if self._file is None:
-            found.data, found.budget = b"".join(self._chunks), self._budget
+            found.data, found.budget, found.held = b"".join(self._chunks), self._budget, self._held
             self._chunks, self._held = [], 0     # now counted in `found`, until it is released
         else:
             self._file.close()
@@ -149,12 +150,19 @@ class _Spool:
         return found
 
     def discard(self) -> None:
+        """After a failure: nothing stays counted, no temp file stays behind, and the failure is what propagates
+        (closing flushes, which on a full disk raises again)."""
         self._budget.give(self._held)
         self._chunks, self._held = [], 0
-        if self._file is not None:
-            self._file.close()
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
+        try:
+            if self._file is not None:
+                self._file.close()
+        except OSError:
+            pass
+        finally:
+            if self._path is not None:
+                with contextlib.suppress(OSError):
+                    self._path.unlink(missing_ok=True)
 
 
 async def download(http: GuardedSession, url: str, tmp_dir: Callable[[], Path], *,
@@ -173,7 +181,7 @@ async def download(http: GuardedSession, url: str, tmp_dir: Callable[[], Path], 
 
 
 async def fetch_bytes(http: GuardedSession, url: str, *, max_bytes: int, timeout: float) -> tuple[bytes, str]:
-    """Fetch a small body (a reference image) into memory with the same guards as `download_to_file`.
+    """Fetch a small body (a reference image) into memory with the same guards as `download`.
 
     Returns the bytes and their content type: the sniffed image type when the
     magic bytes say so, else the Content-Type header, else application/octet-stream.
@@ -184,18 +192,28 @@ async def fetch_bytes(http: GuardedSession, url: str, *, max_bytes: int, timeout
     return bytes(buf), content_type or "application/octet-stream"
 
 
-async def decode_b64(data: str, tmp_dir: Callable[[], Path], *, max_bytes: int) -> Downloaded:
-    """Decode inline base64 (bare or a `data:` URL): the bytes in memory up to SPOOL_BYTES (the text is in
-    memory already), else in a new temp file in `tmp_dir()`.
+async def decode_b64(data: str, tmp_dir: Callable[[], Path], *, max_bytes: int,
+                     budget: SpoolBudget = BUDGET) -> Downloaded:
+    """Decode inline base64 (bare or a `data:` URL): the bytes in memory when the text's decoded size fits the
+    spool and the budget, as a download's would, else in a new temp file in `tmp_dir()`.
 
     Raises InvalidImage for undecodable base64 and SourceGone(code="image_too_large")
     over `max_bytes`. The decode runs in a thread: a few MB of base64 is milliseconds
     of CPU that should not stall the loop.
     """
-    return await asyncio.to_thread(_decode_b64_sync, data, tmp_dir, max_bytes)
+    decoded_at_most = len(data) // 4 * 3 + 3
+    held = decoded_at_most if decoded_at_most <= SPOOL_BYTES and budget.take(decoded_at_most) else 0
+    try:
+        found = await asyncio.to_thread(_decode_b64_sync, data, tmp_dir, max_bytes, held > 0)
+    except BaseException:
+        budget.give(held)
+        raise
+    if found.data is not None:
+        found.budget, found.held = budget, held
+    return found
 
 
-def _decode_b64_sync(data: str, tmp_dir: Callable[[], Path], max_bytes: int) -> Downloaded:
+def _decode_b64_sync(data: str, tmp_dir: Callable[[], Path], max_bytes: int, in_memory: bool) -> Downloaded:
     content_type: str | None = None
     if data.startswith("data:"):
         header, comma, data = data.partition(",")
@@ -212,7 +230,7 @@ def _decode_b64_sync(data: str, tmp_dir: Callable[[], Path], max_bytes: int) -> 
         raise InvalidImage(f"inline image is not valid base64: {exc}") from None
     if len(raw) > max_bytes:
         raise SourceGone(f"inline image is larger than {max_bytes} bytes", code="image_too_large")
-    if len(raw) <= SPOOL_BYTES:
+    if in_memory:
         return Downloaded(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw), content_type_header=content_type,
                           data=raw)
     fd, name = tempfile.mkstemp(dir=tmp_dir(), prefix="b64-", suffix=".part")

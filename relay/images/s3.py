@@ -66,7 +66,7 @@ _THROTTLED = frozenset({"SlowDown", "RequestLimitExceeded", "TooManyRequests", "
 
 
 class S3ImageStore(ImageStore):
-    """Content-addressed images in one bucket under one prefix; temp files on local disk."""
+    """Content-addressed images in one bucket under one prefix; temp files of large bodies on local disk."""
 
     def __init__(self, bucket: str, prefix: str = "", *, tmp_root: Path | str, endpoint_url: str = "",
                  region: str = "us-east-1", access_key_id: str = "", secret_access_key: str = "",

@@ -1,4 +1,5 @@
-"""Image verification: is this file really a PNG/JPEG/WebP/GIF, and how big is it?
+"""Image verification: are these bytes (a file, or a body held in memory) really a PNG/JPEG/WebP/GIF, and how
+big is the image?
 
 Two checks, cheap then thorough: `sniff_image` reads magic bytes (enough to
 pick a file extension or refuse obvious garbage), `inspect_image` has Pillow
@@ -120,10 +121,10 @@ def inspect_image(source: str | Path | bytes, *, expected: str | None = None,
     return ImageInfo(content_type=sniffed, width=width, height=height)
 
 
-async def ainspect_image(path: str | Path, *, expected: str | None = None,
+async def ainspect_image(source: str | Path | bytes, *, expected: str | None = None,
                          max_pixels: int = MAX_PIXELS) -> ImageInfo:
     """`inspect_image` off the event loop."""
-    return await asyncio.to_thread(inspect_image, path, expected=expected, max_pixels=max_pixels)
+    return await asyncio.to_thread(inspect_image, source, expected=expected, max_pixels=max_pixels)
 
 
 def _check_riff(data: bytes) -> None:

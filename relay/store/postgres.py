@@ -117,9 +117,11 @@ def claim_sql(kinds: bool) -> str:
     over a sequential scan of the whole table: 180 ms at a million rows instead of 1 (see bench/claims.py).
     By ctid rather than by id: the UPDATE then reads no page of jobs_pkey, whose leaves at a million rows are
     seldom in shared buffers (claim p50 at 1,000,000 rows over 10,000: 1.27-1.32 by id, 1.17 by ctid). A ctid
-    names one row version: the subquery's lock keeps it from being updated or vacuumed until the claim commits.
+    names one row version: the subquery's lock keeps it from being updated until the claim commits, and a live
+    version the statement sees is never pruned, so its ctid cannot be reused meanwhile.
     A job updated by a transaction that committed while this statement ran is locked in its new version, which
-    the statement's snapshot does not see: the UPDATE skips it and a later claim takes it (never a wrong row).
+    the statement's snapshot does not see: the UPDATE skips it and a later claim takes it (never a wrong row;
+    RETURNING may then hold fewer rows than were locked).
     Run under CLAIM_SETTINGS.
 
     The lease is lease_until and the token, which no index covers (nor attempts): a claim changes no indexed
