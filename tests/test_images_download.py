@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import errno
 import hashlib
 import io
 import socket
+import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from relay.images.store import LocalImageStore
 from relay.images.verify import ainspect_image
 from relay.fastclient import GuardedSession
 from relay.netguard import NetGuard
+from tests.harness import wait_for
 from tests.serving import serving
 
 
@@ -185,12 +189,15 @@ async def test_a_full_disk_while_spilling_leaves_no_temp_file(site: tuple[Guarde
             super().close()
             raise OSError(errno.ENOSPC, "No space left on device (at close)")
 
-    monkeypatch.setattr(download_module.os, "fdopen", lambda fd, mode: FullFile(io.FileIO(fd, "wb")))
-    budget = budget_for("file")
+    def full_temp_file(tmp_dir: Path, prefix: str) -> tuple[io.BufferedWriter, Path]:
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=prefix, suffix=".part")
+        return FullFile(io.FileIO(fd, "wb")), Path(name)
+
+    monkeypatch.setattr(download_module, "_new_temp_file", full_temp_file)
     with pytest.raises(OSError, match=r"\(first\)") as raised:
-        await fetch(http, f"{base}/good.png", tmp_path, budget=budget)
+        await fetch(http, f"{base}/good.png", tmp_path, mode="file")
     assert raised.value.errno == errno.ENOSPC
-    assert list(dl_dir(tmp_path).iterdir()) == [] and budget.held == 0
+    assert list(dl_dir(tmp_path).iterdir()) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -336,14 +343,16 @@ async def test_decode_b64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     """Inline base64 (bare or as a data: URL, line-wrapped or not) becomes hashed bytes in memory, or a temp file
     past SPOOL_BYTES."""
     encoded = base64.b64encode(JPEG).decode()
-    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20)
+    budget = budget_for("memory")                 # counted like a download's body, until released
+    got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20, budget=budget)
     assert got.data == JPEG and got.path is None and got.sha256 == hashlib.sha256(JPEG).hexdigest()
     assert got.content_type_header is None and got.bytes == len(JPEG)
+    got.release()
     wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
-    got = await decode_b64(f"data:image/jpeg;base64,{wrapped}", lambda: tmp_path, max_bytes=1 << 20)
+    got = await decode_b64(f"data:image/jpeg;base64,{wrapped}", lambda: tmp_path, max_bytes=1 << 20, budget=budget)
     assert got.content_type_header == "image/jpeg" and got.data == JPEG
-    assert list(tmp_path.iterdir()) == []
-    budget = budget_for("memory")                 # counted like a download's body, until released
+    got.release()
+    assert list(tmp_path.iterdir()) == [] and budget.held == 0
     got = await decode_b64(encoded, lambda: tmp_path, max_bytes=1 << 20, budget=budget)
     assert got.data == JPEG and budget.held >= len(JPEG)
     got.release()
@@ -371,7 +380,34 @@ async def test_bad_base64_is_invalid_image(tmp_path: Path, data: str) -> None:
 
 
 async def test_oversize_base64_is_refused(tmp_path: Path) -> None:
-    """Inline images over max_bytes are image_too_large."""
+    """Inline images over max_bytes are image_too_large, and nothing stays counted."""
+    budget = budget_for("memory")
     with pytest.raises(SourceGone) as info:
-        await decode_b64(base64.b64encode(PNG).decode(), lambda: tmp_path, max_bytes=len(PNG) - 1)
-    assert info.value.code == "image_too_large"
+        await decode_b64(base64.b64encode(PNG).decode(), lambda: tmp_path, max_bytes=len(PNG) - 1, budget=budget)
+    assert info.value.code == "image_too_large" and budget.held == 0
+
+
+async def test_a_decode_cancelled_while_its_thread_writes_leaves_no_temp_file(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The archive job is cancelled (its deadline, a shutdown) while the decode's thread is about to write the
+    temp file: the thread runs on, and what it wrote is deleted when it ends, not left for the sweep."""
+    entered, gate, made = threading.Event(), threading.Event(), []
+    real = download_module._new_temp_file
+
+    def held_at_the_gate(tmp_dir: Path, prefix: str) -> tuple[Any, Path]:
+        entered.set()
+        gate.wait(10)
+        file, path = real(tmp_dir, prefix)
+        made.append(path)
+        return file, path
+
+    monkeypatch.setattr(download_module, "_new_temp_file", held_at_the_gate)
+    decoding = asyncio.create_task(decode_b64(base64.b64encode(JPEG).decode(), lambda: tmp_path,
+                                              max_bytes=1 << 20, budget=budget_for("file")))
+    await wait_for(entered.is_set, 5, "the decode's thread to reach the temp file")
+    decoding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await decoding
+    gate.set()
+    await wait_for(lambda: made != [] and not made[0].exists(), 5, "the thread's temp file to be deleted")
+    assert list(tmp_path.iterdir()) == []

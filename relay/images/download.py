@@ -131,9 +131,7 @@ class _Spool:
 
     def _spill(self) -> None:
         """Into a temp file from here on (created on the loop's thread: only for bodies that outgrow the spool)."""
-        fd, name = tempfile.mkstemp(dir=self._tmp_dir(), prefix="dl-", suffix=".part")
-        self._path = Path(name)
-        self._file = os.fdopen(fd, "wb")
+        self._file, self._path = _new_temp_file(self._tmp_dir(), "dl-")
         self._file.writelines(self._chunks)
         self._chunks = []
         self._budget.give(self._held)
@@ -163,6 +161,11 @@ class _Spool:
             if self._path is not None:
                 with contextlib.suppress(OSError):
                     self._path.unlink(missing_ok=True)
+
+
+def _new_temp_file(tmp_dir: Path, prefix: str) -> tuple[BinaryIO, Path]:
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=prefix, suffix=".part")
+    return os.fdopen(fd, "wb"), Path(name)
 
 
 async def download(http: GuardedSession, url: str, tmp_dir: Callable[[], Path], *,
@@ -203,14 +206,33 @@ async def decode_b64(data: str, tmp_dir: Callable[[], Path], *, max_bytes: int,
     """
     decoded_at_most = len(data) // 4 * 3 + 3
     held = decoded_at_most if decoded_at_most <= SPOOL_BYTES and budget.take(decoded_at_most) else 0
+
+    def adopt(found: Downloaded) -> Downloaded:
+        if found.data is not None:
+            found.budget, found.held = budget, held
+        else:
+            budget.give(held)
+        return found
+
+    def let_go(work: asyncio.Future[Downloaded]) -> None:
+        """The thread's result, which nobody will take: its temp file deleted, its memory given back."""
+        if work.cancelled() or work.exception() is not None:
+            budget.give(held)
+        else:
+            adopt(work.result()).release()
+
+    # Shielded: cancelled (the job's deadline, a shutdown), the caller goes at once while the thread runs on to
+    # the end, so what it makes is let go when it ends rather than left in a temp file nobody removes.
+    work = asyncio.ensure_future(asyncio.to_thread(_decode_b64_sync, data, tmp_dir, max_bytes, held > 0))
     try:
-        found = await asyncio.to_thread(_decode_b64_sync, data, tmp_dir, max_bytes, held > 0)
+        found = await asyncio.shield(work)
     except BaseException:
-        budget.give(held)
+        if work.done():
+            let_go(work)
+        else:
+            work.add_done_callback(let_go)
         raise
-    if found.data is not None:
-        found.budget, found.held = budget, held
-    return found
+    return adopt(found)
 
 
 def _decode_b64_sync(data: str, tmp_dir: Callable[[], Path], max_bytes: int, in_memory: bool) -> Downloaded:
@@ -233,10 +255,9 @@ def _decode_b64_sync(data: str, tmp_dir: Callable[[], Path], max_bytes: int, in_
     if in_memory:
         return Downloaded(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw), content_type_header=content_type,
                           data=raw)
-    fd, name = tempfile.mkstemp(dir=tmp_dir(), prefix="b64-", suffix=".part")
-    path = Path(name)
+    f, path = _new_temp_file(tmp_dir(), "b64-")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             f.write(raw)
     except BaseException:
         path.unlink(missing_ok=True)
