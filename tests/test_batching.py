@@ -33,7 +33,7 @@ async def test_a_lone_write_is_flushed_at_once() -> None:
         flushed.append(take())
 
     group: GroupCommit[str] = GroupCommit(flush)
-    await asyncio.wait_for(group.submit("a"), timeout=1)
+    await asyncio.wait_for(group.submit("a"), timeout=5)
     assert flushed == [["a"]]
 
 
@@ -62,13 +62,13 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_others_commit() -> No
 
     group: GroupCommit[int] = GroupCommit(flush)
     first = asyncio.create_task(group.submit(0))
-    await asyncio.wait_for(started.wait(), timeout=1)             # batch [0] is being committed
+    await asyncio.wait_for(started.wait(), timeout=5)             # batch [0] is being committed
     others = [asyncio.create_task(group.submit(i)) for i in (1, 2)]
     leaving = asyncio.create_task(group.submit(3))
     await asyncio.sleep(0)
     leaving.cancel()                                               # its client disconnected
     release.set()
-    await asyncio.wait_for(asyncio.gather(first, *others), timeout=1)
+    await asyncio.wait_for(asyncio.gather(first, *others), timeout=5)
     with pytest.raises(asyncio.CancelledError):
         await leaving
     assert flushed[0] == [0] and {1, 2} <= set(flushed[1])
@@ -87,11 +87,11 @@ async def test_writes_that_come_while_a_flush_waits_to_write_join_it() -> None:
 
     group: GroupCommit[int] = GroupCommit(flush)
     first = asyncio.create_task(group.submit(0))
-    await asyncio.wait_for(waiting.wait(), timeout=1)
+    await asyncio.wait_for(waiting.wait(), timeout=5)
     later = [asyncio.create_task(group.submit(i)) for i in (1, 2, 3)]
     await asyncio.sleep(0)
     ready.set()
-    await asyncio.wait_for(asyncio.gather(first, *later), timeout=1)
+    await asyncio.wait_for(asyncio.gather(first, *later), timeout=5)
     assert flushed == [[0, 1, 2, 3]]
 
 async def test_a_flush_that_returns_without_taking_its_batch_fails_it() -> None:
@@ -101,7 +101,7 @@ async def test_a_flush_that_returns_without_taking_its_batch_fails_it() -> None:
 
     group: GroupCommit[int] = GroupCommit(flush)
     with pytest.raises(RuntimeError, match="without taking"):
-        await asyncio.wait_for(group.submit(1), timeout=1)
+        await asyncio.wait_for(group.submit(1), timeout=5)
 
 # ---- shared transactions -------------------------------------------------------------------------------
 from relay.store.batching import SharedTransactions  # noqa: E402

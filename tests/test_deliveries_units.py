@@ -128,7 +128,7 @@ async def test_lanes_cap_wait_for_quick_keys_and_park_slow_ones() -> None:
     import asyncio
 
     from relay.deliveries.lanes import Lanes
-    lanes = Lanes(fast_ms=100, wait_seconds=2)
+    lanes = Lanes(fast_ms=100, wait_seconds=30)      # the waiter must still be waiting however slow the machine
     assert await lanes.acquire("k", 1) and lanes.in_flight("k") == 1
     waiter = asyncio.create_task(lanes.acquire("k", 1))
     await asyncio.sleep(0.01)
