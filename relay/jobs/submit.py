@@ -92,7 +92,8 @@ class SubmitHandler:
         except SubmitOutcomeUnknown as exc:
             await self._circuit_failed(task.provider, exc)
             if provider.caps.idempotent_submit:     # resending with the same key is safe
-                return await self._again_later(job, task, ProviderUnavailable(str(exc)))
+                unanswered = ProviderUnavailable(str(exc))
+                return await self._again_later(job, task, unanswered, self._delay(job, task, unanswered))
             started = task.submit_started_at if task.submit_started_at is not None else ctx.clock.now()
             return await self._outcome_unknown(task, provider, started)
         except ProviderRejected as exc:
@@ -127,10 +128,9 @@ class SubmitHandler:
             await ctx.store.enqueue(jobs)
         return None
 
-    async def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable,
-                           delay: float | None = None) -> Again | None:
-        """The provider is unavailable (429, 5xx, no connection, junk): submit again later, with backoff (or
-        its Retry-After), until the task's deadline; then fail it with the last reason.
+    async def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable, delay: float) -> Again | None:
+        """The provider is unavailable (429, 5xx, no connection, junk): submit again after `delay` (_delay: backoff
+        or its Retry-After), until the task's deadline; then fail it with the last reason.
 
         A planned re-run, not a worker attempt: a provider down for twenty minutes must not fail tasks
         whose deadline is thirty away, and relay restarts (each claim counts an attempt) must not either
@@ -142,8 +142,6 @@ class SubmitHandler:
             await self._fail(task.id, "provider_unavailable",
                              f"could not submit to the provider before the task's deadline: {exc}")
             return None
-        if delay is None:
-            delay = self._delay(job, task, exc)
         log.info("task %s: submit to %s not accepted (%s: %s); again in %.1fs", task.id, task.provider, exc.code,
                  exc, delay)
         payload = {**job.payload, "failures": failures, "last_error": f"{exc.code}: {exc}"[:500]}
