@@ -207,14 +207,10 @@ async def test_download_verify_store_end_to_end(site: tuple[GuardedSession, str]
     store = LocalImageStore(tmp_path / "images")
     got = await download(http, f"{base}/good.png", store.tmp_dir, max_bytes=1 << 20, timeout=5,
                          budget=budget_for(mode))
-    body = got.data if got.data is not None else got.path
-    assert body is not None
-    info = await ainspect_image(body, expected=got.content_type_header)
-    if got.data is not None:
-        key = await store.put_bytes(got.data, got.sha256, info.ext)
-    else:
-        assert got.path is not None
-        key = await store.put_file(got.path, got.sha256, info.ext)
+    assert (got.data is not None) == (mode == "memory")
+    info = await ainspect_image(got.body, expected=got.content_type_header)
+    key = await got.put_into(store, info.ext)
+    assert got.path is None          # the store took the temp file, if there was one
     got.release()
     assert store.open_path(key).read_bytes() == PNG and (info.width, info.height) == (64, 48)
     assert list(store.tmp_dir().iterdir()) == []

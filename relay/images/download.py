@@ -40,7 +40,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import aiohttp
 from yarl import URL
@@ -48,6 +48,9 @@ from yarl import URL
 from relay.errors import ArchiveError, InvalidImage, SourceGone
 from relay.fastclient import GuardedSession
 from relay.images.verify import sniff_image
+
+if TYPE_CHECKING:
+    from relay.images.store import ImageStore
 
 MAX_REDIRECTS = 3
 CHUNK_SIZE = 64 * 1024
@@ -92,6 +95,22 @@ class Downloaded:
     path: Path | None = None
     budget: SpoolBudget | None = None       # the budget `data` is counted in, until released
     held: int = 0                           # how much of it
+
+    @property
+    def body(self) -> builtins.bytes | Path:
+        """What to verify: the bytes, or the temp file holding them."""
+        body = self.data if self.data is not None else self.path
+        assert body is not None, "released"
+        return body
+
+    async def put_into(self, store: ImageStore, ext: str) -> str:
+        """Into `store` under its sha256 (from memory, or the temp file, which the store takes); the key."""
+        if self.data is not None:
+            return await store.put_bytes(self.data, self.sha256, ext)
+        assert self.path is not None, "released"
+        key = await store.put_file(self.path, self.sha256, ext)
+        self.path = None        # the store took the file
+        return key
 
     def release(self) -> None:
         if self.budget is not None:

@@ -37,7 +37,6 @@ from relay.store.base import ArchiveResult
 
 log = logging.getLogger("relay.archive")
 
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 LINK_DIED = frozenset({"source_expired", "source_gone"})
 
 
@@ -85,18 +84,10 @@ class ArchiveHandler:
         with unavailable_on_oserror():   # any OSError here is our disk's: relay.images.download maps the network's
             downloaded = await self._fetch(image, inline, provider)
             try:
-                body = downloaded.data if downloaded.data is not None else downloaded.path
-                assert body is not None
-                info = await asyncio.to_thread(inspect_image, body)
+                info = await asyncio.to_thread(inspect_image, downloaded.body)
                 # Before the file is put: retention must not delete it meanwhile (relay.store.retention).
                 await self.ctx.store.hold_image(image.id, downloaded.sha256, self.ctx.clock.now())
-                ext = EXTENSIONS.get(info.content_type, "bin")
-                if downloaded.data is not None:
-                    key = await self.ctx.image_store.put_bytes(downloaded.data, downloaded.sha256, ext)
-                else:
-                    assert downloaded.path is not None
-                    key = await self.ctx.image_store.put_file(downloaded.path, downloaded.sha256, ext)
-                    downloaded.path = None      # the store took the file
+                key = await downloaded.put_into(self.ctx.image_store, info.ext)
             finally:
                 downloaded.release()
         return ArchiveResult(sha256=downloaded.sha256, content_type=info.content_type, width=info.width,
