@@ -482,30 +482,32 @@ async def test_a_transaction_body_that_suspends_is_refused_and_rolled_back(tmp_p
 
 
 @pytest.mark.parametrize("kinds", [0, 5])
-async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path: Path, kinds: int) -> None:
-    """The claim's plan walks jobs_due in run_at order and stops at its limit; a plan that sorts every queued
-    job (what the planner picked once jobs_by_state_kind existed: 0.5 s per claim at a million rows) fails."""
+async def test_the_claim_walks_the_due_jobs_in_table_order_and_never_sorts_the_queue(tmp_path: Path,
+                                                                                     kinds: int) -> None:
+    """The claim's plan walks the queued jobs in the table's own (state, run_at, id) order and stops at its limit;
+    a plan that sorts every queued job (what the planner picked once jobs_by_state_kind existed: 0.5 s per claim
+    at a million rows) fails."""
     from relay.store.sqlite import claim_sql
 
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
     try:
-        inner = claim_sql(kinds).split("WHERE rowid IN (", 1)[1].rsplit(") RETURNING", 1)[0]
+        inner = claim_sql(kinds).split("WHERE (state, run_at, id) IN (", 1)[1].rsplit(") RETURNING", 1)[0]
         args = (0.0, 0.0, *(["poll"] * kinds), 32)
         plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + inner, args))
-        assert "jobs_due" in plan and "TEMP B-TREE" not in plan, plan
-        # and the UPDATE reaches each job by its rowid, not through a second index (see claim_sql)
+        assert "USING PRIMARY KEY (state=? AND run_at<?)" in plan and "TEMP B-TREE" not in plan, plan
+        # and the UPDATE reaches each job by that key, not through a second index (see claim_sql)
         whole = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + claim_sql(kinds), (1.0, "token", *args)))
-        assert "INTEGER PRIMARY KEY (rowid=?)" in whole and "autoindex" not in whole, whole
+        assert "PRIMARY KEY (state=? AND run_at=? AND id=?)" in whole and "autoindex" not in whole, whole
     finally:
         await store.close()
 
 
-async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path) -> None:
-    """next_run_at (the worker's sleep) and oldest_due_jobs (queue lag on /metrics) read jobs_due from its head
-    as SQLiteStore runs them. Left to the planner they went through jobs_by_state_kind and read every queued
+async def test_the_looks_for_due_jobs_walk_the_table_in_due_order(tmp_path: Path) -> None:
+    """next_run_at (the worker's sleep) and oldest_due_jobs (queue lag on /metrics) read the queued jobs from the
+    oldest as SQLiteStore runs them. Left to the planner they went through jobs_by_state_kind and read every queued
     job: 0.6 s per look at a million rows (queries.BY_DUE)."""
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
@@ -521,7 +523,7 @@ async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path) -> None
         for sql in looks:
             plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
                 "EXPLAIN QUERY PLAN " + sql))
-            assert "USING INDEX jobs_due" in plan and "jobs_by_state_kind" not in plan, (sql, plan)
+            assert "USING PRIMARY KEY (state=? AND run_at" in plan and "jobs_by_state_kind" not in plan, (sql, plan)
     finally:
         await store.close()
 

@@ -110,10 +110,11 @@ WAITING_CALLBACK_JOBS = ("SELECT id, json_extract(payload, '$.provider') AS prov
 # ---- jobs ------------------------------------------------------------------------------------------
 # A job is leased while its lease_until is ahead of now (the argument): a claim sets it and leaves run_at alone.
 NOT_LEASED = "(lease_until IS NULL OR lease_until <= ?)"
-# Where a statement must walk jobs_due in run_at order. SQLite's planner, with no statistics, prefers
-# jobs_by_state_kind (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against
-# 0.1 ms. SQLiteStore's reads name the index there (INDEXED BY); PostgreSQL, which has no hints, keeps the comment.
-BY_DUE = " /*INDEXED BY jobs_due*/"
+# Where a statement must walk the queued jobs in run_at order: SQLite's table is stored in that order (sql/022),
+# PostgreSQL has the partial index jobs_due. SQLite's planner, with no statistics, prefers jobs_by_state_kind
+# (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against 0.1 ms. SQLiteStore's
+# reads tell it to walk the table itself there (NOT INDEXED); PostgreSQL, which has no hints, keeps the comment.
+BY_DUE = " /*in run_at order*/"
 INSERT_JOB = (
     "INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, max_attempts, created_at) "
     "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING")
@@ -134,7 +135,7 @@ JOB_COUNTS = "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"
 def next_run_at_sql(kinds: int) -> str:
     """When the worker should look again: the earliest run_at of the jobs no worker holds, or the earliest end
     of a lease on a job already due (a replica that died holding it), whichever is first; of `kinds` kinds, if
-    any. Arguments: now, *kinds, now, now, *kinds. Held jobs stay at the head of jobs_due: the second walk reads
+    any. Arguments: now, *kinds, now, now, *kinds. Held jobs stay at the head of the due jobs: the second walk reads
     just those when the worker is idle. Only the kinds the worker has handlers for: a due job of another kind (a
     kind a later version added, or an earlier one left) would have it look again at once, forever."""
     kind_filter = f" AND kind IN ({marks(kinds)})" if kinds else ""
