@@ -481,37 +481,54 @@ async def test_a_transaction_body_that_suspends_is_refused_and_rolled_back(tmp_p
         await store.close()
 
 
-@pytest.mark.parametrize("kinds", [0, 5])
-async def test_the_claim_walks_the_due_jobs_in_table_order_and_never_sorts_the_queue(tmp_path: Path,
-                                                                                     kinds: int) -> None:
-    """The claim's plan walks the queued jobs in the table's own (state, run_at, id) order and stops at its limit;
-    a plan that sorts every queued job (what the planner picked once jobs_by_state_kind existed: 0.5 s per claim
-    at a million rows) fails."""
+async def _analyzed(store: SQLiteStore) -> None:
+    """Statistics of a busy relay's jobs in sqlite_stat1 (ANALYZE over 2,000 jobs: most queued for later, some due,
+    some dead, five kinds), which can turn the planner to another index."""
+    now, kinds = 1000.0, ["poll", "deliver", "archive", "submit", "callback"]
+    rows = [(f"job_{n:06d}", kinds[n % 5], f"tsk_{n // 3}", "{}", now + (n % 50) * 10 - 20,
+             "dead" if n % 20 == 0 else "queued", None if n % 20 == 0 else f"k{n}", 0, 12, now) for n in range(2000)]
+    await store._write_many("INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, "
+                            "max_attempts, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+    await store._writer.execute("ANALYZE")          # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+@pytest.mark.parametrize("kinds", [0, 1, 5])
+async def test_the_claim_walks_the_due_jobs_in_table_order_and_never_sorts_the_queue(
+        tmp_path: Path, kinds: int, analyzed: bool) -> None:
+    """The claim's plan walks the queued jobs in the table's own (state, run_at, id) order and stops at its limit,
+    with or without statistics; a plan that sorts every queued job (what the planner picked once
+    jobs_by_state_kind existed: 0.5 s per claim at a million rows) or walks another index fails."""
     from relay.store.sqlite import claim_sql
 
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
     try:
+        if analyzed:
+            await _analyzed(store)
         inner = claim_sql(kinds).split("WHERE (state, run_at, id) IN (", 1)[1].rsplit(") RETURNING", 1)[0]
         args = (0.0, 0.0, *(["poll"] * kinds), 32)
         plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + inner, args))
-        assert "USING PRIMARY KEY (state=? AND run_at<?)" in plan and "TEMP B-TREE" not in plan, plan
+        assert plan == "SEARCH jobs USING PRIMARY KEY (state=? AND run_at<?)", plan
         # and the UPDATE reaches each job by that key, not through a second index (see claim_sql)
         whole = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + claim_sql(kinds), (1.0, "token", *args)))
-        assert "PRIMARY KEY (state=? AND run_at=? AND id=?)" in whole and "autoindex" not in whole, whole
+        assert "PRIMARY KEY (state=? AND run_at=? AND id=?)" in whole and "INDEX" not in whole, whole
     finally:
         await store.close()
 
 
-async def test_the_looks_for_due_jobs_walk_the_table_in_due_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_the_looks_for_due_jobs_walk_the_table_in_due_order(tmp_path: Path, analyzed: bool) -> None:
     """next_run_at (the worker's sleep) and oldest_due_jobs (queue lag on /metrics) read the queued jobs from the
-    oldest as SQLiteStore runs them. Left to the planner they went through jobs_by_state_kind and read every queued
-    job: 0.6 s per look at a million rows (queries.BY_DUE)."""
+    oldest as SQLiteStore runs them, with or without statistics. Left to the planner they went through
+    jobs_by_state_kind and read every queued job: 0.6 s per look at a million rows (queries.BY_DUE)."""
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
     try:
+        if analyzed:
+            await _analyzed(store)
         sent: list[str] = []
         store._reader._conn.set_trace_callback(sent.append)        # type: ignore[union-attr]
         await store.next_run_at(1.0)
@@ -521,9 +538,25 @@ async def test_the_looks_for_due_jobs_walk_the_table_in_due_order(tmp_path: Path
         looks = [sql for sql in sent if "FROM jobs" in sql]
         assert len(looks) == 3, sent
         for sql in looks:
-            plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
-                "EXPLAIN QUERY PLAN " + sql))
-            assert "USING PRIMARY KEY (state=? AND run_at" in plan and "jobs_by_state_kind" not in plan, (sql, plan)
+            plan = [row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
+                "EXPLAIN QUERY PLAN " + sql)]
+            walks = [step for step in plan if " jobs " in step]
+            assert walks and all(step.startswith("SEARCH jobs USING PRIMARY KEY (state=?") for step in walks), (
+                sql, plan)
+    finally:
+        await store.close()
+
+
+async def test_the_walks_name_the_jobs_tables_key_as_sqlite_names_it(tmp_path: Path) -> None:
+    """INDEXED BY names the jobs table's primary key by the name SQLite gave it (relay.store.sqlite.JOBS_KEY); a
+    schema that numbered its constraints otherwise would fail every claim with `no such index`."""
+    from relay.store.sqlite import JOBS_KEY
+
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    try:
+        indexes = await store._writer.execute_fetchall("PRAGMA index_list(jobs)")      # type: ignore[union-attr]
+        assert [row[1] for row in indexes if row[3] == "pk"] == [JOBS_KEY]
     finally:
         await store.close()
 

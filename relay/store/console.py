@@ -164,7 +164,7 @@ class ConsoleCases(StorePlumbing):
     async def queue_by_kind(self, now: float) -> list[KindStats]:
         """Per job kind: queued (depth), due now, running (leased), dead, and the oldest due job's run_at."""
         kinds: dict[str, dict[str, Any]] = {}
-        for row in await self._read_all(q.QUEUE_BY_KIND, (now, now, now, now, now)):
+        for row in await self._read_all(q.QUEUE_BY_KIND, (now, now, now, now)):
             entry = kinds.setdefault(row["kind"], {"kind": row["kind"]})
             if row["state"] == "dead":
                 entry["dead"] = int(row["n"])

@@ -113,7 +113,7 @@ NOT_LEASED = "(lease_until IS NULL OR lease_until <= ?)"
 # Where a statement must walk the queued jobs in run_at order: SQLite's table is stored in that order (sql/022),
 # PostgreSQL has the partial index jobs_due. SQLite's planner, with no statistics, prefers jobs_by_state_kind
 # (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against 0.1 ms. SQLiteStore's
-# reads tell it to walk the table itself there (NOT INDEXED); PostgreSQL, which has no hints, keeps the comment.
+# reads name the table's key there (INDEXED BY, sqlite.JOBS_KEY); PostgreSQL, which has no hints, keeps the comment.
 BY_DUE = " /*in run_at order*/"
 INSERT_JOB = (
     "INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, max_attempts, created_at) "
@@ -296,10 +296,18 @@ IN_FLIGHT_BY_PROVIDER = (
     "OR (status = 'pending' AND submit_started_at IS NOT NULL) GROUP BY provider")
 CALLBACKS_BY_PROVIDER = (
     "SELECT provider, status, COUNT(*) AS n FROM inbox WHERE received_at >= ? GROUP BY provider, status")
+# Per kind and state the count, and for queued jobs those due, held and the oldest due, in one statement (one
+# snapshot). The due part walks only the jobs already due, in run_at order: the jobs workers hold are among them (a
+# claim takes only due jobs and leaves their run_at alone). Over every row it read 0.85 s at a million jobs on
+# SQLite, 1.3 s once its indexes held the table's key (sql/022); the counts alone are a walk of jobs_by_state_kind.
+# Arguments: now, now, now, now.
 QUEUE_BY_KIND = (
-    f"SELECT kind, state, COUNT(*) AS n, SUM(CASE WHEN run_at <= ? AND {NOT_LEASED} THEN 1 ELSE 0 END) AS due, "
+    "SELECT c.kind, c.state, c.n, d.due, d.running, d.oldest_due "
+    "FROM (SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state) AS c LEFT JOIN ("
+    f"SELECT kind, SUM(CASE WHEN {NOT_LEASED} THEN 1 ELSE 0 END) AS due, "
     "SUM(CASE WHEN lease_until > ? THEN 1 ELSE 0 END) AS running, "
-    f"MIN(CASE WHEN run_at <= ? AND {NOT_LEASED} THEN run_at END) AS oldest_due FROM jobs GROUP BY kind, state")
+    f"MIN(CASE WHEN {NOT_LEASED} THEN run_at END) AS oldest_due FROM jobs{BY_DUE} "
+    "WHERE state = 'queued' AND run_at <= ? GROUP BY kind) AS d ON d.kind = c.kind AND c.state = 'queued'")
 LOAD_JOB = "SELECT * FROM jobs WHERE id = ?"
 LOCK_JOB = "SELECT * FROM jobs WHERE id = ?" + FOR_UPDATE
 LIVE_JOB_WITH_KEY = "SELECT id FROM jobs WHERE dedupe_key = ?"

@@ -193,6 +193,14 @@ def _run_to_end(body: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a transaction body run on the writer's thread awaited something that suspends")
 
 
+# The jobs table's primary key (state, run_at, id), by the name SQLite gives it: a WITHOUT ROWID table's key is an
+# index of its own, named after its place among the table's constraints (id's UNIQUE is 1, dedupe_key's 2, the key
+# 3; sql/022). A walk of the due jobs names it (INDEXED BY): NOT INDEXED does not make SQLite walk a WITHOUT ROWID
+# table by its key, and left to itself the planner picks jobs_by_state_kind for one kind, or after ANALYZE reads
+# every queued job through it. tests/test_store.py checks the name on new and on migrated databases.
+JOBS_KEY = "sqlite_autoindex_jobs_3"
+
+
 def claim_sql(kinds: int) -> str:
     """The claim: lease up to `limit` due jobs (of `kinds` kinds, if any), oldest due first.
 
@@ -200,8 +208,8 @@ def claim_sql(kinds: int) -> str:
     passed over by the claims after it (queries.NOT_LEASED), due again when its lease runs out. The table is
     stored in (state, run_at, id) order (sql/022), so the due jobs lie side by side: the subquery walks them from
     the oldest and stops after `limit`, and the UPDATE finds each by that same key on the pages the walk just read.
-    NOT INDEXED: the walk must be the table's own order; left to itself the planner may pick jobs_by_state_kind
-    and sort every queued job (0.5 s at a million rows, seen in bench.claims). Until v22 the table kept insertion
+    INDEXED BY the key (JOBS_KEY): the walk must be the table's own order; left to itself the planner may pick
+    jobs_by_state_kind and sort every queued job (0.5 s at a million rows, seen in bench.claims). Until v22 the table kept insertion
     order and a partial index of due jobs, and at a million rows nearly every job claimed was on a page no claim
     had read (claim p50 1.3-1.9 times that at 10,000 rows; see docs/benchmarks.md). The lease token (the second
     argument, see SQLiteStore.claim) is 8 random characters, not a 26-character ULID: a claim writes it into a row
@@ -210,7 +218,7 @@ def claim_sql(kinds: int) -> str:
     """
     kind_filter = f" AND kind IN ({q.marks(kinds)})" if kinds else ""
     return ("UPDATE jobs SET lease_until = ?, lease_token = ?, attempts = attempts + 1 WHERE (state, run_at, id) IN ("
-            " SELECT state, run_at, id FROM jobs NOT INDEXED WHERE state = 'queued' AND run_at <= ? "
+            f" SELECT state, run_at, id FROM jobs INDEXED BY {JOBS_KEY} WHERE state = 'queued' AND run_at <= ? "
             f"AND {q.NOT_LEASED}{kind_filter}"
             " ORDER BY run_at LIMIT ?) RETURNING *")
 
@@ -481,7 +489,7 @@ class SQLiteStore(Store):
         # execute and fetch in one hop (see _Reader)
         assert self._reader is not None, "store is not open"
         if q.BY_DUE in sql:
-            sql = sql.replace(q.BY_DUE, " NOT INDEXED")
+            sql = sql.replace(q.BY_DUE, f" INDEXED BY {JOBS_KEY}")
         return list(await self._reader.execute_fetchall(sql, args))
 
     async def _read_key(self, sql: str, args: Sequence[Any]) -> Row | None:
