@@ -138,7 +138,7 @@ async def claim_latency(paths: list[Path], claims: int, pragmas: tuple[str, ...]
             for pragma in pragmas:     # diagnosis only: relay itself runs with its own settings
                 await store._writer.execute(pragma)   # type: ignore[union-attr]  # noqa: SLF001
         found = await time_claims(stores, claims)
-        inner = claim_sql(len(KINDS)).split(") IN (", 1)[1].rsplit(") RETURNING", 1)[0]
+        inner = claim_sql(len(KINDS)).split("WHERE rowid IN (", 1)[1].rsplit(") RETURNING", 1)[0]
         for store, result in zip(stores, found):
             plan = await (await store._r.execute(   # noqa: SLF001 - the bench reads the plan of relay's claim query
                 "EXPLAIN QUERY PLAN " + inner, (time.time(), time.time(), *KINDS, 32))).fetchall()
@@ -324,19 +324,24 @@ async def _migrate(path: Path) -> None:
 
 
 SQLITE_NOTES = [
-    "The jobs table is stored in (state, run_at, id) order (a WITHOUT ROWID table, schema v22): the due jobs lie "
-    "side by side from the oldest, so the claim walks them in the table's own order, stops after 32 matches, and "
-    "its UPDATE finds each by that key on the pages the walk just read. Its cost follows the batch, not the "
-    "table: dead jobs sort apart (state 'dead') and future jobs lie past the point where it stops.",
-    "Until v22 the table kept insertion order with a partial index of the due jobs (`jobs_due (run_at) WHERE "
-    "state = 'queued'`), and each of the 32 jobs a claim took was on a page of its own that no claim had read "
-    "(at a million rows seldom in SQLite's cache) and that the claim then rewrote, often splitting it as the lease "
-    "filled its NULLs: p50 ratio 1.29-1.89 over many runs (1.54 / 1.36 in the last two pairs, 1.03 / 1.03 after, "
-    "claim p50 at a million rows 1.75 / 2.18 → 1.05 / 1.00 ms). The price is paid where a job's run_at changes "
-    "(retry_job, above): the row moves and so does its entry in every index (they hold the key), 0.12-0.18 → "
-    "0.20-0.26 ms per retried job here. A larger page cache (4,000 pages, 200 MB) or mmap (1 GB) had not helped "
-    "the old layout (same or slower), nor was room padded into rows kept (claims would succeed on a full "
-    "database while every other write fails).",
+    "The claim walks the partial index `jobs_due (run_at) WHERE state = 'queued'` from the oldest due job "
+    "and stops after 32 matches, so its cost follows the batch, not the table: dead jobs are outside the "
+    "index and future jobs lie past the point where it stops.",
+    "The UPDATE reaches the claimed jobs by rowid (`WHERE rowid IN (SELECT rowid … INDEXED BY jobs_due …)`: "
+    "jobs_due holds each entry's rowid). It used to be `id IN (SELECT id …)`, which looked every job up in "
+    "the index of ids first: one more page per job, at a million rows nearly always a page SQLite's cache "
+    "does not hold (p50 ratio 1.52 with `id`, 1.28 with `rowid` in one scratch run on the same files).",
+    "What is left of the growth: each of the 32 rows a claim takes lies on a page no claim touched before, read "
+    "from the operating system's cache rather than SQLite's (at 10,000 rows the whole table stays in SQLite's), "
+    "and the seeded rows were appended to full pages, as relay's are: a claim writing its 8-character lease token "
+    "and its lease_until where there were NULLs outgrows the page and SQLite splits it (a WAL-frame tally: 47 "
+    "pages written per claim at 1,000,000 rows, 31 at 10,000, where the warm-up claims split the few pages "
+    "already; counted before the lease had a column of its own). Rows given 9 bytes "
+    "of room that the claim gives up as it writes the token took the ratio from 1.48-1.58 to 1.26-1.32 (four "
+    "alternating pairs), but were not kept: claims then succeed on a full database while every other write "
+    "fails, so the worker leases due jobs that cannot record their outcome and they come back only when the "
+    "lease runs out (tests/test_outages.py). A larger page cache (4,000 pages, 200 MB) or mmap (1 GB) did not "
+    "help (same or slower).",
     "What would make it grow: a large due backlog of kinds the worker does not claim (it would be "
     "walked and skipped each time); relay's worker claims every kind it has a handler for, so that "
     "does not happen with one worker role. The jobs workers hold are walked and skipped too (a claim leaves "

@@ -8,10 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-import pytest
-
 from relay import ids
-from relay.models import Job
 from relay.store.sqlite import SQLiteStore, _split_sql, migrations
 
 
@@ -78,49 +75,3 @@ def _schema_of_images(path: Path) -> dict[str, object]:
         foreign = list(db.execute("PRAGMA foreign_key_list(images)"))
     return {"columns": {c[1]: (c[2], c[3], c[4], c[5]) for c in columns}, "indexes": indexes, "foreign": foreign,
             "order": [c[1] for c in columns]}
-
-
-async def test_jobs_come_through_the_rebuild_in_due_order_with_their_leases(tmp_path: Path) -> None:
-    """Migration 022 rebuilds jobs as a table stored in (state, run_at, id) order: every job and column comes
-    through, a lease held at the upgrade still holds, dead jobs keep their key aside, and a claim afterwards takes
-    the due jobs oldest first, the dedupe key and the id still unique."""
-    path = tmp_path / "relay.db"
-    _database_at(path, 21)
-    now = time.time()
-    columns = ("id", "kind", "task_id", "payload", "run_at", "state", "dedupe_key", "attempts", "max_attempts",
-               "lease_token", "lease_until", "last_error", "dead_key", "created_at")
-    rows = [    # inserted newest due first: insertion order is not the order a claim must take them in
-        ("job_due_new", "poll", "tsk_1", '{"n": 1}', now - 10, "queued", "poll:tsk_1", 2, 12, None, None,
-         "timed out", None, now - 100),
-        ("job_due_old", "deliver", "tsk_2", '{"body": "' + "x" * 5000 + '"}', now - 50, "queued", "deliver:d1", 0,
-         12, None, None, None, None, now - 100),
-        ("job_held", "archive", "tsk_3", "{}", now - 90, "queued", "archive:i1", 1, 12, "tok12345", now + 600,
-         None, None, now - 100),
-        ("job_later", "poll", "tsk_4", "{}", now + 3600, "queued", "poll:tsk_4", 0, 12, None, None, None, None,
-         now - 100),
-        ("job_dead", "submit", "tsk_5", "{}", now - 5000, "dead", None, 12, 12, None, None, "gave up",
-         "submit:tsk_5", now - 9000),
-    ]
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        db.executemany(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows)
-    store = SQLiteStore(path)
-    await store.open()
-    try:
-        kept = {row["id"]: tuple(row[c] for c in columns) for row in await store._read_all("SELECT * FROM jobs")}
-        assert kept == {row[0]: row for row in rows}
-        [oldest] = await store.claim(now, limit=1, lease_seconds=60)
-        assert oldest.id == "job_due_old" and oldest.payload == {"body": "x" * 5000}
-        [newer] = await store.claim(now, limit=10, lease_seconds=60)    # the held one stays held
-        assert newer.id == "job_due_new" and newer.last_error == "timed out" and newer.attempts == 3
-        with pytest.raises(sqlite3.IntegrityError):
-            await store._write("INSERT INTO jobs (id, kind, payload, run_at, state, max_attempts, created_at) "
-                               "VALUES ('job_later', 'poll', '{}', 1, 'queued', 1, 1)", ())
-        assert await store.enqueue([Job(id="job_other", kind="poll", dedupe_key="poll:tsk_4", run_at=now)]) == 0
-    finally:
-        await store.close()
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        definition = db.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()[0]
-        assert "WITHOUT ROWID" in definition and "PRIMARY KEY (state, run_at, id)" in definition
-        assert {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'jobs' "
-                                               "AND type = 'index' AND sql IS NOT NULL")} == {
-            "jobs_by_task", "jobs_by_state_kind", "jobs_dead"}

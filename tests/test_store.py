@@ -494,11 +494,11 @@ async def _analyzed(store: SQLiteStore) -> None:
 
 @pytest.mark.parametrize("analyzed", [False, True])
 @pytest.mark.parametrize("kinds", [0, 1, 5])
-async def test_the_claim_walks_the_due_jobs_in_table_order_and_never_sorts_the_queue(
-        tmp_path: Path, kinds: int, analyzed: bool) -> None:
-    """The claim's plan walks the queued jobs in the table's own (state, run_at, id) order and stops at its limit,
-    with or without statistics; a plan that sorts every queued job (what the planner picked once
-    jobs_by_state_kind existed: 0.5 s per claim at a million rows) or walks another index fails."""
+async def test_the_claim_walks_the_due_index_and_never_sorts_the_queue(tmp_path: Path, kinds: int,
+                                                                       analyzed: bool) -> None:
+    """The claim's plan walks jobs_due in run_at order and stops at its limit, with or without statistics; a plan
+    that sorts every queued job (what the planner picked once jobs_by_state_kind existed: 0.5 s per claim at a
+    million rows) fails."""
     from relay.store.sqlite import claim_sql
 
     store = SQLiteStore(tmp_path / "relay.db")
@@ -506,24 +506,24 @@ async def test_the_claim_walks_the_due_jobs_in_table_order_and_never_sorts_the_q
     try:
         if analyzed:
             await _analyzed(store)
-        inner = claim_sql(kinds).split("WHERE (state, run_at, id) IN (", 1)[1].rsplit(") RETURNING", 1)[0]
+        inner = claim_sql(kinds).split("WHERE rowid IN (", 1)[1].rsplit(") RETURNING", 1)[0]
         args = (0.0, 0.0, *(["poll"] * kinds), 32)
         plan = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + inner, args))
-        assert plan == "SEARCH jobs USING PRIMARY KEY (state=? AND run_at<?)", plan
-        # and the UPDATE reaches each job by that key, not through a second index (see claim_sql)
+        assert plan == "SEARCH jobs USING INDEX jobs_due (run_at<?)", plan
+        # and the UPDATE reaches each job by its rowid, not through a second index (see claim_sql)
         whole = " / ".join(row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
             "EXPLAIN QUERY PLAN " + claim_sql(kinds), (1.0, "token", *args)))
-        assert "PRIMARY KEY (state=? AND run_at=? AND id=?)" in whole and "INDEX" not in whole, whole
+        assert "INTEGER PRIMARY KEY (rowid=?)" in whole and "autoindex" not in whole, whole
     finally:
         await store.close()
 
 
 @pytest.mark.parametrize("analyzed", [False, True])
-async def test_the_looks_for_due_jobs_walk_the_table_in_due_order(tmp_path: Path, analyzed: bool) -> None:
-    """next_run_at (the worker's sleep) and oldest_due_jobs (queue lag on /metrics) read the queued jobs from the
-    oldest as SQLiteStore runs them, with or without statistics. Left to the planner they went through
-    jobs_by_state_kind and read every queued job: 0.6 s per look at a million rows (queries.BY_DUE)."""
+async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path, analyzed: bool) -> None:
+    """next_run_at (the worker's sleep), oldest_due_jobs (queue lag on /metrics) and the console's queue by kind
+    read jobs_due from its head as SQLiteStore runs them, with or without statistics. Left to the planner they went
+    through jobs_by_state_kind and read every queued job: 0.6 s per look at a million rows (queries.BY_DUE)."""
     store = SQLiteStore(tmp_path / "relay.db")
     await store.open()
     try:
@@ -534,29 +534,15 @@ async def test_the_looks_for_due_jobs_walk_the_table_in_due_order(tmp_path: Path
         await store.next_run_at(1.0)
         await store.next_run_at(1.0, ["poll", "submit"])
         await store.oldest_due_jobs(1.0)
+        await store.queue_by_kind(1.0)
         store._reader._conn.set_trace_callback(None)               # type: ignore[union-attr]
         looks = [sql for sql in sent if "FROM jobs" in sql]
-        assert len(looks) == 3, sent
+        assert len(looks) == 4, sent
         for sql in looks:
             plan = [row[3] for row in await store._writer.execute_fetchall(      # type: ignore[union-attr]
                 "EXPLAIN QUERY PLAN " + sql)]
-            walks = [step for step in plan if " jobs " in step]
-            assert walks and all(step.startswith("SEARCH jobs USING PRIMARY KEY (state=?") for step in walks), (
-                sql, plan)
-    finally:
-        await store.close()
-
-
-async def test_the_walks_name_the_jobs_tables_key_as_sqlite_names_it(tmp_path: Path) -> None:
-    """INDEXED BY names the jobs table's primary key by the name SQLite gave it (relay.store.sqlite.JOBS_KEY); a
-    schema that numbered its constraints otherwise would fail every claim with `no such index`."""
-    from relay.store.sqlite import JOBS_KEY
-
-    store = SQLiteStore(tmp_path / "relay.db")
-    await store.open()
-    try:
-        indexes = await store._writer.execute_fetchall("PRAGMA index_list(jobs)")      # type: ignore[union-attr]
-        assert [row[1] for row in indexes if row[3] == "pk"] == [JOBS_KEY]
+            walks = [step for step in plan if "SEARCH jobs" in step]
+            assert walks and all(step.startswith("SEARCH jobs USING INDEX jobs_due") for step in walks), (sql, plan)
     finally:
         await store.close()
 

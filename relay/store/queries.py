@@ -110,11 +110,10 @@ WAITING_CALLBACK_JOBS = ("SELECT id, json_extract(payload, '$.provider') AS prov
 # ---- jobs ------------------------------------------------------------------------------------------
 # A job is leased while its lease_until is ahead of now (the argument): a claim sets it and leaves run_at alone.
 NOT_LEASED = "(lease_until IS NULL OR lease_until <= ?)"
-# Where a statement must walk the queued jobs in run_at order: SQLite's table is stored in that order (sql/022),
-# PostgreSQL has the partial index jobs_due. SQLite's planner, with no statistics, prefers jobs_by_state_kind
-# (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against 0.1 ms. SQLiteStore's
-# reads name the table's key there (INDEXED BY, sqlite.JOBS_KEY); PostgreSQL, which has no hints, keeps the comment.
-BY_DUE = " /*in run_at order*/"
+# Where a statement must walk jobs_due in run_at order. SQLite's planner, with no statistics, prefers
+# jobs_by_state_kind (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against
+# 0.1 ms. SQLiteStore's reads name the index there (INDEXED BY); PostgreSQL, which has no hints, keeps the comment.
+BY_DUE = " /*INDEXED BY jobs_due*/"
 INSERT_JOB = (
     "INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, max_attempts, created_at) "
     "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING")
@@ -135,7 +134,7 @@ JOB_COUNTS = "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"
 def next_run_at_sql(kinds: int) -> str:
     """When the worker should look again: the earliest run_at of the jobs no worker holds, or the earliest end
     of a lease on a job already due (a replica that died holding it), whichever is first; of `kinds` kinds, if
-    any. Arguments: now, *kinds, now, now, *kinds. Held jobs stay at the head of the due jobs: the second walk reads
+    any. Arguments: now, *kinds, now, now, *kinds. Held jobs stay at the head of jobs_due: the second walk reads
     just those when the worker is idle. Only the kinds the worker has handlers for: a due job of another kind (a
     kind a later version added, or an earlier one left) would have it look again at once, forever."""
     kind_filter = f" AND kind IN ({marks(kinds)})" if kinds else ""
@@ -297,10 +296,9 @@ IN_FLIGHT_BY_PROVIDER = (
 CALLBACKS_BY_PROVIDER = (
     "SELECT provider, status, COUNT(*) AS n FROM inbox WHERE received_at >= ? GROUP BY provider, status")
 # Per kind and state the count, and for queued jobs those due, held and the oldest due, in one statement (one
-# snapshot). The due part walks only the jobs already due, in run_at order: the jobs workers hold are among them (a
-# claim takes only due jobs and leaves their run_at alone). Over every row it read 0.85 s at a million jobs on
-# SQLite, 1.3 s once its indexes held the table's key (sql/022); the counts alone are a walk of jobs_by_state_kind.
-# Arguments: now, now, now, now.
+# snapshot). The due part walks only the jobs already due, through jobs_due: the jobs workers hold are among them
+# (a claim takes only due jobs and leaves their run_at alone). Over every row it took 0.85 s at a million jobs on
+# SQLite, 0.22 s so; the counts alone are a walk of jobs_by_state_kind. Arguments: now, now, now, now.
 QUEUE_BY_KIND = (
     "SELECT c.kind, c.state, c.n, d.due, d.running, d.oldest_due "
     "FROM (SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state) AS c LEFT JOIN ("

@@ -193,32 +193,23 @@ def _run_to_end(body: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a transaction body run on the writer's thread awaited something that suspends")
 
 
-# The jobs table's primary key (state, run_at, id), by the name SQLite gives it: a WITHOUT ROWID table's key is an
-# index of its own, named after its place among the table's constraints (id's UNIQUE is 1, dedupe_key's 2, the key
-# 3; sql/022). A walk of the due jobs names it (INDEXED BY): NOT INDEXED does not make SQLite walk a WITHOUT ROWID
-# table by its key, and left to itself the planner picks jobs_by_state_kind for one kind, or after ANALYZE reads
-# every queued job through it. tests/test_store.py checks the name on new and on migrated databases.
-JOBS_KEY = "sqlite_autoindex_jobs_3"
-
-
 def claim_sql(kinds: int) -> str:
     """The claim: lease up to `limit` due jobs (of `kinds` kinds, if any), oldest due first.
 
-    A claimed job is held until its lease_until and keeps its run_at, so it stays at the head of the due jobs,
-    passed over by the claims after it (queries.NOT_LEASED), due again when its lease runs out. The table is
-    stored in (state, run_at, id) order (sql/022), so the due jobs lie side by side: the subquery walks them from
-    the oldest and stops after `limit`, and the UPDATE finds each by that same key on the pages the walk just read.
-    INDEXED BY the key (JOBS_KEY): the walk must be the table's own order; left to itself the planner may pick
-    jobs_by_state_kind and sort every queued job (0.5 s at a million rows, seen in bench.claims). Until v22 the table kept insertion
-    order and a partial index of due jobs, and at a million rows nearly every job claimed was on a page no claim
-    had read (claim p50 1.3-1.9 times that at 10,000 rows; see docs/benchmarks.md). The lease token (the second
-    argument, see SQLiteStore.claim) is 8 random characters, not a 26-character ULID: a claim writes it into a row
-    that had none, and the longer token split full pages (bench.claims, p50 at a million rows 1.07-1.14 ms with
-    the ULID, 0.81-0.96 ms with 8 characters, before v22).
+    A claimed job is held until its lease_until and keeps its run_at, so it stays at the head of jobs_due, passed
+    over by the claims after it (queries.NOT_LEASED), due again when its lease runs out. INDEXED BY: the claim
+    must walk the due jobs in run_at order and stop after `limit`; left to itself the planner may pick
+    jobs_by_state_kind and sort every queued job (0.5 s at a million rows, seen in bench.claims). By rowid,
+    which jobs_due holds, not by id: `id IN` looked each job up in the id index first, one more page per job
+    that a large table no longer has in cache (claim p50 at a million rows 1.5-1.8× that at 10,000; by rowid
+    about 1.3×, see docs/benchmarks.md). The lease token (the second argument, see SQLiteStore.claim) is 8
+    random characters, not a 26-character ULID: a claim writes it into a row that had none, and on a full page
+    (a table filled by appending) the longer token split the page for most jobs claimed (bench.claims, p50 at a
+    million rows 1.07-1.14 ms with the ULID, 0.81-0.96 ms with 8 characters).
     """
     kind_filter = f" AND kind IN ({q.marks(kinds)})" if kinds else ""
-    return ("UPDATE jobs SET lease_until = ?, lease_token = ?, attempts = attempts + 1 WHERE (state, run_at, id) IN ("
-            f" SELECT state, run_at, id FROM jobs INDEXED BY {JOBS_KEY} WHERE state = 'queued' AND run_at <= ? "
+    return ("UPDATE jobs SET lease_until = ?, lease_token = ?, attempts = attempts + 1 WHERE rowid IN ("
+            " SELECT rowid FROM jobs INDEXED BY jobs_due WHERE state = 'queued' AND run_at <= ? "
             f"AND {q.NOT_LEASED}{kind_filter}"
             " ORDER BY run_at LIMIT ?) RETURNING *")
 
@@ -489,7 +480,7 @@ class SQLiteStore(Store):
         # execute and fetch in one hop (see _Reader)
         assert self._reader is not None, "store is not open"
         if q.BY_DUE in sql:
-            sql = sql.replace(q.BY_DUE, f" INDEXED BY {JOBS_KEY}")
+            sql = sql.replace(q.BY_DUE, " INDEXED BY jobs_due")
         return list(await self._reader.execute_fetchall(sql, args))
 
     async def _read_key(self, sql: str, args: Sequence[Any]) -> Row | None:
@@ -536,7 +527,7 @@ class SQLiteStore(Store):
                           fits: Callable[[], bool] = lambda: True) -> T:
         """`work` in one write transaction right here on the event loop's thread; on the writer's thread
         (_tx_in_thread) if another connection holds the write lock. For short, bounded work only: a group
-        commit of small writes, a claim (a walk of the due jobs that stops at its limit).
+        commit of small writes, a claim (a walk of jobs_due that stops at its limit).
 
         Such work costs the loop about a millisecond or less (20 small writes: 0.7-0.8 ms; a claim of 32 jobs:
         p50 0.6 ms at 10,000 rows, 1.2 ms at a million), and a hop to the writer's thread costs its callers
