@@ -86,6 +86,18 @@ async def test_queue_by_kind_counts_depth_due_running_dead_and_the_oldest_due(st
     assert stats["archive"].oldest_due_at == pytest.approx(now - 10)
 
 
+async def test_a_job_held_by_a_replica_whose_clock_runs_ahead_counts_as_running(store: Store) -> None:
+    """The Queue page walks only the jobs due by a little after now; one claimed by a replica whose clock is 30 s
+    ahead (its run_at still ahead of this reader's now) is running, neither due nor missed."""
+    now = time.time()
+    await store.enqueue([Job(id=ids.new_id("job"), kind="poll", run_at=now + 20, dedupe_key="poll:ahead"),
+                         Job(id=ids.new_id("job"), kind="poll", run_at=now + 9000, dedupe_key="poll:later")])
+    [held] = await store.claim(now + 30, limit=5, lease_seconds=60, kinds=["poll"])
+    stats = {k.kind: k for k in await store.queue_by_kind(now)}
+    assert (stats["poll"].queued, stats["poll"].due, stats["poll"].running) == (2, 0, 1)
+    assert stats["poll"].oldest_due_at is None
+
+
 async def test_delivery_health_gives_success_rate_and_nearest_rank_percentiles(store: Store) -> None:
     """100 attempts in the window with latencies 1..100 ms, 90 of them 2xx: p50 50 ms, p99 99 ms, 90 %; older
     attempts and the task's own webhook are not counted."""

@@ -22,6 +22,10 @@ from relay.store.tx import Row, Tx
 
 JOB_STATES = ("queued", "dead")
 TIMELINE_LIMIT = 500          # events and deliveries shown for one task
+# How far ahead of now a held job's run_at may lie and still count as running on the Queue page (queries.
+# QUEUE_BY_KIND): a replica whose clock runs ahead of this one, or a lease carried over by migration 021 (run_at =
+# the lease's end, at most the worker's lease_seconds, 60 by default). Past it such a job shows as queued only.
+HELD_AHEAD_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ class ConsoleCases(StorePlumbing):
     async def queue_by_kind(self, now: float) -> list[KindStats]:
         """Per job kind: queued (depth), due now, running (leased), dead, and the oldest due job's run_at."""
         kinds: dict[str, dict[str, Any]] = {}
-        for row in await self._read_all(q.QUEUE_BY_KIND, (now, now, now, now)):
+        for row in await self._read_all(q.QUEUE_BY_KIND, (now, now, now, now, now, now + HELD_AHEAD_SECONDS)):
             entry = kinds.setdefault(row["kind"], {"kind": row["kind"]})
             if row["state"] == "dead":
                 entry["dead"] = int(row["n"])
