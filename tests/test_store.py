@@ -368,29 +368,6 @@ async def write_filler(store: SQLiteStore, megabytes: int) -> None:
         await store.transact(lambda tx: tx.many("INSERT INTO filler VALUES (randomblob(4000))", [()] * 10))
 
 
-async def test_the_wal_is_checkpointed_sooner_while_writes_come(tmp_path: Path) -> None:
-    """A checkpoint that finds the WAL changed since the last one says so, and the next comes after
-    CHECKPOINT_WRITING_INTERVAL instead of CHECKPOINT_INTERVAL (each flushes less, stalling the writes made during
-    its fdatasync for less: bench.callbacks ack p99); one that finds it as it was lets an idle relay sleep."""
-    import asyncio
-
-    store = SQLiteStore(tmp_path / "relay.db")
-    await store.open()
-    assert store._checkpoints is not None
-    store._checkpoints.cancel()                         # the looks below are the only ones
-    await asyncio.gather(store._checkpoints, return_exceptions=True)
-    try:
-        await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
-        assert await store._checkpoint() is True        # the first look: the schema's frames
-        assert await store._checkpoint() is False       # nothing written since
-        await write_filler(store, 1)
-        assert await store._checkpoint() is True
-        assert await store._checkpoint() is False
-    finally:
-        await store.close()
-    assert sqlite_store.CHECKPOINT_WRITING_INTERVAL < sqlite_store.CHECKPOINT_INTERVAL
-
-
 async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Writers that never pause (four at once, back to back) and a reader that never pauses either: a checkpoint
