@@ -368,6 +368,84 @@ async def write_filler(store: SQLiteStore, megabytes: int) -> None:
         await store.transact(lambda tx: tx.many("INSERT INTO filler VALUES (randomblob(4000))", [()] * 10))
 
 
+async def test_the_wal_is_checkpointed_sooner_while_writes_come(tmp_path: Path) -> None:
+    """A checkpoint that finds anything committed since the last one says so, and the next comes after
+    CHECKPOINT_WRITING_INTERVAL instead of CHECKPOINT_INTERVAL (each flushes less, stalling the writes made during
+    its fdatasync for less: bench.callbacks ack p99); one that finds nothing new lets an idle relay sleep. The
+    same amount written twice, the WAL started over in between (its frame counts back where they were), and a
+    commit by another process's connection each count as writes."""
+    import asyncio
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    assert store._checkpoints is not None
+    store._checkpoints.cancel()                         # the looks below are the only ones
+    await asyncio.gather(store._checkpoints, return_exceptions=True)
+    try:
+        await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
+        assert await store._checkpoint() is True        # the first look
+        assert await store._checkpoint() is False       # nothing written since
+        wal = tmp_path / "relay.db-wal"
+        for _ in range(2):
+            started = wal_started_over(wal)
+            await write_filler(store, 1)
+            assert wal_started_over(wal) == started + 1     # each burst begins a WAL copied to its end
+            assert await store._checkpoint() is True
+            assert await store._checkpoint() is False
+        other = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
+        try:
+            other.execute("INSERT INTO filler VALUES (x'00')")
+        finally:
+            other.close()
+        assert await store._checkpoint() is True
+        assert await store._checkpoint() is False
+    finally:
+        await store.close()
+    assert sqlite_store.CHECKPOINT_WRITING_INTERVAL < sqlite_store.CHECKPOINT_INTERVAL
+
+
+async def test_a_checkpoint_kept_out_by_another_processs_leaves_the_restart_pause_alone(tmp_path: Path) -> None:
+    """While another process checkpoints (`relay retention`'s RESTART, waiting for a read) a PASSIVE one is refused
+    (busy, no frame counts): that round does nothing, and a pause after a restart round that found the WAL in use
+    is kept, not taken for a WAL that started over on its own."""
+    import asyncio
+    import threading
+
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    assert store._checkpoints is not None
+    store._checkpoints.cancel()
+    await asyncio.gather(store._checkpoints, return_exceptions=True)
+    reading = sqlite3.connect(tmp_path / "relay.db", isolation_level=None, check_same_thread=False)
+    restarting = sqlite3.connect(tmp_path / "relay.db", isolation_level=None, check_same_thread=False)
+    looking = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
+    try:
+        await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
+        await write_filler(store, 1)
+        reading.execute("BEGIN")
+        reading.execute("SELECT count(*) FROM filler").fetchone()       # a read the RESTART must wait for
+        restarting.execute("PRAGMA busy_timeout=20000")
+
+        def restart_checkpoint() -> None:       # tried again while a probe below holds the checkpoint lock itself
+            while restarting.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[1] == -1:
+                pass
+        restart = threading.Thread(target=restart_checkpoint)
+        restart.start()
+        # The RESTART holds the checkpoint lock while it waits: a PASSIVE checkpoint elsewhere is refused.
+        await wait_for(lambda: looking.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 1, 10,
+                       "the other process's RESTART to hold the checkpoint lock")
+        store._restart_pause, store._restart_again_at = 8.0, 1e12
+        assert await store._checkpoint() is True
+        assert (store._restart_pause, store._restart_again_at) == (8.0, 1e12)
+    finally:
+        reading.execute("COMMIT")
+        await asyncio.to_thread(restart.join, 30)
+        for conn in (reading, restarting, looking):
+            conn.close()
+        await store.close()
+
+
 async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Writers that never pause (four at once, back to back) and a reader that never pauses either: a checkpoint

@@ -37,7 +37,13 @@ from relay.store.writerlock import WriterLock
 T = TypeVar("T")
 log = logging.getLogger("relay.store")
 
-CHECKPOINT_INTERVAL = 1.0            # seconds between WAL checkpoints (see SQLiteStore.open)
+CHECKPOINT_INTERVAL = 1.0            # seconds between WAL checkpoints while nothing is written (see SQLiteStore.open)
+# ... and while writes come: each checkpoint's fdatasync of the WAL stalls the writes made meanwhile (ext4's journal
+# commit holds up the inode update of the next WAL write, on the event loop's thread for callback acks) for as long
+# as it takes to flush what was written since the last one: 18-47 ms a second apart under bench.callbacks. A tenth
+# of a second apart it flushes a tenth as much: ack p99, API only, 17-29 ms -> 10.5-11.4 ms (0.25 s: 12-17 ms; 5 s:
+# 107-127 ms; docs/benchmarks.md, twentieth round).
+CHECKPOINT_WRITING_INTERVAL = 0.1
 CHECKPOINT_RETRY_CAP = 30.0          # a failing checkpoint (a full disk) is tried again this rarely at most
 WAL_RESTART_AT = 32 * 1024 * 1024    # a WAL this big is checkpointed to its end, the writer held (_checkpoint)
 # The WAL file's size after it starts over: the first commit after a start-over cuts a larger file back to this
@@ -227,6 +233,7 @@ class SQLiteStore(Store):
         self._checkpoints: asyncio.Task[None] | None = None
         self._page_size = 4096           # read at open: the WAL's frames are pages
         self._restarted_frames = -1      # the WAL's length when a RESTART last started it over (_checkpoint)
+        self._data_version = -1          # PRAGMA data_version on the background connection at the last checkpoint
         self._restart_pause = CHECKPOINT_INTERVAL
         self._restart_again_at = 0.0
         # Flushed on the event loop's thread when small (see _write_statements): at most this many writes.
@@ -267,16 +274,19 @@ class SQLiteStore(Store):
         while True:
             await asyncio.sleep(delay)
             try:
-                await self._checkpoint()
+                written = await self._checkpoint()
             except sqlite3.Error as exc:    # busy or I/O trouble: a later round tries again, logged once per interval
                 delay = max(CHECKPOINT_INTERVAL, trouble.failed(exc, "checkpointing the WAL"))
             else:
                 trouble.succeeded()
-                delay = CHECKPOINT_INTERVAL
+                delay = min(CHECKPOINT_INTERVAL, CHECKPOINT_WRITING_INTERVAL) if written else CHECKPOINT_INTERVAL
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self) -> bool:
         """Copy the WAL into the database file, holding up no one (PASSIVE); once the WAL is over WAL_RESTART_AT,
-        copy the rest and start it over, holding the writer.
+        copy the rest and start it over, holding the writer. True if anything was committed since the last look
+        (writes are coming: the next look is due sooner, CHECKPOINT_WRITING_INTERVAL). The signal is the background
+        connection's `PRAGMA data_version`, which moves with every commit of any other connection or process; the
+        WAL's frame counts would not do, since they start from zero again whenever the WAL starts over.
 
         SQLite starts the WAL over at a write transaction that began with all of the WAL copied and no read
         still in it, and under a steady stream of writes none does: one is always open, or frames are appended,
@@ -289,14 +299,19 @@ class SQLiteStore(Store):
         tried again after a doubling pause (up to CHECKPOINT_RETRY_CAP) rather than holding the writer every
         second; a WAL started over and not written since is left alone."""
         assert self._background is not None
+        row = await (await self._background.execute("PRAGMA data_version")).fetchone()
+        version = int(row[0]) if row is not None else -1
+        written, self._data_version = version != self._data_version, version
         row = await (await self._background.execute("PRAGMA wal_checkpoint(PASSIVE)")).fetchone()
-        frames = row[1] if row is not None else 0
+        if row is None or row[0]:           # another process's checkpoint is running: it does this round's work
+            return written
+        frames = row[1]
         loop = asyncio.get_running_loop()
         if frames * self._page_size <= WAL_RESTART_AT:      # started over on its own: no pause carried over
             self._restart_pause, self._restart_again_at = CHECKPOINT_INTERVAL, 0.0
-            return
+            return written
         if frames == self._restarted_frames or loop.time() < self._restart_again_at:
-            return
+            return written
 
         def restart(conn: sqlite3.Connection) -> tuple[int, int, int]:
             with _waiting_at_most(conn, WAL_RESTART_WAIT_MS):
@@ -312,6 +327,7 @@ class SQLiteStore(Store):
                         WAL_RESTART_WAIT_MS, self._restart_pause)
         else:
             self._restart_pause, self._restarted_frames = CHECKPOINT_INTERVAL, log_frames
+        return written
 
     async def _connect(self) -> aiosqlite.Connection:
         # check_same_thread off: the writer's short work also runs on the event loop's thread (_tx_on_loop),
