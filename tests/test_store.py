@@ -17,7 +17,7 @@ from relay.states import Transition, on_update
 from relay.store import queries as q
 from relay.store.base import ArchiveResult, Store
 from relay.store import sqlite as sqlite_store
-from relay.store.sqlite import SQLiteStore
+from relay.store.sqlite import SQLiteStore, sqlite_spelling
 from relay.store.tx import Tx
 from tests.harness import listed_events, wait_for
 
@@ -623,6 +623,44 @@ async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path, analyze
             assert walks and all(step.startswith("SEARCH jobs USING INDEX jobs_due") for step in walks), (sql, plan)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_the_in_flight_count_reads_only_the_live_tasks(store: Store, analyzed: bool) -> None:
+    """Every submit counts the provider's tasks in flight under the writer's lock (reserve_submit). The count reads
+    only live tasks (tasks_by_provider_status, tasks_submitting), with or without statistics, in the plan made for
+    the values and (PostgreSQL) in the generic plan of the prepared statement. Through tasks_by_provider it read
+    every task the provider was ever given: 32 ms per submit at 40,000 finished ones on SQLite."""
+    history = [(f"tsk_{n:06d}", "evolink", "succeeded" if n >= 12 else ("queued", "running", "pending")[n % 3],
+                None if n >= 12 or n % 3 != 2 else 1.0, "{}", n, 1.0, 1.0) for n in range(3000)]
+    await store.transact(lambda tx: tx.many(
+        "INSERT INTO tasks (id, provider, status, submit_started_at, request, sequence, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", history))
+    args = ("evolink", "evolink", "tsk_x")
+    if isinstance(store, SQLiteStore):
+        if analyzed:
+            await store._writer.execute("ANALYZE")                                          # type: ignore[union-attr]
+        plans = [" / ".join(row[3] for row in await store._writer.execute_fetchall(        # type: ignore[union-attr]
+            "EXPLAIN QUERY PLAN " + sqlite_spelling(q.COUNT_IN_FLIGHT), args))]
+        count = await store._read(q.COUNT_IN_FLIGHT, args)
+    else:
+        from relay.store.postgres import PostgresStore, to_postgres
+        assert isinstance(store, PostgresStore)
+        async with store.pool.acquire() as conn:
+            if analyzed:
+                await conn.execute("ANALYZE tasks")
+            plans = ["\n".join(row[0] for row in await conn.fetch("EXPLAIN " + to_postgres(q.COUNT_IN_FLIGHT), *args))]
+            async with conn.transaction():
+                await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                await conn.execute("PREPARE count_in_flight AS " + to_postgres(q.COUNT_IN_FLIGHT))
+                plans.append("\n".join(row[0] for row in await conn.fetch(
+                    "EXPLAIN EXECUTE count_in_flight('evolink', 'evolink', 'tsk_x')")))
+                await conn.execute("DEALLOCATE count_in_flight")
+            count = await conn.fetchrow(to_postgres(q.COUNT_IN_FLIGHT), *args)
+    assert count is not None and count["n"] == 12       # 4 queued, 4 running, 4 pending whose submit started
+    for plan in plans:
+        assert "tasks_by_provider_status" in plan and "tasks_submitting" in plan, plan
+        assert "tasks_by_provider " not in plan and "tasks_by_status" not in plan and "Seq Scan" not in plan, plan
 
 
 async def test_waiting_callbacks_are_settled_together(store: Store, clock: ManualClock) -> None:

@@ -13,6 +13,13 @@ from __future__ import annotations
 
 FOR_UPDATE = " /*FOR UPDATE*/"
 
+
+def indexed_by(index: str) -> str:
+    """Marks a table read that must go through `index` whatever the planner would pick (where one plan reads the
+    rows asked for and another every row of a history). SQLite is told so (INDEXED BY: SQLiteStore takes the
+    comment marks off, relay.store.sqlite.sqlite_spelling); PostgreSQL, which has no hints, keeps the comment."""
+    return f" /*INDEXED BY {index}*/"
+
 # ---- tasks -----------------------------------------------------------------------------------------
 INSERT_TASK = (
     "INSERT INTO tasks (id, provider, provider_task_id, status, progress, request, error, metadata, webhook_url, "
@@ -36,9 +43,13 @@ def update_task_state(*, usage: bool, cost: bool) -> str:
     return UPDATE_TASK_STATE.replace(" WHERE id", "".join(f", {column} = ?" for column in extra) + " WHERE id")
 MARK_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ?"
 CLEAR_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL"
+# Each count reads only the live tasks: those queued or running through tasks_by_provider_status (sql/022), those
+# whose submit started through the partial index tasks_submitting (sql/004; SQLite's planner would rather read
+# the whole pending backlog through the other), whose WHERE this one must imply word for word.
 COUNT_IN_FLIGHT = (
     "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'running') AND provider = ?)"
-    " + (SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND submit_started_at IS NOT NULL"
+    " + (SELECT COUNT(*) FROM tasks" + indexed_by("tasks_submitting") + " WHERE status = 'pending'"
+    " AND submit_started_at IS NOT NULL"
     "    AND provider = ? AND id != ?) AS n")
 
 # ---- idempotency keys ------------------------------------------------------------------------------
@@ -112,8 +123,8 @@ WAITING_CALLBACK_JOBS = ("SELECT id, json_extract(payload, '$.provider') AS prov
 NOT_LEASED = "(lease_until IS NULL OR lease_until <= ?)"
 # Where a statement must walk jobs_due in run_at order. SQLite's planner, with no statistics, prefers
 # jobs_by_state_kind (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against
-# 0.1 ms. SQLiteStore's reads name the index there (INDEXED BY); PostgreSQL, which has no hints, keeps the comment.
-BY_DUE = " /*INDEXED BY jobs_due*/"
+# 0.1 ms.
+BY_DUE = indexed_by("jobs_due")
 INSERT_JOB = (
     "INSERT INTO jobs (id, kind, task_id, payload, run_at, state, dedupe_key, attempts, max_attempts, created_at) "
     "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING")

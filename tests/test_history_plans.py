@@ -1,0 +1,136 @@
+"""Statements on per-submit, per-request and per-scrape paths read what they return (or the live tasks), never the
+stored history: with 3,000 finished tasks (and their events) beside a dozen live ones, each one's plan goes
+through the index that bounds it, with and without the statistics of ANALYZE, on both backends.
+
+Each case was measured before its index (sql/022) at 200,000 stored tasks on SQLite: the in-flight count of every
+submit 32 ms (under the writer's lock), GET /v1/tasks by provider and status 33 ms, the adoption of a provider
+task 19-34 ms (in a write transaction), GET /v1/events?type= for a type absent from the log 65 ms (PostgreSQL
+57-96 ms, a sequential scan). See tests/test_store.py for the in-flight count itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from relay.store import queries as q
+from relay.store.base import Store
+from relay.store.sqlite import SQLiteStore, sqlite_spelling
+
+FINISHED = 3000
+
+
+async def _stored_history(store: Store) -> None:
+    tasks = [(f"tsk_{n:06d}", ("alpha", "beta")[n % 2], "succeeded" if n >= 12 else "running", f"pt_{n}", "{}",
+              n, 1.0, 1.0) for n in range(FINISHED)]
+    events = [(f"evt_{n:06d}", ("task.queued", "task.running", "task.succeeded")[n % 3], f"tsk_{n // 3:06d}", n,
+               "{}", 1.0) for n in range(3 * FINISHED)]
+
+    async def body(tx: Any) -> None:
+        await tx.many("INSERT INTO tasks (id, provider, status, provider_task_id, request, sequence, created_at, "
+                      "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tasks)
+        await tx.many("INSERT INTO events (id, type, task_id, sequence, data, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                      events)
+    await store.transact(body)
+
+
+async def _analyze(store: Store) -> None:
+    if isinstance(store, SQLiteStore):
+        await store._writer.execute("ANALYZE")                                              # type: ignore[union-attr]
+    else:
+        from relay.store.postgres import PostgresStore
+        assert isinstance(store, PostgresStore)
+        async with store.pool.acquire() as conn:
+            await conn.execute("ANALYZE tasks")
+            await conn.execute("ANALYZE events")
+
+
+async def _sqlite_statements(store: SQLiteStore, call: Callable[[], Any]) -> list[str]:
+    """The statements `call` has the store run on its reader (with their values, as SQLite saw them)."""
+    seen: list[str] = []
+    conn: sqlite3.Connection = store._reader._conn                                          # type: ignore[union-attr]
+    conn.set_trace_callback(seen.append)
+    try:
+        await call()
+    finally:
+        conn.set_trace_callback(None)
+    return seen
+
+
+async def _plans(store: Store, sql: str, args: tuple[Any, ...]) -> list[str]:
+    """The plans of `sql` as the store runs it: SQLite's; PostgreSQL's for the values and its generic plan."""
+    if isinstance(store, SQLiteStore):
+        rows = await store._writer.execute_fetchall(                                       # type: ignore[union-attr]
+            "EXPLAIN QUERY PLAN " + sqlite_spelling(sql), args)
+        return [" / ".join(row[3] for row in rows)]
+    from relay.store.postgres import PostgresStore, to_postgres
+    assert isinstance(store, PostgresStore)
+    spelled = to_postgres(sql)
+    async with store.pool.acquire() as conn:
+        plans = ["\n".join(row[0] for row in await conn.fetch("EXPLAIN " + spelled, *args))]
+        async with conn.transaction():
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            await conn.execute("PREPARE look AS " + spelled)
+            values = ", ".join("'" + str(value) + "'" if isinstance(value, str) else str(value) for value in args)
+            plans.append("\n".join(row[0] for row in await conn.fetch(f"EXPLAIN EXECUTE look({values})")))
+            await conn.execute("DEALLOCATE look")
+    return plans
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_an_adoption_finds_the_provider_task_by_its_id_alone(store: Store, analyzed: bool) -> None:
+    """archives.adopt_task looks for the task a provider task id already belongs to, inside a write transaction."""
+    await _stored_history(store)
+    if analyzed:
+        await _analyze(store)
+    found = await store.transact(lambda tx: tx.one(q.TASK_BY_PROVIDER_TASK, ("pt_2000", "alpha")))
+    assert found is not None and found["id"] == "tsk_002000"
+    for plan in await _plans(store, q.TASK_BY_PROVIDER_TASK, ("pt_2000", "alpha")):
+        assert "tasks_by_provider_task" in plan, plan
+        assert "Seq Scan on tasks" not in plan and "tasks_by_provider " not in plan and "B-TREE" not in plan, plan
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_a_rare_event_type_is_found_without_reading_the_log(store: Store, analyzed: bool) -> None:
+    """GET /v1/events?type= for a type the log holds once (or not at all) reads that type's events only."""
+    await _stored_history(store)
+    await store.transact(lambda tx: tx.run("INSERT INTO events (id, type, task_id, sequence, data, created_at) "
+                                           "VALUES ('evt_rare', 'task.failed', 'tsk_000001', 9, '{}', 1.0)"))
+    if analyzed:
+        await _analyze(store)
+    [rare] = await store.list_events(after=None, type="task.failed", task_id=None, limit=100)
+    assert rare.id == "evt_rare"
+    assert await store.list_events(after=None, type="task.cancelled", task_id=None, limit=100) == []
+    if isinstance(store, SQLiteStore):
+        sent = await _sqlite_statements(store, lambda: store.list_events(after="evt_000100", type="task.failed",
+                                                                         task_id=None, limit=100))
+        plans = [(await _plans(store, sql, ()))[0] for sql in sent]
+    else:
+        plans = await _plans(store, q.filtered("events", ["type = 'task.failed'", store._visible_events],
+                                               order="seq"), (100,))
+    for plan in plans:
+        assert "events_by_type" in plan, plan
+        assert "Seq Scan on events" not in plan and "SCAN events" not in plan, plan
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_tasks_listed_by_provider_and_status_read_those_tasks_only(store: Store, analyzed: bool) -> None:
+    """GET /v1/tasks?provider=&status= (and the console's task list) for a live status of one provider."""
+    await _stored_history(store)
+    if analyzed:
+        await _analyze(store)
+    listed, _ = await store.list_tasks(status="running", provider="alpha", limit=50, cursor=None)
+    assert sorted(task.id for task in listed) == [f"tsk_{n:06d}" for n in range(0, 12, 2)]
+    if not isinstance(store, SQLiteStore):
+        return      # PostgreSQL's planner reads (status, id) or (provider, status, id): both bounded
+    sent = await _sqlite_statements(store, lambda: store.list_tasks(status="running", provider="alpha", limit=50,
+                                                                    cursor="tsk_000011"))
+    looks = [sql for sql in sent if "FROM tasks" in sql]
+    assert looks, sent
+    for sql in looks:
+        plan = (await _plans(store, sql, ()))[0]
+        assert "tasks_by_provider_status" in plan or "tasks_by_status" in plan, plan
+        assert "SCAN tasks" not in plan and "tasks_by_provider (" not in plan, plan
