@@ -11,6 +11,7 @@ Sections (each also runs alone as `python -m bench.<name>`):
     fanout      deliveries/s with 1/10/100 subscriptions vs plain httpx POSTs to the same sink
     archive     archive jobs (images/s, MB/s) vs a plain httpx download of the same URLs
     claims      job-claim latency with 10k vs 1M jobs rows
+    history     a submit's, an API read's and a scrape's store operations with 2k vs 200k finished tasks stored
     reads       reading a task whose images wait inline (OpenAI's base64) vs one whose images are archived
     queue       no-op job throughput of relay's queue vs PgQueuer on PostgreSQL (and relay on SQLite)
     memory      RSS of relay serve, empty vs 100k stored tasks after reads
@@ -34,14 +35,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import (archive, callbacks, chaos, claims, common, fanout, memory, queue, reads, retention, scaling,
-                   throughput)
+from bench import (archive, callbacks, chaos, claims, common, fanout, history, memory, queue, reads, retention,
+                   scaling, throughput)
 from bench.common import (DATABASES, Section, add_database_argument, backend_label, machine, pg_version, postgres,
                           use_database, write_section)
 
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "callbacks": callbacks.run, "throughput": throughput.run, "fanout": fanout.run, "archive": archive.run,
-    "claims": claims.run, "reads": reads.run, "queue": queue.run, "memory": memory.run, "chaos": chaos.run,
+    "claims": claims.run, "history": history.run, "reads": reads.run, "queue": queue.run, "memory": memory.run, "chaos": chaos.run,
     "retention": retention.run, "scaling": scaling.run,
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -78,7 +79,7 @@ def document(sections: list[Section], total: float, command: str) -> str:
              f"(total {total / 60:.1f} min; `python -m bench --quick` is a smoke run with smaller sizes, about "
              "1.5 min, whose figures are not kept here). Every figure is set against a baseline measured in the "
              "same run on the same machine. Each section also runs alone: `python -m bench.callbacks`, "
-             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.reads`, `bench.queue`, "
+             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.history`, `bench.reads`, `bench.queue`, "
              "`bench.memory`, "
              "`bench.chaos`, `bench.scaling`, `bench.retention`; `--database postgresql` runs them on PostgreSQL, `--prerendered` "
              "with pre-rendered simulator images (the PgQueuer baseline needs the `bench` extra: `pip install -e '.[bench]'`).",
