@@ -42,7 +42,8 @@ from bench.common import (DATABASES, Section, add_database_argument, backend_lab
 
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "callbacks": callbacks.run, "throughput": throughput.run, "fanout": fanout.run, "archive": archive.run,
-    "claims": claims.run, "history": history.run, "reads": reads.run, "queue": queue.run, "memory": memory.run, "chaos": chaos.run,
+    "claims": claims.run, "history": history.run, "reads": reads.run, "queue": queue.run, "memory": memory.run,
+    "chaos": chaos.run,
     "retention": retention.run, "scaling": scaling.run,
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -79,7 +80,8 @@ def document(sections: list[Section], total: float, command: str) -> str:
              f"(total {total / 60:.1f} min; `python -m bench --quick` is a smoke run with smaller sizes, about "
              "1.5 min, whose figures are not kept here). Every figure is set against a baseline measured in the "
              "same run on the same machine. Each section also runs alone: `python -m bench.callbacks`, "
-             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.history`, `bench.reads`, `bench.queue`, "
+             "`bench.throughput`, `bench.fanout`, `bench.archive`, `bench.claims`, `bench.history`, `bench.reads`, "
+             "`bench.queue`, "
              "`bench.memory`, "
              "`bench.chaos`, `bench.scaling`, `bench.retention`; `--database postgresql` runs them on PostgreSQL, `--prerendered` "
              "with pre-rendered simulator images (the PgQueuer baseline needs the `bench` extra: `pip install -e '.[bench]'`).",

@@ -12,8 +12,8 @@ taking turns block by block (whatever else the machine does falls on both alike)
   each time);
 - list_tasks(provider, status=running): GET /v1/tasks filtered, and the console's task list;
 - list_events(type=task.failed): GET /v1/events for a type the log does not hold (a rare one reads as much);
-- the adoption lookup (queries.TASK_BY_PROVIDER_TASK, in a write transaction): which task a provider task id
-  already belongs to;
+- the adoption lookup (queries.TASK_BY_PROVIDER_TASK, in a write transaction): whether a provider task id already
+  belongs to a task, for one that does not (what an adoption mostly finds, and the end of the walk it was);
 - task_counts: the tasks gauge of a /metrics scrape (a count of every task: this one grows, by design).
 
 Ratio = large / small, p50. Before schema v22 the first four read the whole history (docs/benchmarks.md).
@@ -149,7 +149,7 @@ LABELS = {
     "reserve_submit": "reserve_submit (every submit; writer held)",
     "list_tasks": "GET /v1/tasks?provider=&status=running",
     "list_events": "GET /v1/events?type= (a type not in the log)",
-    "adoption": "adoption lookup (write transaction)",
+    "adoption": "adoption lookup, an id no task has (write transaction)",
     "task_counts": "/metrics tasks gauge (counts every task)",
 }
 
@@ -174,7 +174,7 @@ def run(quick: bool) -> Section:
         "ever given through tasks_by_provider, holding SQLite's one writer (32 ms per submit at 40,000 per "
         "provider); GET /v1/tasks by provider and status did the same (33 ms), the adoption lookup walked that "
         "index for its ORDER BY id (19-34 ms), and a type absent from the event log read the whole log (65 ms; "
-        "PostgreSQL a sequential scan). tasks_by_provider_status, tasks_by_provider_task (provider_task_id, "
+        "PostgreSQL a sequential scan). tasks_by_provider_status, tasks_of_provider_task (provider_task_id, "
         "provider, id) and events_by_type (type, seq) bound them; tests/test_history_plans.py holds the plans.",
         "The /metrics gauge counts every stored task by provider and status, so it grows with the history by "
         "what it is; it reads tasks_by_provider_status alone and, on SQLite, runs on the background connection, "

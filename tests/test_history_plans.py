@@ -89,7 +89,7 @@ async def test_an_adoption_finds_the_provider_task_by_its_id_alone(store: Store,
     found = await store.transact(lambda tx: tx.one(q.TASK_BY_PROVIDER_TASK, ("pt_2000", "alpha")))
     assert found is not None and found["id"] == "tsk_002000"
     for plan in await _plans(store, q.TASK_BY_PROVIDER_TASK, ("pt_2000", "alpha")):
-        assert "tasks_by_provider_task" in plan, plan
+        assert "tasks_of_provider_task" in plan, plan
         assert "Seq Scan on tasks" not in plan and "tasks_by_provider " not in plan and "B-TREE" not in plan, plan
 
 
@@ -138,16 +138,17 @@ async def test_tasks_listed_by_provider_and_status_read_those_tasks_only(store: 
 
 @pytest.mark.parametrize("analyzed", [False, True])
 async def test_the_sweeps_look_for_pending_deliveries_among_each_rows_own(store: Store, analyzed: bool) -> None:
-    """Retention picks old events and tasks that no pending delivery still needs, a batch at a time in a write
-    transaction. With many deliveries pending (a subscriber down), each old row's look went through
+    """Retention picks old events, tasks and archives that no pending delivery still needs, a batch at a time in a
+    write transaction. With many deliveries pending (a subscriber down), each old row's look went through
     deliveries_by_status and read every pending delivery: SQLite held the writer 537 ms per batch of 500 events
     with 10,200 pending. It goes through the row's own deliveries (by event, by task)."""
     await _stored_history(store)
-    pending = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", f"sub_{n}", "http://x/",
-                "pending", 1.0, 1.0) for n in range(0, 3 * FINISHED, 10)]
+    # A delivery for every event, one in ten still pending.
+    deliveries = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", "sub_1", "http://x/",
+                   "pending" if n % 10 == 0 else "succeeded", 1.0, 1.0) for n in range(3 * FINISHED)]
     await store.transact(lambda tx: tx.many(
         "INSERT INTO deliveries (id, event_id, event_type, task_id, target, url, status, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", pending))
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", deliveries))
     if analyzed:
         await _analyze(store)
         if not isinstance(store, SQLiteStore):
@@ -157,7 +158,8 @@ async def test_the_sweeps_look_for_pending_deliveries_among_each_rows_own(store:
                 await conn.execute("ANALYZE deliveries")
     picked = await store.transact(lambda tx: tx.all(q.OLD_EVENTS, (2.0, 50)))
     assert len(picked) == 50 and "evt_000000" not in {row["id"] for row in picked}     # its delivery is pending
-    for sql, args in ((q.OLD_EVENTS, (2.0, 500)), (q.OLD_FINISHED_TASKS, (2.0, 500))):
+    for sql, args in ((q.OLD_EVENTS, (2.0, 500)), (q.OLD_FINISHED_TASKS, (2.0, 500)),
+                      (q.OLD_FINISHED_ARCHIVES, (2.0, 500)), (q.COUNT_OLD_EVENTS, (2.0,))):
         for plan in await _plans(store, sql, args):
             assert "SCAN d" not in plan and "Seq Scan on deliveries" not in plan, plan
             if isinstance(store, SQLiteStore):     # PostgreSQL may read the pending ones once, into a hash

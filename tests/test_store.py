@@ -420,6 +420,7 @@ async def test_a_checkpoint_kept_out_by_another_processs_leaves_the_restart_paus
     reading = sqlite3.connect(tmp_path / "relay.db", isolation_level=None, check_same_thread=False)
     restarting = sqlite3.connect(tmp_path / "relay.db", isolation_level=None, check_same_thread=False)
     looking = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
+    restart: threading.Thread | None = None
     try:
         await store._writer.execute("CREATE TABLE filler (x BLOB)")                        # type: ignore[union-attr]
         await write_filler(store, 1)
@@ -439,8 +440,11 @@ async def test_a_checkpoint_kept_out_by_another_processs_leaves_the_restart_paus
         assert await store._checkpoint() is True
         assert (store._restart_pause, store._restart_again_at) == (8.0, 1e12)
     finally:
-        reading.execute("COMMIT")
-        await asyncio.to_thread(restart.join, 30)
+        if reading.in_transaction:
+            reading.execute("COMMIT")
+        if restart is not None:
+            await asyncio.to_thread(restart.join, 30)
+            assert not restart.is_alive()
         for conn in (reading, restarting, looking):
             conn.close()
         await store.close()
@@ -659,8 +663,11 @@ async def test_the_in_flight_count_reads_only_the_live_tasks(store: Store, analy
             count = await conn.fetchrow(to_postgres(q.COUNT_IN_FLIGHT), *args)
     assert count is not None and count["n"] == 12       # 4 queued, 4 running, 4 pending whose submit started
     for plan in plans:
-        assert "tasks_by_provider_status" in plan and "tasks_submitting" in plan, plan
-        assert "tasks_by_provider " not in plan and "tasks_by_status" not in plan and "Seq Scan" not in plan, plan
+        # Never every task of the provider (tasks_by_provider) or of the table. PostgreSQL may count the queued and
+        # running ones of every provider (tasks_by_status) where it finds that cheaper: live tasks all the same.
+        assert "tasks_by_provider " not in plan and "Seq Scan on tasks" not in plan, plan
+        if isinstance(store, SQLiteStore):
+            assert "tasks_by_provider_status" in plan and "tasks_submitting" in plan, plan
 
 
 async def test_waiting_callbacks_are_settled_together(store: Store, clock: ManualClock) -> None:

@@ -387,12 +387,10 @@ IMAGE_IN_USE = ("SELECT 1 AS used FROM images WHERE sha256 = ? AND status <> 'ex
 HOLD_IMAGE = "UPDATE images SET sha256 = ? WHERE id = ? AND status = 'pending'"
 # Archives of any link (relay.store.archives) go as tasks do: finished ones, never one a pending delivery needs.
 OLD_FINISHED_ARCHIVES = (
-    "SELECT id FROM archives WHERE completed_at IS NOT NULL AND completed_at < ? AND NOT EXISTS "
-    "(SELECT 1 FROM deliveries d WHERE d.task_id = archives.id AND d.status = 'pending') "
-    "ORDER BY completed_at LIMIT ?")
-COUNT_OLD_FINISHED_ARCHIVES = (
-    "SELECT COUNT(*) AS n FROM archives WHERE completed_at IS NOT NULL AND completed_at < ? AND NOT EXISTS "
-    "(SELECT 1 FROM deliveries d WHERE d.task_id = archives.id AND d.status = 'pending')")
+    "SELECT id FROM archives WHERE completed_at IS NOT NULL AND completed_at < ? AND "
+    f"{_no_pending_delivery('task_id', 'archives')} ORDER BY completed_at LIMIT ?")
+COUNT_OLD_FINISHED_ARCHIVES = ("SELECT COUNT(*) AS n FROM archives WHERE completed_at IS NOT NULL AND completed_at < ? "
+                               f"AND {_no_pending_delivery('task_id', 'archives')}")
 # Provider request stats (relay.stats) by minute, oldest minutes first.
 DELETE_OLD_PROVIDER_STATS = (
     "DELETE FROM provider_stats WHERE (provider, minute) IN "

@@ -32,7 +32,6 @@ from relay.outage import Outage
 from relay.store import queries as q
 from relay.store.base import Store
 from relay.store.batching import GroupCommit
-from relay.store.rows import job_row
 from relay.store.tx import Row, Tx
 from relay.store.writerlock import WriterLock
 
@@ -167,7 +166,7 @@ class _Reader:
         self.conn = conn
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Rows:
-        return _Rows(list(await self.conn.execute_fetchall(sql, parameters)))
+        return _Rows(list(await self.conn.execute_fetchall(sqlite_spelling(sql), parameters)))
 
 
 _HINT_MARK = "/*INDEXED BY "
@@ -526,7 +525,7 @@ class SQLiteStore(Store):
         if conn is None:        # ":memory:", or not open
             return await self._read(sql, args)
         try:
-            rows = conn._conn.execute(sql, args).fetchall()
+            rows = conn._conn.execute(sqlite_spelling(sql), args).fetchall()
         except sqlite3.OperationalError as exc:
             if not _met_a_lock(exc, sqlite3.SQLITE_PROTOCOL):    # PROTOCOL: SQLite gave up its retries to begin a read
                 raise
@@ -550,7 +549,7 @@ class SQLiteStore(Store):
 
         def write(conn: sqlite3.Connection) -> None:
             for sql, rows in by_statement.items():
-                conn.executemany(sql, rows)
+                conn.executemany(sqlite_spelling(sql), rows)
         await self._tx_on_loop(write, fits=fits_on_loop)
 
     async def _tx_on_loop(self, work: Callable[[sqlite3.Connection], T], *,
@@ -620,7 +619,7 @@ class SQLiteStore(Store):
         API and workers share (the reader's one thread)."""
         conn = self._background if self._background is not None else self._reader
         assert conn is not None, "store is not open"
-        return list(await conn.execute_fetchall(sql))
+        return list(await conn.execute_fetchall(sqlite_spelling(sql)))
 
 
 def _split_sql(sql: str) -> list[str]:
