@@ -157,6 +157,23 @@ async def test_a_freed_lane_is_handed_to_the_oldest_parked_delivery() -> None:
     assert lanes.parked("k") == 0 and await lanes.release("k") is None
 
 
+async def test_a_release_that_frees_a_waiter_still_wakes_the_oldest_parked_delivery() -> None:
+    """A freed slot goes to the delivery waiting for it, and the oldest parked one is woken all the same, to take
+    the waiter's place: woken only once nobody waited, it began its trip back through the job queue while the
+    lane's slots stood empty (bench.fanout, one subscription)."""
+    import asyncio
+
+    from relay.deliveries.lanes import Lanes
+    from tests.harness import wait_for
+    lanes = Lanes(fast_ms=100, wait_seconds=30)      # the waiter must still be waiting however slow the machine
+    assert await lanes.acquire("k", 1, delivery_id="d0")
+    waiter = asyncio.create_task(lanes.acquire("k", 1, delivery_id="d1"))
+    await wait_for(lambda: lanes._lanes["k"].waiting == 1, 10, "d1 to wait for the slot")
+    assert not await lanes.acquire("k", 1, may_wait=False, delivery_id="d2") and lanes.park("k", "d2")
+    assert await lanes.release("k", latency_ms=5) == "d2"
+    assert await asyncio.wait_for(waiter, 10) and lanes.in_flight("k") == 1 and lanes.parked("k") == 0
+
+
 def test_deliveries_config_from_toml_and_environment(tmp_path: object) -> None:
     """[deliveries] keys load from TOML (schedule as a list) and RELAY_DELIVERIES_* (schedule as a comma list)."""
     from pathlib import Path

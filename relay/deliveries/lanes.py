@@ -3,10 +3,11 @@
 A key is a subscription id (or url_lane of a task's webhook_url). When a
 key is at its cap, a delivery either waits briefly for a slot or is parked:
 the caller reschedules its job (freeing the worker slot) and the lane
-remembers it. When a slot frees up, the lane hands it to the oldest parked
-delivery (`release` returns its id and the caller makes its job due now), so
-a backlog drains as fast as the subscriber answers without parked jobs
-polling for a slot; their own timer is only the safety net.
+remembers it. When a slot frees up, it goes to a waiting delivery if there is
+one, and the lane hands the oldest parked delivery the next place (`release`
+returns its id and the caller makes its job due now), so a backlog drains as
+fast as the subscriber answers without parked jobs polling for a slot; their
+own timer is only the safety net.
 
 A delivery may wait (instead of parking) only when the key answers quickly
 (its recent latency is low) and few others wait already: then a wait is
@@ -136,7 +137,12 @@ class Lanes:
         return delivery_id
 
     async def release(self, key: str, latency_ms: float | None = None) -> str | None:
-        """Free a slot. Returns the parked delivery that should be woken for it, if any (nobody is waiting)."""
+        """Free a slot: to a delivery waiting for one, if any. Returns the oldest parked delivery, to be woken (its job
+        made due now) whether or not one was waiting: it then takes the place of the waiter that got the slot, or
+        the slot itself. Woken only when nobody waited, it started its way back through the job queue (a claim, a
+        run, the store's reads) only once the waiters had run out, and the lane's slots stood empty meanwhile: with
+        one subscription and a backlog, 734-1,110 deliveries/s (median 947) before, 976-1,231 (median 1,187) after
+        (bench.fanout, six alternating pairs, faster in every one)."""
         lane = self._lanes.get(key)
         if lane is None:
             return None
@@ -147,7 +153,7 @@ class Lanes:
         if lane.waiting:
             async with lane.freed:
                 lane.freed.notify(1)
-        elif lane.parked:
+        if lane.parked:
             wake, _ = lane.parked.popitem(last=False)
         self._forget_if_idle(key, lane)
         return wake
