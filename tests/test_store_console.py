@@ -112,10 +112,10 @@ async def test_delivery_health_gives_success_rate_and_nearest_rank_percentiles(s
             ok = i > 10
             await tx.run(q.INSERT_ATTEMPT, attempt_row(Attempt(
                 delivery_id="dlv_1", number=i, at=now - 60, url="http://h/", status_code=200 if ok else 503,
-                latency_ms=float(i), error=None if ok else "HTTP 503")))
+                latency_ms=float(i), error=None if ok else "HTTP 503", subscription_id="sub_1")))
         await tx.run(q.INSERT_ATTEMPT, attempt_row(Attempt(delivery_id="dlv_1", number=101, at=now - 7200,
                                                            url="http://h/", status_code=500, latency_ms=9999.0,
-                                                           error="old")))
+                                                           error="old", subscription_id="sub_1")))
         await tx.run(q.INSERT_ATTEMPT, attempt_row(Attempt(delivery_id="dlv_2", number=1, at=now, url="http://h/",
                                                            status_code=200, latency_ms=1.0)))
     await store.transact(write)

@@ -87,6 +87,7 @@ class Attempt:
     response: str | None = None              # first 4 KiB of the body
     error: str | None = None
     id: int = 0
+    subscription_id: str | None = None       # the delivery's (None: a task's own webhook_url)
 
 
 @dataclass(frozen=True)

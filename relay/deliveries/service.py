@@ -268,7 +268,7 @@ class DeliveryService:
     def attempt(self, delivery: Delivery, url: str, at: float, sent: Sent) -> Attempt:
         return Attempt(delivery_id=delivery.id, number=delivery.attempts + 1, at=at, url=url,
                        origin=delivery.round_origin, status_code=sent.status_code, latency_ms=sent.latency_ms,
-                       response=sent.response, error=sent.error)
+                       response=sent.response, error=sent.error, subscription_id=delivery.subscription_id)
 
 
 def build_delivery_service(settings: Settings, store: Store, clock: Clock, *, guard: NetGuard, signer: Signer,

@@ -227,7 +227,7 @@ CANCEL_PENDING_DELIVERIES = (
     "UPDATE deliveries SET status = 'canceled', last_error = ?, next_attempt_at = NULL, completed_at = ?, "
     "updated_at = ? WHERE subscription_id = ? AND status = 'pending'")
 INSERT_ATTEMPT = ("INSERT INTO delivery_attempts (delivery_id, number, at, url, origin, status_code, latency_ms, "
-                  "response, error) VALUES (?,?,?,?,?,?,?,?,?)")
+                  "response, error, subscription_id) VALUES (?,?,?,?,?,?,?,?,?,?)")
 RECORD_DELIVERY_ATTEMPT = (
     "UPDATE deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
     "next_attempt_at = ?, last_attempt_at = ?, last_status_code = ?, last_error = ?, url = ?, updated_at = ?, "
@@ -289,18 +289,21 @@ ATTEMPTS_OF_TASK = (
     "ORDER BY a.id")
 DELIVERIES_OF_TASK = "SELECT * FROM deliveries WHERE task_id = ? ORDER BY id LIMIT ?"
 EVENTS_OF_TASK = "SELECT * FROM events WHERE task_id = ? ORDER BY seq LIMIT ?"
+# Each attempt names its subscription (sql/023): these read the attempts of the window, never a subscription's
+# every delivery. The counts name the index by time for SQLite, which would rather walk every attempt in
+# subscription order than sort the window's groups (39 ms against 11 at 479,000 attempts).
 SUBSCRIPTION_ATTEMPT_COUNTS = (
-    "SELECT d.subscription_id AS subscription_id, COUNT(*) AS n, "
+    "SELECT a.subscription_id AS subscription_id, COUNT(*) AS n, "
     "SUM(CASE WHEN a.status_code >= 200 AND a.status_code < 300 AND a.error IS NULL THEN 1 ELSE 0 END) AS ok "
-    "FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
-    "WHERE a.at >= ? AND d.subscription_id IS NOT NULL GROUP BY d.subscription_id")
+    f"FROM delivery_attempts a{indexed_by('delivery_attempts_by_time')} WHERE a.at >= ? "
+    "AND a.subscription_id IS NOT NULL GROUP BY a.subscription_id")
 # The latency at one rank (nearest-rank percentiles, the same on both backends: SQLite has no percentile_cont).
 SUBSCRIPTION_LATENCY_AT = (
-    "SELECT a.latency_ms FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
-    "WHERE d.subscription_id = ? AND a.at >= ? AND a.latency_ms IS NOT NULL ORDER BY a.latency_ms LIMIT 1 OFFSET ?")
+    "SELECT a.latency_ms FROM delivery_attempts a WHERE a.subscription_id = ? AND a.at >= ? "
+    "AND a.latency_ms IS NOT NULL ORDER BY a.latency_ms LIMIT 1 OFFSET ?")
 SUBSCRIPTION_LAST_ERROR = (
-    "SELECT a.error, a.at FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
-    "WHERE d.subscription_id = ? AND a.at >= ? AND a.error IS NOT NULL ORDER BY a.at DESC LIMIT 1")
+    "SELECT a.error, a.at FROM delivery_attempts a WHERE a.subscription_id = ? AND a.at >= ? "
+    "AND a.error IS NOT NULL ORDER BY a.at DESC LIMIT 1")
 IN_FLIGHT_BY_PROVIDER = (
     "SELECT provider, COUNT(*) AS n FROM tasks WHERE status IN ('queued', 'running') "
     "OR (status = 'pending' AND submit_started_at IS NOT NULL) GROUP BY provider")

@@ -96,10 +96,10 @@ def delivery_from_row(row: Any) -> Delivery:
 def attempt_from_row(row: Any) -> Attempt:
     return Attempt(id=row["id"], delivery_id=row["delivery_id"], number=row["number"], at=row["at"], url=row["url"],
                    origin=row["origin"], status_code=row["status_code"], latency_ms=row["latency_ms"],
-                   response=row["response"], error=row["error"])
+                   response=row["response"], error=row["error"], subscription_id=row["subscription_id"])
 
 
 def attempt_row(attempt: Attempt) -> tuple[Any, ...]:
     """The values of INSERT_ATTEMPT, in its column order."""
     return (attempt.delivery_id, attempt.number, attempt.at, attempt.url, attempt.origin, attempt.status_code,
-            attempt.latency_ms, attempt.response, attempt.error)
+            attempt.latency_ms, attempt.response, attempt.error, attempt.subscription_id)
