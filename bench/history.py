@@ -90,23 +90,16 @@ async def _time(stores: list[Any]) -> list[dict[str, float]]:
     return [{name: percentile(times[name], 50) for name in OPERATIONS} for times in spent]
 
 
-async def _measure_sqlite(paths: list[Path]) -> list[dict[str, float]]:
+def _store(database: str) -> Any:
+    """The store of a DSN or a SQLite file path."""
+    from relay.store.postgres import PostgresStore
     from relay.store.sqlite import SQLiteStore
 
-    stores = [SQLiteStore(path) for path in paths]
-    try:
-        for store in stores:
-            await store.open()
-        return await _time(stores)
-    finally:
-        for store in stores:
-            await store.close()
+    return PostgresStore(database) if database.startswith("postgresql") else SQLiteStore(database)
 
 
-async def _measure_postgres(dsns: list[str]) -> list[dict[str, float]]:
-    from relay.store.postgres import PostgresStore
-
-    stores = [PostgresStore(dsn) for dsn in dsns]
+async def _measure(databases: list[str]) -> list[dict[str, float]]:
+    stores = [_store(database) for database in databases]
     try:
         for store in stores:
             await store.open()
@@ -117,10 +110,7 @@ async def _measure_postgres(dsns: list[str]) -> list[dict[str, float]]:
 
 
 async def _migrate(database: str) -> None:
-    from relay.store.postgres import PostgresStore
-    from relay.store.sqlite import SQLiteStore
-
-    store = PostgresStore(database) if database.startswith("postgresql") else SQLiteStore(database)
+    store = _store(database)
     await store.open()
     await store.close()
 
@@ -133,7 +123,7 @@ def measure(sizes: list[int]) -> list[dict[str, float]]:
                 dsns.append(create_database())
                 run_loop(_migrate(dsns[-1]))
                 seed_tasks_postgres(dsns[-1], size)
-            return run_loop(_measure_postgres(dsns))
+            return run_loop(_measure(dsns))
         finally:
             for dsn in dsns:
                 drop_database(dsn)
@@ -142,7 +132,7 @@ def measure(sizes: list[int]) -> list[dict[str, float]]:
         for path, size in zip(paths, sizes):
             run_loop(_migrate(str(path)))
             seed_tasks(path, size)
-        return run_loop(_measure_sqlite(paths))
+        return run_loop(_measure([str(path) for path in paths]))
 
 
 LABELS = {

@@ -44,8 +44,7 @@ async def _analyze(store: Store) -> None:
         from relay.store.postgres import PostgresStore
         assert isinstance(store, PostgresStore)
         async with store.pool.acquire() as conn:
-            await conn.execute("ANALYZE tasks")
-            await conn.execute("ANALYZE events")
+            await conn.execute("ANALYZE")
 
 
 async def _sqlite_statements(store: SQLiteStore, call: Callable[[], Any]) -> list[str]:
@@ -151,11 +150,6 @@ async def test_the_sweeps_look_for_pending_deliveries_among_each_rows_own(store:
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", deliveries))
     if analyzed:
         await _analyze(store)
-        if not isinstance(store, SQLiteStore):
-            from relay.store.postgres import PostgresStore
-            assert isinstance(store, PostgresStore)
-            async with store.pool.acquire() as conn:
-                await conn.execute("ANALYZE deliveries")
     picked = await store.transact(lambda tx: tx.all(q.OLD_EVENTS, (2.0, 50)))
     assert len(picked) == 50 and "evt_000000" not in {row["id"] for row in picked}     # its delivery is pending
     for sql, args in ((q.OLD_EVENTS, (2.0, 500)), (q.OLD_FINISHED_TASKS, (2.0, 500)),
@@ -184,13 +178,7 @@ async def test_a_subscriptions_delivery_health_reads_its_attempts_of_the_window(
         await tx.many(q.INSERT_ATTEMPT, attempts)
     await store.transact(body)
     if analyzed:
-        if isinstance(store, SQLiteStore):
-            await store._writer.execute("ANALYZE")                                          # type: ignore[union-attr]
-        else:
-            from relay.store.postgres import PostgresStore
-            assert isinstance(store, PostgresStore)
-            async with store.pool.acquire() as conn:
-                await conn.execute("ANALYZE")
+        await _analyze(store)
     health = await store.delivery_health(now - 3600)
     assert set(health) == {"sub_1"} and health["sub_1"].attempts == 1 and health["sub_1"].p50_ms == 9.0
     assert await store.last_delivery_error("sub_1", now - 3600) == (now - 60, "HTTP 503")
