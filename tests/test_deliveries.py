@@ -145,6 +145,9 @@ async def test_subscriber_down_for_three_attempts_gets_it_once_with_one_webhook_
         assert [a["number"] for a in history] == [4, 3, 2, 1]
         times = sorted(r.at for r in got)
         assert times == [r.at for r in got]
+        # Each attempt names its subscription: the console's delivery health counts them (schema v23).
+        health = await d.h.runtime.store.delivery_health(0.0)
+        assert (health[sub["id"]].attempts, health[sub["id"]].succeeded) == (4, 1)
 
 
 async def test_retries_follow_the_schedule_with_jitter(tmp_path: Path) -> None:

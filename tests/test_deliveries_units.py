@@ -174,6 +174,31 @@ async def test_a_release_that_frees_a_waiter_still_wakes_the_oldest_parked_deliv
     assert await asyncio.wait_for(waiter, 10) and lanes.in_flight("k") == 1 and lanes.parked("k") == 0
 
 
+async def test_a_woken_delivery_never_is_one_already_waiting_and_keeps_its_place_if_it_finds_no_room() -> None:
+    """A parked delivery its own timer brought back to wait is no longer parked (a release never wakes a waiter);
+    one woken to take a waiter's place that finds the room full again parks at the front, where it was."""
+    import asyncio
+
+    from relay.deliveries.lanes import Lanes
+    from tests.harness import wait_for
+    lanes = Lanes(fast_ms=100, wait_seconds=30)
+    assert await lanes.acquire("k", 1, delivery_id="d0")
+    for name in ("d1", "d2", "d3"):
+        assert not await lanes.acquire("k", 1, may_wait=False, delivery_id=name) and lanes.park("k", name)
+    waiter = asyncio.create_task(lanes.acquire("k", 1, delivery_id="d1"))      # d1's timer: it waits now
+    await wait_for(lambda: lanes._lanes["k"].waiting == 1, 10, "d1 to wait for the slot")
+    assert lanes.parked("k") == 2
+    assert await lanes.release("k", latency_ms=5) == "d2"           # d1 gets the slot; d2 comes for its place
+    assert await asyncio.wait_for(waiter, 10)
+    other = asyncio.create_task(lanes.acquire("k", 1, delivery_id="d4"))      # a new delivery takes the room
+    await wait_for(lambda: lanes._lanes["k"].waiting == 1, 10, "d4 to wait for the slot")
+    assert not await lanes.acquire("k", 1, delivery_id="d2") and lanes.park("k", "d2")
+    assert list(lanes._lanes["k"].parked) == ["d2", "d3"]           # back at the front
+    assert await lanes.release("k", latency_ms=5) == "d2"           # d4 gets the slot; d2 is woken first again
+    assert await asyncio.wait_for(other, 10)
+    assert await lanes.release("k", latency_ms=5) == "d3"           # d4 done, nobody waits: the next parked
+
+
 def test_deliveries_config_from_toml_and_environment(tmp_path: object) -> None:
     """[deliveries] keys load from TOML (schedule as a list) and RELAY_DELIVERIES_* (schedule as a comma list)."""
     from pathlib import Path

@@ -152,8 +152,9 @@ async def test_the_sweeps_look_for_pending_deliveries_among_each_rows_own(store:
         await _analyze(store)
     picked = await store.transact(lambda tx: tx.all(q.OLD_EVENTS, (2.0, 50)))
     assert len(picked) == 50 and "evt_000000" not in {row["id"] for row in picked}     # its delivery is pending
+    counted = ((q.COUNT_OLD_EVENTS, (2.0,)),) if isinstance(store, SQLiteStore) else ()   # PostgreSQL: a hash, once
     for sql, args in ((q.OLD_EVENTS, (2.0, 500)), (q.OLD_FINISHED_TASKS, (2.0, 500)),
-                      (q.OLD_FINISHED_ARCHIVES, (2.0, 500)), (q.COUNT_OLD_EVENTS, (2.0,))):
+                      (q.OLD_FINISHED_ARCHIVES, (2.0, 500)), *counted):
         for plan in await _plans(store, sql, args):
             assert "SCAN d" not in plan and "Seq Scan on deliveries" not in plan, plan
             if isinstance(store, SQLiteStore):     # PostgreSQL may read the pending ones once, into a hash
@@ -190,7 +191,7 @@ async def test_a_subscriptions_delivery_health_reads_its_attempts_of_the_window(
         for plan in await _plans(store, sql, args):
             # The counts walk the window by time (walking delivery_attempts_by_subscription for their GROUP BY order
             # read every attempt ever made); the others the subscription's attempts of the window, or the window's.
-            if sql == q.SUBSCRIPTION_ATTEMPT_COUNTS:
+            if sql == q.SUBSCRIPTION_ATTEMPT_COUNTS and isinstance(store, SQLiteStore):
                 assert "delivery_attempts_by_time" in plan, plan
             else:
                 assert "delivery_attempts_by_subscription" in plan or "delivery_attempts_by_time" in plan, plan

@@ -87,10 +87,10 @@ class DeliverHandler:
             try:
                 shared_slot = await self._take_shared_slot(lane, cap, delivery_id, svc.clock.now())
             except BaseException:
-                await svc.lanes.release(lane, None)     # the database failed us: this process's lane is not lost
+                await svc.lanes.release(lane, None, refill=False)     # the database failed us: the lane is not lost
                 raise
             if shared_slot is None:     # other replicas hold every slot: look again on the parked timer
-                await self._hand_off(lane, await svc.lanes.release(lane, None))
+                await self._hand_off(lane, await svc.lanes.release(lane, None, refill=False))
                 parked = int(job.payload.get("parked", 0))
                 return Again(park_delay(parked), payload={"delivery_id": delivery_id, "parked": parked + 1})
         latency = None

@@ -4,6 +4,7 @@
 -- had: 119-133 ms per statement at 408,000 deliveries on SQLite, five statements per subscription per view of the
 -- Subscriptions page, on the reader the API shares; the counts joined every delivery on PostgreSQL (145 ms).
 ALTER TABLE delivery_attempts ADD COLUMN subscription_id TEXT;
-UPDATE delivery_attempts SET subscription_id =
-    (SELECT d.subscription_id FROM deliveries d WHERE d.id = delivery_attempts.delivery_id);
+-- Only the attempts of subscriptions' deliveries are written (a join, not a look-up per row).
+UPDATE delivery_attempts a SET subscription_id = d.subscription_id
+    FROM deliveries d WHERE d.id = a.delivery_id AND d.subscription_id IS NOT NULL;
 CREATE INDEX delivery_attempts_by_subscription ON delivery_attempts (subscription_id, at);
