@@ -10,6 +10,7 @@ from pathlib import Path
 
 from relay import ids
 from relay.store.sqlite import SQLiteStore, _split_sql, migrations
+from tests.upgrades import assert_attempts_name_their_subscription, before_v23
 
 
 def _database_at(path: Path, version: int) -> None:
@@ -78,25 +79,16 @@ def _schema_of_images(path: Path) -> dict[str, object]:
 
 
 async def test_attempts_recorded_before_v23_name_their_subscription_after_it(tmp_path: Path) -> None:
-    """Migration 023 gives every attempt its delivery's subscription (None for a task's own webhook_url), so the
-    console's delivery health still counts the attempts made before the upgrade."""
+    """Migration 023 gives every attempt its delivery's subscription (tests/upgrades.py)."""
     path = tmp_path / "relay.db"
     _database_at(path, 22)
     now = time.time()
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        for delivery_id, sub in (("dlv_1", "sub_1"), ("dlv_2", None)):
-            db.execute("INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, "
-                       "status, created_at, updated_at) VALUES (?, ?, 'task.queued', 'tsk_1', ?, ?, 'http://h/', "
-                       "'succeeded', ?, ?)", (delivery_id, f"evt_{delivery_id}", sub, sub or "task", now, now))
-            db.execute("INSERT INTO delivery_attempts (delivery_id, number, at, url, origin, status_code, latency_ms) "
-                       "VALUES (?, 1, ?, 'http://h/', 'auto', 200, 7.0)", (delivery_id, now - 60))
+        for sql, args in before_v23(now):
+            db.execute(sql, args)
     store = SQLiteStore(path)
     await store.open()
     try:
-        health = await store.delivery_health(now - 3600)
-        assert set(health) == {"sub_1"} and (health["sub_1"].attempts, health["sub_1"].p50_ms) == (1, 7.0)
-        [first] = await store.list_attempts("dlv_1")
-        [second] = await store.list_attempts("dlv_2")
-        assert (first.subscription_id, second.subscription_id) == ("sub_1", None)
+        await assert_attempts_name_their_subscription(store, now)
     finally:
         await store.close()

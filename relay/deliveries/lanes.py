@@ -57,10 +57,10 @@ class _Lane:
     waiting: int = 0
     latency_ms: float | None = None                      # moving average of recent attempts
     parked: OrderedDict[str, None] = field(default_factory=OrderedDict)   # delivery ids, oldest first
-    # Parked deliveries woken to take a waiter's place (release), not back yet: one that finds no room when it
-    # comes back parks again at the front, where it was, not behind the deliveries that came meanwhile.
+    # Parked deliveries woken to take a waiter's place (release), not back in a slot or the waiting room yet: one
+    # that finds no room when it comes back parks again at the front, where it was, not behind those that came
+    # meanwhile.
     woken: OrderedDict[str, float] = field(default_factory=OrderedDict)    # id → when, oldest first
-    returning: set[str] = field(default_factory=set)     # woken, back, found no room: park() puts them first
     freed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
@@ -85,16 +85,13 @@ class Lanes:
         """Take a slot of `key`; False if none came free. A delivery that gets a slot is no longer parked."""
         lane = self._lane(key)
         lane.cap = cap
-        was_woken = delivery_id is not None and lane.woken.pop(delivery_id, None) is not None
         if lane.in_flight < cap:
             return self._take(lane, delivery_id)
         if not (may_wait and self.quick(key) and lane.waiting < cap):
-            if was_woken:
-                assert delivery_id is not None
-                lane.returning.add(delivery_id)
             return False
         if delivery_id is not None:
             lane.parked.pop(delivery_id, None)      # waiting now (its own timer brought it): not to be woken
+            lane.woken.pop(delivery_id, None)
         lane.waiting += 1
         try:
             async with lane.freed:
@@ -110,6 +107,7 @@ class Lanes:
         lane.in_flight += 1
         if delivery_id is not None:
             lane.parked.pop(delivery_id, None)
+            lane.woken.pop(delivery_id, None)
         return True
 
     def quick(self, key: str, *, unknown: bool = True) -> bool:
@@ -134,11 +132,9 @@ class Lanes:
         """
         lane = self._lane(key)
         if lane.in_flight < lane.cap:
-            lane.returning.discard(delivery_id)
             return False
         lane.parked[delivery_id] = None
-        if delivery_id in lane.returning:
-            lane.returning.discard(delivery_id)
+        if lane.woken.pop(delivery_id, None) is not None:     # woken for a place it did not find: first again
             lane.parked.move_to_end(delivery_id, last=False)
         return True
 
