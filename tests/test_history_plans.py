@@ -197,3 +197,40 @@ async def test_a_subscriptions_delivery_health_reads_its_attempts_of_the_window(
                 assert "delivery_attempts_by_subscription" in plan or "delivery_attempts_by_time" in plan, plan
             assert "deliveries" not in plan.replace("delivery_attempts", ""), plan
             assert "SCAN a" not in plan and "Seq Scan" not in plan, plan
+
+
+async def _queue_of(store: Store, jobs: int) -> list[tuple[Any, ...]]:
+    """`jobs` jobs, nine in ten queued (five kinds in turn), one in ten dead; their rows (id, kind, state)."""
+    kinds = ("poll", "deliver", "archive", "submit", "callback_body")
+    rows = [(f"job_{n:06d}", kinds[n % 5], "dead" if n % 10 == 3 else "queued") for n in range(jobs)]
+    await store.transact(lambda tx: tx.many(
+        "INSERT INTO jobs (id, kind, payload, run_at, state, max_attempts, created_at) VALUES (?, ?, '{}', ?, ?, 12, "
+        "1.0)", [(job_id, kind, 1e10 + n, state) for n, (job_id, kind, state) in enumerate(rows)]))
+    return rows
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_a_page_of_jobs_walks_an_index_in_id_order(store: Store, analyzed: bool) -> None:
+    """GET /v1/jobs and the console's jobs pages, newest first, by state and maybe kind. With the state a parameter
+    and (state, kind) the only index, SQLite read every job of the state and sorted them: 288 ms a page at 400,000
+    queued jobs, 40 ms with 20,000 dead. Each page walks an index in id order now (queries.jobs_listing)."""
+    rows = await _queue_of(store, 3000)
+    if analyzed:
+        await _analyze(store)
+    for state, kind in (("queued", None), ("queued", "submit"), ("dead", None), ("dead", "deliver")):
+        expected = [job_id for job_id, k, s in reversed(rows) if s == state and kind in (None, k)]
+        first, cursor = await store.list_jobs(state=state, kind=kind, limit=20, cursor=None)
+        second, _ = await store.list_jobs(state=state, kind=kind, limit=20, cursor=cursor)
+        assert [job.id for job in first + second] == expected[:40], (state, kind)
+        if isinstance(store, SQLiteStore):      # the statements list_jobs sends, as SQLite saw them
+            sent = await _sqlite_statements(store, lambda: store.list_jobs(state=state, kind=kind, limit=20,
+                                                                           cursor=cursor))
+            plans = [(await _plans(store, sql, ()))[0] for sql in sent]
+        elif analyzed:      # a table PostgreSQL has never analyzed (autovacuum does, as it grows) is guessed tiny
+            table, filters = q.jobs_listing(state, kind is not None)
+            plans = await _plans(store, q.filtered(table, [*filters, "id < ?"], order="id DESC"),
+                                 (*([kind] if kind else []), "job_002000", 21))
+        else:
+            plans = []
+        for plan in plans:
+            assert "B-TREE" not in plan and "Sort" not in plan and "Seq Scan" not in plan, (state, kind, plan)

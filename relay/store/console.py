@@ -180,8 +180,8 @@ class ConsoleCases(StorePlumbing):
     async def list_jobs(self, *, state: str, kind: str | None, limit: int,
                         cursor: str | None) -> tuple[list[JobInfo], str | None]:
         """Jobs in `state` (queued | dead), newest first; the cursor is the last id of the previous page."""
-        filters, args = (["state = ?", "kind = ?"], [state, kind]) if kind else (["state = ?"], [state])
-        return await self._page("jobs", filters, args, cursor=cursor, limit=limit, build=job_info)
+        table, filters = q.jobs_listing(state, bool(kind))
+        return await self._page(table, filters, [kind] if kind else [], cursor=cursor, limit=limit, build=job_info)
 
     async def get_job(self, job_id: str) -> JobInfo | None:
         row = await self._read(q.LOAD_JOB, (job_id,))

@@ -122,7 +122,7 @@ WAITING_CALLBACK_JOBS = ("SELECT id, json_extract(payload, '$.provider') AS prov
 # A job is leased while its lease_until is ahead of now (the argument): a claim sets it and leaves run_at alone.
 NOT_LEASED = "(lease_until IS NULL OR lease_until <= ?)"
 # Where a statement must walk jobs_due in run_at order. SQLite's planner, with no statistics, prefers
-# jobs_by_state_kind (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against
+# jobs_by_state_kind_id (state = 'queued') and reads every queued job instead: 0.6 s at a million rows against
 # 0.1 ms.
 BY_DUE = indexed_by("jobs_due")
 INSERT_JOB = (
@@ -331,6 +331,23 @@ REQUEUE_DEAD_JOB = (
     "UPDATE jobs SET state = 'queued', dedupe_key = ?, dead_key = NULL, run_at = ?, attempts = 0, lease_token = NULL, "
     "lease_until = NULL "
     "WHERE id = ? AND state = 'dead'")
+
+
+def jobs_listing(state: str, kind: bool) -> tuple[str, list[str]]:
+    """The table (with its index) and filters of a page of jobs in `state`, of one kind if `kind` (its `?`), for
+    plumbing's newest-first page: on SQLite each walks an index in id order and stops at its limit (sql/024; its
+    planner read every job of the state and sorted them, 705 ms a page at a million jobs). The state, one of two,
+    is written into the statement: the partial index jobs_dead then applies, and PostgreSQL (which picks these
+    walks from its statistics) plans each state for itself."""
+    if state not in ("queued", "dead"):
+        raise ValueError(f"not a job state: {state!r}")
+    if kind:
+        index = "jobs_by_state_kind_id"
+    elif state == "dead":
+        index = "jobs_dead"
+    else:
+        index = "sqlite_autoindex_jobs_1"    # the primary key: nearly every job is queued
+    return "jobs" + indexed_by(index), [f"state = '{state}'", *(["kind = ?"] if kind else [])]
 
 
 def replay_candidates(statuses: int) -> str:

@@ -220,7 +220,7 @@ def claim_sql(kinds: int) -> str:
     A claimed job is held until its lease_until and keeps its run_at, so it stays at the head of jobs_due, passed
     over by the claims after it (queries.NOT_LEASED), due again when its lease runs out. INDEXED BY: the claim
     must walk the due jobs in run_at order and stop after `limit`; left to itself the planner may pick
-    jobs_by_state_kind and sort every queued job (0.5 s at a million rows, seen in bench.claims). By rowid,
+    jobs_by_state_kind_id and sort every queued job (0.5 s at a million rows, seen in bench.claims). By rowid,
     which jobs_due holds, not by id: `id IN` looked each job up in the id index first, one more page per job
     that a large table no longer has in cache (claim p50 at a million rows 1.5-1.8× that at 10,000; by rowid
     about 1.3×, see docs/benchmarks.md). The lease token (the second argument, see SQLiteStore.claim) is 8
@@ -607,7 +607,7 @@ class SQLiteStore(Store):
         return self.jobs_from_rows(await self._tx_on_loop(claim))
 
     async def job_counts(self) -> dict[str, int]:
-        # A count over the whole jobs table (~0.1 s at a million rows, with jobs_by_state_kind).
+        # A count over the whole jobs table (~0.1 s at a million rows, with jobs_by_state_kind_id).
         return {f"{r['kind']}:{r['state']}": r["n"] for r in await self._count_in_background(q.JOB_COUNTS)}
 
     async def task_counts(self) -> dict[tuple[str, str], int]:
