@@ -248,6 +248,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
     r = settings.retention
     ages = {"finished tasks": age_text(r.finished_tasks), "finished archives": age_text(r.finished_tasks),
             "events": age_text(r.events), "provider stats rows": age_text(r.events),
+            "dead jobs of no task": age_text(r.events),
             "delivery attempts": age_text(r.delivery_attempts), "images expired": age_text(r.images),
             "image files": "no image left using them", "temporary files": "1 h"}
     table = Table(title="relay retention: would delete (dry run)" if args.dry_run else "relay retention: deleted")

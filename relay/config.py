@@ -166,7 +166,8 @@ class RetentionSettings:
     finished_tasks: float = 30 * 86400.0
     # The event log is what subscribers replay from: a month outlasts any retry schedule (~27 h) and
     # auto-disable (5 days), so a subscriber back from a long outage can still replay it. Provider request stats
-    # (per provider per minute; the console reads the last day) go at the same age.
+    # (per provider per minute; the console reads the last day) and dead jobs of no task (a delivery's, settled
+    # as failed) go at the same age.
     events: float = 30 * 86400.0
     # The bulkiest rows (up to 4 KiB of response each) and only read to debug an endpoint: two weeks.
     delivery_attempts: float = 14 * 86400.0

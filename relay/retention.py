@@ -6,7 +6,8 @@ One sweep, run by the housekeeping job (relay.jobs.housekeeping) or by `relay re
     2. finished tasks older than `finished_tasks`, with their deliveries, attempts, events, callbacks,
        idempotency keys, jobs and images rows; with `images` > 0, their files no kept image uses
        (then finished archives of any link, arc_…, the same way: their image rows are images like a task's)
-    3. events older than `events` (of tasks still kept), with their settled deliveries and attempts
+    3. events older than `events` (of tasks still kept), with their settled deliveries and attempts; dead jobs of
+       no task (a delivery's, whose delivery was settled as failed) last due before then
     4. delivery attempts older than `delivery_attempts`; provider request stats (relay.stats) older than `events`
     5. with `images` > 0, images archived longer ago become `expired`; their files no kept image uses go
     6. temporary download files a crash left (older than an hour)
@@ -86,6 +87,7 @@ class Report:
     delivery_attempts: int = 0
     images_expired: int = 0
     provider_stats: int = 0
+    dead_jobs: int = 0
     files: int = 0
     tmp_files: int = 0
     more: bool = False           # stopped at its time budget with old rows left
@@ -94,7 +96,8 @@ class Report:
 
     def rows(self) -> list[tuple[str, int]]:
         return [("finished tasks", self.finished_tasks), ("finished archives", self.archives),
-                ("events", self.events), ("delivery attempts", self.delivery_attempts),
+                ("events", self.events), ("dead jobs of no task", self.dead_jobs),
+                ("delivery attempts", self.delivery_attempts),
                 ("provider stats rows", self.provider_stats), ("images expired", self.images_expired),
                 ("image files", self.files), ("temporary files", self.tmp_files)]
 
@@ -150,6 +153,7 @@ class Sweeper:
         if c.events is not None:
             events_before = c.events
             report.events = await each(lambda: self.store.delete_old_events(events_before, batch), batch)
+            report.dead_jobs = await each(lambda: self.store.delete_old_dead_jobs(events_before, batch), batch)
         if c.delivery_attempts is not None:
             attempts_before = c.delivery_attempts
             report.delivery_attempts = await each(
@@ -189,9 +193,11 @@ class Sweeper:
         c = cutoffs(self.settings, self.now())
         counts = await self.store.retention_counts(tasks_before=c.finished_tasks, events_before=c.events,
                                                    attempts_before=c.delivery_attempts, images_before=c.images)
-        more = await self.store.old_row_counts(archives_before=c.finished_tasks, stats_before=c.events)
+        more = await self.store.old_row_counts(archives_before=c.finished_tasks, stats_before=c.events,
+                                               dead_jobs_before=c.events)
         old_tmp = await self.images.count_tmp(TMP_MAX_AGE)
         return Report(finished_tasks=counts["finished_tasks"], archives=more["archives"], events=counts["events"],
                       delivery_attempts=counts["delivery_attempts"], provider_stats=more["provider_stats"],
+                      dead_jobs=more["dead_jobs"],
                       images_expired=counts["images"], tmp_files=old_tmp)
 

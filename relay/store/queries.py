@@ -416,6 +416,11 @@ DELETE_OLD_PROVIDER_STATS = (
     "DELETE FROM provider_stats WHERE (provider, minute) IN "
     "(SELECT provider, minute FROM provider_stats WHERE minute < ? ORDER BY minute LIMIT ?)")
 COUNT_OLD_PROVIDER_STATS = "SELECT COUNT(*) AS n FROM provider_stats WHERE minute < ?"
+# A delivery's job has no task, so no task's deletion takes it; dead (its delivery settled as failed) it stays for
+# the operator until it was last due before the events' age (the argument), oldest first, through jobs_dead.
+_OLD_DEAD_JOBS = f"FROM jobs{indexed_by('jobs_dead')} WHERE state = 'dead' AND task_id IS NULL AND run_at < ?"
+DELETE_OLD_DEAD_JOBS = f"DELETE FROM jobs WHERE id IN (SELECT id {_OLD_DEAD_JOBS} ORDER BY id LIMIT ?)"
+COUNT_OLD_DEAD_JOBS = f"SELECT COUNT(*) AS n {_OLD_DEAD_JOBS}"
 # An uploaded edit input (relay.web.openai_compat): kept, a user of its sha256 (see IMAGE_IN_USE).
 INSERT_UPLOAD = "INSERT INTO uploads (sha256, key, created_at) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING"
 

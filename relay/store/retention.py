@@ -175,13 +175,23 @@ class RetentionCases(StorePlumbing):
             return Swept(picked=deleted, deleted=deleted)
         return await self.transact(body)
 
-    async def old_row_counts(self, *, archives_before: float | None,
-                             stats_before: float | None) -> dict[str, int]:
-        """retention_counts for finished archives and provider stats (None: that rule keeps everything)."""
+    async def delete_old_dead_jobs(self, before: float, limit: int) -> Swept:
+        """One transaction: up to `limit` dead jobs of no task (a delivery's, housekeeping's) last due before
+        `before`, oldest first. A task's jobs go with their task."""
+        async def body(tx: Tx) -> Swept:
+            deleted = await tx.run(q.DELETE_OLD_DEAD_JOBS, (before, limit))
+            return Swept(picked=deleted, deleted=deleted)
+        return await self.transact(body)
+
+    async def old_row_counts(self, *, archives_before: float | None, stats_before: float | None,
+                             dead_jobs_before: float | None) -> dict[str, int]:
+        """retention_counts for finished archives, provider stats and dead jobs of no task (None: that rule keeps
+        everything)."""
         out: dict[str, int] = {}
         for name, sql, before in (("archives", q.COUNT_OLD_FINISHED_ARCHIVES, archives_before),
                                   ("provider_stats", q.COUNT_OLD_PROVIDER_STATS,
-                                   None if stats_before is None else int(stats_before))):
+                                   None if stats_before is None else int(stats_before)),
+                                  ("dead_jobs", q.COUNT_OLD_DEAD_JOBS, dead_jobs_before)):
             row = None if before is None else await self._read(sql, (before,))
             out[name] = 0 if row is None else int(row["n"])
         return out
