@@ -509,7 +509,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def job_counts(self) -> dict[str, int]:
         """Jobs by kind and state, e.g. {"poll:queued": 3, "archive:dead": 1}."""
-        return {f"{r['kind']}:{r['state']}": int(r["n"]) for r in await self._read_all(q.JOB_COUNTS)}
+        return {f"{r['kind']}:{r['state']}": int(r["n"]) for r in await self._read_whole(q.JOB_COUNTS)}
 
     async def next_run_at(self, now: float, kinds: Sequence[str] | None = None) -> float | None:
         """When the earliest queued job no worker holds is due, or a held one's lease runs out (the worker's
@@ -520,7 +520,7 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
 
     async def task_counts(self) -> dict[tuple[str, str], int]:
         """Tasks by (provider, status), for the /metrics gauge."""
-        return {(r["provider"], r["status"]): int(r["n"]) for r in await self._read_all(q.TASK_COUNTS)}
+        return {(r["provider"], r["status"]): int(r["n"]) for r in await self._read_whole(q.TASK_COUNTS)}
 
     async def oldest_due_jobs(self, now: float) -> dict[str, float]:
         """Per job kind, the run_at of the oldest job due by `now` that no worker holds (queue lag)."""

@@ -107,6 +107,12 @@ class StorePlumbing(abc.ABC):
         other reads (SQLite: on the event loop's thread, see SQLiteStore._read_key)."""
         return await self._read(sql, args)
 
+    async def _read_whole(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """`_read_all` of a statement that reads a whole table (the counts of /metrics and of the console's Queue
+        page): a backend may keep these apart from the reads the API and workers wait on (SQLite: on its
+        background connection, see SQLiteStore._read_whole)."""
+        return await self._read_all(sql, args)
+
     # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a commit (group
     # commit, with other small independent writes such as settling a callback), each caller still returning only
     # once its own write is committed. The backend makes the group commit and flushes its batches
