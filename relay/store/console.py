@@ -113,7 +113,10 @@ class ConsoleCases(StorePlumbing):
         if search:
             filters.append(q.TASK_SEARCH)
             args += [search, search, _like(search)]
-        return await self._page_with_images("tasks", filters, args, cursor=cursor, limit=limit, build=task_from_row)
+        # A search reads every task's metadata (95-111 ms at 200,000 tasks on SQLite, again at each 1.5 s refresh
+        # of the page): read as _read_whole reads, apart from the API's reads.
+        return await self._page_with_images("tasks", filters, args, cursor=cursor, limit=limit, build=task_from_row,
+                                            scan=bool(search))
 
     async def task_timeline(self, task_id: str) -> TaskTimeline:
         """The task's events (oldest first), their deliveries and every attempt of each."""

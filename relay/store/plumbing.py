@@ -109,8 +109,8 @@ class StorePlumbing(abc.ABC):
 
     async def _read_whole(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         """`_read_all` of a statement that reads a whole table (the counts of /metrics and of the console's Queue
-        page): a backend may keep these apart from the reads the API and workers wait on (SQLite: on its
-        background connection, see SQLiteStore._read_whole)."""
+        page, the console's text search): a backend may keep these apart from the reads the API and workers wait
+        on (SQLite: on its background connection, see SQLiteStore._read_whole)."""
         return await self._read_all(sql, args)
 
     # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a commit (group
@@ -170,19 +170,23 @@ class StorePlumbing(abc.ABC):
         return owner_with_images(await self._read_all(sql, (owner_id,)), build)
 
     async def _page(self, table: str, filters: list[str], args: list[Any], *, cursor: str | None, limit: int,
-                    build: Callable[[Row], I]) -> tuple[list[I], str | None]:
+                    build: Callable[[Row], I], scan: bool = False) -> tuple[list[I], str | None]:
         """Up to `limit` rows of `table` matching `filters`, newest first, each built; the cursor is the last id
-        of the previous page, and the one returned (None on the last page) is this page's last id."""
+        of the previous page, and the one returned (None on the last page) is this page's last id. `scan`: the
+        filters may read the whole table (a text search), so the page is read as _read_whole reads."""
         if cursor:
             filters, args = [*filters, "id < ?"], [*args, cursor]
-        rows = await self._read_all(q.filtered(table, filters, order="id DESC"), (*args, limit + 1))
+        read = self._read_whole if scan else self._read_all
+        rows = await read(q.filtered(table, filters, order="id DESC"), (*args, limit + 1))
         found = [build(row) for row in rows[:limit]]
         return found, (found[-1].id if len(rows) > limit else None)
 
     async def _page_with_images(self, table: str, filters: list[str], args: list[Any], *, cursor: str | None,
-                                limit: int, build: Callable[[Row], W]) -> tuple[list[W], str | None]:
+                                limit: int, build: Callable[[Row], W],
+                                scan: bool = False) -> tuple[list[W], str | None]:
         """`_page` of image owners (tasks, archives), each with its images, read in one more query."""
-        found, next_cursor = await self._page(table, filters, args, cursor=cursor, limit=limit, build=build)
+        found, next_cursor = await self._page(table, filters, args, cursor=cursor, limit=limit, build=build,
+                                              scan=scan)
         if found:
             by_id = {owner.id: owner for owner in found}
             for row in await self._read_all(q.images_of_tasks(len(by_id)), tuple(by_id)):
