@@ -84,6 +84,19 @@ def new_id(prefix: str, now: float | None = None) -> str:
     return f"{prefix}_{ulid(now)}"
 
 
+def id_range(prefix: str, since: float, until: float) -> tuple[str, str]:
+    """(low, high): every id `new_id(prefix, now)` makes for a `now` in [since, until) sorts in [low, high), so a
+    window of creation times can walk an index by id. (The range may also hold ids of the milliseconds at its
+    edges: still filter by the time itself.) Times before 1970 or past the ids' 50 bits of milliseconds are held
+    to those ends."""
+    def digits(ms: int) -> str:
+        return _encode(min(max(ms, 0), _MS_MAX), 10)
+    return f"{prefix}_{digits(int(since * 1000))}", f"{prefix}_{digits(int(until * 1000) + 1)}"
+
+
+_MS_MAX = (1 << 50) - 1
+
+
 _ID = re.compile(r"([a-z]{3})_[0-9A-HJKMNP-TV-Z]{26}")
 
 

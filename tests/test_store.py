@@ -829,3 +829,35 @@ async def test_held_writes_alone_are_all_or_nothing(store: Store, clock: ManualC
         await store.transact(body)
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.progress != 50
+
+
+async def test_a_replay_window_takes_the_deliveries_created_in_it_to_the_millisecond(store: Store) -> None:
+    """replay_deliveries walks the subscription's deliveries by id within the window's ids (an id holds its creation
+    time, ids.id_range) and still filters by created_at: made at `since` or in the millisecond of `until` but
+    before it is in; in the millisecond of `since` but before it, or at `until`, is out; a window from before 1970
+    takes everything."""
+    from relay.deliveries.models import Subscription
+
+    now = 1_800_000_000.0
+    sub = Subscription(id="sub_window", url="https://hooks.example.com/in", events=["*"], keyring="opaque",
+                       created_at=now, updated_at=now)
+    await store.create_subscription(sub)
+    task = Task(id="tsk_window", provider="gmicloud", request={"prompt": "p", "n": 1}, created_at=now,
+                updated_at=now)
+    await store.create_task(task, [])
+    since, until = now + 100.0005, now + 200.0005      # each edge in the middle of a millisecond
+    made = {at: ids.new_id("dlv", at) for at in (now, since - 0.0003, since, since + 50.0, until - 0.0003, until,
+                                                  until + 0.0004, now + 900.0)}
+    await store.transact(lambda tx: tx.many(
+        "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, created_at, "
+        "updated_at) VALUES (?, ?, 'task.failed', ?, ?, ?, 'https://hooks.example.com/in', 'failed', ?, ?)",
+        [(delivery_id, f"evt_{n}", task.id, sub.id, sub.id, at, at) for n, (at, delivery_id) in enumerate(made.items())]))
+
+    async def pending() -> set[str]:
+        rows = await store._read_all("SELECT id FROM deliveries WHERE status = 'pending'")
+        return {row["id"] for row in rows}
+    assert await store.replay_deliveries(sub.id, since=since, until=until, statuses=["failed"], now=now) == (3, False)
+    assert await pending() == {made[since], made[since + 50.0], made[until - 0.0003]}
+    assert await store.replay_deliveries(sub.id, since=-1e10, until=now + 1e9, statuses=["failed"],
+                                         now=now) == (5, False)
+    assert await pending() == set(made.values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
-from relay import jsontext
+from relay import ids, jsontext
 from relay.deliveries.models import (DISABLED_FAILING, DISABLED_GONE, DISABLED_MANUAL, Attempt, Delivery, Recorded,
                                      SendTarget, Subscription)
 from relay.store import queries as q
@@ -251,7 +251,8 @@ class DeliveryCases(StorePlumbing):
         """New rounds for the subscription's deliveries in [since, until) with these statuses. (count, more left)"""
         async def body(tx: Tx) -> tuple[int, bool]:
             rows = await tx.all(q.replay_candidates(len(statuses)),
-                                (subscription_id, *statuses, since, until, REPLAY_MAX + 1))
+                                (subscription_id, *statuses, since, until, *ids.id_range("dlv", since, until),
+                                 REPLAY_MAX + 1))
             chosen = [r["id"] for r in rows[:REPLAY_MAX]]
             for delivery_id in chosen:
                 await tx.run(q.RESTART_DELIVERY, ("replay", now, now, delivery_id))
