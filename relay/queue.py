@@ -318,7 +318,7 @@ class Worker:
     async def _execute(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
         if handler is None:
-            await self.store.bury_job(job, f"no handler for job kind {job.kind!r}")
+            await self.store.bury_job(job, f"no handler for job kind {job.kind!r}", self.clock.now())
             return
         outcome: Outcome
         try:
@@ -435,7 +435,7 @@ class Worker:
                     log.exception("give_up of job %s failed; it stays queued", job.id)
                 await self.store.retry_job(job, self.clock.now() + self.options.retry_cap, reason)
                 return
-            await self.store.bury_job(job, reason)
+            await self.store.bury_job(job, reason, self.clock.now())
             return
         if after is None:
             after = backoff(job.attempts, self.options.retry_base, self.options.retry_cap)

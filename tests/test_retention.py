@@ -623,35 +623,38 @@ async def test_a_dry_run_counts_old_archives(store: Store, clock: ManualClock, i
     assert await store.get_archive(arc.id) is not None
 
 
-async def dead_job(store: Store, clock: ManualClock, kind: str, task_id: str | None = None) -> str:
-    """A job of `kind` that failed for good now (claimed, then buried as the worker does); its id."""
-    job = Job(id=ids.new_id("job", clock.now()), kind=kind, task_id=task_id, run_at=clock.now(),
+async def dead_job(store: Store, clock: ManualClock, kind: str, task_id: str | None = None,
+                   due: float | None = None) -> str:
+    """A job of `kind` (due at `due`, default now) that failed for good now (claimed, then buried as the worker
+    does); its id."""
+    job = Job(id=ids.new_id("job", clock.now()), kind=kind, task_id=task_id,
+              run_at=clock.now() if due is None else due,
               payload={"delivery_id": "dlv_gone"} if kind == "deliver" else {})
     await store.enqueue([job])
     [claimed] = await store.claim(clock.now(), limit=1, lease_seconds=60, kinds=[kind])
-    await store.bury_job(claimed, "boom")
+    await store.bury_job(claimed, "boom", clock.now())
     return job.id
 
 
 async def test_dead_jobs_of_no_task_go_after_the_events_age(store: Store, clock: ManualClock,
                                                            images: LocalImageStore) -> None:
     """A delivery's job (which has no task) that failed for good stays `dead` for the operator, its delivery settled
-    as failed: nothing else ever deleted it, so they piled up forever. It goes once older than the `events` age,
-    with the event its delivery was for; a dead job of a task goes with its task, one not yet old stays, and
-    events = 0 keeps them all."""
+    as failed: nothing else ever deleted it, so they piled up forever. It goes once dead for longer than the
+    `events` age, with the event its delivery was for; a dead job of a task goes with its task, one that died
+    lately stays (also one due long before it died), and events = 0 keeps them all."""
     old_delivery_job = await dead_job(store, clock, "deliver")
     of_a_task = await dead_job(store, clock, "poll", task_id="tsk_still_running")
     clock.advance(31 * DAY)
     new_delivery_job = await dead_job(store, clock, "deliver")
+    long_due = await dead_job(store, clock, "deliver", due=clock.now() - 40 * DAY)
     assert (await sweeper(store, images, clock, replace(KEEP, events=0.0)).sweep()).dead_jobs == 0
     assert (await sweeper(store, images, clock).preview()).dead_jobs == 1
     assert await store.get_job(old_delivery_job) is not None
     report = await sweeper(store, images, clock).sweep()
     assert report.dead_jobs == 1
     assert await store.get_job(old_delivery_job) is None
-    assert await store.get_job(new_delivery_job) is not None and await store.get_job(of_a_task) is not None
     listed, _ = await store.list_jobs(state="dead", kind=None, limit=10, cursor=None)
-    assert [job.id for job in listed] == [new_delivery_job, of_a_task]
+    assert [job.id for job in listed] == [long_due, new_delivery_job, of_a_task]
 
 
 async def test_dead_jobs_go_in_batches_of_batch_size(store: Store, clock: ManualClock,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +275,7 @@ async def test_retry_and_bury(store: Store, clock: ManualClock) -> None:
     clock.advance(5)
     [again] = await store.claim(clock.now(), limit=1, lease_seconds=30)
     assert again.last_error == "boom" and again.attempts == 2
-    await store.bury_job(again, "gave up")
+    await store.bury_job(again, "gave up", clock.now())
     assert (await store.job_counts()) == {"a:dead": 1}
     assert await store.enqueue([job("a", None, clock.now(), "k")]) == 1
 
@@ -831,33 +832,66 @@ async def test_held_writes_alone_are_all_or_nothing(store: Store, clock: ManualC
     assert loaded is not None and loaded.progress != 50
 
 
-async def test_a_replay_window_takes_the_deliveries_created_in_it_to_the_millisecond(store: Store) -> None:
-    """replay_deliveries walks the subscription's deliveries by id within the window's ids (an id holds its creation
-    time, ids.id_range) and still filters by created_at: made at `since` or in the millisecond of `until` but
-    before it is in; in the millisecond of `since` but before it, or at `until`, is out; a window from before 1970
-    takes everything."""
+async def _failed_deliveries(store: Store, now: float, times: Sequence[float]) -> tuple[str, dict[float, str]]:
+    """A subscription and, for each time, a failed delivery to it created then: (subscription id, {time: id})."""
     from relay.deliveries.models import Subscription
 
-    now = 1_800_000_000.0
     sub = Subscription(id="sub_window", url="https://hooks.example.com/in", events=["*"], keyring="opaque",
                        created_at=now, updated_at=now)
     await store.create_subscription(sub)
     task = Task(id="tsk_window", provider="gmicloud", request={"prompt": "p", "n": 1}, created_at=now,
                 updated_at=now)
     await store.create_task(task, [])
-    since, until = now + 100.0005, now + 200.0005      # each edge in the middle of a millisecond
-    made = {at: ids.new_id("dlv", at) for at in (now, since - 0.0003, since, since + 50.0, until - 0.0003, until,
-                                                  until + 0.0004, now + 900.0)}
+    made = {at: ids.new_id("dlv", at) for at in times}
     await store.transact(lambda tx: tx.many(
         "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, created_at, "
         "updated_at) VALUES (?, ?, 'task.failed', ?, ?, ?, 'https://hooks.example.com/in', 'failed', ?, ?)",
-        [(delivery_id, f"evt_{n}", task.id, sub.id, sub.id, at, at) for n, (at, delivery_id) in enumerate(made.items())]))
+        [(delivery_id, f"evt_{n}", task.id, sub.id, sub.id, at, at)
+         for n, (at, delivery_id) in enumerate(made.items())]))
+    return sub.id, made
 
-    async def pending() -> set[str]:
-        rows = await store._read_all("SELECT id FROM deliveries WHERE status = 'pending'")
-        return {row["id"] for row in rows}
-    assert await store.replay_deliveries(sub.id, since=since, until=until, statuses=["failed"], now=now) == (3, False)
-    assert await pending() == {made[since], made[since + 50.0], made[until - 0.0003]}
-    assert await store.replay_deliveries(sub.id, since=-1e10, until=now + 1e9, statuses=["failed"],
+
+async def _pending(store: Store) -> set[str]:
+    return {row["id"] for row in await store._read_all("SELECT id FROM deliveries WHERE status = 'pending'")}
+
+
+async def test_a_replay_window_takes_the_deliveries_created_in_it_to_the_millisecond(store: Store) -> None:
+    """replay_deliveries walks the subscription's deliveries by id within the window's ids (an id holds its creation
+    time, ids.id_range) and still filters by created_at: made at `since` or in the millisecond of `until` but
+    before it is in; in the millisecond of `since` but before it, or at `until`, is out; a window from before 1970
+    takes everything."""
+    now = 1_800_000_000.0
+    since, until = now + 100.0005, now + 200.0005      # each edge in the middle of a millisecond
+    sub_id, made = await _failed_deliveries(store, now, (now, since - 0.0003, since, since + 50.0, until - 0.0003,
+                                                         until, until + 0.0004, now + 900.0))
+    assert await store.replay_deliveries(sub_id, since=since, until=until, statuses=["failed"],
+                                         now=now) == (3, False)
+    assert await _pending(store) == {made[since], made[since + 50.0], made[until - 0.0003]}
+    assert await store.replay_deliveries(sub_id, since=-1e10, until=now + 1e9, statuses=["failed"],
                                          now=now) == (5, False)
-    assert await pending() == set(made.values())
+    assert await _pending(store) == set(made.values())
+
+
+async def test_a_replay_restarts_its_deliveries_a_batch_per_transaction(store: Store,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """REPLAY_BATCH deliveries per transaction (SQLite's writer is held for one batch at a time), each batch after
+    the last id of the one before, at most REPLAY_MAX in all, with "more" when some are left."""
+    from relay.store import deliveries
+
+    now = 1_800_000_000.0
+    sub_id, made = await _failed_deliveries(store, now, [now + n for n in range(7)])
+    monkeypatch.setattr(deliveries, "REPLAY_BATCH", 2)
+    monkeypatch.setattr(deliveries, "REPLAY_MAX", 5)
+    transactions = 0
+    transact = store.transact
+
+    async def counted(body: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return await transact(body)
+    monkeypatch.setattr(store, "transact", counted)
+    assert await store.replay_deliveries(sub_id, since=now, until=now + 60, statuses=["failed"], now=now) == (5, True)
+    assert transactions == 3
+    assert await _pending(store) == {made[now + n] for n in range(5)}
+    assert await store.replay_deliveries(sub_id, since=now, until=now + 60, statuses=["failed"], now=now) == (2, False)
+    assert await _pending(store) == set(made.values())

@@ -27,7 +27,7 @@ async def _dead_job(store: Store, now: float, key: str, error: str = "gave up") 
     job = Job(id=ids.new_id("job", now), kind="poll", payload={}, run_at=now, dedupe_key=key, max_attempts=3)
     await store.enqueue([job])
     [claimed] = await store.claim(now, limit=1, lease_seconds=60, kinds=["poll"])
-    await store.bury_job(claimed, error)
+    await store.bury_job(claimed, error, now)
     return claimed
 
 

@@ -501,10 +501,11 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
                                         job.lease_token))
         self._wake()
 
-    async def bury_job(self, job: Job, error: str) -> None:
-        """The job failed for good: keep it as `dead` for inspection, free its dedupe key."""
+    async def bury_job(self, job: Job, error: str, now: float) -> None:
+        """The job failed for good: keep it as `dead` for inspection (its run_at now the time it died), free its
+        dedupe key."""
         async def body(tx: Tx) -> None:
-            await tx.run(q.BURY_JOB, (error, job.id, job.lease_token))
+            await tx.run(q.BURY_JOB, (error, now, job.id, job.lease_token))
         await self.transact(body)
 
     async def job_counts(self) -> dict[str, int]:

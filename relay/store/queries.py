@@ -137,7 +137,8 @@ RETRY_JOB = (
     "payload = COALESCE(?, payload), attempts = CASE WHEN ? = 1 THEN 0 ELSE attempts END "
     "WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
 # A dead job keeps its dedupe key aside (dead_key) for a manual retry (relay.store.console).
-BURY_JOB = ("UPDATE jobs SET state = 'dead', dead_key = dedupe_key, dedupe_key = NULL, last_error = ?, "
+# Its run_at becomes the time it died (what retention ages a dead job of no task by).
+BURY_JOB = ("UPDATE jobs SET state = 'dead', dead_key = dedupe_key, dedupe_key = NULL, last_error = ?, run_at = ?, "
             "lease_token = NULL, lease_until = NULL WHERE id = ? AND lease_token IS NOT DISTINCT FROM ?")
 JOB_COUNTS = "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state"
 
@@ -346,17 +347,19 @@ def jobs_listing(state: str, kind: bool) -> tuple[str, list[str]]:
     elif state == "dead":
         index = "jobs_dead"
     else:
-        index = "sqlite_autoindex_jobs_1"    # the primary key: nearly every job is queued
+        # The primary key: nearly every job is queued. (With few queued and many dead, a page reads through the
+        # dead ones: 50,000 of them cost what a sort of every queued job cost at a million.)
+        index = "sqlite_autoindex_jobs_1"
     return "jobs" + indexed_by(index), [f"state = '{state}'", *(["kind = ?"] if kind else [])]
 
 
 def replay_candidates(statuses: int) -> str:
-    """A subscription's deliveries created in [since, until) with one of `statuses` statuses, oldest first. The
-    window's ids (ids.id_range: an id holds its creation time) bound the walk of the subscription's deliveries,
-    which otherwise read every one it had before the window, under the writer's lock (19 ms for the last hour
-    with 300,000 in 30 days on SQLite)."""
+    """A subscription's deliveries created in [since, until) with one of `statuses` statuses, oldest first, after
+    an id (the window's low id, or the last of the previous batch). The window's ids (ids.id_range: an id holds
+    its creation time) bound the walk of the subscription's deliveries, which otherwise read every one it had
+    before the window, under the writer's lock (19 ms for the last hour with 300,000 in 30 days on SQLite)."""
     return (f"SELECT id FROM deliveries{indexed_by('deliveries_by_subscription')} WHERE subscription_id = ? "
-            f"AND status IN ({marks(statuses)}) AND created_at >= ? AND created_at < ? AND id >= ? AND id < ? "
+            f"AND status IN ({marks(statuses)}) AND created_at >= ? AND created_at < ? AND id > ? AND id < ? "
             "ORDER BY id LIMIT ?")
 
 
@@ -421,9 +424,12 @@ DELETE_OLD_PROVIDER_STATS = (
     "(SELECT provider, minute FROM provider_stats WHERE minute < ? ORDER BY minute LIMIT ?)")
 COUNT_OLD_PROVIDER_STATS = "SELECT COUNT(*) AS n FROM provider_stats WHERE minute < ?"
 # A delivery's job has no task, so no task's deletion takes it; dead (its delivery settled as failed) it stays for
-# the operator until it was last due before the events' age (the argument), oldest first, through jobs_dead.
+# the operator until it died (its run_at, BURY_JOB) before the events' age (the argument), oldest first, through
+# jobs_dead. The outer `state = 'dead'`: on PostgreSQL a job an operator retried (queued again) while the DELETE
+# waited for its row is checked again against it, and stays.
 _OLD_DEAD_JOBS = f"FROM jobs{indexed_by('jobs_dead')} WHERE state = 'dead' AND task_id IS NULL AND run_at < ?"
-DELETE_OLD_DEAD_JOBS = f"DELETE FROM jobs WHERE id IN (SELECT id {_OLD_DEAD_JOBS} ORDER BY id LIMIT ?)"
+DELETE_OLD_DEAD_JOBS = (f"DELETE FROM jobs WHERE state = 'dead' AND id IN (SELECT id {_OLD_DEAD_JOBS} ORDER BY id "
+                        "LIMIT ?)")
 COUNT_OLD_DEAD_JOBS = f"SELECT COUNT(*) AS n {_OLD_DEAD_JOBS}"
 # An uploaded edit input (relay.web.openai_compat): kept, a user of its sha256 (see IMAGE_IN_USE).
 INSERT_UPLOAD = "INSERT INTO uploads (sha256, key, created_at) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING"

@@ -268,7 +268,7 @@ class SQLiteStore(Store):
                 # whichever commit crosses 1000 pages, and every caller of that (group) commit waits for
                 # it: that was most of the p99 of claims and callback acks. Here they run on a
                 # connection of their own, off the write path (PASSIVE: never blocks writers or readers),
-                # which also serves the slow whole-table counts of /metrics (see job_counts).
+                # which also serves the whole-table reads (see _read_whole).
                 await self._writer.execute("PRAGMA wal_autocheckpoint=0")
                 # The WAL file's size once it starts over: see WAL_SIZE_LIMIT.
                 await self._writer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")

@@ -166,7 +166,7 @@ def bury_a_job(relay: Relay, task_id: str, error: str) -> str:
             await store.enqueue([job])
             claimed = await store.claim(later, limit=1, lease_seconds=60, kinds=["poll"])
             assert [c.id for c in claimed] == [job.id], claimed
-            await store.bury_job(claimed[0], error)
+            await store.bury_job(claimed[0], error, time.time())
             return job.id
         finally:
             await store.close()
