@@ -112,9 +112,12 @@ _KEEP_SETTLED = ("ON CONFLICT (id) DO UPDATE SET status = excluded.status, note 
 SETTLE_CALLBACK = ("INSERT INTO inbox (id, provider, task_id, body, received_at, status, note, processed_at) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) " + _KEEP_SETTLED)
 # A task's callback jobs no worker holds, received by a time, a page at a time after a cursor (an id): a worker
-# that has judged one callback of the task settles them with it (relay.jobs.callback, lock_waiting_jobs).
+# that has judged one callback of the task settles them with it (relay.jobs.callback, lock_waiting_jobs). Through
+# the task's jobs: SQLite otherwise walked every queued job of the kind, each task's (124 ms a page with 250,000
+# callbacks queued, as after an outage, up to 50 pages per gathering).
 WAITING_CALLBACK_JOBS = ("SELECT id, json_extract(payload, '$.provider') AS provider, "
-                         "json_extract(payload, '$.body') AS body FROM jobs WHERE task_id = ? AND kind = ? "
+                         f"json_extract(payload, '$.body') AS body FROM jobs{indexed_by('jobs_by_task')} "
+                         "WHERE task_id = ? AND kind = ? "
                          "AND state = 'queued' AND lease_token IS NULL AND created_at <= ? AND id > ? "
                          "ORDER BY id LIMIT ?")
 
@@ -424,12 +427,14 @@ DELETE_OLD_PROVIDER_STATS = (
     "(SELECT provider, minute FROM provider_stats WHERE minute < ? ORDER BY minute LIMIT ?)")
 COUNT_OLD_PROVIDER_STATS = "SELECT COUNT(*) AS n FROM provider_stats WHERE minute < ?"
 # A delivery's job has no task, so no task's deletion takes it; dead (its delivery settled as failed) it stays for
-# the operator until it died (its run_at, BURY_JOB) before the events' age (the argument), oldest first, through
-# jobs_dead. The outer `state = 'dead'`: on PostgreSQL a job an operator retried (queued again) while the DELETE
-# waited for its row is checked again against it, and stays.
-_OLD_DEAD_JOBS = f"FROM jobs{indexed_by('jobs_dead')} WHERE state = 'dead' AND task_id IS NULL AND run_at < ?"
-DELETE_OLD_DEAD_JOBS = (f"DELETE FROM jobs WHERE state = 'dead' AND id IN (SELECT id {_OLD_DEAD_JOBS} ORDER BY id "
-                        "LIMIT ?)")
+# the operator until it died (its run_at, BURY_JOB) before the events' age (the argument), the longest dead first,
+# through jobs_dead_of_no_task (sql/024: through jobs_dead, each batch read every dead job, 74 ms at 50,000, under
+# the writer's lock). The outer `state = 'dead'`: on PostgreSQL a job an operator retried (queued again) while the
+# DELETE waited for its row is checked again against it, and stays; by id, or SQLite walks every dead job for it.
+_OLD_DEAD_JOBS = (f"FROM jobs{indexed_by('jobs_dead_of_no_task')} WHERE state = 'dead' AND task_id IS NULL "
+                  "AND run_at < ?")
+DELETE_OLD_DEAD_JOBS = (f"DELETE FROM jobs{indexed_by('sqlite_autoindex_jobs_1')} WHERE state = 'dead' AND id IN "
+                        f"(SELECT id {_OLD_DEAD_JOBS} ORDER BY run_at LIMIT ?)")
 COUNT_OLD_DEAD_JOBS = f"SELECT COUNT(*) AS n {_OLD_DEAD_JOBS}"
 # An uploaded edit input (relay.web.openai_compat): kept, a user of its sha256 (see IMAGE_IN_USE).
 INSERT_UPLOAD = "INSERT INTO uploads (sha256, key, created_at) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING"
