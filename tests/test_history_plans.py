@@ -267,3 +267,42 @@ async def test_dead_jobs_swept_and_a_tasks_waiting_callbacks_are_read_by_what_is
         for plan in plans:
             assert "jobs_dead_of_no_task" in plan or "jobs_by_task" in plan, (sql, plan)
             assert "Seq Scan" not in plan and "SCAN jobs" not in plan and "jobs_by_state_kind" not in plan, (sql, plan)
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_a_page_filtered_by_its_owner_walks_that_owners_rows(store: Store, analyzed: bool) -> None:
+    """GET /v1/events?type=&task_id= and GET /v1/deliveries?status= with an event, a task or a subscription: SQLite
+    walked every event of the type (0.14-0.19 s at 800,000 events) or every delivery of the status (0.2-0.65 s at
+    500,000) to find one owner's. The narrowest filter walks its own index (events_by_task, the deliveries' of the
+    event, task or subscription)."""
+    await _stored_history(store)
+    deliveries = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", "sub_1" if n else "sub_2",
+                   "sub_1" if n else "sub_2", "http://x/", "succeeded", 1.0, 1.0) for n in range(3 * FINISHED)]
+    await store.transact(lambda tx: tx.many(
+        "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, created_at, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", deliveries))
+    if analyzed:
+        await _analyze(store)
+    [own] = await store.list_events(after=None, type="task.running", task_id="tsk_000000", limit=10)
+    assert own.id == "evt_000001"
+    pages = [(await store.list_deliveries(subscription_id=None, status="succeeded", task_id=None,
+                                          event_id="evt_000005", limit=10, cursor=None))[0],
+             (await store.list_deliveries(subscription_id=None, status="succeeded", task_id="tsk_000002",
+                                          event_id=None, limit=10, cursor=None))[0],
+             (await store.list_deliveries(subscription_id="sub_2", status="succeeded", task_id=None, event_id=None,
+                                          limit=10, cursor=None))[0]]
+    assert [[d.id for d in page] for page in pages] == [["dlv_000005"], ["dlv_000008", "dlv_000007", "dlv_000006"],
+                                                        ["dlv_000000"]]
+    if not isinstance(store, SQLiteStore):
+        return      # PostgreSQL plans these from its statistics (the hints are comments there)
+    sent = await _sqlite_statements(store, lambda: store.list_events(after=None, type="task.running",
+                                                                     task_id="tsk_000000", limit=10))
+    for owner in ({"event_id": "evt_000005"}, {"task_id": "tsk_000002"}, {"subscription_id": "sub_2"}):
+        given: dict[str, Any] = {"subscription_id": None, "task_id": None, "event_id": None, **owner}
+        sent += await _sqlite_statements(store, lambda: store.list_deliveries(status="succeeded", limit=10,
+                                                                              cursor=None, **given))
+    looks = [sql for sql in sent if "FROM events" in sql or "FROM deliveries" in sql]
+    assert len(looks) == 4, sent
+    for sql in looks:
+        plan = (await _plans(store, sql, ()))[0]
+        assert "events_by_type" not in plan and "deliveries_by_status" not in plan and "SCAN" not in plan, plan

@@ -637,7 +637,8 @@ async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path, analyze
 
 async def test_whole_table_reads_run_beside_the_reader_the_api_shares(tmp_path: Path) -> None:
     """The counts of every job and task (/metrics; the console's Queue page, every 3 s while open: 0.25 s at a
-    million jobs) and the console's task search (every task's metadata, every 1.5 s) go to SQLite's background
+    million jobs), the console's task search (every task's metadata, every 1.5 s), the queue lag (every due job)
+    and the cost totals (every costed task of the window) of each /metrics scrape go to SQLite's background
     connection, so the API's and workers' reads never queue behind them on the reader's one thread
     (SQLiteStore._read_whole). A page without a search stays on the reader."""
     store = SQLiteStore(tmp_path / "relay.db")
@@ -654,12 +655,15 @@ async def test_whole_table_reads_run_beside_the_reader_the_api_shares(tmp_path: 
         assert (kind.kind, kind.queued, kind.due) == ("poll", 1, 1)
         assert await store.search_tasks(status=None, provider=None, search="order-7", limit=10, cursor=None) == ([],
                                                                                                               None)
+        assert await store.oldest_due_jobs(2.0) == {"poll": 1.0}
+        assert await store.cost_totals(0) == []
         assert not sent, sent
         await store.search_tasks(status="running", provider=None, search=None, limit=10, cursor=None)
         store._reader._conn.set_trace_callback(None)               # type: ignore[union-attr]
         store._background._conn.set_trace_callback(None)           # type: ignore[union-attr]
-        assert len([sql for sql in aside if "COUNT(*)" in sql]) == 3, aside
+        assert len([sql for sql in aside if "COUNT(*) AS n" in sql]) == 3, aside
         assert len([sql for sql in aside if "LIKE" in sql]) == 1, aside
+        assert [sql for sql in aside if "MIN(run_at)" in sql] and [sql for sql in aside if "SUM(cost_amount)" in sql]
         assert len(sent) == 1 and "FROM tasks" in sent[0], sent
     finally:
         await store.close()

@@ -389,7 +389,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             args.append(task_id)
         if self._visible_events:
             filters.append(self._visible_events)
-        rows = await self._read_all(q.filtered("events", filters, order="seq"), (*args, limit))
+        # A task's events through the task's (SQLite walked every event of the type for one task's: 0.14-0.19 s
+        # at 800,000 events).
+        table = "events" + (q.indexed_by("events_by_task") if task_id else "")
+        rows = await self._read_all(q.filtered(table, filters, order="seq"), (*args, limit))
         return [Event(id=r["id"], type=r["type"], task_id=r["task_id"], sequence=r["sequence"],
                       created_at=r["created_at"], data=loads(r["data"])) for r in rows]
 
@@ -524,8 +527,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         return {(r["provider"], r["status"]): int(r["n"]) for r in await self._read_whole(q.TASK_COUNTS)}
 
     async def oldest_due_jobs(self, now: float) -> dict[str, float]:
-        """Per job kind, the run_at of the oldest job due by `now` that no worker holds (queue lag)."""
-        rows = await self._read_all(q.OLDEST_DUE_JOBS, (float(now), float(now)))
+        """Per job kind, the run_at of the oldest job due by `now` that no worker holds (queue lag). It reads every
+        due job (92 ms with 20,000 due on SQLite, 0.4-0.5 s with a backlog of 270,000), at every /metrics scrape:
+        _read_whole, as the scrape's other counts."""
+        rows = await self._read_whole(q.OLDEST_DUE_JOBS, (float(now), float(now)))
         return {r["kind"]: float(r["due"]) for r in rows}
 
     # ---- provider request stats (relay.stats) ----------------------------------------------------

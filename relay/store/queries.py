@@ -356,6 +356,17 @@ def jobs_listing(state: str, kind: bool) -> tuple[str, list[str]]:
     return "jobs" + indexed_by(index), [f"state = '{state}'", *(["kind = ?"] if kind else [])]
 
 
+def deliveries_listing(*, subscription: bool, task: bool, event: bool) -> str:
+    """The table (with its index) of a page of deliveries filtered by these (and maybe a status): the narrowest
+    filter given walks its own index. SQLite otherwise walked every delivery of the status for one event's,
+    task's or subscription's (0.2-0.65 s at 500,000 deliveries, for a page of none or one)."""
+    for given, index in ((event, "sqlite_autoindex_deliveries_2"), (task, "deliveries_by_task"),
+                         (subscription, "deliveries_by_subscription")):
+        if given:
+            return "deliveries" + indexed_by(index)    # sqlite_autoindex_deliveries_2: UNIQUE (event_id, target)
+    return "deliveries"
+
+
 def replay_candidates(statuses: int) -> str:
     """A subscription's deliveries created in [since, until) with one of `statuses` statuses, oldest first, after
     an id (the window's low id, or the last of the previous batch). The window's ids (ids.id_range: an id holds
