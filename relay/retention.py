@@ -7,7 +7,7 @@ One sweep, run by the housekeeping job (relay.jobs.housekeeping) or by `relay re
        idempotency keys, jobs and images rows; with `images` > 0, their files no kept image uses
        (then finished archives of any link, arc_…, the same way: their image rows are images like a task's)
     3. events older than `events` (of tasks still kept), with their settled deliveries and attempts; dead jobs of
-       no task (a delivery's, whose delivery was settled as failed) last due before then
+       no task (a delivery's, whose delivery was settled as failed) that died before then
     4. delivery attempts older than `delivery_attempts`; provider request stats (relay.stats) older than `events`
     5. with `images` > 0, images archived longer ago become `expired`; their files no kept image uses go
     6. temporary download files a crash left (older than an hour)

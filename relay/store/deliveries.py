@@ -134,8 +134,8 @@ class DeliveryCases(StorePlumbing):
             if value is not None:
                 filters.append(f"{column} = ?")
                 args.append(value)
-        table = q.deliveries_listing(subscription=subscription_id is not None, task=task_id is not None,
-                                     event=event_id is not None)
+        table = q.deliveries_listing(subscription=subscription_id is not None, status=status is not None,
+                                     task=task_id is not None, event=event_id is not None)
         return await self._page(table, filters, args, cursor=cursor, limit=limit, build=delivery_from_row)
 
     async def list_attempts(self, delivery_id: str, *, limit: int = 100) -> list[Attempt]:

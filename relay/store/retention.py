@@ -176,8 +176,8 @@ class RetentionCases(StorePlumbing):
         return await self.transact(body)
 
     async def delete_old_dead_jobs(self, before: float, limit: int) -> Swept:
-        """One transaction: up to `limit` dead jobs of no task (a delivery's, housekeeping's) last due before
-        `before`, oldest first. A task's jobs go with their task."""
+        """One transaction: up to `limit` dead jobs of no task (a delivery's, housekeeping's) that died before
+        `before` (their run_at, set by bury_job), the longest dead first. A task's jobs go with their task."""
         async def body(tx: Tx) -> Swept:
             deleted = await tx.run(q.DELETE_OLD_DEAD_JOBS, (before, limit))
             return Swept(picked=deleted, deleted=deleted)

@@ -7,9 +7,6 @@
 -- ms at a million jobs, against 113-119 and 208-231 before, two runs each), for a kind. PostgreSQL keeps (state,
 -- kind): its planner, with statistics, already walks jobs_pkey or jobs_dead (every page under 1.2 ms at a million
 -- rows), and there this index took 115 MB more at a million rows (its (state, kind) entries are deduplicated) and a
--- larger index write for every job, for nothing measured. And the dead jobs of no task (a delivery's) retention
--- deletes 30 days after they died (queries.DELETE_OLD_DEAD_JOBS), by the time they died: through jobs_dead each
--- batch read every dead job (74 ms at 50,000, under the writer's lock).
+-- larger index write for every job, for nothing measured.
 CREATE INDEX jobs_by_state_kind_id ON jobs (state, kind, id);
-CREATE INDEX jobs_dead_of_no_task ON jobs (run_at) WHERE state = 'dead' AND task_id IS NULL;
 DROP INDEX jobs_by_state_kind;
