@@ -306,3 +306,29 @@ async def test_a_page_filtered_by_its_owner_walks_that_owners_rows(store: Store,
     for sql in looks:
         plan = (await _plans(store, sql, ()))[0]
         assert "events_by_type" not in plan and "deliveries_by_status" not in plan and "SCAN" not in plan, plan
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_cancelling_a_subscriptions_deliveries_reads_its_pending_ones(store: Store, analyzed: bool) -> None:
+    """Disabling, deleting or auto-disabling a subscription cancels its pending deliveries under the writer's lock
+    (auto-disable inside a shared transaction of attempts and transitions). Through deliveries_by_status it read
+    every pending delivery of every subscription (36-38 ms at 20,000, as when another subscriber is down)."""
+    await _stored_history(store)
+    deliveries = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", f"sub_{n % 3}",
+                   f"sub_{n % 3}", "http://x/", "pending" if n % 2 else "succeeded", 1.0, 1.0)
+                  for n in range(3 * FINISHED)]
+    await store.transact(lambda tx: tx.many(
+        "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, created_at, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", deliveries))
+    if analyzed:
+        await _analyze(store)
+    cancelled = await store.transact(lambda tx: tx.run(q.CANCEL_PENDING_DELIVERIES, ("gone", 2.0, 2.0, "sub_1")))
+    assert cancelled == len([d for d in deliveries if d[4] == "sub_1" and d[7] == "pending"])
+    rows = await store._read_all("SELECT subscription_id, COUNT(*) AS n FROM deliveries WHERE status = 'pending' "
+                                 "GROUP BY subscription_id ORDER BY subscription_id")
+    assert [(row["subscription_id"], row["n"]) for row in rows] == [("sub_0", 1500), ("sub_2", 1500)]
+    if not isinstance(store, SQLiteStore) and not analyzed:
+        return      # a table PostgreSQL has never analyzed is guessed tiny
+    for plan in await _plans(store, q.CANCEL_PENDING_DELIVERIES, ("gone", 2.0, 2.0, "sub_0")):
+        assert "deliveries_pending_by_subscription" in plan, plan
+        assert "deliveries_by_status" not in plan and "Seq Scan" not in plan, plan

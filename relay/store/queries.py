@@ -227,9 +227,11 @@ LOCK_DELIVERY = "SELECT * FROM deliveries WHERE id = ?" + FOR_UPDATE
 # the old separate reset had the same window from its own statement to the commit, a little shorter.
 LOCK_DELIVERY_FOR_ATTEMPT = ("SELECT d.*, (SELECT s.failing_since FROM subscriptions s WHERE s.id = d.subscription_id) "
                              "AS sub_failing_since FROM deliveries d WHERE d.id = ?" + FOR_UPDATE)
+# A subscription's pending deliveries, through its own (sql/026: through deliveries_by_status it read every pending
+# delivery of every subscription, 36-38 ms at 20,000 pending, under the writer's lock).
 CANCEL_PENDING_DELIVERIES = (
-    "UPDATE deliveries SET status = 'canceled', last_error = ?, next_attempt_at = NULL, completed_at = ?, "
-    "updated_at = ? WHERE subscription_id = ? AND status = 'pending'")
+    f"UPDATE deliveries{indexed_by('deliveries_pending_by_subscription')} SET status = 'canceled', last_error = ?, "
+    "next_attempt_at = NULL, completed_at = ?, updated_at = ? WHERE subscription_id = ? AND status = 'pending'")
 INSERT_ATTEMPT = ("INSERT INTO delivery_attempts (delivery_id, number, at, url, origin, status_code, latency_ms, "
                   "response, error, subscription_id) VALUES (?,?,?,?,?,?,?,?,?,?)")
 RECORD_DELIVERY_ATTEMPT = (
