@@ -20,7 +20,7 @@ from relay.store.plumbing import StorePlumbing
 from relay.store.rows import attempt_from_row, delivery_from_row, loads, task_from_row
 from relay.store.tx import Row, Tx
 
-JOB_STATES = ("queued", "dead")
+JOB_STATES = q.JOB_STATES
 TIMELINE_LIMIT = 500          # events and deliveries shown for one task
 # How far ahead of now a held job's run_at may lie and still count as running on the Queue page (queries.
 # QUEUE_BY_KIND): a replica whose clock runs ahead of this one, or a lease carried over by migration 021 (run_at =

@@ -339,13 +339,16 @@ REQUEUE_DEAD_JOB = (
     "WHERE id = ? AND state = 'dead'")
 
 
+JOB_STATES = ("queued", "dead")     # a job's states (finished jobs are deleted)
+
+
 def jobs_listing(state: str, kind: bool) -> tuple[str, list[str]]:
     """The table (with its index) and filters of a page of jobs in `state`, of one kind if `kind` (its `?`), for
     plumbing's newest-first page: on SQLite each walks an index in id order and stops at its limit (sql/024; its
     planner read every job of the state and sorted them, 705 ms a page at a million jobs). The state, one of two,
     is written into the statement: the partial index jobs_dead then applies, and PostgreSQL (which picks these
     walks from its statistics) plans each state for itself."""
-    if state not in ("queued", "dead"):
+    if state not in JOB_STATES:
         raise ValueError(f"not a job state: {state!r}")
     if kind:
         index = "jobs_by_state_kind_id"
@@ -444,7 +447,7 @@ DELETE_OLD_PROVIDER_STATS = (
 COUNT_OLD_PROVIDER_STATS = "SELECT COUNT(*) AS n FROM provider_stats WHERE minute < ?"
 # A delivery's job has no task, so no task's deletion takes it; dead (its delivery settled as failed) it stays for
 # the operator until it died (its run_at, BURY_JOB) before the events' age (the argument), the longest dead first,
-# through jobs_dead_of_no_task (sql/024: through jobs_dead, each batch read every dead job, 74 ms at 50,000, under
+# through jobs_dead_of_no_task (sql/025: through jobs_dead, each batch read every dead job, 74 ms at 50,000, under
 # the writer's lock). The outer `state = 'dead'`: on PostgreSQL a job an operator retried (queued again) while the
 # DELETE waited for its row is checked again against it, and stays; by id, or SQLite walks every dead job for it.
 _OLD_DEAD_JOBS = (f"FROM jobs{indexed_by('jobs_dead_of_no_task')} WHERE state = 'dead' AND task_id IS NULL "
