@@ -637,7 +637,9 @@ async def test_the_looks_for_due_jobs_walk_the_due_index(tmp_path: Path, analyze
 
 async def test_whole_table_reads_run_beside_the_reader_the_api_shares(tmp_path: Path) -> None:
     """The counts of every job and task (/metrics; the console's Queue page, every 3 s while open: 0.25 s at a
-    million jobs), the console's task search (every task's metadata, every 1.5 s), the queue lag (every due job)
+    million jobs), the console's task search (every task's metadata, every 1.5 s), its Providers and
+    Subscriptions pages' counts (every live task, the window's callbacks and attempts: 0.1 s at 90,000 live
+    tasks and 150,000 callbacks a day), the queue lag (every due job)
     and the cost totals (every costed task of the window) of each /metrics scrape go to SQLite's background
     connection, so the API's and workers' reads never queue behind them on the reader's one thread
     (SQLiteStore._read_whole). A page without a search stays on the reader."""
@@ -657,11 +659,17 @@ async def test_whole_table_reads_run_beside_the_reader_the_api_shares(tmp_path: 
                                                                                                               None)
         assert await store.oldest_due_jobs(2.0) == {"poll": 1.0}
         assert await store.cost_totals(0) == []
+        # The Providers and Subscriptions pages' counts of live tasks and of a window's callbacks and attempts.
+        assert await store.in_flight_by_provider() == {}
+        assert await store.callbacks_by_provider(0) == {}
+        assert await store.delivery_health(0) == {}
+        assert await store._latency_rank("sub_1", 0, 1, 0.5) is None
         assert not sent, sent
         await store.search_tasks(status="running", provider=None, search=None, limit=10, cursor=None)
         store._reader._conn.set_trace_callback(None)               # type: ignore[union-attr]
         store._background._conn.set_trace_callback(None)           # type: ignore[union-attr]
-        assert len([sql for sql in aside if "COUNT(*) AS n" in sql]) == 3, aside
+        assert len([sql for sql in aside if "COUNT(*) AS n" in sql]) == 6, aside
+        assert [sql for sql in aside if "FROM inbox" in sql] and [sql for sql in aside if "OFFSET" in sql], aside
         assert len([sql for sql in aside if "LIKE" in sql]) == 1, aside
         assert [sql for sql in aside if "MIN(run_at)" in sql] and [sql for sql in aside if "SUM(cost_amount)" in sql]
         assert len(sent) == 1 and "FROM tasks" in sent[0], sent

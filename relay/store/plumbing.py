@@ -108,9 +108,10 @@ class StorePlumbing(abc.ABC):
         return await self._read(sql, args)
 
     async def _read_whole(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        """`_read_all` of a statement that reads a whole table (the counts of /metrics and of the console's Queue
-        page, the console's text search): a backend may keep these apart from the reads the API and workers wait
-        on (SQLite: on its background connection, see SQLiteStore._read_whole)."""
+        """`_read_all` of a statement whose reads grow with a table or a window rather than with what it returns
+        (the counts of /metrics and of the console's Queue, Providers and Subscriptions pages, the console's text
+        search): a backend may keep these apart from the reads the API and workers wait on (SQLite: on its
+        background connection, see SQLiteStore._read_whole)."""
         return await self._read_all(sql, args)
 
     # Job outcomes are the most frequent writes (every job ends with one): concurrent ones share a commit (group

@@ -607,10 +607,11 @@ class SQLiteStore(Store):
         return self.jobs_from_rows(await self._tx_on_loop(claim))
 
     async def _read_whole(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        """The whole-table reads (/metrics counts: jobs ~0.1 s at a million, tasks 14 ms at 200,000; the console's
-        Queue page 0.25 s at a million jobs, every 3 s while it is open; its task search 0.1 s at 200,000 tasks,
-        every 1.5 s) on the background connection: they never hold up the reads the API and workers share (the
-        reader's one thread)."""
+        """The whole-table and whole-window reads (/metrics counts: jobs ~0.1 s at a million, tasks 14 ms at
+        200,000; the console's Queue page 0.25 s at a million jobs, every 3 s while it is open; its task search 0.1
+        s at 200,000 tasks, every 1.5 s; its Providers page's counts of live tasks and of the day's callbacks, 0.1 s
+        together at 90,000 and 150,000) on the background connection: they never hold up the reads the API and
+        workers share (the reader's one thread)."""
         conn = self._background if self._background is not None else self._reader
         assert conn is not None, "store is not open"
         return list(await conn.execute_fetchall(sqlite_spelling(sql), args))
