@@ -1,6 +1,6 @@
 """Every relay benchmark in one run, each figure set against a baseline measured in the same run.
 
-    python -m bench                  # the full run (about 6 min on 2 cores); writes docs/benchmarks.md
+    python -m bench                  # the full run (6-11 min on 2 cores); writes docs/benchmarks.md, keeping its notes
     python -m bench --quick          # smaller sizes (about 1.5 min), a smoke run; prints, writes nothing
     python -m bench --only claims,memory [--write docs/benchmarks.md]
     python -m bench --database postgresql  # every section that starts relay runs on PostgreSQL
@@ -38,7 +38,7 @@ from pathlib import Path
 from bench import (archive, callbacks, chaos, claims, common, fanout, history, memory, queue, reads, retention,
                    scaling, throughput)
 from bench.common import (DATABASES, Section, add_database_argument, backend_label, machine, pg_version, postgres,
-                          use_database, write_section)
+                          keeping_notes, use_database, write_section)
 
 SECTIONS: dict[str, Callable[[bool], Section]] = {
     "callbacks": callbacks.run, "throughput": throughput.run, "fanout": fanout.run, "archive": archive.run,
@@ -167,8 +167,8 @@ def main() -> None:
               file=sys.stderr)
     elif target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        print(f"bench: wrote {target}", file=sys.stderr)
+        target.write_text(keeping_notes(target.read_text() if target.exists() else "", text))
+        print(f"bench: wrote {target} (its other sections kept after the run's)", file=sys.stderr)
 
 
 if __name__ == "__main__":

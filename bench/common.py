@@ -181,6 +181,25 @@ def write_section(path: Path, title: str, text: str) -> None:
     path.write_text(doc)
 
 
+def sections_of(doc: str) -> list[tuple[str, str]]:
+    """The `## ` sections of a markdown document, (title, text with its heading), in order."""
+    found = []
+    for piece in ("\n" + doc).split("\n## ")[1:]:
+        title = piece.split("\n", 1)[0].strip()
+        found.append((title, "## " + piece.rstrip() + "\n"))
+    return found
+
+
+def keeping_notes(old: str, new: str) -> str:
+    """`new` (a full run's report) followed by every section of `old` it does not replace: the notes written by
+    hand between runs (the rounds of work on a figure, with what was measured and why) and the partial runs of
+    other days and databases. A full run used to write its report over the whole file, and they had to be put
+    back by hand."""
+    titles = {title for title, _ in sections_of(new)}
+    kept = [text for title, text in sections_of(old) if title not in titles]
+    return new.rstrip() + "\n" + "".join("\n" + text for text in kept)
+
+
 def timed(run: Callable[..., Section]) -> Callable[..., Section]:
     """Wrap a module's run(quick, ...) so its Section carries its own wall time."""
 
