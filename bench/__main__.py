@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bench import (archive, callbacks, chaos, claims, common, fanout, history, memory, queue, reads, retention,
                    scaling, throughput)
-from bench.common import (DATABASES, Section, add_database_argument, backend_label, machine, pg_version, postgres,
+from bench.common import (DATABASES, Section, add_database_argument, backend_label, machine, pg_version,
                           keeping_notes, use_database, write_section)
 
 SECTIONS: dict[str, Callable[[bool], Section]] = {
