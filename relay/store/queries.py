@@ -431,6 +431,8 @@ START_IMAGE_DELETION = ("INSERT INTO image_deletions (sha256, key, started_at) V
 END_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ?"
 IMAGE_DELETIONS = "SELECT sha256, key FROM image_deletions WHERE key <> '' ORDER BY started_at LIMIT ?"
 # A file is in use while an image not expired (a task's or an archive's: any owner) or an upload has its sha256.
+# The images through images_in_use, which holds only those (sql/027, postgres/026): not the expired ones that share
+# the bytes, however many.
 IMAGE_IN_USE = ("SELECT 1 AS used FROM images WHERE sha256 = ? AND status <> 'expired' "
                 "UNION ALL SELECT 1 AS used FROM uploads WHERE sha256 = ? LIMIT 1")
 HOLD_IMAGE = "UPDATE images SET sha256 = ? WHERE id = ? AND status = 'pending'"
