@@ -274,7 +274,7 @@ async def test_a_page_filtered_by_its_owner_walks_that_owners_rows(store: Store,
     """GET /v1/events?type=&task_id= and GET /v1/deliveries?status= with an event or a task: SQLite walked every
     event of the type (0.14-0.19 s at 800,000 events) or every delivery of the status (0.2-0.65 s at 500,000) to find
     one owner's. The narrowest filter walks its own index (events_by_task, the deliveries' of the event or task, a
-    subscription's when no status is asked for too: queries.deliveries_listing)."""
+    subscription's, or with a status those of the subscription of that status: queries.deliveries_listing)."""
     await _stored_history(store)
     deliveries = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", "sub_1" if n else "sub_2",
                    "sub_1" if n else "sub_2", "http://x/", "succeeded", 1.0, 1.0) for n in range(3 * FINISHED)]
@@ -290,22 +290,28 @@ async def test_a_page_filtered_by_its_owner_walks_that_owners_rows(store: Store,
              (await store.list_deliveries(subscription_id=None, status="succeeded", task_id="tsk_000002",
                                           event_id=None, limit=10, cursor=None))[0],
              (await store.list_deliveries(subscription_id="sub_2", status=None, task_id=None, event_id=None,
+                                          limit=10, cursor=None))[0],
+             (await store.list_deliveries(subscription_id="sub_2", status="succeeded", task_id=None, event_id=None,
                                           limit=10, cursor=None))[0]]
     assert [[d.id for d in page] for page in pages] == [["dlv_000005"], ["dlv_000008", "dlv_000007", "dlv_000006"],
-                                                        ["dlv_000000"]]
+                                                        ["dlv_000000"], ["dlv_000000"]]
     if not isinstance(store, SQLiteStore):
         return      # PostgreSQL plans these from its statistics (the hints are comments there)
     sent = await _sqlite_statements(store, lambda: store.list_events(after=None, type="task.running",
                                                                      task_id="tsk_000000", limit=10))
     for owner in ({"event_id": "evt_000005", "status": "succeeded"}, {"task_id": "tsk_000002", "status": "succeeded"},
-                  {"subscription_id": "sub_2", "status": None}):
+                  {"subscription_id": "sub_2", "status": None}, {"subscription_id": "sub_2", "status": "succeeded"}):
         given: dict[str, Any] = {"subscription_id": None, "task_id": None, "event_id": None, **owner}
         sent += await _sqlite_statements(store, lambda: store.list_deliveries(limit=10, cursor=None, **given))
     looks = [sql for sql in sent if "FROM events" in sql or "FROM deliveries" in sql]
-    assert len(looks) == 4, sent
+    assert len(looks) == 5, sent
+    walked = []
     for sql in looks:
         plan = (await _plans(store, sql, ()))[0]
         assert "events_by_type" not in plan and "deliveries_by_status" not in plan and "SCAN" not in plan, plan
+        walked.append(plan.split(" USING ")[1].split(" (")[0])
+    # A subscription's deliveries of one status: those alone (sql/028), not all of the subscription's or the status's.
+    assert walked[3:] == ["INDEX deliveries_by_subscription", "INDEX deliveries_by_subscription_status"], walked
 
 
 @pytest.mark.parametrize("analyzed", [False, True])
@@ -330,7 +336,7 @@ async def test_cancelling_a_subscriptions_deliveries_reads_its_pending_ones(stor
     if not isinstance(store, SQLiteStore) and not analyzed:
         return      # a table PostgreSQL has never analyzed is guessed tiny
     for plan in await _plans(store, q.CANCEL_PENDING_DELIVERIES, ("gone", 2.0, 2.0, "sub_0")):
-        assert "deliveries_pending_by_subscription" in plan, plan
+        assert "deliveries_by_subscription_status" in plan, plan
         assert "deliveries_by_status" not in plan and "Seq Scan" not in plan, plan
 
 
