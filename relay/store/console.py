@@ -124,12 +124,15 @@ class ConsoleCases(StorePlumbing):
         events = [Event(id=r["id"], type=r["type"], task_id=r["task_id"], sequence=r["sequence"],
                         created_at=r["created_at"], data=None) for r in rows]
         timeline = TaskTimeline(events=events)
+        shown = []
         for row in await self._read_all(q.DELIVERIES_OF_TASK, (task_id, TIMELINE_LIMIT)):
             delivery = delivery_from_row(row)
             timeline.deliveries.setdefault(delivery.event_id, []).append(delivery)
-        for row in await self._read_all(q.ATTEMPTS_OF_TASK, (task_id,)):
-            attempt = attempt_from_row(row)
-            timeline.attempts.setdefault(attempt.delivery_id, []).append(attempt)
+            shown.append(delivery.id)
+        if shown:
+            for row in await self._read_all(q.attempts_of_deliveries(len(shown)), shown):
+                attempt = attempt_from_row(row)
+                timeline.attempts.setdefault(attempt.delivery_id, []).append(attempt)
         return timeline
 
     # ---- subscriptions ----------------------------------------------------------------------------

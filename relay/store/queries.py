@@ -290,9 +290,15 @@ OLDEST_DUE_JOBS = (f"SELECT kind, MIN(run_at) AS due FROM jobs{BY_DUE} WHERE sta
 # Tasks whose id or provider task id is the search text, or whose metadata JSON contains it (a scan of the
 # filtered tasks: the console's search, not an API path).
 TASK_SEARCH = "(id = ? OR provider_task_id = ? OR metadata LIKE ? ESCAPE '\\')"
-ATTEMPTS_OF_TASK = (
-    "SELECT a.* FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.task_id = ? "
-    "ORDER BY a.id")
+
+
+def attempts_of_deliveries(count: int) -> str:
+    """The attempts of the deliveries a task's timeline shows (at most its limit of them), oldest first. Every attempt
+    of every delivery of the task was read before, with no bound: 60 ms for a task of 14,000 deliveries and 19,000
+    attempts on PostgreSQL."""
+    return f"SELECT * FROM delivery_attempts WHERE delivery_id IN ({marks(count)}) ORDER BY id"
+
+
 DELIVERIES_OF_TASK = "SELECT * FROM deliveries WHERE task_id = ? ORDER BY id LIMIT ?"
 EVENTS_OF_TASK = "SELECT * FROM events WHERE task_id = ? ORDER BY seq LIMIT ?"
 # Each attempt names its subscription (sql/023): these read the attempts of the window, never a subscription's
