@@ -9,6 +9,7 @@ but changes nothing; the delivery's row is locked while that is decided.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Sequence
 
 from relay import ids, jsontext
@@ -262,8 +263,8 @@ class DeliveryCases(StorePlumbing):
 
         async def batch(tx: Tx) -> tuple[list[str], bool]:
             want = min(REPLAY_BATCH, REPLAY_MAX - count)
-            rows = await tx.all(q.replay_candidates(len(statuses)),
-                                (subscription_id, *statuses, since, until, after, high, want + 1))
+            each = [(subscription_id, status, since, until, after, high, want + 1) for status in statuses]
+            rows = await tx.all(q.replay_candidates(len(statuses)), [*itertools.chain(*each), want + 1])
             chosen = [r["id"] for r in rows[:want]]
             for delivery_id in chosen:
                 await tx.run(q.RESTART_DELIVERY, ("replay", now, now, delivery_id))

@@ -106,6 +106,8 @@ CLAIM_SETTINGS = "SET LOCAL enable_sort = off"
 # The claim's transaction opens with its settings in one message (the simple query protocol runs both): a round
 # trip fewer than conn.transaction() and the SET each on its own.
 CLAIM_BEGIN = f"BEGIN; {CLAIM_SETTINGS}"
+# For a statement marked queries.GENERIC_PLAN, until its transaction ends (PostgresTx._begin_for).
+GENERIC_PLAN_SETTING = "SET LOCAL plan_cache_mode = force_generic_plan"
 
 
 def claim_sql(kinds: bool) -> str:
@@ -259,6 +261,7 @@ class PostgresTx(Tx):
         self._held_tables: set[str] = set()
         self.begun = False
         self.committing = False
+        self._generic_plans = False     # GENERIC_PLAN_SETTING sent
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
         return await self._conn.fetchrow(*await self._statement(sql, args))
@@ -337,11 +340,11 @@ class PostgresTx(Tx):
             raise RuntimeError("a statement after the transaction's last one (Tx.last)")
         if self._held and self._joins_held(write or _plain_write(sql)):
             held = self._take_held()
-            await self._begin()
+            await self._begin_for(sql)
             statement = self._sql.combined((*(s for _, s, _ in held), sql))
             return statement, *(arg for _, _, values in held for arg in values), *args
         await self.flush()
-        await self._begin()
+        await self._begin_for(sql)
         return self._sql(sql), *args
 
     def _joins_held(self, write: tuple[str, frozenset[str]] | None) -> bool:
@@ -358,6 +361,18 @@ class PostgresTx(Tx):
             return ""
         self.begun = True       # before the round trip: a BEGIN that fails may still have begun
         return str(await self._conn.execute(f"BEGIN; {then}" if then else "BEGIN"))
+
+    async def _begin_for(self, sql: str) -> None:
+        """_begin, and for a statement marked queries.GENERIC_PLAN (the first in this transaction) the setting that
+        plans it without its values: in BEGIN's message when nothing was sent yet, else a round trip of its own."""
+        if q.GENERIC_PLAN not in sql or self._generic_plans:
+            await self._begin()
+            return
+        self._generic_plans = True
+        if self.begun:
+            await self._conn.execute(GENERIC_PLAN_SETTING)
+        else:
+            await self._begin(GENERIC_PLAN_SETTING)
 
     async def _first_with_key(self, sql: str, key: str) -> str | None:
         """`sql` (its one `?` the key) in one message with BEGIN, when it is the transaction's first statement
