@@ -296,7 +296,16 @@ async def test_a_page_filtered_by_its_owner_walks_that_owners_rows(store: Store,
     assert [[d.id for d in page] for page in pages] == [["dlv_000005"], ["dlv_000008", "dlv_000007", "dlv_000006"],
                                                         ["dlv_000000"], ["dlv_000000"]]
     if not isinstance(store, SQLiteStore):
-        return      # PostgreSQL plans these from its statistics (the hints are comments there)
+        # PostgreSQL plans these from its statistics (the hints are comments there), but a subscription's page of one
+        # status without its values (queries.GENERIC_PLAN): for a pair rare where each value alone is common, its
+        # plan for the values walked the primary key backwards (28-32 ms at 300,000 deliveries). A read so marked
+        # runs in a transaction of its own that says so; others do not.
+        assert q.GENERIC_PLAN in q.deliveries_listing(subscription=True, status=True, task=False, event=False)
+        assert q.GENERIC_PLAN not in q.deliveries_listing(subscription=True, status=False, task=False, event=False)
+        mode = "SELECT current_setting('plan_cache_mode') AS mode"
+        assert [row["mode"] for row in await store._read_all(q.GENERIC_PLAN + mode)] == ["force_generic_plan"]
+        assert [row["mode"] for row in await store._read_all(mode)] == ["auto"]
+        return
     sent = await _sqlite_statements(store, lambda: store.list_events(after=None, type="task.running",
                                                                      task_id="tsk_000000", limit=10))
     for owner in ({"event_id": "evt_000005", "status": "succeeded"}, {"task_id": "tsk_000002", "status": "succeeded"},
