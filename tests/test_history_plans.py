@@ -323,18 +323,23 @@ async def test_a_page_filtered_by_its_owner_walks_that_owners_rows(store: Store,
     assert walked[3:] == ["INDEX deliveries_by_subscription", "INDEX deliveries_by_subscription_status"], walked
 
 
+async def _deliveries_of_three_subscriptions(store: Store, status_of: Callable[[int], str]) -> list[tuple[Any, ...]]:
+    """A delivery of each stored event, to sub_0, sub_1 and sub_2 in turn, the nth with status_of(n); their rows."""
+    deliveries = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", f"sub_{n % 3}",
+                   f"sub_{n % 3}", "http://x/", status_of(n), 1.0, 1.0) for n in range(3 * FINISHED)]
+    await store.transact(lambda tx: tx.many(
+        "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, created_at, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", deliveries))
+    return deliveries
+
+
 @pytest.mark.parametrize("analyzed", [False, True])
 async def test_cancelling_a_subscriptions_deliveries_reads_its_pending_ones(store: Store, analyzed: bool) -> None:
     """Disabling, deleting or auto-disabling a subscription cancels its pending deliveries under the writer's lock
     (auto-disable inside a shared transaction of attempts and transitions). Through deliveries_by_status it read
     every pending delivery of every subscription (36-38 ms at 20,000, as when another subscriber is down)."""
     await _stored_history(store)
-    deliveries = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", f"sub_{n % 3}",
-                   f"sub_{n % 3}", "http://x/", "pending" if n % 2 else "succeeded", 1.0, 1.0)
-                  for n in range(3 * FINISHED)]
-    await store.transact(lambda tx: tx.many(
-        "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, created_at, "
-        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", deliveries))
+    deliveries = await _deliveries_of_three_subscriptions(store, lambda n: "pending" if n % 2 else "succeeded")
     if analyzed:
         await _analyze(store)
     cancelled = await store.transact(lambda tx: tx.run(q.CANCEL_PENDING_DELIVERIES, ("gone", 2.0, 2.0, "sub_1")))
@@ -385,12 +390,8 @@ async def test_a_replays_candidates_are_read_status_by_status_in_the_window(stor
     subscription with few deliveries of a status common overall."""
     await _stored_history(store)
     statuses = ("succeeded", "failed", "pending")
-    deliveries = [(f"dlv_{n:06d}", f"evt_{n:06d}", "task.queued", f"tsk_{n // 3:06d}", f"sub_{n % 3}",
-                   f"sub_{n % 3}", "http://x/", statuses[n % 4 % 3] if n % 4 else "canceled", 1.0, 1.0)
-                  for n in range(3 * FINISHED)]
-    await store.transact(lambda tx: tx.many(
-        "INSERT INTO deliveries (id, event_id, event_type, task_id, subscription_id, target, url, status, created_at, "
-        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", deliveries))
+    deliveries = await _deliveries_of_three_subscriptions(
+        store, lambda n: statuses[n % 4 % 3] if n % 4 else "canceled")
     if analyzed:
         await _analyze(store)
     sql = q.replay_candidates(2)
