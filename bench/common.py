@@ -162,7 +162,7 @@ class Section:
     cpu: dict[str, float] = field(default_factory=dict)   # busy / steal shares of the machine meanwhile
 
     def markdown(self) -> str:
-        lines = [f"## {self.title}", "", self.body.rstrip()]
+        lines = [f"## {self.title}", SECTION_MARK.format(key=self.key), "", self.body.rstrip()]
         if self.notes:
             lines += ["", "Reading the numbers:", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
@@ -181,6 +181,11 @@ def write_section(path: Path, title: str, text: str) -> None:
     path.write_text(doc)
 
 
+# Under the heading of every section a run writes (an HTML comment: not shown), and the title of a part of a run.
+SECTION_MARK = "<!-- bench section: {key} -->"
+PART_OF_A_RUN = re.compile(r" — (partial|full) run \d{4}-\d{2}-\d{2}$")
+
+
 def sections_of(doc: str) -> list[tuple[str, str]]:
     """The `## ` sections of a markdown document, (title, text with its heading), in order."""
     found = []
@@ -193,10 +198,16 @@ def sections_of(doc: str) -> list[tuple[str, str]]:
 def keeping_notes(old: str, new: str) -> str:
     """`new` (a full run's report) followed by every section of `old` it does not replace: the notes written by
     hand between runs (the rounds of work on a figure, with what was measured and why) and the partial runs of
-    other days and databases. A full run used to write its report over the whole file, and they had to be put
-    back by hand."""
+    other days and databases. A section of the last full run is replaced whatever its title now (a section that
+    failed is titled by its key): it carries its key (SECTION_MARK) and no run in its title. A full run used to
+    write its report over the whole file, and the notes had to be put back by hand."""
     titles = {title for title, _ in sections_of(new)}
-    kept = [text for title, text in sections_of(old) if title not in titles]
+    keys = set(re.findall(SECTION_MARK.format(key=r"(\w+)"), new))
+
+    def replaced(title: str, text: str) -> bool:
+        mark = re.search(SECTION_MARK.format(key=r"(\w+)"), text)
+        return title in titles or (mark is not None and mark.group(1) in keys and not PART_OF_A_RUN.search(title))
+    kept = [text for title, text in sections_of(old) if not replaced(title, text)]
     return new.rstrip() + "\n" + "".join("\n" + text for text in kept)
 
 

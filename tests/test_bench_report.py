@@ -52,3 +52,16 @@ def test_a_full_run_keeps_the_sections_it_does_not_replace() -> None:
 
 def test_a_first_run_writes_its_report_alone() -> None:
     assert keeping_notes("", NEW) == NEW
+
+
+def test_a_section_of_the_last_full_run_is_replaced_whatever_its_title_now() -> None:
+    """A section that failed is titled by its key; the last full run's section of that key goes all the same, its
+    partial runs stay."""
+    old = ("# Benchmarks\n\n## Summary\n\nold\n\n## Job claims\n<!-- bench section: claims -->\n\nold claims\n\n"
+           "## Job claims (PostgreSQL) — partial run 2026-11-30\n<!-- bench section: claims -->\n\npg claims\n\n"
+           "## A round of work\n\nnotes\n")
+    new = "# Benchmarks\n\n## Summary\n\nnew\n\n## claims\n<!-- bench section: claims -->\n\nThis section failed\n"
+    doc = keeping_notes(old, new)
+    assert [title for title, _ in sections_of(doc)] == [
+        "Summary", "claims", "Job claims (PostgreSQL) — partial run 2026-11-30", "A round of work"]
+    assert "old claims" not in doc and "pg claims" in doc and "notes" in doc

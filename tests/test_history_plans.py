@@ -304,6 +304,7 @@ async def test_a_page_filtered_by_its_owner_walks_that_owners_rows(store: Store,
         assert q.GENERIC_PLAN not in q.deliveries_listing(subscription=True, status=False, task=False, event=False)
         mode = "SELECT current_setting('plan_cache_mode') AS mode"
         assert [row["mode"] for row in await store._read_all(q.GENERIC_PLAN + mode)] == ["force_generic_plan"]
+        assert (await store._read(q.GENERIC_PLAN + mode) or {})["mode"] == "force_generic_plan"
         assert [row["mode"] for row in await store._read_all(mode)] == ["auto"]
         return
     sent = await _sqlite_statements(store, lambda: store.list_events(after=None, type="task.running",
@@ -395,8 +396,8 @@ async def test_a_replays_candidates_are_read_status_by_status_in_the_window(stor
     if analyzed:
         await _analyze(store)
     sql = q.replay_candidates(2)
-    args = (*("sub_1", "failed", 0.0, 9.0, "dlv_000100", "dlv_~", 6), *("sub_1", "succeeded", 0.0, 9.0, "dlv_000100",
-                                                                         "dlv_~", 6), 6)
+    args = (*("sub_1", "failed", 0.0, 9.0, "dlv_000100", "dlv_999999", 6), *("sub_1", "succeeded", 0.0, 9.0, "dlv_000100",
+                                                                         "dlv_999999", 6), 6)
     rows = await store.transact(lambda tx: tx.all(sql, args))
     expected = [d[0] for d in deliveries if d[4] == "sub_1" and d[7] in ("failed", "succeeded") and d[0] > "dlv_000100"]
     assert [row["id"] for row in rows] == expected[:6]
@@ -423,5 +424,7 @@ async def test_a_replays_candidates_are_read_status_by_status_in_the_window(stor
         await tx.all(sql, args)
         return [before, await mode(tx)]
     assert await store.transact(marked_first) == "force_generic_plan"
+    alone = q.GENERIC_PLAN + "SELECT current_setting('plan_cache_mode') AS mode"     # the whole transaction
+    assert [row["mode"] for row in await store.transact(lambda tx: tx.last(alone, ()))] == ["force_generic_plan"]
     assert await store.transact(marked_later) == ["auto", "force_generic_plan"]
     assert await store.transact(mode) == "auto"

@@ -884,6 +884,17 @@ async def test_a_replay_window_takes_the_deliveries_created_in_it_to_the_millise
     assert await _pending(store) == set(made.values())
 
 
+async def test_a_replay_takes_each_status_once_and_none_for_no_status(store: Store) -> None:
+    """The candidates are read a status at a time (queries.replay_candidates), so a status asked for twice is still
+    one walk, each delivery restarted once; no status, no delivery."""
+    now = 1_800_000_000.0
+    sub_id, made = await _failed_deliveries(store, now, (now, now + 1, now + 2))
+    assert await store.replay_deliveries(sub_id, since=now, until=now + 60, statuses=[], now=now) == (0, False)
+    assert await store.replay_deliveries(sub_id, since=now, until=now + 60, statuses=["failed", "succeeded", "failed"],
+                                         now=now) == (3, False)
+    assert await _pending(store) == set(made.values())
+
+
 async def test_a_replay_restarts_its_deliveries_a_batch_per_transaction(store: Store,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """REPLAY_BATCH deliveries per transaction (SQLite's writer is held for one batch at a time), each batch after

@@ -130,7 +130,7 @@ class ConsoleCases(StorePlumbing):
             timeline.deliveries.setdefault(delivery.event_id, []).append(delivery)
             shown.append(delivery.id)
         if shown:
-            for row in await self._read_all(q.attempts_of_deliveries(len(shown)), shown):
+            for row in await self._read_all(*q.attempts_of_deliveries(shown)):
                 attempt = attempt_from_row(row)
                 timeline.attempts.setdefault(attempt.delivery_id, []).append(attempt)
         return timeline

@@ -260,6 +260,9 @@ class DeliveryCases(StorePlumbing):
         last id of the one before, so a delivery the replay restarted and that ended meanwhile is not taken again.
         Interrupted, the batches done stay done: their deliveries are pending, which no replay takes."""
         after, high = ids.id_range("dlv", since, until)    # `id > low` holds for every id of the window
+        statuses = list(dict.fromkeys(statuses))            # one walk per status: each status once
+        if not statuses:
+            return 0, False
 
         async def batch(tx: Tx) -> tuple[list[str], bool]:
             want = min(REPLAY_BATCH, REPLAY_MAX - count)

@@ -273,7 +273,7 @@ class PostgresTx(Tx):
         return _rowcount(await self._conn.execute(*await self._statement(sql, args)))
 
     async def last(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        if self.begun or (self._held and not self._joins_held(_plain_write(sql))):
+        if self.begun or q.GENERIC_PLAN in sql or (self._held and not self._joins_held(_plain_write(sql))):
             return await self.all(sql, args)
         # Nothing sent yet: this statement, with the held writes as its WITH clauses, is the whole transaction.
         held = self._take_held()
@@ -603,22 +603,33 @@ class PostgresStore(Store):
         await self.pool.expire_connections()
 
     async def _read(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        if q.GENERIC_PLAN in sql:
+            rows = await self._read_all(sql, args)
+            return rows[0] if rows else None
         return await self._again_if_lost(lambda: self.pool.fetchrow(self._sql(sql), *args))
 
     async def _read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         if q.GENERIC_PLAN in sql:
-            return list(await self._again_if_lost(lambda: self._fetch_planned_generic(sql, args)))
+            # In a read-only transaction of its own that plans it without its values: two round trips more.
+            return list(await self._again_if_lost(lambda: self._fetch_alone(
+                f"BEGIN READ ONLY; {GENERIC_PLAN_SETTING}", self._sql(sql), args)))
         return list(await self._again_if_lost(lambda: self.pool.fetch(self._sql(sql), *args)))
 
-    async def _fetch_planned_generic(self, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:
-        """A read marked queries.GENERIC_PLAN, in a read-only transaction of its own that plans it without its values:
-        two round trips more than a plain read. (Left by an error, the transaction is rolled back as the pool takes
-        the connection back.)"""
+    async def _fetch_alone(self, begin: str, statement: str, args: Sequence[Any]) -> list[Row]:
+        """`statement` (as PostgreSQL spells it) in a transaction of its own, opened by `begin` (BEGIN and its
+        settings, one message), then COMMIT: three round trips."""
         async with self.pool.acquire() as conn:
-            await conn.execute(f"BEGIN READ ONLY; {GENERIC_PLAN_SETTING}")
-            rows = await conn.fetch(self._sql(sql), *args)
-            await conn.execute("COMMIT")
-            return list(rows)
+            try:
+                await conn.execute(begin)
+                rows = list(await conn.fetch(statement, *args))
+                await conn.execute("COMMIT")
+            except BaseException:
+                # Not handed back to the pool inside the transaction (asyncpg would roll it back, and log an
+                # error for it); a lost connection is the pool's to throw away.
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
+            return rows
 
     async def _write_statements(self, take: Callable[[], list[tuple[str, tuple[Any, ...]]]]) -> None:
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
@@ -652,19 +663,6 @@ class PostgresStore(Store):
         args = (float(now + lease_seconds), ids.ulid(now), float(now), float(now),
                 *([list(kinds)] if kinds else []), limit)
 
-        async def claim() -> list[Row]:
-            async with self.pool.acquire() as conn:
-                try:
-                    await conn.execute(CLAIM_BEGIN)
-                    rows = list(await conn.fetch(sql, *args))
-                    await conn.execute("COMMIT")
-                except BaseException:
-                    # Not handed back to the pool inside the transaction (asyncpg would roll it back, and log an
-                    # error for it); a lost connection is the pool's to throw away.
-                    with contextlib.suppress(Exception):
-                        await conn.execute("ROLLBACK")
-                    raise
-                return rows
         # Tried again if the connection is lost: a claim committed before the loss only holds its jobs until
         # their lease runs out (nothing is leased twice), and the next claim takes other jobs.
-        return self.jobs_from_rows(await self._again_if_lost(claim))
+        return self.jobs_from_rows(await self._again_if_lost(lambda: self._fetch_alone(CLAIM_BEGIN, sql, args)))
