@@ -457,7 +457,8 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Pat
     alone copies the WAL but never lets it start over, since a write transaction is always open or frames are
     appended meanwhile, so the WAL grew with everything written (7.8 GB in a minute of claims). Once it is over
     WAL_RESTART_AT the checkpoint's second round starts it over: the WAL header's checkpoint sequence number,
-    one more at each start, moves several times while 40 MB are written (not at all without that round)."""
+    one more at each start, moves several times while they write (not at all without that round). They write
+    until it has moved three times, up to 400 MB or a minute: on a fast machine 40 MB went by in two restarts."""
     import asyncio
 
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL", 0.02)
@@ -470,12 +471,20 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Pat
         wal = tmp_path / "relay.db-wal"
         before, writing = wal_started_over(wal), True
 
+        deadline = asyncio.get_running_loop().time() + 60
+
         async def read() -> None:
             while writing:
                 await store._read_all("SELECT rowid FROM filler ORDER BY rowid DESC LIMIT 1")
+
+        async def write() -> None:
+            for _ in range(100):        # 1 MB each, up to 100 MB per writer
+                if wal_started_over(wal) - before >= 3 or asyncio.get_running_loop().time() > deadline:
+                    return
+                await write_filler(store, 1)
         reader = asyncio.create_task(read())
         try:
-            await asyncio.gather(*(write_filler(store, 10) for _ in range(4)))
+            await asyncio.gather(*(write() for _ in range(4)))
         finally:
             writing = False
             await reader
