@@ -130,7 +130,7 @@ async def test_a_task_is_read_without_its_images_inline_sources(store: Store, cl
     applied = await store.apply(task.id, lambda t: on_update(t, TaskUpdate(
         status=ProviderStatus.SUCCEEDED, images=tuple(ProviderImage(b64=b64) for b64 in sources))), now)
     assert applied is not None and len(applied.task.images) == 2
-    for sql, args in ((q.IMAGES_OF_TASK, (task.id,)), (q.images_of_tasks(1), (task.id,)),
+    for sql, args in ((q.IMAGES_OF_TASK, (task.id,)), q.images_of_tasks([task.id]),
                       (q.LOAD_IMAGE, (applied.task.images[0].id,))):
         rows = await store._read_all(sql, args)     # noqa: SLF001 - what the task's reads fetch is the point
         assert rows and all("source_data" not in row.keys() and row["status"] == "pending" for row in rows), sql

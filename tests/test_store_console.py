@@ -151,3 +151,14 @@ async def test_a_tasks_timeline_reads_the_attempts_of_the_deliveries_it_shows(st
     assert {delivery: [a.number for a in attempts] for delivery, attempts in timeline.attempts.items()} == {
         "dlv_1": [2, 4], "dlv_2": [3]}
     assert (await store.task_timeline("tsk_none")).attempts == {}
+
+
+def test_an_in_list_is_padded_to_a_power_of_two() -> None:
+    """IN lists (a page's images, a timeline's attempts) come in ten statement texts, not one per count: each text
+    is prepared on every pooled PostgreSQL connection. The padding repeats the last value, which selects nothing
+    more."""
+    assert q.padded_in(["a"]) == ("(?)", ["a"])
+    assert q.padded_in(["a", "b", "c"]) == ("(?,?,?,?)", ["a", "b", "c", "c"])
+    assert q.padded_in([str(n) for n in range(500)])[0].count("?") == 512
+    assert {q.padded_in([str(n) for n in range(count)])[0] for count in range(1, 501)} == {
+        f"({q.marks(1 << bits)})" for bits in range(10)}

@@ -190,6 +190,6 @@ class StorePlumbing(abc.ABC):
                                               scan=scan)
         if found:
             by_id = {owner.id: owner for owner in found}
-            for row in await self._read_all(q.images_of_tasks(len(by_id)), tuple(by_id)):
+            for row in await self._read_all(*q.images_of_tasks(list(by_id))):
                 by_id[row["task_id"]].images.append(image_from_row(row))
         return found, next_cursor

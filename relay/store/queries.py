@@ -305,11 +305,9 @@ TASK_SEARCH = "(id = ? OR provider_task_id = ? OR metadata LIKE ? ESCAPE '\\')"
 def attempts_of_deliveries(delivery_ids: Sequence[str]) -> tuple[str, list[str]]:
     """The attempts of the deliveries a task's timeline shows (one or more, at most its limit), oldest first: the
     statement and its arguments. Every attempt of every delivery of the task was read before, with no bound: 60
-    ms for a task of 14,000 deliveries and 19,000 attempts on PostgreSQL. The ids are padded (the last one again)
-    to a power of two: ten statements in all, not one per count, each prepared on every pooled connection."""
-    size = 1 << max(0, len(delivery_ids) - 1).bit_length()
-    padded = [*delivery_ids, *[delivery_ids[-1]] * (size - len(delivery_ids))] if delivery_ids else []
-    return f"SELECT * FROM delivery_attempts WHERE delivery_id IN ({marks(size)}) ORDER BY id", padded
+    ms for a task of 14,000 deliveries and 19,000 attempts on PostgreSQL."""
+    listed, args = padded_in(delivery_ids)
+    return f"SELECT * FROM delivery_attempts WHERE delivery_id IN {listed} ORDER BY id", args
 
 
 DELIVERIES_OF_TASK = "SELECT * FROM deliveries WHERE task_id = ? ORDER BY id LIMIT ?"
@@ -414,8 +412,10 @@ def replay_candidates(statuses: int) -> str:
         " ORDER BY id LIMIT ?"
 
 
-def images_of_tasks(tasks: int) -> str:
-    return f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id IN ({marks(tasks)}) ORDER BY idx"
+def images_of_tasks(task_ids: Sequence[str]) -> tuple[str, list[str]]:
+    """The images of one or more tasks (or archives): the statement and its arguments."""
+    listed, args = padded_in(task_ids)
+    return f"SELECT {IMAGE_COLUMNS} FROM images WHERE task_id IN {listed} ORDER BY idx", args
 
 
 def filtered(table: str, filters: list[str], *, order: str) -> str:
@@ -488,6 +488,14 @@ DELETE_OLD_DEAD_JOBS = (f"DELETE FROM jobs{indexed_by('sqlite_autoindex_jobs_1')
 COUNT_OLD_DEAD_JOBS = f"SELECT COUNT(*) AS n {_OLD_DEAD_JOBS}"
 # An uploaded edit input (relay.web.openai_compat): kept, a user of its sha256 (see IMAGE_IN_USE).
 INSERT_UPLOAD = "INSERT INTO uploads (sha256, key, created_at) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING"
+
+
+def padded_in(values: Sequence[str]) -> tuple[str, list[str]]:
+    """`(?, ?, …)` for an IN list of one or more values, and the values padded (the last one again) to a power of
+    two: ten statement texts in all, not one per count. PostgreSQL prepares each text on every pooled connection,
+    and asyncpg keeps 500 of them: one per page size or count of deliveries pushed the workers' statements out."""
+    size = 1 << (len(values) - 1).bit_length()
+    return f"({marks(size)})", [*values, *[values[-1]] * (size - len(values))]
 
 
 def marks(count: int) -> str:
