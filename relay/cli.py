@@ -56,15 +56,16 @@ def server_config(app: Any, settings: Settings, log_level: str) -> Any:
     """uvicorn's settings for `relay serve` (a uvicorn.Config)."""
     import uvicorn
 
-    from relay.web.corked import CorkedHttpToolsProtocol
+    from relay.web.httplimits import LimitedHttpToolsProtocol
 
     # log_config=None: uvicorn's lines go through the root handler of _logging (one format, redacted).
     return uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level=log_level,
                           log_config=None,
                           ssl_certfile=settings.server.ssl_certfile, ssl_keyfile=settings.server.ssl_keyfile,
                           lifespan="on", access_log=False,
-                          # One socket write per response instead of two (relay.web.corked).
-                          http=CorkedHttpToolsProtocol,
+                          # One socket write per response instead of two (relay.web.corked), and a request
+                          # head bounded in size and time (relay.web.httplimits).
+                          http=LimitedHttpToolsProtocol,
                           # Jobs are leased, so a short grace loses nothing; idle keep-alive peers do not hold us.
                           timeout_graceful_shutdown=3)
 

@@ -249,4 +249,4 @@ def test_a_streamed_response_to_a_slow_reader_arrives_whole(loop: str) -> None:
 
 def test_relay_serve_uses_the_corked_protocol(tmp_path: Any) -> None:
     config = server_config(_app(), settings_for(tmp_path), "warning")
-    assert config.http is CorkedHttpToolsProtocol
+    assert isinstance(config.http, type) and issubclass(config.http, CorkedHttpToolsProtocol)

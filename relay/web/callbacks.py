@@ -128,8 +128,12 @@ class CallbackDoor:
 
 async def _answer(send: Send, status: int, payload: dict[str, Any],
                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """An error answer, after which uvicorn closes the connection: it may come before the body was read (a
+    wrong token, a declared size over the limit, another method), and the rest of that body, however long,
+    would otherwise be read and thrown away on a connection kept alive for it."""
     body = jsontext.http_body(payload)
     start: Message = {"type": "http.response.start", "status": status,
-                      "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]}
+                      "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()),
+                                  (b"connection", b"close"), *(headers or [])]}
     await send(start)
     await send({"type": "http.response.body", "body": body})

@@ -216,3 +216,34 @@ def test_unreachable_reference_host_is_retried_then_fails_with_its_reason(relay_
     assert "reached the provider" not in final["error"]["message"]
     assert _gmi_submits(sim) == 0
     wait_for(lambda: relay.job_counts().get("submit:dead", 0) >= 1, 10, "the submit job to be kept as dead")
+
+
+def test_an_endless_header_is_431_and_the_wrong_token_body_is_not_read(relay: Relay) -> None:
+    """`relay serve` itself (uvicorn on httptools caps neither): a header that never ends is cut at HEAD_BYTES
+    with a 431 in the error shape; a callback with a wrong token is answered 404 before its body and the
+    connection closed, not kept open to read a body of any length."""
+    import socket
+
+    from relay.web.httplimits import HEAD_BYTES
+
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-long: ")
+        answer = b""
+        try:
+            for _ in range(HEAD_BYTES * 4 // 4096):
+                sock.sendall(b"a" * 4096)
+        except OSError:      # the server closed its side while we were still sending: read what it answered
+            pass
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(b"POST /callbacks/evolink/tsk_x/not-the-token HTTP/1.1\r\nhost: x\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n" + b"1000\r\n" + b"b" * 4096 + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):      # ends: relay closes after its answer (the timeout would fail it)
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 404") and b"connection: close" in answer.lower()

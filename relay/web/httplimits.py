@@ -1,0 +1,118 @@
+"""Limits on what a client may send before relay sees a request: the size of its head and the time it takes.
+
+uvicorn on httptools (what `relay serve` runs) sets neither. It appends every piece of a request line and every
+header it is given, without a cap (httptools grows a header's value piece by piece too), and it starts no timer
+until a first response has been sent. So one client could grow relay's memory without end by sending a header
+that never ends (the copies also cost the event loop more as it grows), and any number of clients could hold
+connections open forever by sending nothing, or a byte now and then (slowloris), until relay runs out of file
+descriptors. Neither needs an API key.
+
+Here:
+- A request's line and headers may take at most HEAD_BYTES; past that the client is answered 431 in relay's
+  error shape and the connection is closed.
+- A connection that has no request under way (just opened, or its last response sent) must bring a whole
+  request head within HEAD_SECONDS, however it trickles in, or it is closed. uvicorn's own keep-alive timeout
+  (5 s) still closes a connection that stays silent after a response; any byte cancels that one, not this.
+  A request body is not timed here: each endpoint caps what it reads, and a slow upload is a legitimate one.
+- The 400 for a request httptools cannot parse is in relay's error shape too (uvicorn's is plain text).
+- Either refusal ends relay's side of the connection after the answer (a FIN) and then reads and drops what
+  still comes for up to LINGER_SECONDS before closing: closed at once with the client's bytes unread, the
+  kernel would answer with a reset, which can reach the client before the answer does (a lingering close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from relay.web.corked import CorkedHttpToolsProtocol
+
+HEAD_BYTES = 64 * 1024      # a request line and its headers; browsers and proxies stay far below (8-16 KiB)
+HEAD_SECONDS = 20.0         # for a whole request head, from the connection or the last response
+LINGER_SECONDS = 2.0        # after a refusal, for the client to read it
+
+
+def _error_response(status: int, reason: str, code: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+HEAD_TOO_LARGE = _error_response(431, "Request Header Fields Too Large", "payload_too_large",
+                                 f"the request line and headers are larger than {HEAD_BYTES} bytes")
+
+
+class LimitedHttpToolsProtocol(CorkedHttpToolsProtocol):
+    """uvicorn's httptools protocol (corked, relay.web.corked) with a bounded request head and a deadline for it.
+
+    `head_seconds` is read when the timer starts (tests shorten it on a subclass)."""
+
+    head_seconds = HEAD_SECONDS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._in_body = False          # between a request's headers and its end: bytes are body, not head
+        self._head_bytes = 0           # received since the last head ended (or the connection opened)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False          # answered 400/431: what still comes is dropped until the close
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if not self._in_body:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Counted before parsing and judged after: bytes past the end of a head in the same read are body (the
+        # head ended and the count started over), and a head still open holds at most one read more than this.
+        if not self._in_body and self._head_bytes > HEAD_BYTES and not self.transport.is_closing():
+            self._refuse(HEAD_TOO_LARGE)
+
+    def on_headers_complete(self) -> None:
+        self._in_body, self._head_bytes = True, 0
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next head is due now, unless a pipelined request (its head already in) has just been started.
+        if not self._refused and not self.transport.is_closing() and \
+                (self.cycle is None or self.cycle.response_complete):
+            self._start_head_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to what httptools cannot parse, in relay's error shape.
+        self._refuse(_error_response(400, "Bad Request", "invalid_request", msg))
+
+    def _refuse(self, answer: bytes) -> None:
+        self._refused = True
+        self._stop_head_timer()
+        self.transport.write(answer)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()      # a pipelined request under way: as uvicorn does, its answer is dropped
+            return
+        if self.transport.can_write_eof():      # not on TLS: there the close after the linger ends it
+            self.transport.write_eof()
+        self._head_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        self._head_timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()
