@@ -234,7 +234,7 @@ async def _reserve_all(stores: tuple[Store, Store], candidates: list[Task], prov
     """Reserve every candidate at once, alternating stores; the ones that got a place."""
     won = no_errors(await race(*(stores[i % 2].reserve_submit(t.id, provider, MAX_IN_FLIGHT, now)
                                  for i, t in enumerate(candidates))))
-    return [t for t, ok in zip(candidates, won) if ok]
+    return [t for t, answer in zip(candidates, won) if answer == "reserved"]
 
 
 # ---- Idempotency-Key -----------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from relay.jobs.poll import PollHandler
 from relay.jobs.submit import SubmitHandler
@@ -70,3 +73,47 @@ async def test_a_poll_past_the_deadline_never_fails_a_task_already_being_archive
             store.get_task = real_get_task  # type: ignore[method-assign]
         task = await h.task(task_id)
         assert task["status"] == "archiving" and task["error"] is None, task
+
+
+@pytest.mark.parametrize("meanwhile", ["another run marked it", "another run submitted it", "it was canceled"])
+async def test_a_submit_run_that_outlived_its_lease_does_not_send(tmp_path: Path, meanwhile: str) -> None:
+    """A run of the submit job reads the task, then stalls past its lease (a long GC or VM pause, lease
+    extensions failing through a store outage); the job is claimed again and that run marks and sends the
+    submit. When the first run resumes, its reservation must find the task changed and send nothing: a second
+    send to a provider without idempotent submits is a second task and a second charge."""
+    async with harness(tmp_path, run_worker=False) as h:
+        store = h.runtime.store
+        task_id = (await h.create(provider="evolink", prompt="two runs of one submit job"))["id"]
+        before = await store.get_task(task_id)                          # what the stalled run read
+        assert before is not None and before.submit_started_at is None
+        handler = SubmitHandler(h.runtime.ctx)
+        provider = h.runtime.ctx.provider("evolink")
+        sent: list[str] = []
+        real_submit = provider.submit
+
+        async def counted_submit(*args: Any, **kwargs: Any) -> Any:
+            sent.append(task_id)
+            return await real_submit(*args, **kwargs)
+
+        provider.submit = counted_submit  # type: ignore[method-assign]
+        if meanwhile == "another run marked it":        # and is waiting for the provider's answer
+            assert await store.reserve_submit(task_id, "evolink", 100, time.time()) == "reserved"
+        elif meanwhile == "another run submitted it":
+            await handler.run(Job(id="job_s", kind="submit", task_id=task_id, run_at=time.time()))
+            assert len(sent) == 1 and (await h.task(task_id))["provider_task_id"]
+        else:
+            await h.runtime.tasks.cancel(task_id)
+        after = await store.get_task(task_id)
+        real_get_task = store.get_task
+
+        async def stale_get_task(wanted: str, *, images: bool = True):  # type: ignore[no-untyped-def]
+            return before if wanted == task_id else await real_get_task(wanted, images=images)
+
+        store.get_task = stale_get_task  # type: ignore[method-assign]
+        try:
+            again = await handler.run(Job(id="job_s", kind="submit", task_id=task_id, run_at=time.time()))
+        finally:
+            store.get_task = real_get_task  # type: ignore[method-assign]
+        assert len(sent) == (1 if meanwhile == "another run submitted it" else 0)
+        assert again is not None                        # looked at again, not ended on the stale read
+        assert await store.get_task(task_id) == after   # and nothing about the task changed

@@ -80,9 +80,18 @@ class SubmitHandler:
                                          f"{task.provider}'s circuit is open after repeated failures")
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
         limit = ctx.settings.providers[task.provider].max_in_flight
-        if not await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now()):
+        reservation = await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now(),
+                                                     seen=task.submit_started_at)
+        if reservation == "full":
             # The provider already holds all the work we allow it: keep the backlog here, in order,
             # instead of a wall of 429s there, and look again shortly.
+            return Again(IN_FLIGHT_RECHECK_SECONDS)
+        if reservation == "taken":
+            # The task is no longer as this run read it: another run of this job (this one stalled past its
+            # lease) marked or made the submit, or the provider's task arrived, or the task ended. Sending now
+            # could bill twice. Look again: a run that still holds the job reads the task afresh and ends or
+            # waits as that says; one that lost its lease has its outcome refused by the store.
+            log.warning("task %s changed while its submit was prepared (a lease that ran out?); not sent", task.id)
             return Again(IN_FLIGHT_RECHECK_SECONDS)
         callback_url = (ctx.callback_url(task.provider, task.id)
                         if provider.caps.callbacks and ctx.callbacks_enabled else None)

@@ -25,7 +25,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from relay.errors import Conflict
 from relay.models import Archive, Event, ImageRecord, Job, Task
@@ -57,6 +57,8 @@ def _settled_callback(callback: dict[str, Any], status: str, note: str | None, n
 
 BUCKET_SWAP_TRIES = 3      # compare-and-set takes of a rate bucket lost to other processes before locking it
 BUCKETS_REMEMBERED = 256   # rate buckets whose last state a store keeps (login limits make one per address)
+
+Reservation = Literal["reserved", "full", "taken"]      # Store.reserve_submit's answers
 
 
 def take_from_bucket(seen: tuple[float, float], rate: float, burst: float, now: float,
@@ -203,9 +205,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         return applied
 
     async def mark_submit_started(self, task_id: str, now: float) -> Task | None:
-        """Record that a submit request is about to be sent (so a crash after it is never resent blindly)."""
+        """Record that a submit request is about to be sent (so a crash after it is never resent blindly), if it
+        was not marked before; no count of the provider's tasks (reserve_submit counts and marks)."""
         async def body(tx: Tx) -> Task | None:
-            await tx.run(q.MARK_SUBMIT_STARTED, (now, task_id))
+            await tx.run(q.MARK_SUBMIT_STARTED, (now, task_id, None))
             return await self._load_task(tx, task_id)
         return await self.transact(body)
 
@@ -213,20 +216,25 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         """The provider certainly did not accept the submit (refused, 429, 5xx): a resend is safe."""
         await self._write(q.CLEAR_SUBMIT_STARTED, (task_id,))
 
-    async def reserve_submit(self, task_id: str, provider: str, max_in_flight: int, now: float) -> bool:
+    async def reserve_submit(self, task_id: str, provider: str, max_in_flight: int, now: float,
+                             seen: float | None = None) -> Reservation:
         """Atomically: if `provider` has fewer than `max_in_flight` tasks in flight (being submitted, queued or
-        running there), mark this task's submit as started and return True; else change nothing, False.
+        running there), mark this task's submit as started: "reserved"; else change nothing: "full".
+
+        `seen` is the task's submit mark as the caller read it (None: not started). The mark is made only if it
+        is still that, no provider task is recorded and the task has not ended; else nothing changes and the
+        answer is "taken": another run of the submit (this one's job lease ran out while it stalled, and the job
+        was claimed again) or the provider's callback got there first, and this run must not send.
 
         Holds the provider's lock for the count and the mark, so replicas sharing one provider account
         never reserve past its cap together.
         """
-        async def body(tx: Tx) -> bool:
+        async def body(tx: Tx) -> Reservation:
             await self.lock_provider(tx, provider)
             row = await tx.one(q.COUNT_IN_FLIGHT, (provider, provider, task_id))
             if row is None or int(row["n"]) >= max_in_flight:
-                return False
-            await tx.run(q.MARK_SUBMIT_STARTED, (now, task_id))
-            return True
+                return "full"
+            return "reserved" if await tx.run(q.MARK_SUBMIT_STARTED, (now, task_id, seen)) else "taken"
         # Shared with concurrent transactions where the backend shares them (SQLite): a reservation is the most
         # frequent transaction there is (bench.throughput: 60 % of the writer thread's transactions, each
         # holding the one writer 1.2 ms at p50 for a few statements, hop included). Each body counts the marks

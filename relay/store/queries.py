@@ -51,7 +51,12 @@ def update_task_state(*, usage: bool, cost: bool) -> str:
     statements on PostgreSQL (PostgresTx)."""
     extra = (*(TASK_USAGE_COLUMNS if usage else ()), *(TASK_COST_COLUMNS if cost else ()))
     return UPDATE_TASK_STATE.replace(" WHERE id", "".join(f", {column} = ?" for column in extra) + " WHERE id")
-MARK_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ?"
+# A compare-and-set: the mark is made only while the task is as the submitting run read it (its mark, the value
+# of the last argument; no provider task; not ended). A run that outlived its job's lease finds another run's
+# mark there, or the provider's task, and must not send (Store.reserve_submit).
+MARK_SUBMIT_STARTED = (
+    "UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ? AND provider_task_id IS NULL "
+    "AND status NOT IN ('succeeded', 'failed', 'canceled') AND submit_started_at IS NOT DISTINCT FROM ?")
 CLEAR_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL"
 # Each count reads only the live tasks: those queued or running through tasks_by_provider_status (sql/022), those
 # whose submit started through the partial index tasks_submitting (sql/004; SQLite's planner would rather read
