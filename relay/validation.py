@@ -25,6 +25,10 @@ MAX_URL_CHARS = 2048
 MAX_JSON_DEPTH = 32             # the body object itself is level 1
 MAX_JSON_ITEMS = 1024           # object members and array items, all levels together
 MAX_STRING_CHARS = 32_000       # any string, object keys included (the prompt's own limit)
+# No text relay stores holds U+0000: PostgreSQL's text cannot (an error where SQLite would store it), and no
+# prompt, name or id needs it. Refused where it comes in: JSON bodies here, paths and query strings
+# (relay.web.app.refuse_nul), console forms (relay.web.console.guard.read_form).
+NUL = "\x00"
 ALLOWED_FIELDS = {"provider", "prompt", "size", "quality", "n", "background", "output_format", "output_compression",
                   "moderation", "images", "mask", "webhook_url", "webhook_events", "metadata"}
 SIZE_CHOICES = (*SIZES_PIXELS, *RATIO_TO_PIXELS, "auto")
@@ -146,6 +150,8 @@ def _check_string(text: str, field: str | None) -> None:
     except UnicodeEncodeError:
         raise InvalidRequest(f"{field or 'a key'} is not valid Unicode: a string holds a lone surrogate "
                              "(\\ud800-\\udfff)", field=field) from None
+    if NUL in text:
+        raise InvalidRequest(f"{field or 'a key'} holds a NUL character (\\u0000)", field=field)
 
 
 def _choice(data: dict[str, Any], name: str, choices: tuple[str, ...]) -> str | None:

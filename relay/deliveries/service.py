@@ -30,7 +30,7 @@ from relay.links import Signer
 from relay.netguard import NetGuard, check_given_url
 from relay.present import with_image_urls
 from relay.store.base import Store
-from relay.validation import ReplayInput, SubscriptionInput
+from relay.validation import NUL, ReplayInput, SubscriptionInput
 
 RESPONSE_LIMIT = 4096            # bytes of a subscriber's answer kept with the attempt
 ERROR_LIMIT = 1000
@@ -260,7 +260,9 @@ class DeliveryService:
             error = f"HTTP {status}"
             if 300 <= status < 400:
                 error += f": redirect to {location or '(no Location)'} not followed"
-        text = snippet[:RESPONSE_LIMIT].decode("utf-8", errors="replace") if snippet else None
+        # Kept as text for GET /v1/deliveries and the console: a binary answer's NULs become U+FFFD, as its invalid
+        # UTF-8 does (PostgreSQL's text cannot hold a NUL: relay.validation.NUL).
+        text = snippet[:RESPONSE_LIMIT].decode("utf-8", errors="replace").replace(NUL, "\ufffd") if snippet else None
         return Sent(status_code=status, latency_ms=round(latency, 2), response=text,
                     error=error[:ERROR_LIMIT] if error else None,
                     retry_after=parse_retry_after(retry_after, now), blocked=blocked)

@@ -17,6 +17,7 @@ from typing import Any
 
 from relay.errors import ProviderProtocolError
 from relay.models import ProviderImage, ProviderStatus, TaskUpdate
+from relay.validation import NUL
 
 # Provider business codes that all mean "the content was refused"; relay reports one name for them.
 POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked", "content_filter", "safety_violation"})
@@ -26,11 +27,12 @@ def parse_json(content: bytes, *, status: int | None = None) -> Any:
     """Parse a provider body; junk is a ProviderProtocolError (retried, never a crash).
 
     Nesting deeper than the parser's stack (RecursionError) is junk too. Lone surrogates
-    (`"\\ud800"`, which json.loads accepts) are replaced by U+FFFD in every string and key:
-    they have no UTF-8 form, so SQLite could not store a task id, URL or message holding one.
+    (`"\\ud800"`, which json.loads accepts) and NUL characters (`"\\u0000"`) are replaced by U+FFFD in every
+    string and key: a surrogate has no UTF-8 form, so SQLite could not store a task id, URL or message holding
+    one, and PostgreSQL's text cannot hold a NUL (relay.validation.NUL).
     """
     try:
-        return without_lone_surrogates(json.loads(content))
+        return storable(json.loads(content))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProviderProtocolError(f"provider sent a body that is not JSON: {content[:100]!r}",
                                     status=status) from exc
@@ -40,13 +42,15 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _clean(text: str) -> str:
+    if NUL in text:             # a memchr: cheap on a multi-MB base64 image too
+        text = text.replace(NUL, "\ufffd")
     if text.isascii():          # the common case, and fast for a multi-MB base64 image
         return text
     return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
-def without_lone_surrogates(value: Any) -> Any:
-    """`value` (parsed JSON) with every lone surrogate in a string or key replaced by U+FFFD.
+def storable(value: Any) -> Any:
+    """`value` (parsed JSON) with every lone surrogate and NUL in a string or key replaced by U+FFFD.
 
     json.loads joins an escaped pair into one character, so any surrogate left is a lone one.
     Containers are fixed in place, iteratively (no recursion, whatever the nesting).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,12 +14,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import __version__
 from relay.errors import ApiError, ArchiveError
 from relay.metrics import exposition
 from relay.runtime import Runtime
+from relay.validation import NUL
 from relay.web import archives, console, jobs, openai_compat, subscriptions, tasks
 from relay.web.callbacks import CallbackDoor
 from relay.web.common import json_response, runtime_of
@@ -91,11 +93,30 @@ class RelayApp(Starlette):
 
     def __init__(self, *args: Any, runtime: Runtime, callbacks: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        stack = super().__call__
+        stack = refuse_nul(super().__call__)
         self._entry = CallbackDoor(stack, runtime) if callbacks else stack
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
+
+
+def refuse_nul(app: ASGIApp) -> ASGIApp:
+    """A path or query string that decodes to a NUL character is refused before any route sees it (404 for a
+    path: nothing is named so; 422 for a query), in front of every route, as no id, name or filter holds one
+    (relay.validation.NUL). The callback door is ahead of it: its token check refuses such a path anyway."""
+    async def refusing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if NUL in scope["path"]:
+                await json_response({"error": {"code": "not_found", "message": "no such resource"}},
+                                    status=404)(scope, receive, send)
+                return
+            query = scope["query_string"]
+            if b"%00" in query and NUL in urllib.parse.unquote(query.decode("latin-1")):
+                await json_response({"error": {"code": "invalid_request", "message": "the query string holds a NUL "
+                                               "character (%00)"}}, status=422)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+    return refusing
 
 
 def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = True) -> Starlette:

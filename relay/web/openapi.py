@@ -136,7 +136,7 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
         "type": "object", "required": ["code", "message"], "properties": {
             "code": {"type": "string", "enum": ERROR_CODES},
             "message": {"type": "string"}, "field": {"type": "string"}}}}}
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "relay", "version": __version__,
                  "description": "One API for gpt-image-1.5 across asynchronous resellers."},
@@ -228,3 +228,16 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
             **archives.openapi_paths(),
         },
     }
+    _with_nul_refusals(document["paths"])
+    return document
+
+
+def _with_nul_refusals(paths: dict[str, Any]) -> None:
+    """Every operation with a path parameter can answer 404, and every one with a query parameter 422: a NUL
+    character in either is refused in front of every route (relay.web.app.refuse_nul)."""
+    for operations in paths.values():
+        for operation in operations.values():
+            kinds = {parameter.get("in") for parameter in operation.get("parameters", [])}
+            for kind, status in (("path", 404), ("query", 422)):
+                if kind in kinds and str(status) not in operation["responses"]:
+                    operation["responses"].update(_errors(status))

@@ -11,7 +11,8 @@ from urllib.parse import parse_qs, quote
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay.errors import ApiError
+from relay.errors import ApiError, InvalidRequest
+from relay.validation import NUL
 from relay.web.common import read_body, runtime_of
 from relay.web.console.auth import CSRF_FIELD, Session, csrf_ok, csrf_token, session_of
 from relay.web.console.render import render
@@ -76,9 +77,12 @@ async def read_form(request: Request) -> Form:
         return {}
     body = await read_body(request, FORM_LIMIT)
     try:
-        return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000)
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000)
     except (UnicodeDecodeError, ValueError):
         return {}
+    if any(NUL in text for name, values in form.items() for text in (name, *values)):
+        raise InvalidRequest("the form holds a NUL character (%00)")     # relay.validation.NUL
+    return form
 
 
 def first(form: Form, name: str) -> str | None:
