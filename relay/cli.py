@@ -19,7 +19,7 @@ from relay.cli_archive import add_command as add_archive_command
 from relay.cli_client import CliError, RelayClient, check, connect
 from relay.cli_ops import add_commands as add_operator_commands
 from relay.cli_ops import task_summary
-from relay.config import ConfigError, Settings, load_settings
+from relay.config import ConfigError, Settings, is_loopback_host, load_settings
 
 GC_YOUNG_THRESHOLD = 10_000     # see _serve
 
@@ -82,6 +82,10 @@ async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket
         if not settings.auth.api_keys and parent_pid is None:
             print(f"relay: no api_keys configured; using the generated key in {api_key_file(settings)}",
                   file=sys.stderr)
+        if settings.network.allow and not is_loopback_host(settings.server.host) and parent_pid is None:
+            print(f"relay: network.allow exempts {', '.join(settings.network.allow)} from the SSRF guard while "
+                  f"relay listens on {settings.server.host}: any API client can make relay call those addresses "
+                  "(webhooks, archived links, reference images)", file=sys.stderr)
         role = settings.server.role
         app = create_app(runtime, run_worker=role in ("all", "worker"), serve_api=role in ("all", "api"))
         config = server_config(app, settings, log_level)

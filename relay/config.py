@@ -425,6 +425,7 @@ class _Loader:
         sections["storage"] = self.check_storage(sections["storage"])
         self.check_numbers(sections)
         self.check_allow(sections["network"])
+        sections["network"] = self.embedded_exemption(sections["network"], sections["server"], source)
         self.check_deliveries(sections["deliveries"])
         self.check_dashboard(sections["dashboard"])
         self.check_retention(sections["retention"])
@@ -777,6 +778,17 @@ class _Loader:
                 self.problem(f"network.allow[{i}]", "must be a CIDR (10.0.0.0/8), an IP address or a hostname",
                              entry)
 
+    def embedded_exemption(self, n: NetworkSettings, server: ServerSettings, source: str | None) -> NetworkSettings:
+        """The embedded profile exempts the loopback from the SSRF guard so relay can reach the local simulator.
+        Served beyond this machine (RELAY_SERVER_HOST=0.0.0.0, as the Docker image does) that would let any API
+        client make relay call its host's or pod's loopback (a sidecar's admin port, relay itself), and read the
+        answers back from its deliveries. So the profile's exemption holds only while relay listens on the
+        loopback; a config file or RELAY_NETWORK_ALLOW states one explicitly, wherever relay listens."""
+        if source is not None or self.raw["network"].get("allow", (None, None))[1] is not None or \
+                is_loopback_host(server.host):
+            return n
+        return replace(n, allow=())
+
     def build_providers(self) -> dict[str, ProviderSettings]:
         out: dict[str, ProviderSettings] = {}
         if not self.prov:
@@ -898,6 +910,15 @@ def s3_url_parts(url: str) -> tuple[str, str]:
                    or any(ch in prefix for ch in "?#\\") or not prefix.isprintable()):
         raise ValueError("the prefix must be path segments without empty, . or .. parts, ?, # or \\")
     return bucket, prefix
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_network(entry: str) -> bool:

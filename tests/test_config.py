@@ -335,3 +335,19 @@ def test_provider_lookup_names_known_providers() -> None:
     s = load_settings(environ={})
     with pytest.raises(ValueError, match="unknown provider 'nope'; configured providers: gmicloud, apimart"):
         s.provider("nope")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "relay.internal"])
+def test_the_embedded_loopback_exemption_holds_only_while_relay_listens_on_loopback(host: str) -> None:
+    """Served beyond the machine with no config file (the Docker image: RELAY_SERVER_HOST=0.0.0.0), the embedded
+    profile must not let API clients make relay call its own loopback (a pod's sidecar admin port, relay itself):
+    the SSRF guard then refuses the loopback as it does for any config that does not exempt it."""
+    for loopback in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert load_settings(environ={"RELAY_SERVER_HOST": loopback}).network.allow == \
+            ("127.0.0.0/8", "::1/128", "localhost")
+    assert load_settings(environ={"RELAY_SERVER_HOST": host}).network.allow == ()
+    # Stated explicitly, by a variable or a file, it holds wherever relay listens.
+    assert load_settings(environ={"RELAY_SERVER_HOST": host, "RELAY_NETWORK_ALLOW": "127.0.0.0/8"}).network.allow \
+        == ("127.0.0.0/8",)
+    example = load_settings(Path(__file__).parent.parent / "config.example.toml", {"RELAY_SERVER_HOST": host})
+    assert example.network.allow == ("127.0.0.0/8", "::1/128", "localhost")
