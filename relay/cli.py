@@ -67,7 +67,9 @@ def server_config(app: Any, settings: Settings, log_level: str) -> Any:
                           # head bounded in size and time (relay.web.httplimits).
                           http=LimitedHttpToolsProtocol,
                           # Jobs are leased, so a short grace loses nothing; idle keep-alive peers do not hold us.
-                          timeout_graceful_shutdown=3)
+                          timeout_graceful_shutdown=3,
+                          # Whose X-Forwarded-For to believe (the client address the login limit counts by).
+                          forwarded_allow_ips=list(settings.server.forwarded_allow_ips) or None)
 
 
 async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket] | None = None,

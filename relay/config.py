@@ -61,6 +61,9 @@ class ServerSettings:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     max_body_bytes: int = 1_048_576
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto relay believes (IPs, CIDRs or "*"): the client address
+    # that the console's login limit counts by. () → uvicorn's default: $FORWARDED_ALLOW_IPS, else the loopback.
+    forwarded_allow_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -647,6 +650,9 @@ class _Loader:
             self.problem("server.port", "must be between 1 and 65535", s.port)
         if s.role not in ROLES:
             self.problem("server.role", f"must be one of {', '.join(ROLES)}", s.role)
+        for i, peer in enumerate(s.forwarded_allow_ips):
+            if peer != "*" and not _is_network(peer):
+                self.problem(f"server.forwarded_allow_ips[{i}]", 'must be an IP address, a CIDR or "*"', peer)
         if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
             self.problem("server.ssl_keyfile", "ssl_certfile and ssl_keyfile must be set together",
                          (s.ssl_certfile, s.ssl_keyfile))

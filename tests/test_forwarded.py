@@ -1,0 +1,49 @@
+"""server.forwarded_allow_ips: whose X-Forwarded-For relay serve believes (the client address the console's login
+limit counts by). relay serve's own uvicorn settings, on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from relay.cli import server_config
+from relay.config import ConfigError
+from tests.harness import settings_for
+from tests.serving import QuickServer, running
+from tests.test_corked import _listening
+
+
+def _app() -> Starlette:
+    async def client(request: Request) -> Response:
+        return JSONResponse({"client": request.client.host if request.client else None})
+    return Starlette(routes=[Route("/client", client)])
+
+
+async def _client_seen(tmp_path: Path, **env: str) -> str:
+    config = server_config(_app(), settings_for(tmp_path, **env), "warning")
+    config.lifespan = "off"
+    async with running(QuickServer(config), _listening()) as port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            answer = await asyncio.wait_for(http.get("/client", headers={"x-forwarded-for": "203.0.113.7"}), 10)
+    return str(answer.json()["client"])
+
+
+async def test_a_forwarded_for_is_believed_only_from_the_peers_named(tmp_path: Path) -> None:
+    # By default the loopback is a trusted proxy (uvicorn's default): the header names the client.
+    assert await _client_seen(tmp_path) == "203.0.113.7"
+    # Named proxies only: this peer (127.0.0.1) is not one, so its header is ignored; it is the client.
+    assert await _client_seen(tmp_path, RELAY_SERVER_FORWARDED_ALLOW_IPS="10.0.0.0/8") == "127.0.0.1"
+    assert await _client_seen(tmp_path, RELAY_SERVER_FORWARDED_ALLOW_IPS="10.0.0.0/8,127.0.0.1") == "203.0.113.7"
+
+
+def test_forwarded_allow_ips_must_be_addresses_networks_or_a_star(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server.forwarded_allow_ips\[1\]"):
+        settings_for(tmp_path, RELAY_SERVER_FORWARDED_ALLOW_IPS="10.0.0.1,proxy.internal")
+    assert settings_for(tmp_path, RELAY_SERVER_FORWARDED_ALLOW_IPS="*").server.forwarded_allow_ips == ("*",)
