@@ -34,6 +34,8 @@ Proxies and Unix sockets are refused: they would bypass the address check.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -128,10 +130,26 @@ def blocked_reason(addr: IPAddress) -> str | None:
     return None
 
 
+# Name lookups run on threads of their own, with a deadline. The loop's getaddrinfo runs them on libuv's pool of
+# four threads under uvloop (asyncio: the default executor, which also does image-store I/O), and a name server
+# that never answers holds a thread for the resolver's whole timeout, whoever waits: four links to such names,
+# which any API client can give (webhooks, archived links, reference images), stalled every lookup, the
+# providers' too. Here such lookups hold at most DNS_THREADS threads and fail after DNS_TIMEOUT like a name that
+# does not resolve (retried later), and the loop's own pools are left alone.
+DNS_THREADS = 32
+DNS_TIMEOUT = 10.0
+_dns_pool = concurrent.futures.ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="relay-dns")
+
+
 async def system_resolver(host: str, port: int) -> list[str]:
     """All addresses `host` resolves to, in the order the system prefers them."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    lookup = loop.run_in_executor(_dns_pool, functools.partial(socket.getaddrinfo, host, port,
+                                                                type=socket.SOCK_STREAM))
+    try:
+        infos = await asyncio.wait_for(lookup, DNS_TIMEOUT)
+    except TimeoutError:
+        raise socket.gaierror(socket.EAI_AGAIN, f"{host}: no answer from DNS within {DNS_TIMEOUT:g} s") from None
     seen: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         ip = str(sockaddr[0])
@@ -211,9 +229,13 @@ class NetGuard:
         for ip in ips:
             try:
                 self.check_ip(ip)
-            except BlockedAddress as exc:
-                # One bad address poisons the name: a client could be steered to any of them.
-                raise BlockedAddress(f"{host} resolves to a refused address: {exc}") from None
+            except BlockedAddress:
+                # One bad address poisons the name: a client could be steered to any of them. The message
+                # says what kind of address, not which: it reaches API clients (a 422, an attempt's error),
+                # who would otherwise map internal names to internal addresses by asking.
+                addr = _parse_ip(ip.split("%", 1)[0])
+                kind = (blocked_reason(addr) if addr is not None else None) or "refused"
+                raise BlockedAddress(f"{host} resolves to a {kind} address (not in the allow-list)") from None
         return ips
 
     async def check_url(self, url: str) -> None:
