@@ -123,6 +123,10 @@ class GuardedSession:
 
 
 WRITE_CHUNK = 64 * 1024      # bodies larger than this are written a chunk at a time, each within the write timeout
+# The most a provider's answer may hold once decoded: ten inline base64 images of the largest size (OpenAI's
+# synchronous answer, about 4 MB each) fit many times over. Counted after httpx undoes a Content-Encoding, so a
+# small gzip that would expand to gigabytes is stopped at this size, not after it filled the memory.
+ANSWER_LIMIT = 256 * 1024 * 1024
 
 # Hop-by-hop and framing headers aiohttp sets itself from the body it sends and the connection it uses.
 _LEFT_TO_AIOHTTP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
@@ -277,7 +281,13 @@ class GuardedClient(httpx.AsyncClient):
         response = await self._direct.handle_async_request(request)
         response.request = request
         try:
-            await response.aread()
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():      # decoded: what aread() would join, bounded
+                size += len(chunk)
+                if size > ANSWER_LIMIT:
+                    raise httpx.RemoteProtocolError(f"the answer is larger than {ANSWER_LIMIT} bytes", request=request)
+                chunks.append(chunk)
+            response._content = b"".join(chunks)     # as aread() keeps it: .content, .json() read it from there
         except BaseException:
             await response.aclose()
             raise

@@ -364,3 +364,23 @@ async def test_a_plain_request_goes_straight_to_the_transport(monkeypatch: pytes
         assert response.json() == {"ok": True} and response.request.url == server.url("/v1/x")
         assert response.elapsed.total_seconds() >= 0
         assert server.requests[0][1]["authorization"] == "Bearer k"
+
+
+async def test_an_answer_that_decodes_past_the_limit_is_stopped_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small gzip that expands past ANSWER_LIMIT (a bomb) is refused as the provider's protocol error (a submit's
+    outcome then unknown: it was answered), counted as it is decoded; an answer at the limit is read whole."""
+    from relay import fastclient
+
+    monkeypatch.setattr(fastclient, "ANSWER_LIMIT", 1_000_000)
+    bomb = gzip.compress(b"0" * 20_000_000)          # 20 MB of zeros in about 20 kB
+    assert len(bomb) < 100_000
+    async with answering_server(200, bomb, "content-encoding: gzip") as server, guarded_client(LOCAL) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="larger than 1000000 bytes"):
+            await client.get(server.url("/v1/tasks/1"))
+        with pytest.raises(SubmitOutcomeUnknown):
+            async with map_transport_errors(submit=True):
+                await client.post(server.url("/v1/tasks"), json={})
+    exact = b"1" * 1_000_000
+    async with answering_server(200, gzip.compress(exact), "content-encoding: gzip") as server, \
+            guarded_client(LOCAL) as client:
+        assert (await client.get(server.url("/v1/tasks/1"))).content == exact
