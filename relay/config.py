@@ -28,6 +28,7 @@ from relay.models import IDEMPOTENCY_WINDOW
 
 PROVIDER_KINDS = ("gmicloud", "apimart", "evolink", "pixazo", "openai")
 ROLES = ("all", "api", "worker")
+SQLITE_SYNCHRONOUS = ("normal", "full")
 SIMULATOR_URL = "http://127.0.0.1:8700"   # where `relay simulate` listens by default
 SECTIONS = ("server", "auth", "storage", "worker", "polling", "archive", "network", "callbacks", "deliveries",
             "dashboard", "retention", "failover", "openai_compat")
@@ -94,6 +95,9 @@ class StorageSettings:
     database: str = field(default="", repr=False)   # may hold a password; "" → sqlite:///{data_dir}/relay.db
     images_dir: str = ""                             # "" → {data_dir}/images
     images_url: str = ""                             # "" → the local directory images_dir; or s3://BUCKET/PREFIX
+    # SQLite only: "normal" (WAL, no fsync per commit) keeps what relay acknowledged across a crash of relay, not
+    # of the machine (a power loss may take the last commits); "full" fsyncs every commit (relay.store.sqlite).
+    sqlite_synchronous: str = "normal"
     s3: S3Settings = field(default_factory=S3Settings)
 
 
@@ -683,6 +687,9 @@ class _Loader:
             or scheme in ("postgresql", "postgres"))
         if not ok:
             self.problem("storage.database", "must be sqlite:///path or a postgresql:// URL", _mask_url(database))
+        if s.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+            self.problem("storage.sqlite_synchronous", f"must be one of {', '.join(SQLITE_SYNCHRONOUS)}",
+                         s.sqlite_synchronous)
         return self.check_images(replace(s, database=database, images_dir=s.images_dir or f"{base}images"))
 
     def check_images(self, s: StorageSettings) -> StorageSettings:

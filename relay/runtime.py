@@ -103,7 +103,7 @@ def open_store(settings: Settings) -> Store:
     """The store the database URL names: sqlite:///path (the embedded default) or postgresql://…"""
     url = settings.storage.database
     if url.startswith("sqlite:"):
-        return SQLiteStore(sqlite_path_from_url(url))
+        return SQLiteStore(sqlite_path_from_url(url), synchronous=settings.storage.sqlite_synchronous)
     from relay.store.postgres import PostgresStore     # asyncpg is needed only here
     return PostgresStore(url)
 

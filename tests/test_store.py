@@ -934,3 +934,32 @@ async def test_a_replay_restarts_its_deliveries_a_batch_per_transaction(store: S
     assert await store.replay_deliveries(sub_id, since=now + 5, until=now + 60, statuses=["failed"],
                                          now=now) == (2, False)
     assert await _pending(store) == {made[now + 5], made[now + 6]}
+
+
+@pytest.mark.parametrize("setting, level", [(None, 1), ("normal", 1), ("full", 2)])
+async def test_sqlite_synchronous_is_set_on_every_connection(tmp_path: Path, setting: str | None, level: int) -> None:
+    """storage.sqlite_synchronous reaches each of the store's connections (writer, readers, background): NORMAL (1)
+    by default, FULL (2), an fsync per commit, when asked. Through the runtime's open_store, as relay serve does."""
+    from relay.runtime import open_store
+    from tests.harness import settings_for
+
+    env = {"RELAY_STORAGE_SQLITE_SYNCHRONOUS": setting} if setting else {}
+    store = open_store(settings_for(tmp_path, **env))
+    assert isinstance(store, SQLiteStore)
+    await store.open()
+    try:
+        connections = [store._writer, store._reader, store._background, store._key_reader]
+        assert all(conn is not None for conn in connections)
+        for conn in connections:
+            row = await (await conn.execute("PRAGMA synchronous")).fetchone()   # type: ignore[union-attr]
+            assert row is not None and row[0] == level
+    finally:
+        await store.close()
+
+
+def test_sqlite_synchronous_takes_normal_or_full(tmp_path: Path) -> None:
+    from relay.config import ConfigError
+    from tests.harness import settings_for
+
+    with pytest.raises(ConfigError, match="storage.sqlite_synchronous: must be one of normal, full"):
+        settings_for(tmp_path, RELAY_STORAGE_SQLITE_SYNCHRONOUS="off")
