@@ -35,8 +35,12 @@ class TaskService:
         self.ctx = ctx
         self.guard = guard
 
-    async def create(self, data: dict[str, Any], *, scope: str, idempotency_key: str | None) -> tuple[Task, bool]:
-        """Validate and store a task with its submit job (one transaction). Returns (task, created)."""
+    async def create(self, data: dict[str, Any], *, scope: str, idempotency_key: str | None,
+                     same_as: dict[str, Any] | None = None) -> tuple[Task, bool]:
+        """Validate and store a task with its submit job (one transaction). Returns (task, created).
+
+        `same_as`: what an Idempotency-Key compares instead of `data`, where `data` holds parts that differ
+        between two sends of one request (the OpenAI edits endpoint's signed upload links)."""
         if is_adoption(data):     # provider + provider_task_id: track a task submitted elsewhere (relay.adopt)
             from relay.adopt import adopt
             return await adopt(self.ctx, self.guard, data, scope=scope, idempotency_key=idempotency_key)
@@ -64,7 +68,7 @@ class TaskService:
                     candidates=list(chain) if chain else None, route=choice.route if choice else None)
         submit = Job(id=ids.new_id("job", now), kind="submit", task_id=task.id, run_at=now,
                      dedupe_key=f"submit:{task.id}")
-        idempotency = idempotency_of(scope, idempotency_key, data)
+        idempotency = idempotency_of(scope, idempotency_key, data if same_as is None else same_as)
         return await ctx.store.create_task(task, [submit], idempotency=idempotency)
 
     async def get(self, task_id: str) -> Task:

@@ -209,12 +209,22 @@ async def edits(request: Request) -> Response:
     body["images"] = [await store_upload(runtime, part, "image") for part in images]
     if mask is not None:
         body["mask"] = await store_upload(runtime, mask, "mask")
-    return await run_task(request, body, response_format, scope)
+    # An Idempotency-Key compares the uploads, not their signed links, whose expiry moves at each UTC midnight:
+    # the same upload retried across one would otherwise make another body, a 409.
+    unsigned = {**body, "images": [_unsigned(url) for url in body["images"]],
+                **({"mask": _unsigned(body["mask"])} if "mask" in body else {})}
+    return await run_task(request, body, response_format, scope, same_as=unsigned)
 
 
-async def run_task(request: Request, body: dict[str, Any], response_format: str | None, scope: str) -> Response:
+def _unsigned(url: str) -> str:
+    return url.partition("?")[0]
+
+
+async def run_task(request: Request, body: dict[str, Any], response_format: str | None, scope: str,
+                   same_as: dict[str, Any] | None = None) -> Response:
     runtime = runtime_of(request)
-    task, _ = await runtime.tasks.create(body, scope=scope, idempotency_key=idempotency_key(request))
+    task, _ = await runtime.tasks.create(body, scope=scope, idempotency_key=idempotency_key(request),
+                                         same_as=same_as)
     task = await waiter_of(request).wait(request, task.id, runtime.settings.openai_compat.wait_seconds)
     if task.status == TaskStatus.SUCCEEDED:
         return json_response(await images_response(request, task, response_format), headers=task_headers(task.id))
