@@ -49,6 +49,25 @@ async def test_a_failed_flush_fails_every_caller_in_it() -> None:
         await group.submit(9)
 
 
+async def test_a_group_commit_cancelled_with_the_loop_leaves_no_caller_waiting() -> None:
+    """The runner cancelled mid-flush (the loop torn down at shutdown): the callers in its batch and those queued
+    behind it are told the store is closing, not left waiting forever, and none is told its write was made."""
+    started = asyncio.Event()
+
+    async def flush(take: Callable[[], list[int]]) -> None:
+        take()
+        started.set()
+        await asyncio.Event().wait()        # a commit that never ends
+
+    group: GroupCommit[int] = GroupCommit(flush, max_batch=2)
+    callers = [asyncio.ensure_future(group.submit(i)) for i in range(5)]
+    await asyncio.wait_for(started.wait(), 5)
+    assert group._runner is not None
+    group._runner.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    assert all(isinstance(r, RuntimeError) and "store closing" in str(r) for r in results), results
+
+
 async def test_a_caller_that_goes_away_does_not_cancel_the_others_commit() -> None:
     """One caller cancelled while its batch is being committed: the batch still commits for the others."""
     started, release = asyncio.Event(), asyncio.Event()

@@ -252,3 +252,24 @@ async def test_claims_go_on_after_every_pooled_connection_is_terminated(
     await store.enqueue([a_job(clock)])
     assert await store.job_counts() == {"poll:queued": 1}
     assert store._listener is not None and store._listener.get_server_pid() == listener
+
+
+async def test_an_argument_asyncpg_cannot_encode_is_raised_not_taken_for_a_lost_connection(
+        stores: Callable[[], Awaitable[PostgresStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An argument of the wrong type (a bug) sends nothing and says nothing of the connection: asyncpg raises its
+    DataError (a PostgresError, not an InterfaceError, which would count as a lost connection), raised at once,
+    the pool left as it is, the call not run again (it would fail alike)."""
+    store = await stores()
+    lost: list[BaseException] = []
+    real = store._connection_lost
+
+    async def counting(exc: BaseException, then: str) -> None:
+        lost.append(exc)
+        await real(exc, then)
+
+    monkeypatch.setattr(store, "_connection_lost", counting)
+    with pytest.raises(asyncpg.exceptions.DataError):
+        await store.get_task(12345)       # type: ignore[arg-type]   # a text parameter given an int: a bug
+    with pytest.raises(asyncpg.exceptions.DataError):
+        await store.transact(lambda tx: tx.run("UPDATE tasks SET status = ? WHERE id = ?", (1, "tsk_x")))
+    assert lost == []

@@ -62,6 +62,13 @@ class GroupCommit(Generic[T]):
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
+            except BaseException:       # cancelled with the loop: nobody may wait forever (nor be told "written")
+                take()
+                for _, future in [*batch, *self._pending]:
+                    if not future.done():
+                        future.set_exception(RuntimeError("store closing"))
+                self._pending = []
+                raise
             else:
                 for _, future in batch:
                     if not future.done():
