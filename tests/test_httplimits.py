@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +17,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.cli import server_config
+from relay.web.app import create_app
 from relay.web.httplimits import HEAD_BYTES, LimitedHttpToolsProtocol
-from tests.harness import settings_for
-from tests.serving import QuickServer, running
+from tests.harness import API_KEY, harness, settings_for, wait_for
+from tests.serving import QuickServer, running, serving
 from tests.test_corked import LOOPS, _listening, _read_response, on_loop
 
 QUICK_HEAD_SECONDS = 0.3
@@ -75,6 +78,63 @@ def test_a_head_that_never_ends_is_answered_431_and_closed(loop: str, where: str
                 assert status == 431
                 assert body["error"]["code"] == "payload_too_large"
                 assert str(HEAD_BYTES) in body["error"]["message"]
+            finally:
+                writer.close()
+    on_loop(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_trailers_that_never_end_are_cut_as_a_head_would_be(loop: str) -> None:
+    """A chunked body's trailers come after its headers, when the head's deadline no longer runs, and httptools
+    grows them as it grows headers: the bytes that are not body are bounded the same way (431)."""
+    async def main() -> None:
+        async with running(_serve(), _listening()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                             b"5\r\nhello\r\n0\r\nx-trailer: ")
+                sent = 0     # the bound is the limit and one read (the one that ended the head): well past both
+                while sent < HEAD_BYTES * 16 and not reader.at_eof():
+                    writer.write(b"t" * 4096)
+                    sent += 4096
+                    await writer.drain()
+                status, body = _error(await _closed(reader))
+                assert status == 431 and body["error"]["code"] == "payload_too_large"
+            finally:
+                writer.close()
+    on_loop(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_chunked_body_of_small_chunks_is_served(loop: str) -> None:
+    """Framing grows with the body: 2 MiB in chunks of 256 bytes (24 kB of chunk lines) is no head."""
+    async def main() -> None:
+        async with running(_serve(), _listening()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                chunk = b"100\r\n" + b"c" * 256 + b"\r\n"
+                writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                             + chunk * 8192 + b"0\r\n\r\n")
+                head, answer = await asyncio.wait_for(_read_response(reader), 10)
+                assert head.startswith(b"HTTP/1.1 200") and json.loads(answer) == {"size": 256 * 8192}
+            finally:
+                writer.close()
+    on_loop(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_one_read_too_large_and_unparsable_is_refused_once(loop: str) -> None:
+    """A read that is both over the head limit and not HTTP: one answer (the parser's 400), no second refusal
+    written after the first's end of stream (which the loop would report as a fatal protocol error)."""
+    async def main() -> None:
+        async with running(_serve(), _listening()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"GET /echo HTTP/1.1\r\nbad header line " + b"x" * (HEAD_BYTES * 2) + b"\r\n\r\n")
+                answer = await _closed(reader)
+                assert answer.count(b"HTTP/1.1") == 1
+                status, _ = _error(answer)
+                assert status == 400
             finally:
                 writer.close()
     on_loop(loop, main)
@@ -171,3 +231,26 @@ def test_a_request_httptools_cannot_parse_is_answered_in_the_error_shape(loop: s
 def test_relay_serve_uses_the_limited_protocol(tmp_path: Any) -> None:
     config = server_config(_app(), settings_for(tmp_path), "warning")
     assert config.http is LimitedHttpToolsProtocol
+
+
+async def test_a_relay_endpoint_whose_body_is_cut_off_logs_no_error(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """relay's own app: a POST /v1/tasks whose trailers are refused mid-body. Its handler finds the client gone
+    (Starlette's ClientDisconnect), which is nobody's error: logged at debug, not as an unhandled error."""
+    caplog.set_level(logging.DEBUG, logger="relay.web")
+    async with harness(tmp_path, run_worker=False) as h:
+        app = create_app(h.runtime, run_worker=False)
+        async with serving(app, _listening(), http=LimitedHttpToolsProtocol, lifespan="off") as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"POST /v1/tasks HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {API_KEY}\r\n"
+                             "content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                             "2\r\n{}\r\n0\r\nx-trailer: ".encode())
+                writer.write(b"t" * (HEAD_BYTES * 16))        # past the limit and the read that ended the head
+                status, _ = _error(await _closed(reader))
+                assert status == 431
+            finally:
+                writer.close()
+            await wait_for(lambda: any("client gone" in r.getMessage() for r in caplog.records), 10,
+                           "the handler to find its client gone")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,6 +44,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
         exc.status_code, str(exc.detail))
     return json_response({"error": {"code": code, "message": message}}, status=exc.status_code,
                          headers=dict(exc.headers or {}))
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client went away while its body was being read (or was cut off: relay.web.httplimits): nobody to
+    answer, and nothing wrong with relay. Not logged as an error; what is returned is never sent."""
+    log.debug("client gone during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -156,6 +163,6 @@ def create_app(runtime: Runtime, *, run_worker: bool = True, serve_api: bool = T
         *console.routes(),     # the operator's dashboard: GET / and /console/…
     ]
     app = RelayApp(routes=routes, lifespan=lifespan, runtime=runtime, callbacks=serve_api, exception_handlers={
-        ApiError: api_error, HTTPException: http_error, Exception: internal_error})
+        ApiError: api_error, HTTPException: http_error, ClientDisconnect: client_gone, Exception: internal_error})
     app.state.runtime = runtime
     return app

@@ -128,12 +128,12 @@ class CallbackDoor:
 
 async def _answer(send: Send, status: int, payload: dict[str, Any],
                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """An error answer, after which uvicorn closes the connection: it may come before the body was read (a
-    wrong token, a declared size over the limit, another method), and the rest of that body, however long,
-    would otherwise be read and thrown away on a connection kept alive for it."""
+    # It may come before the body was read (a wrong token, a declared size over the limit): uvicorn reads and drops
+    # the rest, and the next head's deadline (relay.web.httplimits), running from this answer, ends a body that
+    # never does. Closed at once instead, the unread bytes would make the kernel reset the connection, which can
+    # reach the provider before the answer.
     body = jsontext.http_body(payload)
     start: Message = {"type": "http.response.start", "status": status,
-                      "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()),
-                                  (b"connection", b"close"), *(headers or [])]}
+                      "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]}
     await send(start)
     await send({"type": "http.response.body", "body": body})
