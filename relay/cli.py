@@ -84,10 +84,6 @@ async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket
         if not settings.auth.api_keys and parent_pid is None:
             print(f"relay: no api_keys configured; using the generated key in {api_key_file(settings)}",
                   file=sys.stderr)
-        if settings.network.allow and not is_loopback_host(settings.server.host) and parent_pid is None:
-            print(f"relay: network.allow exempts {', '.join(settings.network.allow)} from the SSRF guard while "
-                  f"relay listens on {settings.server.host}: any API client can make relay call those addresses "
-                  "(webhooks, archived links, reference images)", file=sys.stderr)
         role = settings.server.role
         app = create_app(runtime, run_worker=role in ("all", "worker"), serve_api=role in ("all", "api"))
         config = server_config(app, settings, log_level)
@@ -111,6 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, server_host=args.host, server_port=args.port, server_role=args.role)
     _logging(args.log_level, args.log_format)
+    if settings.network.allow and not is_loopback_host(settings.server.host):
+        print(f"relay: network.allow exempts {', '.join(settings.network.allow)} from the SSRF guard while "
+              f"relay listens on {settings.server.host}: any API client can make relay call those addresses "
+              "(webhooks, archived links, reference images)", file=sys.stderr)
     if args.processes != 1:
         return _serve_processes(settings, args.processes, args.log_level)
     try:

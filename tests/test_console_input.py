@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import pytest
 
 from tests.harness import API_KEY, harness
 
@@ -54,3 +58,22 @@ async def test_junk_in_every_page_and_form_is_never_a_500(tmp_path: Path) -> Non
         assert errors == [], errors[:10]
         assert all(status in (200, 303, 400, 401, 403, 404, 409, 413, 422) for _, status in seen), \
             sorted({s for _, s in seen})
+
+
+async def test_a_login_form_that_never_finishes_arriving_is_answered_408(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one form anyone may post, sent a byte now and then: answered once its deadline passes, not held."""
+    from relay.web.console import actions
+
+    monkeypatch.setattr(actions, "LOGIN_BODY_SECONDS", 0.2)
+    never = asyncio.Event()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b"credential=x"
+        await never.wait()
+
+    async with harness(tmp_path, run_worker=False) as h:
+        h.api.headers.pop("authorization")
+        answer = await asyncio.wait_for(h.api.post("/console/login", content=trickle(), headers={
+            "content-type": "application/x-www-form-urlencoded", "origin": "http://relay.test"}), 10)
+        assert answer.status_code == 408 and "took too long" in answer.text

@@ -35,6 +35,10 @@ async def test_a_nul_in_a_path_query_body_or_form_is_refused_not_a_500(tmp_path:
             answer = await api.post(path, json=body)
             assert answer.status_code == 422, (path, answer.status_code, answer.text[:200])
             assert answer.json()["error"]["field"] == field
+        # OpenAI's edits endpoint takes its fields as a multipart form, not JSON: the same rule, OpenAI's shape.
+        answer = await api.post("/openai/v1/images/edits", data={"prompt": "make it blue\x00", "model": "evolink"},
+                                files={"image": ("a.png", b"\x89PNG", "image/png")})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "prompt", answer.text
         # The console's forms: a delivery id with a NUL, as a logged-in operator's form would post it.
         api.headers.pop("authorization")
         nonce = re.search(r'name="nonce" value="([^"]+)"', (await api.get("/console/login")).text)

@@ -34,7 +34,7 @@ from relay.images.verify import ainspect_image, sniff_image
 from relay.models import Task, TaskStatus
 from relay.multipart import Part
 from relay.runtime import Runtime
-from relay.validation import MAX_INPUT_IMAGES
+from relay.validation import MAX_INPUT_IMAGES, check_json_limits
 from relay.web.common import (idempotency_key, json_response, read_json_body, require_api_key, runtime_of,
                               small_int)
 from relay.web.multipart import read_form
@@ -200,6 +200,7 @@ async def edits(request: Request) -> Response:
         else:
             text = part.text()
             fields[name] = small_int(text) if name in INTEGER_FIELDS and small_int(text) is not None else text
+    check_json_limits(fields)    # what a JSON body meets at parsing (string lengths, NULs), for the form's fields
     body, response_format = task_body(fields, runtime)
     if not images:
         raise OpenAIError(400, "image is required: one or more image files", param="image",

@@ -9,6 +9,7 @@ and no later page.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from urllib.parse import quote
 
@@ -30,6 +31,7 @@ RETRY_MAX = 200         # dead letters retried by one press
 # bucket is the store's (Store.take_token), so the limit holds across replicas, whichever one a try lands on.
 LOGIN_BURST = 10.0
 LOGIN_RATE = 1 / 6.0
+LOGIN_BODY_SECONDS = 20.0     # for the login form's body to arrive, once its head has
 
 
 def _deliveries(request: Request) -> DeliveryService:
@@ -44,7 +46,12 @@ def _back(path: str, done: str, n: int | None = None) -> Response:
 
 async def login(request: Request) -> Response:
     """A wrong credential is a 401 with the form again; the nonce guards against a login forged by another site."""
-    form = await read_form(request)
+    try:
+        # The one form anyone may post: a body sent a byte now and then must not hold the connection for ever.
+        async with asyncio.timeout(LOGIN_BODY_SECONDS):
+            form = await read_form(request)
+    except TimeoutError:
+        return _login_again(request, "The login form took too long to arrive: try again.", 408, "/console/")
     target = local_path(first(form, "next"), "/console/")
     if not login_nonce_ok(request, first(form, "nonce")):
         return _login_again(request, "The login form expired or came from another site: try again.", 403, target)
