@@ -135,27 +135,35 @@ def blocked_reason(addr: IPAddress) -> str | None:
 # that never answers holds a thread for the resolver's whole timeout, whoever waits: four links to such names,
 # which any API client can give (webhooks, archived links, reference images), stalled every lookup, the
 # providers' too. Here such lookups hold at most DNS_THREADS threads and fail after DNS_TIMEOUT like a name that
-# does not resolve (retried later), and the loop's own pools are left alone.
+# does not resolve (retried later); the providers' names, which the operator configures, are looked up on
+# threads of their own (provider_resolver), and the loop's own pools are left alone.
 DNS_THREADS = 32
 DNS_TIMEOUT = 10.0
-_dns_pool = concurrent.futures.ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="relay-dns")
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """All addresses `host` resolves to, in the order the system prefers them."""
-    loop = asyncio.get_running_loop()
-    lookup = loop.run_in_executor(_dns_pool, functools.partial(socket.getaddrinfo, host, port,
-                                                                type=socket.SOCK_STREAM))
-    try:
-        infos = await asyncio.wait_for(lookup, DNS_TIMEOUT)
-    except TimeoutError:
-        raise socket.gaierror(socket.EAI_AGAIN, f"{host}: no answer from DNS within {DNS_TIMEOUT:g} s") from None
-    seen: list[str] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        ip = str(sockaddr[0])
-        if ip not in seen:
-            seen.append(ip)
-    return seen
+def threaded_resolver(threads: int, name: str) -> Resolver:
+    """A Resolver whose lookups run on a pool of `threads` threads of its own, each given DNS_TIMEOUT."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    async def resolve(host: str, port: int) -> list[str]:
+        """All addresses `host` resolves to, in the order the system prefers them."""
+        lookup = asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
+        try:
+            infos = await asyncio.wait_for(lookup, DNS_TIMEOUT)
+        except TimeoutError:
+            raise socket.gaierror(socket.EAI_AGAIN, f"{host}: no answer from DNS within {DNS_TIMEOUT:g} s") from None
+        seen: list[str] = []
+        for _family, _type, _proto, _canon, sockaddr in infos:
+            ip = str(sockaddr[0])
+            if ip not in seen:
+                seen.append(ip)
+        return seen
+    return resolve
+
+
+system_resolver = threaded_resolver(DNS_THREADS, "relay-dns")            # names clients can give
+provider_resolver = threaded_resolver(8, "relay-dns-providers")         # names the configuration gives
 
 
 def _parse_ip(text: str) -> IPAddress | None:

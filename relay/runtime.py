@@ -36,7 +36,7 @@ from relay import metrics
 from relay.links import Signer
 from relay.models import Task
 from relay.logs import log_task_status
-from relay.netguard import NetGuard
+from relay.netguard import NetGuard, provider_resolver
 from relay.providers import PROVIDER_KINDS, build_provider
 from relay.providers.base import Provider
 from relay.queue import Handler, Worker, WorkerOptions
@@ -158,6 +158,9 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
     api_keys = resolve_api_keys(settings)
     guard = NetGuard(settings.network.allow)
+    # The providers' own names are looked up apart from those clients give (webhooks, links): a client's name
+    # server that never answers cannot hold up a provider call (relay.netguard).
+    provider_guard = NetGuard(settings.network.allow, resolver=provider_resolver)
     tls = httpx.create_ssl_context()     # the CA bundle, loaded once (~30 ms) for every client below
 
     def new_client(*, pooled: bool = True) -> httpx.AsyncClient:
@@ -166,7 +169,7 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
                                    "headers": {"user-agent": "relay/0.1"}}
         if transport is not None:
             return httpx.AsyncClient(transport=transport, **options)
-        return guarded_client(guard, verify=tls, pooled=pooled, **options)
+        return guarded_client(provider_guard, verify=tls, pooled=pooled, **options)
 
     # One session for image downloads and inputs (aiohttp, relay.fastclient), and one httpx client per
     # provider (each on a pool of its own, so one provider's connections never queue behind another's).

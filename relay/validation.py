@@ -29,6 +29,17 @@ MAX_STRING_CHARS = 32_000       # any string, object keys included (the prompt's
 # prompt, name or id needs it. Refused where it comes in: JSON bodies here, paths and query strings
 # (relay.web.app.refuse_nul), console forms (relay.web.console.guard.read_form).
 NUL = "\x00"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """Text from outside that relay keeps but does not refuse (a provider's or a subscriber's): NULs and lone
+    surrogates (no UTF-8 form: neither database can store one) replaced by U+FFFD."""
+    if NUL in text:             # a memchr: cheap on a multi-MB base64 image too
+        text = text.replace(NUL, "\ufffd")
+    if text.isascii():          # the common case, and fast for a multi-MB base64 image
+        return text
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 ALLOWED_FIELDS = {"provider", "prompt", "size", "quality", "n", "background", "output_format", "output_compression",
                   "moderation", "images", "mask", "webhook_url", "webhook_events", "metadata"}
 SIZE_CHOICES = (*SIZES_PIXELS, *RATIO_TO_PIXELS, "auto")

@@ -35,7 +35,9 @@ async def _client_seen(tmp_path: Path, **env: str) -> str:
     return str(answer.json()["client"])
 
 
-async def test_a_forwarded_for_is_believed_only_from_the_peers_named(tmp_path: Path) -> None:
+async def test_a_forwarded_for_is_believed_only_from_the_peers_named(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)     # uvicorn's default reads it
     # By default the loopback is a trusted proxy (uvicorn's default): the header names the client.
     assert await _client_seen(tmp_path) == "203.0.113.7"
     # Named proxies only: this peer (127.0.0.1) is not one, so its header is ignored; it is the client.

@@ -330,3 +330,20 @@ async def test_an_invalid_host_name_is_a_resolution_failure_not_a_crash(host: st
     async with guarded_client(guard) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://{host}/x")
+
+
+async def test_provider_names_are_looked_up_apart_from_the_names_clients_give(tmp_path: Path) -> None:
+    """relay's runtime: the provider clients resolve on the providers' own DNS threads, webhooks, downloads and
+    the API's checks on the clients' (a client's silent name server cannot hold up a provider call)."""
+    from relay import netguard
+    from relay.fastclient import GuardedClient
+    from relay.runtime import open_runtime
+    from tests.harness import settings_for
+
+    async with open_runtime(settings_for(tmp_path)) as runtime:
+        for provider in runtime.ctx.providers.values():
+            for client in (provider.http, provider.submit_http):
+                assert isinstance(client, GuardedClient)
+                assert client._direct._session._guard.resolver is netguard.provider_resolver
+        assert runtime.guard.resolver is netguard.system_resolver
+        assert runtime.deliveries is not None and runtime.deliveries.client._guard.resolver is netguard.system_resolver

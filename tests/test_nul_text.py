@@ -28,6 +28,7 @@ async def test_a_nul_in_a_path_query_body_or_form_is_refused_not_a_500(tmp_path:
             answer = await api.get(f"{path}?{params}")
             assert answer.status_code == 422, (path, params, answer.status_code, answer.text[:200])
             assert answer.json()["error"]["code"] == "invalid_request"
+            assert answer.json()["error"]["field"] == params.split("=")[0]
         for path, body, field in (
                 ("/v1/subscriptions", {"url": d.sink.url("/a"), "description": "a\u0000b"}, "description"),
                 ("/v1/tasks", {"provider": "evolink", "prompt": "a lighthouse\u0000"}, "prompt"),
@@ -72,3 +73,18 @@ async def test_a_subscriber_answering_binary_has_its_attempt_recorded(tmp_path: 
 def test_provider_bodies_have_their_nuls_replaced() -> None:
     parsed = parse_json(json.dumps({"error": {"message": "bad\u0000input", "k\u0000": ["x\u0000"]}}).encode())
     assert parsed == {"error": {"message": "bad\ufffdinput", "k\ufffd": ["x\ufffd"]}}
+
+
+async def test_a_redirect_to_a_location_that_is_not_utf8_has_its_attempt_recorded(tmp_path: Path,
+                                                                                    database: str) -> None:
+    """A subscriber answering 302 with a Location that is not UTF-8: aiohttp decodes it with surrogateescape, and
+    the attempt's error names it. Its lone surrogates are replaced, so the attempt is stored (a failed attempt,
+    retried by the schedule) instead of the write failing on either database."""
+    async with delivery_harness(tmp_path, **database_env(database)) as d:
+        d.sink.default("/moved", status=302, location="http://elsewhere.test/\xff\xfe")
+        await d.subscribe("/moved", events=["*"])
+        event_id = await d.emit(await d.task())
+        await d.drain()
+        [delivery] = await d.deliveries(event_id=event_id)
+        [attempt] = (await d.delivery(delivery["id"]))["attempt_history"]
+        assert attempt["status_code"] == 302 and "redirect to http://elsewhere.test/\ufffd\ufffd" in attempt["error"]

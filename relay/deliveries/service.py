@@ -30,7 +30,7 @@ from relay.links import Signer
 from relay.netguard import NetGuard, check_given_url
 from relay.present import with_image_urls
 from relay.store.base import Store
-from relay.validation import NUL, ReplayInput, SubscriptionInput
+from relay.validation import ReplayInput, SubscriptionInput, storable_text
 
 RESPONSE_LIMIT = 4096            # bytes of a subscriber's answer kept with the attempt
 ERROR_LIMIT = 1000
@@ -261,10 +261,11 @@ class DeliveryService:
             if 300 <= status < 400:
                 error += f": redirect to {location or '(no Location)'} not followed"
         # Kept as text for GET /v1/deliveries and the console: a binary answer's NULs become U+FFFD, as its invalid
-        # UTF-8 does (PostgreSQL's text cannot hold a NUL: relay.validation.NUL).
-        text = snippet[:RESPONSE_LIMIT].decode("utf-8", errors="replace").replace(NUL, "\ufffd") if snippet else None
+        # UTF-8 does, and so do lone surrogates in the error (aiohttp decodes a header that is not UTF-8, say a
+        # redirect's Location, with surrogateescape): neither database could store them (relay.validation).
+        text = storable_text(snippet[:RESPONSE_LIMIT].decode("utf-8", errors="replace")) if snippet else None
         return Sent(status_code=status, latency_ms=round(latency, 2), response=text,
-                    error=error[:ERROR_LIMIT] if error else None,
+                    error=storable_text(error[:ERROR_LIMIT]) if error else None,
                     retry_after=parse_retry_after(retry_after, now), blocked=blocked)
 
     def attempt(self, delivery: Delivery, url: str, at: float, sent: Sent) -> Attempt:

@@ -87,12 +87,13 @@ class SubmitHandler:
             # instead of a wall of 429s there, and look again shortly.
             return Again(IN_FLIGHT_RECHECK_SECONDS)
         if reservation == "taken":
-            # The task is no longer as this run read it: another run of this job (this one stalled past its
+            # The task is no longer as this run read it: another run of this job (one of the two stalled past its
             # lease) marked or made the submit, or the provider's task arrived, or the task ended. Sending now
-            # could bill twice. Look again: a run that still holds the job reads the task afresh and ends or
-            # waits as that says; one that lost its lease has its outcome refused by the store.
+            # could bill twice. Look again once the other run's send has had its whole timeout to be answered and
+            # recorded: read sooner, its mark would look like a crash mid-send and fail the task as outcome
+            # unknown while that send may still succeed. A run that lost its lease has its outcome refused.
             log.warning("task %s changed while its submit was prepared (a lease that ran out?); not sent", task.id)
-            return Again(IN_FLIGHT_RECHECK_SECONDS)
+            return Again(ctx.settings.providers[task.provider].timeout)
         callback_url = (ctx.callback_url(task.provider, task.id)
                         if provider.caps.callbacks and ctx.callbacks_enabled else None)
         try:

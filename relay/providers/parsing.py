@@ -11,13 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from relay.errors import ProviderProtocolError
 from relay.models import ProviderImage, ProviderStatus, TaskUpdate
-from relay.validation import NUL
+from relay.validation import storable_text
 
 # Provider business codes that all mean "the content was refused"; relay reports one name for them.
 POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked", "content_filter", "safety_violation"})
@@ -38,17 +37,6 @@ def parse_json(content: bytes, *, status: int | None = None) -> Any:
                                     status=status) from exc
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _clean(text: str) -> str:
-    if NUL in text:             # a memchr: cheap on a multi-MB base64 image too
-        text = text.replace(NUL, "\ufffd")
-    if text.isascii():          # the common case, and fast for a multi-MB base64 image
-        return text
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
-
-
 def storable(value: Any) -> Any:
     """`value` (parsed JSON) with every lone surrogate and NUL in a string or key replaced by U+FFFD.
 
@@ -56,25 +44,25 @@ def storable(value: Any) -> Any:
     Containers are fixed in place, iteratively (no recursion, whatever the nesting).
     """
     if isinstance(value, str):
-        return _clean(value)
+        return storable_text(value)
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
             for index, element in enumerate(item):
                 if isinstance(element, str):
-                    item[index] = _clean(element)
+                    item[index] = storable_text(element)
                 elif isinstance(element, (list, dict)):
                     stack.append(element)
         elif isinstance(item, dict):
-            if any(isinstance(key, str) and _clean(key) is not key for key in item):
+            if any(isinstance(key, str) and storable_text(key) is not key for key in item):
                 pairs = list(item.items())
                 item.clear()
                 for key, element in pairs:
-                    item[_clean(key)] = element     # a clash of cleaned keys keeps the last, as JSON does
+                    item[storable_text(key)] = element     # a clash of cleaned keys keeps the last, as JSON does
             for key, element in item.items():
                 if isinstance(element, str):
-                    item[key] = _clean(element)
+                    item[key] = storable_text(element)
                 elif isinstance(element, (list, dict)):
                     stack.append(element)
     return value

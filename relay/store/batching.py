@@ -50,33 +50,34 @@ class GroupCommit(Generic[T]):
             self._runner = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        while self._pending:
-            take, batch = self._round()
-            try:
-                await self._flush(take)
-                if not batch:       # a flush must write what it takes: acknowledging what it never took would lose it
-                    take()
-                    raise RuntimeError("a group commit's flush returned without taking its batch")
-            except Exception as exc:
-                take()          # failed before taking: what it would have written fails with it
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-            except BaseException:       # cancelled with the loop: nobody may wait forever (nor be told "written")
-                take()
-                for _, future in [*batch, *self._pending]:
-                    if not future.done():
-                        future.set_exception(RuntimeError("store closing"))
-                self._pending = []
-                raise
-            else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-            if self._pending:
-                # A flush may not suspend at all (SQLite's runs on the loop's thread): let the loop serve
-                # others between the batches of a backlog.
-                await asyncio.sleep(0)
+        batch: list[tuple[T, asyncio.Future[None]]] = []
+        try:
+            while self._pending:
+                take, batch = self._round()
+                try:
+                    await self._flush(take)
+                    if not batch:   # a flush must write what it takes: acknowledging what it never took would lose it
+                        take()
+                        raise RuntimeError("a group commit's flush returned without taking its batch")
+                except Exception as exc:
+                    take()          # failed before taking: what it would have written fails with it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+                if self._pending:
+                    # A flush may not suspend at all (SQLite's runs on the loop's thread): let the loop serve
+                    # others between the batches of a backlog.
+                    await asyncio.sleep(0)
+        except BaseException:       # cancelled with the loop: nobody may wait forever (nor be told "written")
+            for _, future in [*batch, *self._pending]:
+                if not future.done():
+                    future.set_exception(RuntimeError("store closing"))
+            self._pending = []
+            raise
 
     def _round(self) -> tuple[Callable[[], list[T]], list[tuple[T, asyncio.Future[None]]]]:
         """One round's take() and the batch it fills (its own list: a take kept past its round takes nothing)."""

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from relay.config import SQLITE_SYNCHRONOUS
 from relay.models import Job
 from relay.outage import Outage
 from relay.store import queries as q
@@ -241,7 +242,9 @@ class SQLiteStore(Store):
     def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
         """`synchronous`: SQLite's setting for every connection (storage.sqlite_synchronous): "normal" or "full"."""
         self.path = str(path)
-        self._synchronous = {"normal": "NORMAL", "full": "FULL"}[synchronous]
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, not {synchronous!r}")
+        self._synchronous = synchronous.upper()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = WriterLock()        # short work on the loop goes ahead of queued thread transactions

@@ -331,8 +331,8 @@ async def store_upload(runtime: Runtime, part: Part, field: str) -> str:
 
 
 def input_url(runtime: Runtime, name: str) -> str:
-    """A signed link to an uploaded input. Its expiry moves once a day, so that the same upload sent again
-    (a retry with the same Idempotency-Key) makes the same task body."""
+    """A signed link to an uploaded input. Its expiry moves once a day (the same upload sent again the same day
+    makes the same link); an Idempotency-Key compares the uploads without their signatures (edits' same_as)."""
     ctx = runtime.ctx
     day = 86400
     expires = (int(ctx.clock.now()) // day + 1) * day + int(runtime.settings.archive.link_ttl)
