@@ -64,6 +64,19 @@ async def test_writes_in_one_turn_reach_the_socket_as_one_write() -> None:
     assert corked.get_extra_info("peername") == "extra:peername"     # the rest is the real transport's
 
 
+async def test_writes_after_write_eof_are_dropped_as_after_close() -> None:
+    """A handler answering after relay ended its side (a refusal's lingering close) must not make the real
+    transport raise (asyncio and uvloop refuse a write after write_eof)."""
+    real = RecordingTransport()
+    real.write_eof = lambda: real.calls.append(("write_eof", None))  # type: ignore[attr-defined]
+    corked = CorkedTransport(real, asyncio.get_running_loop())   # type: ignore[arg-type]
+    corked.write(b"431")
+    corked.write_eof()
+    corked.write(b"a late answer")
+    await asyncio.sleep(0)
+    assert real.calls == [("write", b"431"), ("write_eof", None)]
+
+
 async def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
     real = RecordingTransport()
     corked = CorkedTransport(real, asyncio.get_running_loop())   # type: ignore[arg-type]

@@ -190,6 +190,8 @@ def judge_limits(data: Any) -> tuple[int, str]:
                 return INVALID, f"a string of {len(text)} characters"
             if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
                 return INVALID, "a lone surrogate"
+            if "\x00" in text:
+                return INVALID, "a NUL character"          # relay.validation.NUL: no stored text holds one
     if depth_max >= DEPTH_BAD:
         return INVALID, f"depth {depth_max}"
     if items >= ITEMS_BAD:
@@ -202,14 +204,15 @@ def judge_limits(data: Any) -> tuple[int, str]:
 
 
 def text_verdict(text: str, *, required: bool, limit: int) -> int:
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in text) or len(text) > limit:
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text) or "\x00" in text or len(text) > limit:
         return INVALID
     if required and not text.strip():
         return INVALID
     return VALID
 
 
-BENIGN_TEXT = st.one_of(st.just("a lighthouse at dusk"), st.text(min_size=1, max_size=30).filter(str.strip))
+BENIGN_TEXT = st.one_of(st.just("a lighthouse at dusk"),
+                        st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=30).filter(str.strip))
 TASK_FOCUS = ["none", "none", "prompt", "options", "references", "webhook", "metadata", "metadata", "headers",
               "provider", "unknown field", "everything"]
 SUB_FOCUS = ["none", "url", "url", "events", "description", "enabled", "signing", "everything"]

@@ -35,16 +35,17 @@ HOLD_BYTES = 64 * 1024     # held at most; a response head and a small body are 
 class CorkedTransport:
     """A transport whose writes within one turn of the event loop reach the socket in one write."""
 
-    __slots__ = ("_transport", "_loop", "_held", "_held_bytes")
+    __slots__ = ("_transport", "_loop", "_held", "_held_bytes", "_ended")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] = []
         self._held_bytes = 0
+        self._ended = False          # write_eof() was called: later writes are dropped, as after close()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
+        if not data or self._ended:
             return
         if not self._held:
             self._loop.call_soon(self.flush)
@@ -68,6 +69,7 @@ class CorkedTransport:
 
     def write_eof(self) -> None:
         self.flush()
+        self._ended = True     # the real transport would raise on a later write (a handler answering late)
         self._transport.write_eof()
 
     def close(self) -> None:

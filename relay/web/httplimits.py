@@ -90,6 +90,12 @@ class LimitedHttpToolsProtocol(CorkedHttpToolsProtocol):
         self._body_bytes += len(body)
         super().on_body(body)
 
+    def on_message_complete(self) -> None:
+        # The next head starts from nothing: a body (perhaps read and dropped after an early answer) must not
+        # widen its limit.
+        self._unbodied = self._body_bytes = 0
+        super().on_message_complete()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         # The next head is due now, unless a pipelined request (its head already in) has just been started.
@@ -107,15 +113,17 @@ class LimitedHttpToolsProtocol(CorkedHttpToolsProtocol):
             self._timer = None
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            if not cycle.more_body:
-                # A request under way, and what is refused came after it (a pipelined head): the client would
-                # read the answer as that request's. As uvicorn does, close.
+            if not cycle.more_body or self.pipeline:
+                # An earlier request is under way or waits its turn (a pipelined one): the client would read the
+                # answer as that request's. As uvicorn does, close.
                 self.transport.close()
                 return
             # The request under way is the one refused (its trailers): the answer is its own. Its handler sees a
-            # client gone (as at a close) and answers nothing after this.
+            # client gone (as at a close), sends no 100 Continue, and answers nothing after this.
             cycle.disconnected = True
+            cycle.waiting_for_100_continue = False
             cycle.message_event.set()
+        self.flow.resume_reading()      # the linger reads and drops what comes, also if reading was paused
         self.transport.write(answer)
         if self.transport.can_write_eof():      # not on TLS: there the close after the linger ends it
             self.transport.write_eof()
