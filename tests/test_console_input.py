@@ -52,6 +52,11 @@ async def test_junk_in_every_page_and_form_is_never_a_500(tmp_path: Path) -> Non
                 answer = await h.api.post(template.format(in_path) if "{}" in template else template, data=data,
                                           headers={"origin": "http://relay.test"})
                 seen.append((f"POST {template} {junk[:20]!r}", answer.status_code))
+        # A count that str.isdigit() takes and int() refuses ("²"), after an action's redirect.
+        for count in ("²", "１２", "9" * 400):
+            answer = await h.api.get("/console/", params={"done": "retried", "n": count})
+            seen.append((f"GET /console/?done=retried&n={count[:10]}", answer.status_code))
+            assert answer.status_code == 200, (count, answer.status_code)
         # The forms were judged by their handlers, not all turned away at the CSRF check.
         assert {status for what, status in seen if what.startswith("POST")} & {404, 422}, seen[-5:]
         errors = [(what, status) for what, status in seen if status >= 500]

@@ -187,3 +187,25 @@ def test_a_flipped_byte_inside_png_pixel_data_is_refused(source: Callable[[bytes
     data[idat + 4 + 10] ^= 0xFF     # a byte inside the IDAT payload; its CRC no longer matches
     with pytest.raises(InvalidImage):
         inspect_image(source(bytes(data)))
+
+
+@pytest.mark.parametrize("errno_", [24, 5, 2])     # EMFILE, EIO, ENOENT
+def test_a_disk_error_while_verifying_is_raised_not_taken_for_a_bad_image(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int) -> None:
+    """Reading the downloaded file fails (out of file descriptors under load, an I/O error, the file gone): that is
+    the disk, and the archive must be tried again. As InvalidImage it failed the task for good while the
+    provider's link still lived. Pillow's own reports of corrupt data carry no errno and stay InvalidImage."""
+    path = write(tmp_path, "img.png", PNG)
+    real_open = Image.open
+
+    def failing_open(fp: object, *args: object, **kwargs: object) -> Image.Image:
+        if isinstance(fp, Path):
+            raise OSError(errno_, os.strerror(errno_))
+        return real_open(fp, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", failing_open)
+    with pytest.raises(OSError) as raised:
+        inspect_image(path, expected="image/png")
+    assert not isinstance(raised.value, InvalidImage) and raised.value.errno == errno_
+    with pytest.raises(InvalidImage):
+        inspect_image(PNG[:-20])           # in memory, truncated: corrupt data, still InvalidImage

@@ -181,8 +181,10 @@ class LocalImageStore(ImageStore):
     @staticmethod
     def _put_sync(tmp_path: Path, dest: Path) -> None:
         if dest.exists():
-            # Same name means same bytes: keep the stored copy, drop ours.
+            # Same name means same bytes: keep the stored copy, drop ours. The directory is still fsynced before
+            # the key is reported: another process may have renamed the file in and not fsynced it yet.
             tmp_path.unlink(missing_ok=True)
+            _fsync_dir(dest.parent)
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Data on disk before the rename makes it visible; the rename on disk
@@ -202,7 +204,8 @@ class LocalImageStore(ImageStore):
 
     def _put_bytes_sync(self, data: bytes, dest: Path) -> None:
         if dest.exists():
-            return          # same name, same bytes
+            _fsync_dir(dest.parent)     # same name, same bytes; its rename made durable before the key is used
+            return
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Written beside the other temp files and renamed in whole, as put_file's are: readers see all or nothing.
         fd, name = tempfile.mkstemp(dir=self.tmp_dir(), prefix="put-", suffix=".part")

@@ -15,7 +15,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from relay.errors import InvalidImage
 
@@ -115,8 +115,15 @@ def inspect_image(source: str | Path | bytes, *, expected: str | None = None,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard fires inside open() for images far above MAX_PIXELS.
         raise InvalidImage(f"image too large to decode safely: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow reports corrupt data through all of these, depending on the plugin.
+    except OSError as exc:
+        if exc.errno is not None:
+            # The disk, not the image: a file descriptor short (EMFILE), EIO, the file gone. Raised as it is, so
+            # the archive is tried again (InvalidImage fails the task for good while its link may still live).
+            # Pillow's own reports of corrupt data carry no errno.
+            raise
+        raise InvalidImage(f"corrupt or truncated {sniffed}: {exc}") from None
+    except (SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports corrupt data through these too (and through OSError above), depending on the plugin.
         raise InvalidImage(f"corrupt or truncated {sniffed}: {exc}") from None
     return ImageInfo(content_type=sniffed, width=width, height=height)
 

@@ -112,7 +112,7 @@ class ConsoleCases(StorePlumbing):
                 args.append(value)
         if search:
             filters.append(q.TASK_SEARCH)
-            args += [search, search, _like(search)]
+            args += [search, search, _like(search.lower())]
         # A search reads every task's metadata (95-111 ms at 200,000 tasks on SQLite, again at each 1.5 s refresh
         # of the page): read as _read_whole reads, apart from the API's reads.
         return await self._page_with_images("tasks", filters, args, cursor=cursor, limit=limit, build=task_from_row,

@@ -304,7 +304,9 @@ OLDEST_DUE_JOBS = (f"SELECT kind, MIN(run_at) AS due FROM jobs{BY_DUE} WHERE sta
 # ---- console (relay.store.console: the operator's dashboard and /v1/jobs) ----------------------------
 # Tasks whose id or provider task id is the search text, or whose metadata JSON contains it (a scan of the
 # filtered tasks: the console's search, not an API path).
-TASK_SEARCH = "(id = ? OR provider_task_id = ? OR metadata LIKE ? ESCAPE '\\')"
+# Case-insensitive on both backends (SQLite's LIKE is, for ASCII; PostgreSQL's is not): lower() on both sides,
+# the text lowered by the caller.
+TASK_SEARCH = "(id = ? OR provider_task_id = ? OR lower(metadata) LIKE ? ESCAPE '\\')"
 
 
 def attempts_of_deliveries(delivery_ids: Sequence[str]) -> tuple[str, list[str]]:

@@ -21,7 +21,7 @@ from relay.deliveries.models import Subscription
 from relay.errors import InvalidRequest, NotFound
 from relay.models import ImageRecord, TaskStatus
 from relay.runtime import Runtime
-from relay.web.common import runtime_of
+from relay.web.common import runtime_of, small_int
 from relay.web.console.auth import Session, login_nonce, session_of, set_login_nonce
 from relay.web.console.guard import anonymous_context, base_context, is_fragment, local_path, page
 from relay.web.console.render import render
@@ -49,8 +49,8 @@ def _note(request: Request) -> str | None:
     text = NOTES.get(request.query_params.get("done", ""))
     if text is None:
         return None
-    count = request.query_params.get("n", "")
-    return text.format(n=int(count) if count.isdigit() and len(count) < 7 else "Some")
+    count = small_int(request.query_params.get("n"), 6)       # "²".isdigit() is true, and int() refuses it
+    return text.format(n=count if count is not None else "Some")
 
 
 def _refresh_url(request: Request) -> str:
