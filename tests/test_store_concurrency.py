@@ -592,3 +592,27 @@ async def test_a_job_enqueued_on_one_postgresql_store_wakes_the_other_at_once(cl
         finally:
             await a.close()
             await b.close()
+
+
+# ---- replay ------------------------------------------------------------------------------------------------
+REPLAYED = 200
+
+
+async def test_two_replays_of_one_window_at_once_restart_each_delivery_once(open_store: OpenStore,
+                                                                           clock: ManualClock) -> None:
+    """The same replay sent twice at once (a retried request, two operators), on two stores: each failed delivery
+    gets one new round and one due job, and the two counts add up to the deliveries, not twice as many. The
+    candidates are read without locks, so without the restart's own status check both replays could restart the
+    same deliveries on PostgreSQL, the second making due again a job the first had already had sent."""
+    from tests.test_store import _failed_deliveries
+
+    a, b = await replicas(open_store)
+    now = clock.now()
+    sub_id, made = await _failed_deliveries(a, now, [now + n * 0.01 for n in range(REPLAYED)])
+    counts = no_errors(await race(*(store.replay_deliveries(sub_id, since=now, until=now + 60, statuses=["failed"],
+                                                            now=now) for store in (a, b))))
+    assert sum(count for count, _ in counts) == REPLAYED, counts
+    rows = await a._read_all("SELECT status, COUNT(*) AS n FROM deliveries GROUP BY status")
+    assert {row["status"]: row["n"] for row in rows} == {"pending": REPLAYED}
+    jobs = await a._read_all("SELECT COUNT(*) AS n FROM jobs WHERE kind = 'deliver'")
+    assert jobs[0]["n"] == REPLAYED

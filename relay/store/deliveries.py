@@ -264,21 +264,26 @@ class DeliveryCases(StorePlumbing):
         if not statuses:
             return 0, False
 
-        async def batch(tx: Tx) -> tuple[list[str], bool]:
-            want = min(REPLAY_BATCH, REPLAY_MAX - count)
+        async def batch(tx: Tx) -> tuple[list[str], int, bool]:
+            want = min(REPLAY_BATCH, REPLAY_MAX - taken)
             each = [(subscription_id, status, since, until, after, high, want + 1) for status in statuses]
             rows = await tx.all(q.replay_candidates(len(statuses)), [*itertools.chain(*each), want + 1])
             chosen = [r["id"] for r in rows[:want]]
+            restarted = 0
             for delivery_id in chosen:
-                await tx.run(q.RESTART_DELIVERY, ("replay", now, now, delivery_id))
-                await _due_now(tx, delivery_id, now)
-            return chosen, len(rows) > want
-        count, more = 0, True
-        while more and count < REPLAY_MAX:
-            chosen, more = await self.transact(batch)
-            count += len(chosen)
+                # Restarted only if still settled: a replay running at the same time may have taken it first,
+                # and its job (maybe being sent) must not be made due again, nor the delivery counted twice.
+                if await tx.run(q.RESTART_DELIVERY, ("replay", now, now, delivery_id)):
+                    await _due_now(tx, delivery_id, now)
+                    restarted += 1
+            return chosen, restarted, len(rows) > want
+        taken, count, more = 0, 0, True
+        while more and taken < REPLAY_MAX:
+            chosen, restarted, more = await self.transact(batch)
+            taken, count = taken + len(chosen), count + restarted
             if chosen:
                 after = chosen[-1]
+            if restarted:
                 self._wake()
         return count, more
 

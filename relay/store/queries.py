@@ -263,9 +263,11 @@ SETTLE_DELIVERY = (
     "UPDATE deliveries SET status = ?, last_error = ?, next_attempt_at = NULL, completed_at = ?, updated_at = ? "
     "WHERE id = ? AND status = 'pending'")
 DELIVERY_DUE_NOW = "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE id = ?"
+# Not a pending one: a replay reads its candidates unlocked, and another replay (or a retry) may have restarted one
+# meanwhile; PostgreSQL re-checks the row once that one's lock is free, and it is then pending.
 RESTART_DELIVERY = (
     "UPDATE deliveries SET status = 'pending', round_attempts = 0, round_origin = ?, next_attempt_at = ?, "
-    "completed_at = NULL, updated_at = ? WHERE id = ?")
+    "completed_at = NULL, updated_at = ? WHERE id = ? AND status <> 'pending'")
 LIST_ATTEMPTS = "SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY id DESC LIMIT ?"
 DELIVERY_COUNTS = "SELECT status, COUNT(*) AS n FROM deliveries GROUP BY status"
 LOAD_SEND_TARGET = (
