@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -371,6 +372,32 @@ async def test_during_rotation_old_and_new_secret_both_verify(tmp_path: Path) ->
         await d.drain()
         after = d.sink.on("/rot")[-1]
         assert after.signed_by(new["secret"]) and not after.signed_by(sub["secret"])
+
+
+async def test_a_rotation_sent_twice_keeps_the_secret_the_receiver_holds(tmp_path: Path) -> None:
+    """rotate-secret twice within the overlap (a client retrying after a timeout, a form sent again): the secret
+    the receiver still holds keeps signing until its own overlap ends, not until the second rotation; each key
+    stops at its own end."""
+    async with delivery_harness(tmp_path) as d:
+        sub = await d.subscribe("/rot2")
+        first = (await d.h.api.post(f"/v1/subscriptions/{sub['id']}/rotate-secret")).json()
+        d.clock.advance(3600)
+        second = (await d.h.api.post(f"/v1/subscriptions/{sub['id']}/rotate-secret")).json()
+        task_id = await d.task()
+
+        async def delivered(event: str) -> Any:
+            await d.emit(task_id, event)
+            await d.drain()
+            return d.sink.on("/rot2")[-1]
+
+        got = await delivered("task.queued")
+        assert all(got.signed_by(s) for s in (sub["secret"], first["secret"], second["secret"]))
+        d.clock.advance(86400 - 3600 + 1)           # the first rotation's overlap is over, the second's is not
+        got = await delivered("task.running")
+        assert got.signed_by(first["secret"]) and got.signed_by(second["secret"]) and not got.signed_by(sub["secret"])
+        d.clock.advance(3600)                       # and now the second's
+        got = await delivered("task.failed")
+        assert got.signed_by(second["secret"]) and not got.signed_by(first["secret"])
 
 
 async def test_ed25519_subscription_gets_v1_and_v1a(tmp_path: Path) -> None:

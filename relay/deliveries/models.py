@@ -90,32 +90,64 @@ class Attempt:
     subscription_id: str | None = None       # the delivery's (None: a task's own webhook_url)
 
 
+EARLIER_KEYS_KEPT = 8      # keys of rotations before the previous one still in their overlap, at most
+
+
+@dataclass(frozen=True)
+class EarlierKey:
+    """Keys of a rotation before the previous one, signing until `until` (their own overlap's end)."""
+
+    secret: str
+    signing_key: str | None
+    until: float
+
+
 @dataclass(frozen=True)
 class Keys:
-    """A subscription's clear keys: what signs now, and what still signs during a rotation."""
+    """A subscription's clear keys: what signs now, and what still signs during a rotation.
+
+    `earlier`: rotated out before `previous`, each still inside its own overlap. A rotation sent twice (a client
+    retrying after a timeout, a form sent again) must not drop the secret the receiver still holds: each keeps
+    signing until its own overlap ends, not until the next rotation."""
 
     secret: str                              # whsec_
     signing_key: str | None = None           # whsk_ for ed25519 subscriptions
     previous_secret: str | None = None
     previous_signing_key: str | None = None
+    earlier: tuple[EarlierKey, ...] = ()
 
-    def signing_keys(self, *, include_previous: bool) -> list[str]:
-        """Keys to sign with, newest first."""
+    def signing_keys(self, *, include_previous: bool, now: float) -> list[str]:
+        """Keys to sign with, newest first. The earlier ones end no later than the previous ones do."""
         keys = [self.secret]
         if self.signing_key:
             keys.append(self.signing_key)
         if include_previous:
             keys += [k for k in (self.previous_secret, self.previous_signing_key) if k]
+            for old in self.earlier:
+                if now < old.until:
+                    keys += [k for k in (old.secret, old.signing_key) if k]
         return keys
+
+    def rotated(self, secret: str, signing_key: str | None, previous_until: float | None, now: float) -> Keys:
+        """New keys; these become the previous ones, and the previous ones (if still signing: `previous_until`)
+        join the earlier ones still inside their overlap."""
+        earlier = [old for old in self.earlier if now < old.until]
+        if self.previous_secret and previous_until is not None and now < previous_until:
+            earlier.insert(0, EarlierKey(self.previous_secret, self.previous_signing_key, previous_until))
+        return Keys(secret=secret, signing_key=signing_key, previous_secret=self.secret,
+                    previous_signing_key=self.signing_key, earlier=tuple(earlier[:EARLIER_KEYS_KEPT]))
 
     def to_json(self) -> dict[str, Any]:
         return {"secret": self.secret, "signing_key": self.signing_key, "previous_secret": self.previous_secret,
-                "previous_signing_key": self.previous_signing_key}
+                "previous_signing_key": self.previous_signing_key,
+                "earlier": [{"secret": o.secret, "signing_key": o.signing_key, "until": o.until} for o in self.earlier]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Keys:
         return cls(secret=data["secret"], signing_key=data.get("signing_key"),
-                   previous_secret=data.get("previous_secret"), previous_signing_key=data.get("previous_signing_key"))
+                   previous_secret=data.get("previous_secret"), previous_signing_key=data.get("previous_signing_key"),
+                   earlier=tuple(EarlierKey(o["secret"], o.get("signing_key"), float(o["until"]))
+                                 for o in data.get("earlier", ())))
 
 
 @dataclass

@@ -118,7 +118,7 @@ class DeliveryService:
 
     def signing_keys(self, sub: Subscription, now: float) -> list[str]:
         overlap = sub.previous_expires_at is not None and now < sub.previous_expires_at
-        return self.keys_of(sub).signing_keys(include_previous=overlap)
+        return self.keys_of(sub).signing_keys(include_previous=overlap, now=now)
 
     # ---- subscriptions ----------------------------------------------------------------------------
     async def create_subscription(self, given: SubscriptionInput) -> tuple[Subscription, Keys]:
@@ -164,15 +164,15 @@ class DeliveryService:
         return updated
 
     async def rotate_secret(self, sub_id: str) -> tuple[Subscription, Keys]:
-        """New keys; the current ones sign beside them for `rotation_overlap` (rotating again drops the oldest)."""
+        """New keys; the current ones sign beside them for `rotation_overlap`, and so do the keys of earlier
+        rotations until their own overlaps end (Keys.rotated)."""
         now = self.clock.now()
         fresh: dict[str, Keys] = {}
 
         def change(sub: Subscription) -> Subscription:
             old = self.keys_of(sub)
             signing_key = signing.generate_signing_key() if sub.signing == "ed25519" else None
-            keys = Keys(secret=signing.generate_secret(), signing_key=signing_key, previous_secret=old.secret,
-                        previous_signing_key=old.signing_key)
+            keys = old.rotated(signing.generate_secret(), signing_key, sub.previous_expires_at, now)
             fresh["keys"] = keys
             return replace(sub, keyring=self._seal(sub.id, keys), previous_public_key=sub.public_key,
                            public_key=signing.public_key_of(signing_key) if signing_key else None,
