@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -127,6 +128,17 @@ async def test_delivery_health_gives_success_rate_and_nearest_rank_percentiles(s
     assert (hour.attempts, hour.succeeded, hour.p50_ms, hour.p99_ms) == (100, 90, 50.0, 99.0)
     assert hour.success_rate == pytest.approx(0.9)
     assert await store.last_delivery_error("sub_1", now - 3600) == (pytest.approx(now - 60), "HTTP 503")
+    # The Subscriptions page asks for the subscriptions it shows: the others' percentiles are not read.
+    ranked: list[Any] = []
+    rank = store._latency_rank
+
+    async def counted(*args: Any) -> Any:
+        ranked.append(args[0])
+        return await rank(*args)
+    store._latency_rank = counted  # type: ignore[method-assign]
+    assert await store.delivery_health(now - 3600, ["sub_other"]) == {} and ranked == []
+    assert set(await store.delivery_health(now - 3600, ["sub_1", "sub_other"])) == {"sub_1"}
+    assert ranked == ["sub_1", "sub_1"]
 
 
 async def test_a_tasks_timeline_reads_the_attempts_of_the_deliveries_it_shows(store: Store,

@@ -115,7 +115,8 @@ async def subscriptions(request: Request, session: Session) -> Response:
     store = runtime.store
     subs, next_cursor = await store.list_subscriptions(limit=PAGE_SIZE, cursor=_cursor(request, "sub"))
     now = runtime.ctx.clock.now()
-    hour, day = await store.delivery_health(now - HOUR), await store.delivery_health(now - DAY)
+    shown = [sub.id for sub in subs]
+    hour, day = await store.delivery_health(now - HOUR, shown), await store.delivery_health(now - DAY, shown)
     rows: list[dict[str, Any]] = []
     for sub in subs:
         rows.append({"sub": sub, "state": subscription_state(sub), "hour": hour.get(sub.id),
