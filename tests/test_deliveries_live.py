@@ -161,3 +161,56 @@ async def test_a_shared_slot_the_database_fails_to_give_leaves_the_process_lane_
     finally:
         await service.close()
         await store.close()
+
+
+async def test_the_shared_slot_goes_back_with_the_record_or_alone_when_the_record_fails(tmp_path: Path) -> None:
+    """Replicas (shared lanes): the subscriber's slot in the database is given back with the attempt's record. When
+    recording raises (the database went away after the send), the slot is given back on its own: the next run, or
+    another replica, finds it free at once rather than after the slot's lease (2 × timeout + 10 s)."""
+    answers = iter([["93.184.216.34"]])     # public when the subscription is made, then refused by the guard
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return next(answers, ["10.0.0.5"])
+
+    settings = load_settings(None, {"RELAY_NETWORK_ALLOW": "", "RELAY_STORAGE_DATA_DIR": str(tmp_path),
+                                    "RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": "1"})
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    clock = ManualClock()
+    service = DeliveryService(settings, store, clock, guard=NetGuard((), resolver=resolver), signer=Signer("s" * 40),
+                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43, shared_lanes=True)
+    real_record = store.record_attempt
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("the database went away")
+    try:
+        from relay.validation import parse_subscription_input
+        sub, _ = await service.create_subscription(
+            parse_subscription_input({"url": "http://hooks.example/h"}, partial=False))
+        now = clock.now()
+        task = Task(id=ids.new_id("tsk", now), provider="evolink", request={"prompt": "p"}, created_at=now,
+                    updated_at=now)
+        await store.create_task(task, [])
+        await store.apply(task.id, lambda t: Transition(TaskStatus.QUEUED, "task.queued"), now)
+        await store.apply(task.id, lambda t: Transition(TaskStatus.RUNNING, "task.running"), now)
+        first, second = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
+        handler = DeliverHandler(service)
+        store.record_attempt = down  # type: ignore[method-assign]
+        try:
+            await handler.run(first)
+        except ConnectionError:
+            pass
+        else:
+            raise AssertionError("the database's failure was swallowed")
+        store.record_attempt = real_record  # type: ignore[method-assign]
+        assert await store.take_lane_slot(sub.id, 1, "dlv_probe", now, 30.0) == 0, "the slot was still held"
+        await store.release_lane_slot(sub.id, 0, "dlv_probe")
+        assert await handler.run(second) is None, "the lane was still held: the delivery parked"
+        assert await store.take_lane_slot(sub.id, 1, "dlv_probe", now, 30.0) == 0, "not given back with the record"
+        [done] = [d for d in (await store.list_deliveries(subscription_id=sub.id, status=None, task_id=None,
+                                                          event_id=None, limit=10, cursor=None))[0]
+                  if d.id == second.payload["delivery_id"]]
+        assert done.status == "failed" and done.attempts == 1
+    finally:
+        await service.close()
+        await store.close()

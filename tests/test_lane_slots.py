@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from relay import ids
 from relay.clock import ManualClock
 from relay.config import load_settings
+from relay.deliveries.models import Attempt, Delivery, Subscription
 from relay.deliveries.handler import DeliverHandler
 from relay.deliveries.secrets import SecretBox
 from relay.deliveries.service import DeliveryService
 from relay.links import Signer
+from relay.models import Task, TaskStatus
 from relay.netguard import NetGuard
+from relay.states import Transition
 from relay.store.base import Store
-from relay.store.deliveries import lane_notice
+from relay.store.deliveries import LaneSlot, lane_notice
 from tests.harness import wait_for
 
 
@@ -103,6 +107,49 @@ async def test_a_slot_given_back_is_told_to_every_process_that_asked(
         assert told["first"] == [lane_notice("sub_U"), *asked] and told["second"] == []
     assert not await second.want_lane_slot("sub_T", 1, now), "its slot is free"
     assert await second.take_lane_slot(long_lane, 1, "dlv_2", now, 30.0) == 0, "the slot was given back"
+
+
+async def _pending_delivery(store: Store, clock: ManualClock) -> Delivery:
+    now = clock.now()
+    sub = Subscription(id=ids.new_id("sub", now), url="https://subscriber.test/hook", events=["task.*"],
+                       keyring="sealed", created_at=now, updated_at=now)
+    await store.create_subscription(sub)
+    task = Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p"}, created_at=now,
+                updated_at=now)
+    await store.create_task(task, [])
+    await store.apply(task.id, lambda t: Transition(TaskStatus.QUEUED, "task.queued"), now)
+    [delivery], _ = await store.list_deliveries(subscription_id=sub.id, status=None, task_id=task.id, event_id=None,
+                                                limit=10, cursor=None)
+    return delivery
+
+
+async def test_an_attempts_record_gives_back_the_slot_the_attempt_held(store: Store, clock: ManualClock) -> None:
+    """record_attempt(release=…) gives the attempt's slot back with its record, whichever way the record goes: a
+    retry (the delivery locked), a success (one statement), a success of a run that was overtaken (not counted,
+    the slot given back all the same). Each release is told like release_lane_slot's."""
+    told: list[str | None] = []
+    store.on_lane_freed(told.append)
+    delivery = await _pending_delivery(store, clock)
+    lane, now = delivery.subscription_id or "", clock.now()
+
+    async def attempt(number: int, code: int) -> object:
+        assert await store.take_lane_slot(lane, 1, delivery.id, now, 30.0) == 0
+        assert await store.take_lane_slot(lane, 1, "dlv_other", now, 30.0) is None, "held while it is sent"
+        sent = Attempt(delivery_id=delivery.id, number=number, at=now, url=delivery.url, status_code=code,
+                       latency_ms=1.0, error=None if code == 200 else f"HTTP {code}")
+        recorded = await store.record_attempt(sent, outcome="succeeded" if code == 200 else "retry",
+                                              next_attempt_at=None if code == 200 else now + 5,
+                                              auto_disable_after=3 * 86400.0, now=now,
+                                              release=LaneSlot(lane, 0, delivery.id))
+        assert await store.take_lane_slot(lane, 1, "dlv_other", now, 30.0) == 0, "given back with the record"
+        await store.release_lane_slot(lane, 0, "dlv_other")
+        return recorded
+    assert await attempt(1, 500) is not None
+    assert await attempt(2, 200) is not None
+    assert await attempt(2, 200) is None, "the attempt was counted already"
+    assert [a.number for a in await store.list_attempts(delivery.id)] == [2, 2, 1]
+    if not store.TELLS_LANE_RELEASES:       # PostgreSQL tells only releases asked for (want_lane_slot)
+        assert told == [lane_notice(lane)] * 6
 
 
 def _replica(store: Store, clock: ManualClock, *, cap: int = 2) -> DeliverHandler:

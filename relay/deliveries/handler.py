@@ -36,6 +36,7 @@ from relay.deliveries.service import DeliveryService, Sent
 from relay.logs import redact_text
 from relay.models import Job
 from relay.queue import Again
+from relay.store.deliveries import LaneSlot
 
 log = logging.getLogger("relay.deliveries")
 
@@ -93,20 +94,24 @@ class DeliverHandler:
                 await self._hand_off(lane, await svc.lanes.release(lane, None, refill=False))
                 parked = int(job.payload.get("parked", 0))
                 return Again(park_delay(parked), payload={"delivery_id": delivery_id, "parked": parked + 1})
+        # The store's slot is given back with the attempt's record (one statement on PostgreSQL), or on its own if
+        # the send or the record fails; this process's lane after it: a delivery handed the lane must find the
+        # store's slot free too.
+        held = None if shared_slot is None else LaneSlot(lane, shared_slot, delivery_id)
         latency = None
-        wake = None
         try:
             sent = await svc.send(url, delivery.event_id, svc.body(target, now), keys, now)
             latency = sent.latency_ms
+            again = await self._record(delivery_id, target.delivery, url, now, sent, held)
+            held = None
         finally:
             try:
-                # The store's slot first: a delivery handed this process's lane must find the slot free too.
-                if shared_slot is not None:
-                    await svc.store.release_lane_slot(lane, shared_slot, delivery_id)
+                if held is not None:
+                    await svc.store.release_lane_slot(*held)
             finally:
                 wake = await svc.lanes.release(lane, latency)
         await self._hand_off(lane, wake)
-        return await self._record(delivery_id, target.delivery, url, now, sent)
+        return again
 
     async def _take_shared_slot(self, lane: str, cap: int, delivery_id: str, now: float) -> int | None:
         """One of the subscriber's slots in the store (replicas), or None when other replicas hold them all.
@@ -151,7 +156,8 @@ class DeliverHandler:
                 await asyncio.sleep(0.02)
             delivery_id = svc.lanes.next_parked(lane)
 
-    async def _record(self, delivery_id: str, delivery: Delivery, url: str, at: float, sent: Sent) -> Again | None:
+    async def _record(self, delivery_id: str, delivery: Delivery, url: str, at: float, sent: Sent,
+                      held: LaneSlot | None) -> Again | None:
         svc = self.service
         outcome = schedule.classify(sent.status_code, blocked=sent.blocked)
         metrics.labeled(metrics.DELIVERY_ATTEMPTS, outcome).inc()
@@ -171,7 +177,8 @@ class DeliverHandler:
             next_at = None if delay is None else now + delay
         recorded = await svc.store.record_attempt(svc.attempt(delivery, url, at, sent), outcome=outcome,
                                                   next_attempt_at=next_at,
-                                                  auto_disable_after=svc.options.auto_disable_after, now=now)
+                                                  auto_disable_after=svc.options.auto_disable_after, now=now,
+                                                  release=held)
         if recorded is None:
             return None      # another run moved this delivery on; its job carries it
         if recorded.disabled:

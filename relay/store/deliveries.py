@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from relay import ids, jsontext
 from relay.deliveries.models import (DISABLED_FAILING, DISABLED_GONE, DISABLED_MANUAL, Attempt, Delivery, Recorded,
@@ -24,6 +25,13 @@ from relay.store.tx import Row, Tx
 
 REPLAY_MAX = 10_000
 REPLAY_BATCH = 500     # deliveries a replay restarts per transaction (replay_deliveries)
+
+
+class LaneSlot(NamedTuple):
+    """A slot of a lane held in the store (take_lane_slot), as RELEASE_LANE_SLOT's arguments."""
+    lane: str
+    slot: int
+    holder: str
 
 
 def lane_notice(lane: str) -> str:
@@ -111,8 +119,11 @@ class DeliveryCases(StorePlumbing):
         the group commit (`_write`): the process's lane waits for this, and a commit shared under load kept lanes
         held long enough to park deliveries (2.4 runs per delivery instead of 1.1 in bench.throughput)."""
         await self._change(q.RELEASE_LANE_SLOT, (lane, slot, holder))
+        self._tell_lane_released(LaneSlot(lane, slot, holder))
+
+    def _tell_lane_released(self, released: LaneSlot) -> None:
         if not self.TELLS_LANE_RELEASES:        # else the database tells every process, this one included
-            self._lane_freed(lane_notice(lane))
+            self._lane_freed(lane_notice(released.lane))
 
     async def want_lane_slot(self, lane: str, cap: int, now: float) -> bool:
         """Ask to be told (on_lane_freed, in every process) when a slot of `lane` held now is given back: True, or
@@ -159,8 +170,11 @@ class DeliveryCases(StorePlumbing):
                           event_created_at=row["event_created_at"], subscription=sub)
 
     async def record_attempt(self, attempt: Attempt, *, outcome: str, next_attempt_at: float | None,
-                             auto_disable_after: float, now: float) -> Recorded | None:
-        """One transaction: the attempt, the delivery's next state, the subscription's failure clock (and disabling).
+                             auto_disable_after: float, now: float,
+                             release: LaneSlot | None = None) -> Recorded | None:
+        """One transaction: the attempt, the delivery's next state, the subscription's failure clock (and disabling),
+        and `release`, the lane slot the attempt held in the store, given back (release_lane_slot's rule) in the
+        same statement: a round trip per delivery fewer on PostgreSQL than giving it back on its own.
 
         `outcome` is succeeded | gone | retry | refused; a retry with no `next_attempt_at` has exhausted its
         schedule; refused (the SSRF guard would not connect) fails it at once. Either counts as a failure of
@@ -172,10 +186,12 @@ class DeliveryCases(StorePlumbing):
         """
         kept = False
         if outcome == "succeeded":
-            recorded = await self._record_success(attempt, now)
+            recorded = await self._record_success(attempt, now, release)
+            if release is not None:
+                self._tell_lane_released(release)
             if recorded is not None:
                 return recorded
-            kept = True
+            kept = True     # and the slot given back
 
         async def body(tx: Tx) -> Recorded | None:
             row = await tx.one(q.LOCK_DELIVERY_FOR_ATTEMPT, (attempt.delivery_id,))
@@ -183,6 +199,8 @@ class DeliveryCases(StorePlumbing):
             # delivery's new state, one round trip for both (Tx.write).
             if not kept:
                 await tx.write(q.INSERT_ATTEMPT, attempt_row(attempt))
+                if release is not None:
+                    await tx.write(q.RELEASE_LANE_SLOT, release)
             if row is None:
                 return None
             delivery = delivery_from_row(row)
@@ -210,9 +228,12 @@ class DeliveryCases(StorePlumbing):
             if status != "pending":
                 delivery.completed_at = now
             return Recorded(delivery=delivery, disabled=disabled)
-        return await self.transact_shared(body)
+        recorded = await self.transact_shared(body)
+        if release is not None and not kept:
+            self._tell_lane_released(release)
+        return recorded
 
-    async def _record_success(self, attempt: Attempt, now: float) -> Recorded | None:
+    async def _record_success(self, attempt: Attempt, now: float, release: LaneSlot | None) -> Recorded | None:
         """record_attempt of a success without reading the delivery first: the attempt (kept in any case), and
         the delivery's new state only if it is still at this attempt and its subscription's failure clock is not
         running (the clock is then left alone, as the locked path would). None: not recorded so (moved on, or the
@@ -221,6 +242,8 @@ class DeliveryCases(StorePlumbing):
         the most frequent outcome by far."""
         async def body(tx: Tx) -> list[Row]:
             await tx.write(q.INSERT_ATTEMPT, attempt_row(attempt))
+            if release is not None:
+                await tx.write(q.RELEASE_LANE_SLOT, release)
             return await tx.last(q.RECORD_DELIVERY_SUCCESS, (
                 "succeeded", None, attempt.at, attempt.status_code, None, attempt.url, now, now, attempt.delivery_id,
                 attempt.number - 1))
