@@ -123,7 +123,7 @@ class Sweeper:
         batch = self.settings.batch_size
         release = self.settings.images > 0
         c = cutoffs(self.settings, self.now())
-        await self._delete_files(await self.store.image_deletions(FILES_PER_BATCH), report)
+        await self._delete_files(await self.store.image_deletions(FILES_PER_BATCH, self.now()), report)
 
         async def each(step: Callable[[], Awaitable[Swept]], limit: int) -> int:
             """Run one step batch after batch until a batch comes back short; how many rows went."""
@@ -178,6 +178,8 @@ class Sweeper:
         """D2 and D3 of relay.store.retention: delete each file, then end its tombstone."""
         done = []
         for f in files:
+            if not await self.store.own_image_deletion(f, self.now()):
+                continue        # taken over by another sweep (this one's lease ran out), or done by it
             try:
                 if await self.images.delete(f.key):
                     report.files += 1

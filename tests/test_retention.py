@@ -30,11 +30,11 @@ from relay.jobs.callback import callback_job
 from relay.jobs.housekeeping import HousekeepingHandler, schedule
 from relay.models import Archive, Job, ProviderImage, ProviderStatus, Task, TaskStatus, TaskUpdate
 from relay.queue import Worker
-from relay.retention import TMP_MAX_AGE, Sweeper
+from relay.retention import TMP_MAX_AGE, Report, Sweeper
 from relay.sourcelinks import url_key
 from relay.states import on_update
 from relay.store.base import ArchiveResult, Store
-from relay.store.retention import IMAGE_BEING_DELETED
+from relay.store.retention import IMAGE_BEING_DELETED, OWNER_LEASE
 from tests.s3server import REGION, MotoS3
 
 DAY = 86400.0
@@ -254,7 +254,8 @@ async def test_an_archive_is_refused_while_its_bytes_are_being_deleted(store: St
     with pytest.raises(ArchiveError) as refused:
         await archive(store, images, young, b"contested", clock.now())
     assert refused.value.code == IMAGE_BEING_DELETED
-    # The deletion (D2, D3) finishes, as the sweep that was interrupted here would on its next run.
+    # The deletion (D2, D3) is finished by a later sweep, once the interrupted one's lease has run out.
+    clock.advance(OWNER_LEASE)      # the lease of the sweep that decided the deletion runs out: it was interrupted
     report = await sweeper(store, images, clock, FILES).sweep()
     assert report.files == 1
     await archive(store, images, young, b"contested", clock.now())
@@ -277,6 +278,7 @@ async def test_images_held_at_once_are_each_refused_or_held_on_their_own(store: 
                                    return_exceptions=True)
     assert isinstance(results[1], ArchiveError) and results[1].code == IMAGE_BEING_DELETED
     assert results[:1] + results[2:] == [None, None, None]
+    clock.advance(OWNER_LEASE)      # the lease of the sweep that decided the deletion runs out: it was interrupted
     report = await sweeper(store, images, clock, FILES).sweep()
     assert report.finished_tasks == 3 and report.files == 1        # only the contested file, never a held one
     for task in others:
@@ -338,14 +340,67 @@ async def test_archives_racing_deletions_of_the_same_bytes_never_lose_a_file(
 
 async def test_a_deletion_a_crash_interrupted_is_finished_by_the_next_sweep(store: Store, clock: ManualClock,
                                                                             images: LocalImageStore) -> None:
-    """A tombstone left by a crash between deciding and deleting: the next sweep deletes the file and ends it."""
+    """A tombstone left by a crash between deciding and deleting: the first sweep after its owner's lease has run out
+    deletes the file and ends it."""
     old = await finished_task(store, clock, b"crashy", images)
     clock.advance(31 * DAY)
     await store.delete_finished_tasks(clock.now() - 30 * DAY, 10, clock.now(), release_files=True)   # then "crash"
     assert old.images[0].path is not None and await images.exists(old.images[0].path)
     report = await sweeper(store, images, clock, replace(FILES, finished_tasks=0.0)).sweep()
+    assert report.files == 0, "taken over while the sweep that decided it may still be deleting it"
+    clock.advance(OWNER_LEASE)      # the lease of the sweep that decided the deletion runs out: it was interrupted
+    report = await sweeper(store, images, clock, replace(FILES, finished_tasks=0.0)).sweep()
     assert report.files == 1 and not await images.exists(old.images[0].path)
     assert await count(store, "SELECT COUNT(*) AS n FROM image_deletions") == 0
+
+
+async def test_two_sweeps_at_once_never_delete_a_file_archived_again_in_between(
+        open_store: Callable[[], Awaitable[Store]], clock: ManualClock, images: LocalImageStore) -> None:
+    """Two sweeps on one database (the housekeeping job and `relay retention`, or two replicas) look for a crash's
+    leftover deletion of the same file at once: one takes it over, the other gets nothing. The first deletes the
+    file and ends the tombstone; an archive of the same bytes then holds them and puts the file anew; the second
+    sweep's deletions after that leave it. Without owners both listed the file, and the second deleted the new one."""
+    first, second = await open_store(), await open_store()
+    old = await finished_task(first, clock, b"twice", images)
+    clock.advance(31 * DAY)
+    await first.delete_finished_tasks(clock.now() - 30 * DAY, 10, clock.now(), release_files=True)   # then "crash"
+    clock.advance(OWNER_LEASE)
+    listed = await asyncio.gather(first.image_deletions(100, clock.now()), second.image_deletions(100, clock.now()))
+    assert sorted(len(files) for files in listed) == [0, 1], listed
+    assert [f.key for files in listed for f in files] == [old.images[0].path]
+    stores = (first, second)
+    taker = 0 if listed[0] else 1
+    done_taker, done_other = Report(), Report()
+    await sweeper(stores[taker], images, clock, FILES)._delete_files(listed[taker], done_taker)
+    young = await pending_image(second, clock)
+    await archive(second, images, young, b"twice", clock.now())
+    await sweeper(stores[1 - taker], images, clock, FILES)._delete_files(listed[1 - taker], done_other)
+    assert (done_taker.files, done_other.files) == (1, 0)
+    image = await second.get_image(young)
+    assert image is not None and image.status == "archived" and image.path and await images.exists(image.path)
+
+
+async def test_a_sweep_that_outlived_its_lease_leaves_the_deletion_to_the_sweep_that_took_it_over(
+        open_store: Callable[[], Awaitable[Store]], clock: ManualClock, images: LocalImageStore) -> None:
+    """A sweep that decided a deletion and stalled past its lease (OWNER_LEASE) before deleting the file: another
+    sweep has taken the deletion over. The stalled one, going on, neither deletes the file nor ends the tombstone
+    (which keeps archives of those bytes waiting); the one that took it over does both."""
+    stalled, other = await open_store(), await open_store()
+    old = await finished_task(stalled, clock, b"stalled", images)
+    clock.advance(31 * DAY)
+    swept = await stalled.delete_finished_tasks(clock.now() - 30 * DAY, 10, clock.now(), release_files=True)
+    assert await other.image_deletions(100, clock.now()) == [], "its owner's lease has not run out"
+    clock.advance(OWNER_LEASE)
+    taken = await other.image_deletions(100, clock.now())
+    assert [f.key for f in taken] == [f.key for f in swept.files] == [old.images[0].path]
+    late = Report()
+    await sweeper(stalled, images, clock, FILES)._delete_files(swept.files, late)
+    assert late.files == 0 and old.images[0].path and await images.exists(old.images[0].path)
+    assert await count(stalled, "SELECT COUNT(*) AS n FROM image_deletions") == 1
+    done = Report()
+    await sweeper(other, images, clock, FILES)._delete_files(taken, done)
+    assert done.files == 1 and not await images.exists(old.images[0].path)
+    assert await count(other, "SELECT COUNT(*) AS n FROM image_deletions") == 0
 
 
 # ---- temp files, the job, the CLI, the settings ----------------------------------------------------------------
@@ -610,6 +665,7 @@ async def test_an_upload_is_refused_while_its_bytes_are_being_deleted(store: Sto
     with pytest.raises(ArchiveError) as refused:
         await store.hold_upload(sha, image_key(sha, "png"), clock.now())
     assert refused.value.code == IMAGE_BEING_DELETED
+    clock.advance(OWNER_LEASE)      # the lease of the sweep that decided the deletion runs out: it was interrupted
     await sweeper(store, images, clock, FILES).sweep()
     await store.hold_upload(sha, image_key(sha, "png"), clock.now())
     assert await count(store, "SELECT COUNT(*) AS n FROM uploads WHERE sha256 = ?", sha) == 1

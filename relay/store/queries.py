@@ -464,10 +464,17 @@ COUNT_OLD_ATTEMPTS = "SELECT COUNT(*) AS n FROM delivery_attempts WHERE at < ?"
 COUNT_OLD_ARCHIVED_IMAGES = "SELECT COUNT(*) AS n FROM images WHERE status = 'archived' AND archived_at < ?"
 # Image files: a tombstone row per sha256 being deleted, the rendezvous of deletion and archive (see
 # relay.store.retention for why inserting it is what makes the two exclusive).
-START_IMAGE_DELETION = ("INSERT INTO image_deletions (sha256, key, started_at) VALUES (?, ?, ?) "
-                        "ON CONFLICT (sha256) DO NOTHING")
-END_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ?"
-IMAGE_DELETIONS = "SELECT sha256, key FROM image_deletions WHERE key <> '' ORDER BY started_at LIMIT ?"
+START_IMAGE_DELETION = ("INSERT INTO image_deletions (sha256, key, started_at, owner, owned_until) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING")
+END_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ?"          # in the transaction that inserted it
+# A deletion's file is deleted only by its owner (sql/029, postgres/028): the sweep that decided it, or one that took
+# it over (a crash's leftover) once its owner's lease ran out; the owner renews the lease before each file.
+TAKE_OVER_IMAGE_DELETIONS = (
+    "UPDATE image_deletions SET owner = ?, owned_until = ? WHERE key <> '' AND owned_until <= ? AND sha256 IN ("
+    "SELECT sha256 FROM image_deletions WHERE key <> '' AND owned_until <= ? ORDER BY started_at LIMIT ?) "
+    "RETURNING sha256, key")
+RENEW_IMAGE_DELETION = "UPDATE image_deletions SET owned_until = ? WHERE sha256 = ? AND owner = ? RETURNING sha256"
+END_OWNED_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ? AND owner = ?"
 # A file is in use while an image not expired (a task's or an archive's: any owner) or an upload has its sha256.
 # The images through images_in_use, which holds only those (sql/027, postgres/026): not the expired ones that share
 # the bytes, however many.

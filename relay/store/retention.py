@@ -20,13 +20,20 @@ and SQLite runs one write transaction at a time. So either D1 came first, and A1
 and the archive tries again later, after which its put writes the file anew; or A1 came first, and D1's look
 (a statement after its insert, so with a snapshot taken after A1 committed) finds A1's image using S and
 deletes nothing. The hold is on the image row before any file is put, so no put can happen between D1's look
-and D2's delete without a tombstone having refused its hold. A crash between D1 and D3 leaves the tombstone:
-the next run deletes the file again (harmless) and ends it; archives of S wait until then.
+and D2's delete without a tombstone having refused its hold.
+
+Only the tombstone's owner does D2 and D3: the sweep whose D1 inserted it, under a lease of OWNER_LEASE that it
+renews right before each file it deletes (D2 is skipped if the tombstone has another owner by then). A crash
+between D1 and D3 leaves the tombstone: once its lease has run out, a later sweep takes it over, deletes the file
+again (harmless) and ends it; archives of S wait until then. Without owners, two sweeps at once (the housekeeping
+job and `relay retention`) could both take a crash's leftover, and the slower one delete S after the other's D3
+had let an archive hold S and put its file anew.
 Files whose only users went in a crash of an archive (put, never recorded) are not looked for: a leak, not a loss.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,12 +43,17 @@ from relay.store.plumbing import StorePlumbing
 from relay.store.tx import Row, Tx
 
 IMAGE_BEING_DELETED = "image_being_deleted"
+# How long a sweep owns an image deletion it decided or took over, from its last renewal (one per file, right
+# before deleting it): longer than one file's deletion can take (S3's 300 s timeout, retried), so a live owner never
+# loses one mid-delete; a crash's leftover waits this long before another sweep takes it over.
+OWNER_LEASE = 3600.0
 
 
 @dataclass(frozen=True)
 class FileToDelete:
     sha256: str
     key: str
+    owner: str       # the sweep's own token: only it deletes the file and ends the tombstone
 
 
 @dataclass
@@ -116,25 +128,33 @@ class RetentionCases(StorePlumbing):
             return Swept(picked=len(picked), deleted=len(rows), files=await _release(tx, rows, now))
         return await self.transact(body)
 
-    async def image_deletions(self, limit: int) -> list[FileToDelete]:
-        """Files whose deletion was decided (D1) and not yet confirmed done (D3): a crash's leftovers too."""
-        rows = await self._read_all(q.IMAGE_DELETIONS, (limit,))
-        return [FileToDelete(r["sha256"], r["key"]) for r in rows]
+    async def image_deletions(self, limit: int, now: float) -> list[FileToDelete]:
+        """Files whose deletion was decided (D1) and not confirmed done (D3) by an owner whose lease has run out (a
+        crash's leftovers): taken over, owned by this call's token from now on."""
+        owner = uuid.uuid4().hex
+        rows = await self._change(q.TAKE_OVER_IMAGE_DELETIONS, (owner, now + OWNER_LEASE, now, now, limit))
+        return [FileToDelete(r["sha256"], r["key"], owner) for r in rows]
+
+    async def own_image_deletion(self, f: FileToDelete, now: float) -> bool:
+        """Right before D2: renew the lease on `f`'s deletion; False if another sweep owns it by now (it took it over
+        when this one's lease ran out) or it is done: the file is not this sweep's to delete."""
+        return bool(await self._change(q.RENEW_IMAGE_DELETION, (now + OWNER_LEASE, f.sha256, f.owner)))
 
     async def image_deleted(self, files: Sequence[FileToDelete]) -> None:
-        """D3: these files are gone; archives may take their sha256 again."""
+        """D3: these files are gone; archives may take their sha256 again. A tombstone another sweep owns by now
+        stays: that sweep ends it."""
         if not files:
             return
 
         async def body(tx: Tx) -> None:
-            await tx.many(q.END_IMAGE_DELETION, [(f.sha256,) for f in files])
+            await tx.many(q.END_OWNED_IMAGE_DELETION, [(f.sha256, f.owner) for f in files])
         await self.transact(body)
 
     async def hold_image(self, image_id: str, sha256: str, now: float) -> None:
         """A1, before an archive puts the file of `sha256`: mark the (pending) image as using it, so no deletion
         decides the file is unused from now on. Raises a retryable ArchiveError while a deletion of it is on."""
         async def body(tx: Tx) -> bool:
-            if not await tx.run(q.START_IMAGE_DELETION, (sha256, "", now)):
+            if not await tx.run(q.START_IMAGE_DELETION, (sha256, "", now, "", 0.0)):
                 return False
             # Sent together at the commit on PostgreSQL (Tx.write): one round trip.
             await tx.write(q.END_IMAGE_DELETION, (sha256,))
@@ -200,7 +220,7 @@ class RetentionCases(StorePlumbing):
         """A1 for an uploaded input, before its file is put: record the upload (kept, a user of `sha256` from now
         on). Raises a retryable ArchiveError while a deletion of that file is on."""
         async def body(tx: Tx) -> bool:
-            if not await tx.run(q.START_IMAGE_DELETION, (sha256, "", now)):
+            if not await tx.run(q.START_IMAGE_DELETION, (sha256, "", now, "", 0.0)):
                 return False
             await tx.run(q.END_IMAGE_DELETION, (sha256,))
             await tx.run(q.INSERT_UPLOAD, (sha256, key, now))
@@ -221,14 +241,16 @@ async def _drop_settled_deliveries(tx: Tx, column: str, picked: list[str]) -> li
 
 
 async def _release(tx: Tx, images: Sequence[Row], now: float) -> list[FileToDelete]:
-    """D1 for the files of images that just went or expired: the ones no other image uses get a tombstone."""
+    """D1 for the files of images that just went or expired: the ones no other image uses get a tombstone, owned
+    by this transaction's caller (a new token)."""
     keys = {r["sha256"]: r["path"] for r in images if r["sha256"] and r["path"]}
     files = []
+    owner = uuid.uuid4().hex
     for sha256, key in sorted(keys.items()):
-        if not await tx.run(q.START_IMAGE_DELETION, (sha256, key, now)):
+        if not await tx.run(q.START_IMAGE_DELETION, (sha256, key, now, owner, now + OWNER_LEASE)):
             continue        # already being deleted
         if await tx.one(q.IMAGE_IN_USE, (sha256, sha256)) is not None:
             await tx.run(q.END_IMAGE_DELETION, (sha256,))
             continue
-        files.append(FileToDelete(sha256, key))
+        files.append(FileToDelete(sha256, key, owner))
     return files
