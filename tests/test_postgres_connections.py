@@ -273,3 +273,45 @@ async def test_an_argument_asyncpg_cannot_encode_is_raised_not_taken_for_a_lost_
     with pytest.raises(asyncpg.exceptions.DataError):
         await store.transact(lambda tx: tx.run("UPDATE tasks SET status = ? WHERE id = ?", (1, "tsk_x")))
     assert lost == []
+
+
+async def test_a_group_commit_aborted_for_a_deadlock_is_run_again(
+        stores: Callable[[], Awaitable[PostgresStore]], admin: asyncpg.Connection, clock: ManualClock) -> None:
+    """A group commit's batch (job ends, task writes: store._write) locks rows that another transaction locks in
+    the other order: PostgreSQL aborts the batch for the deadlock. Nothing of it committed, so it is run again
+    once the other transaction is done, and its callers are told it committed (without that every caller of the
+    batch got the DeadlockDetectedError, and a finished job ran again once its lease ran out)."""
+    from relay.models import Task
+    from relay.store import queries as q
+    # The batch's backend checks for the deadlock after 0.5 s of waiting, the admin's only after 60 s: the batch
+    # is the one aborted (the admin starts waiting well within the batch's half second).
+    await admin.execute("ALTER DATABASE " + await admin.fetchval("SELECT quote_ident(current_database())") +
+                        " SET deadlock_timeout = '500ms'")
+    await admin.execute("SET deadlock_timeout = '60s'")
+    store = await stores()
+    now = clock.now()
+    tasks = [Task(id=ids.new_id("tsk", now), provider="gmicloud", request={"prompt": "p"}, created_at=now,
+                  updated_at=now) for _ in range(2)]
+    for task in tasks:
+        await store.create_task(task, [])
+        await store._change("UPDATE tasks SET submit_started_at = ? WHERE id = ?", (now, task.id))
+    first, second = (task.id for task in tasks)
+    lock = admin.transaction()
+    await lock.start()
+    try:
+        await admin.execute("UPDATE tasks SET updated_at = updated_at WHERE id = $1", second)
+        # The batch takes the first task's row, then waits for the second's.
+        writing = asyncio.ensure_future(store._write_many(q.CLEAR_SUBMIT_STARTED, [(first,), (second,)]))
+        async with asyncio.timeout(TIMEOUT):
+            while not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"):
+                await asyncio.sleep(0.005)
+        async with asyncio.timeout(TIMEOUT):
+            await admin.execute("UPDATE tasks SET updated_at = updated_at WHERE id = $1", first)   # the cycle
+    finally:
+        await lock.commit()
+    async with asyncio.timeout(TIMEOUT):
+        await writing
+    started = [await admin.fetchval("SELECT submit_started_at FROM tasks WHERE id = $1", task_id)
+               for task_id in (first, second)]
+    assert started == [None, None]

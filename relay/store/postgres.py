@@ -570,10 +570,7 @@ class PostgresStore(Store):
                         raise
                 return result
             except _RETRYABLE as exc:
-                if attempt == TRANSACTION_RETRIES:
-                    raise
-                log.info("transaction lost a race (%s); running it again", type(exc).__name__)
-                await asyncio.sleep(0.01 * attempt)
+                await self._after_race(attempt, exc)
             except _LOST as exc:
                 # What fails from its commit on may have committed: not run again.
                 if lost_once or (tx is not None and tx.committing):
@@ -581,6 +578,15 @@ class PostgresStore(Store):
                 lost_once = True
                 await self._connection_lost(exc, "running the transaction again (it never reached its commit)")
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _after_race(attempt: int, exc: BaseException) -> None:
+        """PostgreSQL aborted attempt number `attempt` of a transaction (a deadlock, a serialization failure): none
+        of it committed. Wait a moment before it runs again, or raise `exc` after TRANSACTION_RETRIES attempts."""
+        if attempt == TRANSACTION_RETRIES:
+            raise exc
+        log.info("transaction lost a race (%s); running it again", type(exc).__name__)
+        await asyncio.sleep(0.01 * attempt)
 
     async def _change(self, sql: str, args: Sequence[Any]) -> list[Row]:
         # Autocommit: one round trip instead of three (BEGIN, the statement, COMMIT). A _change statement is safe to
@@ -632,17 +638,25 @@ class PostgresStore(Store):
             return rows
 
     async def _write_statements(self, take: Callable[[], list[tuple[str, tuple[Any, ...]]]]) -> None:
+        """A group commit's batch in one transaction, run again when PostgreSQL aborts it for a deadlock (its job
+        ends and task writes lock rows that transitions lock too, in another order): every caller of the batch
+        would otherwise be told it failed, and a finished job would run again once its lease ran out."""
         by_statement: dict[str, list[tuple[Any, ...]]] = {}
         async with self.pool.acquire() as conn:
             for sql, args in take():        # taken once a connection is ours (GroupCommit)
                 by_statement.setdefault(sql, []).append(args)
-            if len(by_statement) == 1:      # autocommit: one round trip (executemany is atomic on its own)
-                [(sql, rows)] = by_statement.items()
-                await self._write_rows(conn, sql, rows)
-                return
-            async with conn.transaction():
-                for sql, rows in by_statement.items():
-                    await self._write_rows(conn, sql, rows)
+            for attempt in range(1, TRANSACTION_RETRIES + 1):
+                try:
+                    if len(by_statement) == 1:      # autocommit: one round trip (executemany is atomic on its own)
+                        [(sql, rows)] = by_statement.items()
+                        await self._write_rows(conn, sql, rows)
+                        return
+                    async with conn.transaction():
+                        for sql, rows in by_statement.items():
+                            await self._write_rows(conn, sql, rows)
+                    return
+                except _RETRYABLE as exc:
+                    await self._after_race(attempt, exc)
 
     async def _write_rows(self, conn: PoolConnectionProxy, sql: str, rows: list[tuple[Any, ...]]) -> None:
         # executemany pipelines the rows in one round trip. (One `DELETE … USING unnest(ids, tokens)` for a
