@@ -3,7 +3,8 @@
 FILE (or `-` for stdin) holds one item per line, in any of these forms (blank lines and `#` comments skipped):
 
     https://cdn.example/a.png                          a link (POST /v1/archives)
-    https://cdn.example/a.png,2026-11-29T10:00:00Z     CSV: a link and when it dies
+    https://cdn.example/a.png,2026-11-29T10:00:00Z     CSV: a link and when it dies (a link may hold commas:
+                                                       only an RFC 3339 time after the last one is its expiry)
     evolink,task-unified-1764…                         CSV: provider,provider_task_id (POST /v1/tasks, adopted)
     {"url": "https://…", "expires_at": "…", "metadata": {…}}          JSON lines
     {"provider": "apimart", "provider_task_id": "task_01K…"}
@@ -32,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from relay.cli_client import EXIT_FAILED, RelayClient, UsageError, error_of
+from relay.clock import parse_rfc3339
 from relay.tables import Column, fit_table, styled
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -78,7 +80,14 @@ def parse_line(number: int, text: str) -> Item | None:
             item.problem = f"not valid JSON: {exc}"
             return item
         return _from_fields(item, data if isinstance(data, dict) else {})
-    fields = [f.strip() for f in next(csv.reader([stripped]))]
+    if _is_url(stripped):
+        # A link may hold commas itself (https://res.cloudinary.com/…/w_100,h_100/a.png, ?size=1,2): only a last
+        # field that is a time is its expiry; anything else is part of the link.
+        link, _, last = stripped.rpartition(",")
+        if link and _is_time(last):
+            return _from_fields(item, {"url": link.strip(), "expires_at": last.strip()})
+        return _from_fields(item, {"url": stripped})
+    fields = [f.strip() for f in next(csv.reader([stripped]))]      # quoted CSV, provider,provider_task_id
     if _is_url(fields[0]):
         if len(fields) > 2:
             item.problem = "a link line is `URL` or `URL,expires_at`"
@@ -92,6 +101,14 @@ def parse_line(number: int, text: str) -> Item | None:
 
 def _is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
+
+
+def _is_time(text: str) -> bool:
+    try:
+        parse_rfc3339(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _from_fields(item: Item, data: dict[str, Any]) -> Item:
