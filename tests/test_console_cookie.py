@@ -33,3 +33,21 @@ async def test_session_cookie_is_secure_behind_a_tls_terminating_proxy(tmp_path:
     cookie = await _login_cookie(tmp_path, **env)
     assert "httponly" in cookie and "samesite=strict" in cookie
     assert ("; secure" in cookie) is secure, cookie
+
+
+@pytest.mark.parametrize(("origin", "accepted"), [("https://relay.example", True), ("https://RELAY.example", True),
+                                                  ("http://relay.test", True), ("https://evil.example", False),
+                                                  ("null", False)])
+async def test_a_proxy_that_hands_relay_another_host_keeps_the_console_forms_working(
+        tmp_path: Path, origin: str, accepted: bool) -> None:
+    """Behind a proxy that passes its upstream's name as Host (here relay.test), a browser's form posts name
+    server.public_url's origin: the login is accepted from it and from the Host's, refused from anyone else's."""
+    async with harness(tmp_path, run_worker=False, RELAY_SERVER_PUBLIC_URL="https://relay.example") as h:
+        form = await h.api.get("/console/login", headers={"authorization": ""})
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+        assert nonce, form.text
+        sent = "; ".join(v.split(";", 1)[0] for k, v in form.headers.multi_items() if k == "set-cookie")
+        h.api.cookies.clear()
+        answer = await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
+                                  headers={"authorization": "", "origin": origin, "cookie": sent})
+        assert (answer.status_code == 303) is accepted, (answer.status_code, answer.text[:200])

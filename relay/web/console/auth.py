@@ -110,11 +110,14 @@ def csrf_ok(request: Request, session: Session, token: str | None) -> bool:
 
 def same_origin(request: Request) -> bool:
     """A browser names the page a POST came from in Origin: it must be relay's own host (absent: not a browser
-    form, which the token alone then guards)."""
+    form, which the token alone then guards). Relay's own: the Host the request names, or server.public_url's,
+    which a browser uses behind a proxy that hands relay another Host (its upstream's name)."""
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    netloc = urlsplit(origin).netloc.lower()
+    return netloc in (request.headers.get("host", "").lower(),
+                      urlsplit(runtime_of(request).settings.server.public_url).netloc.lower())
 
 
 def login_nonce(request: Request) -> str:
