@@ -49,3 +49,38 @@ def test_forwarded_allow_ips_must_be_addresses_networks_or_a_star(tmp_path: Path
     with pytest.raises(ConfigError, match=r"server.forwarded_allow_ips\[1\]"):
         settings_for(tmp_path, RELAY_SERVER_FORWARDED_ALLOW_IPS="10.0.0.1,proxy.internal")
     assert settings_for(tmp_path, RELAY_SERVER_FORWARDED_ALLOW_IPS="*").server.forwarded_allow_ips == ("*",)
+
+
+async def test_login_attempts_count_per_ipv4_address_and_per_ipv6_64(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console's login limit (LOGIN_BURST tries, then one every 6 s) counts an IPv6 client by its /64: a host
+    usually has a whole /64 and could take a fresh address for every guess. Another /64 has tries of its own; an
+    IPv4 client counts the same by its plain or IPv4-mapped address. relay serve on a real socket, the client's
+    address from X-Forwarded-For (the loopback is a trusted proxy by default)."""
+    import re
+
+    from relay.runtime import open_runtime
+    from relay.web.app import create_app
+    from relay.web.console.actions import LOGIN_BURST
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    settings = settings_for(tmp_path)
+    async with open_runtime(settings) as runtime:
+        config = server_config(create_app(runtime, run_worker=False), settings, "warning")
+        async with running(QuickServer(config), _listening()) as port:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                form = await http.get("/console/login")
+                nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+                assert nonce, form.text
+
+                async def wrong_login(client: str) -> int:
+                    answer = await http.post("/console/login", data={"credential": "wrong", "nonce": nonce.group(1)},
+                                             headers={"x-forwarded-for": client, "origin": f"http://127.0.0.1:{port}"})
+                    return answer.status_code
+                for n in range(int(LOGIN_BURST)):
+                    assert await wrong_login(f"2001:db8:1:2::{n + 1:x}") == 401
+                assert await wrong_login("2001:db8:1:2:ffff:ffff:ffff:ffff") == 429, "a fresh address of the /64"
+                assert await wrong_login("2001:db8:1:3::1") == 401, "another /64"
+                for n in range(int(LOGIN_BURST)):
+                    assert await wrong_login("203.0.113.9" if n % 2 else "::ffff:203.0.113.9") == 401
+                assert await wrong_login("203.0.113.9") == 429
+                assert await wrong_login("203.0.113.10") == 401

@@ -10,6 +10,7 @@ and no later page.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 from urllib.parse import quote
 
@@ -56,7 +57,7 @@ async def login(request: Request) -> Response:
     if not login_nonce_ok(request, first(form, "nonce")):
         return _login_again(request, "The login form expired or came from another site: try again.", 403, target)
     runtime = runtime_of(request)
-    client = request.client.host if request.client else "unknown"
+    client = login_bucket(request.client.host if request.client else "unknown")
     wait = await runtime.store.take_token(f"login:{client}", LOGIN_RATE, LOGIN_BURST, runtime.ctx.clock.now())
     if wait > 0:
         response = _login_again(request, f"Too many login attempts: try again in {math.ceil(wait)} s.", 429, target)
@@ -68,6 +69,20 @@ async def login(request: Request) -> Response:
     response = RedirectResponse(target, status_code=303)
     start_session(request, response, via)
     return response
+
+
+def login_bucket(client: str) -> str:
+    """Whose login attempts count together: an IPv4 address, or an IPv6 client's /64 (one host usually has a whole
+    /64 to itself and could take a new address, and a new allowance, for every guess)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def _login_again(request: Request, error: str, status: int, target: str) -> Response:
