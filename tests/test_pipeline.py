@@ -264,3 +264,25 @@ async def test_a_provider_that_never_answers_fails_the_task_at_its_deadline_with
         final = await h.wait_status(task["id"], timeout=30)
         assert final["status"] == "failed" and final["error"]["code"] == "provider_unavailable", final
         assert "deadline" in final["error"]["message"] and "500" in final["error"]["message"], final
+
+
+async def test_an_image_file_deleted_while_it_is_being_served_is_a_404_not_a_500(tmp_path: Path) -> None:
+    """Retention deletes an expired image's file between GET /v1/images/{id} finding it and reading it: the answer
+    is a 404 in relay's error shape (Starlette's file response raised a 500). Served normally otherwise."""
+    async with harness(tmp_path) as h:
+        task = await h.create(provider="gmicloud", prompt="p")
+        final = await h.wait_status(task["id"])
+        image_id = final["images"][0]["id"]
+        served = await h.api.get(f"/v1/images/{image_id}")
+        assert served.status_code == 200 and served.content[:8] == b"\x89PNG\r\n\x1a\n"
+        store = h.runtime.ctx.image_store
+        real_open = store.open
+
+        async def open_then_deleted(key: str) -> Any:
+            found = await real_open(key)
+            assert found is not None and found.path is not None
+            found.path.unlink()       # retention, right after the handler found the file
+            return found
+        store.open = open_then_deleted  # type: ignore[method-assign]
+        gone = await h.api.get(f"/v1/images/{image_id}")
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found", gone.text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from relay.errors import ApiError, ArchiveError, InvalidRequest, NotFound, Unauthorized
@@ -12,7 +12,7 @@ from relay.present import task_object, with_image_urls
 from relay.states import ALL_EVENT_TYPES
 from relay.web.providers import list_providers   # capabilities, circuits, prices, costs per day
 from relay.web.common import (idempotency_key, json_response, query_cursor, query_limit, read_json_body,
-                              require_api_key, runtime_of, small_int)
+                              require_api_key, runtime_of, small_int, StoredFileResponse)
 
 
 def present(request: Request, task: Task) -> dict[str, object]:
@@ -96,7 +96,8 @@ async def get_image(request: Request) -> Response:
     if body is None:
         raise missing
     if body.path is not None:   # a local file: Starlette serves it (ranges included)
-        return FileResponse(body.path, media_type=image.content_type, headers=headers)
+        await body.aclose()
+        return StoredFileResponse(body.path, missing=missing, media_type=image.content_type, headers=headers)
     return StreamingResponse(body.chunks, media_type=image.content_type,
                              headers={**headers, "Content-Length": str(body.size)})
 
