@@ -315,3 +315,36 @@ async def test_a_group_commit_aborted_for_a_deadlock_is_run_again(
     started = [await admin.fetchval("SELECT submit_started_at FROM tasks WHERE id = $1", task_id)
                for task_id in (first, second)]
     assert started == [None, None]
+
+
+async def test_a_dead_job_retried_while_its_work_is_queued_again_returns_the_live_job(
+        stores: Callable[[], Awaitable[PostgresStore]], admin: asyncpg.Connection, clock: ManualClock) -> None:
+    """Retrying a dead job gives its dedupe key back; a live job with the same key queued meanwhile, by a
+    transaction the retry's look could not see yet, took the key first. The retry is run again and returns the
+    live job, the dead one dropped (it was a UniqueViolationError: a 500 from the console and the API)."""
+    store = await stores()
+    now = clock.now()
+    job = Job(id=ids.new_id("job", now), kind="poll", payload={}, run_at=now, dedupe_key="poll:tsk_raced",
+              max_attempts=3)
+    await store.enqueue([job])
+    [claimed] = await store.claim(now, limit=1, lease_seconds=60, kinds=["poll"])
+    await store.bury_job(claimed, "gave up", now)
+    live_id = ids.new_id("job", now + 1)
+    queuing = admin.transaction()
+    await queuing.start()
+    try:
+        await admin.execute("INSERT INTO jobs (id, kind, payload, run_at, state, dedupe_key, attempts, max_attempts, "
+                            "created_at) VALUES ($1, 'poll', '{}', $2, 'queued', 'poll:tsk_raced', 0, 3, $2)",
+                            live_id, now + 100)
+        retrying = asyncio.ensure_future(store.retry_dead_job(job.id, now + 2))
+        # The retry found no live job with the key and now waits on the uncommitted insert's key.
+        async with asyncio.timeout(TIMEOUT):
+            while not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"):
+                await asyncio.sleep(0.005)
+    finally:
+        await queuing.commit()
+    async with asyncio.timeout(TIMEOUT):
+        found = await retrying
+    assert found is not None and found.id == live_id and found.state == "queued"
+    assert await store.get_job(job.id) is None

@@ -209,9 +209,9 @@ class ConsoleCases(StorePlumbing):
     async def retry_dead_job(self, job_id: str, now: float) -> JobInfo | None:
         """One transaction: a dead job is queued again, due now, with its attempts reset and its dedupe key back.
 
-        When a live job already holds that key (the same work was queued again since), the dead one is
-        deleted instead and the live one returned: never two live jobs for one key. None if unknown;
-        Conflict if the job is not dead. Locks the job's row.
+        When a live job already holds that key (the same work was queued again since, also while this ran: the
+        key taken meanwhile runs it again), the dead one is deleted instead and the live one returned: never two
+        live jobs for one key. None if unknown; Conflict if the job is not dead. Locks the job's row.
         """
         async def body(tx: Tx) -> JobInfo | None:
             row = await tx.one(q.LOCK_JOB, (job_id,))
@@ -228,6 +228,6 @@ class ConsoleCases(StorePlumbing):
                 await tx.run(q.REQUEUE_DEAD_JOB, (key, now, job_id))
                 found = await tx.one(q.LOAD_JOB, (job_id,))
             return None if found is None else job_info(found)
-        job = await self.transact(body)
+        job = await self.transact(body, again_if_key_taken=True)
         self._wake()
         return job

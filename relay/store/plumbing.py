@@ -60,8 +60,11 @@ class StorePlumbing(abc.ABC):
         return Subscribers()
 
     @abc.abstractmethod
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
-        """Run `body` in one write transaction: committed when it returns, rolled back when it raises."""
+    async def transact(self, body: Callable[[Tx], Awaitable[T]], *, again_if_key_taken: bool = False) -> T:
+        """Run `body` in one write transaction: committed when it returns, rolled back when it raises.
+
+        `again_if_key_taken`: a unique key the body writes was taken meanwhile by a transaction its reads could
+        not see yet (PostgreSQL; SQLite's one writer never meets one): run the body again, which then sees it."""
 
     async def transact_shared(self, body: Callable[[Tx], Awaitable[T]]) -> T:
         """`transact`, sharing one transaction and its commit with the bodies that arrive meanwhile (group

@@ -555,8 +555,9 @@ class PostgresStore(Store):
         return self._pool
 
     # ---- the plumbing relay.store.base runs on -----------------------------------------------------
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
+    async def transact(self, body: Callable[[Tx], Awaitable[T]], *, again_if_key_taken: bool = False) -> T:
         lost_once = False
+        races = (*_RETRYABLE, asyncpg.exceptions.UniqueViolationError) if again_if_key_taken else _RETRYABLE
         for attempt in range(1, TRANSACTION_RETRIES + 1):
             tx: PostgresTx | None = None
             try:
@@ -569,7 +570,7 @@ class PostgresStore(Store):
                         await tx.rollback()
                         raise
                 return result
-            except _RETRYABLE as exc:
+            except races as exc:
                 await self._after_race(attempt, exc)
             except _LOST as exc:
                 # What fails from its commit on may have committed: not run again.

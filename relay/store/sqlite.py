@@ -506,8 +506,9 @@ class SQLiteStore(Store):
             pass   # BEGIN itself failed or was cancelled before it ran: nothing to roll back
 
     # ---- the plumbing relay.store.base runs on -----------------------------------------------------
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
-        """The whole body on the writer's thread, in one hop; it must await nothing but its Tx."""
+    async def transact(self, body: Callable[[Tx], Awaitable[T]], *, again_if_key_taken: bool = False) -> T:
+        """The whole body on the writer's thread, in one hop; it must await nothing but its Tx. (One writer: no
+        key is taken meanwhile.)"""
         def work(conn: sqlite3.Connection) -> T:
             return _run_to_end(body(SQLiteTx(conn)))  # type: ignore[arg-type]
         return await self._tx_in_thread(work)
