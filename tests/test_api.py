@@ -199,3 +199,42 @@ async def test_task_webhook_url_on_a_private_address_is_refused(tmp_path: Path, 
         error = assert_error(response, 422, "invalid_request", "webhook_url")
         assert "refused" in error["message"]
         assert (await h.api.get("/v1/tasks")).json()["data"] == []
+
+
+async def test_the_links_of_one_archive_request_are_checked_at_once_and_the_first_refusal_answers(
+        tmp_path: Path) -> None:
+    """POST /v1/archives with many links resolves their hosts at once (each lookup may take the resolver's 10 s),
+    and a refused link is named as the first refused one in the body's order, whichever lookup ended first."""
+    import asyncio
+    in_flight, most = 0, 0
+    all_asked = asyncio.Event()
+
+    async def resolver(host: str, port: int) -> list[str]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        if most >= 5:
+            all_asked.set()
+        try:
+            await asyncio.wait_for(all_asked.wait(), 5.0)
+        except TimeoutError:
+            pass
+        finally:
+            in_flight -= 1
+        if host.startswith("private"):
+            await asyncio.sleep(0 if host == "private-second.example" else 0.05)     # the first refused ends last
+            return ["10.0.0.5"]
+        return ["93.184.216.34"]
+
+    async with harness(tmp_path, run_worker=False) as h:
+        h.runtime.guard.resolver = resolver
+        urls = [f"https://cdn{n}.example/a.png" for n in range(5)]
+        created = await h.api.post("/v1/archives", json={"urls": urls})
+        assert created.status_code in (200, 201, 202), created.text
+        assert most == 5, f"{most} lookups at once"
+        all_asked.clear()
+        most = 0
+        refused = await h.api.post("/v1/archives", json={"urls": [
+            urls[0], "https://private-first.example/x.png", urls[1], "https://private-second.example/y.png", urls[2]]})
+        error = assert_error(refused, 422, "invalid_request", "urls")
+        assert "private-first.example" in error["message"], error
