@@ -82,3 +82,28 @@ async def test_a_login_form_that_never_finishes_arriving_is_answered_408(tmp_pat
         answer = await asyncio.wait_for(h.api.post("/console/login", content=trickle(), headers={
             "content-type": "application/x-www-form-urlencoded", "origin": "http://relay.test"}), 10)
         assert answer.status_code == 408 and "took too long" in answer.text
+
+
+async def test_a_task_page_with_more_deliveries_than_it_shows_says_so(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task page shows the newest deliveries of a task (its last events': did its outcome reach everyone?) and
+    says older ones were left out, where to find them all."""
+    from relay.store import console
+    monkeypatch.setattr(console, "TIMELINE_LIMIT", 2)
+    async with harness(tmp_path) as h:
+        for n in range(2):
+            made = await h.api.post("/v1/subscriptions", json={"url": f"http://127.0.0.1:9/hook{n}"})
+            assert made.status_code == 201, made.text
+        task = await h.create(provider="gmicloud", prompt="p")
+        await h.wait_status(task["id"])
+        h.api.headers.pop("authorization")
+        form = await h.api.get("/console/login")
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+        assert nonce
+        logged = await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
+                                  headers={"origin": "http://relay.test"})
+        assert logged.status_code == 303
+        page = await h.api.get(f"/console/tasks/{task['id']}")
+        assert page.status_code == 200
+        assert "Only the newest 2 deliveries are shown" in page.text
+        assert page.text.count('class="delivery"') == 2 and 'data-event="task.succeeded"' in page.text

@@ -80,6 +80,7 @@ class TaskTimeline:
     events: list[Event]
     deliveries: dict[str, list[Delivery]] = field(default_factory=dict)      # by event id
     attempts: dict[str, list[Attempt]] = field(default_factory=dict)         # by delivery id
+    older_deliveries: bool = False      # the task has more than TIMELINE_LIMIT: only the newest are here
 
 
 def job_info(row: Row) -> JobInfo:
@@ -120,13 +121,16 @@ class ConsoleCases(StorePlumbing):
                                             scan=bool(search))
 
     async def task_timeline(self, task_id: str) -> TaskTimeline:
-        """The task's events (oldest first), their deliveries and every attempt of each."""
+        """The task's events (oldest first), their deliveries and every attempt of each. Of a task with more than
+        TIMELINE_LIMIT deliveries (a hundred subscriptions, six events) or events, the newest: those of its last
+        events, which say whether its outcome reached everyone."""
         rows = await self._read_all(q.EVENTS_OF_TASK, (task_id, TIMELINE_LIMIT))
         events = [Event(id=r["id"], type=r["type"], task_id=r["task_id"], sequence=r["sequence"],
-                        created_at=r["created_at"], data=None) for r in rows]
-        timeline = TaskTimeline(events=events)
+                        created_at=r["created_at"], data=None) for r in reversed(rows)]
+        newest = await self._read_all(q.DELIVERIES_OF_TASK, (task_id, TIMELINE_LIMIT + 1))
+        timeline = TaskTimeline(events=events, older_deliveries=len(newest) > TIMELINE_LIMIT)
         shown = []
-        for row in await self._read_all(q.DELIVERIES_OF_TASK, (task_id, TIMELINE_LIMIT)):
+        for row in reversed(newest[:TIMELINE_LIMIT]):
             delivery = delivery_from_row(row)
             timeline.deliveries.setdefault(delivery.event_id, []).append(delivery)
             shown.append(delivery.id)

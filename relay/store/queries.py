@@ -319,8 +319,8 @@ def attempts_of_deliveries(delivery_ids: Sequence[str]) -> tuple[str, list[str]]
     return f"SELECT * FROM delivery_attempts WHERE delivery_id IN {listed} ORDER BY id", args
 
 
-DELIVERIES_OF_TASK = "SELECT * FROM deliveries WHERE task_id = ? ORDER BY id LIMIT ?"
-EVENTS_OF_TASK = "SELECT * FROM events WHERE task_id = ? ORDER BY seq LIMIT ?"
+DELIVERIES_OF_TASK = "SELECT * FROM deliveries WHERE task_id = ? ORDER BY id DESC LIMIT ?"     # the newest
+EVENTS_OF_TASK = "SELECT * FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT ?"      # the newest
 # Each attempt names its subscription (sql/023): these read the attempts of the window, never a subscription's
 # every delivery. The counts name the index by time for SQLite, which would rather walk every attempt in
 # subscription order than sort the window's groups (39 ms against 11 at 479,000 attempts).
