@@ -286,3 +286,39 @@ async def test_an_image_file_deleted_while_it_is_being_served_is_a_404_not_a_500
         store.open = open_then_deleted  # type: ignore[method-assign]
         gone = await h.api.get(f"/v1/images/{image_id}")
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found", gone.text
+
+
+async def test_an_uploaded_inputs_head_reads_only_its_size_and_a_store_down_is_a_503(tmp_path: Path) -> None:
+    """GET and HEAD of an edit input's signed link (what providers fetch) go the way archived images do: HEAD asks
+    the store for the size only (on S3 it streamed the whole object), and a store that cannot be read answers 503
+    with Retry-After (it was a 500)."""
+    import hashlib as _hashlib
+
+    from relay.errors import ArchiveError
+    from relay.web.openai_compat import input_url
+    async with harness(tmp_path, run_worker=False) as h:
+        store = h.runtime.ctx.image_store
+        data = b"\x89PNG\r\n\x1a\n" + b"input bytes" * 100
+        sha = _hashlib.sha256(data).hexdigest()
+        tmp = store.tmp_dir() / "upload.part"
+        tmp.write_bytes(data)
+        await store.put_file(tmp, sha, "png")
+        link = input_url(h.runtime, f"{sha}.png").split("/openai/", 1)[1]
+        opened: list[str] = []
+        real_open = store.open
+
+        async def counting_open(key: str) -> Any:
+            opened.append(key)
+            return await real_open(key)
+        store.open = counting_open  # type: ignore[method-assign]
+        head = await h.api.head(f"/openai/{link}")
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(data)) and opened == []
+        got = await h.api.get(f"/openai/{link}")
+        assert got.status_code == 200 and got.content == data and len(opened) == 1
+
+        async def down(key: str) -> Any:
+            raise ArchiveError("the bucket is unreachable", code="image_store_unavailable")
+        store.open = down  # type: ignore[method-assign]
+        unavailable = await h.api.get(f"/openai/{link}")
+        assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == "5"
+        assert unavailable.json()["error"]["code"] == "image_store_unavailable"

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.responses import Response
 
 from relay import ids, jsontext
-from relay.errors import ApiError, InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from relay.errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from relay.runtime import Runtime
 from relay.validation import parse_json_object
 
@@ -108,28 +106,3 @@ def idempotency_key(request: Request) -> str | None:
         raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
     return key
 
-
-class StoredFileResponse(FileResponse):
-    """A local image store's file, served by Starlette (ranges included). Retention may delete the file between the
-    handler finding it and this response reading it: then, as long as nothing was sent, the answer is `missing`
-    in relay's error shape (Starlette raises a RuntimeError, a 500). Gone after the headers were sent, the response
-    breaks off, as for any read error."""
-
-    def __init__(self, path: str | os.PathLike[str], *, missing: ApiError, media_type: str | None,
-                 headers: dict[str, str]) -> None:
-        super().__init__(path, media_type=media_type, headers=headers)
-        self._missing = missing
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def sending(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-        try:
-            await super().__call__(scope, receive, sending)
-        except (RuntimeError, FileNotFoundError):
-            if started or os.path.exists(self.path):
-                raise
-            raise self._missing from None

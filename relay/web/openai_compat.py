@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from relay.errors import ApiError, ArchiveError, InvalidImage, NotFound, PayloadTooLarge, Unauthorized
@@ -36,8 +36,9 @@ from relay.multipart import Part
 from relay.runtime import Runtime
 from relay.validation import MAX_INPUT_IMAGES, check_json_limits
 from relay.web.common import (idempotency_key, json_response, read_json_body, require_api_key, runtime_of,
-                              small_int, StoredFileResponse)
+                              small_int)
 from relay.web.multipart import read_form
+from relay.web.stored import stored_file
 from relay.web.tasks import image_url_maker
 from relay.web.waiting import waiter_of
 
@@ -355,16 +356,9 @@ async def get_input(request: Request) -> Response:
         raise NotFound("no such input") from None
     if ext not in CONTENT_TYPES:
         raise NotFound("no such input")
-    body = await runtime.ctx.image_store.open(key)
-    if body is None:
-        raise NotFound("no such input")
     headers = {"ETag": f'"{sha256}"', "Cache-Control": "private, max-age=86400, immutable"}
-    if body.path is not None:
-        await body.aclose()
-        return StoredFileResponse(body.path, missing=NotFound("no such input"), media_type=CONTENT_TYPES[ext],
-                                  headers=headers)
-    return StreamingResponse(body.chunks, media_type=CONTENT_TYPES[ext],
-                             headers={**headers, "Content-Length": str(body.size)})
+    return await stored_file(request, runtime.ctx.image_store, key, media_type=CONTENT_TYPES[ext], headers=headers,
+                             missing=NotFound("no such input"))
 
 
 @openai_errors

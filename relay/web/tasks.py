@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from relay.errors import ApiError, ArchiveError, InvalidRequest, NotFound, Unauthorized
+from relay.errors import InvalidRequest, NotFound, Unauthorized
 from relay.models import Task, TaskStatus
 from relay.present import task_object, with_image_urls
 from relay.states import ALL_EVENT_TYPES
 from relay.web.providers import list_providers   # capabilities, circuits, prices, costs per day
 from relay.web.common import (idempotency_key, json_response, query_cursor, query_limit, read_json_body,
-                              require_api_key, runtime_of, small_int, StoredFileResponse)
+                              require_api_key, runtime_of, small_int)
+from relay.web.stored import stored_file
 
 
 def present(request: Request, task: Task) -> dict[str, object]:
@@ -79,33 +80,9 @@ async def get_image(request: Request) -> Response:
     headers = {"ETag": f'"{image.sha256}"', "Cache-Control": "public, max-age=31536000, immutable"}
     if request.headers.get("if-none-match") == headers["ETag"]:
         return Response(status_code=304, headers=headers)   # the sha256 is the bytes: no need to ask the store
-    # Served by relay from any image store (a local directory or a bucket), so the sha256 ETag, the signed
-    # links and the API key work the same on every replica, and the bucket need not be reachable by clients.
-    store = runtime.ctx.image_store
-    missing = NotFound(f"the file of image {image_id!r} is missing from the image store")
-    try:
-        if request.method == "HEAD":
-            size = await store.stat(image.path)
-            if size is None:
-                raise missing
-            return Response(status_code=200, media_type=image.content_type,
-                            headers={**headers, "Content-Length": str(size)})
-        body = await store.open(image.path)
-    except ArchiveError as exc:
-        raise ImageStoreUnavailable(exc.message, headers={"Retry-After": "5"}) from exc
-    if body is None:
-        raise missing
-    if body.path is not None:   # a local file: Starlette serves it (ranges included)
-        await body.aclose()
-        return StoredFileResponse(body.path, missing=missing, media_type=image.content_type, headers=headers)
-    return StreamingResponse(body.chunks, media_type=image.content_type,
-                             headers={**headers, "Content-Length": str(body.size)})
-
-
-class ImageStoreUnavailable(ApiError):
-    """GET /v1/images/{id} while the image store cannot be read (an addition to API.md's codes)."""
-
-    status, code = 503, "image_store_unavailable"
+    return await stored_file(request, runtime.ctx.image_store, image.path, media_type=image.content_type,
+                             headers=headers,
+                             missing=NotFound(f"the file of image {image_id!r} is missing from the image store"))
 
 
 async def list_events(request: Request) -> Response:
