@@ -213,7 +213,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         task = check(client.post("/v1/tasks", json=body))
         if args.wait:
             final = wait_for_tasks(client, [task["id"]], timeout=args.timeout)
-            task = final[task["id"]]
+            task = final.get(task["id"], task)      # never read back within the timeout: as it was accepted
             # On stderr: stdout stays one JSON document for pipes.
             print(task_summary(task), file=sys.stderr)
     print(json.dumps(task, indent=2))

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import httpx
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from relay.tables import STATUS_STYLES
@@ -30,8 +31,10 @@ def describe(task: dict[str, Any]) -> str:
 
 
 def new_progress() -> Progress:
+    """Bars on stderr: stdout carries the command's answer (`relay submit --wait | jq`), and rich prints a finished
+    bar once to a stream that is not a terminal."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeElapsedColumn())
+                    TimeElapsedColumn(), console=Console(stderr=True))
 
 
 def wait_for_tasks(client: httpx.Client, task_ids: list[str], *, timeout: float,

@@ -6,6 +6,7 @@ tests/sink.py Sink over a real socket, failing or answering 200 as each test scr
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -217,3 +218,13 @@ def test_demo_final_table_keeps_task_ids_whole_at_80_columns(tmp_path: Path) -> 
     assert rows and all("succeeded" in row for row in rows), table
     for row in rows:
         assert re.search(r"│ tsk_[0-9A-Z]{26} │", row), f"a task id cut or wrapped: {row}"
+
+
+def test_submit_wait_prints_one_json_document_on_stdout_and_the_progress_on_stderr(relay: Relay) -> None:
+    """`relay submit … --wait | jq`: stdout is the final task alone (the progress bar, which rich prints once when
+    the output is not a terminal, goes to stderr with the summary)."""
+    done = cli(relay, "submit", "a lighthouse", "--provider", "gmicloud", "--wait")
+    assert done.returncode == 0, done.stderr
+    task = json.loads(done.stdout)
+    assert task["status"] == "succeeded" and task["images"][0]["sha256"]
+    assert task["id"] in done.stderr
