@@ -1,5 +1,5 @@
 """The OpenAI-shaped endpoints hold a request open until its task ends: a process lets only so many wait at
-once, and the next gets OpenAI's 429 before its body is read or any task is made."""
+once, and the next gets OpenAI's 429 before its body is read (while the room is full) or any task is made."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ async def test_past_the_limit_a_request_gets_a_429_and_its_place_comes_back() ->
     release = asyncio.Event()
     entered: list[int] = []
 
-    async def slow(request: Request) -> Response:        # stands for "create the task and wait for it"
-        entered.append(1)
-        await release.wait()
-        return JSONResponse({"created": 1, "data": []})
+    async def slow(request: Request) -> Response:        # stands for run_task: a place, the task, the wait
+        with request.app.state.openai_waiter.admitted() as room:
+            assert room
+            entered.append(1)
+            await release.wait()
+            return JSONResponse({"created": 1, "data": []})
 
     app = Starlette(routes=[Route("/images", openai_errors(waiting_room(slow)), methods=["POST"])])
     app.state.openai_waiter = TaskWaiter(limit=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -95,10 +96,12 @@ def from_api_error(exc: ApiError) -> OpenAIError:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+log = logging.getLogger("relay.openai")
 
 
 def openai_errors(handler: Handler) -> Handler:
-    """Answer relay's own errors in OpenAI's shape on this surface."""
+    """Answer relay's own errors in OpenAI's shape on this surface; anything unexpected as OpenAI's 500 too, which
+    carries x-should-retry: false (relay's own 500 did not: the SDK sent the request twice more, two more tasks)."""
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
         try:
@@ -107,6 +110,9 @@ def openai_errors(handler: Handler) -> Handler:
             return exc.response()
         except ApiError as exc:
             return from_api_error(exc).response()
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return OpenAIError(500, "internal error", type="server_error", code="internal_error").response()
     return wrapped
 
 
@@ -155,18 +161,24 @@ def provider_of(model: Any, runtime: Runtime) -> str | list[str]:
     return names[0] if len(names) == 1 else names
 
 
+WAITING_ROOM_FULL = "too many image requests are waiting on this relay; retry shortly"
+
+
 def waiting_room(handler: Handler) -> Handler:
-    """Each request waits for its task: admitted only while this process has room for one more waiter,
-    else a 429 before the body is read or any task made (the SDK retries it later on its own)."""
+    """Each request waits for its task (run_task holds a place in the process's waiting room meanwhile): while the
+    room is full, a 429 before the body is read (the SDK retries it later on its own). The place itself is taken
+    only once the body is in, so a client sending its body slowly holds none."""
     @functools.wraps(handler)
     async def admitted(request: Request) -> Response:
-        with waiter_of(request).admitted() as room:
-            if not room:
-                raise OpenAIError(429, "too many image requests are waiting on this relay; retry shortly",
-                                  type="rate_limit_error", code="rate_limit_exceeded",
-                                  headers={"retry-after": "2"})
-            return await handler(request)
+        if waiter_of(request).full:
+            raise _room_full()
+        return await handler(request)
     return admitted
+
+
+def _room_full() -> OpenAIError:
+    return OpenAIError(429, WAITING_ROOM_FULL, type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"retry-after": "2"})
 
 
 @openai_errors
@@ -182,8 +194,16 @@ async def generations(request: Request) -> Response:
 @openai_errors
 @waiting_room
 async def edits(request: Request) -> Response:
-    runtime = runtime_of(request)
     scope = require_api_key(request)
+    body, response_format, unsigned = await edit_request(request)
+    # The uploads (up to input_max_bytes) are stored and let go of: not held through the wait.
+    return await run_task(request, body, response_format, scope, same_as=unsigned)
+
+
+async def edit_request(request: Request) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """An edits form as the POST /v1/tasks body (its uploads stored, as signed links), its response_format, and
+    the body as an Idempotency-Key compares it."""
+    runtime = runtime_of(request)
     settings = runtime.settings
     # The uploads together may be as large as one reference image relay would fetch, plus the form fields.
     parts = await read_form(request, settings.archive.input_max_bytes + settings.server.max_body_bytes)
@@ -215,7 +235,7 @@ async def edits(request: Request) -> Response:
     # the same upload retried across one would otherwise make another body, a 409.
     unsigned = {**body, "images": [_unsigned(url) for url in body["images"]],
                 **({"mask": _unsigned(body["mask"])} if "mask" in body else {})}
-    return await run_task(request, body, response_format, scope, same_as=unsigned)
+    return body, response_format, unsigned
 
 
 def _unsigned(url: str) -> str:
@@ -224,12 +244,31 @@ def _unsigned(url: str) -> str:
 
 async def run_task(request: Request, body: dict[str, Any], response_format: str | None, scope: str,
                    same_as: dict[str, Any] | None = None) -> Response:
+    """Make the task (with a place in the waiting room: else a 429, and no task), wait for it, answer its images.
+    Once the task exists, a failure to answer names it (task_id) and is never one the SDK retries on its own."""
     runtime = runtime_of(request)
-    task, _ = await runtime.tasks.create(body, scope=scope, idempotency_key=idempotency_key(request),
-                                         same_as=same_as)
-    task = await waiter_of(request).wait(request, task.id, runtime.settings.openai_compat.wait_seconds)
-    if task.status == TaskStatus.SUCCEEDED:
-        return json_response(await images_response(request, task, response_format), headers=task_headers(task.id))
+    waiter = waiter_of(request)
+    with waiter.admitted() as room:
+        if not room:
+            raise _room_full()
+        task, _ = await runtime.tasks.create(body, scope=scope, idempotency_key=idempotency_key(request),
+                                             same_as=same_as)
+        try:
+            task = await waiter.wait(request, task.id, runtime.settings.openai_compat.wait_seconds)
+            if task.status == TaskStatus.SUCCEEDED:
+                return json_response(await images_response(request, task, response_format),
+                                     headers=task_headers(task.id))
+        except (OpenAIError, ApiError):
+            raise
+        except ArchiveError as exc:
+            raise OpenAIError(503, f"relay task {task.id} succeeded, but its images cannot be read now "
+                                   f"({exc.message}); GET /v1/tasks/{task.id} has them", type="server_error",
+                              code="image_store_unavailable", task_id=task.id) from exc
+        except Exception as exc:
+            log.exception("answering relay task %s", task.id)
+            raise OpenAIError(500, f"internal error answering relay task {task.id}; GET /v1/tasks/{task.id} "
+                                   "has its outcome", type="server_error", code="internal_error",
+                              task_id=task.id) from exc
     raise task_error(task, runtime.settings.openai_compat.wait_seconds)
 
 

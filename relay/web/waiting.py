@@ -28,10 +28,14 @@ class TaskWaiter:
         self.limit = limit
         self.count = 0              # requests admitted and not yet answered
 
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
     @contextlib.contextmanager
     def admitted(self) -> Iterator[bool]:
         """Whether one more request may wait (True: it holds a place until the block ends)."""
-        if self.count >= self.limit:
+        if self.full:
             yield False
             return
         self.count += 1
