@@ -75,8 +75,9 @@ def on_update(task: Task, update: TaskUpdate) -> Transition | None:
     target = _PROVIDER_TO_TASK[update.status]
     provider_task_id = task.provider_task_id or update.provider_task_id
     usage = reported_usage(update.raw)
-    if target == TaskStatus.ARCHIVING and not update.images:
-        # "Done" with nothing to save is a failure, not a success with zero images.
+    if target == TaskStatus.ARCHIVING and not update.images and target.rank > task.status.rank:
+        # "Done" with nothing to save is a failure, not a success with zero images. Only as the task's move there:
+        # a repeated or late "done" without its images (a task already archiving) is stale like any other.
         return Transition(TaskStatus.FAILED, "task.failed", provider_task_id=provider_task_id,
                           error={"code": "no_images", "message": "the provider reported success but returned no images"},
                           usage=usage)

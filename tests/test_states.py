@@ -60,6 +60,13 @@ def test_success_without_images_is_a_failure() -> None:
     assert t is not None and t.status == TaskStatus.FAILED and t.error and t.error["code"] == "no_images"
 
 
+def test_a_late_success_without_images_leaves_a_task_being_archived_alone() -> None:
+    """A repeated or late 'done' that carries no images (a poll read before the callback that moved the task to
+    archiving, a provider that fills its result links after its status) is stale: the images being archived are
+    not failed by it."""
+    assert on_update(task(TaskStatus.ARCHIVING), upd(ProviderStatus.SUCCEEDED)) is None
+
+
 def test_progress_is_throttled_and_monotonic() -> None:
     """Small progress steps emit nothing; a big step emits task.progress; progress never decreases."""
     assert on_update(task(TaskStatus.RUNNING, 40), upd(ProviderStatus.RUNNING, progress=45)) is None
