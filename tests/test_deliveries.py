@@ -400,6 +400,29 @@ async def test_a_rotation_sent_twice_keeps_the_secret_the_receiver_holds(tmp_pat
         assert got.signed_by(second["secret"]) and not got.signed_by(first["secret"])
 
 
+async def test_rotations_past_the_kept_secrets_are_refused_until_one_overlap_ends(tmp_path: Path) -> None:
+    """Every secret rotated out signs until its own overlap ends; relay keeps at most EARLIER_KEYS_KEPT of them
+    beside the current and previous ones. One rotation more within the overlaps is a 409 naming when the next may
+    come (it silently stopped the oldest secret signing before its 24 h), and the oldest secret still signs; once
+    the oldest overlap ends, a rotation goes through again."""
+    from relay.deliveries.models import EARLIER_KEYS_KEPT
+    async with delivery_harness(tmp_path) as d:
+        sub = await d.subscribe("/many")
+        rotate = f"/v1/subscriptions/{sub['id']}/rotate-secret"
+        for _ in range(EARLIER_KEYS_KEPT + 1):
+            assert (await d.h.api.post(rotate)).status_code == 200
+            d.clock.advance(60)
+        refused = await d.h.api.post(rotate)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "conflict", refused.text
+        assert "rotate again after" in refused.json()["error"]["message"]
+        task_id = await d.task()
+        await d.emit(task_id, "task.queued")
+        await d.drain()
+        assert d.sink.on("/many")[-1].signed_by(sub["secret"]), "the first secret still signs within its 24 h"
+        d.clock.advance(86400 - 60 * EARLIER_KEYS_KEPT)      # the first rotation's overlap has ended
+        assert (await d.h.api.post(rotate)).status_code == 200
+
+
 async def test_ed25519_subscription_gets_v1_and_v1a(tmp_path: Path) -> None:
     """signing=ed25519: the library verifies v1 with the secret; v1a verifies with the whpk_ public key."""
     from relay import signing

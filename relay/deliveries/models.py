@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relay.clock import rfc3339
+from relay.errors import Conflict
 from relay.states import ALL_EVENT_TYPES, EVENT_WILDCARDS
 
 SIGNING_SCHEMES = ("hmac", "ed25519")
@@ -130,12 +132,18 @@ class Keys:
 
     def rotated(self, secret: str, signing_key: str | None, previous_until: float | None, now: float) -> Keys:
         """New keys; these become the previous ones, and the previous ones (if still signing: `previous_until`)
-        join the earlier ones still inside their overlap."""
+        join the earlier ones still inside their overlap. Conflict when EARLIER_KEYS_KEPT are inside theirs
+        already: a rotation then would stop one of them signing before its overlap ends (API.md: 24 h)."""
         earlier = [old for old in self.earlier if now < old.until]
         if self.previous_secret and previous_until is not None and now < previous_until:
             earlier.insert(0, EarlierKey(self.previous_secret, self.previous_signing_key, previous_until))
+        if len(earlier) > EARLIER_KEYS_KEPT:
+            free_at = min(old.until for old in earlier)
+            raise Conflict(f"this subscription's secret was rotated {len(earlier) + 1} times within the overlap: "
+                           f"every secret rotated out keeps signing until its overlap ends, and at most "
+                           f"{EARLIER_KEYS_KEPT + 2} sign at once; rotate again after {rfc3339(free_at)}")
         return Keys(secret=secret, signing_key=signing_key, previous_secret=self.secret,
-                    previous_signing_key=self.signing_key, earlier=tuple(earlier[:EARLIER_KEYS_KEPT]))
+                    previous_signing_key=self.signing_key, earlier=tuple(earlier))
 
     def to_json(self) -> dict[str, Any]:
         return {"secret": self.secret, "signing_key": self.signing_key, "previous_secret": self.previous_secret,
