@@ -14,8 +14,10 @@ RUN pip install --no-cache-dir . \
 USER relay
 VOLUME ["/data"]
 EXPOSE 8080
+# The port and scheme relay serves (-e RELAY_SERVER_PORT / RELAY_SERVER_SSL_CERTFILE change them); a liveness probe
+# on the loopback, so the certificate's name is not checked.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
+    CMD python -c "import os,ssl,sys,urllib.request as u; tls=bool(os.environ.get('RELAY_SERVER_SSL_CERTFILE')); url=('https' if tls else 'http')+'://127.0.0.1:'+os.environ.get('RELAY_SERVER_PORT','8080')+'/healthz'; sys.exit(0 if u.urlopen(url, timeout=2, context=ssl._create_unverified_context() if tls else None).status == 200 else 1)"
 
 # Mount a config file and point RELAY_CONFIG at it, e.g. -v ./relay.toml:/etc/relay.toml -e RELAY_CONFIG=/etc/relay.toml
 CMD ["relay", "serve"]

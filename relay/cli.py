@@ -18,8 +18,8 @@ from relay import __version__
 from relay.cli_archive import add_command as add_archive_command
 from relay.cli_client import CliError, RelayClient, check, connect
 from relay.cli_ops import add_commands as add_operator_commands
-from relay.cli_ops import task_summary
-from relay.config import ConfigError, Settings, is_loopback_host, load_settings
+from relay.cli_ops import LOG_LEVELS, port_number, positive_count, positive_seconds, task_summary
+from relay.config import ConfigError, Settings, load_settings
 
 GC_YOUNG_THRESHOLD = 10_000     # see _serve
 
@@ -103,14 +103,12 @@ async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.runtime import StartupError
+    from relay.runtime import StartupError, startup_warnings
 
     settings = _settings(args, server_host=args.host, server_port=args.port, server_role=args.role)
     _logging(args.log_level, args.log_format)
-    if settings.network.allow and not is_loopback_host(settings.server.host):
-        print(f"relay: network.allow exempts {', '.join(settings.network.allow)} from the SSRF guard while "
-              f"relay listens on {settings.server.host}: any API client can make relay call those addresses "
-              "(webhooks, archived links, reference images)", file=sys.stderr)
+    for warning in startup_warnings(settings):
+        print(f"relay: {warning}", file=sys.stderr)
     if args.processes != 1:
         return _serve_processes(settings, args.processes, args.log_level)
     try:
@@ -221,8 +219,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The settings (secrets hidden), and whether `relay serve` would start with them."""
+    from relay.runtime import StartupError, check_startup, startup_warnings
+
     settings = _settings(args)
     print(json.dumps(settings.redacted(), indent=2))
+    for warning in startup_warnings(settings):
+        print(f"relay: {warning}", file=sys.stderr)
+    try:
+        check_startup(settings)
+    except StartupError as exc:
+        print(f"relay: relay serve would not start: {exc}", file=sys.stderr)
+        return 2
     print(f"relay: configuration OK ({settings.source or 'embedded defaults'})", file=sys.stderr)
     return 0
 
@@ -236,14 +244,13 @@ def cmd_retention(args: argparse.Namespace) -> int:
     from relay.clock import SystemClock
     from relay.images.store import open_image_store
     from relay.retention import Report, Sweeper, age_text
-    from relay.runtime import open_store
+    from relay.runtime import StartupError, opened_store
 
     settings = _settings(args)
     _logging("warning")
 
     async def run() -> Report:
-        store = open_store(settings)
-        await store.open()
+        store = await opened_store(settings)
         try:
             sweeper = Sweeper(store, open_image_store(settings.storage), settings.retention, now=SystemClock().now,
                               budget=float("inf"))
@@ -251,7 +258,11 @@ def cmd_retention(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    report = run_async(run())
+    try:
+        report = run_async(run())
+    except StartupError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     r = settings.retention
     ages = {"finished tasks": age_text(r.finished_tasks), "finished archives": age_text(r.finished_tasks),
             "events": age_text(r.events), "provider stats rows": age_text(r.events),
@@ -284,10 +295,15 @@ def cmd_dev_cert(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
+    from relay.runtime import StartupError
 
     _logging(args.log_level)
-    return asyncio.run(run_demo(per_provider=args.per_provider, keep_running=args.keep_running,
-                                data_dir=Path(args.data_dir), port=args.port, timeout=args.timeout))
+    try:
+        return asyncio.run(run_demo(per_provider=args.per_provider, keep_running=args.keep_running,
+                                    data_dir=Path(args.data_dir), port=args.port, timeout=args.timeout))
+    except (StartupError, ConfigError) as exc:
+        print(f"relay: cannot start the demo: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,33 +317,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("serve", help="run the API and the workers"))
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port_number)
     p.add_argument("--role", choices=("all", "api", "worker"))
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="run N relay processes on this port (PostgreSQL only; default 1)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--log-format", choices=("text", "json"),
                    help="text or JSON lines (default: $RELAY_LOG_FORMAT, else text on a terminal, JSON otherwise)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="run the provider simulator (all five dialects)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--port", type=port_number, default=8700)
     p.add_argument("--duration", type=float, default=1.0, help="seconds a task takes")
     p.add_argument("--link-ttl", type=float, default=86400.0, help="seconds image links stay valid")
     p.add_argument("--prerendered", action="store_true",
                    help="serve one pre-rendered image per size and format with a unique chunk per task "
                         "(benchmarks: no Pillow drawing per image)")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="relay + simulator in one command: submit to every dialect, archive, show")
-    p.add_argument("--per-provider", type=int, default=2)
+    p.add_argument("--per-provider", type=positive_count, default=2)
     p.add_argument("--keep-running", action="store_true", help="leave relay up afterwards to explore")
     p.add_argument("--data-dir", default="./relay-demo-data")
-    p.add_argument("--port", type=int, default=8080, help="relay's port (0: any free port)")
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--port", type=port_number, default=8080, help="relay's port (0: any free port)")
+    p.add_argument("--timeout", type=positive_seconds, default=120.0)
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     p.set_defaults(func=cmd_demo)
 
     def client_opts(p: argparse.ArgumentParser) -> None:
@@ -345,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background")
     p.add_argument("-n", type=int)
     p.add_argument("--wait", action="store_true", help="show progress and wait for the end")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=positive_seconds, default=600.0)
     p.set_defaults(func=cmd_submit)
 
     # tasks (--watch), subscriptions, deliveries, replay: the operator's commands (relay.cli_ops).
@@ -375,3 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:   # a client command's failure: one line and its exit code (relay.cli_client)
         print(f"relay: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`relay tasks --json | head`): nothing more to say, and nothing at exit
+        # either (Python's own flush of stdout would raise again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

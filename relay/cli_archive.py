@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from relay.cli_client import EXIT_FAILED, RelayClient, UsageError, error_of
+from relay.cli_ops import positive_count, positive_seconds
 from relay.clock import parse_rfc3339
 from relay.tables import Column, fit_table, styled
 
@@ -224,7 +225,8 @@ def summary_rows(items: list[Item], waited: bool) -> list[tuple[str, int]]:
 
 
 def report(console: Console, items: list[Item], waited: bool) -> int:
-    """Print the summary and the failures; the exit code (1 when anything failed)."""
+    """Print the summary and the failures; the exit code (1 when anything failed, or with --wait when anything had
+    not finished by --timeout: 0 says every line is done)."""
     summary = fit_table("relay archive: summary", (Column("what", "text"), Column("count", justify="right")),
                         [(what, f"{n:,}") for what, n in summary_rows(items, waited)], console.width)
     console.print(summary)
@@ -235,7 +237,8 @@ def report(console: Console, items: list[Item], waited: bool) -> int:
         rows = [(str(i.line), i.kind if not i.problem else "?", i.id or "", i.text,
                  styled("failed", i.problem or i.error or "")) for i in failures]
         console.print(fit_table(f"failures ({len(failures)})", columns, rows, console.width))
-    return EXIT_FAILED if failures else 0
+    unfinished = waited and any(i.id and i.status not in TERMINAL for i in items)
+    return EXIT_FAILED if failures or unfinished else 0
 
 
 def cmd_archive(args: argparse.Namespace, client_of: Callable[[argparse.Namespace], RelayClient]) -> int:
@@ -279,8 +282,8 @@ def add_command(sub: Any, client_opts: Callable[[argparse.ArgumentParser], None]
     p.add_argument("file", help="a file of links or provider,provider_task_id lines (plain, CSV or JSON lines; "
                                 "- for stdin)")
     p.add_argument("--wait", action="store_true", help="wait for every item's outcome before the summary")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default 600)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
+    p.add_argument("--timeout", type=positive_seconds, default=600.0, help="seconds --wait waits at most (default 600)")
+    p.add_argument("--concurrency", type=positive_count, default=8, help="requests in flight at once (default 8)")
     p.add_argument("--json", action="store_true", help="also print every line's outcome as JSON on stdout")
     p.set_defaults(func=lambda args: cmd_archive(args, client_of))
 

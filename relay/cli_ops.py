@@ -47,7 +47,7 @@ def add_commands(sub: Any, client_opts: Callable[[argparse.ArgumentParser], None
     p.add_argument("--watch", action="store_true", help="refresh the table until Ctrl-C")
     p.add_argument("--until-done", action="store_true",
                    help="watch until every listed task has finished, then stop")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes of --watch")
+    p.add_argument("--interval", type=positive_seconds, default=1.0, help="seconds between refreshes of --watch")
     p.add_argument("--json", action="store_true", help="print the tasks as JSON")
     p.set_defaults(func=bind(cmd_tasks))
 
@@ -71,7 +71,7 @@ def add_commands(sub: Any, client_opts: Callable[[argparse.ArgumentParser], None
     p.add_argument("--task", metavar="TASK", help="only this task's deliveries")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--wait", action="store_true", help="retry: wait for each retried delivery to settle")
-    p.add_argument("--timeout", type=float, default=60.0, help="retry --wait: seconds to wait at most")
+    p.add_argument("--timeout", type=positive_seconds, default=60.0, help="retry --wait: seconds to wait at most")
     p.add_argument("--json", action="store_true", help="print the deliveries as JSON")
     p.set_defaults(func=bind(cmd_deliveries))
 
@@ -89,11 +89,50 @@ def add_commands(sub: Any, client_opts: Callable[[argparse.ArgumentParser], None
 
 
 # ---- helpers --------------------------------------------------------------------------------------
+def positive_seconds(value: str) -> float:
+    """A number of seconds above 0 and finite; for argparse."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds above 0")
+    return seconds
+
+
+def positive_count(value: str) -> int:
+    """A whole number, at least 1; for argparse."""
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return count
+
+
+def port_number(value: str) -> int:
+    """A TCP port, 0 (any free one) to 65535; for argparse."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535)")
+    return port
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")     # uvicorn's (trace: its own, wire level)
+
+
 def since_time(value: str) -> str:
     """An RFC 3339 time, or an age such as `2h` (that long before now), as RFC 3339 UTC; for argparse."""
     match = _DURATION.fullmatch(value.strip())
     if match:
-        stamp = rfc3339(time.time() - float(match[1]) * _UNITS[match[2]])
+        try:
+            stamp = rfc3339(time.time() - float(match[1]) * _UNITS[match[2]])
+        except (OverflowError, ValueError, OSError):
+            raise argparse.ArgumentTypeError(f"{value!r} reaches back before the year 1") from None
         assert stamp is not None
         return stamp
     try:
@@ -190,7 +229,7 @@ def _watch(console: Console, fetch: Callable[[], list[dict[str, Any]]], interval
         while True:
             tasks = fetch()
             yield tasks
-            if until_done and tasks and all(t["status"] in TERMINAL for t in tasks):
+            if until_done and all(t["status"] in TERMINAL for t in tasks):     # none listed: none to wait for
                 return
             time.sleep(interval)
 

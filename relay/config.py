@@ -307,18 +307,23 @@ _POSITIVE = {
     "failover": ("breaker_threshold", "breaker_cooldown"),
     "openai_compat": ("wait_seconds",),
 }
+EXAMPLE_API_KEY = "rk_example_0123456789abcdef"    # config.example.toml's: accepted only on the loopback
 _BAD: Any = object()   # a value that failed to convert (its problem is already recorded)
 
 
-def _mask_url(url: str) -> str:
+_SECRET_QUERY = re.compile(r"((?:^|&)(?:password|sslpassword)=)[^&]*", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """A URL with its secrets as ***: the password of its userinfo, and password= (sslpassword=) in its query,
+    which asyncpg reads as well."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return url.partition("://")[0] + "://***"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}")
+    return urlunsplit(parts._replace(query=_SECRET_QUERY.sub(r"\1***", parts.query)))
 
 
 def _public(obj: Any) -> dict[str, Any]:
@@ -330,7 +335,7 @@ def _public(obj: Any) -> dict[str, Any]:
         elif is_dataclass(value):
             value = _public(value)
         elif f.name in ("database", "base_url", "endpoint_url", "public_url"):
-            value = _mask_url(value)      # a password in a URL's userinfo is a secret like any other
+            value = mask_url(value)      # a password in a URL's userinfo is a secret like any other
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value
@@ -428,7 +433,7 @@ class _Loader:
         self.read_environ()
         sections = {s: self.build(s, _SECTION_CLASSES[s]) for s in SECTIONS}
         sections["server"] = self.check_server(sections["server"])
-        self.check_auth(sections["auth"])
+        self.check_auth(sections["auth"], sections["server"])
         sections["storage"] = self.check_storage(sections["storage"])
         self.check_numbers(sections)
         self.check_allow(sections["network"])
@@ -660,6 +665,9 @@ class _Loader:
         if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
             self.problem("server.ssl_keyfile", "ssl_certfile and ssl_keyfile must be set together",
                          (s.ssl_certfile, s.ssl_keyfile))
+        for key, path in (("server.ssl_certfile", s.ssl_certfile), ("server.ssl_keyfile", s.ssl_keyfile)):
+            if path is not None and not os.access(os.path.expanduser(path), os.R_OK):
+                self.problem(key, "cannot be read (no such file, or no permission)", path)
         if s.public_url:
             public_url = self.http_url("server.public_url", s.public_url)
         else:
@@ -667,11 +675,16 @@ class _Loader:
             public_url = f"http://{host}:{s.port}"
         return replace(s, public_url=public_url)
 
-    def check_auth(self, a: AuthSettings) -> None:
+    def check_auth(self, a: AuthSettings, server: ServerSettings) -> None:
         for i, key in enumerate(a.api_keys):
             if len(key) < 16 or any(c.isspace() for c in key):
                 self.problem(f"auth.api_keys[{i}]", "must be at least 16 characters without spaces",
                              _Text(f"{len(key)} characters"))
+            elif key == EXAMPLE_API_KEY and not is_loopback_host(server.host):
+                self.problem(f"auth.api_keys[{i}]", f"is the example key published in config.example.toml and the "
+                             f"README, and relay listens on {server.host}: anyone could use it. Set a key of your "
+                             "own (or none: relay then generates one in storage.data_dir/api-key)",
+                             _Text("the example key"))
         if a.signing_secret and len(a.signing_secret) < 32:
             self.problem("auth.signing_secret", "must be at least 32 characters",
                          _Text(f"{len(a.signing_secret)} characters"))
@@ -679,6 +692,9 @@ class _Loader:
     def check_storage(self, s: StorageSettings) -> StorageSettings:
         if not s.data_dir:
             self.problem("storage.data_dir", "must not be empty", s.data_dir)
+        # "~/relay-data" is the home directory's for every file relay keeps (the database's path was expanded
+        # where its secrets and images were not: two folders, neither whole).
+        s = replace(s, data_dir=os.path.expanduser(s.data_dir), images_dir=os.path.expanduser(s.images_dir))
         base = s.data_dir if s.data_dir.endswith("/") else s.data_dir + "/"
         database = s.database or f"sqlite:///{base}relay.db"
         scheme, sep, rest = database.partition("://")
@@ -686,7 +702,7 @@ class _Loader:
             (scheme == "sqlite" and rest.startswith("/") and rest.strip("/") != "")
             or scheme in ("postgresql", "postgres"))
         if not ok:
-            self.problem("storage.database", "must be sqlite:///path or a postgresql:// URL", _mask_url(database))
+            self.problem("storage.database", "must be sqlite:///path or a postgresql:// URL", mask_url(database))
         if s.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
             self.problem("storage.sqlite_synchronous", f"must be one of {', '.join(SQLITE_SYNCHRONOUS)}",
                          s.sqlite_synchronous)

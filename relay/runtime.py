@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from relay.clock import Clock, SystemClock
-from relay.config import Settings
+from relay.config import Settings, is_loopback_host, mask_url
 from relay.costs import task_cost
 from relay.deliveries.handler import DeliverHandler
 from relay.deliveries.service import DeliveryService, build_delivery_service
@@ -129,6 +130,44 @@ class StartupError(Exception):
     """relay cannot start with these settings (a clear message for the operator)."""
 
 
+def check_startup(settings: Settings) -> None:
+    """What relay refuses to start with beyond the settings' own checks (`relay check-config` asks the same)."""
+    check_callback_url(settings)
+    if shared_database(settings) and not settings.auth.signing_secret:
+        # Callback tokens and image links are HMACs under this secret: one generated per machine would
+        # make every replica refuse the others' callback URLs and links.
+        raise StartupError("a shared database (PostgreSQL) needs an explicit auth.signing_secret, the same on every "
+                           "replica (e.g. signing_secret = \"env:RELAY_SIGNING_SECRET\"); relay will not generate "
+                           "one per machine")
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What relay starts with but an operator should hear about (`relay serve` and `relay check-config` say it)."""
+    server, warnings = settings.server, []
+    if settings.network.allow and not is_loopback_host(server.host):
+        warnings.append(f"network.allow exempts {', '.join(settings.network.allow)} from the SSRF guard while relay "
+                        f"listens on {server.host}: any API client can make relay call those addresses (webhooks, "
+                        "archived links, reference images)")
+    if urlsplit(server.public_url).hostname in ("0.0.0.0", "::"):
+        warnings.append(f"server.public_url is {server.public_url} (made from server.host): providers' callbacks "
+                        "and image links point there, and nobody can reach that address; set server.public_url "
+                        "(RELAY_SERVER_PUBLIC_URL) to the address clients and providers reach relay at")
+    return warnings
+
+
+async def opened_store(settings: Settings) -> Store:
+    """open_store, opened (migrated): a database that cannot be reached or opened is a StartupError that says
+    which (its password hidden) and why."""
+    store = open_store(settings)
+    try:
+        await store.open()
+    except Exception as exc:
+        log.debug("opening the store failed", exc_info=True)
+        raise StartupError(f"cannot open the database {mask_url(settings.storage.database)}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    return store
+
+
 def check_callback_url(settings: Settings) -> None:
     """Providers that call back need an HTTPS public_url (they refuse http), unless allowed for local use."""
     users = [name for name, conf in settings.providers.items() if PROVIDER_KINDS[conf.kind].caps.callbacks]
@@ -145,18 +184,17 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
                        transport: httpx.AsyncBaseTransport | None = None) -> AsyncIterator[Runtime]:
     """Open everything; close it all on exit. `transport` replaces the guarded network of the provider clients
     (tests); image downloads and webhooks always go out through the guarded aiohttp sessions."""
-    check_callback_url(settings)
+    check_startup(settings)
     clock = clock or SystemClock()
     data_dir = Path(settings.storage.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if shared_database(settings) and not settings.auth.signing_secret:
-        # Callback tokens and image links are HMACs under this secret: one generated per machine would
-        # make every replica refuse the others' callback URLs and links.
-        raise StartupError("a shared database (PostgreSQL) needs an explicit auth.signing_secret, the same on every "
-                           "replica (e.g. signing_secret = \"env:RELAY_SIGNING_SECRET\"); relay will not generate "
-                           "one per machine")
-    signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
-    api_keys = resolve_api_keys(settings)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        signing_secret = settings.auth.signing_secret or read_or_create_secret(data_dir / "signing-secret", "")
+        api_keys = resolve_api_keys(settings)
+    except OSError as exc:
+        raise StartupError(f"storage.data_dir {data_dir} cannot be used: {exc.strerror or exc} (relay keeps its "
+                           "database, generated secrets and images there: it must be writable by relay's user)") \
+            from exc
     guard = NetGuard(settings.network.allow)
     # The providers' own names are looked up apart from those clients give (webhooks, links): a client's name
     # server that never answers cannot hold up a provider call (relay.netguard).
@@ -175,8 +213,7 @@ async def open_runtime(settings: Settings, *, clock: Clock | None = None,
     # provider (each on a pool of its own, so one provider's connections never queue behind another's).
     http = GuardedSession(guard, tls)
     provider_clients: list[httpx.AsyncClient] = []
-    store = open_store(settings)
-    await store.open()
+    store = await opened_store(settings)
     store.on_task_status(metrics.task_status)
     store.on_task_status(log_task_status)
     store.on_archive_status(metrics.archive_status)

@@ -33,3 +33,19 @@ def test_quoted_csv_provider_lines_json_lines_and_headers_read_as_before() -> No
         (3, "/v1/archives", {"url": "https://cdn.example/a,b.png", "expires_at": "2026-11-29T10:00:00Z"}, None),
         (4, "/v1/archives", {"url": "https://cdn.example/c.png", "metadata": {"k": "v"}}, None),
         (7, "", {}, "expected a URL, `provider,provider_task_id`, or a JSON object")]
+
+
+def test_with_wait_a_line_not_finished_by_the_timeout_is_not_a_success() -> None:
+    """`relay archive --wait` exits 0 only when every line is done: one still archiving when --timeout ran out is
+    exit 1 (it was 0, the summary's "still in progress" aside)."""
+    import io
+
+    from rich.console import Console
+
+    from relay.cli_archive import Item, report
+    done = [Item(line=1, text="https://a/1.png", path="/v1/archives", id="arc_1", status="succeeded")]
+    pending = [*done, Item(line=2, text="https://a/2.png", path="/v1/archives", id="arc_2", status="archiving")]
+    quiet = Console(file=io.StringIO(), width=100)
+    assert report(quiet, done, waited=True) == 0
+    assert report(quiet, pending, waited=True) == 1
+    assert report(quiet, pending, waited=False) == 0      # without --wait, accepted is done

@@ -241,6 +241,7 @@ timeout = -1
         "server.port: must be between 1 and 65535 (got 70000)",
         "server.role: must be one of all, api, worker (got 'everything')",
         "server.ssl_keyfile: ssl_certfile and ssl_keyfile must be set together (got ('cert.pem', None))",
+        "server.ssl_certfile: cannot be read (no such file, or no permission) (got 'cert.pem')",
         "server.public_url: must be an http:// or https:// URL with a host (got 'ftp://relay.example')",
         "auth.api_keys[0]: must be at least 16 characters without spaces (got 5 characters)",
         "auth.signing_secret: must be at least 32 characters (got 9 characters)",
@@ -349,5 +350,39 @@ def test_the_embedded_loopback_exemption_holds_only_while_relay_listens_on_loopb
     # Stated explicitly, by a variable or a file, it holds wherever relay listens.
     assert load_settings(environ={"RELAY_SERVER_HOST": host, "RELAY_NETWORK_ALLOW": "127.0.0.0/8"}).network.allow \
         == ("127.0.0.0/8",)
-    example = load_settings(Path(__file__).parent.parent / "config.example.toml", {"RELAY_SERVER_HOST": host})
+    example = load_settings(Path(__file__).parent.parent / "config.example.toml",
+                            {"RELAY_SERVER_HOST": host, "RELAY_AUTH_API_KEYS": "rk_my_own_key_0123456789"})
     assert example.network.allow == ("127.0.0.0/8", "::1/128", "localhost")
+
+
+def test_the_example_api_key_is_refused_off_the_loopback(tmp_path: Path) -> None:
+    """config.example.toml's key is published (README too): fine on 127.0.0.1, refused where others can reach."""
+    assert load_settings(EXAMPLE, environ={}).auth.api_keys == ("rk_example_0123456789abcdef",)
+    found = problems(EXAMPLE, {"RELAY_SERVER_HOST": "0.0.0.0"})
+    assert len(found) == 1 and found[0].startswith("auth.api_keys[0]: is the example key") and "0.0.0.0" in found[0]
+    assert load_settings(EXAMPLE, environ={"RELAY_SERVER_HOST": "0.0.0.0",
+                                           "RELAY_AUTH_API_KEYS": "rk_my_own_key_0123456789"}).auth.api_keys
+
+
+def test_tls_files_that_cannot_be_read_are_named(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    found = problems(None, {"RELAY_SERVER_SSL_CERTFILE": str(cert), "RELAY_SERVER_SSL_KEYFILE": str(tmp_path / "no")})
+    assert len(found) == 1 and found[0].startswith("server.ssl_keyfile: cannot be read (no such file"), found
+
+
+def test_a_data_dir_under_home_is_one_folder_for_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`~/relay-data`: the database, the generated secrets and the images all under the home directory (the
+    database's path was expanded where the rest was not: two folders, neither whole)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s = load_settings(environ={"RELAY_STORAGE_DATA_DIR": "~/relay-data"})
+    assert s.storage.data_dir == str(tmp_path / "relay-data")
+    assert s.storage.images_dir == str(tmp_path / "relay-data" / "images")
+    assert database_path(s.storage.database) == tmp_path / "relay-data" / "relay.db"
+
+
+def test_a_password_in_the_database_urls_query_is_hidden_too() -> None:
+    s = load_settings(environ={"RELAY_STORAGE_DATABASE": "postgresql://relay@db/relay?sslmode=require&password=hunter2",
+                               "RELAY_AUTH_SIGNING_SECRET": "s" * 32})
+    shown = s.redacted()["storage"]["database"]
+    assert "hunter2" not in shown and "password=***" in shown and "sslmode=require" in shown

@@ -228,3 +228,25 @@ def test_submit_wait_prints_one_json_document_on_stdout_and_the_progress_on_stde
     task = json.loads(done.stdout)
     assert task["status"] == "succeeded" and task["images"][0]["sha256"]
     assert task["id"] in done.stderr
+
+
+def test_until_done_with_no_tasks_ends_at_once(relay: Relay) -> None:
+    """Nothing listed, nothing to wait for: `relay tasks --until-done` ends (it waited for ever)."""
+    done = cli(relay, "tasks", "--until-done")
+    assert done.returncode == 0, done.stderr
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly(relay: Relay) -> None:
+    """`relay tasks --json | head -0`: the reader is gone before relay writes; no BrokenPipeError traceback."""
+    argv = [sys.executable, "-m", "relay", "tasks", "--json", "--url", relay.url, "--api-key", API_KEY]
+    proc = subprocess.Popen(argv, env=clean_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=CLI_TIMEOUT)
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert "Traceback" not in err and code == 1, (code, err)
