@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.errors import ArchiveError
 from relay.web.waiting import TaskWaiter
 from tests.harness import harness
@@ -71,3 +73,30 @@ async def test_a_body_sent_slowly_holds_no_place_in_the_waiting_room(tmp_path: P
         assert quick.status_code == 200, quick.text
         finish.set()
         assert (await asyncio.wait_for(slow, 30)).status_code == 200
+
+
+async def test_the_streamed_answer_is_one_json_document_with_every_images_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several images, base64 made a piece at a time from files read in many pieces (of sizes that are not whole
+    base64 groups): the answer parses as one JSON document, each b64_json decodes to its archived file's bytes,
+    and the other fields follow the data."""
+    import base64
+    import json
+
+    from relay.images import store as image_store
+    monkeypatch.setattr(image_store, "CHUNK", 1000)       # 1000 = 3 × 333 + 1: every piece leaves a byte over
+    async with harness(tmp_path) as h:
+        answer = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "p", "n": 3, "quality": "low"})
+        assert answer.status_code == 200, answer.text
+        body = json.loads(answer.content)
+        assert list(body) == ["created", "data", "output_format", "quality", "size"], list(body)
+        task = await h.task(answer.headers["x-relay-task-id"])
+        assert len(body["data"]) == len(task["images"]) == 3
+        for item, image in zip(body["data"], sorted(task["images"], key=lambda i: i["index"])):
+            assert list(item) == ["url", "b64_json"] and image["id"] in item["url"]
+            stored = (await h.api.get(f"/v1/images/{image['id']}")).content
+            assert len(stored) > 10 * 1000
+            assert base64.b64decode(item["b64_json"], validate=True) == stored
+        only = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "q", "response_format": "b64_json"})
+        [item] = json.loads(only.content)["data"]
+        assert list(item) == ["b64_json"]

@@ -21,16 +21,17 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from relay import jsontext
 from relay.errors import ApiError, ArchiveError, InvalidImage, NotFound, PayloadTooLarge, Unauthorized
-from relay.images.store import ImageStore, image_key
+from relay.images.store import ImageStore, StoredImage, image_key
 from relay.images.verify import ainspect_image, sniff_image
 from relay.models import Task, TaskStatus
 from relay.multipart import Part
@@ -256,8 +257,7 @@ async def run_task(request: Request, body: dict[str, Any], response_format: str 
         try:
             task = await waiter.wait(request, task.id, runtime.settings.openai_compat.wait_seconds)
             if task.status == TaskStatus.SUCCEEDED:
-                return json_response(await images_response(request, task, response_format),
-                                     headers=task_headers(task.id))
+                return await images_response(request, task, response_format)
         except (OpenAIError, ApiError):
             raise
         except ArchiveError as exc:
@@ -290,24 +290,51 @@ def task_error(task: Task, waited: float) -> OpenAIError:
                             f"poll {poll} for its images", type="server_error", code="timeout", task_id=task.id)
 
 
-async def images_response(request: Request, task: Task, response_format: str | None) -> dict[str, Any]:
+async def images_response(request: Request, task: Task, response_format: str | None) -> Response:
     """OpenAI's ImagesResponse: each image as relay's signed link and/or its archived bytes in base64.
 
     Without response_format both are given: code written for gpt-image reads b64_json (OpenAI's default for
-    it), code written for URLs reads url."""
+    it), code written for URLs reads url. The body is streamed: each image's base64 is made from its file a
+    piece at a time (ten images of several MB each, held whole, raw and encoded, at every request waiting at
+    once, was gigabytes). Every file is opened before the answer starts, so a missing one or a store that cannot
+    be read is still an error answer."""
     make_url = image_url_maker(request)
     store = runtime_of(request).ctx.image_store
-    data = []
     images = sorted(task.images, key=lambda image: image.index)
-    for image in images:
-        item: dict[str, Any] = {}
-        if response_format in (None, "url"):
-            item["url"] = make_url(image.id)
-        if response_format in (None, "b64_json"):
-            item["b64_json"] = base64.b64encode(await read_image(store, image.path)).decode("ascii")
-        data.append(item)
+    items: list[tuple[dict[str, Any], StoredImage | None]] = []
+    try:
+        for image in images:
+            item: dict[str, Any] = {}
+            if response_format in (None, "url"):
+                item["url"] = make_url(image.id)
+            body = await open_image(store, image.path) if response_format in (None, "b64_json") else None
+            items.append((item, body))
+    except BaseException:
+        for _, opened in items:
+            if opened is not None:
+                await opened.aclose()
+        raise
+    rest = _response_fields(task, images)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b'{"created":' + str(int(task.created_at)).encode() + b',"data":['
+        for n, (item, body) in enumerate(items):
+            head = jsontext.http_body(item)[:-1]        # the object without its closing brace
+            yield (b"," if n else b"") + head
+            if body is not None:
+                yield (b"," if item else b"") + b'"b64_json":"'
+                async for encoded in _base64_pieces(body):
+                    yield encoded
+                yield b'"'
+            yield b"}"
+        yield b"]" + (b"," + jsontext.http_body(rest)[1:] if rest else b"}")
+    return StreamingResponse(pieces(), media_type="application/json", headers=task_headers(task.id))
+
+
+def _response_fields(task: Task, images: list[Any]) -> dict[str, Any]:
+    """What an ImagesResponse says beside its data: background, output_format, quality, size, usage."""
     request_ = task.request
-    out: dict[str, Any] = {"created": int(task.created_at), "data": data}
+    out: dict[str, Any] = {}
     if request_.get("background") in ("transparent", "opaque"):
         out["background"] = request_["background"]
     fmt = FORMAT_OF.get(images[0].content_type or "") if images else None
@@ -328,12 +355,28 @@ async def images_response(request: Request, task: Task, response_format: str | N
     return out
 
 
-async def read_image(store: ImageStore, path: str | None) -> bytes:
+async def open_image(store: ImageStore, path: str | None) -> StoredImage:
     body = await store.open(path) if path is not None else None
     if body is None:
         raise OpenAIError(500, "an archived image is missing from the image store", type="server_error",
                           code="image_missing")
-    return b"".join([chunk async for chunk in body.chunks])
+    return body
+
+
+async def _base64_pieces(body: StoredImage) -> AsyncIterator[bytes]:
+    """The image's bytes as base64, a chunk at a time (whole groups of three bytes; the rest waits)."""
+    left = b""
+    try:
+        async for chunk in body.chunks:
+            data = left + chunk
+            cut = len(data) - len(data) % 3
+            left = data[cut:]
+            if cut:
+                yield base64.b64encode(data[:cut])
+        if left:
+            yield base64.b64encode(left)
+    finally:
+        await body.aclose()
 
 
 # ---- uploaded edit images -------------------------------------------------------------------------------------
