@@ -68,7 +68,9 @@ class JobContext:
     def next_poll_delay(self, polls: int) -> float:
         """Backoff with jitter up to the cap, after `polls` polls without completion."""
         p = self.settings.polling
-        delay = min(p.max_delay, p.initial_delay * (p.backoff ** polls))
+        # The exponent held where any backoff has long passed any cap: 1.6 ** 1510 overflows a float, which a
+        # task polled for 12 h at 30 s reached.
+        delay = min(p.max_delay, p.initial_delay * (p.backoff ** min(polls, 64)))
         return delay * random.uniform(1 - p.jitter, 1 + p.jitter)
 
     def unavailable_delay(self, failures: int, exc: ProviderUnavailable) -> float:

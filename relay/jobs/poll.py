@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from relay import metrics
 from relay.errors import ProviderRejected, ProviderUnavailable
@@ -48,9 +49,9 @@ class PollHandler:
         if not task.provider_task_id:
             return None     # not submitted yet: the submit job schedules the first poll
         now = ctx.clock.now()
-        if task.deadline_at is not None and now >= task.deadline_at:
-            await ctx.store.apply(task.id, _fail_while_watching(*self._past_deadline(job, now)), now)
-            return None
+        # At the deadline the provider is asked once more: a task it finished since the last poll (up to
+        # polling.max_delay ago) is archived, not failed as a timeout.
+        past_deadline = task.deadline_at is not None and now >= task.deadline_at
         provider = ctx.provider(task.provider)
         await ctx.throttle(task.provider)
         try:
@@ -60,12 +61,21 @@ class PollHandler:
             return None
         except ProviderUnavailable as exc:
             metrics.labeled(metrics.PROVIDER_UNANSWERED, task.provider, "poll", exc.code).inc()
+            if past_deadline:
+                failed = {"last_error": f"{exc.code}: {exc}"[:500],
+                          "failing_since": float(job.payload.get("failing_since", now))}
+                await ctx.store.apply(task.id, _fail_while_watching(
+                    *self._past_deadline(replace(job, payload={**job.payload, **failed}), now)), now)
+                return None
             if task.deadline_at is None:    # a row from before deadlines: the worker's attempts bound it
                 raise
             return self._again_later(job, task, exc)
         await ctx.store.apply(task.id, lambda t: on_update(t, update), ctx.clock.now(),
                               default_expiry=provider.caps.default_expiry, seen=task)
         if update.status in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
+            return None
+        if past_deadline:
+            await ctx.store.apply(task.id, _fail_while_watching(*self._past_deadline(job, now)), now)
             return None
         polls = int(job.payload.get("polls", 0)) + 1
         delay = ctx.next_poll_delay(polls)

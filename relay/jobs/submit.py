@@ -22,6 +22,7 @@ whose outcome is unknown.
 from __future__ import annotations
 
 import logging
+import random
 
 from relay import metrics, routing
 from relay.clock import rfc3339
@@ -41,7 +42,8 @@ from relay.states import Transition, on_failure, on_submitted
 
 log = logging.getLogger("relay.jobs.submit")
 
-IN_FLIGHT_RECHECK_SECONDS = 1.0
+IN_FLIGHT_RECHECK_SECONDS = 1.0     # the first look again at a provider that had no room, doubling …
+IN_FLIGHT_RECHECK_MAX = 8.0         # … up to this
 UNKNOWN_MESSAGE = ("the submit request reached the provider but no answer came back (timeout or crash); "
                    "it was not resent, to avoid a second charge")
 
@@ -58,6 +60,23 @@ class SubmitHandler:
         provider = ctx.provider(task.provider)
         if task.submit_started_at is not None and not provider.caps.idempotent_submit:
             return await self._outcome_unknown(task, provider, task.submit_started_at)
+        limit = ctx.settings.providers[task.provider].max_in_flight
+        if task.submit_started_at is None:
+            # Never sent: one that waited past its deadline (a backlog behind max_in_flight, an outage) ends here
+            # rather than being sent, billed, and failed at its first poll.
+            if task.deadline_at is not None and ctx.clock.now() >= task.deadline_at:
+                last_error = job.payload.get("last_error")
+                if last_error:      # the provider did not accept it, time after time (_again_later)
+                    await self._fail(task.id, "provider_unavailable",
+                                     f"could not submit to the provider before the task's deadline: {last_error}")
+                else:
+                    await self._fail(task.id, "timeout", "the task's deadline passed while its provider had no "
+                                     "room for it (max_in_flight); it was not sent")
+                return None
+            # A look before anything costs: a backlog's re-checks download no reference image and spend none of
+            # the provider's rate (every waiting task once a second did, starving the polls of running ones).
+            if not await ctx.store.provider_has_room(task.id, task.provider, limit):
+                return self._wait_for_room(job, task)
         request = GenerationRequest.from_dict(task.request)
         try:
             # Before the mark, like the throttle: a dead image host has then certainly sent nothing anywhere.
@@ -79,13 +98,10 @@ class SubmitHandler:
             return await self._fail_over(task, following, "skipped",
                                          f"{task.provider}'s circuit is open after repeated failures")
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
-        limit = ctx.settings.providers[task.provider].max_in_flight
         reservation = await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now(),
                                                      seen=task.submit_started_at)
         if reservation == "full":
-            # The provider already holds all the work we allow it: keep the backlog here, in order,
-            # instead of a wall of 429s there, and look again shortly.
-            return Again(IN_FLIGHT_RECHECK_SECONDS)
+            return self._wait_for_room(job, task)
         if reservation == "taken":
             # The task is no longer as this run read it: another run of this job (one of the two stalled past its
             # lease) marked or made the submit, or the provider's task arrived, or the task ended. Sending now
@@ -137,6 +153,15 @@ class SubmitHandler:
             # Nothing changed (the task moved on meanwhile): still make sure it is watched.
             await ctx.store.enqueue(jobs)
         return None
+
+    def _wait_for_room(self, job: Job, task: Task) -> Again:
+        """The provider already holds all the work we allow it: keep the backlog here instead of a wall of 429s
+        there, and look again after IN_FLIGHT_RECHECK_SECONDS, doubling with each look up to
+        IN_FLIGHT_RECHECK_MAX (a long backlog looks less often), never past the task's deadline."""
+        looks = int(job.payload.get("full", 0)) + 1
+        delay = min(IN_FLIGHT_RECHECK_MAX, IN_FLIGHT_RECHECK_SECONDS * 2 ** min(looks - 1, 16))
+        delay = self.ctx.before_deadline(task, delay * random.uniform(0.8, 1.2))
+        return Again(delay, payload={**job.payload, "full": looks})
 
     async def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable, delay: float) -> Again | None:
         """The provider is unavailable (429, 5xx, no connection, junk): submit again after `delay` (_delay: backoff

@@ -216,6 +216,12 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
         """The provider certainly did not accept the submit (refused, 429, 5xx): a resend is safe."""
         await self._write(q.CLEAR_SUBMIT_STARTED, (task_id,))
 
+    async def provider_has_room(self, task_id: str, provider: str, max_in_flight: int) -> bool:
+        """Whether `provider` holds fewer than `max_in_flight` tasks in flight now, not counting this one: a look,
+        without the lock; reserve_submit decides."""
+        row = await self._read(q.COUNT_IN_FLIGHT, (provider, provider, task_id))
+        return row is not None and int(row["n"]) < max_in_flight
+
     async def reserve_submit(self, task_id: str, provider: str, max_in_flight: int, now: float,
                              seen: float | None = None) -> Reservation:
         """Atomically: if `provider` has fewer than `max_in_flight` tasks in flight (being submitted, queued or

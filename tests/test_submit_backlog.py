@@ -1,0 +1,93 @@
+"""A backlog behind a provider's max_in_flight: the waiting submits look at the provider's room before anything
+that costs (no reference image downloaded, none of the provider's rate spent), look less often the longer they
+wait, and one whose deadline passes while waiting ends as a timeout without being sent (it was sent, billed, and
+failed at its first poll)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from relay.clock import ManualClock
+from relay.jobs.poll import PollHandler
+from relay.jobs.submit import IN_FLIGHT_RECHECK_MAX, SubmitHandler
+from relay.models import Job
+from tests.harness import harness
+
+
+async def test_a_backlog_waits_for_room_cheaply_and_never_sends_past_its_deadline(tmp_path: Path) -> None:
+    clock = ManualClock()
+    async with harness(tmp_path, run_worker=False, clock=clock, RELAY_PROVIDERS_GMICLOUD_MAX_IN_FLIGHT="1",
+                       RELAY_POLLING_TASK_TIMEOUT="600") as h:
+        ctx, store = h.runtime.ctx, h.runtime.store
+        holding = await h.create(provider="gmicloud", prompt="holds the only place")
+        waiting = await h.create(provider="gmicloud", prompt="waits", images=["http://127.0.0.1:9/ref.png"])
+        assert await store.mark_submit_started(holding["id"], clock.now())     # in flight at the provider
+        provider = ctx.providers["gmicloud"]
+        costly: list[str] = []
+        real_fetch_inputs, real_throttle = provider.fetch_inputs, ctx.throttle
+
+        async def fetch_inputs(*args: Any, **kwargs: Any) -> Any:
+            costly.append("download")
+            return await real_fetch_inputs(*args, **kwargs)
+
+        async def throttle(name: str) -> None:
+            costly.append("rate")
+            await real_throttle(name)
+        provider.fetch_inputs = fetch_inputs  # type: ignore[method-assign]
+        ctx.throttle = throttle  # type: ignore[method-assign]
+
+        handler = SubmitHandler(ctx)
+        job = Job(id="job_w", kind="submit", task_id=waiting["id"], run_at=clock.now())
+        delays = []
+        for _ in range(6):
+            again = await handler.run(job)
+            assert again is not None
+            delays.append(again.after)
+            job = Job(id="job_w", kind="submit", task_id=waiting["id"], run_at=clock.now(), payload=again.payload)
+        assert costly == [], "a look at a full provider downloaded or spent its rate"
+        assert delays[0] < delays[2] < delays[4] and max(delays) <= IN_FLIGHT_RECHECK_MAX * 1.2, delays
+        assert (await h.task(waiting["id"]))["status"] == "pending"
+
+        clock.advance(601)       # the deadline passes while the provider is still full
+        sent: list[str] = []
+        real_submit = provider.submit
+
+        async def submit(*args: Any, **kwargs: Any) -> Any:
+            sent.append("submit")
+            return await real_submit(*args, **kwargs)
+        provider.submit = submit  # type: ignore[method-assign]
+        await store.clear_submit_started(holding["id"])          # room again, too late for the waiting one
+        assert await handler.run(job) is None
+        failed = await h.task(waiting["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "timeout", failed
+        assert "not sent" in failed["error"]["message"] and sent == [] and costly == []
+
+
+async def test_the_poll_at_the_deadline_asks_the_provider_once_more(tmp_path: Path) -> None:
+    """The provider finished between the last poll and the deadline: the poll run at the deadline fetches once
+    more and the task is archived, not failed as a timeout."""
+    clock = ManualClock()
+    async with harness(tmp_path, run_worker=False, clock=clock, RELAY_POLLING_TASK_TIMEOUT="60") as h:
+        ctx = h.runtime.ctx
+        task = await h.create(provider="pixazo", prompt="[sim:duration=0.05] done just before the deadline")
+        await SubmitHandler(ctx).run(Job(id="job_s", kind="submit", task_id=task["id"], run_at=clock.now()))
+        submitted = await h.task(task["id"])
+        assert submitted["provider_task_id"], submitted
+
+        async def finished() -> bool:
+            served = await h.sim.get(f"/_sim/tasks/pixazo/{submitted['provider_task_id']}")
+            return bool(served.json().get("images"))
+        from tests.harness import wait_for
+        await wait_for(finished, 10, "the simulator to finish the task")
+        clock.advance(61)
+        await PollHandler(ctx).run(Job(id="job_p", kind="poll", task_id=task["id"], run_at=clock.now()))
+        assert (await h.task(task["id"]))["status"] == "archiving"
+
+
+def test_the_poll_backoff_stays_finite_however_long_a_task_is_polled(tmp_path: Path) -> None:
+    from relay.jobs.context import JobContext
+    from tests.harness import settings_for
+    ctx = JobContext(settings=settings_for(tmp_path), store=None, clock=ManualClock(), providers={},  # type: ignore[arg-type]
+                     image_store=None, http=None, signer=None, limiters={})  # type: ignore[arg-type]
+    assert ctx.next_poll_delay(5000) <= ctx.settings.polling.max_delay * (1 + ctx.settings.polling.jitter)
