@@ -103,7 +103,7 @@ async def _serve(settings: Settings, log_level: str, sockets: list[socket.socket
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.runtime import StartupError, startup_warnings
+    from relay.runtime import DatabaseUnreachable, StartupError, startup_warnings
 
     settings = _settings(args, server_host=args.host, server_port=args.port, server_role=args.role)
     _logging(args.log_level, args.log_format)
@@ -113,6 +113,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_processes(settings, args.processes, args.log_level)
     try:
         run_async(_serve(settings, args.log_level))
+    except DatabaseUnreachable as exc:
+        print(f"relay: cannot start yet: {exc}", file=sys.stderr)
+        return 1        # worth starting again later (a service manager does): the settings are not at fault
     except StartupError as exc:
         print(f"relay: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -123,7 +126,7 @@ def _serve_processes(settings: Settings, count: int, log_level: str) -> int:
     """`relay serve --processes N`: N relays on one socket and one PostgreSQL database (relay.processes)."""
     from relay import metrics
     from relay.processes import EXIT_CANNOT_START, Supervisor, bind_socket
-    from relay.runtime import StartupError, api_key_file, resolve_api_keys, shared_database
+    from relay.runtime import DatabaseUnreachable, StartupError, api_key_file, resolve_api_keys, shared_database
 
     if count < 1:
         print(f"relay: --processes must be at least 1 (got {count})", file=sys.stderr)
@@ -155,6 +158,9 @@ def _serve_processes(settings: Settings, count: int, log_level: str) -> int:
     def child(parent_pid: int) -> int:
         try:
             run_async(_serve(settings, log_level, sockets=[sock], parent_pid=parent_pid))
+        except DatabaseUnreachable as exc:
+            print(f"relay: cannot start yet: {exc}", file=sys.stderr)
+            return 1        # started again, after a growing delay (relay.processes), as after any crash
         except StartupError as exc:
             print(f"relay: cannot start: {exc}", file=sys.stderr)
             return EXIT_CANNOT_START

@@ -130,6 +130,10 @@ class StartupError(Exception):
     """relay cannot start with these settings (a clear message for the operator)."""
 
 
+class DatabaseUnreachable(StartupError):
+    """relay cannot start now: its database cannot be reached (it may be later; a supervisor starts it again)."""
+
+
 def check_startup(settings: Settings) -> None:
     """What relay refuses to start with beyond the settings' own checks (`relay check-config` asks the same)."""
     check_callback_url(settings)
@@ -156,15 +160,17 @@ def startup_warnings(settings: Settings) -> list[str]:
 
 
 async def opened_store(settings: Settings) -> Store:
-    """open_store, opened (migrated): a database that cannot be reached or opened is a StartupError that says
-    which (its password hidden) and why."""
+    """open_store, opened (migrated): a database that cannot be opened is a StartupError that says which (its
+    password hidden) and why; DatabaseUnreachable when it cannot be reached now (down, starting, failing over)."""
     store = open_store(settings)
     try:
         await store.open()
     except Exception as exc:
         log.debug("opening the store failed", exc_info=True)
-        raise StartupError(f"cannot open the database {mask_url(settings.storage.database)}: "
-                           f"{type(exc).__name__}: {exc}") from exc
+        unreachable = isinstance(exc, store.UNREACHABLE)
+        error = DatabaseUnreachable if unreachable else StartupError
+        raise error(f"cannot {'reach' if unreachable else 'open'} the database "
+                    f"{mask_url(settings.storage.database)}: {type(exc).__name__}: {exc}") from exc
     return store
 
 

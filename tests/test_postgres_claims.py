@@ -525,7 +525,7 @@ async def test_a_lock_after_a_held_write_goes_after_it(store: PostgresStore) -> 
                            ("row", lambda tx: tx.lock(q.LOCK_TASK_ROW, "tsk_unknown"))):
             conn = _CountingConnection(raw)
             tx = PostgresTx(conn, store._sql)    # noqa: SLF001
-            await tx.write(q.START_IMAGE_DELETION, (f"held:{name}", "", time.time()))
+            await tx.write(q.START_IMAGE_DELETION, (f"held:{name}", "", time.time(), "", 0.0))
             await take(tx)
             assert conn.sent[:2] == ["BEGIN", to_postgres(q.START_IMAGE_DELETION)], (name, conn.sent)
             assert len(conn.sent) == 3 and "$1" in conn.sent[2], (name, conn.sent)

@@ -171,7 +171,7 @@ def _ok(description: str, schema: dict[str, Any], links: dict[str, Any] | None =
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {401: "Missing or invalid API key", 404: "Not found", 413: "Payload too large",
+    text = {401: "Missing or invalid API key", 404: "Not found", 409: "Conflict", 413: "Payload too large",
             415: "The body is not sent as JSON (Content-Type; none is taken as JSON)",
             422: "Invalid request (field named)", 500: "Internal error"}
     return {str(c): _ok(text[c], _ref("Error")) for c in codes}
@@ -291,11 +291,11 @@ def openapi_paths() -> dict[str, Any]:
                                      **_errors(401, 404, 500)}}},
         "/v1/subscriptions/{subscription_id}/rotate-secret": {"post": {
             "operationId": "rotateSubscriptionSecret",
-            "summary": "New secret; the old one keeps signing beside it for 24 h", "security": secured,
-            "parameters": path_id,
+            "summary": "New secret; the old one keeps signing beside it for 24 h (409 while ten already sign)",
+            "security": secured, "parameters": path_id,
             "responses": {"200": _ok("Subscription with its new secret", _ref("Subscription"),
                                      only("GetSubscription", "Replay")),
-                          **_errors(401, 404, 500)}}},
+                          **_errors(401, 404, 409, 500)}}},
         "/v1/subscriptions/{subscription_id}/replay": {"post": {
             "operationId": "replaySubscription",
             "summary": "Send again the deliveries created in a time window with a status", "security": secured,

@@ -304,3 +304,29 @@ def test_processes_refuse_sqlite_and_a_missing_signing_secret(tmp_path: Path) ->
     no_secret = serve(RELAY_STORAGE_DATABASE="postgresql://postgres@127.0.0.1:5432/relay_never_created")
     assert no_secret.returncode == 2, no_secret.stderr
     assert "explicit auth.signing_secret" in no_secret.stderr
+
+
+def test_processes_wait_out_an_unreachable_database_and_stop_on_a_wrong_one(tmp_path: Path) -> None:
+    """A database that cannot be reached at start (down, still starting, failing over) is a crash the supervisor
+    starts again after a growing delay: `relay serve --processes 2` stays up (it stopped everything, exit 2). One
+    that can never work (no such database) stops them all with exit 2, saying why."""
+    environ = clean_environ(RELAY_STORAGE_DATA_DIR=str(tmp_path / "data"), RELAY_AUTH_API_KEYS=API_KEY,
+                            RELAY_SERVER_PORT=str(free_port()), RELAY_AUTH_SIGNING_SECRET="s" * 40,
+                            RELAY_STORAGE_DATABASE="postgresql://postgres@127.0.0.1:1/relay")
+    log = tmp_path / "supervisor.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--processes", "2"], env=environ,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: log.read_text().count("cannot start yet: cannot reach the database") >= 3, 30,
+                     "the processes to fail to reach the database and be started again")
+            assert proc.poll() is None, log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    wrong = subprocess.run([sys.executable, "-m", "relay", "serve", "--processes", "2"],
+                           env={**environ, "RELAY_STORAGE_DATABASE": "postgresql://postgres@127.0.0.1:5432/"
+                                                                     "relay_never_created"},
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert wrong.returncode == 2, wrong.stderr
+    assert "cannot start: cannot open the database" in wrong.stderr and "relay_never_created" in wrong.stderr
