@@ -214,3 +214,47 @@ async def test_the_shared_slot_goes_back_with_the_record_or_alone_when_the_recor
     finally:
         await service.close()
         await store.close()
+
+
+async def test_without_shared_lanes_the_lane_is_free_while_the_attempt_is_recorded(tmp_path: Path) -> None:
+    """One process (SQLite): the subscriber's lane is given back as soon as the answer is in, not after the record
+    (which waits for the store's one writer): the next delivery to it goes out meanwhile."""
+    import asyncio
+    answers = iter([["93.184.216.34"]])
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return next(answers, ["10.0.0.5"])
+
+    settings = load_settings(None, {"RELAY_NETWORK_ALLOW": "", "RELAY_STORAGE_DATA_DIR": str(tmp_path),
+                                    "RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": "1"})
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    clock = ManualClock()
+    service = DeliveryService(settings, store, clock, guard=NetGuard((), resolver=resolver), signer=Signer("s" * 40),
+                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43)
+    real_record = store.record_attempt
+    recording, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_record(*args: object, **kwargs: object) -> object:
+        recording.set()
+        await go_on.wait()
+        return await real_record(*args, **kwargs)  # type: ignore[arg-type]
+    try:
+        from relay.validation import parse_subscription_input
+        sub, _ = await service.create_subscription(
+            parse_subscription_input({"url": "http://hooks.example/h"}, partial=False))
+        now = clock.now()
+        task = Task(id=ids.new_id("tsk", now), provider="evolink", request={"prompt": "p"}, created_at=now,
+                    updated_at=now)
+        await store.create_task(task, [])
+        await store.apply(task.id, lambda t: Transition(TaskStatus.QUEUED, "task.queued"), now)
+        [job] = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
+        store.record_attempt = slow_record  # type: ignore[method-assign]
+        running = asyncio.create_task(DeliverHandler(service).run(job))
+        await asyncio.wait_for(recording.wait(), 10)
+        assert service.lanes.in_flight(sub.id) == 0, "the lane was held through the record"
+        go_on.set()
+        assert await asyncio.wait_for(running, 10) is None
+    finally:
+        await service.close()
+        await store.close()

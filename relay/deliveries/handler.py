@@ -94,11 +94,21 @@ class DeliverHandler:
                 await self._hand_off(lane, await svc.lanes.release(lane, None, refill=False))
                 parked = int(job.payload.get("parked", 0))
                 return Again(park_delay(parked), payload={"delivery_id": delivery_id, "parked": parked + 1})
+        latency = None
+        if shared_slot is None:
+            # This process's lane alone: given back as soon as the answer is in, before the record (which waits
+            # for the store's writer), so the next delivery to the subscriber goes out meanwhile.
+            try:
+                sent = await svc.send(url, delivery.event_id, svc.body(target, now), keys, now)
+                latency = sent.latency_ms
+            finally:
+                wake = await svc.lanes.release(lane, latency)
+            await self._hand_off(lane, wake)
+            return await self._record(delivery_id, target.delivery, url, now, sent, None)
         # The store's slot is given back with the attempt's record (one statement on PostgreSQL), or on its own if
         # the send or the record fails; this process's lane after it: a delivery handed the lane must find the
         # store's slot free too.
-        held = None if shared_slot is None else LaneSlot(lane, shared_slot, delivery_id)
-        latency = None
+        held: LaneSlot | None = LaneSlot(lane, shared_slot, delivery_id)
         try:
             sent = await svc.send(url, delivery.event_id, svc.body(target, now), keys, now)
             latency = sent.latency_ms
