@@ -100,3 +100,43 @@ async def test_the_streamed_answer_is_one_json_document_with_every_images_bytes(
         only = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "q", "response_format": "b64_json"})
         [item] = json.loads(only.content)["data"]
         assert list(item) == ["b64_json"]
+
+
+async def test_an_answer_cut_short_lets_go_of_every_image_it_opened(tmp_path: Path) -> None:
+    """The second image's read fails mid-answer: the answer ends short, and every image found for it, the ones
+    not read yet too, is let go of (a bucket's open stream each)."""
+    from collections.abc import AsyncGenerator
+
+    from relay.images.store import StoredImage
+    closed: list[int] = []
+
+    class Tracked(StoredImage):
+        async def aclose(self) -> None:
+            closed.append(self.size)
+            await super().aclose()
+
+    async def chunks(n: int) -> AsyncGenerator[bytes, None]:
+        yield b"\x89PNG" + bytes(100)
+        if n == 1:
+            raise OSError("the disk went away")
+
+    async with harness(tmp_path) as h:
+        answer = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "p", "n": 3,
+                                                  "response_format": "b64_json"})
+        assert answer.status_code == 200
+        opened = iter(range(3))
+
+        async def tracked_open(key: str) -> Any:
+            n = next(opened)
+            return Tracked(size=n, chunks=chunks(n))
+        h.runtime.ctx.image_store.open = tracked_open  # type: ignore[method-assign]
+        try:
+            cut = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "q", "n": 3,
+                                                   "response_format": "b64_json"})
+        except OSError:
+            pass            # the in-process transport hands the server's error on
+        else:
+            assert cut.status_code == 200
+            with pytest.raises(ValueError):
+                cut.json()
+        assert sorted(set(closed)) == [0, 1, 2], closed

@@ -296,8 +296,9 @@ async def images_response(request: Request, task: Task, response_format: str | N
     Without response_format both are given: code written for gpt-image reads b64_json (OpenAI's default for
     it), code written for URLs reads url. The body is streamed: each image's base64 is made from its file a
     piece at a time (ten images of several MB each, held whole, raw and encoded, at every request waiting at
-    once, was gigabytes). Every file is opened before the answer starts, so a missing one or a store that cannot
-    be read is still an error answer."""
+    once, was gigabytes). Every image is found in the store before the answer starts, so a missing one or a
+    store that cannot be asked is still an error answer; a read that fails later (a disk error, a bucket's
+    stream cut) ends the answer short, like any cut connection."""
     make_url = image_url_maker(request)
     store = runtime_of(request).ctx.image_store
     images = sorted(task.images, key=lambda image: image.index)
@@ -317,17 +318,23 @@ async def images_response(request: Request, task: Task, response_format: str | N
     rest = _response_fields(task, images)
 
     async def pieces() -> AsyncIterator[bytes]:
-        yield b'{"created":' + str(int(task.created_at)).encode() + b',"data":['
-        for n, (item, body) in enumerate(items):
-            head = jsontext.http_body(item)[:-1]        # the object without its closing brace
-            yield (b"," if n else b"") + head
-            if body is not None:
-                yield (b"," if item else b"") + b'"b64_json":"'
-                async for encoded in _base64_pieces(body):
-                    yield encoded
-                yield b'"'
-            yield b"}"
-        yield b"]" + (b"," + jsontext.http_body(rest)[1:] if rest else b"}")
+        try:
+            yield b'{"created":' + str(int(task.created_at)).encode() + b',"data":['
+            for n, (item, body) in enumerate(items):
+                head = jsontext.http_body(item)[:-1]        # the object without its closing brace
+                yield (b"," if n else b"") + head
+                if body is not None:
+                    yield (b"," if item else b"") + b'"b64_json":"'
+                    async for encoded in _base64_pieces(body):
+                        yield encoded
+                    yield b'"'
+                yield b"}"
+            yield b"]" + (b"," + jsontext.http_body(rest)[1:] if rest else b"}")
+        finally:
+            # A client gone, or a read that failed: the images not read yet let go of (a bucket's open streams).
+            for _, body in items:
+                if body is not None:
+                    await body.aclose()
     return StreamingResponse(pieces(), media_type="application/json", headers=task_headers(task.id))
 
 
