@@ -83,20 +83,20 @@ class RelayClient(httpx.Client):
 
 def connect(settings: Settings, *, url: str | None, key: str | None) -> RelayClient:
     """A client for relay at `url` (default: the configured host and port, over HTTPS when relay serves TLS) with
-    the API key found by `api_key`. TLS certificates are checked, always: against the system's authorities, and
-    for relay's own address also against its server.ssl_certfile (a `relay dev-cert` certificate is its own)."""
+    the API key found by `api_key`. TLS certificates are checked, always: against the system's authorities and,
+    when set, the configured server.ssl_certfile (a `relay dev-cert` certificate is its own authority)."""
+    server = settings.server
     verify: ssl.SSLContext | bool = True
+    if server.ssl_certfile:     # relay's own certificate (a dev-cert one is its own authority), whatever the URL
+        verify = ssl.create_default_context()
+        try:
+            verify.load_verify_locations(cafile=server.ssl_certfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"server.ssl_certfile {server.ssl_certfile!r} cannot be read: {exc}") from None
     if url is None:
-        server = settings.server
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
         host = f"[{host}]" if ":" in host else host
         base = f"{'https' if server.ssl_certfile else 'http'}://{host}:{server.port}"
-        if server.ssl_certfile:
-            verify = ssl.create_default_context()
-            try:
-                verify.load_verify_locations(cafile=server.ssl_certfile)
-            except (OSError, ssl.SSLError) as exc:
-                raise CliError(f"server.ssl_certfile {server.ssl_certfile!r} cannot be read: {exc}") from None
     else:
         base = url
     try:

@@ -665,9 +665,9 @@ class _Loader:
         if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
             self.problem("server.ssl_keyfile", "ssl_certfile and ssl_keyfile must be set together",
                          (s.ssl_certfile, s.ssl_keyfile))
-        for key, path in (("server.ssl_certfile", s.ssl_certfile), ("server.ssl_keyfile", s.ssl_keyfile)):
-            if path is not None and not os.access(os.path.expanduser(path), os.R_OK):
-                self.problem(key, "cannot be read (no such file, or no permission)", path)
+        # "~/tls/cert.pem" for every reader (uvicorn, the CLI's own check of relay's certificate).
+        s = replace(s, ssl_certfile=s.ssl_certfile and os.path.expanduser(s.ssl_certfile),
+                    ssl_keyfile=s.ssl_keyfile and os.path.expanduser(s.ssl_keyfile))
         if s.public_url:
             public_url = self.http_url("server.public_url", s.public_url)
         else:

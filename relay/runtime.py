@@ -137,6 +137,12 @@ class DatabaseUnreachable(StartupError):
 def check_startup(settings: Settings) -> None:
     """What relay refuses to start with beyond the settings' own checks (`relay check-config` asks the same)."""
     check_callback_url(settings)
+    server = settings.server
+    for key, path in (("server.ssl_certfile", server.ssl_certfile), ("server.ssl_keyfile", server.ssl_keyfile)):
+        # Here, not among the settings' own checks: a client command (relay tasks) run by a user who may not
+        # read the server's key still loads these settings.
+        if path is not None and not os.access(path, os.R_OK):
+            raise StartupError(f"{key} {path!r} cannot be read (no such file, or no permission for this user)")
     if shared_database(settings) and not settings.auth.signing_secret:
         # Callback tokens and image links are HMACs under this secret: one generated per machine would
         # make every replica refuse the others' callback URLs and links.

@@ -241,7 +241,6 @@ timeout = -1
         "server.port: must be between 1 and 65535 (got 70000)",
         "server.role: must be one of all, api, worker (got 'everything')",
         "server.ssl_keyfile: ssl_certfile and ssl_keyfile must be set together (got ('cert.pem', None))",
-        "server.ssl_certfile: cannot be read (no such file, or no permission) (got 'cert.pem')",
         "server.public_url: must be an http:// or https:// URL with a host (got 'ftp://relay.example')",
         "auth.api_keys[0]: must be at least 16 characters without spaces (got 5 characters)",
         "auth.signing_secret: must be at least 32 characters (got 9 characters)",
@@ -364,11 +363,21 @@ def test_the_example_api_key_is_refused_off_the_loopback(tmp_path: Path) -> None
                                            "RELAY_AUTH_API_KEYS": "rk_my_own_key_0123456789"}).auth.api_keys
 
 
-def test_tls_files_that_cannot_be_read_are_named(tmp_path: Path) -> None:
+def test_tls_files_that_cannot_be_read_stop_serve_not_the_client_commands(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key file only relay's service user may read (dev-cert writes it 0600) is serve's concern: the settings
+    load for a client command; check_startup (serve, check-config) names the file. A `~` path is expanded."""
+    from relay.runtime import StartupError, check_startup
     cert = tmp_path / "cert.pem"
     cert.write_text("x")
-    found = problems(None, {"RELAY_SERVER_SSL_CERTFILE": str(cert), "RELAY_SERVER_SSL_KEYFILE": str(tmp_path / "no")})
-    assert len(found) == 1 and found[0].startswith("server.ssl_keyfile: cannot be read (no such file"), found
+    settings = load_settings(None, {"RELAY_SERVER_SSL_CERTFILE": str(cert),
+                                    "RELAY_SERVER_SSL_KEYFILE": str(tmp_path / "no")})
+    with pytest.raises(StartupError, match=r"server.ssl_keyfile .*/no' cannot be read"):
+        check_startup(settings)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    homed = load_settings(None, {"RELAY_SERVER_SSL_CERTFILE": "~/cert.pem", "RELAY_SERVER_SSL_KEYFILE": "~/cert.pem"})
+    assert homed.server.ssl_certfile == homed.server.ssl_keyfile == str(cert)
+    check_startup(homed)
 
 
 def test_a_data_dir_under_home_is_one_folder_for_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,8 +120,8 @@ def test_http_public_url_is_refused_for_callback_providers(sim: Simulator, tmp_p
 
 def test_the_cli_reaches_relay_over_https_and_checks_the_certificate(sim: Simulator, https_relays: Any) -> None:
     """`relay tasks` with relay's own configuration (ssl_certfile set) talks HTTPS to it and trusts that
-    certificate; given a --url whose certificate nobody it trusts signed, it refuses (exit 3) rather than hand the
-    API key to whoever answers."""
+    certificate, also at a --url; without it, given a --url whose certificate nobody it trusts signed, it refuses
+    (exit 3) rather than hand the API key to whoever answers."""
     import subprocess
     import sys
     relay = https_relays()
@@ -132,6 +132,10 @@ def test_the_cli_reaches_relay_over_https_and_checks_the_certificate(sim: Simula
                          text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert own.returncode == 0, own.stderr
     assert task["id"] in own.stdout
-    stranger = subprocess.run([sys.executable, "-m", "relay", "tasks", "--json", "--url", relay.url], env=env,
+    at_url = subprocess.run([sys.executable, "-m", "relay", "tasks", "--json", "--url", relay.url], env=env,
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert at_url.returncode == 0 and task["id"] in at_url.stdout, at_url.stderr
+    elsewhere = {k: v for k, v in env.items() if not k.startswith("RELAY_SERVER_SSL_")}
+    stranger = subprocess.run([sys.executable, "-m", "relay", "tasks", "--json", "--url", relay.url], env=elsewhere,
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert stranger.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in stranger.stderr, stranger.stderr
