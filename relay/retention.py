@@ -185,6 +185,7 @@ class Sweeper:
                     report.files += 1
             except (ArchiveError, ValueError) as exc:
                 report.file_errors.append(f"{f.key}: {exc}")
+                await self.store.disown_image_deletion(f)
                 continue
             done.append(f)
         await self.store.image_deleted(done)

@@ -722,3 +722,41 @@ async def test_dead_jobs_go_in_batches_of_batch_size(store: Store, clock: Manual
     assert (one.picked, one.deleted) == (2, 2)
     assert (await sweeper(store, images, clock, replace(KEEP, batch_size=2)).sweep()).dead_jobs == 3
     assert (await store.list_jobs(state="dead", kind=None, limit=10, cursor=None))[0] == []
+
+
+async def test_a_file_the_store_failed_to_delete_is_taken_over_by_the_next_sweep_at_once(
+        store: Store, clock: ManualClock, images: LocalImageStore) -> None:
+    """The image store failed the delete: the sweep reports it and gives the deletion up, so the next sweep (the
+    housekeeping job's next run, or `relay retention` now) deletes the file, not one an hour later."""
+    from relay.errors import ArchiveError as Failed
+    old = await finished_task(store, clock, b"flaky store", images)
+    clock.advance(31 * DAY)
+    real_delete = images.delete
+    failures = iter([True])
+
+    async def flaky_delete(key: str) -> bool:
+        if next(failures, False):
+            raise Failed("the disk is busy", code="image_store_unavailable")
+        return await real_delete(key)
+    images.delete = flaky_delete  # type: ignore[method-assign]
+    first = await sweeper(store, images, clock, FILES).sweep()
+    assert first.finished_tasks == 1 and first.files == 0 and first.file_errors, first
+    second = await sweeper(store, images, clock, FILES).sweep()
+    assert second.files == 1 and not await images.exists(old.images[0].path or "")
+    assert await count(store, "SELECT COUNT(*) AS n FROM image_deletions") == 0
+
+
+async def test_taking_over_run_again_answers_the_same_deletions(store: Store, clock: ManualClock,
+                                                                images: LocalImageStore) -> None:
+    """The takeover statement run twice by one owner (PostgreSQL runs a _change again after a lost connection)
+    answers the rows the first run took, not nothing (they would stay owned by a token nobody holds)."""
+    from relay.store import queries as q
+    await finished_task(store, clock, b"taken twice", images)
+    clock.advance(31 * DAY)
+    await store.delete_finished_tasks(clock.now() - 30 * DAY, 10, clock.now(), release_files=True)
+    clock.advance(OWNER_LEASE)
+    now = clock.now()
+    args = ("owner-x", now + OWNER_LEASE, now, "owner-x", now, "owner-x", 10)
+    first = await store._change(q.TAKE_OVER_IMAGE_DELETIONS, args)
+    again = await store._change(q.TAKE_OVER_IMAGE_DELETIONS, args)
+    assert len(first) == 1 and [r["sha256"] for r in again] == [r["sha256"] for r in first]

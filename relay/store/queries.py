@@ -469,11 +469,14 @@ START_IMAGE_DELETION = ("INSERT INTO image_deletions (sha256, key, started_at, o
 END_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ?"          # in the transaction that inserted it
 # A deletion's file is deleted only by its owner (sql/029, postgres/028): the sweep that decided it, or one that took
 # it over (a crash's leftover) once its owner's lease ran out; the owner renews the lease before each file.
+# Also the rows this owner took already: run again after a lost connection (_change), it answers them again.
 TAKE_OVER_IMAGE_DELETIONS = (
-    "UPDATE image_deletions SET owner = ?, owned_until = ? WHERE key <> '' AND owned_until <= ? AND sha256 IN ("
-    "SELECT sha256 FROM image_deletions WHERE key <> '' AND owned_until <= ? ORDER BY started_at LIMIT ?) "
-    "RETURNING sha256, key")
+    "UPDATE image_deletions SET owner = ?, owned_until = ? WHERE key <> '' AND (owned_until <= ? OR owner = ?) "
+    "AND sha256 IN (SELECT sha256 FROM image_deletions WHERE key <> '' AND (owned_until <= ? OR owner = ?) "
+    "ORDER BY started_at LIMIT ?) RETURNING sha256, key")
 RENEW_IMAGE_DELETION = "UPDATE image_deletions SET owned_until = ? WHERE sha256 = ? AND owner = ? RETURNING sha256"
+# A file its owner could not delete (the store failed): any sweep may take it over at once.
+DISOWN_IMAGE_DELETION = "UPDATE image_deletions SET owned_until = 0 WHERE sha256 = ? AND owner = ?"
 END_OWNED_IMAGE_DELETION = "DELETE FROM image_deletions WHERE sha256 = ? AND owner = ?"
 # A file is in use while an image not expired (a task's or an archive's: any owner) or an upload has its sha256.
 # The images through images_in_use, which holds only those (sql/027, postgres/026): not the expired ones that share

@@ -132,8 +132,14 @@ class RetentionCases(StorePlumbing):
         """Files whose deletion was decided (D1) and not confirmed done (D3) by an owner whose lease has run out (a
         crash's leftovers): taken over, owned by this call's token from now on."""
         owner = uuid.uuid4().hex
-        rows = await self._change(q.TAKE_OVER_IMAGE_DELETIONS, (owner, now + OWNER_LEASE, now, now, limit))
+        rows = await self._change(q.TAKE_OVER_IMAGE_DELETIONS,
+                                  (owner, now + OWNER_LEASE, now, owner, now, owner, limit))
         return [FileToDelete(r["sha256"], r["key"], owner) for r in rows]
+
+    async def disown_image_deletion(self, f: FileToDelete) -> None:
+        """`f`'s file could not be deleted now (the image store failed): the next sweep takes it over at once,
+        not after this sweep's lease (archives of those bytes wait until the file is gone)."""
+        await self._change(q.DISOWN_IMAGE_DELETION, (f.sha256, f.owner))
 
     async def own_image_deletion(self, f: FileToDelete, now: float) -> bool:
         """Right before D2: renew the lease on `f`'s deletion; False if another sweep owns it by now (it took it over
