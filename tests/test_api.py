@@ -203,14 +203,18 @@ async def test_task_webhook_url_on_a_private_address_is_refused(tmp_path: Path, 
 
 async def test_the_links_of_one_archive_request_are_checked_at_once_and_the_first_refusal_answers(
         tmp_path: Path) -> None:
-    """POST /v1/archives with many links resolves their hosts at once (each lookup may take the resolver's 10 s),
-    and a refused link is named as the first refused one in the body's order, whichever lookup ended first."""
+    """POST /v1/archives resolves its links' hosts at once (each lookup may take the resolver's 10 s), each host
+    once, at most HOST_CHECKS_AT_ONCE at a time (one request must not hold every thread of the resolver's pool);
+    a refused link is named as the first refused one in the body's order, whichever lookup ended first."""
     import asyncio
-    in_flight, most = 0, 0
+
+    from relay.archives import HOST_CHECKS_AT_ONCE
+    in_flight, most, asked = 0, 0, []
     all_asked = asyncio.Event()
 
     async def resolver(host: str, port: int) -> list[str]:
         nonlocal in_flight, most
+        asked.append(host)
         in_flight += 1
         most = max(most, in_flight)
         if most >= 5:
@@ -224,6 +228,7 @@ async def test_the_links_of_one_archive_request_are_checked_at_once_and_the_firs
         if host.startswith("private"):
             await asyncio.sleep(0 if host == "private-second.example" else 0.05)     # the first refused ends last
             return ["10.0.0.5"]
+        await asyncio.sleep(0.01)
         return ["93.184.216.34"]
 
     async with harness(tmp_path, run_worker=False) as h:
@@ -232,9 +237,13 @@ async def test_the_links_of_one_archive_request_are_checked_at_once_and_the_firs
         created = await h.api.post("/v1/archives", json={"urls": urls})
         assert created.status_code in (200, 201, 202), created.text
         assert most == 5, f"{most} lookups at once"
-        all_asked.clear()
-        most = 0
         refused = await h.api.post("/v1/archives", json={"urls": [
             urls[0], "https://private-first.example/x.png", urls[1], "https://private-second.example/y.png", urls[2]]})
         error = assert_error(refused, 422, "invalid_request", "urls")
         assert "private-first.example" in error["message"], error
+        asked.clear()
+        most = 0
+        many = [f"https://shard{n % 20}.example/{n}.png" for n in range(100)]
+        assert (await h.api.post("/v1/archives", json={"urls": many})).status_code in (200, 201, 202)
+        assert sorted(asked) == sorted({f"shard{n}.example" for n in range(20)}), "each host once"
+        assert 1 < most <= HOST_CHECKS_AT_ONCE, most
