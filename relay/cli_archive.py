@@ -21,6 +21,7 @@ import argparse
 import csv
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -85,8 +86,12 @@ def parse_line(number: int, text: str) -> Item | None:
         # A link may hold commas itself (https://res.cloudinary.com/…/w_100,h_100/a.png, ?size=1,2): only a last
         # field that is a time is its expiry; anything else is part of the link.
         link, _, last = stripped.rpartition(",")
-        if link and _is_time(last):
-            return _from_fields(item, {"url": link.strip(), "expires_at": last.strip()})
+        when = last.strip().strip('"')
+        if link and _is_time(when):
+            return _from_fields(item, {"url": link.strip(), "expires_at": when})
+        if link and _DATE_LIKE.match(when):
+            item.problem = f"the expiry {when!r} is not an RFC 3339 time like 2026-11-29T10:00:00Z"
+            return item
         return _from_fields(item, {"url": stripped})
     fields = [f.strip() for f in next(csv.reader([stripped]))]      # quoted CSV, provider,provider_task_id
     if _is_url(fields[0]):
@@ -102,6 +107,9 @@ def parse_line(number: int, text: str) -> Item | None:
 
 def _is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
+
+
+_DATE_LIKE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")     # meant as an expiry, even if not a valid one
 
 
 def _is_time(text: str) -> bool:

@@ -49,3 +49,10 @@ def test_with_wait_a_line_not_finished_by_the_timeout_is_not_a_success() -> None
     assert report(quiet, done, waited=True) == 0
     assert report(quiet, pending, waited=True) == 1
     assert report(quiet, pending, waited=False) == 0      # without --wait, accepted is done
+
+
+def test_an_expiry_meant_but_malformed_is_a_problem_not_part_of_the_link() -> None:
+    assert body('https://cdn.example/a.png,"2026-11-29T10:00:00Z"') == {
+        "url": "https://cdn.example/a.png", "expires_at": "2026-11-29T10:00:00Z"}
+    item = parse_line(3, "https://cdn.example/a.png,2026-13-01T10:00:00Z")
+    assert item is not None and item.problem and "2026-13-01T10:00:00Z" in item.problem and not item.body
