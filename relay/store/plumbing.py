@@ -53,8 +53,6 @@ class StorePlumbing(abc.ABC):
 
     SHARES_TRANSACTIONS = False     # see transact_shared
     TELLS_LANE_RELEASES = False     # the database tells every process of a lane slot given back (see on_lane_freed)
-    # What `open` raises when the database cannot be reached now (not: is misconfigured): worth starting again later.
-    UNREACHABLE: tuple[type[BaseException], ...] = (OSError,)
 
     @functools.cached_property
     def subscribers(self) -> Subscribers:

@@ -429,10 +429,6 @@ class PostgresTx(Tx):
 
 class PostgresStore(Store):
     TELLS_LANE_RELEASES = True      # NOTIFY relay_lanes from sql/postgres/017, heard on the LISTEN connection
-    # Down, starting up or failing over, or out of connections: the server will be back (a wrong password or
-    # database name will not).
-    UNREACHABLE = (*_LOST, asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError,
-                   TimeoutError)
     # Only events whose writing transaction, and every transaction before it, has ended: seq is taken
     # at insert, so an event log paged by seq would otherwise skip one committed late.
     # Only this database's open transactions count: pg_snapshot_xmin alone would let one idle write transaction
