@@ -118,3 +118,29 @@ async def test_a_submit_run_that_outlived_its_lease_does_not_send(tmp_path: Path
         # Looked at again, not ended on the stale read, once the other run's send has had its timeout.
         assert again is not None and again.after >= h.runtime.settings.providers["evolink"].timeout
         assert await store.get_task(task_id) == after   # and nothing about the task changed
+
+
+async def test_an_accepted_submit_is_recorded_through_a_store_hiccup(tmp_path: Path) -> None:
+    """The provider accepted the submit and the store failed to record it (locked, full, a lost connection):
+    the answer lives only in the run's memory, so the run keeps trying to record it instead of failing, which
+    would leave the mark with no provider task (a task failed as submit_outcome_unknown, its provider task lost).
+    The provider's circuit failing to count the success changes nothing."""
+    async with harness(tmp_path, run_worker=False) as h:
+        store = h.runtime.store
+        created = await h.create(provider="gmicloud", prompt="accepted, then the store hiccups")
+        real_apply, failures = store.apply, iter([ConnectionError("reset"), ConnectionError("reset")])
+
+        async def hiccup(*args: Any, **kwargs: Any) -> Any:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return await real_apply(*args, **kwargs)
+
+        async def uncounted(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("reset")
+        store.apply = hiccup  # type: ignore[method-assign]
+        store.circuit_succeeded = uncounted  # type: ignore[method-assign]
+        assert await SubmitHandler(h.runtime.ctx).run(
+            Job(id="job_a", kind="submit", task_id=created["id"], run_at=time.time())) is None
+        task = await h.task(created["id"])
+        assert task["provider_task_id"] and task["status"] in ("queued", "running"), task

@@ -21,6 +21,8 @@ whose outcome is unknown.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import random
 
@@ -35,7 +37,8 @@ from relay.errors import (
     SubmitOutcomeUnknown,
 )
 from relay.jobs.context import JobContext
-from relay.models import GenerationRequest, Job, ProviderStatus, Task
+from relay.models import GenerationRequest, Job, ProviderStatus, Task, TaskUpdate
+from relay.outage import backoff, describe, is_unavailable
 from relay.providers.base import Provider
 from relay.queue import Again
 from relay.states import Transition, on_failure, on_submitted
@@ -44,6 +47,7 @@ log = logging.getLogger("relay.jobs.submit")
 
 IN_FLIGHT_RECHECK_SECONDS = 1.0     # the first look again at a provider that had no room, doubling …
 IN_FLIGHT_RECHECK_MAX = 8.0         # … up to this
+ACCEPTED_RECORD_SECONDS = 300.0     # how long an accepted submit's answer is kept trying to be recorded
 UNKNOWN_MESSAGE = ("the submit request reached the provider but no answer came back (timeout or crash); "
                    "it was not resent, to avoid a second charge")
 
@@ -137,8 +141,6 @@ class SubmitHandler:
             if following is not None and (outcome := self._moves_on(job, exc, delay)) is not None:
                 return await self._fail_over(task, following, outcome, f"{exc.code}: {exc.message}")
             return await self._again_later(job, task, exc, delay)
-        await ctx.store.circuit_succeeded(task.provider, ctx.clock.now())
-        now = ctx.clock.now()
         jobs = []
         if update.status not in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
             if provider.caps.callbacks and callback_url:
@@ -147,12 +149,37 @@ class SubmitHandler:
             else:
                 delay = ctx.first_poll_delay(task.provider, update.estimated_seconds)
             jobs.append(ctx.poll_job(task.id, delay))
-        applied = await ctx.store.apply(task.id, lambda t: on_submitted(t, update), now,
-                                        default_expiry=provider.caps.default_expiry, jobs=jobs)
-        if applied is None and jobs:
-            # Nothing changed (the task moved on meanwhile): still make sure it is watched.
-            await ctx.store.enqueue(jobs)
+        await self._record_accepted(task, update, provider, jobs)
+        try:
+            await ctx.store.circuit_succeeded(task.provider, ctx.clock.now())
+        except Exception as exc:        # the task is recorded; the circuit learns from the next submit
+            log.warning("task %s: the provider's success could not be counted (%s)", task.id, exc)
         return None
+
+    async def _record_accepted(self, task: Task, update: TaskUpdate, provider: Provider, jobs: list[Job]) -> None:
+        """Record what the provider answered to an accepted submit (its task id, or an OpenAI answer's images).
+
+        The answer exists only in this run's memory: a run again after a failure here would find the mark with no
+        provider task and fail the task as submit_outcome_unknown (or resend it). So a store that cannot be used
+        now (relay.outage.is_unavailable: locked, full, a lost connection) is waited out here, with backoff, for
+        up to ACCEPTED_RECORD_SECONDS; any other error goes to the worker as before."""
+        ctx = self.ctx
+        deadline = ctx.clock.now() + ACCEPTED_RECORD_SECONDS
+        for attempt in itertools.count(1):
+            try:
+                applied = await ctx.store.apply(task.id, lambda t: on_submitted(t, update), ctx.clock.now(),
+                                                default_expiry=provider.caps.default_expiry, jobs=jobs)
+                if applied is None and jobs:
+                    # Nothing changed (the task moved on meanwhile): still make sure it is watched.
+                    await ctx.store.enqueue(jobs)
+                return
+            except Exception as exc:
+                if not is_unavailable(exc) or ctx.clock.now() >= deadline:
+                    raise
+                wait = backoff(attempt, 0.1, 5.0)
+                log.warning("task %s: the provider accepted it (%s) but the store failed to record it (%s); "
+                            "trying again in %.1fs", task.id, update.provider_task_id, describe(exc), wait)
+                await asyncio.sleep(wait)
 
     def _wait_for_room(self, job: Job, task: Task) -> Again:
         """The provider already holds all the work we allow it: keep the backlog here instead of a wall of 429s
