@@ -288,8 +288,10 @@ async def test_replicas_share_one_circuit_and_one_failover(open_store: Callable[
                 updated_at=1.0, candidates=["evolink", "apimart"])
     await a.create_task(task, [])
     attempt = {"provider": "evolink", "outcome": "unavailable", "reason": "503", "at": "x"}
-    moved = await asyncio.gather(a.fail_over(task.id, "evolink", "apimart", attempt, 2.0),
-                                 b.fail_over(task.id, "evolink", "apimart", attempt, 2.0))
+    await a.mark_submit_started(task.id, 1.5)
+    assert not await a.fail_over(task.id, "evolink", "apimart", attempt, 2.0, None), "another run's mark is on it"
+    moved = await asyncio.gather(a.fail_over(task.id, "evolink", "apimart", attempt, 2.0, 1.5),
+                                 b.fail_over(task.id, "evolink", "apimart", attempt, 2.0, 1.5))
     assert sorted(moved) == [False, True]
     stored = await b.get_task(task.id)
     assert stored is not None and stored.provider == "apimart" and stored.attempts == [attempt]

@@ -318,12 +318,16 @@ async def test_events_log_is_ordered_with_cursor(store: Store, clock: ManualCloc
 
 
 async def test_submit_mark_survives_and_clears(store: Store, clock: ManualClock) -> None:
-    """mark_submit_started is kept; clear_submit_started removes it only before a provider id is known."""
+    """mark_submit_started is kept; clear_submit_started removes it only before a provider id is known, and only
+    the mark its caller made (another run's, made since, stays)."""
     task = new_task(clock)
     await store.create_task(task, [])
     marked = await store.mark_submit_started(task.id, clock.now())
     assert marked is not None and marked.submit_started_at == clock.now()
-    await store.clear_submit_started(task.id)
+    await store.clear_submit_started(task.id, clock.now() - 1)         # a mark since replaced
+    kept = await store.get_task(task.id)
+    assert kept is not None and kept.submit_started_at == clock.now()
+    await store.clear_submit_started(task.id, clock.now())
     loaded = await store.get_task(task.id)
     assert loaded is not None and loaded.submit_started_at is None
 

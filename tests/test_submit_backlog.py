@@ -22,7 +22,8 @@ async def test_a_backlog_waits_for_room_cheaply_and_never_sends_past_its_deadlin
         ctx, store = h.runtime.ctx, h.runtime.store
         holding = await h.create(provider="gmicloud", prompt="holds the only place")
         waiting = await h.create(provider="gmicloud", prompt="waits", images=["http://127.0.0.1:9/ref.png"])
-        assert await store.mark_submit_started(holding["id"], clock.now())     # in flight at the provider
+        t0 = clock.now()
+        assert await store.mark_submit_started(holding["id"], t0)     # in flight at the provider
         provider = ctx.providers["gmicloud"]
         costly: list[str] = []
         real_fetch_inputs, real_throttle = provider.fetch_inputs, ctx.throttle
@@ -57,7 +58,7 @@ async def test_a_backlog_waits_for_room_cheaply_and_never_sends_past_its_deadlin
             sent.append("submit")
             return await real_submit(*args, **kwargs)
         provider.submit = submit  # type: ignore[method-assign]
-        await store.clear_submit_started(holding["id"])          # room again, too late for the waiting one
+        await store.clear_submit_started(holding["id"], t0)      # room again, too late for the waiting one
         assert await handler.run(job) is None
         failed = await h.task(waiting["id"])
         assert failed["status"] == "failed" and failed["error"]["code"] == "timeout", failed

@@ -100,9 +100,10 @@ class SubmitHandler:
         cooldown = ctx.settings.failover.breaker_cooldown
         if following is not None and not await ctx.store.circuit_admit(task.provider, ctx.clock.now(), cooldown):
             return await self._fail_over(task, following, "skipped",
-                                         f"{task.provider}'s circuit is open after repeated failures")
+                                         f"{task.provider}'s circuit is open after repeated failures", mark=None)
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
-        reservation = await ctx.store.reserve_submit(task.id, task.provider, limit, ctx.clock.now(),
+        marked_at = ctx.clock.now()           # this run's mark: what it may clear or fail over from
+        reservation = await ctx.store.reserve_submit(task.id, task.provider, limit, marked_at,
                                                      seen=task.submit_started_at)
         if reservation == "full":
             return self._wait_for_room(job, task)
@@ -129,17 +130,17 @@ class SubmitHandler:
         except ProviderRejected as exc:
             await self._circuit_failed(task.provider, exc)
             if following is not None and (outcome := self._moves_on(job, exc)) is not None:
-                return await self._fail_over(task, following, outcome, exc.message)
+                return await self._fail_over(task, following, outcome, exc.message, mark=marked_at)
             await self._fail(task.id, exc.code, exc.message)
             return None
         except ProviderUnavailable as exc:
             metrics.labeled(metrics.PROVIDER_UNANSWERED, task.provider, "submit", exc.code).inc()
             await self._circuit_failed(task.provider, exc)
             if not uncertain:       # this send certainly was not accepted; an earlier unanswered one may have been
-                await ctx.store.clear_submit_started(task.id)
+                await ctx.store.clear_submit_started(task.id, marked_at)
             delay = self._delay(job, task, exc)      # once: the failover's patience counts the wait it plans
             if following is not None and (outcome := self._moves_on(job, exc, delay)) is not None:
-                return await self._fail_over(task, following, outcome, f"{exc.code}: {exc.message}")
+                return await self._fail_over(task, following, outcome, f"{exc.code}: {exc.message}", mark=None)
             return await self._again_later(job, task, exc, delay)
         jobs = []
         if update.status not in (ProviderStatus.SUCCEEDED, ProviderStatus.FAILED, ProviderStatus.CANCELED):
@@ -225,13 +226,14 @@ class SubmitHandler:
         return routing.moves_on(exc, waited_for_rate_limit=waited,
                                 patience=self.ctx.settings.failover.rate_limit_patience)
 
-    async def _fail_over(self, task: Task, following: str, outcome: str, reason: str) -> Again:
+    async def _fail_over(self, task: Task, following: str, outcome: str, reason: str, *, mark: float | None) -> Again:
         """Move the task (nobody accepted it) to its next provider, recording why; its submit runs again at once,
-        with a fresh count of failures. Run again too when the move lost a race: the re-read decides."""
+        with a fresh count of failures. Only while its submit mark is `mark` (this run's own, or None: none made
+        or it was cleared). Run again too when the move lost a race: the re-read decides."""
         ctx = self.ctx
         now = ctx.clock.now()
         attempt = {"provider": task.provider, "outcome": outcome, "reason": reason[:500], "at": rfc3339(now)}
-        moved = await ctx.store.fail_over(task.id, task.provider, following, attempt, now)
+        moved = await ctx.store.fail_over(task.id, task.provider, following, attempt, now, mark)
         if moved:
             log.info("task %s: %s did not accept it (%s: %s); failing over to %s", task.id, task.provider, outcome,
                      reason, following)

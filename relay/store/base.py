@@ -212,9 +212,10 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
             return await self._load_task(tx, task_id)
         return await self.transact(body)
 
-    async def clear_submit_started(self, task_id: str) -> None:
-        """The provider certainly did not accept the submit (refused, 429, 5xx): a resend is safe."""
-        await self._write(q.CLEAR_SUBMIT_STARTED, (task_id,))
+    async def clear_submit_started(self, task_id: str, mark: float) -> None:
+        """The provider certainly did not accept the submit (refused, 429, 5xx): a resend is safe. Only `mark`, the
+        caller's own (reserve_submit's `now`): another run's mark made since stays."""
+        await self._write(q.CLEAR_SUBMIT_STARTED, (task_id, mark))
 
     async def provider_has_room(self, task_id: str, provider: str, max_in_flight: int) -> bool:
         """Whether `provider` holds fewer than `max_in_flight` tasks in flight now, not counting this one: a look,

@@ -57,7 +57,9 @@ def update_task_state(*, usage: bool, cost: bool) -> str:
 MARK_SUBMIT_STARTED = (
     "UPDATE tasks SET submit_started_at = COALESCE(submit_started_at, ?) WHERE id = ? AND provider_task_id IS NULL "
     "AND status NOT IN ('succeeded', 'failed', 'canceled') AND submit_started_at IS NOT DISTINCT FROM ?")
-CLEAR_SUBMIT_STARTED = "UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL"
+# Only the mark the caller made (a run that outlived its lease must not clear the mark of the run that took over).
+CLEAR_SUBMIT_STARTED = ("UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL "
+                        "AND submit_started_at = ?")
 # Each count reads only the live tasks: those queued or running through tasks_by_provider_status (sql/022), those
 # whose submit started through the partial index tasks_submitting (sql/004; SQLite's planner would rather read
 # the whole pending backlog through the other), whose WHERE this one must imply word for word.
@@ -568,7 +570,8 @@ SET_TASK_ROUTE = "UPDATE tasks SET candidates = ?, route = ? WHERE id = ?"
 # Move a task that no provider accepted to the next one: only while it is still pending there.
 FAIL_OVER_TASK = (
     "UPDATE tasks SET provider = ?, attempts = ?, submit_started_at = NULL, updated_at = ? "
-    "WHERE id = ? AND provider = ? AND status = 'pending' AND provider_task_id IS NULL")
+    "WHERE id = ? AND provider = ? AND status = 'pending' AND provider_task_id IS NULL "
+    "AND submit_started_at IS NOT DISTINCT FROM ?")
 COST_TOTALS_SINCE = (
     "SELECT provider, cost_day, cost_currency, COUNT(*) AS tasks, SUM(cost_amount) AS amount FROM tasks "
     "WHERE cost_day >= ? GROUP BY provider, cost_day, cost_currency")

@@ -27,18 +27,20 @@ class RoutingCases(StorePlumbing):
 
     # ---- failover --------------------------------------------------------------------------------
     async def fail_over(self, task_id: str, from_provider: str, to_provider: str, attempt: dict[str, Any],
-                        now: float) -> bool:
+                        now: float, mark: float | None) -> bool:
         """Move a task nobody accepted from `from_provider` to `to_provider`, recording `attempt`; one transaction.
 
         Locks the task row; False (nothing written) unless the task is still pending at `from_provider` with no
-        provider task: a callback or another run that got further meanwhile wins.
+        provider task and its submit mark still `mark` (the caller's, or None): a callback or another run that got
+        further meanwhile (one that took over after the caller's lease ran out, and sent) wins.
         """
         async def body(tx: Tx) -> bool:
             row = await tx.one(q.LOCK_TASK, (task_id,))
             if row is None:
                 return False
             attempts = [*(loads(row["attempts"]) or []), attempt]
-            return await tx.run(q.FAIL_OVER_TASK, (to_provider, dumps(attempts), now, task_id, from_provider)) == 1
+            return await tx.run(q.FAIL_OVER_TASK, (to_provider, dumps(attempts), now, task_id, from_provider,
+                                                   mark)) == 1
         return await self.transact(body)
 
     # ---- circuit breakers ------------------------------------------------------------------------
