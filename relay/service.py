@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -85,8 +83,6 @@ class TaskService:
         if applied is None:
             raise Conflict(f"task {task_id} is already {task.status.value}")
         provider = ctx.providers.get(task.provider)
-        if provider is not None and provider.caps.cancel and applied.task.provider_task_id:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(10):
-                    await provider.cancel(applied.task.provider_task_id)
+        if provider is not None and applied.task.provider_task_id:
+            await provider.cancel_quietly(applied.task.provider_task_id)
         return applied.task

@@ -144,3 +144,33 @@ async def test_an_accepted_submit_is_recorded_through_a_store_hiccup(tmp_path: P
             Job(id="job_a", kind="submit", task_id=created["id"], run_at=time.time())) is None
         task = await h.task(created["id"])
         assert task["provider_task_id"] and task["status"] in ("queued", "running"), task
+
+
+async def test_a_task_canceled_while_its_submit_was_on_its_way_keeps_the_providers_task_and_cancels_it(
+        tmp_path: Path) -> None:
+    """The client cancels while the submit is in flight; the provider accepts it anyway. The task stays canceled,
+    the provider's task is recorded on it (it exists, and may bill), and relay asks the provider to cancel it
+    where the dialect can (it was dropped: the provider's task ran on unseen)."""
+    from dataclasses import replace
+
+    from relay.states import on_cancel
+    async with harness(tmp_path, run_worker=False) as h:
+        store, ctx = h.runtime.store, h.runtime.ctx
+        created = await h.create(provider="apimart", prompt="canceled on the way")
+        provider = ctx.providers["apimart"]
+        provider.caps = replace(provider.caps, cancel=True)
+        canceled_there: list[str] = []
+        real_submit = provider.submit
+
+        async def submit_while_canceled(*args: Any, **kwargs: Any) -> Any:
+            assert await store.apply(created["id"], on_cancel, time.time())      # the client's cancel lands
+            return await real_submit(*args, **kwargs)
+
+        async def cancel(provider_task_id: str) -> None:
+            canceled_there.append(provider_task_id)
+        provider.submit = submit_while_canceled  # type: ignore[method-assign]
+        provider.cancel = cancel  # type: ignore[method-assign]
+        await SubmitHandler(ctx).run(Job(id="job_c", kind="submit", task_id=created["id"], run_at=time.time()))
+        task = await h.task(created["id"])
+        assert task["status"] == "canceled" and task["provider_task_id"], task
+        assert canceled_there == [task["provider_task_id"]]

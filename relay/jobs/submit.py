@@ -173,6 +173,10 @@ class SubmitHandler:
                 if applied is None and jobs:
                     # Nothing changed (the task moved on meanwhile): still make sure it is watched.
                     await ctx.store.enqueue(jobs)
+                if applied is None and update.provider_task_id and await ctx.store.note_canceled_provider_task(
+                        task.id, update.provider_task_id):
+                    # Canceled while the submit was on its way: the provider's task would run (and bill) unseen.
+                    await provider.cancel_quietly(update.provider_task_id)
                 return
             except Exception as exc:
                 if not is_unavailable(exc) or ctx.clock.now() >= deadline:

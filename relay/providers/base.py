@@ -10,6 +10,7 @@ sensible `TaskUpdate`, never an unhandled exception.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import email.utils
 import math
@@ -201,6 +202,15 @@ class Provider(abc.ABC):
     async def cancel(self, provider_task_id: str) -> None:
         """Best-effort cancel at the provider; providers without one do nothing."""
         return None
+
+    async def cancel_quietly(self, provider_task_id: str, timeout: float = 10.0) -> None:
+        """`cancel`, where the provider can, within `timeout`, its failure ignored: the task is canceled in relay
+        whatever the provider answers (its own deadline ends it there)."""
+        if not self.caps.cancel:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self.cancel(provider_task_id)
 
     # ---- helpers shared by the dialects -------------------------------------------------------
 
