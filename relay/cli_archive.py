@@ -89,7 +89,7 @@ def parse_line(number: int, text: str) -> Item | None:
         when = last.strip().strip('"')
         if link and _is_time(when):
             return _from_fields(item, {"url": link.strip(), "expires_at": when})
-        if link and _DATE_LIKE.match(when):
+        if link and _DATE_LIKE.fullmatch(when):
             item.problem = f"the expiry {when!r} is not an RFC 3339 time like 2026-11-29T10:00:00Z"
             return item
         return _from_fields(item, {"url": stripped})
@@ -109,7 +109,9 @@ def _is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
 
 
-_DATE_LIKE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")     # meant as an expiry, even if not a valid one
+# Meant as an expiry, even if not a valid one: a date and a time, nothing else (a link's own "…?range=
+# 2026-01-01,2026-01-31&sig=…" or "…?d=2026-01-01,2026-01-31" is part of the link).
+_DATE_LIKE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}[Tt ][0-9:.,+\-Zz]+")
 
 
 def _is_time(text: str) -> bool:

@@ -19,6 +19,7 @@ import os
 import ssl
 from typing import Any
 
+import certifi
 import httpx
 
 from relay.config import Settings
@@ -88,11 +89,15 @@ def connect(settings: Settings, *, url: str | None, key: str | None) -> RelayCli
     server = settings.server
     verify: ssl.SSLContext | bool = True
     if server.ssl_certfile:     # relay's own certificate (a dev-cert one is its own authority), whatever the URL
-        verify = ssl.create_default_context()
+        # Beside the authorities httpx trusts by default (certifi's): a remote relay's public certificate still
+        # verifies where the system has no store of its own.
+        context = ssl.create_default_context(cafile=certifi.where())
         try:
-            verify.load_verify_locations(cafile=server.ssl_certfile)
+            context.load_verify_locations(cafile=server.ssl_certfile)
+            verify = context
         except (OSError, ssl.SSLError) as exc:
-            raise CliError(f"server.ssl_certfile {server.ssl_certfile!r} cannot be read: {exc}") from None
+            if url is None:     # relay's own address, over HTTPS, needs it
+                raise CliError(f"server.ssl_certfile {server.ssl_certfile!r} cannot be read: {exc}") from None
     if url is None:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
         host = f"[{host}]" if ":" in host else host

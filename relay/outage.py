@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -61,12 +62,37 @@ def is_unavailable(exc: BaseException) -> bool:
     if type(exc).__module__.startswith("asyncpg"):
         # PostgreSQL unreachable, restarting, full of connections, or a pooled connection it killed.
         import asyncpg
+        from asyncpg.exceptions import _base
+        if isinstance(exc, (asyncpg.ClientConfigurationError, _base.DataError)):
+            return False        # a DSN relay cannot use, an argument it cannot send: the call is wrong, not the time
         return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
                                 asyncpg.AdminShutdownError, asyncpg.TooManyConnectionsError, asyncpg.InterfaceError,
                                 asyncpg.InternalClientError))
     if isinstance(exc, ConnectionError):     # the database server's socket refused or reset
         return True
     return isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
+
+
+_SQLITE_BUSY = frozenset({5, 6})      # SQLITE_BUSY, SQLITE_LOCKED: another process holds the file now
+
+
+def unreachable_at_start(exc: BaseException) -> bool:
+    """True if `exc`, met opening the database at start, says it cannot be reached now and may be later (down,
+    starting, failing over, out of connections, a name server not answering, a file another process holds): worth
+    starting again. Narrower than is_unavailable: at start, what a wrong setting also causes (a file relay may not
+    open or write, a DSN it cannot use, a host name that does not exist) is the setting's fault."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _SQLITE_BUSY
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if type(exc).__module__.startswith("asyncpg"):
+        import asyncpg
+        return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                                asyncpg.TooManyConnectionsError))
+    return False
 
 
 def describe(exc: BaseException) -> str:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import secrets
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from relay.links import Signer
 from relay.models import Task
 from relay.logs import log_task_status
 from relay.netguard import NetGuard, provider_resolver
-from relay.outage import is_unavailable
+from relay.outage import unreachable_at_start
 from relay.providers import PROVIDER_KINDS, build_provider
 from relay.providers.base import Provider
 from relay.queue import Handler, Worker, WorkerOptions
@@ -175,9 +174,9 @@ async def opened_store(settings: Settings) -> Store:
         await store.open()
     except Exception as exc:
         log.debug("opening the store failed", exc_info=True)
-        # Down, starting up or failing over, out of connections, its name not resolving now: it will be back (a
-        # wrong password or database name will not).
-        unreachable = is_unavailable(exc) or isinstance(exc, (TimeoutError, socket.gaierror))
+        with contextlib.suppress(Exception):
+            await store.close()         # what it opened before failing (SQLite's connection thread)
+        unreachable = unreachable_at_start(exc)
         error = DatabaseUnreachable if unreachable else StartupError
         raise error(f"cannot {'reach' if unreachable else 'open'} the database "
                     f"{mask_url(settings.storage.database)}: {type(exc).__name__}: {exc}") from exc

@@ -56,3 +56,10 @@ def test_an_expiry_meant_but_malformed_is_a_problem_not_part_of_the_link() -> No
         "url": "https://cdn.example/a.png", "expires_at": "2026-11-29T10:00:00Z"}
     item = parse_line(3, "https://cdn.example/a.png,2026-13-01T10:00:00Z")
     assert item is not None and item.problem and "2026-13-01T10:00:00Z" in item.problem and not item.body
+
+
+def test_dates_inside_a_links_query_stay_part_of_the_link() -> None:
+    link = "https://cdn.example/r.png?range=2026-01-01,2026-01-31&sig=abc"
+    assert body(link) == {"url": link}
+    assert body("https://cdn.example/r.png?d=2026-01-01,2026-01-31") == {
+        "url": "https://cdn.example/r.png?d=2026-01-01,2026-01-31"}

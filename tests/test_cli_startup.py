@@ -66,3 +66,31 @@ def test_check_config_fails_what_serve_would_refuse_and_warns_of_an_unreachable_
 ])
 def test_arguments_out_of_range_are_usage_errors(args: tuple[str, ...], says: str) -> None:
     assert_one_line(relay(*args), 2, says)
+
+
+def test_a_database_file_relay_cannot_open_is_a_setting_to_fix_not_a_wait(tmp_path: Path) -> None:
+    """SQLite's relay.db is a directory (or unreadable): exit 2, "cannot open", not "cannot start yet" (a service
+    manager would start it again for ever)."""
+    (tmp_path / "relay.db").mkdir()
+    done = relay("serve", RELAY_STORAGE_DATA_DIR=str(tmp_path))
+    assert_one_line(done, 2, "cannot start: cannot open the database")
+
+
+def test_what_counts_as_a_database_to_wait_for_at_start() -> None:
+    import socket
+    import sqlite3
+
+    import asyncpg
+
+    from relay.outage import unreachable_at_start
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = 5  # type: ignore[attr-defined]
+    cantopen = sqlite3.OperationalError("unable to open database file")
+    cantopen.sqlite_errorcode = 14  # type: ignore[attr-defined]
+    waits = [ConnectionRefusedError(111, "refused"), TimeoutError(), socket.gaierror(socket.EAI_AGAIN, "again"),
+             asyncpg.CannotConnectNowError("starting up"), asyncpg.TooManyConnectionsError("too many"), busy]
+    stops = [socket.gaierror(socket.EAI_NONAME, "no such host"), asyncpg.InvalidPasswordError("wrong"),
+             asyncpg.InvalidCatalogNameError("no such database"), asyncpg.ClientConfigurationError("bad sslmode"),
+             cantopen, PermissionError(13, "denied")]
+    assert [unreachable_at_start(e) for e in waits] == [True] * len(waits)
+    assert [unreachable_at_start(e) for e in stops] == [False] * len(stops)

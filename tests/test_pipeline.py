@@ -102,10 +102,17 @@ async def test_submit_with_unknown_outcome_is_not_resent(tmp_path: Path) -> None
 
 async def test_idempotent_provider_resubmits_safely(tmp_path: Path) -> None:
     """APIMart dedupes by Idempotency-Key, so a submit with unknown outcome is resent and succeeds once."""
-    async with harness(tmp_path) as h:
+    async with harness(tmp_path, run_worker=False) as h:
         task = await h.create(provider="apimart", prompt="p")
+        # Marked before any worker reads the task (a running worker's submit may have read it unmarked: its
+        # reservation then finds the mark and stands back, rightly, for a provider timeout).
         await h.runtime.store.mark_submit_started(task["id"], h.runtime.ctx.clock.now())
-        final = await h.wait_status(task["id"])
+
+        async def finished() -> bool:
+            await h.runtime.worker.drain()
+            return (await h.task(task["id"]))["status"] in ("succeeded", "failed", "canceled")
+        await wait_for(finished, 15, "the task to finish")
+        final = await h.task(task["id"])
         assert final["status"] == "succeeded"
         assert (await h.sim.get("/_sim/stats")).json()["tasks"] == 1
 

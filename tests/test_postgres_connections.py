@@ -301,7 +301,7 @@ async def test_a_group_commit_aborted_for_a_deadlock_is_run_again(
     try:
         await admin.execute("UPDATE tasks SET updated_at = updated_at WHERE id = $1", second)
         # The batch takes the first task's row, then waits for the second's.
-        writing = asyncio.ensure_future(store._write_many(q.CLEAR_SUBMIT_STARTED, [(first,), (second,)]))
+        writing = asyncio.ensure_future(store._write_many(q.CLEAR_SUBMIT_STARTED, [(first, now), (second, now)]))
         async with asyncio.timeout(TIMEOUT):
             while not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                                            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"):

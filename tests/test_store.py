@@ -967,3 +967,19 @@ def test_sqlite_synchronous_takes_normal_or_full(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="storage.sqlite_synchronous: must be one of normal, full"):
         settings_for(tmp_path, RELAY_STORAGE_SQLITE_SYNCHRONOUS="off")
+
+
+async def test_a_canceled_tasks_provider_task_is_noted_once_and_the_note_runs_twice(store: Store,
+                                                                                    clock: ManualClock) -> None:
+    """note_canceled_provider_task is a _change (PostgreSQL runs it again after a lost connection): run twice it
+    answers True twice; another provider task, or a task not canceled, is not noted."""
+    from relay.states import on_cancel
+    task = new_task(clock)
+    await store.create_task(task, [])
+    assert not await store.note_canceled_provider_task(task.id, "prov-1"), "not canceled"
+    assert await store.apply(task.id, on_cancel, clock.now())
+    assert await store.note_canceled_provider_task(task.id, "prov-1")
+    assert await store.note_canceled_provider_task(task.id, "prov-1")
+    assert not await store.note_canceled_provider_task(task.id, "prov-2")
+    loaded = await store.get_task(task.id)
+    assert loaded is not None and loaded.provider_task_id == "prov-1" and loaded.status.value == "canceled"

@@ -21,7 +21,7 @@ async def test_a_backlog_waits_for_room_cheaply_and_never_sends_past_its_deadlin
                        RELAY_POLLING_TASK_TIMEOUT="600") as h:
         ctx, store = h.runtime.ctx, h.runtime.store
         holding = await h.create(provider="gmicloud", prompt="holds the only place")
-        waiting = await h.create(provider="gmicloud", prompt="waits", images=["http://127.0.0.1:9/ref.png"])
+        waiting = await h.create(provider="gmicloud", prompt="waits")
         t0 = clock.now()
         assert await store.mark_submit_started(holding["id"], t0)     # in flight at the provider
         provider = ctx.providers["gmicloud"]
@@ -46,7 +46,9 @@ async def test_a_backlog_waits_for_room_cheaply_and_never_sends_past_its_deadlin
             assert again is not None
             delays.append(again.after)
             job = Job(id="job_w", kind="submit", task_id=waiting["id"], run_at=clock.now(), payload=again.payload)
-        assert costly == [], "a look at a full provider downloaded or spent its rate"
+        # The first run goes straight to its reservation (which counts); once the provider was found full, none
+        # of the looks again downloads the references or takes a token of the provider's rate.
+        assert costly == ["download", "rate"], costly
         assert delays[0] < delays[2] < delays[4] and max(delays) <= IN_FLIGHT_RECHECK_MAX * 1.2, delays
         assert (await h.task(waiting["id"]))["status"] == "pending"
 
@@ -62,7 +64,7 @@ async def test_a_backlog_waits_for_room_cheaply_and_never_sends_past_its_deadlin
         assert await handler.run(job) is None
         failed = await h.task(waiting["id"])
         assert failed["status"] == "failed" and failed["error"]["code"] == "timeout", failed
-        assert "not sent" in failed["error"]["message"] and sent == [] and costly == []
+        assert "not sent" in failed["error"]["message"] and sent == [] and costly == ["download", "rate"]
 
 
 async def test_the_poll_at_the_deadline_asks_the_provider_once_more(tmp_path: Path) -> None:
@@ -92,3 +94,23 @@ def test_the_poll_backoff_stays_finite_however_long_a_task_is_polled(tmp_path: P
     ctx = JobContext(settings=settings_for(tmp_path), store=None, clock=ManualClock(), providers={},  # type: ignore[arg-type]
                      image_store=None, http=None, signer=None, limiters={})  # type: ignore[arg-type]
     assert ctx.next_poll_delay(5000) <= ctx.settings.polling.max_delay * (1 + ctx.settings.polling.jitter)
+
+
+async def test_a_send_that_went_unanswered_past_its_deadline_with_no_room_ends(tmp_path: Path) -> None:
+    """An earlier send went unanswered (the mark stands), the provider dedupes by key, and it is full: past the
+    deadline the task ends as a timeout instead of looking again at once, for as long as the provider is full."""
+    clock = ManualClock()
+    async with harness(tmp_path, run_worker=False, clock=clock, RELAY_PROVIDERS_APIMART_MAX_IN_FLIGHT="1",
+                       RELAY_POLLING_TASK_TIMEOUT="600") as h:
+        ctx, store = h.runtime.ctx, h.runtime.store
+        holding = await h.create(provider="apimart", prompt="holds the only place")
+        unanswered = await h.create(provider="apimart", prompt="sent, no answer")
+        assert await store.mark_submit_started(holding["id"], clock.now())
+        assert await store.mark_submit_started(unanswered["id"], clock.now())
+        clock.advance(601)
+        run = await SubmitHandler(ctx).run(Job(id="job_u", kind="submit", task_id=unanswered["id"],
+                                               run_at=clock.now()))
+        assert run is None
+        failed = await h.task(unanswered["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "timeout", failed
+        assert "earlier send went unanswered" in failed["error"]["message"]

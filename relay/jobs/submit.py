@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 
 from relay import metrics, routing
 from relay.clock import rfc3339
@@ -47,7 +48,6 @@ log = logging.getLogger("relay.jobs.submit")
 
 IN_FLIGHT_RECHECK_SECONDS = 1.0     # the first look again at a provider that had no room, doubling …
 IN_FLIGHT_RECHECK_MAX = 8.0         # … up to this
-ACCEPTED_RECORD_SECONDS = 300.0     # how long an accepted submit's answer is kept trying to be recorded
 UNKNOWN_MESSAGE = ("the submit request reached the provider but no answer came back (timeout or crash); "
                    "it was not resent, to avoid a second charge")
 
@@ -77,10 +77,11 @@ class SubmitHandler:
                     await self._fail(task.id, "timeout", "the task's deadline passed while its provider had no "
                                      "room for it (max_in_flight); it was not sent")
                 return None
-            # A look before anything costs: a backlog's re-checks download no reference image and spend none of
-            # the provider's rate (every waiting task once a second did, starving the polls of running ones).
-            if not await ctx.store.provider_has_room(task.id, task.provider, limit):
-                return self._wait_for_room(job, task)
+            # Once the provider was found full, a look before anything costs: a backlog's re-checks download no
+            # reference image and spend none of the provider's rate (every waiting task once a second did, starving
+            # the polls of running ones). A first run goes straight on: its reservation counts anyway.
+            if job.payload.get("full") and not await ctx.store.provider_has_room(task.id, task.provider, limit):
+                return await self._wait_for_room(job, task)
         request = GenerationRequest.from_dict(task.request)
         try:
             # Before the mark, like the throttle: a dead image host has then certainly sent nothing anywhere.
@@ -106,7 +107,7 @@ class SubmitHandler:
         reservation = await ctx.store.reserve_submit(task.id, task.provider, limit, marked_at,
                                                      seen=task.submit_started_at)
         if reservation == "full":
-            return self._wait_for_room(job, task)
+            return await self._wait_for_room(job, task)
         if reservation == "taken":
             # The task is no longer as this run read it: another run of this job (one of the two stalled past its
             # lease) marked or made the submit, or the provider's task arrived, or the task ended. Sending now
@@ -163,9 +164,10 @@ class SubmitHandler:
         The answer exists only in this run's memory: a run again after a failure here would find the mark with no
         provider task and fail the task as submit_outcome_unknown (or resend it). So a store that cannot be used
         now (relay.outage.is_unavailable: locked, full, a lost connection) is waited out here, with backoff, for
-        up to ACCEPTED_RECORD_SECONDS; any other error goes to the worker as before."""
+        up to half the job's lease (a store down longer cannot extend the lease either, and another run would
+        take the job over); any other error goes to the worker as before."""
         ctx = self.ctx
-        deadline = ctx.clock.now() + ACCEPTED_RECORD_SECONDS
+        deadline = time.monotonic() + ctx.settings.worker.lease_seconds / 2
         for attempt in itertools.count(1):
             try:
                 applied = await ctx.store.apply(task.id, lambda t: on_submitted(t, update), ctx.clock.now(),
@@ -179,17 +181,24 @@ class SubmitHandler:
                     await provider.cancel_quietly(update.provider_task_id)
                 return
             except Exception as exc:
-                if not is_unavailable(exc) or ctx.clock.now() >= deadline:
+                if not is_unavailable(exc) or time.monotonic() >= deadline:
                     raise
                 wait = backoff(attempt, 0.1, 5.0)
                 log.warning("task %s: the provider accepted it (%s) but the store failed to record it (%s); "
                             "trying again in %.1fs", task.id, update.provider_task_id, describe(exc), wait)
                 await asyncio.sleep(wait)
 
-    def _wait_for_room(self, job: Job, task: Task) -> Again:
+    async def _wait_for_room(self, job: Job, task: Task) -> Again | None:
         """The provider already holds all the work we allow it: keep the backlog here instead of a wall of 429s
         there, and look again after IN_FLIGHT_RECHECK_SECONDS, doubling with each look up to
-        IN_FLIGHT_RECHECK_MAX (a long backlog looks less often), never past the task's deadline."""
+        IN_FLIGHT_RECHECK_MAX (a long backlog looks less often), never past the task's deadline; there the task
+        ends (one whose earlier send went unanswered too: it would look again at once, for as long as the
+        provider stays full)."""
+        if task.deadline_at is not None and self.ctx.clock.now() >= task.deadline_at:
+            unanswered = " (an earlier send went unanswered)" if task.submit_started_at is not None else ""
+            await self._fail(task.id, "timeout", "the task's deadline passed while its provider had no room for it "
+                             f"(max_in_flight); it was not sent{unanswered}")
+            return None
         looks = int(job.payload.get("full", 0)) + 1
         delay = min(IN_FLIGHT_RECHECK_MAX, IN_FLIGHT_RECHECK_SECONDS * 2 ** min(looks - 1, 16))
         delay = self.ctx.before_deadline(task, delay * random.uniform(0.8, 1.2))

@@ -215,8 +215,9 @@ class Store(DeliveryCases, ConsoleCases, RetentionCases, RoutingCases, ArchiveCa
     async def note_canceled_provider_task(self, task_id: str, provider_task_id: str) -> bool:
         """The provider accepted a submit for a task canceled while it was on its way: record its task (the task
         stays canceled), so that it can be canceled there and is not left running unknown. False if the task is
-        not canceled, or has a provider task already."""
-        return bool(await self._change(q.NOTE_CANCELED_PROVIDER_TASK + " RETURNING id", (provider_task_id, task_id)))
+        not canceled, or has another provider task already."""
+        return bool(await self._change(q.NOTE_CANCELED_PROVIDER_TASK + " RETURNING id",
+                                       (provider_task_id, task_id, provider_task_id)))
 
     async def clear_submit_started(self, task_id: str, mark: float) -> None:
         """The provider certainly did not accept the submit (refused, 429, 5xx): a resend is safe. Only `mark`, the

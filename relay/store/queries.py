@@ -59,7 +59,7 @@ MARK_SUBMIT_STARTED = (
     "AND status NOT IN ('succeeded', 'failed', 'canceled') AND submit_started_at IS NOT DISTINCT FROM ?")
 # A provider task accepted for a task canceled meanwhile (relay.jobs.submit): kept, to cancel it at the provider.
 NOTE_CANCELED_PROVIDER_TASK = ("UPDATE tasks SET provider_task_id = ? WHERE id = ? AND status = 'canceled' "
-                               "AND provider_task_id IS NULL")
+                               "AND (provider_task_id IS NULL OR provider_task_id = ?)")     # safe to run twice
 # Only the mark the caller made (a run that outlived its lease must not clear the mark of the run that took over).
 CLEAR_SUBMIT_STARTED = ("UPDATE tasks SET submit_started_at = NULL WHERE id = ? AND provider_task_id IS NULL "
                         "AND submit_started_at = ?")
