@@ -352,7 +352,14 @@ class SQLiteStore(Store):
     async def _connect(self) -> aiosqlite.Connection:
         # check_same_thread off: the writer's short work also runs on the event loop's thread (_tx_on_loop),
         # never while its own thread uses it (the writer's lock is held until the thread's work is done).
-        conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        pending = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn = await pending
+        except BaseException:
+            # aiosqlite stops its connection's thread after a failed connect without waiting for it: a loop that
+            # closes meanwhile (relay exiting with "cannot start") made the thread print a traceback.
+            await asyncio.to_thread(pending._thread.join, 5.0)
+            raise
         try:
             conn.row_factory = aiosqlite.Row
             await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")   # first: the PRAGMAs below may meet a lock
