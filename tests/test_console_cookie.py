@@ -6,21 +6,27 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.harness import API_KEY, harness
+from tests.harness import API_KEY, Harness, harness
+
+
+async def _log_in(h: Harness, origin: str) -> httpx.Response:
+    """The login form read, then posted from `origin` with the form's nonce and cookie."""
+    form = await h.api.get("/console/login", headers={"authorization": ""})
+    nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+    assert nonce, form.text
+    # Sent back by hand: a cookie jar keeps a Secure cookie away from http://, as browsers do.
+    sent = "; ".join(v.split(";", 1)[0] for k, v in form.headers.multi_items() if k == "set-cookie")
+    h.api.cookies.clear()
+    return await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
+                            headers={"authorization": "", "origin": origin, "cookie": sent})
 
 
 async def _login_cookie(tmp_path: Path, **env: str) -> str:
     async with harness(tmp_path, run_worker=False, **env) as h:
-        form = await h.api.get("/console/login", headers={"authorization": ""})
-        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
-        assert nonce, form.text
-        # Sent back by hand: a cookie jar keeps a Secure cookie away from http://, as browsers do.
-        sent = "; ".join(v.split(";", 1)[0] for k, v in form.headers.multi_items() if k == "set-cookie")
-        h.api.cookies.clear()
-        answer = await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
-                                  headers={"authorization": "", "origin": "http://relay.test", "cookie": sent})
+        answer = await _log_in(h, "http://relay.test")
         assert answer.status_code == 303, answer.text
         [cookie] = [v for k, v in answer.headers.multi_items() if k == "set-cookie" and "relay_session=" in v]
         return cookie.lower()
@@ -43,11 +49,5 @@ async def test_a_proxy_that_hands_relay_another_host_keeps_the_console_forms_wor
     """Behind a proxy that passes its upstream's name as Host (here relay.test), a browser's form posts name
     server.public_url's origin: the login is accepted from it and from the Host's, refused from anyone else's."""
     async with harness(tmp_path, run_worker=False, RELAY_SERVER_PUBLIC_URL="https://relay.example") as h:
-        form = await h.api.get("/console/login", headers={"authorization": ""})
-        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
-        assert nonce, form.text
-        sent = "; ".join(v.split(";", 1)[0] for k, v in form.headers.multi_items() if k == "set-cookie")
-        h.api.cookies.clear()
-        answer = await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
-                                  headers={"authorization": "", "origin": origin, "cookie": sent})
+        answer = await _log_in(h, origin)
         assert (answer.status_code == 303) is accepted, (answer.status_code, answer.text[:200])

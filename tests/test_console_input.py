@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import API_KEY, harness
+from tests.harness import API_KEY, Harness, harness
 
 JUNK = ["garbage", "../../etc/passwd", "\x00", "%00", "tsk_" + "Z" * 40, "'; DROP TABLE tasks; --", "😀" * 50,
         "9" * 400, ""]
@@ -23,15 +23,20 @@ FORMS = ["/console/tasks/{}/cancel", "/console/deliveries/{}/retry", "/console/s
 FIELDS = ["url", "events", "description", "since", "status", "delivery", "back", "signing"]
 
 
+async def log_in(h: Harness) -> None:
+    """Into the console as a browser would (its session cookie kept by h.api; no API key sent from then on)."""
+    h.api.headers.pop("authorization")
+    form = await h.api.get("/console/login")
+    nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+    assert nonce
+    logged = await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
+                              headers={"origin": "http://relay.test"})
+    assert logged.status_code == 303
+
+
 async def test_junk_in_every_page_and_form_is_never_a_500(tmp_path: Path) -> None:
     async with harness(tmp_path, run_worker=False) as h:
-        h.api.headers.pop("authorization")
-        form = await h.api.get("/console/login")
-        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
-        assert nonce
-        logged = await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
-                                  headers={"origin": "http://relay.test"})
-        assert logged.status_code == 303
+        await log_in(h)
         page = await h.api.get("/console/subscriptions")
         csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
         assert csrf
@@ -96,13 +101,7 @@ async def test_a_task_page_with_more_deliveries_than_it_shows_says_so(tmp_path: 
             assert made.status_code == 201, made.text
         task = await h.create(provider="gmicloud", prompt="p")
         await h.wait_status(task["id"])
-        h.api.headers.pop("authorization")
-        form = await h.api.get("/console/login")
-        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
-        assert nonce
-        logged = await h.api.post("/console/login", data={"credential": API_KEY, "nonce": nonce.group(1)},
-                                  headers={"origin": "http://relay.test"})
-        assert logged.status_code == 303
+        await log_in(h)
         page = await h.api.get(f"/console/tasks/{task['id']}")
         assert page.status_code == 200
         assert "Only the newest 2 deliveries are shown" in page.text

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from relay import ids
 from relay.clock import ManualClock, SystemClock
@@ -13,13 +18,57 @@ from relay.deliveries.models import Keys, Subscription
 from relay.deliveries.secrets import SecretBox
 from relay.deliveries.service import DeliveryService
 from relay.links import Signer
-from relay.models import Task, TaskStatus
+from relay.models import Job, Task, TaskStatus
 from relay.netguard import NetGuard
 from relay.states import Transition
 from relay.store.sqlite import SQLiteStore
 from tests.delivery_harness import delivery_harness
 from tests.harness import wait_for
 from tests.sink import Sink
+
+
+@dataclass
+class RefusedSubscriber:
+    """One process's delivery service on SQLite with one subscription whose name turns private after it is made
+    (every attempt is refused by the SSRF guard at once: no network needed), and a task of `events` transitions:
+    their deliver jobs claimed."""
+
+    store: SQLiteStore
+    service: DeliveryService
+    sub_id: str
+    jobs: list[Job]
+
+
+@contextlib.asynccontextmanager
+async def refused_subscriber(tmp_path: Path, *, shared_lanes: bool,
+                             events: int = 1) -> AsyncIterator[RefusedSubscriber]:
+    answers = iter([["93.184.216.34"]])     # public when the subscription is made, then refused by the guard
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return next(answers, ["10.0.0.5"])
+
+    settings = load_settings(None, {"RELAY_NETWORK_ALLOW": "", "RELAY_STORAGE_DATA_DIR": str(tmp_path),
+                                    "RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": "1"})
+    store = SQLiteStore(tmp_path / "relay.db")
+    await store.open()
+    clock = ManualClock()
+    service = DeliveryService(settings, store, clock, guard=NetGuard((), resolver=resolver), signer=Signer("s" * 40),
+                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43, shared_lanes=shared_lanes)
+    try:
+        from relay.validation import parse_subscription_input
+        sub, _ = await service.create_subscription(
+            parse_subscription_input({"url": "http://hooks.example/h"}, partial=False))
+        now = clock.now()
+        task = Task(id=ids.new_id("tsk", now), provider="evolink", request={"prompt": "p"}, created_at=now,
+                    updated_at=now)
+        await store.create_task(task, [])
+        for status in (TaskStatus.QUEUED, TaskStatus.RUNNING)[:events]:
+            await store.apply(task.id, lambda t, s=status: Transition(s, f"task.{s.value}"), now)
+        jobs = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
+        yield RefusedSubscriber(store, service, sub.id, jobs)
+    finally:
+        await service.close()
+        await store.close()
 
 
 async def test_a_slow_subscriber_does_not_delay_a_fast_one(tmp_path: Path) -> None:
@@ -120,141 +169,65 @@ async def test_a_shared_slot_the_database_fails_to_give_leaves_the_process_lane_
     """Replicas (shared lanes): taking the subscriber's slot in the database raises (the database is down). The
     job fails to the worker's backoff, and this process's own lane is given back: with a cap of 1, the next run
     sends at once instead of finding its lane held forever and parking."""
-    answers = iter([["93.184.216.34"]])     # public when the subscription is made, then refused by the guard:
+    async with refused_subscriber(tmp_path, shared_lanes=True) as r:
+        real_take = r.store.take_lane_slot
 
-    async def resolver(host: str, port: int) -> list[str]:
-        return next(answers, ["10.0.0.5"])      # the attempt fails at once, no network needed
-
-    settings = load_settings(None, {"RELAY_NETWORK_ALLOW": "", "RELAY_STORAGE_DATA_DIR": str(tmp_path),
-                                    "RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": "1"})
-    store = SQLiteStore(tmp_path / "relay.db")
-    await store.open()
-    clock = ManualClock()
-    service = DeliveryService(settings, store, clock, guard=NetGuard((), resolver=resolver), signer=Signer("s" * 40),
-                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43, shared_lanes=True)
-    real_take = store.take_lane_slot
-
-    async def down(*args: object, **kwargs: object) -> int | None:
-        raise ConnectionError("the database went away")
-    try:
-        from relay.validation import parse_subscription_input
-        await service.create_subscription(parse_subscription_input({"url": "http://hooks.example/h"}, partial=False))
-        now = clock.now()
-        task = Task(id=ids.new_id("tsk", now), provider="evolink", request={"prompt": "p"}, created_at=now,
-                    updated_at=now)
-        await store.create_task(task, [])
-        await store.apply(task.id, lambda t: Transition(TaskStatus.QUEUED, "task.queued"), now)
-        [job] = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
-        handler = DeliverHandler(service)
-        store.take_lane_slot = down  # type: ignore[method-assign]
-        try:
+        async def down(*args: object, **kwargs: object) -> int | None:
+            raise ConnectionError("the database went away")
+        [job] = r.jobs
+        handler = DeliverHandler(r.service)
+        r.store.take_lane_slot = down  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
             await handler.run(job)
-        except ConnectionError:
-            pass
-        else:
-            raise AssertionError("the database's failure was swallowed")
-        store.take_lane_slot = real_take  # type: ignore[method-assign]
+        r.store.take_lane_slot = real_take  # type: ignore[method-assign]
         assert await handler.run(job) is None, "the lane was still held: the delivery parked"
-        [delivery] = (await store.list_deliveries(subscription_id=None, status=None, task_id=None, event_id=None,
-                                                  limit=10, cursor=None))[0]
+        [delivery] = (await r.store.list_deliveries(subscription_id=None, status=None, task_id=None, event_id=None,
+                                                    limit=10, cursor=None))[0]
         assert delivery.status == "failed" and delivery.attempts == 1
-    finally:
-        await service.close()
-        await store.close()
 
 
 async def test_the_shared_slot_goes_back_with_the_record_or_alone_when_the_record_fails(tmp_path: Path) -> None:
     """Replicas (shared lanes): the subscriber's slot in the database is given back with the attempt's record. When
     recording raises (the database went away after the send), the slot is given back on its own: the next run, or
     another replica, finds it free at once rather than after the slot's lease (2 × timeout + 10 s)."""
-    answers = iter([["93.184.216.34"]])     # public when the subscription is made, then refused by the guard
+    async with refused_subscriber(tmp_path, shared_lanes=True, events=2) as r:
+        store, now = r.store, time.time()
+        real_record = store.record_attempt
 
-    async def resolver(host: str, port: int) -> list[str]:
-        return next(answers, ["10.0.0.5"])
-
-    settings = load_settings(None, {"RELAY_NETWORK_ALLOW": "", "RELAY_STORAGE_DATA_DIR": str(tmp_path),
-                                    "RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": "1"})
-    store = SQLiteStore(tmp_path / "relay.db")
-    await store.open()
-    clock = ManualClock()
-    service = DeliveryService(settings, store, clock, guard=NetGuard((), resolver=resolver), signer=Signer("s" * 40),
-                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43, shared_lanes=True)
-    real_record = store.record_attempt
-
-    async def down(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("the database went away")
-    try:
-        from relay.validation import parse_subscription_input
-        sub, _ = await service.create_subscription(
-            parse_subscription_input({"url": "http://hooks.example/h"}, partial=False))
-        now = clock.now()
-        task = Task(id=ids.new_id("tsk", now), provider="evolink", request={"prompt": "p"}, created_at=now,
-                    updated_at=now)
-        await store.create_task(task, [])
-        await store.apply(task.id, lambda t: Transition(TaskStatus.QUEUED, "task.queued"), now)
-        await store.apply(task.id, lambda t: Transition(TaskStatus.RUNNING, "task.running"), now)
-        first, second = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
-        handler = DeliverHandler(service)
+        async def down(*args: object, **kwargs: object) -> None:
+            raise ConnectionError("the database went away")
+        first, second = r.jobs
+        handler = DeliverHandler(r.service)
         store.record_attempt = down  # type: ignore[method-assign]
-        try:
+        with pytest.raises(ConnectionError):
             await handler.run(first)
-        except ConnectionError:
-            pass
-        else:
-            raise AssertionError("the database's failure was swallowed")
         store.record_attempt = real_record  # type: ignore[method-assign]
-        assert await store.take_lane_slot(sub.id, 1, "dlv_probe", now, 30.0) == 0, "the slot was still held"
-        await store.release_lane_slot(sub.id, 0, "dlv_probe")
+        assert await store.take_lane_slot(r.sub_id, 1, "dlv_probe", now, 30.0) == 0, "the slot was still held"
+        await store.release_lane_slot(r.sub_id, 0, "dlv_probe")
         assert await handler.run(second) is None, "the lane was still held: the delivery parked"
-        assert await store.take_lane_slot(sub.id, 1, "dlv_probe", now, 30.0) == 0, "not given back with the record"
-        [done] = [d for d in (await store.list_deliveries(subscription_id=sub.id, status=None, task_id=None,
+        assert await store.take_lane_slot(r.sub_id, 1, "dlv_probe", now, 30.0) == 0, "not given back with the record"
+        [done] = [d for d in (await store.list_deliveries(subscription_id=r.sub_id, status=None, task_id=None,
                                                           event_id=None, limit=10, cursor=None))[0]
                   if d.id == second.payload["delivery_id"]]
         assert done.status == "failed" and done.attempts == 1
-    finally:
-        await service.close()
-        await store.close()
 
 
 async def test_without_shared_lanes_the_lane_is_free_while_the_attempt_is_recorded(tmp_path: Path) -> None:
     """One process (SQLite): the subscriber's lane is given back as soon as the answer is in, not after the record
     (which waits for the store's one writer): the next delivery to it goes out meanwhile."""
     import asyncio
-    answers = iter([["93.184.216.34"]])
+    async with refused_subscriber(tmp_path, shared_lanes=False) as r:
+        real_record = r.store.record_attempt
+        recording, go_on = asyncio.Event(), asyncio.Event()
 
-    async def resolver(host: str, port: int) -> list[str]:
-        return next(answers, ["10.0.0.5"])
-
-    settings = load_settings(None, {"RELAY_NETWORK_ALLOW": "", "RELAY_STORAGE_DATA_DIR": str(tmp_path),
-                                    "RELAY_DELIVERIES_CONCURRENCY_PER_SUBSCRIPTION": "1"})
-    store = SQLiteStore(tmp_path / "relay.db")
-    await store.open()
-    clock = ManualClock()
-    service = DeliveryService(settings, store, clock, guard=NetGuard((), resolver=resolver), signer=Signer("s" * 40),
-                              box=SecretBox("k" * 32), task_secret="whsec_" + "A" * 43)
-    real_record = store.record_attempt
-    recording, go_on = asyncio.Event(), asyncio.Event()
-
-    async def slow_record(*args: object, **kwargs: object) -> object:
-        recording.set()
-        await go_on.wait()
-        return await real_record(*args, **kwargs)  # type: ignore[arg-type]
-    try:
-        from relay.validation import parse_subscription_input
-        sub, _ = await service.create_subscription(
-            parse_subscription_input({"url": "http://hooks.example/h"}, partial=False))
-        now = clock.now()
-        task = Task(id=ids.new_id("tsk", now), provider="evolink", request={"prompt": "p"}, created_at=now,
-                    updated_at=now)
-        await store.create_task(task, [])
-        await store.apply(task.id, lambda t: Transition(TaskStatus.QUEUED, "task.queued"), now)
-        [job] = await store.claim(now, limit=10, lease_seconds=30, kinds=["deliver"])
-        store.record_attempt = slow_record  # type: ignore[method-assign]
-        running = asyncio.create_task(DeliverHandler(service).run(job))
+        async def slow_record(*args: object, **kwargs: object) -> object:
+            recording.set()
+            await go_on.wait()
+            return await real_record(*args, **kwargs)  # type: ignore[arg-type]
+        [job] = r.jobs
+        r.store.record_attempt = slow_record  # type: ignore[method-assign]
+        running = asyncio.create_task(DeliverHandler(r.service).run(job))
         await asyncio.wait_for(recording.wait(), 10)
-        assert service.lanes.in_flight(sub.id) == 0, "the lane was held through the record"
+        assert r.service.lanes.in_flight(r.sub_id) == 0, "the lane was held through the record"
         go_on.set()
         assert await asyncio.wait_for(running, 10) is None
-    finally:
-        await service.close()
-        await store.close()
