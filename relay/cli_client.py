@@ -84,8 +84,8 @@ class RelayClient(httpx.Client):
 
 def connect(settings: Settings, *, url: str | None, key: str | None) -> RelayClient:
     """A client for relay at `url` (default: the configured host and port, over HTTPS when relay serves TLS) with
-    the API key found by `api_key`. TLS certificates are checked, always: against the system's authorities and,
-    when set, the configured server.ssl_certfile (a `relay dev-cert` certificate is its own authority)."""
+    the API key found by `api_key`. TLS certificates are checked, always: against certifi's authorities (httpx's
+    default) and, when set, the configured server.ssl_certfile (a `relay dev-cert` certificate is its own)."""
     server = settings.server
     verify: ssl.SSLContext | bool = True
     if server.ssl_certfile:     # relay's own certificate (a dev-cert one is its own authority), whatever the URL
@@ -98,12 +98,14 @@ def connect(settings: Settings, *, url: str | None, key: str | None) -> RelayCli
         except (OSError, ssl.SSLError) as exc:
             if url is None:     # relay's own address, over HTTPS, needs it
                 raise CliError(f"server.ssl_certfile {server.ssl_certfile!r} cannot be read: {exc}") from None
-    if url is None:
+    if url is not None:
+        base = url
+    elif server.ssl_certfile and server.public_url.startswith("https://"):
+        base = server.public_url        # the name relay's certificate is for (not the address it listens on)
+    else:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
         host = f"[{host}]" if ":" in host else host
         base = f"{'https' if server.ssl_certfile else 'http'}://{host}:{server.port}"
-    else:
-        base = url
     try:
         return RelayClient(base_url=base, headers={"authorization": f"Bearer {api_key(key, settings)}"},
                            timeout=30, verify=verify)

@@ -74,6 +74,10 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 _SQLITE_BUSY = frozenset({5, 6})      # SQLITE_BUSY, SQLITE_LOCKED: another process holds the file now
+# A server not up yet, or a network not up yet (a machine still booting). Not a bare ConnectionError without an
+# errno: asyncpg raises one for a server that refuses the TLS it was asked for (sslmode), a setting.
+_NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                             errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.ETIMEDOUT})
 
 
 def unreachable_at_start(exc: BaseException) -> bool:
@@ -86,8 +90,10 @@ def unreachable_at_start(exc: BaseException) -> bool:
         return code is not None and code & 0xFF in _SQLITE_BUSY
     if isinstance(exc, socket.gaierror):
         return exc.errno == socket.EAI_AGAIN
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, TimeoutError) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS):
         return True
+    if isinstance(exc, OSError) and exc.errno is None and str(exc).startswith("Multiple exceptions"):
+        return True     # asyncio's connect to a name with several addresses (localhost: ::1 and 127.0.0.1), all down
     if type(exc).__module__.startswith("asyncpg"):
         import asyncpg
         return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,

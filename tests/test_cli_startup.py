@@ -87,10 +87,14 @@ def test_what_counts_as_a_database_to_wait_for_at_start() -> None:
     busy.sqlite_errorcode = 5  # type: ignore[attr-defined]
     cantopen = sqlite3.OperationalError("unable to open database file")
     cantopen.sqlite_errorcode = 14  # type: ignore[attr-defined]
-    waits = [ConnectionRefusedError(111, "refused"), TimeoutError(), socket.gaierror(socket.EAI_AGAIN, "again"),
+    import errno
+    waits = [ConnectionRefusedError(errno.ECONNREFUSED, "refused"), TimeoutError(),
+             socket.gaierror(socket.EAI_AGAIN, "again"), OSError(errno.EHOSTUNREACH, "no route"),
+             OSError("Multiple exceptions: [Errno 111] …, [Errno 99] …"),
              asyncpg.CannotConnectNowError("starting up"), asyncpg.TooManyConnectionsError("too many"), busy]
     stops = [socket.gaierror(socket.EAI_NONAME, "no such host"), asyncpg.InvalidPasswordError("wrong"),
              asyncpg.InvalidCatalogNameError("no such database"), asyncpg.ClientConfigurationError("bad sslmode"),
+             ConnectionError("PostgreSQL server at \"db:5432\" rejected SSL upgrade"),
              cantopen, PermissionError(13, "denied")]
     assert [unreachable_at_start(e) for e in waits] == [True] * len(waits)
     assert [unreachable_at_start(e) for e in stops] == [False] * len(stops)

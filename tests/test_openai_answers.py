@@ -32,7 +32,7 @@ async def test_a_failure_once_the_task_exists_names_it_and_is_not_retried(tmp_pa
 
         async def unreadable(key: str) -> Any:
             raise ArchiveError("the bucket is unreachable", code="image_store_unavailable")
-        store.open = unreadable  # type: ignore[method-assign]
+        store.stat = unreadable  # type: ignore[method-assign]
         answer = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "p", "response_format": "b64_json"})
         error = assert_openai_error(answer, 503, "image_store_unavailable")
         assert (await h.task(error["task_id"]))["status"] == "succeeded"
@@ -40,7 +40,7 @@ async def test_a_failure_once_the_task_exists_names_it_and_is_not_retried(tmp_pa
 
         async def broken(key: str) -> Any:
             raise RuntimeError("a bug")
-        store.open = broken  # type: ignore[method-assign]
+        store.stat = broken  # type: ignore[method-assign]
         answer = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "q", "response_format": "b64_json"})
         error = assert_openai_error(answer, 500, "internal_error")
         assert error["type"] == "server_error" and error["task_id"].startswith("tsk_") and "a bug" not in answer.text
@@ -103,8 +103,8 @@ async def test_the_streamed_answer_is_one_json_document_with_every_images_bytes(
 
 
 async def test_an_answer_cut_short_lets_go_of_every_image_it_opened(tmp_path: Path) -> None:
-    """The second image's read fails mid-answer: the answer ends short, and every image found for it, the ones
-    not read yet too, is let go of (a bucket's open stream each)."""
+    """The second image's read fails mid-answer: the answer ends short, every image it opened is let go of (a
+    bucket's open stream each), and the third is never opened (each is opened when its turn comes)."""
     from collections.abc import AsyncGenerator
 
     from relay.images.store import StoredImage
@@ -139,4 +139,5 @@ async def test_an_answer_cut_short_lets_go_of_every_image_it_opened(tmp_path: Pa
             assert cut.status_code == 200
             with pytest.raises(ValueError):
                 cut.json()
-        assert sorted(set(closed)) == [0, 1, 2], closed
+        assert sorted(set(closed)) == [0, 1], closed
+        assert next(opened) == 2, "the third image was opened before its turn"

@@ -114,3 +114,25 @@ async def test_a_send_that_went_unanswered_past_its_deadline_with_no_room_ends(t
         failed = await h.task(unanswered["id"])
         assert failed["status"] == "failed" and failed["error"]["code"] == "timeout", failed
         assert "earlier send went unanswered" in failed["error"]["message"]
+
+
+async def test_a_backlog_moves_on_when_its_providers_circuit_opens(tmp_path: Path) -> None:
+    """Tasks with a provider list wait for room at the first; its circuit then opens: their next look moves them
+    to the next provider (the room look must not keep them from the circuit's, failing them at their deadline)."""
+    clock = ManualClock()
+    async with harness(tmp_path, run_worker=False, clock=clock, RELAY_PROVIDERS_GMICLOUD_MAX_IN_FLIGHT="1") as h:
+        ctx, store = h.runtime.ctx, h.runtime.store
+        holding = await h.create(provider="gmicloud", prompt="holds the only place")
+        assert await store.mark_submit_started(holding["id"], clock.now())
+        waiting = await h.create(provider=["gmicloud", "apimart"], prompt="waits, then moves on")
+        handler = SubmitHandler(ctx)
+        again = await handler.run(Job(id="job_m", kind="submit", task_id=waiting["id"], run_at=clock.now()))
+        assert again is not None and again.payload.get("full") == 1
+        f = ctx.settings.failover
+        for _ in range(f.breaker_threshold):
+            await store.circuit_failed("gmicloud", "503", clock.now(), threshold=f.breaker_threshold,
+                                       cooldown=f.breaker_cooldown)
+        await handler.run(Job(id="job_m", kind="submit", task_id=waiting["id"], run_at=clock.now(),
+                              payload=again.payload))
+        moved = await h.task(waiting["id"])
+        assert moved["provider"] == "apimart", moved

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import time
 
 from relay import metrics, routing
@@ -65,23 +64,32 @@ class SubmitHandler:
         if task.submit_started_at is not None and not provider.caps.idempotent_submit:
             return await self._outcome_unknown(task, provider, task.submit_started_at)
         limit = ctx.settings.providers[task.provider].max_in_flight
-        if task.submit_started_at is None:
-            # Never sent: one that waited past its deadline (a backlog behind max_in_flight, an outage) ends here
-            # rather than being sent, billed, and failed at its first poll.
-            if task.deadline_at is not None and ctx.clock.now() >= task.deadline_at:
-                last_error = job.payload.get("last_error")
-                if last_error:      # the provider did not accept it, time after time (_again_later)
-                    await self._fail(task.id, "provider_unavailable",
-                                     f"could not submit to the provider before the task's deadline: {last_error}")
-                else:
-                    await self._fail(task.id, "timeout", "the task's deadline passed while its provider had no "
-                                     "room for it (max_in_flight); it was not sent")
-                return None
-            # Once the provider was found full, a look before anything costs: a backlog's re-checks download no
-            # reference image and spend none of the provider's rate (every waiting task once a second did, starving
-            # the polls of running ones). A first run goes straight on: its reservation counts anyway.
-            if job.payload.get("full") and not await ctx.store.provider_has_room(task.id, task.provider, limit):
-                return await self._wait_for_room(job, task)
+        # A submit that may already have been accepted (sent and unanswered, or a crash mid-send: the mark is
+        # still set) pins the task to its provider: moving on, or skipping it for its circuit, could have two
+        # providers make (and bill) it. Only a resend to the same provider with the same key, or the
+        # outcome-unknown failure, is safe from here.
+        uncertain = task.submit_started_at is not None
+        if task.deadline_at is not None and ctx.clock.now() >= task.deadline_at:
+            # Past its deadline a task is not sent (again): it would be billed, and failed at its first poll. One
+            # that waited behind max_in_flight or an outage ends here, with the reason it waited.
+            last_error = job.payload.get("last_error")
+            if last_error:      # the provider did not accept it, time after time (_again_later)
+                await self._fail(task.id, "provider_unavailable",
+                                 f"could not submit to the provider before the task's deadline: {last_error}")
+            else:
+                await self._fail(task.id, "timeout", self._deadline_passed(task, "its provider had no room for it "
+                                                                                 "(max_in_flight)"))
+            return None
+        following = None if uncertain else routing.next_provider(task)
+        cooldown = ctx.settings.failover.breaker_cooldown
+        if following is not None and not await ctx.store.circuit_admit(task.provider, ctx.clock.now(), cooldown):
+            return await self._fail_over(task, following, "skipped",
+                                         f"{task.provider}'s circuit is open after repeated failures", mark=None)
+        # Once the provider was found full, a look before anything costs: a backlog's re-checks download no
+        # reference image and spend none of the provider's rate (every waiting task once a second did, starving
+        # the polls of running ones). A first run goes straight on: its reservation counts anyway.
+        if job.payload.get("full") and not await ctx.store.provider_has_room(task.id, task.provider, limit):
+            return await self._wait_for_room(job, task)
         request = GenerationRequest.from_dict(task.request)
         try:
             # Before the mark, like the throttle: a dead image host has then certainly sent nothing anywhere.
@@ -92,16 +100,6 @@ class SubmitHandler:
                 raise
             await self._fail(task.id, exc.code, exc.message)
             return None
-        # A submit that may already have been accepted (sent and unanswered, or a crash mid-send: the mark is
-        # still set) pins the task to its provider: moving on, or skipping it for its circuit, could have two
-        # providers make (and bill) it. Only a resend to the same provider with the same key, or the
-        # outcome-unknown failure, is safe from here.
-        uncertain = task.submit_started_at is not None
-        following = None if uncertain else routing.next_provider(task)
-        cooldown = ctx.settings.failover.breaker_cooldown
-        if following is not None and not await ctx.store.circuit_admit(task.provider, ctx.clock.now(), cooldown):
-            return await self._fail_over(task, following, "skipped",
-                                         f"{task.provider}'s circuit is open after repeated failures", mark=None)
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
         marked_at = ctx.clock.now()           # this run's mark: what it may clear or fail over from
         reservation = await ctx.store.reserve_submit(task.id, task.provider, limit, marked_at,
@@ -192,17 +190,21 @@ class SubmitHandler:
         """The provider already holds all the work we allow it: keep the backlog here instead of a wall of 429s
         there, and look again after IN_FLIGHT_RECHECK_SECONDS, doubling with each look up to
         IN_FLIGHT_RECHECK_MAX (a long backlog looks less often), never past the task's deadline; there the task
-        ends (one whose earlier send went unanswered too: it would look again at once, for as long as the
-        provider stays full)."""
+        ends (it would look again at once, for as long as the provider stays full)."""
         if task.deadline_at is not None and self.ctx.clock.now() >= task.deadline_at:
-            unanswered = " (an earlier send went unanswered)" if task.submit_started_at is not None else ""
-            await self._fail(task.id, "timeout", "the task's deadline passed while its provider had no room for it "
-                             f"(max_in_flight); it was not sent{unanswered}")
+            await self._fail(task.id, "timeout", self._deadline_passed(task, "its provider had no room for it "
+                                                                             "(max_in_flight)"))
             return None
         looks = int(job.payload.get("full", 0)) + 1
-        delay = min(IN_FLIGHT_RECHECK_MAX, IN_FLIGHT_RECHECK_SECONDS * 2 ** min(looks - 1, 16))
-        delay = self.ctx.before_deadline(task, delay * random.uniform(0.8, 1.2))
+        delay = self.ctx.before_deadline(task, backoff(looks, IN_FLIGHT_RECHECK_SECONDS, IN_FLIGHT_RECHECK_MAX))
         return Again(delay, payload={**job.payload, "full": looks})
+
+    @staticmethod
+    def _deadline_passed(task: Task, waiting: str) -> str:
+        if task.submit_started_at is not None:
+            return (f"the task's deadline passed while {waiting}; an earlier send went unanswered, and was not "
+                    "sent again")
+        return f"the task's deadline passed while {waiting}; it was not sent"
 
     async def _again_later(self, job: Job, task: Task, exc: ProviderUnavailable, delay: float) -> Again | None:
         """The provider is unavailable (429, 5xx, no connection, junk): submit again after `delay` (_delay: backoff

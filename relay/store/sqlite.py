@@ -358,7 +358,10 @@ class SQLiteStore(Store):
         except BaseException:
             # aiosqlite stops its connection's thread after a failed connect without waiting for it: a loop that
             # closes meanwhile (relay exiting with "cannot start") made the thread print a traceback.
-            await asyncio.to_thread(pending._thread.join, 5.0)
+            thread = getattr(pending, "_thread", None)      # aiosqlite 0.22's own; before it, it was the thread
+            join = getattr(thread if thread is not None else pending, "join", None)
+            if join is not None:
+                await asyncio.to_thread(join, 5.0)
             raise
         try:
             conn.row_factory = aiosqlite.Row

@@ -297,44 +297,37 @@ async def images_response(request: Request, task: Task, response_format: str | N
     it), code written for URLs reads url. The body is streamed: each image's base64 is made from its file a
     piece at a time (ten images of several MB each, held whole, raw and encoded, at every request waiting at
     once, was gigabytes). Every image is found in the store before the answer starts, so a missing one or a
-    store that cannot be asked is still an error answer; a read that fails later (a disk error, a bucket's
-    stream cut) ends the answer short, like any cut connection."""
+    store that cannot be asked is still an error answer; each is opened only when its turn comes (a bucket's
+    stream opened early could time out while a slow client reads the ones before it). A read that fails later
+    (a disk error, a bucket's stream cut) ends the answer short, like any cut connection."""
     make_url = image_url_maker(request)
     store = runtime_of(request).ctx.image_store
     images = sorted(task.images, key=lambda image: image.index)
-    items: list[tuple[dict[str, Any], StoredImage | None]] = []
-    try:
-        for image in images:
-            item: dict[str, Any] = {}
-            if response_format in (None, "url"):
-                item["url"] = make_url(image.id)
-            body = await open_image(store, image.path) if response_format in (None, "b64_json") else None
-            items.append((item, body))
-    except BaseException:
-        for _, opened in items:
-            if opened is not None:
-                await opened.aclose()
-        raise
+    items: list[tuple[dict[str, Any], str | None]] = []
+    for image in images:
+        item: dict[str, Any] = {}
+        if response_format in (None, "url"):
+            item["url"] = make_url(image.id)
+        path = None
+        if response_format in (None, "b64_json"):
+            if image.path is None or await store.stat(image.path) is None:
+                raise _image_missing()
+            path = image.path
+        items.append((item, path))
     rest = _response_fields(task, images)
 
     async def pieces() -> AsyncIterator[bytes]:
-        try:
-            yield b'{"created":' + str(int(task.created_at)).encode() + b',"data":['
-            for n, (item, body) in enumerate(items):
-                head = jsontext.http_body(item)[:-1]        # the object without its closing brace
-                yield (b"," if n else b"") + head
-                if body is not None:
-                    yield (b"," if item else b"") + b'"b64_json":"'
-                    async for encoded in _base64_pieces(body):
-                        yield encoded
-                    yield b'"'
-                yield b"}"
-            yield b"]" + (b"," + jsontext.http_body(rest)[1:] if rest else b"}")
-        finally:
-            # A client gone, or a read that failed: the images not read yet let go of (a bucket's open streams).
-            for _, body in items:
-                if body is not None:
-                    await body.aclose()
+        yield b'{"created":' + str(int(task.created_at)).encode() + b',"data":['
+        for n, (item, path) in enumerate(items):
+            head = jsontext.http_body(item)[:-1]        # the object without its closing brace
+            yield (b"," if n else b"") + head
+            if path is not None:
+                yield (b"," if item else b"") + b'"b64_json":"'
+                async for encoded in _base64_pieces(await open_image(store, path)):
+                    yield encoded
+                yield b'"'
+            yield b"}"
+        yield b"]" + (b"," + jsontext.http_body(rest)[1:] if rest else b"}")
     return StreamingResponse(pieces(), media_type="application/json", headers=task_headers(task.id))
 
 
@@ -362,12 +355,16 @@ def _response_fields(task: Task, images: list[Any]) -> dict[str, Any]:
     return out
 
 
-async def open_image(store: ImageStore, path: str | None) -> StoredImage:
-    body = await store.open(path) if path is not None else None
+async def open_image(store: ImageStore, path: str) -> StoredImage:
+    body = await store.open(path)
     if body is None:
-        raise OpenAIError(500, "an archived image is missing from the image store", type="server_error",
-                          code="image_missing")
+        raise _image_missing()
     return body
+
+
+def _image_missing() -> OpenAIError:
+    return OpenAIError(500, "an archived image is missing from the image store", type="server_error",
+                       code="image_missing")
 
 
 async def _base64_pieces(body: StoredImage) -> AsyncIterator[bytes]:

@@ -27,7 +27,8 @@ ULID_PATTERN = "[0-9A-HJKMNP-TV-Z]{26}"
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "The body is not JSON", 401: "Missing or invalid API key", 404: "Not found", 409: "Conflict",
             413: "Payload too large", 415: "The body is not sent as JSON (Content-Type; none is taken as JSON)",
-            422: "Invalid or unsupported request (the field is named)", 500: "Internal error"}
+            422: "Invalid or unsupported request (the field is named)", 500: "Internal error",
+            503: "The image store cannot be read now (image_store_unavailable; Retry-After)"}
     return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
 
 
@@ -189,7 +190,7 @@ def openapi_document(runtime: Runtime) -> dict[str, Any]:
                 "parameters": [_path("image_id"), _query("exp", {"type": "string"}), _query("sig", {"type": "string"})],
                 "responses": {"200": {"description": "Image bytes", "content": {"image/*": {}}},
                               "304": {"description": "Not modified: If-None-Match matched the ETag (the sha256)"},
-                              **_errors(401, 404, 500)}}},
+                              **_errors(401, 404, 500, 503)}}},
             "/v1/events": {"get": {
                 "operationId": "listEvents", "summary": "The ordered event log, oldest first after the cursor",
                 "security": secured,
