@@ -32,11 +32,16 @@ class Circuit:
                 "retry_at": rfc3339(self.retry_at), "last_error": self.last_error}
 
 
+def shut(c: Circuit, now: float) -> bool:
+    """Whether no submit may go to this provider now: open (or a probe out) and not cooled down."""
+    return c.state != CLOSED and c.retry_at is not None and now < c.retry_at
+
+
 def admit(c: Circuit, now: float, cooldown: float) -> tuple[bool, Circuit | None]:
     """May a submit go to this provider now? (allowed, the new state to write or None)."""
     if c.state == CLOSED:
         return True, None
-    if c.retry_at is not None and now < c.retry_at:
+    if shut(c, now):
         return False, None
     # Open and cooled down, or a half-open probe that never came back: this submit is the probe.
     return True, replace(c, state=HALF_OPEN, retry_at=now + cooldown, updated_at=now)

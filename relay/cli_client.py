@@ -100,9 +100,7 @@ def connect(settings: Settings, *, url: str | None, key: str | None) -> RelayCli
                 raise CliError(f"server.ssl_certfile {server.ssl_certfile!r} cannot be read: {exc}") from None
     if url is not None:
         base = url
-    elif server.ssl_certfile and server.public_url.startswith("https://"):
-        base = server.public_url        # the name relay's certificate is for (not the address it listens on)
-    else:
+    else:       # on the machine relay runs on (a certificate for another name: pass --url with that name)
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
         host = f"[{host}]" if ":" in host else host
         base = f"{'https' if server.ssl_certfile else 'http'}://{host}:{server.port}"

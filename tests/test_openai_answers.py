@@ -29,6 +29,7 @@ def assert_openai_error(answer: Any, status: int, code: str) -> dict[str, Any]:
 async def test_a_failure_once_the_task_exists_names_it_and_is_not_retried(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         store = h.runtime.ctx.image_store
+        real_stat, real_open = store.stat, store.open
 
         async def unreadable(key: str) -> Any:
             raise ArchiveError("the bucket is unreachable", code="image_store_unavailable")
@@ -37,6 +38,12 @@ async def test_a_failure_once_the_task_exists_names_it_and_is_not_retried(tmp_pa
         error = assert_openai_error(answer, 503, "image_store_unavailable")
         assert (await h.task(error["task_id"]))["status"] == "succeeded"
         assert answer.headers["x-relay-task-id"] == error["task_id"]
+
+        store.stat = real_stat  # type: ignore[method-assign]
+        store.open = unreadable  # type: ignore[method-assign]   # found, then not readable: one image, one answer
+        answer = await h.api.post(GENERATE, json={"model": "gmicloud", "prompt": "o", "response_format": "b64_json"})
+        assert_openai_error(answer, 503, "image_store_unavailable")
+        store.open = real_open  # type: ignore[method-assign]
 
         async def broken(key: str) -> Any:
             raise RuntimeError("a bug")

@@ -136,3 +136,44 @@ async def test_a_backlog_moves_on_when_its_providers_circuit_opens(tmp_path: Pat
                               payload=again.payload))
         moved = await h.task(waiting["id"])
         assert moved["provider"] == "apimart", moved
+
+
+async def test_a_backlogs_look_again_never_takes_a_cooled_circuits_probe(tmp_path: Path) -> None:
+    """The provider's circuit has cooled down (its next submit is the probe) and the provider is still full: a
+    waiting task's look again finds no room and waits, leaving the circuit open for a submit that will be sent
+    (taking the probe without sending held every other task off the provider for another cooldown)."""
+    clock = ManualClock()
+    async with harness(tmp_path, run_worker=False, clock=clock, RELAY_PROVIDERS_GMICLOUD_MAX_IN_FLIGHT="1") as h:
+        ctx, store = h.runtime.ctx, h.runtime.store
+        holding = await h.create(provider="gmicloud", prompt="holds the only place")
+        assert await store.mark_submit_started(holding["id"], clock.now())
+        waiting = await h.create(provider=["gmicloud", "apimart"], prompt="waits")
+        handler = SubmitHandler(ctx)
+        again = await handler.run(Job(id="job_p", kind="submit", task_id=waiting["id"], run_at=clock.now()))
+        assert again is not None and again.payload.get("full") == 1
+        f = ctx.settings.failover
+        for _ in range(f.breaker_threshold):
+            await store.circuit_failed("gmicloud", "503", clock.now(), threshold=f.breaker_threshold,
+                                       cooldown=f.breaker_cooldown)
+        clock.advance(f.breaker_cooldown + 1)          # cooled down: the next submit sent there is the probe
+        looked = await handler.run(Job(id="job_p", kind="submit", task_id=waiting["id"], run_at=clock.now(),
+                                       payload=again.payload))
+        assert looked is not None and looked.payload.get("full") == 2, "it waits for room"
+        assert (await store.circuits())["gmicloud"].state == "open", "the probe was taken by a look"
+        assert (await h.task(waiting["id"]))["provider"] == "gmicloud"
+
+
+async def test_an_unanswered_send_to_a_provider_that_dedupes_is_sent_again_past_the_deadline(tmp_path: Path) -> None:
+    """The send went unanswered (the mark stands) to a provider that dedupes by key, and the deadline has passed:
+    it is sent again with the same key (free if the first was accepted), which tells the provider's task, whose
+    images may be made already: the poll at the deadline asks once more. It is not failed blind."""
+    clock = ManualClock()
+    async with harness(tmp_path, run_worker=False, clock=clock, RELAY_POLLING_TASK_TIMEOUT="600") as h:
+        ctx, store = h.runtime.ctx, h.runtime.store
+        task = await h.create(provider="apimart", prompt="sent, unanswered")
+        assert await store.mark_submit_started(task["id"], clock.now())
+        clock.advance(601)
+        assert await SubmitHandler(ctx).run(Job(id="job_d", kind="submit", task_id=task["id"],
+                                                run_at=clock.now())) is None
+        resent = await h.task(task["id"])
+        assert resent["provider_task_id"] and resent["status"] in ("queued", "running"), resent

@@ -69,27 +69,32 @@ class SubmitHandler:
         # providers make (and bill) it. Only a resend to the same provider with the same key, or the
         # outcome-unknown failure, is safe from here.
         uncertain = task.submit_started_at is not None
-        if task.deadline_at is not None and ctx.clock.now() >= task.deadline_at:
-            # Past its deadline a task is not sent (again): it would be billed, and failed at its first poll. One
-            # that waited behind max_in_flight or an outage ends here, with the reason it waited.
+        if not uncertain and task.deadline_at is not None and ctx.clock.now() >= task.deadline_at:
+            # Never sent and past its deadline: not sent now (it would be billed, and failed at its first poll).
+            # One that waited behind an outage ends with the provider's last reason. (An unanswered send to a
+            # provider that dedupes is sent again with the same key: that costs nothing if the first was accepted,
+            # and tells its task, whose images may be made already.)
             last_error = job.payload.get("last_error")
             if last_error:      # the provider did not accept it, time after time (_again_later)
                 await self._fail(task.id, "provider_unavailable",
                                  f"could not submit to the provider before the task's deadline: {last_error}")
             else:
-                await self._fail(task.id, "timeout", self._deadline_passed(task, "its provider had no room for it "
-                                                                                 "(max_in_flight)"))
+                await self._fail(task.id, "timeout", "the task's deadline passed before it could be sent to the "
+                                 "provider; it was not sent")
             return None
         following = None if uncertain else routing.next_provider(task)
         cooldown = ctx.settings.failover.breaker_cooldown
-        if following is not None and not await ctx.store.circuit_admit(task.provider, ctx.clock.now(), cooldown):
-            return await self._fail_over(task, following, "skipped",
-                                         f"{task.provider}'s circuit is open after repeated failures", mark=None)
-        # Once the provider was found full, a look before anything costs: a backlog's re-checks download no
-        # reference image and spend none of the provider's rate (every waiting task once a second did, starving
-        # the polls of running ones). A first run goes straight on: its reservation counts anyway.
-        if job.payload.get("full") and not await ctx.store.provider_has_room(task.id, task.provider, limit):
-            return await self._wait_for_room(job, task)
+        if job.payload.get("full"):
+            # A backlog's look again: a provider whose circuit opened meanwhile is left for the next (a read; the
+            # probe of a cooled-down circuit is taken only by a submit about to be sent, below), then room.
+            if following is not None and await ctx.store.circuit_shut(task.provider, ctx.clock.now()):
+                return await self._fail_over(task, following, "skipped",
+                                             f"{task.provider}'s circuit is open after repeated failures", mark=None)
+            # A look before anything costs: a backlog's re-checks download no reference image and spend none of the
+            # provider's rate (every waiting task once a second did, starving the polls of running ones). A first
+            # run goes straight on: its reservation counts anyway.
+            if not await ctx.store.provider_has_room(task.id, task.provider, limit):
+                return await self._wait_for_room(job, task)
         request = GenerationRequest.from_dict(task.request)
         try:
             # Before the mark, like the throttle: a dead image host has then certainly sent nothing anywhere.
@@ -100,6 +105,9 @@ class SubmitHandler:
                 raise
             await self._fail(task.id, exc.code, exc.message)
             return None
+        if following is not None and not await ctx.store.circuit_admit(task.provider, ctx.clock.now(), cooldown):
+            return await self._fail_over(task, following, "skipped",
+                                         f"{task.provider}'s circuit is open after repeated failures", mark=None)
         await ctx.throttle(task.provider)     # before the mark: a crash while waiting sent nothing
         marked_at = ctx.clock.now()           # this run's mark: what it may clear or fail over from
         reservation = await ctx.store.reserve_submit(task.id, task.provider, limit, marked_at,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from relay.circuit import CLOSED, Circuit, admit, failed
+from relay.circuit import CLOSED, Circuit, admit, failed, shut
 from relay.models import Task
 from relay.store import queries as q
 from relay.store.plumbing import StorePlumbing
@@ -44,6 +44,11 @@ class RoutingCases(StorePlumbing):
         return await self.transact(body)
 
     # ---- circuit breakers ------------------------------------------------------------------------
+    async def circuit_shut(self, provider: str, now: float) -> bool:
+        """Whether circuit_admit would refuse `provider` now, without taking its probe: a read."""
+        row = await self._read(q.LOAD_CIRCUIT, (provider,))
+        return row is not None and shut(circuit_from_row(row), now)
+
     async def circuit_admit(self, provider: str, now: float, cooldown: float) -> bool:
         """Whether a submit may go to `provider` now. A closed (or unknown) circuit costs one read; an open one
         that has cooled down is moved to half-open under its row lock, so only one replica's submit probes."""

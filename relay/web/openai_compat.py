@@ -15,6 +15,7 @@ the others get them through relay's guarded input fetcher, like any reference im
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
@@ -303,31 +304,38 @@ async def images_response(request: Request, task: Task, response_format: str | N
     make_url = image_url_maker(request)
     store = runtime_of(request).ctx.image_store
     images = sorted(task.images, key=lambda image: image.index)
-    items: list[tuple[dict[str, Any], str | None]] = []
-    for image in images:
-        item: dict[str, Any] = {}
-        if response_format in (None, "url"):
-            item["url"] = make_url(image.id)
-        path = None
-        if response_format in (None, "b64_json"):
-            if image.path is None or await store.stat(image.path) is None:
-                raise _image_missing()
-            path = image.path
-        items.append((item, path))
+    inline = response_format in (None, "b64_json")
+    if inline:
+        if any(image.path is None for image in images):
+            raise _image_missing()
+        sizes = await asyncio.gather(*(store.stat(image.path) for image in images if image.path is not None))
+        if any(size is None for size in sizes):
+            raise _image_missing()
+    items = [({"url": make_url(image.id)} if response_format in (None, "url") else {}, image.path if inline else None)
+             for image in images]
     rest = _response_fields(task, images)
+    # The first image opened before the answer starts: with one image (the default n) a store that fails it is
+    # still an error answer.
+    first = await open_image(store, items[0][1]) if items and items[0][1] is not None else None
 
     async def pieces() -> AsyncIterator[bytes]:
-        yield b'{"created":' + str(int(task.created_at)).encode() + b',"data":['
-        for n, (item, path) in enumerate(items):
-            head = jsontext.http_body(item)[:-1]        # the object without its closing brace
-            yield (b"," if n else b"") + head
-            if path is not None:
-                yield (b"," if item else b"") + b'"b64_json":"'
-                async for encoded in _base64_pieces(await open_image(store, path)):
-                    yield encoded
-                yield b'"'
-            yield b"}"
-        yield b"]" + (b"," + jsontext.http_body(rest)[1:] if rest else b"}")
+        opened = first
+        try:
+            yield b'{"created":' + str(int(task.created_at)).encode() + b',"data":['
+            for n, (item, path) in enumerate(items):
+                head = jsontext.http_body(item)[:-1]        # the object without its closing brace
+                yield (b"," if n else b"") + head
+                if path is not None:
+                    yield (b"," if item else b"") + b'"b64_json":"'
+                    body, opened = opened or await open_image(store, path), None
+                    async for encoded in _base64_pieces(body):
+                        yield encoded
+                    yield b'"'
+                yield b"}"
+            yield b"]" + (b"," + jsontext.http_body(rest)[1:] if rest else b"}")
+        finally:
+            if opened is not None:      # never read (the client went before it)
+                await opened.aclose()
     return StreamingResponse(pieces(), media_type="application/json", headers=task_headers(task.id))
 
 
