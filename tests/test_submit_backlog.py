@@ -64,7 +64,8 @@ async def test_a_backlog_waits_for_room_cheaply_and_never_sends_past_its_deadlin
         assert await handler.run(job) is None
         failed = await h.task(waiting["id"])
         assert failed["status"] == "failed" and failed["error"]["code"] == "timeout", failed
-        assert "not sent" in failed["error"]["message"] and sent == [] and costly == ["download", "rate"]
+        assert "(max_in_flight); it was not sent" in failed["error"]["message"], failed
+        assert sent == [] and costly == ["download", "rate"]
 
 
 async def test_the_poll_at_the_deadline_asks_the_provider_once_more(tmp_path: Path) -> None:

@@ -78,6 +78,9 @@ class SubmitHandler:
             if last_error:      # the provider did not accept it, time after time (_again_later)
                 await self._fail(task.id, "provider_unavailable",
                                  f"could not submit to the provider before the task's deadline: {last_error}")
+            elif job.payload.get("full"):
+                await self._fail(task.id, "timeout", self._deadline_passed(task, "its provider had no room for it "
+                                                                                 "(max_in_flight)"))
             else:
                 await self._fail(task.id, "timeout", "the task's deadline passed before it could be sent to the "
                                  "provider; it was not sent")

@@ -298,9 +298,10 @@ async def images_response(request: Request, task: Task, response_format: str | N
     it), code written for URLs reads url. The body is streamed: each image's base64 is made from its file a
     piece at a time (ten images of several MB each, held whole, raw and encoded, at every request waiting at
     once, was gigabytes). Every image is found in the store before the answer starts, so a missing one or a
-    store that cannot be asked is still an error answer; each is opened only when its turn comes (a bucket's
-    stream opened early could time out while a slow client reads the ones before it). A read that fails later
-    (a disk error, a bucket's stream cut) ends the answer short, like any cut connection."""
+    store that cannot be asked is still an error answer; the first is opened then too, the others when their
+    turn comes (a bucket's stream opened early could time out while a slow client reads the ones before it). A
+    read that fails later (a disk error, a bucket's stream cut) ends the answer short, like any cut connection.
+    (A client gone before the answer starts leaves the first image's stream to the garbage collector.)"""
     make_url = image_url_maker(request)
     store = runtime_of(request).ctx.image_store
     images = sorted(task.images, key=lambda image: image.index)
@@ -308,7 +309,12 @@ async def images_response(request: Request, task: Task, response_format: str | N
     if inline:
         if any(image.path is None for image in images):
             raise _image_missing()
-        sizes = await asyncio.gather(*(store.stat(image.path) for image in images if image.path is not None))
+        # Every one answered before any error is raised (none left asking the store after the answer went).
+        sizes = await asyncio.gather(*(store.stat(image.path) for image in images if image.path is not None),
+                                     return_exceptions=True)
+        for size in sizes:
+            if isinstance(size, BaseException):
+                raise size
         if any(size is None for size in sizes):
             raise _image_missing()
     items = [({"url": make_url(image.id)} if response_format in (None, "url") else {}, image.path if inline else None)
