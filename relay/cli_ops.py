@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.live import Live
@@ -89,37 +89,25 @@ def add_commands(sub: Any, client_opts: Callable[[argparse.ArgumentParser], None
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-def positive_seconds(value: str) -> float:
-    """A number of seconds above 0 and finite; for argparse."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds above 0")
-    return seconds
+T = TypeVar("T", int, float)
 
 
-def positive_count(value: str) -> int:
-    """A whole number, at least 1; for argparse."""
-    try:
-        count = int(value)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
-    return count
+def _number_in(kind: type[T], ok: Callable[[T], bool], what: str) -> Callable[[str], T]:
+    """An argparse type: `kind` of the argument, refused (a usage error naming it) unless `ok`."""
+    def parse(value: str) -> T:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if not ok(number):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+        return number
+    return parse
 
 
-def port_number(value: str) -> int:
-    """A TCP port, 0 (any free one) to 65535; for argparse."""
-    try:
-        port = int(value)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535)")
-    return port
+positive_seconds = _number_in(float, lambda s: 0 < s < float("inf"), "a number of seconds above 0")
+positive_count = _number_in(int, lambda n: n >= 1, "a whole number of at least 1")
+port_number = _number_in(int, lambda p: 0 <= p <= 65535, "a port (0-65535)")
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")     # uvicorn's (trace: its own, wire level)

@@ -117,23 +117,31 @@ async def test_a_send_that_went_unanswered_past_its_deadline_with_no_room_ends(t
         assert "earlier send went unanswered" in failed["error"]["message"]
 
 
+async def _waiting_at_a_full_provider_whose_circuit_opens(h: Any, clock: ManualClock) -> tuple[SubmitHandler,
+                                                                                                 dict[str, Any], Any]:
+    """A task with [gmicloud, apimart] waiting for room at gmicloud (max_in_flight 1, held by another task), whose
+    circuit then opens: its handler, the task, and the run's Again (payload "full": 1)."""
+    ctx, store = h.runtime.ctx, h.runtime.store
+    holding = await h.create(provider="gmicloud", prompt="holds the only place")
+    assert await store.mark_submit_started(holding["id"], clock.now())
+    waiting = await h.create(provider=["gmicloud", "apimart"], prompt="waits")
+    handler = SubmitHandler(ctx)
+    again = await handler.run(Job(id="job_w", kind="submit", task_id=waiting["id"], run_at=clock.now()))
+    assert again is not None and again.payload.get("full") == 1
+    f = ctx.settings.failover
+    for _ in range(f.breaker_threshold):
+        await store.circuit_failed("gmicloud", "503", clock.now(), threshold=f.breaker_threshold,
+                                   cooldown=f.breaker_cooldown)
+    return handler, waiting, again
+
+
 async def test_a_backlog_moves_on_when_its_providers_circuit_opens(tmp_path: Path) -> None:
     """Tasks with a provider list wait for room at the first; its circuit then opens: their next look moves them
     to the next provider (the room look must not keep them from the circuit's, failing them at their deadline)."""
     clock = ManualClock()
     async with harness(tmp_path, run_worker=False, clock=clock, RELAY_PROVIDERS_GMICLOUD_MAX_IN_FLIGHT="1") as h:
-        ctx, store = h.runtime.ctx, h.runtime.store
-        holding = await h.create(provider="gmicloud", prompt="holds the only place")
-        assert await store.mark_submit_started(holding["id"], clock.now())
-        waiting = await h.create(provider=["gmicloud", "apimart"], prompt="waits, then moves on")
-        handler = SubmitHandler(ctx)
-        again = await handler.run(Job(id="job_m", kind="submit", task_id=waiting["id"], run_at=clock.now()))
-        assert again is not None and again.payload.get("full") == 1
-        f = ctx.settings.failover
-        for _ in range(f.breaker_threshold):
-            await store.circuit_failed("gmicloud", "503", clock.now(), threshold=f.breaker_threshold,
-                                       cooldown=f.breaker_cooldown)
-        await handler.run(Job(id="job_m", kind="submit", task_id=waiting["id"], run_at=clock.now(),
+        handler, waiting, again = await _waiting_at_a_full_provider_whose_circuit_opens(h, clock)
+        await handler.run(Job(id="job_w", kind="submit", task_id=waiting["id"], run_at=clock.now(),
                               payload=again.payload))
         moved = await h.task(waiting["id"])
         assert moved["provider"] == "apimart", moved
@@ -145,19 +153,10 @@ async def test_a_backlogs_look_again_never_takes_a_cooled_circuits_probe(tmp_pat
     (taking the probe without sending held every other task off the provider for another cooldown)."""
     clock = ManualClock()
     async with harness(tmp_path, run_worker=False, clock=clock, RELAY_PROVIDERS_GMICLOUD_MAX_IN_FLIGHT="1") as h:
-        ctx, store = h.runtime.ctx, h.runtime.store
-        holding = await h.create(provider="gmicloud", prompt="holds the only place")
-        assert await store.mark_submit_started(holding["id"], clock.now())
-        waiting = await h.create(provider=["gmicloud", "apimart"], prompt="waits")
-        handler = SubmitHandler(ctx)
-        again = await handler.run(Job(id="job_p", kind="submit", task_id=waiting["id"], run_at=clock.now()))
-        assert again is not None and again.payload.get("full") == 1
-        f = ctx.settings.failover
-        for _ in range(f.breaker_threshold):
-            await store.circuit_failed("gmicloud", "503", clock.now(), threshold=f.breaker_threshold,
-                                       cooldown=f.breaker_cooldown)
+        handler, waiting, again = await _waiting_at_a_full_provider_whose_circuit_opens(h, clock)
+        store, f = h.runtime.store, h.runtime.ctx.settings.failover
         clock.advance(f.breaker_cooldown + 1)          # cooled down: the next submit sent there is the probe
-        looked = await handler.run(Job(id="job_p", kind="submit", task_id=waiting["id"], run_at=clock.now(),
+        looked = await handler.run(Job(id="job_w", kind="submit", task_id=waiting["id"], run_at=clock.now(),
                                        payload=again.payload))
         assert looked is not None and looked.payload.get("full") == 2, "it waits for room"
         assert (await store.circuits())["gmicloud"].state == "open", "the probe was taken by a look"
